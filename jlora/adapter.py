@@ -1,0 +1,150 @@
+"""The adapter node and ``init``: gaussian, kaiming (PEFT's default) and PiSSA."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jlora.config import LoraConfig, LoraError
+from jlora.targets import path_str, select
+
+_meta = dict(static=True)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraNode:
+    """The trainable factors of one adapted leaf, plus its static settings.
+
+    ``a`` is ``(*stack, in, r)`` and ``b`` is ``(*stack, r, out)``, where
+    ``in``/``out`` flatten the kernel's ``in_axes``/``out_axes`` (in axis
+    order) and ``stack`` are the kernel's ``stack_axes``. The adapted weight is
+    ``W0 + scale * A @ B`` mapped back onto the kernel's own axes.
+    """
+
+    a: Any
+    b: Any
+    rank: int = dataclasses.field(metadata=_meta)
+    alpha: float = dataclasses.field(metadata=_meta)
+    scale: float = dataclasses.field(metadata=_meta)
+    dropout: float = dataclasses.field(metadata=_meta)
+    shape: tuple[int, ...] = dataclasses.field(metadata=_meta)
+    stack_axes: tuple[int, ...] = dataclasses.field(metadata=_meta)
+    in_axes: tuple[int, ...] = dataclasses.field(metadata=_meta)
+    out_axes: tuple[int, ...] = dataclasses.field(metadata=_meta)
+
+    def labels(self) -> tuple[tuple[str, int], ...]:
+        """Per kernel axis: ``('s'|'i'|'o', index within that group)``."""
+        kinds = {**{ax: "s" for ax in self.stack_axes}, **{ax: "i" for ax in self.in_axes},
+                 **{ax: "o" for ax in self.out_axes}}
+        groups = {"s": self.stack_axes, "i": self.in_axes, "o": self.out_axes}
+        return tuple((kinds[ax], groups[kinds[ax]].index(ax)) for ax in range(len(self.shape)))
+
+    def unflat(self) -> tuple[jax.Array, jax.Array]:
+        """``a`` as ``(*stack, *in, r)`` and ``b`` as ``(*stack, r, *out)``."""
+        dims = lambda axes: tuple(self.shape[ax] for ax in axes)
+        stack = dims(self.stack_axes)
+        return (self.a.reshape(stack + dims(self.in_axes) + (self.rank,)),
+                self.b.reshape(stack + (self.rank,) + dims(self.out_axes)))
+
+
+def is_node(x) -> bool:
+    return isinstance(x, LoraNode)
+
+
+def default_axes(ndim: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Flax's convention: last axis out, second-to-last in, leading axes stacked."""
+    return tuple(range(ndim - 2)), (ndim - 2,), (ndim - 1,)
+
+
+def init(key, params, cfg: LoraConfig, fn=None, *args, **kwargs):
+    """Create an adapter for ``params``: a tree mirroring it, ``None`` where not adapted.
+
+    Args:
+      key: a ``jax.random`` key; leaf ``i`` uses ``fold_in(key, i)``.
+      params: the frozen base pytree (not modified).
+      cfg: what to adapt and how.
+      fn: optional ``fn(params, *args, **kwargs)``; when given, each target's
+        stacked/in/out axes are learned from how ``fn`` contracts it.
+      *args, **kwargs: example inputs for ``fn`` (only shapes matter).
+
+    Returns:
+      The adapter; with ``cfg.init == "pissa"`` the pair ``(adapter, residual_params)``,
+      because PiSSA moves the top singular directions out of the base.
+
+    Raises:
+      LoraError: no target matched, a rank exceeds a kernel's smaller side.
+
+    Example:
+      >>> params = {"q_proj": {"kernel": jnp.ones((4, 6))}}
+      >>> ad = init(jax.random.key(0), params, LoraConfig(rank=2, targets=("q_proj",)))
+      >>> ad["q_proj"]["kernel"].a.shape, ad["q_proj"]["kernel"].b.shape
+      ((4, 2), (2, 6))
+    """
+    chosen = select(params, cfg)
+    learned = {}
+    if fn is not None:
+        from jlora.interpret import discover_axes  # interpret depends on this module
+        learned = discover_axes(fn, params, set(chosen), args, kwargs)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    nodes, residual = [], []
+    for i, (kp, leaf) in enumerate(flat):
+        path = path_str(kp)
+        if path not in chosen:
+            nodes.append(None)
+            residual.append(leaf)
+            continue
+        axes = learned.get(path) or default_axes(leaf.ndim)
+        node, res = _make_node(jax.random.fold_in(key, i), leaf, path, cfg, *chosen[path], axes)
+        nodes.append(node)
+        residual.append(res)
+    adapter = jax.tree_util.tree_unflatten(treedef, nodes)
+    if cfg.init == "pissa":
+        return adapter, jax.tree_util.tree_unflatten(treedef, residual)
+    return adapter
+
+
+def _make_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
+    stack_axes, in_axes, out_axes = axes
+    size = lambda group: math.prod(w.shape[ax] for ax in group)
+    n_in, n_out = size(in_axes), size(out_axes)
+    if rank > min(n_in, n_out):
+        raise LoraError(f"rank {rank} for {path!r} exceeds min(in={n_in}, out={n_out}) of its "
+                        f"kernel {tuple(w.shape)}; lower the rank (rank_pattern can set it "
+                        "per path)")
+    dtype = jnp.dtype(cfg.dtype) if cfg.dtype is not None else w.dtype
+    stack = tuple(w.shape[ax] for ax in stack_axes)
+    scale = cfg.scaling_for(rank, alpha)
+    if cfg.init == "kaiming":  # torch kaiming_uniform_(a=sqrt(5)) on (r, in): bound 1/sqrt(in)
+        bound = 1.0 / math.sqrt(n_in)
+        a = jax.random.uniform(key, stack + (n_in, rank), dtype, -bound, bound)
+    elif cfg.init == "gaussian":
+        a = (jax.random.normal(key, stack + (n_in, rank), jnp.float32) / rank).astype(dtype)
+    b, res = jnp.zeros(stack + (rank, n_out), dtype), w
+    if cfg.init == "pissa":
+        a, b, res = _pissa(w, axes, rank, scale, dtype)
+    node = LoraNode(a=a, b=b, rank=rank, alpha=float(alpha), scale=scale,
+                    dropout=float(cfg.dropout), shape=tuple(w.shape),
+                    stack_axes=tuple(stack_axes), in_axes=tuple(in_axes),
+                    out_axes=tuple(out_axes))
+    return node, res
+
+
+def _pissa(w, axes, rank: int, scale: float, dtype):
+    """Top-``rank`` singular directions into A, B; the base keeps the residual."""
+    order = [ax for group in axes for ax in group]
+    stack = tuple(w.shape[ax] for ax in axes[0])
+    wt = jnp.transpose(w, order).astype(jnp.float32)
+    n_in = math.prod(w.shape[ax] for ax in axes[1])
+    mat = wt.reshape(stack + (n_in, -1))
+    u, s, vh = jnp.linalg.svd(mat, full_matrices=False)
+    root = jnp.sqrt(s[..., :rank] / scale)
+    a = u[..., :, :rank] * root[..., None, :]
+    b = root[..., :, None] * vh[..., :rank, :]
+    res = (mat - scale * a @ b).reshape(wt.shape)
+    res = jnp.transpose(res, [order.index(ax) for ax in range(w.ndim)]).astype(w.dtype)
+    return a.astype(dtype), b.astype(dtype), res

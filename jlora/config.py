@@ -1,0 +1,132 @@
+"""LoRA configuration and the presets from the source article's table."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Mapping
+
+_INITS = ("kaiming", "gaussian", "pissa")
+
+#: Hugging Face Llama names of every linear layer in a decoder block.
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+ALL_LINEAR = ATTENTION + MLP
+
+
+class LoraError(ValueError):
+    """A user error: the message names the parameter path and the fix."""
+
+
+def _check_regex(name: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise LoraError(f"{name}={pattern!r} is not a valid regular expression ({e}); "
+                        "pass a valid regex or a tuple of module names") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """What to adapt and how (PEFT's names in brackets).
+
+    Args:
+      rank: rank ``r`` of the update ``A @ B`` [``r``].
+      alpha: scaling numerator; the update is scaled by ``alpha / rank``
+        (``alpha / sqrt(rank)`` with ``rslora``) [``lora_alpha``].
+      targets: a regex (``re.search`` on the ``/``-joined key path, e.g.
+        ``params/layers/self_attn/q_proj/kernel``) or a tuple of module names,
+        each matching one path segment exactly [``target_modules``].
+      dropout: dropout rate on the LoRA input only [``lora_dropout``].
+      rslora: scale by ``alpha / sqrt(rank)`` [``use_rslora``].
+      dora: weight-decomposed LoRA [``use_dora``] (not yet implemented).
+      rank_pattern: ``{regex: rank}`` overriding ``rank`` for matching paths.
+      alpha_pattern: ``{regex: alpha}`` overriding ``alpha`` likewise.
+      init: ``"kaiming"`` (PEFT's default: A ~ U(+-1/sqrt(in))), ``"gaussian"``
+        (A ~ N(0, 1/r^2)) or ``"pissa"`` (principal singular vectors) [``init_lora_weights``].
+      dtype: dtype of the adapter arrays; ``None`` uses each base leaf's dtype.
+
+    Example:
+      >>> cfg = LoraConfig(rank=8, alpha=16.0, targets=("q_proj", "v_proj"))
+      >>> cfg.scaling_for(8, 16.0)
+      2.0
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: str | tuple[str, ...] = ("q_proj", "v_proj")
+    dropout: float = 0.0
+    rslora: bool = False
+    dora: bool = False
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    init: str = "kaiming"
+    dtype: Any = None
+
+    def __post_init__(self):
+        if isinstance(self.targets, list):
+            object.__setattr__(self, "targets", tuple(self.targets))
+        _check_rank("rank", self.rank)
+        _check_alpha("alpha", self.alpha)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise LoraError(f"dropout={self.dropout!r} must be a float in [0, 1); "
+                            "common values are 0.05-0.1")
+        if isinstance(self.targets, str):
+            _check_regex("targets", self.targets)
+        elif not (isinstance(self.targets, tuple) and self.targets
+                  and all(isinstance(t, str) and t for t in self.targets)):
+            raise LoraError(f"targets={self.targets!r} must be a regex string or a non-empty "
+                            "tuple of module names such as ('q_proj', 'v_proj')")
+        for key, r in dict(self.rank_pattern).items():
+            _check_regex(f"rank_pattern key {key!r}", key)
+            _check_rank(f"rank_pattern[{key!r}]", r)
+        for key, a in dict(self.alpha_pattern).items():
+            _check_regex(f"alpha_pattern key {key!r}", key)
+            _check_alpha(f"alpha_pattern[{key!r}]", a)
+        if self.init not in _INITS:
+            raise LoraError(f"init={self.init!r} is not one of {_INITS}")
+        if self.dora:
+            raise NotImplementedError("dora=True is not implemented yet")
+
+    def scaling_for(self, rank: int, alpha: float) -> float:
+        """The factor ``s`` in ``W0 + s * A @ B`` for one leaf."""
+        return float(alpha) / (math.sqrt(rank) if self.rslora else rank)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "LoraConfig":
+        """A row of the source article's hyper-parameter table, with overrides.
+
+        Names: ``quick`` (r8/a16 q,v), ``general`` (r16/a32 q,k,v,o),
+        ``complex`` (r32/a64 all linear layers; r up to 64, alpha up to 128),
+        ``constrained`` (r4/a8 q,v; r up to 8, alpha up to 16).
+
+        Example:
+          >>> LoraConfig.preset("general").targets
+          ('q_proj', 'k_proj', 'v_proj', 'o_proj')
+        """
+        if name not in PRESETS:
+            raise LoraError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+def _check_rank(name, r):
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise LoraError(f"{name}={r!r} must be a positive integer (e.g. 8 or 16)")
+
+
+def _check_alpha(name, a):
+    if isinstance(a, bool) or not isinstance(a, (int, float)) or not a > 0 \
+            or not math.isfinite(a):
+        raise LoraError(f"{name}={a!r} must be a positive finite number (alpha = 2*rank "
+                        "is a good start)")
+
+
+#: The source article's table (section 4.8), as keyword arguments of LoraConfig.
+PRESETS: dict[str, dict] = {
+    "quick": dict(rank=8, alpha=16.0, targets=("q_proj", "v_proj")),
+    "general": dict(rank=16, alpha=32.0, targets=ATTENTION),
+    "complex": dict(rank=32, alpha=64.0, targets=ALL_LINEAR),
+    "constrained": dict(rank=4, alpha=8.0, targets=("q_proj", "v_proj")),
+}

@@ -1,0 +1,320 @@
+"""``apply``: run any JAX function with LoRA computed factored, by interpreting its jaxpr.
+
+``fn`` is traced once with the base parameters; the jaxpr is then evaluated
+equation by equation with each adapted kernel carried as a :class:`Sym`
+(``base + s * A @ B``). ``dot_general`` on a Sym runs factored, shape ops keep
+it symbolic, control flow (``jit``, ``scan``, ``remat``, ``cond``, ``while``,
+custom derivatives) is recursed into, and anything else materializes the
+weight for that one use. Only ordinary JAX ops are emitted, so ``jit``,
+``grad``, ``vmap`` and sharding compose as usual.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend import core as jcore
+
+from jlora import symbolic as sy
+from jlora.adapter import is_node
+from jlora.config import LoraError
+from jlora.targets import path_str
+
+_INLINE = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
+           "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
+           "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr"}
+
+
+@dataclasses.dataclass
+class _Ctx:
+    key: Any = None  # dropout key, folded per site and per loop step
+    records: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
+
+    def record(self, path: str, what) -> None:
+        self.records[path].append(what)
+
+    def fold(self, i) -> "_Ctx":
+        key = None if self.key is None else jax.random.fold_in(self.key, i)
+        return _Ctx(key, self.records)
+
+
+def _has_sym(vals) -> bool:
+    return any(isinstance(v, sy.Sym) for v in vals)
+
+
+def _eval(jaxpr, consts, args, ctx: _Ctx) -> list:
+    env: dict = {}
+    read = lambda v: v.val if isinstance(v, jcore.Literal) else env[v]
+    env.update(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
+    for i, eqn in enumerate(jaxpr.eqns):
+        invals = [read(v) for v in eqn.invars]
+        with eqn.ctx.manager:
+            if _has_sym(invals):
+                outs = _sym_rule(eqn, invals, ctx.fold(i))
+            else:
+                outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+        outs = outs if eqn.primitive.multiple_results else [outs]
+        env.update(zip(eqn.outvars, outs))
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _materialized(vals, ctx: _Ctx, why: str) -> list:
+    return [sy.materialize(v, ctx.record, why) for v in vals]
+
+
+def _sym_rule(eqn, invals, ctx: _Ctx):
+    name, params = eqn.primitive.name, eqn.params
+    if name == "dot_general" and len(invals) == 2 and _has_sym(invals):
+        lhs, rhs = invals
+        if isinstance(lhs, sy.Sym) and isinstance(rhs, sy.Sym):
+            rhs = sy.materialize(rhs, ctx.record, "dot of two adapted weights")
+        if isinstance(rhs, sy.Sym):
+            return sy.dot(lhs, rhs, True, params, ctx.key, ctx.record)
+        return sy.dot(rhs, lhs, False, params, ctx.key, ctx.record)
+    if name in _INLINE:
+        closed = params[_INLINE[name]]
+        return _eval(closed.jaxpr, closed.consts, invals, ctx)
+    if name in _CONTROL:
+        return _CONTROL[name](eqn, invals, ctx)
+    if name in _SHAPE and isinstance(invals[0], sy.Sym) and not _has_sym(invals[1:]):
+        out = _SHAPE[name](invals[0], invals[1:], params, ctx)
+        if out is not None:
+            return out
+    vals = _materialized(invals, ctx, name)
+    return eqn.primitive.bind(*vals, **eqn.primitive.get_bind_params(params))
+
+
+_SHAPE: dict[str, Callable] = {
+    "transpose": lambda s, rest, p, ctx: sy.transpose(s, p["permutation"]),
+    "convert_element_type": lambda s, rest, p, ctx: sy.convert(s, **p),
+    "squeeze": lambda s, rest, p, ctx: sy.squeeze(s, p["dimensions"], ctx.record),
+    "slice": lambda s, rest, p, ctx: sy.slice_(s, p["start_indices"], p["limit_indices"],
+                                               p["strides"]),
+    "dynamic_slice": lambda s, rest, p, ctx: sy.dynamic_slice(s, rest, p["slice_sizes"]),
+    "broadcast_in_dim": lambda s, rest, p, ctx: None if rest else sy.expand(s, **p),
+    "reshape": lambda s, rest, p, ctx: None if rest else sy.reshape(s, **p),
+    "copy": lambda s, rest, p, ctx: s,
+    "copy_p": lambda s, rest, p, ctx: s,
+}
+
+
+# ----- control flow ---------------------------------------------------------------------
+
+def _remat(eqn, invals, ctx):
+    p = eqn.params
+
+    def body(key, *vals):
+        return _materialized(_eval(p["jaxpr"], (), vals, _Ctx(key, ctx.records)), ctx, "remat")
+
+    return list(jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])(
+        ctx.key, *invals))
+
+
+def _scan_slice(v, ctx):
+    """Split a scanned-over value into arrays with the scan axis first, plus a rebuild."""
+    if not isinstance(v, sy.Sym):
+        return v, lambda x: x
+    kind, j = v.labels[0]
+    if v.probe:
+        ctx.record(v.path, ("index", j))
+        return v.base, lambda x: v.replace(base=x, labels=v.labels[1:])
+    if kind != "s":
+        return sy.materialize(v, ctx.record, "scan over a non-stacked axis"), lambda x: x
+    labels = sy._drop_label(v.labels[1:], (kind, j))
+    xs = (v.base, jnp.moveaxis(v.a, j, 0), jnp.moveaxis(v.b, j, 0))
+    return xs, lambda x: v.replace(base=x[0], a=x[1], b=x[2], labels=labels)
+
+
+def _scan(eqn, invals, ctx):
+    p = eqn.params
+    nc, ncarry = p["num_consts"], p["num_carry"]
+    consts, carry = invals[:nc], _materialized(invals[nc:nc + ncarry], ctx, "scan carry")
+    split = [_scan_slice(v, ctx) for v in invals[nc + ncarry:]]
+    xs = [s[0] for s in split]
+    steps = jnp.arange(p["length"]) if ctx.key is not None else None
+    closed = p["jaxpr"]
+
+    def body(c, x):
+        x_vals, step = x
+        sub = ctx if step is None else ctx.fold(step)
+        vals = list(consts) + list(c) + [rebuild(xv) for (_, rebuild), xv in zip(split, x_vals)]
+        outs = _materialized(_eval(closed.jaxpr, closed.consts, vals, sub), ctx, "scan output")
+        return outs[:ncarry], outs[ncarry:]
+
+    carry, ys = lax.scan(body, carry, (xs, steps), length=p["length"], reverse=p["reverse"],
+                         unroll=p["unroll"])
+    return list(carry) + list(ys)
+
+
+def _cond(eqn, invals, ctx):
+    index, ops = invals[0], invals[1:]
+
+    def branch(closed, k):
+        return lambda *vals: _materialized(
+            _eval(closed.jaxpr, closed.consts, vals, ctx.fold(k)), ctx, "cond output")
+
+    return list(lax.switch(index, [branch(c, k) for k, c in enumerate(eqn.params["branches"])],
+                           *ops))
+
+
+def _while(eqn, invals, ctx):
+    p = eqn.params
+    nc, nb = p["cond_nconsts"], p["body_nconsts"]
+    cconsts, bconsts = invals[:nc], invals[nc:nc + nb]
+    init = _materialized(invals[nc + nb:], ctx, "while carry")
+    cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
+
+    def cond_fun(state):
+        return _eval(cj.jaxpr, cj.consts, list(cconsts) + list(state[0]), ctx)[0]
+
+    def body_fun(state):
+        carry, step = state
+        sub = ctx.fold(step)
+        outs = _eval(bj.jaxpr, bj.consts, list(bconsts) + list(carry), sub)
+        return _materialized(outs, ctx, "while carry"), step + 1
+
+    out, _ = lax.while_loop(cond_fun, body_fun, (init, jnp.zeros((), jnp.int32)))
+    return list(out)
+
+
+_CONTROL = {"remat2": _remat, "checkpoint": _remat, "scan": _scan, "cond": _cond,
+            "while": _while}
+
+
+# ----- entry points -----------------------------------------------------------------------
+
+def _is_array(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _trace(fn, params, args, kwargs):
+    """jaxpr of ``fn(params, *args, **kwargs)`` over its array leaves (others are static)."""
+    flat, tree = jax.tree_util.tree_flatten((params, args, kwargs))
+    dyn = [i for i, x in enumerate(flat) if _is_array(x)]
+
+    def flat_fn(*vals):
+        full = list(flat)
+        for i, v in zip(dyn, vals):
+            full[i] = v
+        p, a, k = jax.tree_util.tree_unflatten(tree, full)
+        return fn(p, *a, **k)
+
+    specs = [jax.ShapeDtypeStruct(np.shape(flat[i]), jnp.result_type(flat[i])) for i in dyn]
+    closed, shapes = jax.make_jaxpr(flat_fn, return_shape=True)(*specs)
+    n_params = len(jax.tree_util.tree_leaves(params))
+    if dyn[:n_params] != list(range(n_params)):
+        raise TypeError("every leaf of params must be an array; found a non-array leaf")
+    return closed, jax.tree_util.tree_structure(shapes), [flat[i] for i in dyn]
+
+
+def _nodes(params, adapter) -> list:
+    """The adapter's node (or None) for each leaf of params, checked against it."""
+    treedef = jax.tree_util.tree_structure(params)
+    try:
+        nodes = treedef.flatten_up_to(adapter)
+    except (ValueError, TypeError) as e:
+        raise LoraError("adapter does not mirror params: build it with jlora.init(key, params, "
+                        f"cfg) for these params ({e})") from None
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    for (kp, leaf), node in zip(flat, nodes):
+        if node is not None and not is_node(node):
+            raise LoraError(f"adapter entry at {path_str(kp)!r} is {type(node).__name__}; "
+                            "expected a LoraNode or None")
+        if node is not None and tuple(node.shape) != tuple(np.shape(leaf)):
+            raise LoraError(f"adapter for {path_str(kp)!r} was made for shape {node.shape} but "
+                            f"params has {tuple(np.shape(leaf))}; re-create it with jlora.init "
+                            "for these params")
+    return nodes
+
+
+def _to_sym(leaf, node, path) -> sy.Sym | Any:
+    if node is None:
+        return leaf
+    a, b = node.unflat()
+    return sy.Sym(leaf, a, b, node.labels(), node.scale, node.dropout, path)
+
+
+def _run(fn, params, adapter, args, kwargs, ctx: _Ctx):
+    nodes = _nodes(params, adapter)
+    closed, out_tree, dyn = _trace(fn, params, args, kwargs)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    syms = [_to_sym(leaf, node, path_str(kp)) for (kp, leaf), node in zip(flat, nodes)]
+    vals = syms + dyn[len(syms):]
+    outs = _eval(closed.jaxpr, closed.consts, vals, ctx)
+    return jax.tree_util.tree_unflatten(out_tree, _materialized(outs, ctx, "returned"))
+
+
+def apply(fn: Callable) -> Callable:
+    """Wrap ``fn(params, *args, **kwargs)`` into ``f(params, adapter, *args, lora_rng=None, **kwargs)``.
+
+    Adapted kernels are computed factored: ``x @ W0 + s * (dropout(x) @ A) @ B``,
+    never forming the full-size weight or its gradient. Dropout (the adapter's
+    rate, on the LoRA input only) runs only when ``lora_rng`` is given, with a
+    different mask at every site and every loop step. Wrap the result in
+    ``jax.jit``: ``fn`` is traced once per input shape.
+
+    Example:
+      >>> w = {"q_proj": {"kernel": jnp.ones((4, 6))}}
+      >>> ad = jlora.init(jax.random.key(0), w, jlora.LoraConfig(rank=2, targets=("q_proj",)))
+      >>> f = jlora.apply(lambda p, x: x @ p["q_proj"]["kernel"])
+      >>> f(w, ad, jnp.ones((3, 4))).shape
+      (3, 6)
+    """
+    @functools.wraps(fn)
+    def wrapped(params, adapter, *args, lora_rng=None, **kwargs):
+        return _run(fn, params, adapter, args, kwargs, _Ctx(key=lora_rng))
+    return wrapped
+
+
+def explain(fn: Callable, params, adapter, *args, **kwargs) -> dict[str, list[str]]:
+    """How each adapted leaf is used by ``fn``: ``'factored'`` or ``'materialized (why)'``.
+
+    Traces only (no computation). One entry per use site, in program order;
+    a target that ``fn`` never reads maps to an empty list.
+    """
+    ctx = _Ctx()
+    jax.eval_shape(lambda p, ad, a, k: _run(fn, p, ad, a, k, ctx), params, adapter, args, kwargs)
+    adapted = [path_str(kp) for (kp, _), n in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                                   _nodes(params, adapter)) if n is not None]
+    return {p: list(ctx.records.get(p, [])) for p in adapted}
+
+
+def discover_axes(fn, params, paths: set[str], args, kwargs) -> dict[str, tuple]:
+    """Learn ``(stack_axes, in_axes, out_axes)`` per path from how ``fn`` contracts it.
+
+    Contracted axes are "in", axes indexed, scanned over or batched in the
+    contraction are "stacked", the rest "out". Paths ``fn`` never contracts
+    are left out (the caller falls back to the default convention).
+    """
+    ctx = _Ctx()
+    closed, _, dyn = _trace(fn, params, args, kwargs)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    vals = []
+    for kp, leaf in flat:
+        p = path_str(kp)
+        labels = tuple(("p", ax) for ax in range(np.ndim(leaf)))
+        vals.append(sy.Sym(leaf, None, None, labels, 0.0, 0.0, p) if p in paths else leaf)
+    jax.eval_shape(lambda v: _eval(closed.jaxpr, closed.consts, v, ctx), vals + dyn[len(vals):])
+    found = {}
+    for path in paths:
+        events = ctx.records.get(path, [])
+        dots = [e for e in events if isinstance(e, tuple) and e[0] == "dot"]
+        if not dots:
+            continue
+        ndim = np.ndim(next(l for kp, l in flat if path_str(kp) == path))
+        stack = {e[1] for e in events if isinstance(e, tuple) and e[0] == "index"}
+        stack |= set(dots[0][2])
+        ins = tuple(sorted(dots[0][1]))
+        outs = tuple(ax for ax in range(ndim) if ax not in stack and ax not in ins)
+        if not ins or not outs:
+            continue
+        found[path] = (tuple(sorted(stack)), ins, outs)
+    return found

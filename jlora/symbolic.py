@@ -1,0 +1,270 @@
+"""A weight carried symbolically as ``base + s * A @ B``, and the ops it survives.
+
+``Sym`` is what the interpreter keeps in place of an adapted kernel. Its
+``labels`` say, for every axis of ``base``, whether it is a stacked axis
+(``'s'``), an input axis (``'i'``) or an output axis (``'o'``) and which
+dimension of the factors it is: ``a`` is ``(*stack, *in, r)`` and ``b`` is
+``(*stack, r, *out)``, both unflattened. Shape ops that commute with the
+factorisation update base, factors and labels together; ``dot_general``
+runs factored; everything else calls :func:`materialize`.
+
+In probe mode (``a is None``) the labels are ``('p', original_axis)`` and
+the rules only record how the model uses the weight (for ``jlora.init``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import string
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jlora.config import LoraError
+
+Label = tuple[str, int]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Sym:
+    base: Any
+    a: Any
+    b: Any
+    labels: tuple[Label, ...] = dataclasses.field(metadata=dict(static=True))
+    scale: float = dataclasses.field(metadata=dict(static=True))
+    dropout: float = dataclasses.field(metadata=dict(static=True))
+    path: str = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def probe(self) -> bool:
+        return self.a is None
+
+    def count(self, kind: str) -> int:
+        return sum(1 for k, _ in self.labels if k == kind)
+
+    def replace(self, **kw) -> "Sym":
+        return dataclasses.replace(self, **kw)
+
+
+def _letters(sym: Sym) -> dict[Label, str]:
+    return {lab: string.ascii_letters[i] for i, lab in enumerate(sorted(sym.labels))}
+
+
+def _factor_specs(sym: Sym, letter: dict[Label, str], r: str) -> tuple[str, str]:
+    ls = lambda kind: "".join(letter[(kind, i)] for i in range(sym.count(kind)))
+    return ls("s") + ls("i") + r, ls("s") + r + ls("o")
+
+
+def delta(sym: Sym) -> jax.Array:
+    """``A @ B`` laid out like ``base`` (unscaled, in the adapter dtype)."""
+    letter = _letters(sym)
+    r = string.ascii_letters[len(letter)]
+    sa, sb = _factor_specs(sym, letter, r)
+    out = "".join(letter[lab] for lab in sym.labels)
+    return jnp.einsum(f"{sa},{sb}->{out}", sym.a, sym.b)
+
+
+def materialize(x, record: Callable | None = None, why: str = ""):
+    """``base + s * A @ B`` as a plain array (leaves non-Sym values alone)."""
+    if not isinstance(x, Sym):
+        return x
+    if record is not None:
+        record(x.path, "materialized" + (f" ({why})" if why else ""))
+    if x.probe:
+        return x.base
+    return x.base + (x.scale * delta(x)).astype(x.base.dtype)
+
+
+# ----- shape ops that keep the factorisation -------------------------------------------
+
+def _factor_axis(sym: Sym, label: Label) -> list[tuple[str, int]]:
+    """Which (factor, dim) pairs hold the axis with this label."""
+    kind, idx = label
+    ns = sym.count("s")
+    if kind == "s":
+        return [("a", idx), ("b", idx)]
+    return [("a", ns + idx)] if kind == "i" else [("b", ns + 1 + idx)]
+
+
+def _on_factors(sym: Sym, label: Label, op: Callable[[jax.Array, int], jax.Array]) -> dict:
+    new = {"a": sym.a, "b": sym.b}
+    if not sym.probe:
+        for name, dim in _factor_axis(sym, label):
+            new[name] = op(new[name], dim)
+    return new
+
+
+def transpose(sym: Sym, permutation) -> Sym:
+    return sym.replace(base=lax.transpose(sym.base, permutation),
+                       labels=tuple(sym.labels[p] for p in permutation))
+
+
+def convert(sym: Sym, new_dtype, **params) -> Sym | None:
+    if not jnp.issubdtype(new_dtype, jnp.inexact):
+        return None
+    return sym.replace(base=lax.convert_element_type(sym.base, new_dtype))
+
+
+def _drop_label(labels, removed: Label):
+    kind, idx = removed
+    return tuple((k, i - (k == kind and i > idx)) for k, i in labels)
+
+
+def squeeze(sym: Sym, dimensions, record) -> Sym:
+    out = sym
+    for d in sorted(dimensions, reverse=True):
+        label = out.labels[d]
+        if out.probe:
+            record(out.path, ("index", label[1]))
+        factors = _on_factors(out, label, lambda f, dim: lax.squeeze(f, (dim,)))
+        labels = out.labels[:d] + out.labels[d + 1:]
+        labels = labels if out.probe else _drop_label(labels, label)
+        out = out.replace(base=lax.squeeze(out.base, (d,)), labels=labels, **factors)
+    return out
+
+
+def slice_(sym: Sym, start_indices, limit_indices, strides) -> Sym:
+    out = sym.replace(base=lax.slice(sym.base, start_indices, limit_indices, strides))
+    for ax, (lo, hi) in enumerate(zip(start_indices, limit_indices)):
+        st = 1 if strides is None else strides[ax]
+        if (lo, hi, st) != (0, sym.base.shape[ax], 1):
+            out = out.replace(**_on_factors(
+                out, sym.labels[ax], lambda f, d: lax.slice_in_dim(f, lo, hi, st, axis=d)))
+    return out
+
+
+def dynamic_slice(sym: Sym, starts, slice_sizes) -> Sym:
+    out = sym.replace(base=lax.dynamic_slice(sym.base, starts, slice_sizes))
+    for ax, (start, size) in enumerate(zip(starts, slice_sizes)):
+        if size != sym.base.shape[ax]:
+            out = out.replace(**_on_factors(
+                out, sym.labels[ax],
+                lambda f, d: lax.dynamic_slice_in_dim(f, start, size, axis=d)))
+    return out
+
+
+def expand(sym: Sym, shape, broadcast_dimensions, **params) -> Sym | None:
+    """``broadcast_in_dim`` that only inserts size-1 axes: new stacked axes."""
+    if math.prod(shape) != sym.base.size or list(broadcast_dimensions) != sorted(
+            broadcast_dimensions) or sym.probe:
+        return None
+    base = lax.broadcast_in_dim(sym.base, shape, broadcast_dimensions)
+    labels, a, b, ns = [], sym.a, sym.b, sym.count("s")
+    old = iter(sym.labels)
+    for ax in range(len(shape)):
+        if ax in broadcast_dimensions:
+            labels.append(next(old))
+        else:
+            labels.append(("s", ns))
+            a, b, ns = jnp.expand_dims(a, ns), jnp.expand_dims(b, ns), ns + 1
+    return sym.replace(base=base, a=a, b=b, labels=tuple(labels))
+
+
+def _reshape_groups(old, new):
+    """Pair runs of old and new axes with equal products, or None."""
+    groups, i, j = [], 0, 0
+    while i < len(old) or j < len(new):
+        gi, gj = [i], [j]
+        if i >= len(old) or j >= len(new):
+            return None
+        po, pn = old[i], new[j]
+        i, j = i + 1, j + 1
+        while po != pn:
+            if po < pn and i < len(old):
+                gi.append(i); po *= old[i]; i += 1
+            elif pn < po and j < len(new):
+                gj.append(j); pn *= new[j]; j += 1
+            else:
+                return None
+        groups.append((gi, gj))
+    return groups
+
+
+def reshape(sym: Sym, new_sizes, dimensions=None, **params) -> Sym | None:
+    """Merges/splits of adjacent axes of one kind that are adjacent in the factors too."""
+    groups = _reshape_groups(sym.base.shape, tuple(new_sizes))
+    if dimensions is not None or groups is None or sym.probe:
+        return None
+    blocks: dict[str, list] = {"s": [], "i": [], "o": []}
+    for gi, gj in groups:
+        kind, first = sym.labels[gi[0]]
+        if any(sym.labels[g] != (kind, first + n) for n, g in enumerate(gi)):
+            return None
+        blocks[kind].append((first, gj))
+    labels: list = [None] * len(new_sizes)
+    sizes: dict[str, list] = {}
+    for kind, found in blocks.items():
+        sizes[kind] = []
+        for _, gj in sorted(found):
+            for g in gj:
+                labels[g] = (kind, len(sizes[kind]))
+                sizes[kind].append(new_sizes[g])
+    r = sym.a.shape[-1]
+    a = sym.a.reshape(*sizes["s"], *sizes["i"], r)
+    b = sym.b.reshape(*sizes["s"], r, *sizes["o"])
+    return sym.replace(base=sym.base.reshape(new_sizes), a=a, b=b, labels=tuple(labels))
+
+
+# ----- the factored product ---------------------------------------------------------------
+
+def _fit_error(sym: Sym, contracted, batch) -> LoraError:
+    kinds = {"s": "stacked", "i": "in", "o": "out"}
+    desc = lambda axes: [f"axis {ax} ({kinds[sym.labels[ax][0]]})" for ax in axes]
+    return LoraError(
+        f"the adapter for {sym.path!r} does not fit how the model uses the weight: the model "
+        f"contracts {desc(contracted)} and batches {desc(batch)} of the kernel as the model sees "
+        "it, but a LoRA factor must contract exactly all 'in' (or all 'out') axes; learn the "
+        "axes by tracing: jlora.init(key, params, cfg, fn, *example_args)")
+
+
+def dot(x, sym: Sym, sym_is_rhs: bool, params: dict, key, record) -> jax.Array:
+    """``dot_general`` of an array with a symbolic weight, computed factored."""
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
+    xc, wc, xb, wb = (lc, rc, lb, rb) if sym_is_rhs else (rc, lc, rb, lb)
+    operands = (x, sym.base) if sym_is_rhs else (sym.base, x)
+    base_out = lax.dot_general_p.bind(*operands, **params)
+    if sym.probe:
+        record(sym.path, ("dot", tuple(sym.labels[a][1] for a in wc),
+                          tuple(sym.labels[a][1] for a in wb)))
+        return base_out
+    kinds = {sym.labels[a][0] for a in wc}
+    mode = kinds.pop() if len(kinds) == 1 else None
+    if mode not in ("i", "o") or len(wc) != sym.count(mode) or any(
+            sym.labels[a][0] != "s" for a in wb):
+        raise _fit_error(sym, wc, wb)
+    record(sym.path, "factored")
+    x = _dropout(x, sym.dropout, key)
+    letter = dict(zip(range(x.ndim), string.ascii_letters))
+    wl = {}
+    for xa, wa in zip(list(xc) + list(xb), list(wc) + list(wb)):
+        wl[sym.labels[wa]] = letter[xa]
+    free_w = [ax for ax in range(sym.base.ndim) if ax not in wc and ax not in wb]
+    for n, ax in enumerate(free_w):
+        wl[sym.labels[ax]] = string.ascii_letters[x.ndim + n]
+    r = string.ascii_letters[x.ndim + len(free_w)]
+    sa, sb = _factor_specs(sym, wl, r)
+    first, second = (sym.a, sym.b) if mode == "i" else (sym.b, sym.a)
+    s_first, s_second = (sa, sb) if mode == "i" else (sb, sa)
+    xs = "".join(letter[i] for i in range(x.ndim))
+    x_free = "".join(letter[i] for i in range(x.ndim) if i not in xc and i not in xb)
+    batch = "".join(letter[i] for i in xb)
+    free_stack = "".join(wl[sym.labels[ax]] for ax in free_w if sym.labels[ax][0] == "s")
+    w_free = "".join(wl[sym.labels[ax]] for ax in free_w)
+    out = batch + (x_free + w_free if sym_is_rhs else w_free + x_free)
+    prec = params.get("precision")
+    t = jnp.einsum(f"{xs},{s_first}->{batch}{x_free}{free_stack}{r}",
+                   x.astype(first.dtype), first, precision=prec)
+    y = jnp.einsum(f"{batch}{x_free}{free_stack}{r},{s_second}->{out}", t, second,
+                   precision=prec)
+    return base_out + (sym.scale * y).astype(base_out.dtype)
+
+
+def _dropout(x, rate: float, key):
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))

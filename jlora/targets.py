@@ -1,0 +1,97 @@
+"""Key paths as strings, and which leaves a config targets."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import jax
+
+from jlora.config import LoraConfig, LoraError
+
+_SHOW = 6  # how many example paths an error message lists
+#: Leaf names a module-name target skips: they are added or scaled, never contracted.
+_NOT_KERNELS = ("bias", "scale")
+
+
+def _segment(k) -> str:
+    tu = jax.tree_util
+    if isinstance(k, tu.DictKey):
+        return str(k.key)
+    if isinstance(k, tu.GetAttrKey):
+        return k.name
+    if isinstance(k, tu.SequenceKey):
+        return str(k.idx)
+    if isinstance(k, tu.FlattenedIndexKey):
+        return str(k.key)
+    return str(k)
+
+
+def path_str(path) -> str:
+    """``params/layers_0/attn/q_proj/kernel`` for a jax key path.
+
+    A trailing ``.value`` (Flax NNX variables) is dropped.
+    """
+    keys = list(path)
+    if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+        keys = keys[:-1]
+    return "/".join(_segment(k) for k in keys)
+
+
+def leaf_paths(tree) -> list[str]:
+    """Path strings of every leaf, in ``jax.tree.leaves`` order."""
+    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def matches(pattern: str | tuple[str, ...], path: str) -> bool:
+    """Whether a target spec (regex, or tuple of exact segment names) selects ``path``."""
+    if isinstance(pattern, str):
+        return re.search(pattern, path) is not None
+    segments = path.split("/")
+    return any(name in segments for name in pattern)
+
+
+def _examples(paths) -> str:
+    shown = ", ".join(repr(p) for p in paths[:_SHOW])
+    return shown + (f", ... ({len(paths)} in all)" if len(paths) > _SHOW else "")
+
+
+def select(params, cfg: LoraConfig) -> dict[str, tuple[int, float]]:
+    """Map each targeted path to its ``(rank, alpha)``.
+
+    Raises:
+      LoraError: when the targets match nothing, match a leaf that is not at
+        least 2-D, or a rank/alpha pattern matches no targeted path.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    paths = [path_str(p) for p, _ in flat]
+    chosen = {}
+    for path, (_, leaf) in zip(paths, flat):
+        if not matches(cfg.targets, path):
+            continue
+        ndim = getattr(leaf, "ndim", 0)
+        if isinstance(cfg.targets, tuple) and (ndim < 2 or path.split("/")[-1] in _NOT_KERNELS):
+            continue  # a module name also selects its bias and norms; only kernels adapt
+        if ndim < 2:
+            raise LoraError(f"targets={cfg.targets!r} matched {path!r} of shape "
+                            f"{getattr(leaf, 'shape', ())}, which is not a matrix; narrow "
+                            "the regex to kernels, e.g. 'q_proj/kernel'")
+        chosen[path] = (_pattern_value(cfg.rank_pattern, path, cfg.rank),
+                        _pattern_value(cfg.alpha_pattern, path, cfg.alpha))
+    if not chosen:
+        kernels = [p for p, (_, l) in zip(paths, flat) if getattr(l, "ndim", 0) >= 2]
+        raise LoraError(f"targets={cfg.targets!r} matched no parameter; paths look like "
+                        f"{_examples(kernels or paths)}")
+    for name, pat in (("rank_pattern", cfg.rank_pattern), ("alpha_pattern", cfg.alpha_pattern)):
+        for key in pat:
+            if not any(re.search(key, p) for p in chosen):
+                raise LoraError(f"{name} key {key!r} matches no targeted path; targeted "
+                                f"paths are {_examples(list(chosen))}")
+    return chosen
+
+
+def _pattern_value(pattern: Mapping[str, Any], path: str, default):
+    for key, value in pattern.items():
+        if re.search(key, path):
+            return value
+    return default

@@ -1,0 +1,89 @@
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+
+F32 = dict(rtol=1e-5, atol=1e-5)
+BF16 = dict(rtol=1e-2, atol=1e-2)
+
+
+def randomize(adapter, key, scale=0.1):
+    """Give every adapter array random values (B is zero at init, which tests nothing)."""
+    leaves, tree = jax.tree.flatten(adapter)
+    new = [scale * jax.random.normal(jax.random.fold_in(key, i), l.shape, l.dtype)
+           for i, l in enumerate(leaves)]
+    return jax.tree.unflatten(tree, new)
+
+
+def ref_weight(w, node):
+    """The materialized ``W0 + s * A @ B`` in numpy, mapped back onto w's axes."""
+    w = np.asarray(w, np.float64)
+    a = np.asarray(node.a, np.float64)
+    b = np.asarray(node.b, np.float64)
+    d = a @ b  # (*stack, IN, OUT)
+    sizes = lambda axes: [w.shape[ax] for ax in axes]
+    d = d.reshape(sizes(node.stack_axes) + sizes(node.in_axes) + sizes(node.out_axes))
+    order = list(node.stack_axes) + list(node.in_axes) + list(node.out_axes)
+    d = np.transpose(d, [order.index(ax) for ax in range(w.ndim)])
+    return w + node.scale * d
+
+
+def ref_merge(params, adapter):
+    """Independent reference merge: numpy, float64, then back to each leaf's dtype."""
+    leaves, tree = jax.tree.flatten(params)
+    nodes = tree.flatten_up_to(adapter)
+    out = [l if n is None else jnp.asarray(ref_weight(l, n), l.dtype)
+           for l, n in zip(leaves, nodes)]
+    return jax.tree.unflatten(tree, out)
+
+
+@pytest.fixture
+def key():
+    return jax.random.key(0)
+
+
+def ref_merge_jnp(params, adapter):
+    """Differentiable reference merge (plain jnp, no jlora code): for gradient checks."""
+    leaves, tree = jax.tree.flatten(params)
+    nodes = tree.flatten_up_to(adapter)
+    out = []
+    for w, n in zip(leaves, nodes):
+        if n is None:
+            out.append(w)
+            continue
+        sizes = lambda axes: [w.shape[ax] for ax in axes]
+        d = jnp.matmul(n.a, n.b).reshape(sizes(n.stack_axes) + sizes(n.in_axes)
+                                         + sizes(n.out_axes))
+        order = list(n.stack_axes) + list(n.in_axes) + list(n.out_axes)
+        d = jnp.transpose(d, [order.index(ax) for ax in range(w.ndim)])
+        out.append(w + (n.scale * d).astype(w.dtype))
+    return jax.tree.unflatten(tree, out)
+
+
+def close(actual, expected, tol=F32):
+    """allclose for trees, with atol relative to the largest reference value."""
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+        scale = max(1.0, float(np.abs(e).max()))
+        np.testing.assert_allclose(a, e, rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+def check_against_materialized(fn, params, adapter, *args, tol=F32, jit=True, grad=True):
+    """Outputs and adapter gradients of jlora.apply equal those of the merged weight."""
+    import jlora
+
+    lora = jlora.apply(fn)
+    out_shape = jax.eval_shape(fn, params, *args)
+    cot = jax.random.normal(jax.random.key(7), out_shape.shape, jnp.float32)
+    loss = lambda ad: jnp.sum(lora(params, ad, *args).astype(jnp.float32) * cot)
+    ref_loss = lambda ad: jnp.sum(fn(ref_merge_jnp(params, ad), *args).astype(jnp.float32) * cot)
+    wrap = jax.jit if jit else (lambda f: f)
+    close(wrap(lora)(params, adapter, *args), fn(ref_merge(params, adapter), *args), tol)
+    if grad:
+        close(wrap(jax.grad(loss))(adapter), jax.grad(ref_loss)(adapter), tol)

@@ -1,0 +1,87 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jlora
+from jlora.targets import path_str
+
+
+def test_presets_follow_the_source_table():
+    rows = {name: (c.rank, c.alpha, c.targets) for name in jlora.PRESETS
+            for c in [jlora.LoraConfig.preset(name)]}
+    assert rows["quick"] == (8, 16.0, ("q_proj", "v_proj"))
+    assert rows["general"] == (16, 32.0, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert rows["complex"][:2] == (32, 64.0) and len(rows["complex"][2]) == 7
+    assert rows["constrained"] == (4, 8.0, ("q_proj", "v_proj"))
+    assert jlora.LoraConfig.preset("complex", rank=64, alpha=128.0).rank == 64
+
+
+def test_scaling_plain_and_rslora():
+    assert jlora.LoraConfig(rank=16, alpha=32.0).scaling_for(16, 32.0) == 2.0
+    rs = jlora.LoraConfig(rank=16, alpha=32.0, rslora=True)
+    assert rs.scaling_for(16, 32.0) == pytest.approx(32.0 / math.sqrt(16))
+
+
+@pytest.mark.parametrize("kw, word", [
+    (dict(rank=0), "rank"), (dict(rank=-2), "rank"), (dict(rank=2.5), "rank"),
+    (dict(alpha=0.0), "alpha"), (dict(alpha=-1.0), "alpha"),
+    (dict(dropout=1.0), "dropout"), (dict(dropout=-0.1), "dropout"),
+    (dict(targets="q_proj(["), "targets"), (dict(targets=()), "targets"),
+    (dict(init="xavier"), "init"), (dict(rank_pattern={"q": 0}), "rank_pattern"),
+])
+def test_bad_config_is_a_clear_error(kw, word):
+    with pytest.raises(jlora.LoraError, match=word):
+        jlora.LoraConfig(**kw)
+
+
+def test_unknown_preset():
+    with pytest.raises(jlora.LoraError, match="quick"):
+        jlora.LoraConfig.preset("huge")
+
+
+def _params():
+    return {"params": {"layers_0": {"attn": {"q_proj": {"kernel": jnp.ones((8, 8)),
+                                                         "bias": jnp.ones((8,))}}},
+                       "norm": {"scale": jnp.ones((8,))}}}
+
+
+def test_targets_match_nothing_lists_paths(key):
+    with pytest.raises(jlora.LoraError, match="params/layers_0/attn/q_proj/kernel"):
+        jlora.init(key, _params(), jlora.LoraConfig(targets=("query",)))
+
+
+def test_regex_target_on_a_vector_is_refused(key):
+    with pytest.raises(jlora.LoraError, match="not a matrix"):
+        jlora.init(key, _params(), jlora.LoraConfig(rank=2, targets="q_proj/bias"))
+
+
+def test_regex_and_names_select_the_same_kernel(key):
+    by_name = jlora.init(key, _params(), jlora.LoraConfig(rank=2, targets=("q_proj",)))
+    by_regex = jlora.init(key, _params(), jlora.LoraConfig(rank=2, targets=r"q_proj/kernel$"))
+    assert jax.tree.structure(by_name) == jax.tree.structure(by_regex)
+    assert by_name["params"]["layers_0"]["attn"]["q_proj"]["bias"] is None
+
+
+def test_rank_and_alpha_patterns(key):
+    p = {"q_proj": {"kernel": jnp.ones((8, 8))}, "v_proj": {"kernel": jnp.ones((8, 8))}}
+    cfg = jlora.LoraConfig(rank=2, alpha=4.0, targets=("q_proj", "v_proj"),
+                           rank_pattern={"v_proj": 4}, alpha_pattern={"v_proj": 1.0})
+    ad = jlora.init(key, p, cfg)
+    assert ad["q_proj"]["kernel"].a.shape == (8, 2) and ad["q_proj"]["kernel"].scale == 2.0
+    assert ad["v_proj"]["kernel"].a.shape == (8, 4) and ad["v_proj"]["kernel"].scale == 0.25
+    with pytest.raises(jlora.LoraError, match="rank_pattern"):
+        jlora.init(key, p, jlora.LoraConfig(rank=2, targets=("q_proj",), rank_pattern={"k_proj": 4}))
+
+
+def test_rank_larger_than_kernel(key):
+    with pytest.raises(jlora.LoraError, match="exceeds"):
+        jlora.init(key, {"q_proj": {"kernel": jnp.ones((8, 3))}},
+                   jlora.LoraConfig(rank=4, targets=("q_proj",)))
+
+
+def test_path_str_drops_nnx_value_and_joins():
+    tu = jax.tree_util
+    kp = (tu.DictKey("a"), tu.SequenceKey(0), tu.GetAttrKey("kernel"), tu.GetAttrKey("value"))
+    assert path_str(kp) == "a/0/kernel"

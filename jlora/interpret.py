@@ -102,7 +102,6 @@ _SHAPE: dict[str, Callable] = {
     "broadcast_in_dim": lambda s, rest, p, ctx: None if rest else sy.expand(s, **p),
     "reshape": lambda s, rest, p, ctx: None if rest else sy.reshape(s, **p),
     "copy": lambda s, rest, p, ctx: s,
-    "copy_p": lambda s, rest, p, ctx: s,
 }
 
 
@@ -253,7 +252,7 @@ def _run(fn, params, adapter, args, kwargs, ctx: _Ctx):
 
 
 def apply(fn: Callable) -> Callable:
-    """Wrap ``fn(params, *args, **kwargs)`` into ``f(params, adapter, *args, lora_rng=None, **kwargs)``.
+    """Turn ``fn(params, *args)`` into ``f(params, adapter, *args, lora_rng=None, **kwargs)``.
 
     Adapted kernels are computed factored: ``x @ W0 + s * (dropout(x) @ A) @ B``,
     never forming the full-size weight or its gradient. Dropout (the adapter's

@@ -34,8 +34,10 @@ def merge(params, adapter):
       LoraError: a merged leaf is not finite (checked when called outside ``jit``).
 
     Example:
-      >>> merged = jlora.merge(params, adapter)
-      >>> y = model.apply(merged, x)   # equals jlora.apply(model.apply)(params, adapter, x)
+      >>> params = {"q_proj": jnp.eye(3)}
+      >>> ad = jlora.init(jax.random.key(0), params, jlora.LoraConfig(rank=1, targets=("q_proj",)))
+      >>> bool((jlora.merge(params, ad)["q_proj"] == params["q_proj"]).all())  # B is zero at init
+      True
     """
     return _fold(params, adapter, 1.0, check=True)
 

@@ -167,21 +167,20 @@ def expand(sym: Sym, shape, broadcast_dimensions, **params) -> Sym | None:
 def _reshape_groups(old, new):
     """Pair runs of old and new axes with equal products, or None."""
     groups, i, j = [], 0, 0
-    while i < len(old) or j < len(new):
-        gi, gj = [i], [j]
-        if i >= len(old) or j >= len(new):
-            return None
-        po, pn = old[i], new[j]
+    while i < len(old) and j < len(new):
+        gi, gj, po, pn = [i], [j], old[i], new[j]
         i, j = i + 1, j + 1
         while po != pn:
             if po < pn and i < len(old):
-                gi.append(i); po *= old[i]; i += 1
+                gi.append(i)
+                po, i = po * old[i], i + 1
             elif pn < po and j < len(new):
-                gj.append(j); pn *= new[j]; j += 1
+                gj.append(j)
+                pn, j = pn * new[j], j + 1
             else:
                 return None
         groups.append((gi, gj))
-    return groups
+    return groups if (i, j) == (len(old), len(new)) else None
 
 
 def reshape(sym: Sym, new_sizes, dimensions=None, **params) -> Sym | None:

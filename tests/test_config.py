@@ -72,7 +72,8 @@ def test_rank_and_alpha_patterns(key):
     assert ad["q_proj"]["kernel"].a.shape == (8, 2) and ad["q_proj"]["kernel"].scale == 2.0
     assert ad["v_proj"]["kernel"].a.shape == (8, 4) and ad["v_proj"]["kernel"].scale == 0.25
     with pytest.raises(jlora.LoraError, match="rank_pattern"):
-        jlora.init(key, p, jlora.LoraConfig(rank=2, targets=("q_proj",), rank_pattern={"k_proj": 4}))
+        jlora.init(key, p, jlora.LoraConfig(rank=2, targets=("q_proj",),
+                                            rank_pattern={"k_proj": 4}))
 
 
 def test_rank_larger_than_kernel(key):
@@ -85,3 +86,13 @@ def test_path_str_drops_nnx_value_and_joins():
     tu = jax.tree_util
     kp = (tu.DictKey("a"), tu.SequenceKey(0), tu.GetAttrKey("kernel"), tu.GetAttrKey("value"))
     assert path_str(kp) == "a/0/kernel"
+
+
+def test_adapter_for_other_params_is_a_clear_error(key):
+    p = {"q_proj": {"kernel": jnp.ones((8, 8))}}
+    ad = jlora.init(key, p, jlora.LoraConfig(rank=2, targets=("q_proj",)))
+    f = jlora.apply(lambda p, x: x @ p["q_proj"]["kernel"])
+    with pytest.raises(jlora.LoraError, match=r"'q_proj/kernel'.*\(8, 8\).*\(8, 4\)"):
+        f({"q_proj": {"kernel": jnp.ones((8, 4))}}, ad, jnp.ones((2, 8)))
+    with pytest.raises(jlora.LoraError, match="does not mirror params"):
+        f({"k_proj": {"kernel": jnp.ones((8, 8))}}, ad, jnp.ones((2, 8)))

@@ -1,6 +1,7 @@
 """Names the docstring examples in jlora/ use (pytest --doctest-modules)."""
 
 import jax
+import optax
 import jax.numpy as jnp
 import pytest
 
@@ -9,4 +10,4 @@ import jlora
 
 @pytest.fixture(autouse=True)
 def _doctest_names(doctest_namespace):
-    doctest_namespace.update(jax=jax, jnp=jnp, jlora=jlora)
+    doctest_namespace.update(jax=jax, jnp=jnp, jlora=jlora, optax=optax)

@@ -2,15 +2,21 @@
 
 from jlora.adapter import LoraNode as LoraNode
 from jlora.adapter import init as init
+from jlora.checkpoint import load_adapter as load_adapter
+from jlora.checkpoint import restore_checkpoint as restore_checkpoint
+from jlora.checkpoint import save_adapter as save_adapter
+from jlora.checkpoint import save_checkpoint as save_checkpoint
 from jlora.config import PRESETS as PRESETS
 from jlora.config import LoraConfig as LoraConfig
 from jlora.config import LoraError as LoraError
 from jlora.interpret import apply as apply
 from jlora.interpret import explain as explain
 from jlora.merge import merge as merge
+from jlora.optim import loraplus as loraplus
 from jlora.merge import unmerge as unmerge
 
 __version__ = "0.1.0"
 
 __all__ = ["LoraConfig", "LoraError", "LoraNode", "PRESETS", "apply", "explain", "init",
-           "merge", "unmerge"]
+           "load_adapter", "loraplus", "merge", "restore_checkpoint", "save_adapter",
+           "save_checkpoint", "unmerge"]

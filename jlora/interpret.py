@@ -214,24 +214,33 @@ def _trace(fn, params, args, kwargs):
     return closed, jax.tree_util.tree_structure(shapes), [flat[i] for i in dyn]
 
 
+def adapter_nodes(adapter) -> dict[str, Any]:
+    """``{path: LoraNode}`` for every node in an adapter tree (any container types)."""
+    found = {}
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(adapter, is_leaf=is_node)[0]:
+        if not is_node(leaf):
+            raise LoraError(f"adapter entry at {path_str(kp)!r} is {type(leaf).__name__}; "
+                            "expected a LoraNode (build adapters with jlora.init)")
+        found[path_str(kp)] = leaf
+    return found
+
+
 def _nodes(params, adapter) -> list:
-    """The adapter's node (or None) for each leaf of params, checked against it."""
-    treedef = jax.tree_util.tree_structure(params)
-    try:
-        nodes = treedef.flatten_up_to(adapter)
-    except (ValueError, TypeError) as e:
-        raise LoraError("adapter does not mirror params: build it with jlora.init(key, params, "
-                        f"cfg) for these params ({e})") from None
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    for (kp, leaf), node in zip(flat, nodes):
-        if node is not None and not is_node(node):
-            raise LoraError(f"adapter entry at {path_str(kp)!r} is {type(node).__name__}; "
-                            "expected a LoraNode or None")
+    """The adapter's node (or None) for each leaf of params, matched by key path."""
+    nodes = adapter_nodes(adapter)
+    out = []
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        node = nodes.pop(path_str(kp), None)
         if node is not None and tuple(node.shape) != tuple(np.shape(leaf)):
             raise LoraError(f"adapter for {path_str(kp)!r} was made for shape {node.shape} but "
                             f"params has {tuple(np.shape(leaf))}; re-create it with jlora.init "
                             "for these params")
-    return nodes
+        out.append(node)
+    if nodes:
+        some = [path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0][:3]]
+        raise LoraError(f"adapter has entries for {sorted(nodes)[:3]} that are not in params "
+                        f"(an adapter for another model?); params paths look like {some}")
+    return out
 
 
 def _to_sym(leaf, node, path) -> sy.Sym | Any:

@@ -1,0 +1,148 @@
+"""Orbax checkpoints: adapters with their settings, and exact-resume training state.
+
+Both go through one orbax ``CheckpointManager`` per directory, which writes a
+new version into a temporary folder and renames it into place only when
+complete, then drops older versions: a save that dies half way leaves the
+previous checkpoint loadable.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jlora.adapter import LoraNode
+from jlora.config import LoraError
+from jlora.interpret import adapter_nodes
+
+_FORMAT = "jlora-adapter/1"
+_SETTINGS = ("rank", "alpha", "scale", "dropout", "shape", "stack_axes", "in_axes", "out_axes")
+
+
+def _manager(directory, max_to_keep: int | None = None, create: bool = True):
+    opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+                                        enable_async_checkpointing=False,
+                                        cleanup_tmp_directories=True)
+    return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=opts)
+
+
+def _latest(manager, directory) -> int:
+    step = manager.latest_step()
+    if step is None:
+        raise LoraError(f"no complete checkpoint in {os.fspath(directory)!r}")
+    return step
+
+
+def _nest(flat: dict[str, Any]) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        *parents, last = path.split("/")
+        node = out
+        for seg in parents:
+            node = node.setdefault(seg, {})
+        node[last] = value
+    return out
+
+
+def _variant(node: LoraNode) -> str:
+    plain = node.alpha / node.rank
+    return "lora" if np.isclose(node.scale, plain) else "rslora"
+
+
+def save_adapter(path, adapter) -> None:
+    """Write an adapter and its settings to the directory ``path`` (atomically replaced).
+
+    The settings (rank, alpha, scaling, dropout, axes, targeted paths, variant)
+    are stored beside the arrays as JSON, so :func:`load_adapter` needs no config.
+    """
+    nodes = adapter_nodes(adapter)
+    if not nodes:
+        raise LoraError("adapter has no LoraNode to save")
+    meta = {"format": _FORMAT, "targets": sorted(nodes), "nodes": {
+        p: {**{k: getattr(n, k) for k in _SETTINGS}, "variant": _variant(n),
+            "dtype": str(n.a.dtype)} for p, n in nodes.items()}}
+    arrays = _nest({p: {"a": n.a, "b": n.b} for p, n in nodes.items()})
+    with _manager(path, max_to_keep=1) as m:
+        step = 0 if m.latest_step() is None else m.latest_step() + 1
+        m.save(step, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
+                                              meta=ocp.args.JsonSave(meta)))
+        m.wait_until_finished()
+
+
+def load_adapter(path):
+    """Read an adapter saved by :func:`save_adapter`: a nested dict of ``LoraNode``.
+
+    The result is keyed by the saved paths, so it applies to any params tree
+    whose key paths match (``jlora.apply`` matches adapters to params by path).
+    """
+    if not os.path.isdir(path):
+        raise LoraError(f"no adapter directory at {os.fspath(path)!r}")
+    with _manager(path, create=False) as m:
+        step = _latest(m, path)
+        meta = m.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+            raise LoraError(f"{os.fspath(path)!r} is not a jlora adapter (format "
+                            f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        like = {}
+        for p, s in meta["nodes"].items():
+            stack = tuple(s["shape"][ax] for ax in s["stack_axes"])
+            size = lambda axes, s=s: int(np.prod([s["shape"][ax] for ax in axes]))
+            shapes = {"a": stack + (size(s["in_axes"]), s["rank"]),
+                      "b": stack + (s["rank"], size(s["out_axes"]))}
+            like[p] = {k: jax.ShapeDtypeStruct(v, s["dtype"], sharding=device)
+                       for k, v in shapes.items()}
+        arrays = m.restore(step, args=ocp.args.Composite(
+            arrays=ocp.args.StandardRestore(_nest(like))))["arrays"]
+    out = {}
+    for p, s in meta["nodes"].items():
+        leaf = arrays
+        for seg in p.split("/"):
+            leaf = leaf[seg]
+        settings = {k: tuple(v) if isinstance(v, list) else v for k, v in s.items()
+                    if k in _SETTINGS}
+        out[p] = LoraNode(a=leaf["a"], b=leaf["b"], **settings)
+    return _nest(out)
+
+
+def save_checkpoint(directory, step: int, state, *, data_position=None,
+                    max_to_keep: int | None = 3) -> None:
+    """Save a training state (any pytree: adapter, optimizer state, ...) as ``step``.
+
+    Args:
+      directory: checkpoint root; each step is a sub-folder, older ones beyond
+        ``max_to_keep`` are removed once the new one is complete.
+      step: the training step this state is after.
+      state: the pytree to save, e.g. ``{"adapter": ad, "opt_state": opt_state}``.
+      data_position: JSON-serialisable position of the data pipeline.
+      max_to_keep: how many checkpoints to keep (``None`` keeps all).
+    """
+    meta = {"step": int(step), "data_position": data_position}
+    with _manager(directory, max_to_keep=max_to_keep) as m:
+        m.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   meta=ocp.args.JsonSave(meta)))
+        m.wait_until_finished()
+
+
+def restore_checkpoint(directory, like, step: int | None = None):
+    """Restore ``(state, meta)`` saved by :func:`save_checkpoint` (latest step by default).
+
+    Args:
+      directory: checkpoint root.
+      like: a pytree with the structure, shapes and dtypes of the saved state
+        (e.g. a freshly initialised adapter and optimizer state).
+      step: which step; ``None`` means the latest complete one.
+
+    Returns:
+      The restored state and ``{"step": ..., "data_position": ...}``.
+    """
+    with _manager(directory, create=False) as m:
+        step = _latest(m, directory) if step is None else step
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        out = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                      meta=ocp.args.JsonRestore()))
+    return out["state"], out["meta"]

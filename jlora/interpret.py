@@ -289,7 +289,7 @@ def explain(fn: Callable, params, adapter, *args, **kwargs) -> dict[str, list[st
     a target that ``fn`` never reads maps to an empty list.
     """
     ctx = _Ctx()
-    jax.eval_shape(lambda p, ad, a, k: _run(fn, p, ad, a, k, ctx), params, adapter, args, kwargs)
+    jax.eval_shape(lambda p, ad: _run(fn, p, ad, args, kwargs, ctx), params, adapter)
     adapted = [path_str(kp) for (kp, _), n in zip(jax.tree_util.tree_flatten_with_path(params)[0],
                                                    _nodes(params, adapter)) if n is not None]
     return {p: list(ctx.records.get(p, [])) for p in adapted}

@@ -208,6 +208,19 @@ def test_no_retrace_on_second_call_or_new_adapter(key):
     assert len(traces) == 1 and f._cache_size() == 1
 
 
+def test_static_python_arguments_stay_static(key):
+    """Non-array arguments (flags, strings) are closed over, not traced."""
+    params = {"w": jnp.ones((16, 16))}
+    ad = jlora.init(key, params, jlora.LoraConfig(rank=2, targets=("w",)))
+
+    def fn(p, x, mode, scale=1.0):
+        return (x @ p["w"]) * scale if mode == "mul" else x
+
+    assert jlora.explain(fn, params, ad, X, "mul", scale=2.0) == {"w": ["factored"]}
+    np.testing.assert_array_equal(jlora.apply(fn)(params, ad, X, "mul", scale=2.0),
+                                  fn(params, X, "mul", scale=2.0))
+
+
 def test_inputs_are_not_modified(key):
     params, adapter = _setup(Mlp(), ("up_proj",), key, with_fn=False)
     before = jax.tree.map(np.array, (params, adapter))

@@ -12,12 +12,14 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from jlora.adapter import LoraNode
 from jlora.config import LoraError
 from jlora.interpret import adapter_nodes
+from jlora.targets import path_str
 
 _FORMAT = "jlora-adapter/1"
 _SETTINGS = ("rank", "alpha", "scale", "dropout", "shape", "stack_axes", "in_axes", "out_axes")
@@ -73,11 +75,20 @@ def save_adapter(path, adapter) -> None:
         m.wait_until_finished()
 
 
-def load_adapter(path):
-    """Read an adapter saved by :func:`save_adapter`: a nested dict of ``LoraNode``.
+def load_adapter(path, params=None):
+    """Read an adapter saved by :func:`save_adapter`.
 
-    The result is keyed by the saved paths, so it applies to any params tree
-    whose key paths match (``jlora.apply`` matches adapters to params by path).
+    Args:
+      path: the adapter directory.
+      params: optional base tree; when given, the adapter is returned mirroring
+        it (``None`` where not adapted), the same tree structure ``jlora.init``
+        gives, so jitted functions and optimizer states made for an ``init``
+        adapter accept it. Without it: a nested dict of ``LoraNode`` keyed by the
+        saved paths (``jlora.apply`` matches adapters to params by key path).
+
+    Raises:
+      LoraError: no complete adapter at ``path``, or a saved path or shape that
+        ``params`` does not have.
     """
     if not os.path.isdir(path):
         raise LoraError(f"no adapter directory at {os.fspath(path)!r}")
@@ -105,8 +116,26 @@ def load_adapter(path):
             leaf = leaf[seg]
         settings = {k: tuple(v) if isinstance(v, list) else v for k, v in s.items()
                     if k in _SETTINGS}
-        out[p] = LoraNode(a=leaf["a"], b=leaf["b"], **settings)
-    return _nest(out)
+        # Uncommitted arrays, like jlora.init's: a jitted function then accepts a
+        # loaded adapter without compiling again (jit keys on committed-ness).
+        a, b = (jnp.asarray(np.asarray(leaf[k])) for k in ("a", "b"))
+        out[p] = LoraNode(a=a, b=b, **settings)
+    return _nest(out) if params is None else _mirror(out, params, path)
+
+
+def _mirror(nodes: dict, params, path):
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    missing = set(nodes) - {path_str(kp) for kp, _ in flat}
+    if missing:
+        raise LoraError(f"adapter at {os.fspath(path)!r} was saved for paths "
+                        f"{sorted(missing)[:3]} that these params do not have; load it with "
+                        "the params of the base it was trained on")
+    for kp, leaf in flat:
+        node = nodes.get(path_str(kp))
+        if node is not None and tuple(node.shape) != tuple(np.shape(leaf)):
+            raise LoraError(f"adapter at {os.fspath(path)!r} has {path_str(kp)!r} of shape "
+                            f"{node.shape}, params have {tuple(np.shape(leaf))}: another base")
+    return jax.tree_util.tree_unflatten(treedef, [nodes.get(path_str(kp)) for kp, _ in flat])
 
 
 def save_checkpoint(directory, step: int, state, *, data_position=None,

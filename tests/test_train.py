@@ -76,6 +76,22 @@ def test_adapter_round_trip_and_size_proportional_to_rank(key, tmp_path):
     assert 3.5 < sizes[16] / sizes[4] < 4.1, sizes
 
 
+def test_load_adapter_with_params_has_the_init_structure(key, tmp_path):
+    params = Scanned().init(key, X)
+    ad = randomize(jlora.init(key, params, jlora.LoraConfig(targets=("q_proj",))), key)
+    jlora.save_adapter(tmp_path / "ad", ad)
+    back = jlora.load_adapter(tmp_path / "ad", params)
+    assert jax.tree.structure(back) == jax.tree.structure(ad)
+    f = jax.jit(jlora.apply(Scanned().apply))
+    np.testing.assert_array_equal(f(params, back, X), f(params, ad, X))
+    assert f._cache_size() == 1  # the loaded adapter reuses the compiled function
+    other = {"params": {"layers": {"q_proj": {"kernel": jnp.ones((3, 16, 8))}}}}
+    with pytest.raises(jlora.LoraError, match="another base"):
+        jlora.load_adapter(tmp_path / "ad", other)
+    with pytest.raises(jlora.LoraError, match="do not have"):
+        jlora.load_adapter(tmp_path / "ad", {"params": {}, "w": jnp.ones(2)})
+
+
 def test_load_adapter_errors(tmp_path):
     with pytest.raises(jlora.LoraError, match="no adapter directory"):
         jlora.load_adapter(tmp_path / "missing")

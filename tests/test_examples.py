@@ -1,0 +1,29 @@
+"""The examples run end to end (the full runs' claims are printed by the scripts)."""
+
+import os
+import subprocess
+import sys
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+
+
+def _run(*args):
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600,
+                          cwd=EXAMPLES)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_main_example_smoke(tmp_path):
+    out = _run("train_tasks.py", "--smoke", "--out", str(tmp_path))
+    assert "traced 1 time(s)" in out  # four adapters, one compiled function
+    assert "max |merged - unmerged| logits" in out
+    for task in ("reverse", "sort", "upper", "caesar"):
+        assert (tmp_path / "adapters" / task).is_dir()
+
+
+def test_quickstart_learns_the_task():
+    out = _run("quickstart.py")
+    assert "merged == unmerged: True" in out
+    acc = float(out.split("answer accuracy ")[1].split("%")[0])
+    assert acc > 90.0, out

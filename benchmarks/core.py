@@ -1,6 +1,7 @@
 """Core timings of jlora on the example Llama model, side by side in one process.
 
-Prints a markdown table of medians (min-max) over repeated runs, and writes
+Prints a markdown table of medians (min-max) over repeated rounds (each round
+runs every row once, so slow drift of the machine hits all rows alike), and writes
 ``benchmarks/results/core.json`` and ``core.md``. Run from the repo root:
 
     python benchmarks/core.py            # issue-9 config: h512, 4 layers, seq 256, batch 4
@@ -25,14 +26,17 @@ import llama  # noqa: E402
 LR = 2e-4
 
 
-def timeit(f, *args, repeats):
-    jax.block_until_ready(f(*args))  # compile
-    jax.block_until_ready(f(*args))  # warm
-    times = []
+def timeit_interleaved(calls: dict, repeats: int) -> dict:
+    """Wall times in ms per call, measured round-robin so drift hits every row alike."""
+    for f, args in calls.values():
+        jax.block_until_ready(f(*args))  # compile
+        jax.block_until_ready(f(*args))  # warm
+    times = {name: [] for name in calls}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
+        for name, (f, args) in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times[name].append((time.perf_counter() - t0) * 1e3)
     return times
 
 
@@ -82,13 +86,15 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     cfg, model, params, adapter, ids = build(args.quick)
+    calls = {name: (f, make_args(adapter))
+             for name, (f, make_args) in steps(model, params, ids).items()}
+    times = timeit_interleaved(calls, args.repeats)
     rows = {}
-    for name, (f, make_args) in steps(model, params, ids).items():
-        t = timeit(f, *make_args(adapter), repeats=args.repeats)
-        flops = f.lower(*make_args(adapter)).compile().cost_analysis()["flops"]
+    for name, (f, call_args) in calls.items():
+        t = times[name]
+        flops = f.lower(*call_args).compile().cost_analysis()["flops"]
         rows[name] = dict(median_ms=statistics.median(t), min_ms=min(t), max_ms=max(t),
                           gflop=flops / 1e9)
-        print(f"  {name}: {rows[name]['median_ms']:.1f} ms", file=sys.stderr)
     base, full = rows["base_forward"]["median_ms"], rows["full_step"]["median_ms"]
     full_gflop = rows["full_step"]["gflop"]
     lines = ["| measurement | median ms (min-max) | / base forward | / full step "

@@ -59,7 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--pretrain-steps", type=int, default=PRETRAIN_STEPS)
     p.add_argument("--preset", default=PRESET, choices=sorted(jlora.PRESETS))
     p.add_argument("--lr", type=float, default=LR, help="A's peak learning rate (B: x ratio)")
-    p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated, of {list(tasks.TASKS)}")
+    p.add_argument("--tasks", default=DEFAULT_TASKS,
+                   help=f"comma-separated, of {list(tasks.TASKS)}")
     p.add_argument("--out", default=os.path.join(HERE, ".cache"), help="cache and output dir")
     p.add_argument("--fresh", action="store_true", help="ignore the cached pretrained base")
     p.add_argument("--seed", type=int, default=0)

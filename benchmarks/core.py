@@ -47,14 +47,17 @@ def build(quick: bool):
     key = jax.random.key(0)
     params = llama.init_params(cfg, key)
     ids = jax.random.randint(key, (batch, seq + 1), 0, cfg.vocab_size)
-    lcfg = jlora.LoraConfig(rank=16, alpha=32.0, targets=("q_proj", "k_proj", "v_proj",
-                                                          "o_proj"))
-    adapter = jlora.init(key, params, lcfg)
-    adapter = jax.tree.map(lambda v: v + 1e-3, adapter)  # B != 0, as after training
-    return cfg, model, params, adapter, ids
+    adapters = {}
+    for dora in (False, True):
+        lcfg = jlora.LoraConfig(rank=16, alpha=32.0, targets=("q_proj", "k_proj", "v_proj",
+                                                              "o_proj"), dora=dora)
+        adapter = jlora.init(key, params, lcfg)
+        adapters[dora] = jax.tree.map(lambda v: v + 1e-3, adapter)  # B != 0, as after training
+    return cfg, model, params, adapters, ids
 
 
-def steps(model, params, ids):
+def steps(model, params, ids, adapters):
+    """``{row: (jitted function, its arguments)}``."""
     x, y = ids[:, :-1], ids[:, 1:]
     lora_fwd = jax.jit(jlora.apply(model.apply))
     tx = optax.adamw(LR)
@@ -69,13 +72,15 @@ def steps(model, params, ids):
             return optax.apply_updates(trainable, updates), opt_state
         return jax.jit(step)
 
+    ad, dora = adapters[False], adapters[True]
     return dict(
-        base_forward=(jax.jit(model.apply), lambda ad: (params, x)),
-        lora_forward=(lora_fwd, lambda ad: (params, ad, x)),
-        merged_forward=(jax.jit(model.apply), lambda ad: (jlora.merge(params, ad), x)),
-        lora_step=(make_step(lora_loss), lambda ad: (ad, tx.init(ad), params)),
-        full_step=(make_step(full_loss), lambda ad: (params, tx.init(params))),
-        merge_on_the_fly_step=(make_step(mof_loss), lambda ad: (ad, tx.init(ad), params)),
+        base_forward=(jax.jit(model.apply), (params, x)),
+        lora_forward=(lora_fwd, (params, ad, x)),
+        merged_forward=(jax.jit(model.apply), (jlora.merge(params, ad), x)),
+        lora_step=(make_step(lora_loss), (ad, tx.init(ad), params)),
+        dora_step=(make_step(lora_loss), (dora, tx.init(dora), params)),
+        full_step=(make_step(full_loss), (params, tx.init(params))),
+        merge_on_the_fly_step=(make_step(mof_loss), (ad, tx.init(ad), params)),
     )
 
 
@@ -85,9 +90,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
-    cfg, model, params, adapter, ids = build(args.quick)
-    calls = {name: (f, make_args(adapter))
-             for name, (f, make_args) in steps(model, params, ids).items()}
+    cfg, model, params, adapters, ids = build(args.quick)
+    calls = steps(model, params, ids, adapters)
     times = timeit_interleaved(calls, args.repeats)
     rows = {}
     for name, (f, call_args) in calls.items():
@@ -106,9 +110,11 @@ def main():
     env = (f"jax {jax.__version__}, {platform.processor() or platform.machine()}, "
            f"{os.cpu_count()} cores, {jax.devices()[0].platform}; model h{cfg.hidden_size} "
            f"L{cfg.num_layers} vocab {cfg.vocab_size}, batch x seq = {ids.shape[0]}x"
-           f"{ids.shape[1] - 1}, LoRA r16 a32 q,k,v,o, fp32, {args.repeats} runs. XLA's "
+           f"{ids.shape[1] - 1}, LoRA and DoRA r16 a32 q,k,v,o, fp32, {args.repeats} runs. XLA's "
            "cost_analysis counts the scanned layer body once, so GFLOP columns compare rows; "
            "tests/test_flops.py checks the unscanned totals too")
+    dora_ratio = rows["dora_step"]["median_ms"] / rows["lora_step"]["median_ms"]
+    lines.append(f"\nDoRA step / LoRA step: {dora_ratio:.2f}")
     table = "\n".join(lines)
     print(table + "\n\n" + env)
     os.makedirs(args.out, exist_ok=True)

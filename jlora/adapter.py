@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from jlora.config import LoraConfig, LoraError
 from jlora.targets import path_str, select
+from jlora.variants import dora_norm
 
 _meta = dict(static=True)
 
@@ -23,7 +24,9 @@ class LoraNode:
     ``a`` is ``(*stack, in, r)`` and ``b`` is ``(*stack, r, out)``, where
     ``in``/``out`` flatten the kernel's ``in_axes``/``out_axes`` (in axis
     order) and ``stack`` are the kernel's ``stack_axes``. The adapted weight is
-    ``W0 + scale * A @ B`` mapped back onto the kernel's own axes.
+    ``W0 + scale * A @ B`` mapped back onto the kernel's own axes; with DoRA
+    (``magnitude`` set) it is ``(magnitude / ||W0 + scale * A @ B||) * (W0 + scale * A @ B)``,
+    the norm taken over the input axes per output feature.
     """
 
     a: Any
@@ -36,6 +39,7 @@ class LoraNode:
     stack_axes: tuple[int, ...] = dataclasses.field(metadata=_meta)
     in_axes: tuple[int, ...] = dataclasses.field(metadata=_meta)
     out_axes: tuple[int, ...] = dataclasses.field(metadata=_meta)
+    magnitude: Any = None  # DoRA: (*stack, out), the norm of each output feature
 
     def labels(self) -> tuple[tuple[str, int], ...]:
         """Per kernel axis: ``('s'|'i'|'o', index within that group)``."""
@@ -44,12 +48,14 @@ class LoraNode:
         groups = {"s": self.stack_axes, "i": self.in_axes, "o": self.out_axes}
         return tuple((kinds[ax], groups[kinds[ax]].index(ax)) for ax in range(len(self.shape)))
 
-    def unflat(self) -> tuple[jax.Array, jax.Array]:
-        """``a`` as ``(*stack, *in, r)`` and ``b`` as ``(*stack, r, *out)``."""
+    def unflat(self):
+        """``a`` ``(*stack, *in, r)``, ``b`` ``(*stack, r, *out)``, magnitude ``(*stack, *out)``."""
         dims = lambda axes: tuple(self.shape[ax] for ax in axes)
         stack = dims(self.stack_axes)
+        mag = None if self.magnitude is None else self.magnitude.reshape(
+            stack + dims(self.out_axes))
         return (self.a.reshape(stack + dims(self.in_axes) + (self.rank,)),
-                self.b.reshape(stack + (self.rank,) + dims(self.out_axes)))
+                self.b.reshape(stack + (self.rank,) + dims(self.out_axes)), mag)
 
 
 def is_node(x) -> bool:
@@ -131,6 +137,10 @@ def _make_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
                     dropout=float(cfg.dropout), shape=tuple(w.shape),
                     stack_axes=tuple(stack_axes), in_axes=tuple(in_axes),
                     out_axes=tuple(out_axes))
+    if cfg.dora:  # magnitude = ||W0 + s A B|| per output feature: the model is unchanged
+        a_u, b_u, _ = node.unflat()
+        norm = dora_norm(res, a_u, b_u, scale, stack_axes, in_axes, out_axes)
+        node = dataclasses.replace(node, magnitude=norm.reshape(stack + (n_out,)).astype(dtype))
     return node, res
 
 

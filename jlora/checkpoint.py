@@ -51,8 +51,13 @@ def _nest(flat: dict[str, Any]) -> dict:
 
 
 def _variant(node: LoraNode) -> str:
-    plain = node.alpha / node.rank
-    return "lora" if np.isclose(node.scale, plain) else "rslora"
+    scaling = "lora" if np.isclose(node.scale, node.alpha / node.rank) else "rslora"
+    return scaling if node.magnitude is None else scaling + "+dora"
+
+
+def _arrays(node: LoraNode) -> dict:
+    out = {"a": node.a, "b": node.b}
+    return out if node.magnitude is None else {**out, "magnitude": node.magnitude}
 
 
 def save_adapter(path, adapter) -> None:
@@ -67,7 +72,7 @@ def save_adapter(path, adapter) -> None:
     meta = {"format": _FORMAT, "targets": sorted(nodes), "nodes": {
         p: {**{k: getattr(n, k) for k in _SETTINGS}, "variant": _variant(n),
             "dtype": str(n.a.dtype)} for p, n in nodes.items()}}
-    arrays = _nest({p: {"a": n.a, "b": n.b} for p, n in nodes.items()})
+    arrays = _nest({p: _arrays(n) for p, n in nodes.items()})
     with _manager(path, max_to_keep=1) as m:
         step = 0 if m.latest_step() is None else m.latest_step() + 1
         m.save(step, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
@@ -105,6 +110,8 @@ def load_adapter(path, params=None):
             size = lambda axes, s=s: int(np.prod([s["shape"][ax] for ax in axes]))
             shapes = {"a": stack + (size(s["in_axes"]), s["rank"]),
                       "b": stack + (s["rank"], size(s["out_axes"]))}
+            if s["variant"].endswith("dora"):
+                shapes["magnitude"] = stack + (size(s["out_axes"]),)
             like[p] = {k: jax.ShapeDtypeStruct(v, s["dtype"], sharding=device)
                        for k, v in shapes.items()}
         arrays = m.restore(step, args=ocp.args.Composite(
@@ -118,8 +125,8 @@ def load_adapter(path, params=None):
                     if k in _SETTINGS}
         # Uncommitted arrays, like jlora.init's: a jitted function then accepts a
         # loaded adapter without compiling again (jit keys on committed-ness).
-        a, b = (jnp.asarray(np.asarray(leaf[k])) for k in ("a", "b"))
-        out[p] = LoraNode(a=a, b=b, **settings)
+        factors = {k: jnp.asarray(np.asarray(v)) for k, v in leaf.items()}
+        out[p] = LoraNode(**factors, **settings)
     return _nest(out) if params is None else _mirror(out, params, path)
 
 

@@ -40,7 +40,7 @@ class LoraConfig:
         each matching one path segment exactly [``target_modules``].
       dropout: dropout rate on the LoRA input only [``lora_dropout``].
       rslora: scale by ``alpha / sqrt(rank)`` [``use_rslora``].
-      dora: weight-decomposed LoRA [``use_dora``] (not yet implemented).
+      dora: weight-decomposed LoRA: a trained magnitude per output feature [``use_dora``].
       rank_pattern: ``{regex: rank}`` overriding ``rank`` for matching paths.
       alpha_pattern: ``{regex: alpha}`` overriding ``alpha`` likewise.
       init: ``"kaiming"`` (PEFT's default: A ~ U(+-1/sqrt(in))), ``"gaussian"``
@@ -87,8 +87,6 @@ class LoraConfig:
             _check_alpha(f"alpha_pattern[{key!r}]", a)
         if self.init not in _INITS:
             raise LoraError(f"init={self.init!r} is not one of {_INITS}")
-        if self.dora:
-            raise NotImplementedError("dora=True is not implemented yet")
 
     def scaling_for(self, rank: int, alpha: float) -> float:
         """The factor ``s`` in ``W0 + s * A @ B`` for one leaf."""

@@ -26,6 +26,7 @@ from jlora import symbolic as sy
 from jlora.adapter import is_node
 from jlora.config import LoraError
 from jlora.targets import path_str
+from jlora.variants import dora_norm
 
 _INLINE = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
            "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
@@ -128,8 +129,9 @@ def _scan_slice(v, ctx):
     if kind != "s":
         return sy.materialize(v, ctx.record, "scan over a non-stacked axis"), lambda x: x
     labels = sy._drop_label(v.labels[1:], (kind, j))
-    xs = (v.base, jnp.moveaxis(v.a, j, 0), jnp.moveaxis(v.b, j, 0))
-    return xs, lambda x: v.replace(base=x[0], a=x[1], b=x[2], labels=labels)
+    g = None if v.g is None else jnp.moveaxis(v.g, j, 0)
+    xs = (v.base, jnp.moveaxis(v.a, j, 0), jnp.moveaxis(v.b, j, 0), g)
+    return xs, lambda x: v.replace(base=x[0], a=x[1], b=x[2], g=x[3], labels=labels)
 
 
 def _scan(eqn, invals, ctx):
@@ -246,8 +248,12 @@ def _nodes(params, adapter) -> list:
 def _to_sym(leaf, node, path) -> sy.Sym | Any:
     if node is None:
         return leaf
-    a, b = node.unflat()
-    return sy.Sym(leaf, a, b, node.labels(), node.scale, node.dropout, path)
+    a, b, magnitude = node.unflat()
+    g = None
+    if magnitude is not None:  # DoRA: the norm is a constant for the gradient (PEFT, paper 4.3)
+        norm = dora_norm(leaf, a, b, node.scale, node.stack_axes, node.in_axes, node.out_axes)
+        g = magnitude / lax.stop_gradient(norm).astype(magnitude.dtype)
+    return sy.Sym(leaf, a, b, g, node.labels(), node.scale, node.dropout, path)
 
 
 def _run(fn, params, adapter, args, kwargs, ctx: _Ctx):
@@ -309,7 +315,7 @@ def discover_axes(fn, params, paths: set[str], args, kwargs) -> dict[str, tuple]
     for kp, leaf in flat:
         p = path_str(kp)
         labels = tuple(("p", ax) for ax in range(np.ndim(leaf)))
-        vals.append(sy.Sym(leaf, None, None, labels, 0.0, 0.0, p) if p in paths else leaf)
+        vals.append(sy.Sym(leaf, None, None, None, labels, 0.0, 0.0, p) if p in paths else leaf)
     jax.eval_shape(lambda v: _eval(closed.jaxpr, closed.consts, v, ctx), vals + dyn[len(vals):])
     found = {}
     for path in paths:

@@ -10,23 +10,35 @@ from jlora import symbolic as sy
 from jlora.config import LoraError
 from jlora.interpret import _nodes, _to_sym
 from jlora.targets import path_str
+from jlora.variants import dora_norm
 
 
-def _fold(params, adapter, sign: float):
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    out, changed = [], []
-    for (kp, leaf), node in zip(flat, _nodes(params, adapter)):
-        if node is None:
-            out.append(leaf)
-            continue
-        sym = _to_sym(leaf, node, path_str(kp))
-        out.append(leaf + (sign * sym.scale * sy.delta(sym)).astype(leaf.dtype))
-        changed.append((path_str(kp), out[-1]))
-    return jax.tree_util.tree_unflatten(treedef, out), changed
+def _norm(leaf, node):
+    a, b, _ = node.unflat()
+    return dora_norm(leaf, a, b, node.scale, node.stack_axes, node.in_axes, node.out_axes)
 
 
-def merge(params, adapter):
-    """``W0 + s * A @ B`` for every adapted leaf: plain arrays, no inference overhead.
+def _check_finite(changed: list) -> None:
+    if not changed or any(isinstance(v, jax.core.Tracer) for _, v in changed):
+        return
+    finite = np.asarray(jnp.stack([jnp.isfinite(v).all() for _, v in changed]))
+    if not finite.all():
+        bad = changed[int(np.argmin(finite))][0]
+        raise LoraError(f"merging the adapter into {bad!r} gives non-finite values "
+                        "(NaN/Inf); check the adapter for diverged training before merging")
+
+
+def merge(params, adapter, *, return_norms: bool = False):
+    """The adapted weights as plain arrays: no inference overhead.
+
+    LoRA: ``W0 + s * A @ B``. DoRA: ``(m / n) * (W0 + s * A @ B)`` with ``n`` the
+    norm of ``W0 + s * A @ B`` per output feature.
+
+    Args:
+      params: the base.
+      adapter: the adapter to fold in.
+      return_norms: also return ``{path: n}`` for DoRA leaves, which
+        :func:`unmerge` needs (the merged weight no longer holds ``n``).
 
     Raises:
       LoraError: a merged leaf is not finite (checked when called outside ``jit``,
@@ -38,16 +50,44 @@ def merge(params, adapter):
       >>> bool((jlora.merge(params, ad)["q_proj"] == params["q_proj"]).all())  # B is zero at init
       True
     """
-    merged, changed = _fold(params, adapter, 1.0)
-    if changed and not any(isinstance(v, jax.core.Tracer) for _, v in changed):
-        finite = np.asarray(jnp.stack([jnp.isfinite(v).all() for _, v in changed]))
-        if not finite.all():
-            bad = changed[int(np.argmin(finite))][0]
-            raise LoraError(f"merging the adapter into {bad!r} gives non-finite values "
-                            "(NaN/Inf); check the adapter for diverged training before merging")
-    return merged
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    out, changed, norms = [], [], {}
+    for (kp, leaf), node in zip(flat, _nodes(params, adapter)):
+        if node is None:
+            out.append(leaf)
+            continue
+        path = path_str(kp)
+        out.append(sy.materialize(_to_sym(leaf, node, path)))
+        changed.append((path, out[-1]))
+        if node.magnitude is not None:
+            norms[path] = _norm(leaf, node)
+    _check_finite(changed)
+    merged = jax.tree_util.tree_unflatten(treedef, out)
+    return (merged, norms) if return_norms else merged
 
 
-def unmerge(merged, adapter):
-    """Inverse of :func:`merge`: ``W' - s * A @ B`` (exact up to float rounding)."""
-    return _fold(merged, adapter, -1.0)[0]
+def unmerge(merged, adapter, norms: dict | None = None):
+    """Inverse of :func:`merge` (exact up to float rounding).
+
+    A DoRA adapter needs the ``norms`` that ``merge(..., return_norms=True)``
+    returned: we keep them in the functional return value, where PEFT caches
+    them on the layer (and so can only unmerge in the same process).
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(merged)
+    out = []
+    for (kp, leaf), node in zip(flat, _nodes(merged, adapter)):
+        if node is None:
+            out.append(leaf)
+            continue
+        path = path_str(kp)
+        a, b, magnitude = node.unflat()
+        g = None
+        if magnitude is not None:
+            if norms is None or path not in norms:
+                raise LoraError(f"unmerging the DoRA adapter at {path!r} needs the norms merge "
+                                "used: merged, norms = jlora.merge(params, adapter, "
+                                "return_norms=True); jlora.unmerge(merged, adapter, norms)")
+            g = magnitude / norms[path]
+        sym = sy.Sym(leaf, a, b, g, node.labels(), node.scale, node.dropout, path)
+        out.append(sy.dematerialize(sym))
+    return jax.tree_util.tree_unflatten(treedef, out)

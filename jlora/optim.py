@@ -17,15 +17,15 @@ A, B, EMBEDDING = "a", "b", "embedding"
 def labels(adapter, embedding_pattern: str = r"embed"):
     """The LoRA+ group of every trainable leaf, as a tree like ``adapter``.
 
-    PEFT's grouping: ``b`` factors and every 1-D leaf (DoRA magnitudes, biases)
-    are group ``"b"``; factors of a leaf whose path matches
+    PEFT's grouping: ``b`` factors, DoRA magnitudes (also when stacked) and
+    every 1-D leaf (biases) are group ``"b"``; factors of a leaf whose path matches
     ``embedding_pattern`` are ``"embedding"``; everything else is ``"a"``.
     """
     def label(kp, leaf):
         path = path_str(kp)
         if re.search(embedding_pattern, path):
             return EMBEDDING
-        return B if path.split("/")[-1] == "b" or leaf.ndim <= 1 else A
+        return B if path.split("/")[-1] in ("b", "magnitude") or leaf.ndim <= 1 else A
     return jax.tree_util.tree_map_with_path(label, adapter)
 
 

@@ -4,7 +4,8 @@
 ``labels`` say, for every axis of ``base``, whether it is a stacked axis
 (``'s'``), an input axis (``'i'``) or an output axis (``'o'``) and which
 dimension of the factors it is: ``a`` is ``(*stack, *in, r)`` and ``b`` is
-``(*stack, r, *out)``, both unflattened. Shape ops that commute with the
+``(*stack, r, *out)``, both unflattened; with DoRA, ``g = m / ||W0 + s A B||``
+is ``(*stack, *out)`` and the weight is ``g * (base + s * A @ B)``. Shape ops that commute with the
 factorisation update base, factors and labels together; ``dot_general``
 runs factored; everything else calls :func:`materialize`.
 
@@ -34,6 +35,7 @@ class Sym:
     base: Any
     a: Any
     b: Any
+    g: Any  # DoRA: magnitude / norm, (*stack, *out); None for plain LoRA
     labels: tuple[Label, ...] = dataclasses.field(metadata=dict(static=True))
     scale: float = dataclasses.field(metadata=dict(static=True))
     dropout: float = dataclasses.field(metadata=dict(static=True))
@@ -76,7 +78,35 @@ def materialize(x, record: Callable | None = None, why: str = ""):
         record(x.path, "materialized" + (f" ({why})" if why else ""))
     if x.probe:
         return x.base
-    return x.base + (x.scale * delta(x)).astype(x.base.dtype)
+    w = x.base + (x.scale * delta(x)).astype(x.base.dtype)
+    if x.g is None:
+        return w
+    letter = _letters(x)
+    return (w * _broadcast(x.g, _g_spec(x, letter), _spec(x.labels, letter))).astype(w.dtype)
+
+
+def dematerialize(x: Sym) -> jax.Array:
+    """The base ``W0`` for which :func:`materialize` gives ``x.base`` (unmerge)."""
+    w = x.base
+    if x.g is not None:
+        letter = _letters(x)
+        w = (w / _broadcast(x.g, _g_spec(x, letter), _spec(x.labels, letter))).astype(w.dtype)
+    return w - (x.scale * delta(x)).astype(w.dtype)
+
+
+def _spec(labels, letter) -> str:
+    return "".join(letter[lab] for lab in labels)
+
+
+def _g_spec(sym: Sym, letter) -> str:
+    return "".join(letter[(k, i)] for k in "so" for i in range(sym.count(k)))
+
+
+def _broadcast(arr, spec: str, out: str):
+    """``arr`` (letters ``spec``, all in ``out``) transposed and expanded to ``out``'s rank."""
+    order = [c for c in out if c in spec]
+    arr = jnp.transpose(arr, [spec.index(c) for c in order])
+    return arr.reshape([arr.shape[order.index(c)] if c in spec else 1 for c in out])
 
 
 # ----- shape ops that keep the factorisation -------------------------------------------
@@ -86,15 +116,16 @@ def _factor_axis(sym: Sym, label: Label) -> list[tuple[str, int]]:
     kind, idx = label
     ns = sym.count("s")
     if kind == "s":
-        return [("a", idx), ("b", idx)]
-    return [("a", ns + idx)] if kind == "i" else [("b", ns + 1 + idx)]
+        return [("a", idx), ("b", idx), ("g", idx)]
+    return [("a", ns + idx)] if kind == "i" else [("b", ns + 1 + idx), ("g", ns + idx)]
 
 
 def _on_factors(sym: Sym, label: Label, op: Callable[[jax.Array, int], jax.Array]) -> dict:
-    new = {"a": sym.a, "b": sym.b}
+    new = {"a": sym.a, "b": sym.b, "g": sym.g}
     if not sym.probe:
         for name, dim in _factor_axis(sym, label):
-            new[name] = op(new[name], dim)
+            if new[name] is not None:
+                new[name] = op(new[name], dim)
     return new
 
 
@@ -153,15 +184,17 @@ def expand(sym: Sym, shape, broadcast_dimensions, **params) -> Sym | None:
             broadcast_dimensions) or sym.probe:
         return None
     base = lax.broadcast_in_dim(sym.base, shape, broadcast_dimensions)
-    labels, a, b, ns = [], sym.a, sym.b, sym.count("s")
+    labels, a, b, g, ns = [], sym.a, sym.b, sym.g, sym.count("s")
     old = iter(sym.labels)
     for ax in range(len(shape)):
         if ax in broadcast_dimensions:
             labels.append(next(old))
         else:
             labels.append(("s", ns))
-            a, b, ns = jnp.expand_dims(a, ns), jnp.expand_dims(b, ns), ns + 1
-    return sym.replace(base=base, a=a, b=b, labels=tuple(labels))
+            a, b = jnp.expand_dims(a, ns), jnp.expand_dims(b, ns)
+            g = None if g is None else jnp.expand_dims(g, ns)
+            ns += 1
+    return sym.replace(base=base, a=a, b=b, g=g, labels=tuple(labels))
 
 
 def _reshape_groups(old, new):
@@ -205,7 +238,8 @@ def reshape(sym: Sym, new_sizes, dimensions=None, **params) -> Sym | None:
     r = sym.a.shape[-1]
     a = sym.a.reshape(*sizes["s"], *sizes["i"], r)
     b = sym.b.reshape(*sizes["s"], r, *sizes["o"])
-    return sym.replace(base=sym.base.reshape(new_sizes), a=a, b=b, labels=tuple(labels))
+    g = None if sym.g is None else sym.g.reshape(*sizes["s"], *sizes["o"])
+    return sym.replace(base=sym.base.reshape(new_sizes), a=a, b=b, g=g, labels=tuple(labels))
 
 
 # ----- the factored product ---------------------------------------------------------------
@@ -220,23 +254,51 @@ def _fit_error(sym: Sym, contracted, batch) -> LoraError:
         "axes by tracing: jlora.init(key, params, cfg, fn, *example_args)")
 
 
-def dot(x, sym: Sym, sym_is_rhs: bool, params: dict, key, record) -> jax.Array:
-    """``dot_general`` of an array with a symbolic weight, computed factored."""
-    (lc, rc), (lb, rb) = params["dimension_numbers"]
-    xc, wc, xb, wb = (lc, rc, lb, rb) if sym_is_rhs else (rc, lc, rb, lb)
-    operands = (x, sym.base) if sym_is_rhs else (sym.base, x)
-    base_out = lax.dot_general_p.bind(*operands, **params)
-    if sym.probe:
-        record(sym.path, ("dot", tuple(sym.labels[a][1] for a in wc),
-                          tuple(sym.labels[a][1] for a in wb)))
-        return base_out
+def _mode(sym: Sym, wc, wb) -> str:
+    """``'i'`` when the model contracts all in-axes, ``'o'`` for all out-axes (x @ W.T)."""
     kinds = {sym.labels[a][0] for a in wc}
     mode = kinds.pop() if len(kinds) == 1 else None
     if mode not in ("i", "o") or len(wc) != sym.count(mode) or any(
             sym.labels[a][0] != "s" for a in wb):
         raise _fit_error(sym, wc, wb)
+    return mode
+
+
+def dot(x, sym: Sym, sym_is_rhs: bool, params: dict, key, record) -> jax.Array:
+    """``dot_general`` of an array with a symbolic weight, computed factored.
+
+    LoRA: ``x W0 + s (drop(x) A) B``. DoRA (PEFT's formula): ``g (x W0 + s (x A) B)``,
+    and with dropout ``x W0 + (g - 1) (drop(x) W0) + g s (drop(x) A) B``.
+    """
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
+    xc, wc, xb, wb = (lc, rc, lb, rb) if sym_is_rhs else (rc, lc, rb, lb)
+
+    def bind(w, v):
+        return lax.dot_general_p.bind(*((v, w) if sym_is_rhs else (w, v)), **params)
+
+    base_out = bind(sym.base, x)
+    if sym.probe:
+        record(sym.path, ("dot", tuple(sym.labels[a][1] for a in wc),
+                          tuple(sym.labels[a][1] for a in wb)))
+        return base_out
+    mode = _mode(sym, wc, wb)
+    if sym.g is not None and mode == "o":
+        return bind(materialize(sym, record, "DoRA weight contracted on its output axes"), x)
     record(sym.path, "factored")
-    x = _dropout(x, sym.dropout, key)
+    x_d = _dropout(x, sym.dropout, key)
+    y, g_spec, out = _low_rank(x_d, sym, mode, sym_is_rhs, (xc, wc, xb, wb),
+                               params.get("precision"))
+    if sym.g is None:
+        return base_out + y.astype(base_out.dtype)
+    g = _broadcast(sym.g, g_spec, out)
+    if x_d is x:
+        return (g * (base_out + y)).astype(base_out.dtype)
+    return (base_out + (g - 1) * bind(sym.base, x_d) + g * y).astype(base_out.dtype)
+
+
+def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec):
+    """``s * (x A) B`` laid out like the dot's output, plus the specs to broadcast ``g``."""
+    xc, wc, xb, wb = dims
     letter = dict(zip(range(x.ndim), string.ascii_letters))
     wl = {}
     for xa, wa in zip(list(xc) + list(xb), list(wc) + list(wb)):
@@ -254,12 +316,11 @@ def dot(x, sym: Sym, sym_is_rhs: bool, params: dict, key, record) -> jax.Array:
     free_stack = "".join(wl[sym.labels[ax]] for ax in free_w if sym.labels[ax][0] == "s")
     w_free = "".join(wl[sym.labels[ax]] for ax in free_w)
     out = batch + (x_free + w_free if sym_is_rhs else w_free + x_free)
-    prec = params.get("precision")
     t = jnp.einsum(f"{xs},{s_first}->{batch}{x_free}{free_stack}{r}",
                    x.astype(first.dtype), first, precision=prec)
     y = jnp.einsum(f"{batch}{x_free}{free_stack}{r},{s_second}->{out}", t, second,
                    precision=prec)
-    return base_out + (sym.scale * y).astype(base_out.dtype)
+    return sym.scale * y, _g_spec(sym, wl), out
 
 
 def _dropout(x, rate: float, key):

@@ -31,7 +31,20 @@ def ref_weight(w, node):
     d = d.reshape(sizes(node.stack_axes) + sizes(node.in_axes) + sizes(node.out_axes))
     order = list(node.stack_axes) + list(node.in_axes) + list(node.out_axes)
     d = np.transpose(d, [order.index(ax) for ax in range(w.ndim)])
-    return w + node.scale * d
+    merged = w + node.scale * d
+    if node.magnitude is None:
+        return merged
+    norm = np.sqrt((merged ** 2).sum(axis=tuple(node.in_axes), keepdims=True))
+    return _magnitude_like(np.asarray(node.magnitude, np.float64), node, w) / norm * merged
+
+
+def _magnitude_like(m, node, w):
+    """(*stack, OUT) magnitude reshaped and transposed to broadcast against w."""
+    sizes = [w.shape[ax] for ax in node.stack_axes] + [w.shape[ax] for ax in node.out_axes]
+    m = m.reshape(sizes)
+    order = list(node.stack_axes) + list(node.out_axes)
+    m = m.transpose([order.index(ax) for ax in sorted(order)])
+    return m.reshape([w.shape[ax] if ax in order else 1 for ax in range(w.ndim)])
 
 
 def ref_merge(params, adapter):
@@ -62,7 +75,13 @@ def ref_merge_jnp(params, adapter):
                                          + sizes(n.out_axes))
         order = list(n.stack_axes) + list(n.in_axes) + list(n.out_axes)
         d = jnp.transpose(d, [order.index(ax) for ax in range(w.ndim)])
-        out.append(w + (n.scale * d).astype(w.dtype))
+        merged = w + (n.scale * d).astype(w.dtype)
+        if n.magnitude is not None:  # DoRA: the norm is a constant for the gradient
+            norm = jnp.sqrt(jnp.sum(jnp.square(merged.astype(jnp.float32)),
+                                    axis=tuple(n.in_axes), keepdims=True))
+            merged = (_magnitude_like(n.magnitude, n, w) / jax.lax.stop_gradient(norm)
+                      * merged).astype(w.dtype)
+        out.append(merged)
     return jax.tree.unflatten(tree, out)
 
 

@@ -1,0 +1,37 @@
+"""DoRA's weight norm, computed from the factors without forming ``W0 + s*A@B``.
+
+``||W0 + s A B||`` over the input axes, per output feature, expands to
+``sum W0^2 + 2 s <A^T W0, B> + s^2 <B, (A^T A) B>``: the largest temporary is
+``A^T W0`` of shape ``(*stack, r, *out)``, never a full-size matrix.
+"""
+
+from __future__ import annotations
+
+import string
+
+import jax
+import jax.numpy as jnp
+
+
+def dora_norm(w, a_u, b_u, scale: float, stack_axes, in_axes, out_axes) -> jax.Array:
+    """Column norm of ``W0 + s * A @ B`` over ``in_axes``, shaped ``(*stack, *out)``.
+
+    Args:
+      w: the base kernel, in its own axis order.
+      a_u: ``(*stack, *in, r)``; b_u: ``(*stack, r, *out)`` (unflattened factors).
+      scale: the LoRA scaling ``s``.
+      stack_axes, in_axes, out_axes: which axes of ``w`` play which role.
+    """
+    letter = string.ascii_letters
+    w_spec = letter[:w.ndim]
+    S = "".join(letter[ax] for ax in stack_axes)
+    I = "".join(letter[ax] for ax in in_axes)  # noqa: E741
+    O = "".join(letter[ax] for ax in out_axes)  # noqa: E741
+    r, q = letter[w.ndim], letter[w.ndim + 1]
+    w, a, b = (x.astype(jnp.float32) for x in (w, a_u, b_u))
+    squares = jnp.einsum(f"{w_spec},{w_spec}->{S}{O}", w, w)
+    atw = jnp.einsum(f"{w_spec},{S}{I}{r}->{S}{r}{O}", w, a)
+    cross = jnp.einsum(f"{S}{r}{O},{S}{r}{O}->{S}{O}", atw, b)
+    gram = jnp.einsum(f"{S}{I}{r},{S}{I}{q}->{S}{r}{q}", a, a)
+    quad = jnp.einsum(f"{S}{r}{O},{S}{r}{q},{S}{q}{O}->{S}{O}", b, gram, b)
+    return jnp.sqrt(jnp.maximum(squares + 2 * scale * cross + scale * scale * quad, 0.0))

@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jlora.config import LoraConfig, LoraError
 from jlora.targets import path_str, select
@@ -60,6 +61,35 @@ class LoraNode:
 
 def is_node(x) -> bool:
     return isinstance(x, LoraNode)
+
+
+def adapter_nodes(adapter) -> dict[str, Any]:
+    """``{path: LoraNode}`` for every node in an adapter tree (any container types)."""
+    found = {}
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(adapter, is_leaf=is_node)[0]:
+        if not is_node(leaf):
+            raise LoraError(f"adapter entry at {path_str(kp)!r} is {type(leaf).__name__}; "
+                            "expected a LoraNode (build adapters with jlora.init)")
+        found[path_str(kp)] = leaf
+    return found
+
+
+def match(params, adapter) -> list:
+    """The adapter's node (or None) for each leaf of params, matched by key path."""
+    nodes = adapter_nodes(adapter)
+    out = []
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        node = nodes.pop(path_str(kp), None)
+        if node is not None and tuple(node.shape) != tuple(np.shape(leaf)):
+            raise LoraError(f"adapter for {path_str(kp)!r} was made for shape {node.shape} but "
+                            f"params has {tuple(np.shape(leaf))}; re-create it with jlora.init "
+                            "for these params")
+        out.append(node)
+    if nodes:
+        some = [path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0][:3]]
+        raise LoraError(f"adapter has entries for {sorted(nodes)[:3]} that are not in params "
+                        f"(an adapter for another model?); params paths look like {some}")
+    return out
 
 
 def default_axes(ndim: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:

@@ -16,9 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jlora.adapter import LoraNode
+from jlora.adapter import LoraNode, adapter_nodes
 from jlora.config import LoraError
-from jlora.interpret import adapter_nodes
 from jlora.targets import path_str
 
 _FORMAT = "jlora-adapter/1"

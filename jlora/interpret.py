@@ -23,10 +23,8 @@ from jax import lax
 from jax.extend import core as jcore
 
 from jlora import symbolic as sy
-from jlora.adapter import is_node
-from jlora.config import LoraError
+from jlora.adapter import match
 from jlora.targets import path_str
-from jlora.variants import dora_norm
 
 _INLINE = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
            "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
@@ -216,51 +214,11 @@ def _trace(fn, params, args, kwargs):
     return closed, jax.tree_util.tree_structure(shapes), [flat[i] for i in dyn]
 
 
-def adapter_nodes(adapter) -> dict[str, Any]:
-    """``{path: LoraNode}`` for every node in an adapter tree (any container types)."""
-    found = {}
-    for kp, leaf in jax.tree_util.tree_flatten_with_path(adapter, is_leaf=is_node)[0]:
-        if not is_node(leaf):
-            raise LoraError(f"adapter entry at {path_str(kp)!r} is {type(leaf).__name__}; "
-                            "expected a LoraNode (build adapters with jlora.init)")
-        found[path_str(kp)] = leaf
-    return found
-
-
-def _nodes(params, adapter) -> list:
-    """The adapter's node (or None) for each leaf of params, matched by key path."""
-    nodes = adapter_nodes(adapter)
-    out = []
-    for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        node = nodes.pop(path_str(kp), None)
-        if node is not None and tuple(node.shape) != tuple(np.shape(leaf)):
-            raise LoraError(f"adapter for {path_str(kp)!r} was made for shape {node.shape} but "
-                            f"params has {tuple(np.shape(leaf))}; re-create it with jlora.init "
-                            "for these params")
-        out.append(node)
-    if nodes:
-        some = [path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0][:3]]
-        raise LoraError(f"adapter has entries for {sorted(nodes)[:3]} that are not in params "
-                        f"(an adapter for another model?); params paths look like {some}")
-    return out
-
-
-def _to_sym(leaf, node, path) -> sy.Sym | Any:
-    if node is None:
-        return leaf
-    a, b, magnitude = node.unflat()
-    g = None
-    if magnitude is not None:  # DoRA: the norm is a constant for the gradient (PEFT, paper 4.3)
-        norm = dora_norm(leaf, a, b, node.scale, node.stack_axes, node.in_axes, node.out_axes)
-        g = magnitude / lax.stop_gradient(norm).astype(magnitude.dtype)
-    return sy.Sym(leaf, a, b, g, node.labels(), node.scale, node.dropout, path)
-
-
 def _run(fn, params, adapter, args, kwargs, ctx: _Ctx):
-    nodes = _nodes(params, adapter)
+    nodes = match(params, adapter)
     closed, out_tree, dyn = _trace(fn, params, args, kwargs)
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    syms = [_to_sym(leaf, node, path_str(kp)) for (kp, leaf), node in zip(flat, nodes)]
+    syms = [sy.from_node(leaf, node, path_str(kp)) for (kp, leaf), node in zip(flat, nodes)]
     vals = syms + dyn[len(syms):]
     outs = _eval(closed.jaxpr, closed.consts, vals, ctx)
     return jax.tree_util.tree_unflatten(out_tree, _materialized(outs, ctx, "returned"))
@@ -297,7 +255,7 @@ def explain(fn: Callable, params, adapter, *args, **kwargs) -> dict[str, list[st
     ctx = _Ctx()
     jax.eval_shape(lambda p, ad: _run(fn, p, ad, args, kwargs, ctx), params, adapter)
     adapted = [path_str(kp) for (kp, _), n in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                                                   _nodes(params, adapter)) if n is not None]
+                                                   match(params, adapter)) if n is not None]
     return {p: list(ctx.records.get(p, [])) for p in adapted}
 
 

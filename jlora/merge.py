@@ -8,7 +8,7 @@ import numpy as np
 
 from jlora import symbolic as sy
 from jlora.config import LoraError
-from jlora.interpret import _nodes, _to_sym
+from jlora.adapter import match
 from jlora.targets import path_str
 from jlora.variants import dora_norm
 
@@ -52,12 +52,12 @@ def merge(params, adapter, *, return_norms: bool = False):
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     out, changed, norms = [], [], {}
-    for (kp, leaf), node in zip(flat, _nodes(params, adapter)):
+    for (kp, leaf), node in zip(flat, match(params, adapter)):
         if node is None:
             out.append(leaf)
             continue
         path = path_str(kp)
-        out.append(sy.materialize(_to_sym(leaf, node, path)))
+        out.append(sy.materialize(sy.from_node(leaf, node, path)))
         changed.append((path, out[-1]))
         if node.magnitude is not None:
             norms[path] = _norm(leaf, node)
@@ -75,7 +75,7 @@ def unmerge(merged, adapter, norms: dict | None = None):
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(merged)
     out = []
-    for (kp, leaf), node in zip(flat, _nodes(merged, adapter)):
+    for (kp, leaf), node in zip(flat, match(merged, adapter)):
         if node is None:
             out.append(leaf)
             continue

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jlora.config import LoraError
+from jlora.variants import dora_norm
 
 Label = tuple[str, int]
 
@@ -50,6 +51,18 @@ class Sym:
 
     def replace(self, **kw) -> "Sym":
         return dataclasses.replace(self, **kw)
+
+
+def from_node(leaf, node, path: str) -> Sym | Any:
+    """The symbolic weight for a base leaf and its adapter node (the leaf if none)."""
+    if node is None:
+        return leaf
+    a, b, magnitude = node.unflat()
+    g = None
+    if magnitude is not None:  # DoRA: the norm is a constant for the gradient (PEFT, paper 4.3)
+        norm = dora_norm(leaf, a, b, node.scale, node.stack_axes, node.in_axes, node.out_axes)
+        g = magnitude / lax.stop_gradient(norm).astype(magnitude.dtype)
+    return Sym(leaf, a, b, g, node.labels(), node.scale, node.dropout, path)
 
 
 def _letters(sym: Sym) -> dict[Label, str]:

@@ -13,7 +13,7 @@ import pytest
 
 import jlora
 import llama
-from jlora.interpret import adapter_nodes
+from jlora.adapter import adapter_nodes
 from conftest import randomize
 from test_apply import Scanned, X
 

@@ -208,9 +208,10 @@ def _trace(fn, params, args, kwargs):
 
     specs = [jax.ShapeDtypeStruct(np.shape(flat[i]), jnp.result_type(flat[i])) for i in dyn]
     closed, shapes = jax.make_jaxpr(flat_fn, return_shape=True)(*specs)
-    n_params = len(jax.tree_util.tree_leaves(params))
-    if dyn[:n_params] != list(range(n_params)):
-        raise TypeError("every leaf of params must be an array; found a non-array leaf")
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not _is_array(leaf):
+            raise TypeError(f"params leaf {path_str(kp)!r} is a {type(leaf).__name__}, not an "
+                            "array; pass static settings as arguments of fn, not in params")
     return closed, jax.tree_util.tree_structure(shapes), [flat[i] for i in dyn]
 
 

@@ -96,3 +96,10 @@ def test_adapter_for_other_params_is_a_clear_error(key):
         f({"q_proj": {"kernel": jnp.ones((8, 4))}}, ad, jnp.ones((2, 8)))
     with pytest.raises(jlora.LoraError, match="not in params.*k_proj/kernel"):
         f({"k_proj": {"kernel": jnp.ones((8, 8))}}, ad, jnp.ones((2, 8)))
+
+
+def test_non_array_params_leaf_is_named(key):
+    ad = jlora.init(key, {"w": jnp.ones((4, 4))}, jlora.LoraConfig(rank=2, targets=("w",)))
+    with pytest.raises(TypeError, match="'flag' is a bool"):
+        jlora.apply(lambda p, x: x @ p["w"])({"w": jnp.ones((4, 4)), "flag": True}, ad,
+                                             jnp.ones((2, 4)))

@@ -10,12 +10,6 @@ from jlora import symbolic as sy
 from jlora.config import LoraError
 from jlora.adapter import match
 from jlora.targets import path_str
-from jlora.variants import dora_norm
-
-
-def _norm(leaf, node):
-    a, b, _ = node.unflat()
-    return dora_norm(leaf, a, b, node.scale, node.stack_axes, node.in_axes, node.out_axes)
 
 
 def _check_finite(changed: list) -> None:
@@ -59,8 +53,8 @@ def merge(params, adapter, *, return_norms: bool = False):
         path = path_str(kp)
         out.append(sy.materialize(sy.from_node(leaf, node, path)))
         changed.append((path, out[-1]))
-        if node.magnitude is not None:
-            norms[path] = _norm(leaf, node)
+        if return_norms and node.magnitude is not None:
+            norms[path] = sy.node_norm(leaf, node)
     _check_finite(changed)
     merged = jax.tree_util.tree_unflatten(treedef, out)
     return (merged, norms) if return_norms else merged
@@ -80,14 +74,10 @@ def unmerge(merged, adapter, norms: dict | None = None):
             out.append(leaf)
             continue
         path = path_str(kp)
-        a, b, magnitude = node.unflat()
-        g = None
-        if magnitude is not None:
-            if norms is None or path not in norms:
-                raise LoraError(f"unmerging the DoRA adapter at {path!r} needs the norms merge "
-                                "used: merged, norms = jlora.merge(params, adapter, "
-                                "return_norms=True); jlora.unmerge(merged, adapter, norms)")
-            g = magnitude / norms[path]
-        sym = sy.Sym(leaf, a, b, g, node.labels(), node.scale, node.dropout, path)
-        out.append(sy.dematerialize(sym))
+        if node.magnitude is not None and path not in (norms or {}):
+            raise LoraError(f"unmerging the DoRA adapter at {path!r} needs the norms merge "
+                            "used: merged, norms = jlora.merge(params, adapter, "
+                            "return_norms=True); jlora.unmerge(merged, adapter, norms)")
+        norm = None if node.magnitude is None else norms[path]
+        out.append(sy.dematerialize(sy.from_node(leaf, node, path, norm)))
     return jax.tree_util.tree_unflatten(treedef, out)

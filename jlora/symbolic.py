@@ -53,14 +53,23 @@ class Sym:
         return dataclasses.replace(self, **kw)
 
 
-def from_node(leaf, node, path: str) -> Sym | Any:
-    """The symbolic weight for a base leaf and its adapter node (the leaf if none)."""
+def node_norm(leaf, node) -> jax.Array:
+    """DoRA's ``||W0 + s A B||`` per output feature, ``(*stack, *out)``."""
+    a, b, _ = node.unflat()
+    return dora_norm(leaf, a, b, node.scale, node.stack_axes, node.in_axes, node.out_axes)
+
+
+def from_node(leaf, node, path: str, norm=None) -> Sym | Any:
+    """The symbolic weight for a base leaf and its adapter node (the leaf if none).
+
+    ``norm`` overrides DoRA's norm (unmerge: the base is then the merged weight).
+    """
     if node is None:
         return leaf
     a, b, magnitude = node.unflat()
     g = None
     if magnitude is not None:  # DoRA: the norm is a constant for the gradient (PEFT, paper 4.3)
-        norm = dora_norm(leaf, a, b, node.scale, node.stack_axes, node.in_axes, node.out_axes)
+        norm = node_norm(leaf, node) if norm is None else norm
         g = magnitude / lax.stop_gradient(norm).astype(magnitude.dtype)
     return Sym(leaf, a, b, g, node.labels(), node.scale, node.dropout, path)
 

@@ -13,10 +13,13 @@ from jlora.interpret import apply as apply
 from jlora.interpret import explain as explain
 from jlora.merge import merge as merge
 from jlora.optim import loraplus as loraplus
+from jlora.quant import NF4 as NF4
+from jlora.quant import dequantize as dequantize
+from jlora.quant import quantize as quantize
 from jlora.merge import unmerge as unmerge
 
 __version__ = "0.1.0"
 
-__all__ = ["LoraConfig", "LoraError", "LoraNode", "PRESETS", "apply", "explain", "init",
-           "load_adapter", "loraplus", "merge", "restore_checkpoint", "save_adapter",
-           "save_checkpoint", "unmerge"]
+__all__ = ["LoraConfig", "LoraError", "LoraNode", "NF4", "PRESETS", "apply", "dequantize",
+           "explain", "init", "load_adapter", "loraplus", "merge", "quantize",
+           "restore_checkpoint", "save_adapter", "save_checkpoint", "unmerge"]

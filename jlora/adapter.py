@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.config import LoraConfig, LoraError
-from jlora.targets import path_str, select
+from jlora.quant import is_nf4
+from jlora.targets import flatten, path_str, select
 from jlora.variants import dora_norm
 
 _meta = dict(static=True)
@@ -78,7 +79,7 @@ def match(params, adapter) -> list:
     """The adapter's node (or None) for each leaf of params, matched by key path."""
     nodes = adapter_nodes(adapter)
     out = []
-    for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    for kp, leaf in flatten(params)[0]:
         node = nodes.pop(path_str(kp), None)
         if node is not None and tuple(node.shape) != tuple(np.shape(leaf)):
             raise LoraError(f"adapter for {path_str(kp)!r} was made for shape {node.shape} but "
@@ -86,7 +87,7 @@ def match(params, adapter) -> list:
                             "for these params")
         out.append(node)
     if nodes:
-        some = [path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0][:3]]
+        some = [path_str(kp) for kp, _ in flatten(params)[0][:3]]
         raise LoraError(f"adapter has entries for {sorted(nodes)[:3]} that are not in params "
                         f"(an adapter for another model?); params paths look like {some}")
     return out
@@ -126,7 +127,7 @@ def init(key, params, cfg: LoraConfig, fn=None, *args, **kwargs):
     if fn is not None:
         from jlora.interpret import discover_axes  # interpret depends on this module
         learned = discover_axes(fn, params, set(chosen), args, kwargs)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    flat, treedef = flatten(params)
     nodes, residual = [], []
     for i, (kp, leaf) in enumerate(flat):
         path = path_str(kp)
@@ -152,7 +153,11 @@ def _make_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
         raise LoraError(f"rank {rank} for {path!r} exceeds min(in={n_in}, out={n_out}) of its "
                         f"kernel {tuple(w.shape)}; lower the rank (rank_pattern can set it "
                         "per path)")
-    dtype = jnp.dtype(cfg.dtype) if cfg.dtype is not None else w.dtype
+    if cfg.init == "pissa" and is_nf4(w):
+        raise LoraError(f"init='pissa' changes the base, but {path!r} is already quantized; "
+                        "run jlora.init with pissa on the float base, then jlora.quantize the "
+                        "residual it returns")
+    dtype = jnp.dtype(cfg.dtype) if cfg.dtype is not None else jnp.dtype(w.dtype)
     stack = tuple(w.shape[ax] for ax in stack_axes)
     scale = cfg.scaling_for(rank, alpha)
     if cfg.init == "kaiming":  # torch kaiming_uniform_(a=sqrt(5)) on (r, in): bound 1/sqrt(in)

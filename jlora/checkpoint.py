@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 
 from jlora.adapter import LoraNode, adapter_nodes
 from jlora.config import LoraError
-from jlora.targets import path_str
+from jlora.targets import flatten, path_str
 
 _FORMAT = "jlora-adapter/1"
 _SETTINGS = ("rank", "alpha", "scale", "dropout", "shape", "stack_axes", "in_axes", "out_axes")
@@ -130,7 +130,7 @@ def load_adapter(path, params=None):
 
 
 def _mirror(nodes: dict, params, path):
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    flat, treedef = flatten(params)
     missing = set(nodes) - {path_str(kp) for kp, _ in flat}
     if missing:
         raise LoraError(f"adapter at {os.fspath(path)!r} was saved for paths "

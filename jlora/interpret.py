@@ -22,9 +22,11 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
+from jlora import qview as qv
 from jlora import symbolic as sy
 from jlora.adapter import match
-from jlora.targets import path_str
+from jlora.quant import is_nf4
+from jlora.targets import flatten, path_str
 
 _INLINE = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
            "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
@@ -45,7 +47,8 @@ class _Ctx:
 
 
 def _has_sym(vals) -> bool:
-    return any(isinstance(v, sy.Sym) for v in vals)
+    """Whether any value is symbolic: an adapted weight or a quantized one."""
+    return any(isinstance(v, (sy.Sym, qv.QView)) for v in vals)
 
 
 def _eval(jaxpr, consts, args, ctx: _Ctx) -> list:
@@ -71,13 +74,20 @@ def _materialized(vals, ctx: _Ctx, why: str) -> list:
 
 def _sym_rule(eqn, invals, ctx: _Ctx):
     name, params = eqn.primitive.name, eqn.params
-    if name == "dot_general" and len(invals) == 2 and _has_sym(invals):
+    if name == "dot_general":
         lhs, rhs = invals
-        if isinstance(lhs, sy.Sym) and isinstance(rhs, sy.Sym):
-            rhs = sy.materialize(rhs, ctx.record, "dot of two adapted weights")
+        if _has_sym([lhs]) and _has_sym([rhs]):  # keep an adapted side symbolic if there is one
+            if isinstance(rhs, sy.Sym) and not isinstance(lhs, sy.Sym):
+                lhs = sy.materialize(lhs)
+            else:
+                rhs = sy.materialize(rhs, ctx.record, "dot of two adapted weights")
         if isinstance(rhs, sy.Sym):
             return sy.dot(lhs, rhs, True, params, ctx.key, ctx.record)
-        return sy.dot(rhs, lhs, False, params, ctx.key, ctx.record)
+        if isinstance(lhs, sy.Sym):
+            return sy.dot(rhs, lhs, False, params, ctx.key, ctx.record)
+        view_is_rhs = qv.is_view(rhs)
+        return qv.dot(rhs if view_is_rhs else lhs, lhs if view_is_rhs else rhs, view_is_rhs,
+                      params)
     if name in _INLINE:
         closed = params[_INLINE[name]]
         return _eval(closed.jaxpr, closed.consts, invals, ctx)
@@ -87,6 +97,8 @@ def _sym_rule(eqn, invals, ctx: _Ctx):
         out = _SHAPE[name](invals[0], invals[1:], params, ctx)
         if out is not None:
             return out
+    if qv.is_view(invals[0]) and not _has_sym(invals[1:]):
+        return qv.op(invals[0], eqn.primitive, invals[1:], eqn.primitive.get_bind_params(params))
     vals = _materialized(invals, ctx, name)
     return eqn.primitive.bind(*vals, **eqn.primitive.get_bind_params(params))
 
@@ -117,19 +129,31 @@ def _remat(eqn, invals, ctx):
 
 
 def _scan_slice(v, ctx):
-    """Split a scanned-over value into arrays with the scan axis first, plus a rebuild."""
+    """Split a scanned-over value into ``xs`` (arrays with the scan axis first) and
+    ``rebuild(x, i)``, its value at step ``i``. A quantized base is not sliced by the
+    scan: step ``i`` reads (and later dequantizes) just its own layer."""
+    if qv.is_view(v):
+        if not v.ops:
+            return None, lambda x, i: v.index(i)
+        v = v.value()
     if not isinstance(v, sy.Sym):
-        return v, lambda x: x
+        return v, lambda x, i: x
+    if qv.is_view(v.base) and v.base.ops:
+        v = v.replace(base=v.base.value())
+    lazy = qv.is_view(v.base)
+    base_xs = None if lazy else v.base
+    take = (lambda x, i: v.base.index(i)) if lazy else (lambda x, i: x)
     kind, j = v.labels[0]
     if v.probe:
         ctx.record(v.path, ("index", j))
-        return v.base, lambda x: v.replace(base=x, labels=v.labels[1:])
+        return base_xs, lambda x, i: v.replace(base=take(x, i), labels=v.labels[1:])
     if kind != "s":
-        return sy.materialize(v, ctx.record, "scan over a non-stacked axis"), lambda x: x
+        return sy.materialize(v, ctx.record, "scan over a non-stacked axis"), lambda x, i: x
     labels = sy._drop_label(v.labels[1:], (kind, j))
     g = None if v.g is None else jnp.moveaxis(v.g, j, 0)
-    xs = (v.base, jnp.moveaxis(v.a, j, 0), jnp.moveaxis(v.b, j, 0), g)
-    return xs, lambda x: v.replace(base=x[0], a=x[1], b=x[2], g=x[3], labels=labels)
+    xs = (base_xs, jnp.moveaxis(v.a, j, 0), jnp.moveaxis(v.b, j, 0), g)
+    return xs, lambda x, i: v.replace(base=take(x[0], i), a=x[1], b=x[2], g=x[3],
+                                      labels=labels)
 
 
 def _scan(eqn, invals, ctx):
@@ -138,13 +162,14 @@ def _scan(eqn, invals, ctx):
     consts, carry = invals[:nc], _materialized(invals[nc:nc + ncarry], ctx, "scan carry")
     split = [_scan_slice(v, ctx) for v in invals[nc + ncarry:]]
     xs = [s[0] for s in split]
-    steps = jnp.arange(p["length"]) if ctx.key is not None else None
+    steps = jnp.arange(p["length"])  # the layer index of each step (reversed with xs)
     closed = p["jaxpr"]
 
     def body(c, x):
         x_vals, step = x
-        sub = ctx if step is None else ctx.fold(step)
-        vals = list(consts) + list(c) + [rebuild(xv) for (_, rebuild), xv in zip(split, x_vals)]
+        sub = ctx if ctx.key is None else ctx.fold(step)
+        vals = list(consts) + list(c) + [rebuild(xv, step)
+                                         for (_, rebuild), xv in zip(split, x_vals)]
         outs = _materialized(_eval(closed.jaxpr, closed.consts, vals, sub), ctx, "scan output")
         return outs[:ncarry], outs[ncarry:]
 
@@ -191,12 +216,20 @@ _CONTROL = {"remat2": _remat, "checkpoint": _remat, "scan": _scan, "cond": _cond
 # ----- entry points -----------------------------------------------------------------------
 
 def _is_array(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or is_nf4(x)
+
+
+def _spec(x) -> jax.ShapeDtypeStruct:
+    """What ``fn`` is traced with: an NF4 leaf looks like its dequantized weight."""
+    if is_nf4(x):
+        return jax.ShapeDtypeStruct(x.shape, x.compute_dtype)
+    return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
+
 
 
 def _trace(fn, params, args, kwargs):
     """jaxpr of ``fn(params, *args, **kwargs)`` over its array leaves (others are static)."""
-    flat, tree = jax.tree_util.tree_flatten((params, args, kwargs))
+    flat, tree = jax.tree_util.tree_flatten((params, args, kwargs), is_leaf=is_nf4)
     dyn = [i for i, x in enumerate(flat) if _is_array(x)]
 
     def flat_fn(*vals):
@@ -206,9 +239,9 @@ def _trace(fn, params, args, kwargs):
         p, a, k = jax.tree_util.tree_unflatten(tree, full)
         return fn(p, *a, **k)
 
-    specs = [jax.ShapeDtypeStruct(np.shape(flat[i]), jnp.result_type(flat[i])) for i in dyn]
+    specs = [_spec(flat[i]) for i in dyn]
     closed, shapes = jax.make_jaxpr(flat_fn, return_shape=True)(*specs)
-    for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    for kp, leaf in flatten(params)[0]:
         if not _is_array(leaf):
             raise TypeError(f"params leaf {path_str(kp)!r} is a {type(leaf).__name__}, not an "
                             "array; pass static settings as arguments of fn, not in params")
@@ -218,8 +251,9 @@ def _trace(fn, params, args, kwargs):
 def _run(fn, params, adapter, args, kwargs, ctx: _Ctx):
     nodes = match(params, adapter)
     closed, out_tree, dyn = _trace(fn, params, args, kwargs)
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    syms = [sy.from_node(leaf, node, path_str(kp)) for (kp, leaf), node in zip(flat, nodes)]
+    flat = flatten(params)[0]
+    syms = [sy.from_node(qv.wrap(leaf), node, path_str(kp))
+            for (kp, leaf), node in zip(flat, nodes)]
     vals = syms + dyn[len(syms):]
     outs = _eval(closed.jaxpr, closed.consts, vals, ctx)
     return jax.tree_util.tree_unflatten(out_tree, _materialized(outs, ctx, "returned"))
@@ -255,8 +289,8 @@ def explain(fn: Callable, params, adapter, *args, **kwargs) -> dict[str, list[st
     """
     ctx = _Ctx()
     jax.eval_shape(lambda p, ad: _run(fn, p, ad, args, kwargs, ctx), params, adapter)
-    adapted = [path_str(kp) for (kp, _), n in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                                                   match(params, adapter)) if n is not None]
+    adapted = [path_str(kp) for (kp, _), n in zip(flatten(params)[0], match(params, adapter))
+               if n is not None]
     return {p: list(ctx.records.get(p, [])) for p in adapted}
 
 
@@ -269,11 +303,11 @@ def discover_axes(fn, params, paths: set[str], args, kwargs) -> dict[str, tuple]
     """
     ctx = _Ctx()
     closed, _, dyn = _trace(fn, params, args, kwargs)
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat = flatten(params)[0]
     vals = []
     for kp, leaf in flat:
-        p = path_str(kp)
-        labels = tuple(("p", ax) for ax in range(np.ndim(leaf)))
+        p, leaf = path_str(kp), qv.wrap(leaf)
+        labels = tuple(("p", ax) for ax in range(leaf.ndim))
         vals.append(sy.Sym(leaf, None, None, None, labels, 0.0, 0.0, p) if p in paths else leaf)
     jax.eval_shape(lambda v: _eval(closed.jaxpr, closed.consts, v, ctx), vals + dyn[len(vals):])
     found = {}
@@ -282,7 +316,7 @@ def discover_axes(fn, params, paths: set[str], args, kwargs) -> dict[str, tuple]
         dots = [e for e in events if isinstance(e, tuple) and e[0] == "dot"]
         if not dots:
             continue
-        ndim = np.ndim(next(l for kp, l in flat if path_str(kp) == path))
+        ndim = next(l for kp, l in flat if path_str(kp) == path).ndim
         stack = {e[1] for e in events if isinstance(e, tuple) and e[0] == "index"}
         stack |= set(dots[0][2])
         ins = tuple(sorted(dots[0][1]))

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jlora import symbolic as sy
 from jlora.config import LoraError
+from jlora.qview import wrap
+from jlora.quant import dequantize, is_nf4, quantize_array
 from jlora.adapter import match
-from jlora.targets import path_str
+from jlora.targets import flatten, path_str
 
 
 def _check_finite(changed: list) -> None:
@@ -22,17 +26,22 @@ def _check_finite(changed: list) -> None:
                         "(NaN/Inf); check the adapter for diverged training before merging")
 
 
-def merge(params, adapter, *, return_norms: bool = False):
+def merge(params, adapter, *, return_norms: bool = False, requantize: bool = False):
     """The adapted weights as plain arrays: no inference overhead.
 
     LoRA: ``W0 + s * A @ B``. DoRA: ``(m / n) * (W0 + s * A @ B)`` with ``n`` the
-    norm of ``W0 + s * A @ B`` per output feature.
+    norm of ``W0 + s * A @ B`` per output feature. An NF4 base is dequantized
+    (every NF4 leaf, adapted or not, comes back in its compute dtype).
 
     Args:
-      params: the base.
+      params: the base (may hold NF4 leaves).
       adapter: the adapter to fold in.
       return_norms: also return ``{path: n}`` for DoRA leaves, which
         :func:`unmerge` needs (the merged weight no longer holds ``n``).
+      requantize: quantize each merged NF4 leaf again with its own settings
+        (and leave the other NF4 leaves as they were). This rounds the merged
+        weight to NF4, so the model no longer equals base + adapter; a
+        warning says so.
 
     Raises:
       LoraError: a merged leaf is not finite (checked when called outside ``jit``,
@@ -44,18 +53,27 @@ def merge(params, adapter, *, return_norms: bool = False):
       >>> bool((jlora.merge(params, ad)["q_proj"] == params["q_proj"]).all())  # B is zero at init
       True
     """
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    flat, treedef = flatten(params)
     out, changed, norms = [], [], {}
     for (kp, leaf), node in zip(flat, match(params, adapter)):
         if node is None:
-            out.append(leaf)
+            out.append(leaf if requantize or not is_nf4(leaf) else dequantize(leaf))
             continue
         path = path_str(kp)
-        out.append(sy.materialize(sy.from_node(leaf, node, path)))
+        out.append(sy.materialize(sy.from_node(wrap(leaf), node, path)))
         changed.append((path, out[-1]))
         if return_norms and node.magnitude is not None:
-            norms[path] = sy.node_norm(leaf, node)
+            norms[path] = sy.node_norm(wrap(leaf), node)
+        if requantize and is_nf4(leaf):
+            out[-1] = quantize_array(out[-1], block_size=leaf.block_size,
+                                     double_quant=leaf.absmax2 is not None,
+                                     compute_dtype=leaf.compute_dtype, path=path)
     _check_finite(changed)
+    if requantize and any(is_nf4(leaf) for (_, leaf), n in zip(flat, match(params, adapter))
+                          if n is not None):
+        warnings.warn("merge(requantize=True) rounds base + adapter to NF4: the merged model "
+                      "differs from base + adapter (as with PEFT's merge_and_unload on a 4-bit "
+                      "base); keep the adapter separate for exact outputs", stacklevel=2)
     merged = jax.tree_util.tree_unflatten(treedef, out)
     return (merged, norms) if return_norms else merged
 
@@ -67,7 +85,7 @@ def unmerge(merged, adapter, norms: dict | None = None):
     returned: we keep them in the functional return value, where PEFT caches
     them on the layer (and so can only unmerge in the same process).
     """
-    flat, treedef = jax.tree_util.tree_flatten_with_path(merged)
+    flat, treedef = flatten(merged)
     out = []
     for (kp, leaf), node in zip(flat, match(merged, adapter)):
         if node is None:

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jlora import qview as qv
 from jlora.config import LoraError
 from jlora.variants import dora_norm
 
@@ -74,6 +75,17 @@ def from_node(leaf, node, path: str, norm=None) -> Sym | Any:
     return Sym(leaf, a, b, g, node.labels(), node.scale, node.dropout, path)
 
 
+def _on_base(base, prim, *operands, **params):
+    """``prim`` on the base weight: bound, or deferred/narrowed when it is quantized."""
+    if qv.is_view(base):
+        return qv.op(base, prim, operands, params)
+    return prim.bind(base, *operands, **params)
+
+
+def _value(base):
+    return base.value() if qv.is_view(base) else base
+
+
 def _letters(sym: Sym) -> dict[Label, str]:
     return {lab: string.ascii_letters[i] for i, lab in enumerate(sorted(sym.labels))}
 
@@ -94,13 +106,16 @@ def delta(sym: Sym) -> jax.Array:
 
 def materialize(x, record: Callable | None = None, why: str = ""):
     """``base + s * A @ B`` as a plain array (leaves non-Sym values alone)."""
+    if qv.is_view(x):
+        return x.value()
     if not isinstance(x, Sym):
         return x
     if record is not None:
         record(x.path, "materialized" + (f" ({why})" if why else ""))
+    base = _value(x.base)
     if x.probe:
-        return x.base
-    w = x.base + (x.scale * delta(x)).astype(x.base.dtype)
+        return base
+    w = base + (x.scale * delta(x)).astype(base.dtype)
     if x.g is None:
         return w
     letter = _letters(x)
@@ -152,14 +167,15 @@ def _on_factors(sym: Sym, label: Label, op: Callable[[jax.Array, int], jax.Array
 
 
 def transpose(sym: Sym, permutation) -> Sym:
-    return sym.replace(base=lax.transpose(sym.base, permutation),
+    return sym.replace(base=_on_base(sym.base, lax.transpose_p, permutation=permutation),
                        labels=tuple(sym.labels[p] for p in permutation))
 
 
 def convert(sym: Sym, new_dtype, **params) -> Sym | None:
     if not jnp.issubdtype(new_dtype, jnp.inexact):
         return None
-    return sym.replace(base=lax.convert_element_type(sym.base, new_dtype))
+    return sym.replace(base=_on_base(sym.base, lax.convert_element_type_p, new_dtype=new_dtype,
+                                     **params))
 
 
 def _drop_label(labels, removed: Label):
@@ -176,12 +192,14 @@ def squeeze(sym: Sym, dimensions, record) -> Sym:
         factors = _on_factors(out, label, lambda f, dim: lax.squeeze(f, (dim,)))
         labels = out.labels[:d] + out.labels[d + 1:]
         labels = labels if out.probe else _drop_label(labels, label)
-        out = out.replace(base=lax.squeeze(out.base, (d,)), labels=labels, **factors)
+        out = out.replace(base=_on_base(out.base, lax.squeeze_p, dimensions=(d,)), labels=labels,
+                          **factors)
     return out
 
 
 def slice_(sym: Sym, start_indices, limit_indices, strides) -> Sym:
-    out = sym.replace(base=lax.slice(sym.base, start_indices, limit_indices, strides))
+    out = sym.replace(base=_on_base(sym.base, lax.slice_p, start_indices=start_indices,
+                                    limit_indices=limit_indices, strides=strides))
     for ax, (lo, hi) in enumerate(zip(start_indices, limit_indices)):
         st = 1 if strides is None else strides[ax]
         if (lo, hi, st) != (0, sym.base.shape[ax], 1):
@@ -191,7 +209,8 @@ def slice_(sym: Sym, start_indices, limit_indices, strides) -> Sym:
 
 
 def dynamic_slice(sym: Sym, starts, slice_sizes) -> Sym:
-    out = sym.replace(base=lax.dynamic_slice(sym.base, starts, slice_sizes))
+    out = sym.replace(base=_on_base(sym.base, lax.dynamic_slice_p, *starts,
+                                    slice_sizes=tuple(slice_sizes)))
     for ax, (start, size) in enumerate(zip(starts, slice_sizes)):
         if size != sym.base.shape[ax]:
             out = out.replace(**_on_factors(
@@ -205,7 +224,8 @@ def expand(sym: Sym, shape, broadcast_dimensions, **params) -> Sym | None:
     if math.prod(shape) != sym.base.size or list(broadcast_dimensions) != sorted(
             broadcast_dimensions) or sym.probe:
         return None
-    base = lax.broadcast_in_dim(sym.base, shape, broadcast_dimensions)
+    base = _on_base(sym.base, lax.broadcast_in_dim_p, shape=shape,
+                    broadcast_dimensions=broadcast_dimensions, **params)
     labels, a, b, g, ns = [], sym.a, sym.b, sym.g, sym.count("s")
     old = iter(sym.labels)
     for ax in range(len(shape)):
@@ -261,7 +281,9 @@ def reshape(sym: Sym, new_sizes, dimensions=None, **params) -> Sym | None:
     a = sym.a.reshape(*sizes["s"], *sizes["i"], r)
     b = sym.b.reshape(*sizes["s"], r, *sizes["o"])
     g = None if sym.g is None else sym.g.reshape(*sizes["s"], *sizes["o"])
-    return sym.replace(base=sym.base.reshape(new_sizes), a=a, b=b, g=g, labels=tuple(labels))
+    base = _on_base(sym.base, lax.reshape_p, new_sizes=tuple(new_sizes), dimensions=None,
+                    **params)
+    return sym.replace(base=base, a=a, b=b, g=g, labels=tuple(labels))
 
 
 # ----- the factored product ---------------------------------------------------------------
@@ -296,6 +318,8 @@ def dot(x, sym: Sym, sym_is_rhs: bool, params: dict, key, record) -> jax.Array:
     xc, wc, xb, wb = (lc, rc, lb, rb) if sym_is_rhs else (rc, lc, rb, lb)
 
     def bind(w, v):
+        if qv.is_view(w):
+            return qv.dot(w, v, sym_is_rhs, params)
         return lax.dot_general_p.bind(*((v, w) if sym_is_rhs else (w, v)), **params)
 
     base_out = bind(sym.base, x)

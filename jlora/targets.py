@@ -8,6 +8,7 @@ from typing import Any, Mapping
 import jax
 
 from jlora.config import LoraConfig, LoraError
+from jlora.quant import is_nf4
 
 _SHOW = 6  # how many example paths an error message lists
 #: Leaf names a module-name target skips: they are added or scaled, never contracted.
@@ -38,9 +39,14 @@ def path_str(path) -> str:
     return "/".join(_segment(k) for k in keys)
 
 
+def flatten(tree):
+    """``([(key_path, leaf), ...], treedef)`` with :class:`~jlora.quant.NF4` nodes as leaves."""
+    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_nf4)
+
+
 def leaf_paths(tree) -> list[str]:
     """Path strings of every leaf, in ``jax.tree.leaves`` order."""
-    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return [path_str(p) for p, _ in flatten(tree)[0]]
 
 
 def matches(pattern: str | tuple[str, ...], path: str) -> bool:
@@ -63,7 +69,7 @@ def select(params, cfg: LoraConfig) -> dict[str, tuple[int, float]]:
       LoraError: when the targets match nothing, match a leaf that is not at
         least 2-D, or a rank/alpha pattern matches no targeted path.
     """
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat = flatten(params)[0]
     paths = [path_str(p) for p, _ in flat]
     chosen = {}
     for path, (_, leaf) in zip(paths, flat):

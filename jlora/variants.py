@@ -11,17 +11,29 @@ import string
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+from jlora import qview as qv
 
 
 def dora_norm(w, a_u, b_u, scale: float, stack_axes, in_axes, out_axes) -> jax.Array:
     """Column norm of ``W0 + s * A @ B`` over ``in_axes``, shaped ``(*stack, *out)``.
 
     Args:
-      w: the base kernel, in its own axis order.
+      w: the base kernel, in its own axis order; an NF4 kernel is dequantized one
+        leading stacked layer at a time.
       a_u: ``(*stack, *in, r)``; b_u: ``(*stack, r, *out)`` (unflattened factors).
       scale: the LoRA scaling ``s``.
       stack_axes, in_axes, out_axes: which axes of ``w`` play which role.
     """
+    w = qv.wrap(w)
+    if qv.is_view(w):
+        if stack_axes and stack_axes[0] == 0 and not w.ops:  # one layer at a time
+            less = lambda axes: tuple(ax - 1 for ax in axes)
+            layer = lambda i, a, b: dora_norm(w.index(i), a, b, scale, less(stack_axes[1:]),
+                                              less(in_axes), less(out_axes))
+            return lax.map(lambda t: layer(*t), (jnp.arange(w.shape[0]), a_u, b_u))
+        w = w.value()
     letter = string.ascii_letters
     w_spec = letter[:w.ndim]
     S = "".join(letter[ax] for ax in stack_axes)

@@ -1,0 +1,256 @@
+"""NF4 quantization with double quantization, as bitsandbytes defines it.
+
+A weight is flattened in row-major order and cut into blocks of
+``block_size`` (64) consecutive elements. Each block stores its absolute
+maximum and, per element, the index of the nearest of the 16 NF4 code values
+to ``x / absmax`` (ties go to the lower code), two codes per byte with the
+even element in the high nibble. Double quantization stores the absmaxes as
+8-bit codes of bitsandbytes' signed dynamic map, after subtracting their
+mean, in blocks of 256 with one fp32 scale per block. Bits per parameter:
+``4 + 32/64 = 4.5`` without double quantization, ``4 + 8/64 + 32/(64*256)
+~= 4.127`` with it (plus one fp32 offset per leaf).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jlora.config import LoraError
+
+#: bitsandbytes' NF4 code values: ``create_normal_map(offset=0.9677083, use_extra_value=True)``.
+NF4_CODE = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
+#: Block size of the second quantization level (bitsandbytes' fixed 256).
+DQ_BLOCK = 256
+_TINY = 1e-38  # bitsandbytes clamps a zero absmax to this before taking its reciprocal
+
+
+def _torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
+    """``torch.linspace(..., dtype=float32)``: float32 steps, filled from both ends."""
+    step = (np.float32(end) - np.float32(start)) / np.float32(steps - 1)
+    i = np.arange(steps, dtype=np.float32)
+    lo = np.float32(start) + step * i
+    hi = np.float32(end) - step * (np.float32(steps - 1) - i)
+    return np.where(np.arange(steps) < steps // 2, lo, hi).astype(np.float32)
+
+
+def dynamic_map(max_exponent_bits: int = 7, total_bits: int = 8) -> np.ndarray:
+    """bitsandbytes' signed 8-bit dynamic map (``create_dynamic_map(signed=True)``)."""
+    values: list[float] = []
+    non_sign = total_bits - 1
+    for i in range(max_exponent_bits):
+        bounds = _torch_linspace(0.1, 1.0, 2 ** (i + non_sign - max_exponent_bits) + 1)
+        means = (bounds[:-1] + bounds[1:]) / np.float32(2.0)
+        scale = np.float32(10.0 ** (-(max_exponent_bits - 1) + i))
+        values += list(scale * means) + list(-scale * means)
+    extra = 2 ** (non_sign - max_exponent_bits) - 1
+    if extra > 0:
+        bounds = _torch_linspace(0.1, 1.0, extra + 1)
+        means = (bounds[:-1] + bounds[1:]) / np.float32(2.0)
+        scale = np.float32(10.0 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1))
+        values += list(scale * means) + list(-scale * means)
+    values += [0.0, 1.0]
+    values += [0.0] * (2 ** total_bits - len(values))
+    return np.sort(np.array(values, np.float32))
+
+
+DYNAMIC_CODE = dynamic_map()
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class NF4:
+    """A weight stored in NF4: ``packed`` codes and per-block scales.
+
+    ``packed`` is ``uint8 (ceil(n/2),)``. Without double quantization
+    ``absmax`` is ``float32 (blocks,)`` and ``absmax2``/``offset`` are None;
+    with it ``absmax`` holds ``uint8`` dynamic-map codes, ``absmax2`` the
+    ``float32 (ceil(blocks/256),)`` scales and ``offset`` the subtracted mean.
+    """
+
+    packed: Any
+    absmax: Any
+    absmax2: Any
+    offset: Any
+    shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    dtype: Any = dataclasses.field(metadata=dict(static=True))  # of the original weight
+    block_size: int = dataclasses.field(metadata=dict(static=True))
+    compute_dtype: Any = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        parts = (self.packed, self.absmax, self.absmax2, self.offset)
+        return sum(int(p.size) * p.dtype.itemsize for p in parts if p is not None)
+
+
+def is_nf4(x) -> bool:
+    return isinstance(x, NF4)
+
+
+def _bucket(scaled, code: np.ndarray):
+    """Index of the nearest code value, ties to the lower one (``torch.bucketize``)."""
+    bounds = (code[:-1] + code[1:]) / np.float32(2.0)
+    return jnp.searchsorted(jnp.asarray(bounds), scaled, side="left").astype(jnp.uint8)
+
+
+def _blockwise(flat, block: int, code: np.ndarray):
+    """Per-block absmax and code indices of a 1-D float32 array (last block may be short)."""
+    n = flat.shape[0]
+    full = n - n % block
+    absmax = jnp.abs(flat[:full].reshape(-1, block)).max(axis=1)
+    scaled = flat[:full].reshape(-1, block) * (1.0 / jnp.maximum(absmax, _TINY))[:, None]
+    scaled = jnp.clip(scaled, -1.0, 1.0).reshape(-1)
+    if full < n:  # bitsandbytes divides (not multiplies by the reciprocal) in the last block
+        tail = jnp.maximum(jnp.abs(flat[full:]).max(), _TINY)
+        absmax = jnp.concatenate([absmax, tail[None]])
+        scaled = jnp.concatenate([scaled, jnp.clip(flat[full:] / tail, -1.0, 1.0)])
+    return absmax, _bucket(scaled, code)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "double_quant", "compute_dtype"))
+def _quantize(w, block_size: int, double_quant: bool, compute_dtype):
+    flat = w.reshape(-1).astype(jnp.float32)
+    absmax, q = _blockwise(flat, block_size, NF4_CODE)
+    if q.shape[0] % 2:
+        q = jnp.concatenate([q, jnp.full((1,), 7, jnp.uint8)])  # code 7 is 0.0
+    packed = (q[0::2] << 4) | q[1::2]
+    absmax2 = offset = None
+    if double_quant:
+        offset = absmax.mean()
+        absmax2, absmax = _blockwise(absmax - offset, DQ_BLOCK, DYNAMIC_CODE)
+    return NF4(packed, absmax, absmax2, offset, tuple(w.shape), jnp.dtype(w.dtype), block_size,
+               jnp.dtype(compute_dtype))
+
+
+def quantize_array(w, *, block_size: int = 64, double_quant: bool = True,
+                   compute_dtype=jnp.bfloat16, path: str = "weight") -> NF4:
+    """One floating-point array to :class:`NF4` (see the module docstring)."""
+    if not jnp.issubdtype(jnp.result_type(w), jnp.floating):
+        raise LoraError(f"cannot quantize {path!r}: it is {jnp.result_type(w)}, not a floating "
+                        "point weight; leave it out of quantize's targets")
+    if block_size <= 0 or block_size % 2:
+        raise LoraError(f"block_size={block_size} must be a positive even number (64 is "
+                        "bitsandbytes' default)")
+    return _quantize(jnp.asarray(w), block_size, double_quant, compute_dtype)
+
+
+def _scales(node: NF4, blocks):
+    """float32 absmax of the given block indices."""
+    if node.absmax2 is None:
+        return node.absmax[blocks]
+    return (jnp.asarray(DYNAMIC_CODE)[node.absmax[blocks]] * node.absmax2[blocks // DQ_BLOCK]
+            + node.offset)
+
+
+def _codes(packed):
+    return jnp.stack([packed >> 4, packed & 15], axis=-1).reshape(-1)
+
+
+def dequantize_range(node: NF4, start, size: int):
+    """Elements ``start .. start+size`` of the flattened weight, in ``node.compute_dtype``.
+
+    ``start`` may be traced; it must be a multiple of ``size`` (a leading-axis
+    index). Only that range is dequantized.
+    """
+    bs, code = node.block_size, jnp.asarray(NF4_CODE)
+    if size % bs == 0:  # whole blocks: slice the bytes, gather their scales
+        raw = lax.dynamic_slice_in_dim(node.packed, start // 2, size // 2)
+        scales = _scales(node, start // bs + jnp.arange(size // bs))
+        return (code[_codes(raw)].reshape(-1, bs) * scales[:, None]).reshape(-1).astype(
+            node.compute_dtype)
+    if isinstance(start, int) and start == 0 and size == node.size:
+        vals = code[_codes(node.packed)][:size]
+        return (vals * _scales(node, jnp.arange(size) // bs)).astype(node.compute_dtype)
+    idx = start + jnp.arange(size)  # a range that cuts blocks: element by element
+    nib = jnp.where(idx % 2 == 0, node.packed[idx // 2] >> 4, node.packed[idx // 2] & 15)
+    return (code[nib] * _scales(node, idx // bs)).astype(node.compute_dtype)
+
+
+def dequantize_array(node: NF4):
+    """The whole weight, ``node.shape`` in ``node.compute_dtype``."""
+    return dequantize_range(node, 0, node.size).reshape(node.shape)
+
+
+#: Leaf names never quantized by default (added or scaled, not contracted).
+_NOT_KERNELS = ("bias", "scale")
+
+
+def _default_targets(path: str, leaf) -> bool:
+    return (leaf.ndim >= 2 and path.split("/")[-1] not in _NOT_KERNELS
+            and re.search(r"embed|lm_head|norm", path) is None)
+
+
+def quantize(params, targets=None, *, block_size: int = 64, double_quant: bool = True,
+             compute_dtype=jnp.bfloat16):
+    """NF4-quantize the selected leaves of ``params``; the others are returned as they are.
+
+    Args:
+      params: the base pytree (not modified).
+      targets: a regex or tuple of module names, as in :class:`jlora.LoraConfig`;
+        default: every floating leaf of two or more dimensions except biases,
+        scales and paths matching ``embed|lm_head|norm``: the linear layers,
+        which is what bitsandbytes quantizes in transformers.
+      block_size: elements per absmax block (64).
+      double_quant: quantize the absmaxes too (about 4.127 bits per parameter
+        instead of 4.5).
+      compute_dtype: the dtype a weight is dequantized to where it is used.
+
+    Returns:
+      A tree of the same structure with :class:`NF4` nodes in place of the
+      selected leaves. ``jlora.apply`` and ``jlora.init`` accept it.
+
+    Example:
+      >>> q = jlora.quantize({"w": jnp.ones((4, 64)), "b": jnp.ones(4)})
+      >>> type(q["w"]).__name__, q["b"].shape
+      ('NF4', (4,))
+    """
+    from jlora.targets import flatten, matches, path_str  # targets imports this module
+
+    flat, treedef = flatten(params)
+    out, hit = [], False
+    for kp, leaf in flat:
+        path = path_str(kp)
+        if is_nf4(leaf):
+            out.append(leaf)
+            continue
+        if targets is None:
+            chosen = _default_targets(path, leaf) and jnp.issubdtype(leaf.dtype, jnp.floating)
+        else:
+            chosen = matches(targets, path) and not (isinstance(targets, tuple) and (
+                leaf.ndim < 2 or path.split("/")[-1] in _NOT_KERNELS))
+        hit |= chosen
+        out.append(quantize_array(leaf, block_size=block_size, double_quant=double_quant,
+                                  compute_dtype=compute_dtype, path=path) if chosen else leaf)
+    if targets is not None and not hit:
+        some = [path_str(kp) for kp, leaf in flat if getattr(leaf, "ndim", 0) >= 2][:6]
+        raise LoraError(f"quantize targets={targets!r} matched no parameter; paths look like "
+                        f"{some}")
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def dequantize(tree):
+    """Every :class:`NF4` node in ``tree`` (or ``tree`` itself) as an array in its compute dtype."""
+    if is_nf4(tree):
+        return dequantize_array(tree)
+    return jax.tree_util.tree_map(lambda x: dequantize_array(x) if is_nf4(x) else x, tree,
+                                  is_leaf=is_nf4)

@@ -1,0 +1,142 @@
+"""NF4 format (against the closed-form codebook and bitsandbytes) and QLoRA through apply."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.stats import norm
+
+import jlora
+import llama
+from conftest import F32, randomize
+from jlora import quant
+from jlora.quant import NF4_CODE
+
+HALF_GAP = float(np.max(np.diff(NF4_CODE))) / 2  # worst NF4 rounding, relative to absmax
+
+
+def test_codebook_is_bitsandbytes_normal_map():
+    """create_normal_map(offset=0.9677083, use_extra_value=True), computed here with scipy."""
+    offset = 0.9677083
+    pos = norm.ppf(np.linspace(offset, 0.5, 9)[:-1])
+    neg = -norm.ppf(np.linspace(offset, 0.5, 8)[:-1])
+    values = np.sort(np.concatenate([pos, [0.0], neg]))
+    # bitsandbytes computed these in float32: equal to the float64 values within 2e-7
+    np.testing.assert_allclose(NF4_CODE, values / values.max(), rtol=0, atol=2e-7)
+    assert NF4_CODE.dtype == np.float32 and len(NF4_CODE) == 16
+
+
+def test_dynamic_map_shape():
+    code = quant.DYNAMIC_CODE
+    assert code.shape == (256,) and code.dtype == np.float32 and (np.diff(code) >= 0).all()
+    assert code.max() == 1.0 and code.min() > -1.0 and 0.0 in code
+
+
+def test_packing_order_and_nearest_code_with_ties_to_lower():
+    codes = np.arange(64) % 16  # element i holds code value i % 16
+    node = quant.quantize_array((NF4_CODE[codes] * 3.0).reshape(4, 16), double_quant=False)
+    packed = np.asarray(node.packed)
+    assert packed.dtype == np.uint8 and packed.shape == (32,)
+    assert packed[1] == (2 << 4) | 3  # even element in the high nibble
+    np.testing.assert_array_equal(packed >> 4, codes[0::2])
+    np.testing.assert_array_equal(packed & 15, codes[1::2])
+    np.testing.assert_allclose(np.asarray(node.absmax), [3.0])
+    # bitsandbytes buckets against the float32 midpoints; a value on one goes to the lower code
+    ties = (NF4_CODE[:-1] + NF4_CODE[1:]) / np.float32(2)
+    np.testing.assert_array_equal(np.asarray(quant._bucket(jnp.asarray(ties), NF4_CODE)),
+                                  np.arange(15))
+
+
+def _nearest(s):
+    """Closed-form nearest code, ties to the lower: the first index of the minimum."""
+    return np.argmin(np.abs(np.float32(s) - NF4_CODE))
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (7, 33), (3, 5), (2, 3, 128)])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_round_trip_within_the_nf4_bound_per_block(shape, double_quant):
+    w = np.random.default_rng(0).standard_normal(shape).astype(np.float32) * 0.05
+    node = quant.quantize_array(w, double_quant=double_quant, compute_dtype=jnp.float32)
+    back = np.asarray(quant.dequantize_array(node)).reshape(-1)
+    flat = w.reshape(-1)
+    pad = -len(flat) % 64
+    absmax = np.abs(np.pad(flat, (0, pad))).reshape(-1, 64).max(1).repeat(64)[:len(flat)]
+    codes = np.array([_nearest(s) for s in flat / absmax])
+    if not double_quant:  # exact: nearest code times the block's absmax
+        np.testing.assert_array_equal(back, NF4_CODE[codes] * absmax.astype(np.float32))
+    stored = absmax if not double_quant else _dq_absmax(node)[np.arange(len(flat)) // 64]
+    assert (np.abs(stored - absmax) <= 0.01 * absmax + 1e-7).all()  # 8-bit level: < 1%
+    assert (np.abs(back - flat) <= HALF_GAP * absmax + np.abs(stored - absmax) + 1e-7).all()
+
+
+def _dq_absmax(node):
+    codes = np.asarray(node.absmax)
+    outer = np.asarray(node.absmax2)[np.arange(len(codes)) // quant.DQ_BLOCK]
+    return quant.DYNAMIC_CODE[codes] * outer + np.asarray(node.offset)
+
+
+def test_double_quant_levels():
+    w = np.random.default_rng(1).standard_normal((64, 64 * 300)).astype(np.float32)
+    node = quant.quantize_array(w)
+    absmax = np.abs(w.reshape(-1, 64)).max(1)
+    assert node.absmax.dtype == jnp.uint8 and node.absmax.shape == absmax.shape
+    assert node.absmax2.shape == (-(-len(absmax) // 256),)
+    np.testing.assert_allclose(float(node.offset), absmax.mean(), rtol=1e-6)
+    centred = (absmax - absmax.mean()).reshape(-1)
+    pad = -len(centred) % 256
+    scale = np.abs(np.pad(centred, (0, pad))).reshape(-1, 256).max(1)
+    np.testing.assert_array_equal(np.asarray(node.absmax2), scale)
+    s = centred / scale.repeat(256)[:len(centred)]
+    nearest = np.argmin(np.abs(s[:, None] - quant.DYNAMIC_CODE[None]), axis=1)
+    np.testing.assert_array_equal(quant.DYNAMIC_CODE[np.asarray(node.absmax)],
+                                  quant.DYNAMIC_CODE[nearest])
+
+
+@pytest.mark.parametrize("double_quant,bits", [(True, 4.127), (False, 4.5)])
+def test_stored_bytes_match_bits_per_parameter(double_quant, bits):
+    n = 1024 * 1024
+    node = quant.quantize_array(jnp.ones((1024, 1024)), double_quant=double_quant)
+    expected = n / 2 + (n / 64 + 4 * n / 64 / 256 + 4 if double_quant else 4 * n / 64)
+    assert node.nbytes == expected
+    assert abs(8 * node.nbytes / n - bits) < 1e-3
+
+
+def test_quantize_tree_defaults_and_errors(key):
+    params = llama.init_params(llama.LlamaConfig(), key)
+    q = jlora.quantize(params)
+    kinds = {p: type(l).__name__ for p, l in zip(jlora.targets.leaf_paths(q),
+                                                 jax.tree.leaves(q, is_leaf=quant.is_nf4))}
+    assert kinds["params/layers/self_attn/q_proj/kernel"] == "NF4"
+    assert kinds["params/embed_tokens/embedding"] == "ArrayImpl"
+    assert kinds["params/lm_head/kernel"] == "ArrayImpl"
+    assert kinds["params/layers/input_layernorm/weight"] == "ArrayImpl"
+    assert jax.tree.leaves(params)[0].dtype == jnp.float32  # input untouched
+    with pytest.raises(ValueError, match="matched no parameter; paths look like"):
+        jlora.quantize(params, targets="nope")
+    with pytest.raises(ValueError, match="not a floating point weight"):
+        jlora.quantize({"ids": jnp.ones((4, 64), jnp.int32)}, targets="ids")
+
+
+# ----- QLoRA through apply ---------------------------------------------------------------
+
+def _model(key, **kw):
+    cfg = llama.LlamaConfig(**kw)
+    model = llama.Llama(cfg)
+    ids = jax.random.randint(key, (2, 16), 0, cfg.vocab_size)
+    return model, llama.init_params(cfg, key), ids
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("scan", [True, False])
+def test_qlora_equals_lora_on_the_dequantized_base(key, dora, scan):
+    model, params, ids = _model(key, scan_layers=scan)
+    q = jlora.quantize(params, compute_dtype=jnp.float32)
+    deq = jlora.dequantize(q)
+    cfg = jlora.LoraConfig.preset("general", dora=dora)
+    ad = randomize(jlora.init(key, q, cfg, model.apply, ids), key)
+    f = jax.jit(jlora.apply(model.apply))
+    np.testing.assert_allclose(f(q, ad, ids), f(deq, ad, ids), **F32)
+    loss = lambda p: jax.grad(lambda a: f(p, a, ids).sum())(ad)
+    for g1, g2 in zip(jax.tree.leaves(loss(q)), jax.tree.leaves(loss(deq))):
+        np.testing.assert_allclose(g1, g2, rtol=1e-4, atol=1e-5)
+    assert set(sum(jlora.explain(model.apply, q, ad, ids).values(), [])) == {"factored"}

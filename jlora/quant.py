@@ -118,12 +118,15 @@ def _blockwise(flat, block: int, code: np.ndarray):
     n = flat.shape[0]
     full = n - n % block
     absmax = jnp.abs(flat[:full].reshape(-1, block)).max(axis=1)
-    scaled = flat[:full].reshape(-1, block) * (1.0 / jnp.maximum(absmax, _TINY))[:, None]
-    scaled = jnp.clip(scaled, -1.0, 1.0).reshape(-1)
+    # bitsandbytes clamps absmax to 1e-38 so that a zero block scales to 0; XLA on CPU
+    # flushes that subnormal to zero, so a zero block is handled explicitly
+    recip = jnp.where(absmax > 0, 1.0 / jnp.maximum(absmax, _TINY), 0.0)
+    scaled = jnp.clip(flat[:full].reshape(-1, block) * recip[:, None], -1.0, 1.0).reshape(-1)
     if full < n:  # bitsandbytes divides (not multiplies by the reciprocal) in the last block
-        tail = jnp.maximum(jnp.abs(flat[full:]).max(), _TINY)
+        tail = jnp.abs(flat[full:]).max()
+        part = jnp.where(tail > 0, flat[full:] / jnp.maximum(tail, _TINY), 0.0)
         absmax = jnp.concatenate([absmax, tail[None]])
-        scaled = jnp.concatenate([scaled, jnp.clip(flat[full:] / tail, -1.0, 1.0)])
+        scaled = jnp.concatenate([scaled, jnp.clip(part, -1.0, 1.0)])
     return absmax, _bucket(scaled, code)
 
 

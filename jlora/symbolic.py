@@ -55,8 +55,11 @@ class Sym:
 
 
 def node_norm(leaf, node) -> jax.Array:
-    """DoRA's ``||W0 + s A B||`` per output feature, ``(*stack, *out)``."""
-    a, b, _ = node.unflat()
+    """DoRA's ``||W0 + s A B||`` per output feature, ``(*stack, *out)``.
+
+    A constant for the gradient (PEFT, paper 4.3): its inputs are cut from it, so
+    no tangent work is traced (and no per-layer weight kept for it)."""
+    a, b = (lax.stop_gradient(x) for x in node.unflat()[:2])
     return dora_norm(leaf, a, b, node.scale, node.stack_axes, node.in_axes, node.out_axes)
 
 

@@ -1,6 +1,7 @@
 """NF4 format (against the closed-form codebook and bitsandbytes) and QLoRA through apply."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -140,3 +141,89 @@ def test_qlora_equals_lora_on_the_dequantized_base(key, dora, scan):
     for g1, g2 in zip(jax.tree.leaves(loss(q)), jax.tree.leaves(loss(deq))):
         np.testing.assert_allclose(g1, g2, rtol=1e-4, atol=1e-5)
     assert set(sum(jlora.explain(model.apply, q, ad, ids).values(), [])) == {"factored"}
+
+
+def _float_shapes(jaxpr, in_loop=False):
+    """(shape, inside a loop body) of every float value any equation produces, recursively."""
+    for eqn in jaxpr.eqns:
+        loop = in_loop or eqn.primitive.name in ("scan", "while")
+        for v in eqn.outvars:
+            if jnp.issubdtype(v.aval.dtype, jnp.floating):
+                yield tuple(v.aval.shape), in_loop
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _float_shapes(sub, loop)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_scanned_qlora_step_dequantizes_one_layer_at_a_time(key, dora):
+    """No float value of a whole stacked kernel's size exists anywhere in the training
+    step (forward, backward, DoRA norms), and single layers are dequantized in the loop."""
+    model, params, ids = _model(key, num_layers=3)
+    q = jlora.quantize(params)
+    ad = randomize(jlora.init(key, q, jlora.LoraConfig.preset("complex", dora=dora)), key)
+    step = jax.grad(lambda a: llama.loss_fn(jlora.apply(model.apply)(q, a, ids[:, :-1]),
+                                            ids[:, 1:]))
+    shapes = list(_float_shapes(jax.make_jaxpr(step)(ad).jaxpr))
+    stacked = [l.shape for l in jax.tree.leaves(q, is_leaf=quant.is_nf4) if quant.is_nf4(l)]
+    sizes = {np.prod(s) for s in stacked}
+    assert not [s for s, _ in shapes if np.prod(s) in sizes]
+    layer = {s[1:] for s in stacked}
+    assert {s for s, loop in shapes if s in layer and loop} == layer
+
+
+def test_merge_on_an_nf4_base(key):
+    model, params, ids = _model(key)
+    q = jlora.quantize(params, compute_dtype=jnp.float32)
+    ad = randomize(jlora.init(key, q, jlora.LoraConfig.preset("general")), key)
+    merged = jlora.merge(q, ad)
+    assert not any(quant.is_nf4(l) for l in jax.tree.leaves(merged, is_leaf=quant.is_nf4))
+    expected = jlora.merge(jlora.dequantize(q), ad)
+    for m, e in zip(jax.tree.leaves(merged), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(m, e, **F32)
+    np.testing.assert_allclose(model.apply(merged, ids), jlora.apply(model.apply)(q, ad, ids),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.warns(UserWarning, match="rounds base \\+ adapter to NF4"):
+        requant = jlora.merge(q, ad, requantize=True)
+    path = ("params", "layers", "self_attn", "q_proj", "kernel")
+    get = lambda t: t[path[0]][path[1]][path[2]][path[3]][path[4]]
+    assert quant.is_nf4(get(requant)) and get(requant).block_size == get(q).block_size
+    np.testing.assert_allclose(jlora.dequantize(get(requant)),
+                               jlora.dequantize(quant.quantize_array(
+                                   get(expected), compute_dtype=jnp.float32)), **F32)
+    up = ("params", "layers", "mlp", "up_proj", "kernel")  # not adapted: kept as it was
+    assert get_path(requant, up) is get_path(q, up)
+
+
+def get_path(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def test_untargeted_nf4_leaves_and_init_on_a_quantized_base(key):
+    model, params, ids = _model(key, scan_layers=False)
+    q = jlora.quantize(params, compute_dtype=jnp.float32)
+    ad = randomize(jlora.init(key, q, jlora.LoraConfig(rank=4, targets=("q_proj",)),
+                              model.apply, ids), key)
+    want = jlora.apply(model.apply)(jlora.dequantize(q), ad, ids)
+    np.testing.assert_allclose(jax.jit(jlora.apply(model.apply))(q, ad, ids), want, **F32)
+    np.testing.assert_allclose(model.apply(jlora.merge(q, ad), ids), want, rtol=1e-4,
+                               atol=1e-4)
+    with pytest.raises(ValueError, match="already quantized.*quantize the residual"):
+        jlora.init(key, q, jlora.LoraConfig(rank=4, targets=("q_proj",), init="pissa"))
+
+
+def test_bfloat16_compute_matches_the_dequantized_bfloat16_base(key):
+    model, params, ids = _model(key, dtype=jnp.bfloat16)
+    q = jlora.quantize(params)  # compute dtype bf16
+    ad = randomize(jlora.init(key, q, jlora.LoraConfig.preset("quick")), key)
+    f = jax.jit(jlora.apply(model.apply))
+    np.testing.assert_array_equal(f(q, ad, ids), f(jlora.dequantize(q), ad, ids))
+
+
+def test_zero_blocks_quantize_to_the_zero_code():
+    w = jnp.zeros((2, 64)).at[1, 3].set(0.5)
+    node = quant.quantize_array(w, compute_dtype=jnp.float32)
+    assert (np.asarray(node.packed)[:32] == (7 << 4) | 7).all()  # code 7 is 0.0
+    np.testing.assert_array_equal(quant.dequantize_array(node)[0], 0.0)
+    np.testing.assert_allclose(quant.dequantize_array(node)[1, 3], 0.5, rtol=1e-2)

@@ -4,6 +4,7 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from scipy.stats import norm
 
@@ -227,3 +228,37 @@ def test_zero_blocks_quantize_to_the_zero_code():
     assert (np.asarray(node.packed)[:32] == (7 << 4) | 7).all()  # code 7 is 0.0
     np.testing.assert_array_equal(quant.dequantize_array(node)[0], 0.0)
     np.testing.assert_allclose(quant.dequantize_array(node)[1, 3], 0.5, rtol=1e-2)
+
+
+def test_qlora_training_lowers_the_loss_like_the_bf16_run(key):
+    """Same adapter init, data and optimizer; the base in bf16 vs NF4 (bf16 compute)."""
+    import quickstart
+
+    cfg = llama.LlamaConfig(vocab_size=16, dtype=jnp.bfloat16)
+    model = llama.Llama(cfg)
+    base = jax.tree.map(lambda x: x.astype(jnp.bfloat16), llama.init_params(cfg, key))
+    ad0 = jlora.init(jax.random.fold_in(key, 1), base,
+                     jlora.LoraConfig.preset("general", dtype=jnp.float32))
+    tx = optax.adamw(3e-3)
+
+    def train(params, steps=60):
+        loss = lambda ad, ids, mask: llama.loss_fn(
+            jlora.apply(model.apply)(params, ad, ids[:, :-1]).astype(jnp.float32), ids[:, 1:],
+            mask)
+
+        @jax.jit
+        def step(ad, opt, k):
+            value, g = jax.value_and_grad(loss)(ad, *quickstart.batch(k))
+            u, opt = tx.update(g, opt, ad)
+            return optax.apply_updates(ad, u), opt, value
+
+        ad, opt, losses = ad0, tx.init(ad0), []
+        for i in range(steps):
+            ad, opt, value = step(ad, opt, jax.random.fold_in(key, i))
+            losses.append(float(value))
+        return np.mean(losses[:5]), np.mean(losses[-5:])
+
+    (b0, b1), (q0, q1) = train(base), train(jlora.quantize(base))
+    assert abs(q0 - b0) < 0.05 * b0  # same starting point (the quantized base is close)
+    assert b1 < 0.7 * b0 and q1 < 0.7 * q0  # both learn
+    assert abs(q1 - b1) < 0.15 * b1, (b0, b1, q0, q1)  # and about equally well

@@ -1,0 +1,63 @@
+"""The memory estimator against the article's table and XLA's memory_analysis()."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jlora
+import llama
+from jlora import memory
+from jlora.cli import main
+
+
+@pytest.mark.parametrize("method", memory.METHODS)
+def test_estimate_reproduces_the_article_table(method):
+    article_gb, settings = memory.ARTICLE[method]
+    est = memory.estimate(memory.LLAMA_7B, method, **settings, **memory.ARTICLE_TOKENS)
+    assert abs(est["total"] / memory.GB - article_gb) < 0.1 * article_gb
+
+
+def test_shapes():
+    assert memory.Shape.from_params(7e9) == memory.LLAMA_7B
+    assert abs(memory.LLAMA_7B.params - 6.738e9) < 1e6  # Llama-2 7B's published count
+    cfg = llama.LlamaConfig.named("bench")
+    params = llama.init_params(cfg, jax.random.key(0))
+    assert memory.Shape.from_config(vars(cfg)).params == llama.count_params(params)
+    with pytest.raises(ValueError, match="config lacks"):
+        memory.Shape.from_config({"hidden_size": 8})
+    with pytest.raises(ValueError, match="method='sgd' is not one of"):
+        memory.estimate(memory.LLAMA_7B, "sgd")
+
+
+def test_qlora_base_argument_bytes_at_7b_shapes():
+    """XLA's argument bytes of a forward pass over the 7B-shaped base, NF4 vs bf16 (abstract
+    shapes: nothing is allocated). Embeddings and lm_head stay bf16, as in bitsandbytes."""
+    cfg = llama.LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                            num_layers=32, num_heads=32, dtype=jnp.bfloat16,
+                            param_dtype=jnp.bfloat16)
+    model = llama.Llama(cfg)
+    params = jax.eval_shape(lambda: llama.init_params(cfg, jax.random.key(0)))
+    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    fwd = jax.jit(lambda p, x: jlora.apply(model.apply)(p, {}, x))  # no adapter: the base
+    args = lambda p: fwd.lower(p, ids).compile().memory_analysis().argument_size_in_bytes
+    ratio = args(jax.eval_shape(jlora.quantize, params)) / args(params)
+    assert 0.25 < ratio <= 0.30
+    est = memory.estimate(memory.LLAMA_7B, "qlora")["weights"] / memory.estimate(
+        memory.LLAMA_7B, "lora")["weights"]
+    assert abs(est - ratio) < 0.01
+
+
+def test_cli_prints_the_table(capsys):
+    assert main(["memory", "--params", "7e9", "--article"]) == 0
+    out = capsys.readouterr().out
+    assert "| qlora (article: ~6 GB, checkpointed) | 3.93 |" in out
+
+
+def test_cli_reads_a_config_file(capsys):
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "bench_config.json")
+    assert main(["memory", "--config", path, "--batch", "4", "--seq", "256"]) == 0
+    out = capsys.readouterr().out
+    cfg = llama.LlamaConfig.named("bench")
+    lora = memory.estimate(memory.Shape.from_config(vars(cfg)), "lora", batch=4, seq=256)
+    assert f"| lora | {lora['weights'] / 2**20:.2f} |" in out and "total MB" in out

@@ -22,6 +22,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
+from jlora import factored as fa
 from jlora import qview as qv
 from jlora import symbolic as sy
 from jlora.adapter import match
@@ -82,9 +83,9 @@ def _sym_rule(eqn, invals, ctx: _Ctx):
             else:
                 rhs = sy.materialize(rhs, ctx.record, "dot of two adapted weights")
         if isinstance(rhs, sy.Sym):
-            return sy.dot(lhs, rhs, True, params, ctx.key, ctx.record)
+            return fa.dot(lhs, rhs, True, params, ctx.key, ctx.record)
         if isinstance(lhs, sy.Sym):
-            return sy.dot(rhs, lhs, False, params, ctx.key, ctx.record)
+            return fa.dot(rhs, lhs, False, params, ctx.key, ctx.record)
         view_is_rhs = qv.is_view(rhs)
         return qv.dot(rhs if view_is_rhs else lhs, lhs if view_is_rhs else rhs, view_is_rhs,
                       params)

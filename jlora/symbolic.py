@@ -25,7 +25,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from jlora import qview as qv
-from jlora.config import LoraError
 from jlora.variants import dora_norm
 
 Label = tuple[str, int]
@@ -287,93 +286,3 @@ def reshape(sym: Sym, new_sizes, dimensions=None, **params) -> Sym | None:
     base = _on_base(sym.base, lax.reshape_p, new_sizes=tuple(new_sizes), dimensions=None,
                     **params)
     return sym.replace(base=base, a=a, b=b, g=g, labels=tuple(labels))
-
-
-# ----- the factored product ---------------------------------------------------------------
-
-def _fit_error(sym: Sym, contracted, batch) -> LoraError:
-    kinds = {"s": "stacked", "i": "in", "o": "out"}
-    desc = lambda axes: [f"axis {ax} ({kinds[sym.labels[ax][0]]})" for ax in axes]
-    return LoraError(
-        f"the adapter for {sym.path!r} does not fit how the model uses the weight: the model "
-        f"contracts {desc(contracted)} and batches {desc(batch)} of the kernel as the model sees "
-        "it, but a LoRA factor must contract exactly all 'in' (or all 'out') axes; learn the "
-        "axes by tracing: jlora.init(key, params, cfg, fn, *example_args)")
-
-
-def _mode(sym: Sym, wc, wb) -> str:
-    """``'i'`` when the model contracts all in-axes, ``'o'`` for all out-axes (x @ W.T)."""
-    kinds = {sym.labels[a][0] for a in wc}
-    mode = kinds.pop() if len(kinds) == 1 else None
-    if mode not in ("i", "o") or len(wc) != sym.count(mode) or any(
-            sym.labels[a][0] != "s" for a in wb):
-        raise _fit_error(sym, wc, wb)
-    return mode
-
-
-def dot(x, sym: Sym, sym_is_rhs: bool, params: dict, key, record) -> jax.Array:
-    """``dot_general`` of an array with a symbolic weight, computed factored.
-
-    LoRA: ``x W0 + s (drop(x) A) B``. DoRA (PEFT's formula): ``g (x W0 + s (x A) B)``,
-    and with dropout ``x W0 + (g - 1) (drop(x) W0) + g s (drop(x) A) B``.
-    """
-    (lc, rc), (lb, rb) = params["dimension_numbers"]
-    xc, wc, xb, wb = (lc, rc, lb, rb) if sym_is_rhs else (rc, lc, rb, lb)
-
-    def bind(w, v):
-        if qv.is_view(w):
-            return qv.dot(w, v, sym_is_rhs, params)
-        return lax.dot_general_p.bind(*((v, w) if sym_is_rhs else (w, v)), **params)
-
-    base_out = bind(sym.base, x)
-    if sym.probe:
-        record(sym.path, ("dot", tuple(sym.labels[a][1] for a in wc),
-                          tuple(sym.labels[a][1] for a in wb)))
-        return base_out
-    mode = _mode(sym, wc, wb)
-    if sym.g is not None and mode == "o":
-        return bind(materialize(sym, record, "DoRA weight contracted on its output axes"), x)
-    record(sym.path, "factored")
-    x_d = _dropout(x, sym.dropout, key)
-    y, g_spec, out = _low_rank(x_d, sym, mode, sym_is_rhs, (xc, wc, xb, wb),
-                               params.get("precision"))
-    if sym.g is None:
-        return base_out + y.astype(base_out.dtype)
-    g = _broadcast(sym.g, g_spec, out)
-    if x_d is x:
-        return (g * (base_out + y)).astype(base_out.dtype)
-    return (base_out + (g - 1) * bind(sym.base, x_d) + g * y).astype(base_out.dtype)
-
-
-def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec):
-    """``s * (x A) B`` laid out like the dot's output, plus the specs to broadcast ``g``."""
-    xc, wc, xb, wb = dims
-    letter = dict(zip(range(x.ndim), string.ascii_letters))
-    wl = {}
-    for xa, wa in zip(list(xc) + list(xb), list(wc) + list(wb)):
-        wl[sym.labels[wa]] = letter[xa]
-    free_w = [ax for ax in range(sym.base.ndim) if ax not in wc and ax not in wb]
-    for n, ax in enumerate(free_w):
-        wl[sym.labels[ax]] = string.ascii_letters[x.ndim + n]
-    r = string.ascii_letters[x.ndim + len(free_w)]
-    sa, sb = _factor_specs(sym, wl, r)
-    first, second = (sym.a, sym.b) if mode == "i" else (sym.b, sym.a)
-    s_first, s_second = (sa, sb) if mode == "i" else (sb, sa)
-    xs = "".join(letter[i] for i in range(x.ndim))
-    x_free = "".join(letter[i] for i in range(x.ndim) if i not in xc and i not in xb)
-    batch = "".join(letter[i] for i in xb)
-    free_stack = "".join(wl[sym.labels[ax]] for ax in free_w if sym.labels[ax][0] == "s")
-    w_free = "".join(wl[sym.labels[ax]] for ax in free_w)
-    out = batch + (x_free + w_free if sym_is_rhs else w_free + x_free)
-    t = jnp.einsum(f"{xs},{s_first}->{batch}{x_free}{free_stack}{r}",
-                   x.astype(first.dtype), first, precision=prec)
-    y = jnp.einsum(f"{batch}{x_free}{free_stack}{r},{s_second}->{out}", t, second,
-                   precision=prec)
-    return sym.scale * y, _g_spec(sym, wl), out
-
-
-def _dropout(x, rate: float, key):
-    if key is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))

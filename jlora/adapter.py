@@ -45,23 +45,64 @@ class LoraNode:
 
     def labels(self) -> tuple[tuple[str, int], ...]:
         """Per kernel axis: ``('s'|'i'|'o', index within that group)``."""
-        kinds = {**{ax: "s" for ax in self.stack_axes}, **{ax: "i" for ax in self.in_axes},
-                 **{ax: "o" for ax in self.out_axes}}
-        groups = {"s": self.stack_axes, "i": self.in_axes, "o": self.out_axes}
-        return tuple((kinds[ax], groups[kinds[ax]].index(ax)) for ax in range(len(self.shape)))
+        return _labels(self)
 
     def unflat(self):
         """``a`` ``(*stack, *in, r)``, ``b`` ``(*stack, r, *out)``, magnitude ``(*stack, *out)``."""
-        dims = lambda axes: tuple(self.shape[ax] for ax in axes)
-        stack = dims(self.stack_axes)
-        mag = None if self.magnitude is None else self.magnitude.reshape(
-            stack + dims(self.out_axes))
-        return (self.a.reshape(stack + dims(self.in_axes) + (self.rank,)),
-                self.b.reshape(stack + (self.rank,) + dims(self.out_axes)), mag)
+        return _unflat(self, ())
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StackedNode:
+    """``n`` adapters of one leaf, for batches that mix adapters (``jlora.stack``).
+
+    ``a`` is ``(n, *stack, in, R)`` and ``b`` ``(n, *stack, R, out)``, zero-padded to
+    the largest rank ``R`` (which leaves every ``A @ B`` unchanged); ``scale`` is
+    ``(n,)``, each adapter's own scaling; with DoRA ``magnitude`` is ``(n, *stack, out)``.
+    """
+
+    a: Any
+    b: Any
+    scale: Any
+    ranks: tuple[int, ...] = dataclasses.field(metadata=_meta)
+    dropout: float = dataclasses.field(metadata=_meta)
+    shape: tuple[int, ...] = dataclasses.field(metadata=_meta)
+    stack_axes: tuple[int, ...] = dataclasses.field(metadata=_meta)
+    in_axes: tuple[int, ...] = dataclasses.field(metadata=_meta)
+    out_axes: tuple[int, ...] = dataclasses.field(metadata=_meta)
+    magnitude: Any = None
+
+    @property
+    def rank(self) -> int:
+        return max(self.ranks)
+
+    def labels(self) -> tuple[tuple[str, int], ...]:
+        return _labels(self)
+
+    def unflat(self):
+        """As :meth:`LoraNode.unflat`, with the leading adapter axis ``n``."""
+        return _unflat(self, (len(self.ranks),))
+
+
+def _labels(node) -> tuple[tuple[str, int], ...]:
+    kinds = {**{ax: "s" for ax in node.stack_axes}, **{ax: "i" for ax in node.in_axes},
+             **{ax: "o" for ax in node.out_axes}}
+    groups = {"s": node.stack_axes, "i": node.in_axes, "o": node.out_axes}
+    return tuple((kinds[ax], groups[kinds[ax]].index(ax)) for ax in range(len(node.shape)))
+
+
+def _unflat(node, lead: tuple[int, ...]):
+    dims = lambda axes: tuple(node.shape[ax] for ax in axes)
+    stack = lead + dims(node.stack_axes)
+    mag = None if node.magnitude is None else node.magnitude.reshape(
+        stack + dims(node.out_axes))
+    return (node.a.reshape(stack + dims(node.in_axes) + (node.rank,)),
+            node.b.reshape(stack + (node.rank,) + dims(node.out_axes)), mag)
 
 
 def is_node(x) -> bool:
-    return isinstance(x, LoraNode)
+    return isinstance(x, (LoraNode, StackedNode))
 
 
 def adapter_nodes(adapter) -> dict[str, Any]:

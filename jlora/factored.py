@@ -57,18 +57,20 @@ def dot(x, sym: Sym, sym_is_rhs: bool, params: dict, key, record) -> jax.Array:
         return bind(materialize(sym, record, "DoRA weight contracted on its output axes"), x)
     record(sym.path, "factored")
     x_d = _dropout(x, sym.dropout, key)
-    y, g_spec, out = _low_rank(x_d, sym, mode, sym_is_rhs, (xc, wc, xb, wb),
-                               params.get("precision"))
-    if sym.g is None:
+    y, g = _low_rank(x_d, sym, mode, sym_is_rhs, (xc, wc, xb, wb), params.get("precision"))
+    if g is None:
         return base_out + y.astype(base_out.dtype)
-    g = _broadcast(sym.g, g_spec, out)
     if x_d is x:
         return (g * (base_out + y)).astype(base_out.dtype)
     return (base_out + (g - 1) * bind(sym.base, x_d) + g * y).astype(base_out.dtype)
 
 
 def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec):
-    """``s * (x A) B`` laid out like the dot's output, plus the specs to broadcast ``g``."""
+    """``s * (x A) B`` laid out like the dot's output, and DoRA's ``g`` broadcast to it.
+
+    In a mixed batch each example (x's leading axis) gathers its own adapter's
+    factors; examples with id -1 get no low-rank term (and ``g = 1``).
+    """
     xc, wc, xb, wb = dims
     letter = dict(zip(range(x.ndim), string.ascii_letters))
     wl = {}
@@ -87,11 +89,36 @@ def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec):
     free_stack = "".join(wl[sym.labels[ax]] for ax in free_w if sym.labels[ax][0] == "s")
     w_free = "".join(wl[sym.labels[ax]] for ax in free_w)
     out = batch + (x_free + w_free if sym_is_rhs else w_free + x_free)
-    t = jnp.einsum(f"{xs},{s_first}->{batch}{x_free}{free_stack}{r}",
+    g, g_spec, ex = sym.g, _g_spec(sym, wl), ""
+    if sym.ids is not None:  # gather each example's factors (and g)
+        ids, ex = _example_ids(sym, x, xc, xb), letter[0]
+        pick = lambda f: jnp.take(f, jnp.maximum(ids, 0), axis=0, mode="clip")
+        first, second, g = pick(first), pick(second), None if g is None else pick(g)
+        g_spec = ex + g_spec
+    t = jnp.einsum(f"{xs},{ex}{s_first}->{batch}{x_free}{free_stack}{r}",
                    x.astype(first.dtype), first, precision=prec)
-    y = jnp.einsum(f"{batch}{x_free}{free_stack}{r},{s_second}->{out}", t, second,
-                   precision=prec)
-    return sym.scale * y, _g_spec(sym, wl), out
+    y = sym.scale * jnp.einsum(f"{batch}{x_free}{free_stack}{r},{ex}{s_second}->{out}", t,
+                               second, precision=prec)
+    g = None if g is None else _broadcast(g, g_spec, out)
+    if sym.ids is not None:
+        used = _broadcast(ids >= 0, ex, out)
+        y = jnp.where(used, y, jnp.zeros((), y.dtype))
+        g = None if g is None else jnp.where(used, g, jnp.ones((), g.dtype))
+    return y, g
+
+
+def _example_ids(sym: Sym, x, xc, xb):
+    """The adapter id of each row of x's leading axis (the example axis)."""
+    n = sym.ids.shape[0]
+    if 0 in xc or 0 in xb or x.shape[0] % n:
+        why = ("the model contracts it" if 0 in xc else "the model batches it" if 0 in xb
+               else f"its size is not a multiple of {n}")
+        raise LoraError(
+            f"a mixed-adapter batch ({n} adapter_ids) needs the example axis leading in every "
+            f"input that meets an adapted weight; {sym.path!r} meets an input of shape "
+            f"{tuple(x.shape)} whose leading axis does not fit ({why}); keep the batch axis "
+            "first (batch and sequence flattened into one leading axis also works)")
+    return sym.ids if x.shape[0] == n else jnp.repeat(sym.ids, x.shape[0] // n)
 
 
 def _dropout(x, rate: float, key):

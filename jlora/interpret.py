@@ -26,6 +26,7 @@ from jlora import factored as fa
 from jlora import qview as qv
 from jlora import symbolic as sy
 from jlora.adapter import match
+from jlora.multi import check_ids
 from jlora.quant import is_nf4
 from jlora.targets import flatten, path_str
 
@@ -151,8 +152,8 @@ def _scan_slice(v, ctx):
     if kind != "s":
         return sy.materialize(v, ctx.record, "scan over a non-stacked axis"), lambda x, i: x
     labels = sy._drop_label(v.labels[1:], (kind, j))
-    g = None if v.g is None else jnp.moveaxis(v.g, j, 0)
-    xs = (base_xs, jnp.moveaxis(v.a, j, 0), jnp.moveaxis(v.b, j, 0), g)
+    first = lambda f: None if f is None else jnp.moveaxis(f, j + v.lead, 0)
+    xs = (base_xs, first(v.a), first(v.b), first(v.g))
     return xs, lambda x, i: v.replace(base=take(x[0], i), a=x[1], b=x[2], g=x[3],
                                       labels=labels)
 
@@ -249,11 +250,12 @@ def _trace(fn, params, args, kwargs):
     return closed, jax.tree_util.tree_structure(shapes), [flat[i] for i in dyn]
 
 
-def _run(fn, params, adapter, args, kwargs, ctx: _Ctx):
+def _run(fn, params, adapter, args, kwargs, ctx: _Ctx, adapter_ids=None):
     nodes = match(params, adapter)
+    ids = check_ids(nodes, adapter_ids)
     closed, out_tree, dyn = _trace(fn, params, args, kwargs)
     flat = flatten(params)[0]
-    syms = [sy.from_node(qv.wrap(leaf), node, path_str(kp))
+    syms = [sy.from_node(qv.wrap(leaf), node, path_str(kp), ids=ids)
             for (kp, leaf), node in zip(flat, nodes)]
     vals = syms + dyn[len(syms):]
     outs = _eval(closed.jaxpr, closed.consts, vals, ctx)
@@ -261,13 +263,19 @@ def _run(fn, params, adapter, args, kwargs, ctx: _Ctx):
 
 
 def apply(fn: Callable) -> Callable:
-    """Turn ``fn(params, *args)`` into ``f(params, adapter, *args, lora_rng=None, **kwargs)``.
+    """Turn ``fn(params, *args)`` into ``f(params, adapter, *args, lora_rng=None,
+    adapter_ids=None, **kwargs)``.
 
     Adapted kernels are computed factored: ``x @ W0 + s * (dropout(x) @ A) @ B``,
     never forming the full-size weight or its gradient. Dropout (the adapter's
     rate, on the LoRA input only) runs only when ``lora_rng`` is given, with a
     different mask at every site and every loop step. Wrap the result in
     ``jax.jit``: ``fn`` is traced once per input shape.
+
+    With a stacked adapter (``jlora.stack``), ``adapter_ids[i]`` picks the adapter
+    of example ``i`` (``-1``: the base alone), in one batched pass. Every input
+    that meets an adapted weight must have the example axis leading (or batch
+    and sequence flattened into the leading axis, batch outermost).
 
     Example:
       >>> w = {"q_proj": {"kernel": jnp.ones((4, 6))}}
@@ -277,8 +285,8 @@ def apply(fn: Callable) -> Callable:
       (3, 6)
     """
     @functools.wraps(fn)
-    def wrapped(params, adapter, *args, lora_rng=None, **kwargs):
-        return _run(fn, params, adapter, args, kwargs, _Ctx(key=lora_rng))
+    def wrapped(params, adapter, *args, lora_rng=None, adapter_ids=None, **kwargs):
+        return _run(fn, params, adapter, args, kwargs, _Ctx(key=lora_rng), adapter_ids)
     return wrapped
 
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jlora import qview as qv
+from jlora.config import LoraError
 from jlora.variants import dora_norm
 
 Label = tuple[str, int]
@@ -41,6 +42,12 @@ class Sym:
     scale: float = dataclasses.field(metadata=dict(static=True))
     dropout: float = dataclasses.field(metadata=dict(static=True))
     path: str = dataclasses.field(metadata=dict(static=True))
+    ids: Any = None  # mixed batches: per-example adapter index; the factors lead with n
+
+    @property
+    def lead(self) -> int:
+        """Leading factor axes before the weight's own: 1 (the adapter axis) or 0."""
+        return 0 if self.ids is None else 1
 
     @property
     def probe(self) -> bool:
@@ -54,18 +61,25 @@ class Sym:
 
 
 def node_norm(leaf, node) -> jax.Array:
-    """DoRA's ``||W0 + s A B||`` per output feature, ``(*stack, *out)``.
+    """DoRA's ``||W0 + s A B||`` per output feature, ``(*stack, *out)`` (``(n, ...)`` for a
+    stacked node).
 
     A constant for the gradient (PEFT, paper 4.3): its inputs are cut from it, so
     no tangent work is traced (and no per-layer weight kept for it)."""
     a, b = (lax.stop_gradient(x) for x in node.unflat()[:2])
-    return dora_norm(leaf, a, b, node.scale, node.stack_axes, node.in_axes, node.out_axes)
+    norm = lambda a, b, s: dora_norm(leaf, a, b, s, node.stack_axes, node.in_axes,
+                                     node.out_axes)
+    if isinstance(node.scale, float):
+        return norm(a, b, node.scale)
+    return jax.vmap(norm)(a, b, node.scale)
 
 
-def from_node(leaf, node, path: str, norm=None) -> Sym | Any:
+def from_node(leaf, node, path: str, norm=None, ids=None) -> Sym | Any:
     """The symbolic weight for a base leaf and its adapter node (the leaf if none).
 
     ``norm`` overrides DoRA's norm (unmerge: the base is then the merged weight).
+    A stacked node (``jlora.stack``) needs ``ids``, the adapter of each example;
+    each adapter's scaling is then folded into its ``b``.
     """
     if node is None:
         return leaf
@@ -74,7 +88,11 @@ def from_node(leaf, node, path: str, norm=None) -> Sym | Any:
     if magnitude is not None:  # DoRA: the norm is a constant for the gradient (PEFT, paper 4.3)
         norm = node_norm(leaf, node) if norm is None else norm
         g = magnitude / lax.stop_gradient(norm).astype(magnitude.dtype)
-    return Sym(leaf, a, b, g, node.labels(), node.scale, node.dropout, path)
+    scale = node.scale
+    if ids is not None:
+        b = b * node.scale.reshape((-1,) + (1,) * (b.ndim - 1)).astype(b.dtype)
+        scale = 1.0
+    return Sym(leaf, a, b, g, node.labels(), scale, node.dropout, path, ids)
 
 
 def _on_base(base, prim, *operands, **params):
@@ -117,6 +135,10 @@ def materialize(x, record: Callable | None = None, why: str = ""):
     base = _value(x.base)
     if x.probe:
         return base
+    if x.ids is not None:
+        raise LoraError(f"a mixed-adapter batch needs {x.path!r} to be used by dot_general "
+                        f"(each example its own adapter), but the model's {why or 'use'} needs "
+                        "the weight itself; serve these adapters one at a time (or merged)")
     w = base + (x.scale * delta(x)).astype(base.dtype)
     if x.g is None:
         return w
@@ -153,10 +175,11 @@ def _broadcast(arr, spec: str, out: str):
 def _factor_axis(sym: Sym, label: Label) -> list[tuple[str, int]]:
     """Which (factor, dim) pairs hold the axis with this label."""
     kind, idx = label
-    ns = sym.count("s")
+    ns, k = sym.count("s"), sym.lead
     if kind == "s":
-        return [("a", idx), ("b", idx), ("g", idx)]
-    return [("a", ns + idx)] if kind == "i" else [("b", ns + 1 + idx), ("g", ns + idx)]
+        return [("a", k + idx), ("b", k + idx), ("g", k + idx)]
+    return ([("a", k + ns + idx)] if kind == "i"
+            else [("b", k + ns + 1 + idx), ("g", k + ns + idx)])
 
 
 def _on_factors(sym: Sym, label: Label, op: Callable[[jax.Array, int], jax.Array]) -> dict:
@@ -235,8 +258,8 @@ def expand(sym: Sym, shape, broadcast_dimensions, **params) -> Sym | None:
             labels.append(next(old))
         else:
             labels.append(("s", ns))
-            a, b = jnp.expand_dims(a, ns), jnp.expand_dims(b, ns)
-            g = None if g is None else jnp.expand_dims(g, ns)
+            a, b = jnp.expand_dims(a, sym.lead + ns), jnp.expand_dims(b, sym.lead + ns)
+            g = None if g is None else jnp.expand_dims(g, sym.lead + ns)
             ns += 1
     return sym.replace(base=base, a=a, b=b, g=g, labels=tuple(labels))
 
@@ -280,9 +303,10 @@ def reshape(sym: Sym, new_sizes, dimensions=None, **params) -> Sym | None:
                 labels[g] = (kind, len(sizes[kind]))
                 sizes[kind].append(new_sizes[g])
     r = sym.a.shape[-1]
-    a = sym.a.reshape(*sizes["s"], *sizes["i"], r)
-    b = sym.b.reshape(*sizes["s"], r, *sizes["o"])
-    g = None if sym.g is None else sym.g.reshape(*sizes["s"], *sizes["o"])
+    n = sym.a.shape[:sym.lead]
+    a = sym.a.reshape(*n, *sizes["s"], *sizes["i"], r)
+    b = sym.b.reshape(*n, *sizes["s"], r, *sizes["o"])
+    g = None if sym.g is None else sym.g.reshape(*n, *sizes["s"], *sizes["o"])
     base = _on_base(sym.base, lax.reshape_p, new_sizes=tuple(new_sizes), dimensions=None,
                     **params)
     return sym.replace(base=base, a=a, b=b, g=g, labels=tuple(labels))

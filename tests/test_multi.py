@@ -1,0 +1,107 @@
+"""Many adapters over one base: switching, mixed-adapter batches, adapter arithmetic."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jlora
+import llama
+from conftest import F32, randomize
+
+TARGETS = ("q_proj", "v_proj", "up_proj")
+# (rank, alpha, rslora): different ranks and scalings share one stack
+SETTINGS = [(2, 4.0, False), (8, 16.0, True), (4, 3.0, False)]
+
+
+def _setup(key, scan=True, dora=False, quantized=False, batch=5):
+    cfg = llama.LlamaConfig(scan_layers=scan)
+    model = llama.Llama(cfg)
+    ids = jax.random.randint(key, (batch, 12), 0, cfg.vocab_size)
+    params = llama.init_params(cfg, key)
+    if quantized:
+        params = jlora.quantize(params, compute_dtype=jnp.float32)
+    ads = [randomize(jlora.init(jax.random.fold_in(key, i), params, jlora.LoraConfig(
+        rank=r, alpha=a, rslora=rs, dora=dora, targets=TARGETS)), jax.random.fold_in(key, 9 + i))
+        for i, (r, a, rs) in enumerate(SETTINGS)]
+    return model, params, ids, ads
+
+
+@pytest.mark.parametrize("scan,dora,quantized", [(True, False, False), (False, False, False),
+                                                 (True, True, False), (True, False, True)])
+def test_mixed_batch_equals_each_adapter_alone(key, scan, dora, quantized):
+    model, params, ids, ads = _setup(key, scan, dora, quantized)
+    aid = jnp.array([2, 0, -1, 1, 0])
+    f = jax.jit(jlora.apply(model.apply))
+    mixed = f(params, jlora.stack(ads), ids, adapter_ids=aid)
+    base = params if not quantized else jlora.dequantize(params)
+    for i, a in enumerate(aid.tolist()):
+        alone = (llama.Llama(model.config).apply(base, ids[i:i + 1]) if a < 0 else
+                 jlora.apply(model.apply)(params, ads[a], ids[i:i + 1]))
+        np.testing.assert_allclose(mixed[i], alone[0], **F32)
+
+
+def test_padding_to_the_largest_rank_is_exact(key):
+    _, params, _, ads = _setup(key)
+    st = jlora.stack(ads)
+    node = st["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert node.a.shape[-1] == 8 and node.ranks == (2, 8, 4)
+    for i, ad in enumerate(ads):
+        one = ad["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
+        np.testing.assert_array_equal(node.a[i] @ node.b[i], one.a @ one.b)
+        assert float(node.scale[i]) == pytest.approx(one.scale)
+
+
+def test_flattened_batch_axis_and_errors(key):
+    p = {"q_proj": jax.random.normal(key, (6, 4))}
+    ads = [randomize(jlora.init(jax.random.fold_in(key, i), p, jlora.LoraConfig(
+        rank=2, targets=("q_proj",))), jax.random.fold_in(key, i)) for i in range(2)]
+    st = jlora.stack(ads)
+    x = jax.random.normal(key, (3, 5, 6))
+    flat = jlora.apply(lambda p, x: (x.reshape(-1, 6) @ p["q_proj"]).reshape(3, 5, 4))
+    ids = jnp.array([1, -1, 0])
+    want = jnp.stack([jlora.apply(lambda p, x: x @ p["q_proj"])(p, ads[1], x[0]), x[1] @ p[
+        "q_proj"], jlora.apply(lambda p, x: x @ p["q_proj"])(p, ads[0], x[2])])
+    np.testing.assert_allclose(flat(p, st, x, adapter_ids=ids), want, **F32)
+    seq_first = jlora.apply(lambda p, x: jnp.swapaxes(x, 0, 1) @ p["q_proj"])
+    with pytest.raises(ValueError, match="example axis leading.*not a multiple of 3"):
+        seq_first(p, st, x, adapter_ids=ids)
+    with pytest.raises(ValueError, match=r"out of range: the stack holds 2 adapters"):
+        flat(p, st, x, adapter_ids=jnp.array([0, 2, -1]))
+    with pytest.raises(ValueError, match="needs adapter_ids"):
+        flat(p, st, x)
+    with pytest.raises(ValueError, match="needs a stacked adapter"):
+        flat(p, ads[0], x, adapter_ids=ids)
+    with pytest.raises(ValueError, match="1-D integer"):
+        flat(p, st, x, adapter_ids=jnp.array([0.0, 1.0, 0.0]))
+    with pytest.raises(ValueError, match="needs 'q_proj' to be used by dot_general"):
+        jlora.apply(lambda p, x: x @ (2 * p["q_proj"]))(p, st, x, adapter_ids=ids)
+    other = jlora.init(key, {"k": jnp.ones((6, 4)), **p}, jlora.LoraConfig(rank=2,
+                                                                         targets=("k",)))
+    with pytest.raises(ValueError, match="adapt different leaves"):
+        jlora.stack([ads[0], other])
+    with pytest.raises(ValueError, match="only rank and alpha may differ"):
+        jlora.stack([ads[0], jlora.init(key, p, jlora.LoraConfig(rank=2, targets=("q_proj",),
+                                                                 dropout=0.1))])
+
+
+def test_switching_adapters_does_not_retrace(key):
+    model, params, ids, ads = _setup(key)
+    traces = []
+
+    @jax.jit
+    def f(ad, x):
+        traces.append(1)
+        return jlora.apply(model.apply)(params, ad, x)
+
+    loaded = [jax.tree.map(lambda v: v * 1.0, ad) for ad in ads]  # new arrays, same shapes
+    same_rank = [a for a, s in zip(loaded, SETTINGS) if s == SETTINGS[0]] + [
+        randomize(ads[0], jax.random.fold_in(key, k)) for k in range(3)]
+    for ad in same_rank:
+        f(ad, ids).block_until_ready()
+    assert len(traces) == 1
+    g = jax.jit(lambda st, x, i: jlora.apply(model.apply)(params, st, x, adapter_ids=i))
+    st = jlora.stack(ads)
+    for i in ([0, 1, 2, -1, 0], [2, 2, 2, 2, 2], [-1, 0, 1, 0, 1]):
+        g(st, ids, jnp.array(i)).block_until_ready()
+    assert g._cache_size() == 1

@@ -12,6 +12,7 @@ from jlora.config import LoraError as LoraError
 from jlora.interpret import apply as apply
 from jlora.interpret import explain as explain
 from jlora.merge import merge as merge
+from jlora.multi import combine_adapters as combine_adapters
 from jlora.multi import stack as stack
 from jlora.optim import loraplus as loraplus
 from jlora.quant import NF4 as NF4
@@ -21,6 +22,7 @@ from jlora.merge import unmerge as unmerge
 
 __version__ = "0.1.0"
 
-__all__ = ["LoraConfig", "LoraError", "LoraNode", "NF4", "PRESETS", "apply", "dequantize",
+__all__ = ["LoraConfig", "LoraError", "LoraNode", "NF4", "PRESETS", "apply", "combine_adapters",
+           "dequantize",
            "explain", "init", "load_adapter", "loraplus", "merge", "quantize",
            "restore_checkpoint", "save_adapter", "save_checkpoint", "stack", "unmerge"]

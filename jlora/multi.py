@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -30,15 +31,24 @@ def stack(adapters) -> Any:
     adapters = list(adapters)
     if not adapters:
         raise LoraError("stack needs at least one adapter")
+    found = _same_leaves(adapters)
+    return _rebuild(adapters[0], {p: _stack_nodes(p, [f[p] for f in found]) for p in found[0]})
+
+
+def _same_leaves(adapters) -> list[dict]:
     found = [adapter_nodes(ad) for ad in adapters]
     for i, nodes in enumerate(found[1:], 1):
         if set(nodes) != set(found[0]):
             diff = sorted(set(nodes) ^ set(found[0]))[:3]
-            raise LoraError(f"adapters 0 and {i} adapt different leaves ({diff}); stacked "
-                            "adapters must target the same leaves")
-    stacked = {path: _stack_nodes(path, [n[path] for n in found]) for path in found[0]}
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(adapters[0], is_leaf=is_node)
-    return jax.tree_util.tree_unflatten(treedef, [stacked[path_str(kp)] for kp, _ in leaves])
+            raise LoraError(f"adapters 0 and {i} adapt different leaves ({diff}); stacked or "
+                            "combined adapters must target the same leaves")
+    return found
+
+
+def _rebuild(like, nodes: dict):
+    """``like``'s tree with each node replaced by ``nodes[path]``."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(like, is_leaf=is_node)
+    return jax.tree_util.tree_unflatten(treedef, [nodes[path_str(kp)] for kp, _ in leaves])
 
 
 def _stack_nodes(path: str, nodes: list) -> StackedNode:
@@ -84,3 +94,72 @@ def check_ids(nodes: list, adapter_ids):
             raise LoraError(f"adapter_ids {bad[:5].tolist()} are out of range: the stack holds "
                             f"{n} adapters (ids 0..{n - 1}, or -1 for the base alone)")
     return ids.astype(jnp.int32)
+
+
+COMBINE = ("cat", "linear", "svd")
+
+
+def combine_adapters(adapters, weights, method: str = "cat", rank: int | None = None):
+    """One adapter whose delta is ``sum_i weights[i] * s_i * A_i @ B_i`` per leaf.
+
+    Args:
+      adapters: LoRA adapters of one base (a leaf may be adapted by only some).
+      weights: one float per adapter.
+      method: ``"cat"``: ranks concatenated, exact; A's kept, each weight and
+        scaling folded into its B. ``"linear"``: the same exact delta with
+        ``sqrt(|w_i| s_i)`` folded into both factors (balanced, as PEFT's
+        ``linear`` but with no cross terms). ``"svd"``: the best rank-``rank``
+        approximation of the weighted delta (Eckart-Young), computed from QR of
+        the concatenated factors, never the full matrix.
+      rank: the rank for ``"svd"`` (default: the largest source rank).
+
+    Returns:
+      An adapter with scaling 1 (``alpha == rank``): each source's scaling is
+      applied exactly once, inside the factors.
+    """
+    adapters, weights = list(adapters), [float(w) for w in weights]
+    if method not in COMBINE:
+        raise LoraError(f"method={method!r} is not one of {COMBINE}")
+    if len(adapters) != len(weights) or not adapters:
+        raise LoraError(f"combine_adapters got {len(adapters)} adapters and {len(weights)} "
+                        "weights; give one weight per adapter")
+    found = _same_leaves(adapters)
+    combined = {p: _combine(p, [(w, f[p]) for w, f in zip(weights, found)], method, rank)
+                for p in found[0]}
+    return _rebuild(adapters[0], combined)
+
+
+def _combine(path: str, parts, method: str, rank: int | None) -> LoraNode:
+    first = parts[0][1]
+    for _, n in parts:
+        if not isinstance(n, LoraNode) or n.magnitude is not None:
+            raise LoraError(f"{path!r}: only plain LoRA/rsLoRA adapters combine (a DoRA "
+                            "magnitude does not add linearly; merge DoRA adapters instead)")
+        if (n.shape, n.stack_axes, n.in_axes, n.out_axes) != (
+                first.shape, first.stack_axes, first.in_axes, first.out_axes):
+            raise LoraError(f"{path!r}: the adapters were made for different axes or shapes")
+    if method == "cat":
+        a = [n.a for _, n in parts]
+        b = [(w * n.scale) * n.b for w, n in parts]
+    else:
+        root = lambda w, n: np.sqrt(abs(w) * n.scale)
+        a = [np.sign(w) * root(w, n) * n.a for w, n in parts]
+        b = [root(w, n) * n.b for w, n in parts]
+    a, b = jnp.concatenate(a, axis=-1), jnp.concatenate(b, axis=-2)
+    if method == "svd":
+        a, b = _truncate(a, b, rank or max(n.rank for _, n in parts))
+    r = a.shape[-1]
+    return dataclasses.replace(first, a=a, b=b, rank=r, alpha=float(r), scale=1.0)
+
+
+def _truncate(a, b, rank: int):
+    """Factors of the best rank-``rank`` approximation of ``a @ b`` (batched over stacks)."""
+    dtype = a.dtype
+    qa, ra = jnp.linalg.qr(a.astype(jnp.float32))
+    qb, rb = jnp.linalg.qr(jnp.swapaxes(b, -1, -2).astype(jnp.float32))
+    u, s, vh = jnp.linalg.svd(ra @ jnp.swapaxes(rb, -1, -2), full_matrices=False)
+    k = min(rank, s.shape[-1])
+    root = jnp.sqrt(s[..., :k])
+    new_a = (qa @ u[..., :, :k]) * root[..., None, :]
+    new_b = root[..., :, None] * (vh[..., :k, :] @ jnp.swapaxes(qb, -1, -2))
+    return new_a.astype(dtype), new_b.astype(dtype)

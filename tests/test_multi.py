@@ -105,3 +105,65 @@ def test_switching_adapters_does_not_retrace(key):
     for i in ([0, 1, 2, -1, 0], [2, 2, 2, 2, 2], [-1, 0, 1, 0, 1]):
         g(st, ids, jnp.array(i)).block_until_ready()
     assert g._cache_size() == 1
+
+
+def _delta(node):
+    """``s * A @ B`` in float64 numpy, ``(*stack, in, out)``."""
+    return node.scale * np.asarray(node.a, np.float64) @ np.asarray(node.b, np.float64)
+
+
+def _sources(key):
+    """Three adapters of one base: alpha != r (scaling applied twice would show) and an
+    rsLoRA source (alpha / sqrt(r), which PEFT once over-scaled by sqrt(r))."""
+    params = {"layers": {"q_proj": jax.random.normal(key, (3, 24, 16))}}
+    cfgs = [jlora.LoraConfig(rank=2, alpha=7.0, targets=("q_proj",)),
+            jlora.LoraConfig(rank=4, alpha=3.0, rslora=True, targets=("q_proj",)),
+            jlora.LoraConfig(rank=3, alpha=3.0, targets=("q_proj",))]
+    ads = [randomize(jlora.init(jax.random.fold_in(key, i), params, c), jax.random.fold_in(
+        key, 5 + i), scale=0.5) for i, c in enumerate(cfgs)]
+    return params, ads
+
+
+def _node(ad):
+    return ad["layers"]["q_proj"]
+
+
+@pytest.mark.parametrize("method", ["cat", "linear"])
+def test_cat_and_linear_are_the_exact_weighted_sum(key, method):
+    params, ads = _sources(key)
+    weights = [0.7, -1.3, 2.0]
+    out = jlora.combine_adapters(ads, weights, method=method)
+    want = sum(w * _delta(_node(a)) for w, a in zip(weights, ads))
+    node = _node(out)
+    assert node.rank == 9 and node.scale == 1.0 and node.alpha == 9.0
+    np.testing.assert_allclose(_delta(node), want, rtol=1e-5, atol=1e-6)
+    merged = jlora.merge(params, out)["layers"]["q_proj"]
+    np.testing.assert_allclose(merged, np.asarray(params["layers"]["q_proj"]) + want, **F32)
+    if method == "cat":  # the sources' A's are kept as they were
+        np.testing.assert_array_equal(node.a[..., :2], _node(ads[0]).a)
+
+
+def test_svd_is_the_best_rank_k_approximation(key):
+    _, ads = _sources(key)
+    weights = [0.7, -1.3, 2.0]
+    want = sum(w * _delta(_node(a)) for w, a in zip(weights, ads))
+    for k in (2, 4):
+        node = _node(jlora.combine_adapters(ads, weights, method="svd", rank=k))
+        u, s, vh = np.linalg.svd(want, full_matrices=False)
+        best = (u[..., :k] * s[..., None, :k]) @ vh[..., :k, :]
+        assert node.a.shape == (3, 24, k) and node.scale == 1.0
+        np.testing.assert_allclose(_delta(node), best, rtol=1e-4, atol=1e-5)
+    full = _node(jlora.combine_adapters(ads, weights, method="svd", rank=9))
+    np.testing.assert_allclose(_delta(full), want, rtol=1e-4, atol=1e-5)  # rank 9 is exact
+
+
+def test_combine_errors(key):
+    _, ads = _sources(key)
+    with pytest.raises(ValueError, match="one weight per adapter"):
+        jlora.combine_adapters(ads, [1.0])
+    with pytest.raises(ValueError, match="method='ties' is not one of"):
+        jlora.combine_adapters(ads, [1.0] * 3, method="ties")
+    p = {"q_proj": jnp.ones((4, 4))}
+    dora = jlora.init(key, p, jlora.LoraConfig(rank=1, targets=("q_proj",), dora=True))
+    with pytest.raises(ValueError, match="DoRA magnitude does not add linearly"):
+        jlora.combine_adapters([dora, dora], [1.0, 1.0])

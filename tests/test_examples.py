@@ -20,6 +20,9 @@ def test_main_example_smoke(tmp_path):
     assert "max |merged - unmerged| logits" in out
     for task in ("reverse", "sort", "upper", "caesar"):
         assert (tmp_path / "adapters" / task).is_dir()
+    served = _run("serve_many.py", "--smoke", "--out", str(tmp_path))  # reuses the cache
+    assert "one batch of 10 requests over 4 stacked adapters" in served
+    assert "adapters not cached" not in served and "answers exact" in served
 
 
 def test_quickstart_learns_the_task():

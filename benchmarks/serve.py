@@ -1,0 +1,92 @@
+"""Serving many adapters over one base: mixed-adapter batches and adapter switching.
+
+Forward passes of the bench-size example model (h512, 4 layers, vocab 8000), LoRA
+r16 on q,k,v,o, batch 16 x seq 128, medians over interleaved rounds:
+
+- ``single``: the batch through one adapter (the reference throughput);
+- ``mixed n``: the same batch through ``jlora.stack`` of n adapters, example i
+  using adapter ``i % n``, in one call;
+- ``split n``: the same n adapters served one sub-batch each (n calls of the
+  single-adapter function on batch 16/n);
+- ``switch``: the single-adapter call alternating between two adapters (same
+  compiled function; no retrace).
+
+Run from the repo root: ``python benchmarks/serve.py`` (writes
+``benchmarks/results/serve.md``; ``--quick`` for a tiny smoke run).
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+import jlora  # noqa: E402
+import llama  # noqa: E402
+from core import timeit_interleaved  # noqa: E402
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def build(quick: bool, counts):
+    cfg = llama.LlamaConfig.named("tiny" if quick else "bench")
+    batch, seq = (16, 32) if quick else (16, 128)
+    model = llama.Llama(cfg)
+    key = jax.random.key(0)
+    params = llama.init_params(cfg, key)
+    ids = jax.random.randint(key, (batch, seq), 0, cfg.vocab_size)
+    lcfg = jlora.LoraConfig(rank=16, alpha=32.0, targets=TARGETS)
+    adapters = [jax.tree.map(lambda v, i=i: v + 1e-3 * (i + 1),
+                             jlora.init(jax.random.fold_in(key, i), params, lcfg))
+                for i in range(max(counts))]
+    single = jax.jit(jlora.apply(model.apply))
+    mixed = jax.jit(lambda p, st, x, i: jlora.apply(model.apply)(p, st, x, adapter_ids=i))
+    calls = {"single": (single, (params, adapters[0], ids)),
+             "switch": (lambda p, x: [single(p, adapters[k % 2], x) for k in range(2)][-1],
+                        (params, ids))}
+    for n in counts:
+        aid = jnp.arange(batch) % n
+        calls[f"mixed {n}"] = (mixed, (params, jlora.stack(adapters[:n]), ids, aid))
+        if batch % n == 0:
+            sub = batch // n
+            calls[f"split {n}"] = (
+                lambda p, x, n=n, sub=sub: [single(p, adapters[k], x[k * sub:(k + 1) * sub])
+                                            for k in range(n)],
+                (params, ids))
+    return calls, (cfg, batch, seq)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--counts", type=int, nargs="+", default=[1, 4, 16])
+    args = parser.parse_args()
+    calls, (cfg, batch, seq) = build(args.quick, args.counts)
+    times = timeit_interleaved(calls, args.repeats)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    lines = ["| row | median ms (min-max) | throughput / single |", "|---|---|---|"]
+    for name, ts in times.items():
+        k = 2 if name == "switch" else 1  # the switch row times two calls
+        lines.append(f"| {name} | {med[name] / k:.1f} ({min(ts) / k:.1f}-{max(ts) / k:.1f}) | "
+                     f"{k * med['single'] / med[name]:.2f} |")
+    table = "\n".join(lines)
+    note = (f"jax {jax.__version__}, {platform.machine()}, {os.cpu_count()} cores, "
+            f"{jax.devices()[0].platform}; model h{cfg.hidden_size} L{cfg.num_layers} vocab "
+            f"{cfg.vocab_size}, forward of batch {batch} x seq {seq}, LoRA r16 a32 q,k,v,o, "
+            f"{args.repeats} interleaved rounds; 'switch' is per call, alternating two adapters")
+    print(table + "\n\n" + note)
+    if not args.quick:
+        out = os.path.join(os.path.dirname(__file__), "results", "serve.md")
+        with open(out, "w") as f:
+            f.write(f"`python benchmarks/serve.py --repeats {args.repeats}`\n\n{table}\n\n"
+                    f"{note}\n")
+
+
+if __name__ == "__main__":
+    main()

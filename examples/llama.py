@@ -4,14 +4,18 @@ Parameter names follow Hugging Face's ``LlamaForCausalLM`` (``embed_tokens``,
 ``self_attn/q_proj``, ``mlp/gate_proj``, ``input_layernorm/weight``, ...).
 Dense kernels use Flax's ``(in, out)`` layout, the transpose of PyTorch's.
 Usage: ``Llama(cfg).apply(init_params(cfg, key), input_ids)``.
+A Hugging Face checkpoint loads with
+``from_hf(model.state_dict(), config_from_hf(model.config))``.
 """
 
 import dataclasses
-from typing import Any, Optional
+import re
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 # Std of the normal init for kernels and embeddings (HF initializer_range).
@@ -240,3 +244,113 @@ def loss_fn(logits: jax.Array, targets: jax.Array,
         return jnp.mean(losses)
     mask = mask.astype(jnp.float32)
     return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def config_from_hf(hf_config, **overrides) -> LlamaConfig:
+    """Returns the LlamaConfig of a transformers ``LlamaConfig`` or its dict.
+
+    transformers 5 keeps ``rope_theta`` in ``rope_parameters`` (alias
+    ``rope_scaling``); older configs keep it at the top level. Only the
+    default RoPE (no scaling), SiLU and bias-free projections are supported.
+    """
+    d = hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict()
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    heads, hidden = d["num_attention_heads"], d["hidden_size"]
+    if (rope_type != "default" or d.get("hidden_act", "silu") != "silu"
+            or d.get("attention_bias") or d.get("mlp_bias")
+            or (d.get("head_dim") or hidden // heads) != hidden // heads):
+        raise ValueError("Unsupported HF Llama config: needs default RoPE, "
+                         "silu, no biases and head_dim == hidden/heads.")
+    fields = dict(
+        vocab_size=d["vocab_size"], hidden_size=hidden,
+        intermediate_size=d["intermediate_size"],
+        num_layers=d["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=d.get("num_key_value_heads") or heads,
+        max_seq_len=d.get("max_position_embeddings", 2048),
+        rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 1e4))),
+        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(d.get("tie_word_embeddings", False)))
+    return LlamaConfig(**{**fields, **overrides})
+
+
+def hf_module(path: str, index: tuple = ()) -> str:
+    """Returns the HF module path of a parameter path string.
+
+    E.g. ``params/layers/mlp/up_proj/kernel`` with stack index ``(3,)`` gives
+    ``model.layers.3.mlp.up_proj``; ``params/lm_head/kernel`` gives
+    ``lm_head``. The PEFT ``base_model.model.`` prefix is not included.
+    """
+    parts = path.split("/")
+    if parts[0] == "params":
+        parts = parts[1:]
+    parts, head = parts[:-1], parts[0]
+    unscanned = re.fullmatch(r"layers_(\d+)", head)
+    scanned = head == "layers"
+    if len(index) != int(scanned):
+        raise ValueError(f"{path!r} needs {int(scanned)} stack indices, "
+                         f"got {index!r}.")
+    if scanned or unscanned:
+        layer = int(index[0] if scanned else unscanned.group(1))
+        parts = ["layers", str(layer)] + parts[1:]
+    return ".".join(parts if head == "lm_head" else ["model"] + parts)
+
+
+def _to_numpy(value) -> np.ndarray:
+    """A numpy array from a numpy array or torch tensor (bfloat16 upcast)."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":  # numpy has no bfloat16.
+            value = value.float()
+        value = value.numpy()
+    return np.asarray(value)
+
+
+def _scanned(path: str) -> bool:
+    """Whether a parameter path lives in the scanned (stacked) layers."""
+    return "layers" in path.split("/")[:2]
+
+
+def _hf_names(path: str, config: LlamaConfig) -> list:
+    """The HF state-dict names of one parameter, one per stacked layer."""
+    indices = [(i,) for i in range(config.num_layers)] if _scanned(path) else [()]
+    return [hf_module(path, index) + ".weight" for index in indices]
+
+
+def _hf_leaf(state_dict, names: list, path: str, shape: tuple) -> np.ndarray:
+    """One parameter from its HF tensors: transposed, stacked if scanned."""
+    arrays = [_to_numpy(state_dict[name]) for name in names]
+    if path.endswith("/kernel"):  # torch Linear weights are (out, in).
+        arrays = [a.T for a in arrays]
+    value = np.stack(arrays) if _scanned(path) else arrays[0]
+    if value.shape != shape:
+        raise ValueError(f"{names} have shape {value.shape}; {path} needs "
+                         f"{shape}.")
+    return value
+
+
+def from_hf(state_dict: Mapping[str, Any], config: LlamaConfig) -> dict:
+    """Returns variables ``{'params': ...}`` from a HF LlamaForCausalLM state dict.
+
+    Linear weights (out, in) become (in, out) kernels; layers are stacked on
+    axis 0 when ``config.scan_layers``. Values are cast to
+    ``config.param_dtype``. Raises ValueError on missing, unexpected or
+    mis-shaped tensors. E.g. ``from_hf(model.state_dict(),
+    config_from_hf(model.config))``.
+    """
+    like = jax.eval_shape(Llama(config).init, jax.random.key(0),
+                          jnp.zeros((1, 1), jnp.int32))
+    flat, treedef = jax.tree_util.tree_flatten_with_path(like)
+    paths = ["/".join(str(k.key) for k in p) for p, _ in flat]
+    wanted = {p: _hf_names(p, config) for p in paths}
+    needed = {name for names in wanted.values() for name in names}
+    given = {k for k in state_dict if not k.endswith("rotary_emb.inv_freq")}
+    if config.tie_embeddings:  # Tied models may still list lm_head.weight.
+        given.discard("lm_head.weight")
+    if needed != given:
+        raise ValueError(f"HF state dict does not match the model: missing "
+                         f"{sorted(needed - given)}, unexpected "
+                         f"{sorted(given - needed)}.")
+    leaves = [jnp.asarray(_hf_leaf(state_dict, wanted[p], p, leaf.shape),
+                          config.param_dtype) for p, (_, leaf) in zip(paths, flat)]
+    return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -1,5 +1,7 @@
 """jlora: LoRA for any JAX model, as a parameter-tree transform computed factored."""
 
+from jlora import peft as peft
+
 from jlora.adapter import LoraNode as LoraNode
 from jlora.adapter import init as init
 from jlora.checkpoint import load_adapter as load_adapter
@@ -24,5 +26,5 @@ __version__ = "0.1.0"
 
 __all__ = ["LoraConfig", "LoraError", "LoraNode", "NF4", "PRESETS", "apply", "combine_adapters",
            "dequantize",
-           "explain", "init", "load_adapter", "loraplus", "merge", "quantize",
+           "explain", "init", "load_adapter", "loraplus", "merge", "peft", "quantize",
            "restore_checkpoint", "save_adapter", "save_checkpoint", "stack", "unmerge"]

@@ -1,0 +1,256 @@
+"""Hugging Face PEFT adapter files: ``adapter_model.safetensors`` + ``adapter_config.json``.
+
+PEFT keys name torch modules: ``base_model.model.<module>.lora_A.weight`` ``(r, in)``,
+``.lora_B.weight`` ``(out, r)`` and, with DoRA, ``.lora_magnitude_vector`` ``(out,)``.
+A jlora node is ``a`` ``(*stack, in, r)``, ``b`` ``(*stack, r, out)``: one PEFT module
+per index of its stacked axes. ``module_fn(path, index)`` gives the module of a
+jlora key path and stack index; :func:`default_module` is the documented default.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora import safetensors_io
+from jlora.adapter import LoraNode, adapter_nodes, default_axes
+from jlora.config import LoraError
+from jlora.targets import _NOT_KERNELS, flatten, matches, path_str
+
+WEIGHTS, CONFIG, PREFIX = "adapter_model.safetensors", "adapter_config.json", "base_model.model."
+#: Segments after which a stacked (scanned) layer index is inserted by default.
+LAYER_SEGMENTS = ("layers", "layer", "h", "blocks", "block")
+#: Config fields whose non-default values jlora cannot honour, with the default.
+_UNSUPPORTED = {"bias": "none", "fan_in_fan_out": False, "lora_bias": False,
+                "modules_to_save": None, "layers_to_transform": None, "layer_replication": None,
+                "target_parameters": None, "trainable_token_indices": None,
+                "use_qalora": False, "alora_invocation_tokens": None}
+
+
+def default_module(path: str, index: tuple[int, ...] = ()) -> str:
+    """PEFT module path of a jlora key path: ``params/a/b_0/q_proj/kernel`` -> ``a.b.0.q_proj``.
+
+    A leading ``params`` and the leaf's own name are dropped, ``name_N`` becomes
+    ``name.N``, and stacked indices go after the last segment named in
+    ``LAYER_SEGMENTS`` (else after the first): ``params/layers/attn/q/kernel``
+    at index ``(3,)`` -> ``layers.3.attn.q``.
+    """
+    segs = path.split("/")
+    segs = segs[1:-1] if segs[0] == "params" else segs[:-1]
+    out: list[str] = []
+    for s in segs:
+        m = re.fullmatch(r"(.*\D)_(\d+)", s)
+        out += [m.group(1), m.group(2)] if m else [s]
+    if index:
+        at = max((i for i, s in enumerate(out) if s in LAYER_SEGMENTS), default=0)
+        out[at + 1:at + 1] = [str(i) for i in index]
+    return ".".join(out)
+
+
+def _stack_shape(node) -> tuple[int, ...]:
+    return tuple(node.shape[ax] for ax in node.stack_axes)
+
+
+def save(path: str, adapter, *, module_fn=default_module, prefix: str = PREFIX,
+         base_model_name_or_path: str | None = None) -> None:
+    """Write ``adapter`` as a PEFT adapter directory (replaced only once fully written).
+
+    Args:
+      path: the directory (PEFT's ``save_pretrained`` layout).
+      adapter: a jlora adapter (LoRA, rsLoRA or DoRA; not a stacked one).
+      module_fn: ``(jlora_path, stack_index) -> torch module path``.
+      prefix: put before each module (PEFT's ``base_model.model.``).
+      base_model_name_or_path: recorded in the config for ``PeftModel.from_pretrained``.
+    """
+    nodes = adapter_nodes(adapter)
+    tensors, modules = {}, {}
+    for p, node in nodes.items():
+        if not isinstance(node, LoraNode):
+            raise LoraError(f"{p!r} holds a stacked adapter; save each adapter on its own")
+        a, b = np.asarray(node.a), np.asarray(node.b)
+        mag = None if node.magnitude is None else np.asarray(node.magnitude)
+        for idx in np.ndindex(*_stack_shape(node)):
+            module = module_fn(p, idx)
+            key = prefix + module
+            tensors[key + ".lora_A.weight"] = a[idx].T
+            tensors[key + ".lora_B.weight"] = b[idx].T
+            if mag is not None:
+                tensors[key + ".lora_magnitude_vector"] = mag[idx]
+            modules[module] = node
+    config = _config(modules, base_model_name_or_path)
+    _write_dir(path, {WEIGHTS: safetensors_io.dumps(tensors, {"format": "pt"}),
+                      CONFIG: json.dumps(config, indent=2, sort_keys=True).encode()})
+
+
+def _config(modules: dict, base_model_name_or_path) -> dict:
+    if not modules:
+        raise LoraError("the adapter has no adapted leaf to save")
+    nodes = list(modules.values())
+    rslora = {math.isclose(n.scale, n.alpha / math.sqrt(n.rank)) and n.rank > 1 for n in nodes}
+    dora, dropout = {n.magnitude is not None for n in nodes}, {n.dropout for n in nodes}
+    if len(rslora) > 1 or len(dora) > 1 or len(dropout) > 1:
+        raise LoraError("a PEFT config has one use_rslora, use_dora and lora_dropout for all "
+                        "modules, but this adapter mixes them; save those parts separately")
+    r = Counter(n.rank for n in nodes).most_common(1)[0][0]
+    alpha = Counter(n.alpha for n in nodes).most_common(1)[0][0]
+    return {"peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": alpha,
+            "lora_dropout": dropout.pop(), "use_rslora": rslora.pop(), "use_dora": dora.pop(),
+            "target_modules": sorted({m.split(".")[-1] for m in modules}),
+            "rank_pattern": {re.escape(m): n.rank for m, n in modules.items() if n.rank != r},
+            "alpha_pattern": {re.escape(m): n.alpha for m, n in modules.items()
+                              if n.alpha != alpha},
+            "init_lora_weights": True, "inference_mode": True,
+            "base_model_name_or_path": base_model_name_or_path, **_UNSUPPORTED}
+
+
+def _write_dir(path: str, files: dict[str, bytes]) -> None:
+    """Write files into a fresh sibling directory, then swap it in for ``path``."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        for name, data in files.items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        old = None
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
+            os.rmdir(old)
+            os.rename(path, old)
+        os.rename(tmp, path)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load(path: str, params, *, module_fn=default_module, prefix: str = PREFIX, axes=None,
+         dtype=None):
+    """A PEFT adapter directory as a jlora adapter for ``params`` (``init``'s structure).
+
+    Args:
+      path: a directory written by PEFT's ``save_pretrained`` (or :func:`save`).
+      params: the base the adapter was trained on (jlora layout, may hold NF4 leaves).
+      module_fn, prefix: the key mapping, as in :func:`save`.
+      axes: optional ``{jlora_path: (stack_axes, in_axes, out_axes)}``; the default
+        is Flax's convention (last axis out, second-to-last in, leading stacked).
+      dtype: cast the factors (default: as stored).
+
+    Raises:
+      LoraError: unsupported config fields, keys that match no parameter, modules
+        missing for some layers, or shapes that do not fit ``params``.
+    """
+    config = _read_config(path)
+    tensors = _read_tensors(path)
+    unused = set(tensors)
+    flat, treedef = flatten(params)
+    out = []
+    for kp, leaf in flat:
+        p = path_str(kp)
+        node = _node(p, leaf, tensors, unused, config, module_fn, prefix,
+                     (axes or {}).get(p), dtype)
+        out.append(node)
+    if unused:
+        raise LoraError(f"{path}: {len(unused)} PEFT keys match no parameter of params, e.g. "
+                        f"{sorted(unused)[:3]}; pass module_fn to map jlora paths to these "
+                        f"modules (jlora path -> module now gives e.g. "
+                        f"{default_module(path_str(flat[0][0]), (0,))!r})")
+    if not any(n is not None for n in out):
+        raise LoraError(f"{path}: no adapter weights found")
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _read_config(path: str) -> dict:
+    try:
+        with open(os.path.join(path, CONFIG)) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise LoraError(f"cannot read {os.path.join(path, CONFIG)}: {e}") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise LoraError(f"{path}: peft_type {config['peft_type']!r} is not LORA")
+    bad = [f"{k}={config[k]!r}" for k, default in _UNSUPPORTED.items()
+           if config.get(k, default) != default and config.get(k) not in (None, [], {})]
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and re.match(r"pissa|olora|corda|loftq|eva|lora_ga", init):
+        bad.append(f"init_lora_weights={init!r} (it changed the base weights, which this file "
+                   "does not hold; convert the adapter with PEFT's "
+                   "path_initial_model_for_weight_conversion when saving)")
+    if bad:
+        raise LoraError(f"{path}: unsupported PEFT config fields: {', '.join(bad)}")
+    return config
+
+
+def _read_tensors(path: str) -> dict:
+    file = os.path.join(path, WEIGHTS)
+    try:
+        with open(file, "rb") as f:
+            return safetensors_io.loads(f.read(), file)
+    except OSError as e:
+        raise LoraError(f"cannot read {file}: {e}") from None
+
+
+def _pattern(patterns: dict, module: str, default):
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _node(p, leaf, tensors, unused, config, module_fn, prefix, axes, dtype):
+    shape = tuple(np.shape(leaf))
+    names = config.get("target_modules")
+    if len(shape) < 2 or p.split("/")[-1] in _NOT_KERNELS or (
+            isinstance(names, list) and not matches(tuple(names), p)):
+        return None  # PEFT adapts only modules named in target_modules
+    stack_axes, in_axes, out_axes = axes or default_axes(len(shape))
+    stack = tuple(shape[ax] for ax in stack_axes)
+    modules = {idx: module_fn(p, idx) for idx in np.ndindex(*stack)}
+    found = {idx: m for idx, m in modules.items() if prefix + m + ".lora_A.weight" in tensors}
+    if not found:
+        return None
+    if len(found) != len(modules):
+        missing = [m for idx, m in modules.items() if idx not in found][:3]
+        raise LoraError(f"{p!r}: the PEFT file adapts some of its layers but not {missing}")
+    get = lambda m, part: _take(tensors, unused, prefix + m + part)
+    first = modules[next(iter(modules))]
+    rank = get(first, ".lora_A.weight").shape[0]
+    n_in, n_out = (math.prod(shape[ax] for ax in g) for g in (in_axes, out_axes))
+    a, b, mag = [], [], []
+    for idx, m in modules.items():
+        la, lb = get(m, ".lora_A.weight"), get(m, ".lora_B.weight")
+        if la.shape != (rank, n_in) or lb.shape != (n_out, rank):
+            raise LoraError(f"{p!r}: {m} has lora_A {la.shape} and lora_B {lb.shape}, but the "
+                            f"kernel {shape} needs ({rank}, {n_in}) and ({n_out}, {rank})")
+        a.append(la.T)
+        b.append(lb.T)
+        if config.get("use_dora"):
+            mag.append(get(m, ".lora_magnitude_vector").reshape(n_out))
+    expected = _pattern(config.get("rank_pattern") or {}, first, config["r"])
+    if rank != expected:
+        raise LoraError(f"{p!r}: lora_A has rank {rank} but the config says {expected}")
+    alpha = float(_pattern(config.get("alpha_pattern") or {}, first, config["lora_alpha"]))
+    scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    cast = lambda xs: jnp.asarray(np.stack(xs).reshape(stack + xs[0].shape), dtype)
+    return LoraNode(a=cast(a), b=cast(b), rank=rank, alpha=alpha, scale=scale,
+                    dropout=float(config.get("lora_dropout", 0.0)), shape=shape,
+                    stack_axes=tuple(stack_axes), in_axes=tuple(in_axes),
+                    out_axes=tuple(out_axes), magnitude=cast(mag) if mag else None)
+
+
+def _take(tensors: dict, unused: set, key: str):
+    if key not in tensors:
+        raise LoraError(f"the PEFT file lacks {key!r}")
+    unused.discard(key)
+    return tensors[key]

@@ -18,13 +18,14 @@ from jlora.multi import combine_adapters as combine_adapters
 from jlora.multi import stack as stack
 from jlora.optim import loraplus as loraplus
 from jlora.quant import NF4 as NF4
+from jlora.sharding import adapter_shardings as adapter_shardings
 from jlora.quant import dequantize as dequantize
 from jlora.quant import quantize as quantize
 from jlora.merge import unmerge as unmerge
 
 __version__ = "0.1.0"
 
-__all__ = ["LoraConfig", "LoraError", "LoraNode", "NF4", "PRESETS", "apply", "combine_adapters",
-           "dequantize",
-           "explain", "init", "load_adapter", "loraplus", "merge", "peft", "quantize",
-           "restore_checkpoint", "save_adapter", "save_checkpoint", "stack", "unmerge"]
+__all__ = ["LoraConfig", "LoraError", "LoraNode", "NF4", "PRESETS", "adapter_shardings", "apply",
+           "combine_adapters", "dequantize", "explain", "init", "load_adapter",
+           "loraplus", "merge", "peft", "quantize", "restore_checkpoint",
+           "save_adapter", "save_checkpoint", "stack", "unmerge"]

@@ -181,6 +181,8 @@ def init(key, params, cfg: LoraConfig, fn=None, *args, **kwargs):
         nodes.append(node)
         residual.append(res)
     adapter = jax.tree_util.tree_unflatten(treedef, nodes)
+    from jlora.sharding import place  # sharding builds on this module
+    adapter = place(params, adapter)  # a sharded base gets an adapter sharded like it
     if cfg.init == "pissa":
         return adapter, jax.tree_util.tree_unflatten(treedef, residual)
     return adapter

@@ -1,0 +1,60 @@
+"""Adapters that shard with their base: ``a`` follows the kernel's "in" sharding, ``b`` its
+"out" sharding, the rank axis is replicated and stacked axes follow the kernel's."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jlora.adapter import StackedNode, adapter_nodes, is_node
+from jlora.targets import flatten, path_str
+
+
+def _axis_spec(spec, axes):
+    """The sharding of ``axes`` flattened into one: the major axis's, if the rest are whole."""
+    parts = [spec[ax] for ax in axes]
+    return parts[0] if all(p is None for p in parts[1:]) else None
+
+
+def node_sharding(leaf, node):
+    """The node with a ``NamedSharding`` in place of each array (None: leaf not sharded)."""
+    sharding = getattr(leaf, "sharding", None)
+    if not isinstance(sharding, NamedSharding):
+        return None
+    spec = tuple(sharding.spec) + (None,) * (len(node.shape) - len(sharding.spec))
+    stack = tuple(spec[ax] for ax in node.stack_axes)
+    stack = ((None,) if isinstance(node, StackedNode) else ()) + stack
+    ins, outs = _axis_spec(spec, node.in_axes), _axis_spec(spec, node.out_axes)
+    named = lambda *s: NamedSharding(sharding.mesh, PartitionSpec(*s))
+    fields = dict(a=named(*stack, ins, None), b=named(*stack, None, outs),
+                  magnitude=None if node.magnitude is None else named(*stack, outs))
+    if isinstance(node, StackedNode):
+        fields["scale"] = named(None)
+    return dataclasses.replace(node, **fields)
+
+
+def adapter_shardings(params, adapter):
+    """A tree like ``adapter`` with ``NamedSharding``s laid out after the base's.
+
+    For a kernel sharded as ``P(None, 'model')`` (column-parallel, ``(in, out)``),
+    ``a`` is replicated and ``b`` is ``P(None, 'model')``; for a row-parallel
+    ``P('model', None)``, ``a`` is ``P('model', None)`` and ``b`` replicated.
+    Leaves whose base is not sharded with a ``NamedSharding`` get ``None``.
+    Use with ``jax.device_put(adapter, shardings)`` or as ``jit`` shardings.
+    """
+    leaves = {path_str(kp): leaf for kp, leaf in flatten(params)[0]}
+    shardings = {p: node_sharding(leaves.get(p), n) for p, n in adapter_nodes(adapter).items()}
+    flat, treedef = jax.tree_util.tree_flatten_with_path(adapter, is_leaf=is_node)
+    return jax.tree_util.tree_unflatten(treedef, [shardings[path_str(kp)] for kp, _ in flat])
+
+
+def place(params, adapter):
+    """``adapter`` placed after its base's shardings (unchanged when the base is not sharded)."""
+    shardings = adapter_shardings(params, adapter)
+    nodes = jax.tree.leaves(shardings, is_leaf=lambda x: x is None or is_node(x))
+    if not any(n is not None for n in nodes):
+        return adapter
+    return jax.tree.map(lambda node, sh: node if sh is None else jax.device_put(node, sh),
+                        adapter, shardings, is_leaf=is_node)

@@ -1,0 +1,142 @@
+"""Sharding cases; ``test_sharding.py`` runs this file on 8 virtual CPU devices.
+
+Mesh ``data x model = 2 x 4``; Megatron-style layout: q/k/v/gate/up column-parallel
+(out sharded on ``model``), o/down row-parallel (in sharded), lm_head column-parallel.
+"""
+
+import re
+
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import jlora
+import llama
+from conftest import randomize
+
+CFG = llama.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_heads=4,
+                        num_layers=2)
+COLUMN, ROW = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"), ("o_proj", "down_proj")
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
+               "collective-permute")
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="run by test_sharding.py")
+
+
+def mesh(shape=(2, 4)):
+    """Auto (GSPMD) axes: XLA propagates shardings through the emitted ops."""
+    return jax.make_mesh(shape, ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+
+
+def megatron(path: str, ndim: int) -> P:
+    name = path.split("/")[-2]
+    if name in COLUMN or name == "lm_head":
+        return P(*([None] * (ndim - 1)), "model")
+    if name in ROW:
+        return P(*([None] * (ndim - 2)), "model", None)
+    return P()
+
+
+def shard(params, m):
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, x: jax.device_put(x, NamedSharding(m, megatron(
+            jlora.targets.path_str(kp), x.ndim))), params)
+
+
+def setup(key, m=None, **lora):
+    params = llama.init_params(CFG, key)
+    ids = jax.random.randint(key, (4, 9), 0, CFG.vocab_size)
+    cfg = jlora.LoraConfig.preset("complex", rank=8, alpha=16.0, **lora)
+    if m is None:
+        return params, randomize(jlora.init(key, params, cfg), key), ids
+    params = shard(params, m)
+    adapter = jlora.init(key, params, cfg)
+    adapter = jax.device_put(randomize(adapter, key), jlora.adapter_shardings(params, adapter))
+    return params, adapter, jax.device_put(ids, NamedSharding(m, P("data", None)))
+
+
+def sgd_step(params, adapter, ids):
+    model = llama.Llama(CFG)
+    loss = lambda ad: llama.loss_fn(jlora.apply(model.apply)(params, ad, ids[:, :-1]),
+                                    ids[:, 1:])
+    value, grads = jax.value_and_grad(loss)(adapter)
+    return jax.tree.map(lambda a, g: a - 0.1 * g, adapter, grads), value
+
+
+def test_adapter_shardings_follow_the_base(key):
+    params, adapter, _ = setup(key, mesh())
+    layers = adapter["params"]["layers"]
+    q, o = layers["self_attn"]["q_proj"]["kernel"], layers["self_attn"]["o_proj"]["kernel"]
+    assert q.a.sharding.spec == P(None, None, None) and q.b.sharding.spec == P(None, None,
+                                                                               "model")
+    assert o.a.sharding.spec == P(None, "model", None) and o.b.sharding.spec == P(None, None,
+                                                                                  None)
+    dora = jlora.init(key, params, jlora.LoraConfig(rank=4, targets=("q_proj",), dora=True))
+    assert dora["params"]["layers"]["self_attn"]["q_proj"]["kernel"].magnitude.sharding.spec \
+        == P(None, "model")
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora", "qlora"])
+def test_sharded_step_equals_one_device(key, variant):
+    lora = dict(dora=True) if variant == "dora" else {}
+    params1, adapter1, ids1 = setup(key, **lora)
+    params8, adapter8, ids8 = setup(key, mesh(), **lora)
+    if variant == "qlora":
+        params1, params8 = jlora.quantize(params1), jlora.quantize(params8)
+    new1, loss1 = jax.jit(sgd_step)(params1, adapter1, ids1)
+    new8, loss8 = jax.jit(sgd_step)(params8, adapter8, ids8)
+    np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(new8), jax.tree.leaves(new1)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(new8), jax.tree.leaves(adapter8)):
+        assert a.sharding.is_equivalent_to(b.sharding, a.ndim)  # the step keeps the layout
+
+
+def _collectives(f, *args) -> list[tuple[str, int]]:
+    """(collective, largest result element count) for each collective in the compiled HLO."""
+    found = []
+    for line in jax.jit(f).lower(*args).compile().as_text().splitlines():
+        m = re.search(r"= (.*?) (" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
+        if m:
+            sizes = [int(np.prod([int(d) for d in dims.split(",") if d]))
+                     for dims in re.findall(r"\[([\d,]*)\]", m.group(1))]
+            found.append((m.group(2), max(sizes, default=1)))
+    return found
+
+
+def test_factored_path_keeps_the_base_sharding(key):
+    """No all-gather of anything weight-sized: the step communicates activations and
+    rank-r products only, as the sharded base's own forward pass does."""
+    params, adapter, ids = setup(key, mesh())
+    model = llama.Llama(CFG)
+    kernel = CFG.hidden_size * CFG.hidden_size  # the smallest per-layer kernel
+    base = _collectives(lambda p, x: model.apply(p, x), params, ids)
+    fwd = _collectives(lambda p, ad, x: jlora.apply(model.apply)(p, ad, x), params, adapter,
+                       ids)
+    step = _collectives(sgd_step, params, adapter, ids)
+    big = lambda found: [c for c in found if c[0] == "all-gather" and c[1] >= kernel]
+    assert big(base) == big(fwd) == big(step) == []
+    assert len(fwd) == len(base)  # XLA folds the rank-r all-reduces into the base's
+    print("collectives base forward:", sorted(base), "\nLoRA forward:", sorted(fwd),
+          "\nLoRA step:", sorted(step))
+
+
+def test_checkpoint_restores_onto_another_mesh(key, tmp_path):
+    params, adapter, ids = setup(key, mesh((2, 4)))
+    tx = optax.adam(1e-3)
+    state = {"adapter": adapter, "opt": tx.init(adapter)}
+    jlora.save_checkpoint(tmp_path, 1, state)
+    other = mesh((4, 2))
+    params2 = shard(llama.init_params(CFG, key), other)
+    like_ad = jlora.init(jax.random.key(5), params2, jlora.LoraConfig.preset(
+        "complex", rank=8, alpha=16.0))
+    like = {"adapter": like_ad, "opt": tx.init(like_ad)}
+    restored, meta = jlora.restore_checkpoint(tmp_path, like)
+    assert meta["step"] == 1
+    for got, want, ref in zip(jax.tree.leaves(restored), jax.tree.leaves(state),
+                              jax.tree.leaves(like)):
+        np.testing.assert_array_equal(got, want)
+        assert got.sharding.is_equivalent_to(ref.sharding, got.ndim)
+        if isinstance(ref.sharding, NamedSharding):  # not Adam's step count
+            assert got.sharding.mesh.devices.shape == (4, 2)

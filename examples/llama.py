@@ -354,3 +354,20 @@ def from_hf(state_dict: Mapping[str, Any], config: LlamaConfig) -> dict:
     leaves = [jnp.asarray(_hf_leaf(state_dict, wanted[p], p, leaf.shape),
                           config.param_dtype) for p, (_, leaf) in zip(paths, flat)]
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+# Megatron-style tensor parallelism: column-parallel layers shard their output
+# features, row-parallel layers their input features, on the "model" mesh axis.
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
+ROW_PARALLEL = ("o_proj", "down_proj")
+
+
+def megatron_spec(path: str, ndim: int, axis: str = "model") -> jax.sharding.PartitionSpec:
+    """PartitionSpec of a parameter (``/``-joined key path, e.g. jlora's ``path_str``)."""
+    P = jax.sharding.PartitionSpec
+    name = path.split("/")[-2] if "/" in path else path
+    if name in COLUMN_PARALLEL:
+        return P(*([None] * (ndim - 1)), axis)
+    if name in ROW_PARALLEL:
+        return P(*([None] * (ndim - 2)), axis, None)
+    return P()

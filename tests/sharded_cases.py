@@ -18,7 +18,6 @@ from conftest import randomize
 
 CFG = llama.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_heads=4,
                         num_layers=2)
-COLUMN, ROW = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"), ("o_proj", "down_proj")
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
                "collective-permute")
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="run by test_sharding.py")
@@ -29,18 +28,9 @@ def mesh(shape=(2, 4)):
     return jax.make_mesh(shape, ("data", "model"), axis_types=(AxisType.Auto,) * 2)
 
 
-def megatron(path: str, ndim: int) -> P:
-    name = path.split("/")[-2]
-    if name in COLUMN or name == "lm_head":
-        return P(*([None] * (ndim - 1)), "model")
-    if name in ROW:
-        return P(*([None] * (ndim - 2)), "model", None)
-    return P()
-
-
 def shard(params, m):
     return jax.tree_util.tree_map_with_path(
-        lambda kp, x: jax.device_put(x, NamedSharding(m, megatron(
+        lambda kp, x: jax.device_put(x, NamedSharding(m, llama.megatron_spec(
             jlora.targets.path_str(kp), x.ndim))), params)
 
 

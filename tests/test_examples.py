@@ -30,3 +30,11 @@ def test_quickstart_learns_the_task():
     assert "merged == unmerged: True" in out
     acc = float(out.split("answer accuracy ")[1].split("%")[0])
     assert acc > 90.0, out
+
+
+def test_sharded_example_trains():
+    out = _run("train_sharded.py")
+    assert "mesh {'data': 2, 'model': 4} on 8 cpu devices" in out
+    assert "a P(None, None, None), b P(None, None, 'model')" in out  # column-parallel q
+    losses = [float(line.split()[-1]) for line in out.splitlines() if line.startswith("step")]
+    assert losses[-1] < 0.8 * losses[0], out

@@ -356,6 +356,18 @@ def from_hf(state_dict: Mapping[str, Any], config: LlamaConfig) -> dict:
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+def to_hf(params, config: LlamaConfig) -> dict:
+    """The inverse of :func:`from_hf`: ``{hf_name: numpy array}`` (torch layout)."""
+    out = {}
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        path = "/".join(str(k.key) for k in kp)
+        value = np.asarray(leaf)
+        layers = list(value) if _scanned(path) else [value]
+        for name, v in zip(_hf_names(path, config), layers):
+            out[name] = v.T if path.endswith("/kernel") else v
+    return out
+
+
 # Megatron-style tensor parallelism: column-parallel layers shard their output
 # features, row-parallel layers their input features, on the "model" mesh axis.
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")

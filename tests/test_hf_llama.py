@@ -9,6 +9,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import llama  # noqa: E402
 from llama import Llama, config_from_hf, from_hf, hf_module, init_params  # noqa: E402
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -116,3 +117,12 @@ def test_hf_module_names_every_state_dict_key(key):
             path = "/".join(str(k.key) for k in path)
             for i in range(leaf.shape[0]) if scan and "/layers/" in path else [None]:
                 assert hf_module(path, () if i is None else (i,)) in modules, path
+
+
+def test_to_hf_is_the_inverse_of_from_hf(key):
+    for scan in (True, False):
+        cfg = llama.LlamaConfig(scan_layers=scan)
+        params = llama.init_params(cfg, key)
+        back = llama.from_hf(llama.to_hf(params, cfg), cfg)
+        for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+            np.testing.assert_array_equal(a, b)

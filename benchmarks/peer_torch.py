@@ -1,0 +1,60 @@
+"""Hugging Face PEFT on torch (CPU, 2 threads) for ``peers.py``: the same weights."""
+
+import copy
+
+import torch
+
+import llama
+from peers import ALPHA, LR, RANK, TARGETS, base_params, batch, config, timed
+
+
+def _hf_model():
+    import transformers
+    cfg = config()
+    hf = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(hf)
+    state = {k: torch.tensor(v) for k, v in llama.to_hf(base_params(), cfg).items()}
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def _step(model, params, ids):
+    opt = torch.optim.AdamW(params, lr=LR)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(ids[:, :-1], labels=ids[:, :-1]).loss.backward()  # HF shifts the labels
+        opt.step()
+    return step
+
+
+def run(repeats: int) -> dict:
+    import peft
+    torch.set_num_threads(2)
+    ids = torch.tensor(batch())
+    x = ids[:, :-1]
+    base = _hf_model().eval()
+    full = _hf_model().train()
+    lora = peft.get_peft_model(_hf_model(), peft.LoraConfig(
+        r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(TARGETS)))
+    with torch.no_grad():  # B != 0, as after training
+        for name, p in lora.named_parameters():
+            if "lora_" in name:
+                p.add_(1e-3)
+    merged = copy.deepcopy(lora).merge_and_unload().eval()
+    trainable = [p for p in lora.parameters() if p.requires_grad]
+    lora_step = _step(lora, trainable, ids)
+
+    def no_grad(m):
+        def f():
+            with torch.no_grad():
+                m(x)
+        return f
+    calls = dict(base_forward=no_grad(base), lora_forward=no_grad(lora.eval()),
+                 merged_forward=no_grad(merged), lora_step=lora_step,
+                 full_step=_step(full, list(full.parameters()), ids))
+    return timed(calls, repeats)

@@ -1,0 +1,148 @@
+"""jlora against the libraries a user would pick instead, side by side in one run.
+
+Each implementation runs in its own process (``--impl NAME`` prints JSON) on the
+same Llama config (hidden 512, intermediate 1408, 4 layers, 8 heads, vocab 8000,
+batch 4 x seq 256, fp32, LoRA r16 alpha 32 on q,k,v,o, dropout 0) and the same
+weights; the driver prints one table of medians (min-max) and ratios. Rows:
+base forward, LoRA forward (unmerged), merged forward, LoRA train step (forward,
+backward, AdamW on the adapter), full fine-tuning step, peak RSS.
+
+Run from the repo root: ``python benchmarks/peers.py`` (writes
+``benchmarks/results/peers.md``). Implementations: jlora; merge-on-the-fly
+(``model.apply(jlora.merge(params, adapter))``, the naive functional baseline);
+Hugging Face PEFT on torch (2 threads; needs the ``interop`` extra); Flax NNX
+``nnx.LoRALinear``. Not run yet: qwix, lorax.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+IMPLS = ("jlora", "merge_on_the_fly", "peft", "nnx")
+ROWS = ("base_forward", "lora_forward", "merged_forward", "lora_step", "full_step")
+RANK, ALPHA, TARGETS = 16, 32.0, ("q_proj", "k_proj", "v_proj", "o_proj")
+BATCH, SEQ, LR = 4, 256, 2e-4
+
+
+def config():
+    import llama
+    return llama.LlamaConfig.named("bench", scan_layers=False)
+
+
+def base_params():
+    import jax
+    import llama
+    return llama.init_params(config(), jax.random.key(0))
+
+
+def batch():
+    import numpy as np
+    return np.random.default_rng(0).integers(0, config().vocab_size, (BATCH, SEQ + 1))
+
+
+def timed(calls: dict, repeats: int) -> dict:
+    """Per row, ms per call after two warm-up calls, rows interleaved round-robin."""
+    for f in calls.values():
+        f()
+        f()
+    times = {k: [] for k in calls}
+    for _ in range(repeats):
+        for k, f in calls.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def run_jax(impl: str, repeats: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import llama
+
+    import jlora
+    sys.path.insert(0, HERE)
+    from core import steps
+
+    model, params = llama.Llama(config()), base_params()
+    adapter = jlora.init(jax.random.key(1), params, jlora.LoraConfig(
+        rank=RANK, alpha=ALPHA, targets=TARGETS))
+    adapter = jax.tree.map(lambda v: v + 1e-3, adapter)  # B != 0, as after training
+    rows = steps(model, params, jnp.asarray(batch()), {False: adapter, True: adapter})
+    if impl == "merge_on_the_fly":
+        mof = jax.jit(lambda p, ad, x: model.apply(jlora.merge(p, ad), x))
+        rows["lora_forward"] = (mof, rows["lora_forward"][1])
+        rows["lora_step"] = rows["merge_on_the_fly_step"]
+    calls = {k: (lambda f=f, a=a: jax.block_until_ready(f(*a))) for k, (f, a) in rows.items()
+             if k in ROWS}
+    return timed(calls, repeats)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(impl: str, repeats: int) -> None:
+    if impl in ("jlora", "merge_on_the_fly"):
+        times = run_jax(impl, repeats)
+    elif impl == "peft":
+        from peer_torch import run
+        times = run(repeats)
+    else:
+        from peer_nnx import run
+        times = run(repeats)
+    print(json.dumps(dict(times=times, rss_mb=peak_rss_mb())))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--impl", choices=IMPLS)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--only", nargs="+", default=list(IMPLS))
+    args = ap.parse_args()
+    if args.impl:
+        return child(args.impl, args.repeats)
+    results = {}
+    for impl in args.only:
+        proc = subprocess.run([sys.executable, __file__, "--impl", impl, "--repeats",
+                               str(args.repeats)], capture_output=True, text=True, cwd=HERE)
+        if proc.returncode:
+            results[impl] = f"failed: {proc.stderr.strip().splitlines()[-1][:120]}"
+        else:
+            results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(impl, "done", flush=True)
+    print(table(results, args.repeats))
+
+
+def table(results: dict, repeats: int) -> str:
+    ok = {k: v for k, v in results.items() if isinstance(v, dict)}
+    med = {k: {r: statistics.median(t) for r, t in v["times"].items()} for k, v in ok.items()}
+    head = "| row | " + " | ".join(ok) + " |"
+    lines = [head, "|---" * (len(ok) + 1) + "|"]
+    for row in ROWS:
+        cells = [f"{med[k][row]:.0f} ({min(ok[k]['times'][row]):.0f}-"
+                 f"{max(ok[k]['times'][row]):.0f})" if row in med[k] else "-" for k in ok]
+        lines.append(f"| {row} ms | " + " | ".join(cells) + " |")
+    ratio = lambda k, a, b: f"{med[k][a] / med[k][b]:.2f}"
+    lines.append("| LoRA fwd / base fwd | " + " | ".join(ratio(k, "lora_forward",
+                                                          "base_forward") for k in ok) + " |")
+    lines.append("| LoRA step / base fwd | " + " | ".join(ratio(k, "lora_step",
+                                                           "base_forward") for k in ok) + " |")
+    if "jlora" in med:
+        lines.append("| LoRA step / jlora's | " + " | ".join(
+            f"{med[k]['lora_step'] / med['jlora']['lora_step']:.2f}" for k in ok) + " |")
+    lines.append("| peak RSS MB | " + " | ".join(f"{ok[k]['rss_mb']:.0f}" for k in ok) + " |")
+    failed = [f"{k}: {v}" for k, v in results.items() if not isinstance(v, dict)]
+    note = (f"\n\nmedians (min-max) of {repeats} interleaved rounds per implementation, each in "
+            f"its own process, one after another; {os.cpu_count()} cores")
+    return "\n".join(lines) + note + ("\n" + "\n".join(failed) if failed else "")
+
+
+if __name__ == "__main__":
+    main()

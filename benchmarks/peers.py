@@ -17,6 +17,7 @@ Hugging Face PEFT on torch (2 threads; needs the ``interop`` extra); Flax NNX
 import argparse
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -117,7 +118,22 @@ def main():
         else:
             results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(impl, "done", flush=True)
-    print(table(results, args.repeats))
+    text = table(results, args.repeats)
+    print(text)
+    if args.only == list(IMPLS):
+        with open(os.path.join(HERE, "results", "peers.md"), "w") as f:
+            f.write(f"`python benchmarks/peers.py --repeats {args.repeats}` ({platform.machine()}"
+                    f", {os.cpu_count()} cores, CPU; torch {_version('torch')}, peft "
+                    f"{_version('peft')}, jax {_version('jax')}, flax {_version('flax')})"
+                    f"\n\n{text}\n")
+
+
+def _version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def table(results: dict, repeats: int) -> str:

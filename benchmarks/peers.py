@@ -11,7 +11,9 @@ Run from the repo root: ``python benchmarks/peers.py`` (writes
 ``benchmarks/results/peers.md``). Implementations: jlora; merge-on-the-fly
 (``model.apply(jlora.merge(params, adapter))``, the naive functional baseline);
 Hugging Face PEFT on torch (2 threads; needs the ``interop`` extra); Flax NNX
-``nnx.LoRALinear``. Not run yet: qwix, lorax.
+``nnx.LoRALinear``; qwix's LoRA on the same Linen model; lorax (jax-lorax 0.3.1),
+which does not run on current JAX (it imports ``jax.linear_util``), in its own venv
+with JAX 0.4.23: ``benchmarks/setup_lorax.sh`` first (or set ``$LORAX_PYTHON``).
 """
 
 import argparse
@@ -26,7 +28,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "examples"))
-IMPLS = ("jlora", "merge_on_the_fly", "peft", "nnx")
+IMPLS = ("jlora", "merge_on_the_fly", "peft", "nnx", "qwix", "lorax")
+#: lorax needs JAX <= 0.4.23: its own venv (benchmarks/setup_lorax.sh) or $LORAX_PYTHON.
+LORAX_PYTHON = os.environ.get("LORAX_PYTHON", os.path.join(HERE, ".venv-lorax", "bin", "python"))
 ROWS = ("base_forward", "lora_forward", "merged_forward", "lora_step", "full_step")
 RANK, ALPHA, TARGETS = 16, 32.0, ("q_proj", "k_proj", "v_proj", "o_proj")
 BATCH, SEQ, LR = 4, 256, 2e-4
@@ -95,8 +99,14 @@ def child(impl: str, repeats: int) -> None:
     elif impl == "peft":
         from peer_torch import run
         times = run(repeats)
-    else:
+    elif impl == "lorax":
+        from peer_lorax import run
+        times = run(repeats)
+    elif impl == "nnx":
         from peer_nnx import run
+        times = run(repeats)
+    else:
+        from peer_qwix import run
         times = run(repeats)
     print(json.dumps(dict(times=times, rss_mb=peak_rss_mb())))
 
@@ -111,7 +121,11 @@ def main():
         return child(args.impl, args.repeats)
     results = {}
     for impl in args.only:
-        proc = subprocess.run([sys.executable, __file__, "--impl", impl, "--repeats",
+        python = LORAX_PYTHON if impl == "lorax" else sys.executable
+        if not os.path.exists(python):
+            results[impl] = "not run: no venv with JAX 0.4.23 (run benchmarks/setup_lorax.sh)"
+            continue
+        proc = subprocess.run([python, __file__, "--impl", impl, "--repeats",
                                str(args.repeats)], capture_output=True, text=True, cwd=HERE)
         if proc.returncode:
             results[impl] = f"failed: {proc.stderr.strip().splitlines()[-1][:120]}"

@@ -1,0 +1,72 @@
+"""qwix LoRA (``qwix.apply_lora_to_model``) on the example Linen model for ``peers.py``."""
+
+import jax
+import jax.numpy as jnp
+import optax
+import qwix
+
+import llama
+from peers import ALPHA, LR, RANK, TARGETS, base_params, batch, config, timed
+
+
+def _is_lora(path) -> bool:
+    return str(path[-1].key).startswith("kernel_lora_")
+
+
+def _merged(tree):
+    """Plain kernels ``W + (alpha / r) A @ B`` (qwix's scaling), lora leaves dropped."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {k: _merged(v) for k, v in tree.items() if not k.startswith("kernel_lora_")}
+    if "kernel_lora_a" in tree:
+        out["kernel"] = tree["kernel"] + (ALPHA / RANK) * tree["kernel_lora_a"] @ tree[
+            "kernel_lora_b"]
+    return out
+
+
+def run(repeats: int) -> dict:
+    cfg, params = config(), base_params()
+    model = llama.Llama(cfg)
+    rule = qwix.LoraRule(module_path=".*(" + "|".join(TARGETS) + ")", rank=RANK, alpha=ALPHA)
+    lora_model = qwix.apply_lora_to_model(model, qwix.LoraProvider([rule]))
+    ids = jnp.asarray(batch())
+    x, y = ids[:, :-1], ids[:, 1:]
+    fresh = lora_model.init(jax.random.key(1), x)
+    # the base's weights, qwix's A and B (B != 0, as after training)
+    base = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(
+        params)[0]}
+    full_tree = jax.tree_util.tree_map_with_path(
+        lambda k, v: v + 1e-3 if _is_lora(k) else base[jax.tree_util.keystr(k)], fresh)
+    split = lambda t, want: jax.tree_util.tree_map_with_path(
+        lambda k, v: v if _is_lora(k) == want else None, t)
+    lora, frozen = split(full_tree, True), split(full_tree, False)
+    join = lambda a, b: jax.tree.map(lambda u, v: v if u is None else u, a, b,
+                                     is_leaf=lambda z: z is None)
+    merged = _merged(full_tree)
+    tx = optax.adamw(LR)
+
+    def make(loss):
+        @jax.jit
+        def step(trained, opt, *rest):
+            g = jax.grad(loss)(trained, *rest)
+            u, opt = tx.update(g, opt, trained)
+            return optax.apply_updates(trained, u), opt
+        return step
+
+    lora_loss = lambda ad, fr: llama.loss_fn(lora_model.apply(join(ad, fr), x), y)
+    full_loss = lambda p: llama.loss_fn(model.apply(p, x), y)
+    lora_step, full_step = make(lora_loss), make(full_loss)
+    state = {"lora": (lora, tx.init(lora)), "full": (params, tx.init(params))}
+
+    def stepper(name, f, *rest):
+        def go():
+            state[name] = jax.block_until_ready(f(*state[name], *rest))
+        return go
+    fwd, lfwd = jax.jit(model.apply), jax.jit(lora_model.apply)
+    block = jax.block_until_ready
+    calls = dict(base_forward=lambda: block(fwd(params, x)),
+                 lora_forward=lambda: block(lfwd(full_tree, x)),
+                 merged_forward=lambda: block(fwd(merged, x)),
+                 lora_step=stepper("lora", lora_step, frozen),
+                 full_step=stepper("full", full_step))
+    return timed(calls, repeats)

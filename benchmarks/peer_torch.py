@@ -5,7 +5,7 @@ import copy
 import torch
 
 import llama
-from peers import ALPHA, LR, RANK, TARGETS, base_params, batch, config, timed
+from peers import ALL_LINEAR, ALPHA, LR, RANK, TARGETS, base_params, batch, config, timed
 
 
 def _hf_model():
@@ -19,6 +19,16 @@ def _hf_model():
     model = transformers.LlamaForCausalLM(hf)
     state = {k: torch.tensor(v) for k, v in llama.to_hf(base_params(), cfg).items()}
     model.load_state_dict(state, strict=False)
+    return model
+
+
+def _peft(peft, targets, **kw):
+    model = peft.get_peft_model(_hf_model(), peft.LoraConfig(
+        r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(targets), **kw))
+    with torch.no_grad():  # B != 0, as after training
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(1e-3)
     return model
 
 
@@ -39,12 +49,8 @@ def run(repeats: int) -> dict:
     x = ids[:, :-1]
     base = _hf_model().eval()
     full = _hf_model().train()
-    lora = peft.get_peft_model(_hf_model(), peft.LoraConfig(
-        r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(TARGETS)))
-    with torch.no_grad():  # B != 0, as after training
-        for name, p in lora.named_parameters():
-            if "lora_" in name:
-                p.add_(1e-3)
+    lora, wide, dora = (_peft(peft, targets, **kw) for targets, kw in (
+        (TARGETS, {}), (ALL_LINEAR, {}), (TARGETS, dict(use_dora=True))))
     merged = copy.deepcopy(lora).merge_and_unload().eval()
     trainable = [p for p in lora.parameters() if p.requires_grad]
     lora_step = _step(lora, trainable, ids)
@@ -54,7 +60,10 @@ def run(repeats: int) -> dict:
             with torch.no_grad():
                 m(x)
         return f
+    trained = lambda m: [p for p in m.parameters() if p.requires_grad]
     calls = dict(base_forward=no_grad(base), lora_forward=no_grad(lora.eval()),
                  merged_forward=no_grad(merged), lora_step=lora_step,
-                 full_step=_step(full, list(full.parameters()), ids))
+                 full_step=_step(full, list(full.parameters()), ids),
+                 all_linear_step=_step(wide, trained(wide), ids),
+                 dora_step=_step(dora, trained(dora), ids))
     return timed(calls, repeats)

@@ -31,8 +31,10 @@ sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 IMPLS = ("jlora", "merge_on_the_fly", "peft", "nnx", "qwix", "lorax")
 #: lorax needs JAX <= 0.4.23: its own venv (benchmarks/setup_lorax.sh) or $LORAX_PYTHON.
 LORAX_PYTHON = os.environ.get("LORAX_PYTHON", os.path.join(HERE, ".venv-lorax", "bin", "python"))
-ROWS = ("base_forward", "lora_forward", "merged_forward", "lora_step", "full_step")
+ROWS = ("base_forward", "lora_forward", "merged_forward", "lora_step", "full_step",
+        "all_linear_step", "dora_step", "qlora_step", "mixed_4_forward")
 RANK, ALPHA, TARGETS = 16, 32.0, ("q_proj", "k_proj", "v_proj", "o_proj")
+ALL_LINEAR = TARGETS + ("gate_proj", "up_proj", "down_proj")
 BATCH, SEQ, LR = 4, 256, 2e-4
 
 
@@ -76,17 +78,35 @@ def run_jax(impl: str, repeats: int) -> dict:
     from core import steps
 
     model, params = llama.Llama(config()), base_params()
-    adapter = jlora.init(jax.random.key(1), params, jlora.LoraConfig(
-        rank=RANK, alpha=ALPHA, targets=TARGETS))
-    adapter = jax.tree.map(lambda v: v + 1e-3, adapter)  # B != 0, as after training
-    rows = steps(model, params, jnp.asarray(batch()), {False: adapter, True: adapter})
+    ids = jnp.asarray(batch())
+    make = lambda p, i=1, targets=TARGETS, **kw: jax.tree.map(  # B != 0, as after training
+        lambda v: v + 1e-3, jlora.init(jax.random.key(i), p, jlora.LoraConfig(
+            rank=RANK, alpha=ALPHA, targets=targets, **kw)))
+    adapter = make(params)
+    rows = steps(model, params, ids, {False: adapter, True: make(params, dora=True)})
     if impl == "merge_on_the_fly":
         mof = jax.jit(lambda p, ad, x: model.apply(jlora.merge(p, ad), x))
-        rows["lora_forward"] = (mof, rows["lora_forward"][1])
-        rows["lora_step"] = rows["merge_on_the_fly_step"]
+        rows = dict(rows, lora_forward=(mof, rows["lora_forward"][1]),
+                    lora_step=rows["merge_on_the_fly_step"])
+        rows.pop("dora_step")
+    else:  # extra rows: all seven linear layers, an NF4 base (fp32 compute), 4 adapters
+        step = rows["lora_step"][0]
+        wide = make(params, targets=ALL_LINEAR)
+        rows["all_linear_step"] = (step, (wide, optax_init(wide), params))
+        nf4 = jlora.quantize(params, compute_dtype=jnp.float32)
+        qa = make(nf4)
+        rows["qlora_step"] = (step, (qa, optax_init(qa), nf4))
+        stacked = jlora.stack([make(params, i) for i in range(4)])
+        mixed = jax.jit(lambda p, st, x, i: jlora.apply(model.apply)(p, st, x, adapter_ids=i))
+        rows["mixed_4_forward"] = (mixed, (params, stacked, ids[:, :-1], jnp.arange(4)))
     calls = {k: (lambda f=f, a=a: jax.block_until_ready(f(*a))) for k, (f, a) in rows.items()
              if k in ROWS}
     return timed(calls, repeats)
+
+
+def optax_init(tree):
+    import optax
+    return optax.adamw(LR).init(tree)  # the same optimizer as core.steps
 
 
 def peak_rss_mb() -> float:

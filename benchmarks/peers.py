@@ -136,27 +136,21 @@ def main():
     ap.add_argument("--impl", choices=IMPLS)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--only", nargs="+", default=list(IMPLS))
+    ap.add_argument("--passes", type=int, default=2)
     args = ap.parse_args()
     if args.impl:
         return child(args.impl, args.repeats)
-    results = {}
-    for impl in args.only:
-        python = LORAX_PYTHON if impl == "lorax" else sys.executable
-        if not os.path.exists(python):
-            results[impl] = "not run: no venv with JAX 0.4.23 (run benchmarks/setup_lorax.sh)"
-            continue
-        proc = subprocess.run([python, __file__, "--impl", impl, "--repeats",
-                               str(args.repeats)], capture_output=True, text=True, cwd=HERE)
-        if proc.returncode:
-            results[impl] = f"failed: {proc.stderr.strip().splitlines()[-1][:120]}"
-        else:
-            results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(impl, "done", flush=True)
-    text = table(results, args.repeats)
+    results: dict = {}
+    for _ in range(args.passes):  # passes over all implementations: drift hits each alike
+        for impl in args.only:
+            results[impl] = _merge(results.get(impl), _child_run(impl, args.repeats))
+            print(impl, "done", flush=True)
+    text = table(results, args.repeats * args.passes)
     print(text)
     if args.only == list(IMPLS):
         with open(os.path.join(HERE, "results", "peers.md"), "w") as f:
-            f.write(f"`python benchmarks/peers.py --repeats {args.repeats}` ({platform.machine()}"
+            f.write(f"`python benchmarks/peers.py --repeats {args.repeats} --passes {args.passes}` "
+                    f"({platform.machine()}"
                     f", {os.cpu_count()} cores, CPU; torch {_version('torch')}, peft "
                     f"{_version('peft')}, jax {_version('jax')}, flax {_version('flax')})"
                     f"\n\n{text}\n")
@@ -168,6 +162,27 @@ def _version(name: str) -> str:
         return version(name)
     except PackageNotFoundError:
         return "not installed"
+
+
+def _child_run(impl: str, repeats: int):
+    python = LORAX_PYTHON if impl == "lorax" else sys.executable
+    if not os.path.exists(python):
+        return "not run: no venv with JAX 0.4.23 (run benchmarks/setup_lorax.sh)"
+    proc = subprocess.run([python, __file__, "--impl", impl, "--repeats", str(repeats)],
+                          capture_output=True, text=True, cwd=HERE)
+    if proc.returncode:
+        return f"failed: {proc.stderr.strip().splitlines()[-1][:120]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _merge(old, new):
+    """Pool the timings of two passes (a failure in either is reported)."""
+    if old is None or not isinstance(new, dict):
+        return new
+    if not isinstance(old, dict):
+        return old
+    times = {k: old["times"][k] + new["times"][k] for k in old["times"]}
+    return dict(times=times, rss_mb=max(old["rss_mb"], new["rss_mb"]))
 
 
 def table(results: dict, repeats: int) -> str:
@@ -189,8 +204,9 @@ def table(results: dict, repeats: int) -> str:
             f"{med[k]['lora_step'] / med['jlora']['lora_step']:.2f}" for k in ok) + " |")
     lines.append("| peak RSS MB | " + " | ".join(f"{ok[k]['rss_mb']:.0f}" for k in ok) + " |")
     failed = [f"{k}: {v}" for k, v in results.items() if not isinstance(v, dict)]
-    note = (f"\n\nmedians (min-max) of {repeats} interleaved rounds per implementation, each in "
-            f"its own process, one after another; {os.cpu_count()} cores")
+    note = (f"\n\nmedians (min-max) of {repeats} timed calls per row and implementation, "
+            "rows interleaved within a process, each implementation in its own process, "
+            f"the implementations run in turn, pass after pass; {os.cpu_count()} cores")
     return "\n".join(lines) + note + ("\n" + "\n".join(failed) if failed else "")
 
 

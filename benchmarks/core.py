@@ -56,6 +56,15 @@ def build(quick: bool):
     return cfg, model, params, adapters, ids
 
 
+def train_step(loss, tx):
+    """``jit(step)(trainable, opt_state, *frozen)``: one optimizer step on ``loss``."""
+    def step(trainable, opt_state, *frozen):
+        grads = jax.grad(loss)(trainable, *frozen)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state
+    return jax.jit(step)
+
+
 def steps(model, params, ids, adapters):
     """``{row: (jitted function, its arguments)}``."""
     x, y = ids[:, :-1], ids[:, 1:]
@@ -65,12 +74,7 @@ def steps(model, params, ids, adapters):
     full_loss = lambda p: llama.loss_fn(model.apply(p, x), y)
     mof_loss = lambda ad, p: full_loss(jlora.merge(p, ad))
 
-    def make_step(loss):
-        def step(trainable, opt_state, *frozen):
-            grads = jax.grad(loss)(trainable, *frozen)
-            updates, opt_state = tx.update(grads, opt_state, trainable)
-            return optax.apply_updates(trainable, updates), opt_state
-        return jax.jit(step)
+    make_step = lambda loss: train_step(loss, tx)
 
     ad, dora = adapters[False], adapters[True]
     return dict(

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 import jlora  # noqa: E402
 import llama  # noqa: E402
-from core import timeit_interleaved  # noqa: E402
+from core import timeit_interleaved, train_step  # noqa: E402
 
 RANKS, WIDTHS, BATCH, SEQ = (4, 8, 16, 32, 64, 128), (256, 512, 1024, 2048), 2, 128
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -35,15 +35,8 @@ def steps(hidden: int, rank: int):
     tx = optax.adamw(1e-4)
     lora = lambda a, p: llama.loss_fn(jlora.apply(model.apply)(p, a, ids[:, :-1]), ids[:, 1:])
     full = lambda p: llama.loss_fn(model.apply(p, ids[:, :-1]), ids[:, 1:])
-
-    def make(loss):
-        def step(t, opt, *frozen):
-            g = jax.grad(loss)(t, *frozen)
-            u, opt = tx.update(g, opt, t)
-            return optax.apply_updates(t, u), opt
-        return jax.jit(step)
-    return {"lora": (make(lora), (ad, tx.init(ad), params)),
-            "full": (make(full), (params, tx.init(params)))}
+    return {"lora": (train_step(lora, tx), (ad, tx.init(ad), params)),
+            "full": (train_step(full, tx), (params, tx.init(params)))}
 
 
 def measure(hidden, rank, repeats):

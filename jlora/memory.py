@@ -106,6 +106,11 @@ def estimate(shape: Shape, method: str, *, rank: int = 16, targets=LINEAR[:4],
       rank, targets: the adapter (lora/qlora); default r16 on q, k, v, o.
       batch, seq: tokens per step.
       checkpointing: keep only layer inputs for the backward pass.
+
+    Example:
+      >>> from jlora.memory import LLAMA_7B, estimate
+      >>> round(estimate(LLAMA_7B, "full-fp32")["optimizer"] / 1e9, 1)  # Adam: 8 bytes/param
+      53.9
     """
     if method not in METHODS:
         raise LoraError(f"method={method!r} is not one of {METHODS}")

@@ -116,6 +116,14 @@ def combine_adapters(adapters, weights, method: str = "cat", rank: int | None = 
     Returns:
       An adapter with scaling 1 (``alpha == rank``): each source's scaling is
       applied exactly once, inside the factors.
+
+    Example:
+      >>> p = {"q": jnp.ones((4, 6))}
+      >>> a1, a2 = (jlora.init(jax.random.key(i), p, jlora.LoraConfig(rank=2, targets=("q",)))
+      ...           for i in range(2))
+      >>> both = jlora.combine_adapters([a1, a2], [0.5, 0.5], method="cat")
+      >>> both["q"].rank, both["q"].scale
+      (4, 1.0)
     """
     adapters, weights = list(adapters), [float(w) for w in weights]
     if method not in COMBINE:

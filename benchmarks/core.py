@@ -26,6 +26,12 @@ import llama  # noqa: E402
 LR = 2e-4
 
 
+def write_result(name: str, command: str, table: str, note: str = "") -> None:
+    """``benchmarks/results/NAME.md``: the command that made it, the table, a note."""
+    with open(os.path.join(os.path.dirname(__file__), "results", name + ".md"), "w") as f:
+        f.write(f"`{command}`{note}\n\n{table}\n")
+
+
 def timeit_interleaved(calls: dict, repeats: int) -> dict:
     """Wall times in ms per call, measured round-robin so drift hits every row alike."""
     for f, args in calls.values():

@@ -10,9 +10,11 @@ import sys
 
 import jax
 
+sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 import jlora  # noqa: E402
 import llama  # noqa: E402
+from core import write_result  # noqa: E402
 
 RANK, BATCH, SEQ = 16, 2, 64
 
@@ -50,10 +52,9 @@ def main():
                          f" | {r['lora']:.3f} | {r['merge_on_the_fly']:.3f} |")
     table = "\n".join(lines)
     print(table)
-    out = os.path.join(os.path.dirname(__file__), "results", "flops.md")
-    with open(out, "w") as f:
-        f.write(f"`python benchmarks/flops.py` (jax {jax.__version__}; batch {BATCH} x seq "
-                f"{SEQ}, r{RANK}, q,k,v,o,gate,up,down)\n\n{table}\n")
+    write_result("flops", "python benchmarks/flops.py", table,
+                 f" (jax {jax.__version__}; batch {BATCH} x seq {SEQ}, r{RANK}, "
+                 "q,k,v,o,gate,up,down)")
 
 
 if __name__ == "__main__":

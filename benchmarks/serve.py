@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 import jlora  # noqa: E402
 import llama  # noqa: E402
-from core import timeit_interleaved  # noqa: E402
+from core import timeit_interleaved, write_result  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -82,10 +82,8 @@ def main():
             f"{args.repeats} interleaved rounds; 'switch' is per call, alternating two adapters")
     print(table + "\n\n" + note)
     if not args.quick:
-        out = os.path.join(os.path.dirname(__file__), "results", "serve.md")
-        with open(out, "w") as f:
-            f.write(f"`python benchmarks/serve.py --repeats {args.repeats}`\n\n{table}\n\n"
-                    f"{note}\n")
+        write_result("serve", f"python benchmarks/serve.py --repeats {args.repeats}",
+                     f"{table}\n\n{note}")
 
 
 if __name__ == "__main__":

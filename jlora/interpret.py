@@ -228,7 +228,6 @@ def _spec(x) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
 
 
-
 def _trace(fn, params, args, kwargs):
     """jaxpr of ``fn(params, *args, **kwargs)`` over its array leaves (others are static)."""
     flat, tree = jax.tree_util.tree_flatten((params, args, kwargs), is_leaf=is_nf4)

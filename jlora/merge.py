@@ -54,7 +54,7 @@ def merge(params, adapter, *, return_norms: bool = False, requantize: bool = Fal
       True
     """
     flat, treedef = flatten(params)
-    out, changed, norms = [], [], {}
+    out, changed, norms, rounded = [], [], {}, False
     for (kp, leaf), node in zip(flat, match(params, adapter)):
         if node is None:
             out.append(leaf if requantize or not is_nf4(leaf) else dequantize(leaf))
@@ -65,12 +65,12 @@ def merge(params, adapter, *, return_norms: bool = False, requantize: bool = Fal
         if return_norms and node.magnitude is not None:
             norms[path] = sy.node_norm(wrap(leaf), node)
         if requantize and is_nf4(leaf):
+            rounded = True
             out[-1] = quantize_array(out[-1], block_size=leaf.block_size,
                                      double_quant=leaf.absmax2 is not None,
                                      compute_dtype=leaf.compute_dtype, path=path)
     _check_finite(changed)
-    if requantize and any(is_nf4(leaf) for (_, leaf), n in zip(flat, match(params, adapter))
-                          if n is not None):
+    if rounded:
         warnings.warn("merge(requantize=True) rounds base + adapter to NF4: the merged model "
                       "differs from base + adapter (as with PEFT's merge_and_unload on a 4-bit "
                       "base); keep the adapter separate for exact outputs", stacklevel=2)

@@ -4,6 +4,7 @@ from jlora import peft as peft
 
 from jlora.adapter import LoraNode as LoraNode
 from jlora.adapter import init as init
+from jlora.check import check as check
 from jlora.checkpoint import load_adapter as load_adapter
 from jlora.checkpoint import restore_checkpoint as restore_checkpoint
 from jlora.checkpoint import save_adapter as save_adapter
@@ -26,6 +27,6 @@ from jlora.merge import unmerge as unmerge
 __version__ = "0.1.0"
 
 __all__ = ["LoraConfig", "LoraError", "LoraNode", "NF4", "PRESETS", "adapter_shardings", "apply",
-           "combine_adapters", "dequantize", "explain", "init", "load_adapter",
+           "check", "combine_adapters", "dequantize", "explain", "init", "load_adapter",
            "loraplus", "merge", "peft", "quantize", "restore_checkpoint",
            "save_adapter", "save_checkpoint", "stack", "unmerge"]

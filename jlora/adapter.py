@@ -122,16 +122,49 @@ def match(params, adapter) -> list:
     out = []
     for kp, leaf in flatten(params)[0]:
         node = nodes.pop(path_str(kp), None)
-        if node is not None and tuple(node.shape) != tuple(np.shape(leaf)):
-            raise LoraError(f"adapter for {path_str(kp)!r} was made for shape {node.shape} but "
-                            f"params has {tuple(np.shape(leaf))}; re-create it with jlora.init "
-                            "for these params")
+        if node is not None:
+            check_node(path_str(kp), node, leaf)
         out.append(node)
     if nodes:
         some = [path_str(kp) for kp, _ in flatten(params)[0][:3]]
         raise LoraError(f"adapter has entries for {sorted(nodes)[:3]} that are not in params "
                         f"(an adapter for another model?); params paths look like {some}")
     return out
+
+
+def check_node(path: str, node, leaf) -> None:
+    """The node fits ``leaf``: its shape, its factors' shapes and a dtype that keeps precision."""
+    if tuple(node.shape) != tuple(np.shape(leaf)):
+        raise LoraError(f"adapter for {path!r} was made for shape {tuple(node.shape)} but "
+                        f"params has {tuple(np.shape(leaf))}; re-create it with jlora.init "
+                        "for these params")
+    lead = (len(node.ranks),) if isinstance(node, StackedNode) else ()
+    dims = lambda axes: (math.prod(node.shape[ax] for ax in axes),)
+    stack = lead + tuple(node.shape[ax] for ax in node.stack_axes)
+    want = {"a": stack + dims(node.in_axes) + (node.rank,),
+            "b": stack + (node.rank,) + dims(node.out_axes),
+            "magnitude": None if node.magnitude is None else stack + dims(node.out_axes)}
+    base_dtype = jnp.dtype(leaf.compute_dtype if is_nf4(leaf) else jnp.result_type(leaf))
+    for name, shape in want.items():
+        value = getattr(node, name)
+        if shape is None:
+            continue
+        if tuple(np.shape(value)) != shape:
+            raise LoraError(f"adapter for {path!r} has {name} of shape {tuple(np.shape(value))}"
+                            f", but rank {node.rank} and kernel {tuple(node.shape)} need {shape}"
+                            "; re-create it with jlora.init (or load it with the settings it "
+                            "was saved with)")
+        dtype = jnp.dtype(jnp.result_type(value))
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise LoraError(f"adapter for {path!r} has {name} of dtype {dtype}, not floating "
+                            "point; LoRA factors must be floats (jlora.init makes them so)")
+        if jnp.issubdtype(base_dtype, jnp.floating) and \
+                jnp.finfo(dtype).nmant < jnp.finfo(base_dtype).nmant:
+            raise LoraError(
+                f"adapter for {path!r} has {name} in {dtype} but the weight is {base_dtype}: "
+                f"the low-rank update would be silently rounded to {dtype}; keep factors at "
+                f"least as precise as the weight: jax.tree.map(lambda v: v.astype(jnp."
+                f"{base_dtype}), adapter)")
 
 
 def default_axes(ndim: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
@@ -201,6 +234,12 @@ def _make_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
                         "run jlora.init with pissa on the float base, then jlora.quantize the "
                         "residual it returns")
     dtype = jnp.dtype(cfg.dtype) if cfg.dtype is not None else jnp.dtype(w.dtype)
+    if not jnp.issubdtype(dtype, jnp.floating) or (
+            jnp.finfo(dtype).nmant < jnp.finfo(w.dtype).nmant):
+        raise LoraError(f"dtype={cfg.dtype!r} for {path!r}: factors in {dtype} on a {w.dtype} "
+                        f"weight would silently round every update to {dtype}; use dtype=None "
+                        "(the base's dtype) or a wider float; to save memory, cast or "
+                        "jlora.quantize the base instead")
     stack = tuple(w.shape[ax] for ax in stack_axes)
     scale = cfg.scaling_for(rank, alpha)
     if cfg.init == "kaiming":  # torch kaiming_uniform_(a=sqrt(5)) on (r, in): bound 1/sqrt(in)

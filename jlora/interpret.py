@@ -26,6 +26,7 @@ from jlora import factored as fa
 from jlora import qview as qv
 from jlora import symbolic as sy
 from jlora.adapter import match
+from jlora.check import check_finite
 from jlora.multi import check_ids
 from jlora.quant import is_nf4
 from jlora.targets import flatten, path_str
@@ -261,7 +262,7 @@ def _run(fn, params, adapter, args, kwargs, ctx: _Ctx, adapter_ids=None):
     return jax.tree_util.tree_unflatten(out_tree, _materialized(outs, ctx, "returned"))
 
 
-def apply(fn: Callable) -> Callable:
+def apply(fn: Callable, *, safe: bool = False) -> Callable:
     """Turn ``fn(params, *args)`` into ``f(params, adapter, *args, lora_rng=None,
     adapter_ids=None, **kwargs)``.
 
@@ -276,6 +277,10 @@ def apply(fn: Callable) -> Callable:
     that meets an adapted weight must have the example axis leading (or batch
     and sequence flattened into the leading axis, batch outermost).
 
+    ``safe=True`` first checks params, adapter and the array arguments for NaN/Inf
+    and raises a ``LoraError`` naming the first bad one (under ``jit`` it raises
+    when the call runs); it costs one reduction per array.
+
     Example:
       >>> w = {"q_proj": {"kernel": jnp.ones((4, 6))}}
       >>> ad = jlora.init(jax.random.key(0), w, jlora.LoraConfig(rank=2, targets=("q_proj",)))
@@ -285,6 +290,12 @@ def apply(fn: Callable) -> Callable:
     """
     @functools.wraps(fn)
     def wrapped(params, adapter, *args, lora_rng=None, adapter_ids=None, **kwargs):
+        if safe:
+            fix = ("find where it came from (jax.config.update('jax_debug_nans', True)); "
+                   "safe=False turns these checks off")
+            for what, tree in (("params", params), ("adapter", adapter), ("args", args),
+                               ("kwargs", kwargs)):
+                check_finite(tree, what, fix)
         return _run(fn, params, adapter, args, kwargs, _Ctx(key=lora_rng), adapter_ids)
     return wrapped
 

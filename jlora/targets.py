@@ -6,6 +6,7 @@ import re
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 
 from jlora.config import LoraConfig, LoraError
 from jlora.quant import is_nf4
@@ -82,6 +83,10 @@ def select(params, cfg: LoraConfig) -> dict[str, tuple[int, float]]:
             raise LoraError(f"targets={cfg.targets!r} matched {path!r} of shape "
                             f"{getattr(leaf, 'shape', ())}, which is not a matrix; narrow "
                             "the regex to kernels, e.g. 'q_proj/kernel'")
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise LoraError(f"targets={cfg.targets!r} matched {path!r} of dtype {dtype}, not a "
+                            "floating point weight; narrow the targets to float kernels")
         chosen[path] = (_pattern_value(cfg.rank_pattern, path, cfg.rank),
                         _pattern_value(cfg.alpha_pattern, path, cfg.alpha))
     if not chosen:

@@ -8,6 +8,7 @@ previous checkpoint loadable.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jlora.adapter import LoraNode, adapter_nodes
+from jlora.check import check, check_finite
 from jlora.config import LoraError
 from jlora.targets import flatten, path_str
 
@@ -31,11 +33,37 @@ def _manager(directory, max_to_keep: int | None = None, create: bool = True):
     return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=opts)
 
 
-def _latest(manager, directory) -> int:
+def _latest(manager, directory, writer: str) -> int:
     step = manager.latest_step()
     if step is None:
-        raise LoraError(f"no complete checkpoint in {os.fspath(directory)!r}")
+        raise LoraError(f"no complete checkpoint in {os.fspath(directory)!r}; write one with "
+                        f"jlora.{writer}")
     return step
+
+
+@contextlib.contextmanager
+def _reading(directory, what: str):
+    """Turn a failure inside orbax's restore into a LoraError that names the directory."""
+    try:
+        yield
+    except LoraError:
+        raise
+    except Exception as e:  # orbax/tensorstore raise many types for a damaged checkpoint
+        raise LoraError(f"cannot read the {what} in {os.fspath(directory)!r}: it is corrupt or "
+                        f"incomplete, or was saved with another structure ({type(e).__name__}: "
+                        f"{str(e)[:300]}); restore it from a copy or save it again") from e
+
+
+@contextlib.contextmanager
+def _writing(directory):
+    """A failed save (full disk, no permission) says the previous checkpoint is intact."""
+    try:
+        yield
+    except Exception as e:  # OSError, or tensorstore's ValueError for a failed write
+        e.add_note(f"jlora: saving to {os.fspath(directory)!r} failed; the previous "
+                   "checkpoint there (if any) is untouched; free space or fix permissions "
+                   "and save again")
+        raise
 
 
 def _nest(flat: dict[str, Any]) -> dict:
@@ -72,7 +100,7 @@ def save_adapter(path, adapter) -> None:
         p: {**{k: getattr(n, k) for k in _SETTINGS}, "variant": _variant(n),
             "dtype": str(n.a.dtype)} for p, n in nodes.items()}}
     arrays = _nest({p: _arrays(n) for p, n in nodes.items()})
-    with _manager(path, max_to_keep=1) as m:
+    with _writing(path), _manager(path, max_to_keep=1) as m:
         step = 0 if m.latest_step() is None else m.latest_step() + 1
         m.save(step, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
                                               meta=ocp.args.JsonSave(meta)))
@@ -91,13 +119,14 @@ def load_adapter(path, params=None):
         saved paths (``jlora.apply`` matches adapters to params by key path).
 
     Raises:
-      LoraError: no complete adapter at ``path``, or a saved path or shape that
-        ``params`` does not have.
+      LoraError: no complete adapter at ``path``, a damaged one, or (with
+        ``params``) one that :func:`jlora.check` refuses or that holds NaN/Inf.
     """
     if not os.path.isdir(path):
-        raise LoraError(f"no adapter directory at {os.fspath(path)!r}")
-    with _manager(path, create=False) as m:
-        step = _latest(m, path)
+        raise LoraError(f"no adapter directory at {os.fspath(path)!r}; write one with "
+                        "jlora.save_adapter (PEFT directories load with jlora.peft.load)")
+    with _reading(path, "adapter"), _manager(path, create=False) as m:
+        step = _latest(m, path, "save_adapter")
         meta = m.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
             raise LoraError(f"{os.fspath(path)!r} is not a jlora adapter (format "
@@ -126,7 +155,13 @@ def load_adapter(path, params=None):
         # loaded adapter without compiling again (jit keys on committed-ness).
         factors = {k: jnp.asarray(np.asarray(v)) for k, v in leaf.items()}
         out[p] = LoraNode(**factors, **settings)
-    return _nest(out) if params is None else _mirror(out, params, path)
+    if params is None:
+        return _nest(out)
+    adapter = _mirror(out, params, path)
+    check(params, adapter, finite=False)  # the base is the caller's; its own check is costly
+    check_finite(adapter, "adapter", f"the file at {os.fspath(path)!r} holds a diverged "
+                 "adapter; load an earlier checkpoint")
+    return adapter
 
 
 def _mirror(nodes: dict, params, path):
@@ -157,7 +192,10 @@ def save_checkpoint(directory, step: int, state, *, data_position=None,
       max_to_keep: how many checkpoints to keep (``None`` keeps all).
     """
     meta = {"step": int(step), "data_position": data_position}
-    with _manager(directory, max_to_keep=max_to_keep) as m:
+    with _writing(directory), _manager(directory, max_to_keep=max_to_keep) as m:
+        if int(step) in m.all_steps():  # orbax would skip the save without a word
+            raise LoraError(f"step {int(step)} is already saved in {os.fspath(directory)!r}; "
+                            "save under a new step number (or delete that step's folder)")
         m.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    meta=ocp.args.JsonSave(meta)))
         m.wait_until_finished()
@@ -175,8 +213,8 @@ def restore_checkpoint(directory, like, step: int | None = None):
     Returns:
       The restored state and ``{"step": ..., "data_position": ...}``.
     """
-    with _manager(directory, create=False) as m:
-        step = _latest(m, directory) if step is None else step
+    with _reading(directory, "training checkpoint"), _manager(directory, create=False) as m:
+        step = _latest(m, directory, "save_checkpoint") if step is None else step
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         out = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                       meta=ocp.args.JsonRestore()))

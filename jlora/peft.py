@@ -23,6 +23,7 @@ import numpy as np
 
 from jlora import safetensors_io
 from jlora.adapter import LoraNode, adapter_nodes, default_axes
+from jlora.check import check, check_finite
 from jlora.config import LoraError
 from jlora.targets import _NOT_KERNELS, flatten, matches, path_str
 
@@ -169,7 +170,10 @@ def load(path: str, params, *, module_fn=default_module, prefix: str = PREFIX, a
                         f"{default_module(path_str(flat[0][0]), (0,))!r})")
     if not any(n is not None for n in out):
         raise LoraError(f"{path}: no adapter weights found")
-    return jax.tree_util.tree_unflatten(treedef, out)
+    adapter = jax.tree_util.tree_unflatten(treedef, out)
+    check(params, adapter, finite=False)
+    check_finite(adapter, "adapter", f"the file in {path!r} holds a diverged adapter")
+    return adapter
 
 
 def _read_config(path: str) -> dict:

@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jlora
-from conftest import check_against_materialized
+from conftest import BF16, F32, check_against_materialized, ref_weight
+from jlora import quant
 
 
 @st.composite
@@ -31,13 +32,15 @@ def layouts(draw):
     dims = ((xc, list(axes[contract])), (xb, batched))
     sizes = lambda k: int(np.prod([shape[ax] for ax in axes[k]]))
     rank = draw(st.integers(1, min(sizes("i"), sizes("o"))))
-    return shape, axes, x_shape, dims, rank, draw(st.booleans()), draw(st.integers(0, 2**16))
+    dtype = draw(st.sampled_from([jnp.float32, jnp.bfloat16]))
+    return (shape, axes, x_shape, dims, rank, draw(st.booleans()), draw(st.integers(0, 2**16)),
+            dtype)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(layouts())
 def test_any_dot_general_layout_matches_materialized(layout):
-    shape, axes, x_shape, ((xc, wc), (xb, wb)), rank, w_is_lhs, seed = layout
+    shape, axes, x_shape, ((xc, wc), (xb, wb)), rank, w_is_lhs, seed, dtype = layout
     key = jax.random.key(seed)
     stack = tuple(shape[ax] for ax in axes["s"])
     size = lambda k: int(np.prod([shape[ax] for ax in axes[k]]))
@@ -48,12 +51,14 @@ def test_any_dot_general_layout_matches_materialized(layout):
         stack_axes=axes["s"], in_axes=axes["i"], out_axes=axes["o"])
     params = {"w": jax.random.normal(jax.random.fold_in(key, 2), shape)}
     x = jax.random.normal(jax.random.fold_in(key, 3), x_shape)
+    node, params, x = jax.tree.map(lambda v: v.astype(dtype), (node, params, x))
     if w_is_lhs:
         fn = lambda p, x: jax.lax.dot_general(p["w"], x, ((wc, xc), (wb, xb)))
     else:
         fn = lambda p, x: jax.lax.dot_general(x, p["w"], ((xc, wc), (xb, wb)))
     assert jlora.explain(fn, params, {"w": node}, x) == {"w": ["factored"]}
-    check_against_materialized(fn, params, {"w": node}, x)
+    check_against_materialized(fn, params, {"w": node}, x,
+                               tol=F32 if dtype == jnp.float32 else BF16)
 
 
 @settings(max_examples=15, deadline=None)
@@ -74,3 +79,77 @@ def test_transpose_and_slicing_stay_symbolic(perm, layer, seed):
     x = jax.random.normal(jax.random.fold_in(key, 1), (4, 6))
     assert jlora.explain(fn, params, ad, x)["w"] == ["factored", "factored"]
     check_against_materialized(fn, params, ad, x)
+
+
+@st.composite
+def adapted_leaves(draw):
+    """A kernel with random stacked/in/out axes, dtype, rank and (maybe) a DoRA magnitude."""
+    roles = draw(st.permutations(["i"] * draw(st.integers(1, 2)) + ["o"] * draw(
+        st.integers(1, 2)) + ["s"] * draw(st.integers(0, 2))))
+    shape = tuple(draw(st.integers(2, 5)) for _ in roles)
+    axes = {k: tuple(ax for ax, r in enumerate(roles) if r == k) for k in "sio"}
+    size = lambda k: int(np.prod([shape[ax] for ax in axes[k]]))
+    rank = draw(st.integers(1, min(size("i"), size("o"))))
+    dtype = draw(st.sampled_from([jnp.float32, jnp.bfloat16]))
+    key = jax.random.key(draw(st.integers(0, 2**16)))
+    stack = tuple(shape[ax] for ax in axes["s"])
+    normal = lambda i, s: jax.random.normal(jax.random.fold_in(key, i), s).astype(dtype)
+    magnitude = None
+    if draw(st.booleans()):  # DoRA: a positive magnitude per output feature
+        magnitude = jnp.abs(normal(3, stack + (size("o"),))) + 0.5
+    node = jlora.LoraNode(a=normal(0, stack + (size("i"), rank)) * 0.3,
+                          b=normal(1, stack + (rank, size("o"))) * 0.3, rank=rank,
+                          alpha=2.0 * rank, scale=2.0, dropout=0.0, shape=shape,
+                          stack_axes=axes["s"], in_axes=axes["i"], out_axes=axes["o"],
+                          magnitude=magnitude)
+    return {"w": normal(2, shape)}, {"w": node}
+
+
+def _ulps(dtype) -> float:
+    """Tolerance relative to the largest value: 1e-5 in float32, 4 bfloat16 ulps."""
+    return 1e-5 if dtype == jnp.float32 else 4 * 2.0 ** -8
+
+
+@settings(max_examples=40, deadline=None)
+@given(adapted_leaves())
+def test_merge_equals_the_materialized_weight_and_unmerge_inverts_it(case):
+    params, adapter = case
+    merged, norms = jlora.merge(params, adapter, return_norms=True)
+    ref = ref_weight(params["w"], adapter["w"])  # float64
+    tol = _ulps(params["w"].dtype) * max(1.0, float(np.abs(ref).max()))
+    np.testing.assert_allclose(np.asarray(merged["w"], np.float64), ref, rtol=0, atol=tol)
+    back = jlora.unmerge(merged, adapter, norms)["w"]
+    assert back.dtype == params["w"].dtype
+    np.testing.assert_allclose(np.asarray(back, np.float64), np.asarray(params["w"], np.float64),
+                               rtol=0, atol=tol)
+
+
+HALF_GAP = float(np.max(np.diff(quant.NF4_CODE))) / 2
+DYNAMIC_HALF_GAP = float(np.max(np.diff(quant.DYNAMIC_CODE))) / 2
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 70), min_size=1, max_size=3), st.sampled_from([2, 16, 64, 128]),
+       st.booleans(), st.sampled_from([1e-3, 1.0, 300.0]), st.booleans(), st.integers(0, 2**16))
+def test_nf4_round_trip_within_the_closed_form_bound(shape, block, double_quant, scale,
+                                                     heavy_tailed, seed):
+    """|dequantize(quantize(w)) - w| <= half the widest NF4 gap x absmax + the absmax error."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_t(2, shape) if heavy_tailed else rng.standard_normal(shape)) * scale
+    w = w.astype(np.float32)
+    node = quant.quantize_array(w, block_size=block, double_quant=double_quant,
+                                compute_dtype=jnp.float32)
+    back = np.asarray(quant.dequantize_array(node), np.float64).reshape(-1)
+    flat = w.reshape(-1).astype(np.float64)
+    blocks = np.arange(flat.size) // block
+    absmax = np.abs(np.pad(flat, (0, -flat.size % block))).reshape(-1, block).max(1)
+    stored = np.asarray(node.absmax, np.float64)
+    if double_quant:  # 8-bit dynamic codes of absmax - offset, one fp32 scale per 256 blocks
+        outer = np.asarray(node.absmax2, np.float64)[np.arange(absmax.size) // quant.DQ_BLOCK]
+        stored = quant.DYNAMIC_CODE[np.asarray(node.absmax)] * outer + float(node.offset)
+        assert (np.abs(stored - absmax) <= DYNAMIC_HALF_GAP * outer + 1e-6 * absmax).all()
+    else:
+        np.testing.assert_allclose(stored, absmax, rtol=1e-7)
+    err = np.abs(back - flat)
+    bound = HALF_GAP * absmax + np.abs(stored - absmax) + 1e-6 * absmax
+    assert (err <= bound[blocks]).all(), float((err - bound[blocks]).max())

@@ -97,8 +97,10 @@ def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec):
         g_spec = ex + g_spec
     t = jnp.einsum(f"{xs},{ex}{s_first}->{batch}{x_free}{free_stack}{r}",
                    x.astype(first.dtype), first, precision=prec)
-    y = sym.scale * jnp.einsum(f"{batch}{x_free}{free_stack}{r},{ex}{s_second}->{out}", t,
-                               second, precision=prec)
+    if sym.scale != 1.0:  # scale the thin rank-r intermediate, not the full-size output
+        t = t * jnp.asarray(sym.scale, t.dtype)
+    y = jnp.einsum(f"{batch}{x_free}{free_stack}{r},{ex}{s_second}->{out}", t, second,
+                   precision=prec)
     g = None if g is None else _broadcast(g, g_spec, out)
     if sym.ids is not None:
         used = _broadcast(ids >= 0, ex, out)

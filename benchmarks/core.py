@@ -81,6 +81,16 @@ def steps(model, params, ids, adapters):
     mof_loss = lambda ad, p: full_loss(jlora.merge(p, ad))
 
     make_step = lambda loss: train_step(loss, tx)
+    # The floor for any adapter method: train only the RMSNorm weights, so the step runs the
+    # full forward and the backward through every layer, with no weight gradients to speak of.
+    flat, tdef = jax.tree_util.tree_flatten_with_path(params)
+    is_norm = ["norm" in jax.tree_util.keystr(k) for k, _ in flat]
+    norms = [v for (_, v), m in zip(flat, is_norm) if m]
+    rest = [v for (_, v), m in zip(flat, is_norm) if not m]
+
+    def frozen_loss(norms, rest):
+        it, ir = iter(norms), iter(rest)
+        return full_loss(tdef.unflatten([next(it) if m else next(ir) for m in is_norm]))
 
     ad, dora = adapters[False], adapters[True]
     return dict(
@@ -90,6 +100,7 @@ def steps(model, params, ids, adapters):
         lora_step=(make_step(lora_loss), (ad, tx.init(ad), params)),
         dora_step=(make_step(lora_loss), (dora, tx.init(dora), params)),
         full_step=(make_step(full_loss), (params, tx.init(params))),
+        frozen_step=(make_step(frozen_loss), (norms, tx.init(norms), rest)),
         merge_on_the_fly_step=(make_step(mof_loss), (ad, tx.init(ad), params)),
     )
 

@@ -52,6 +52,9 @@ def run(repeats: int) -> dict:
     lora, wide, dora = (_peft(peft, targets, **kw) for targets, kw in (
         (TARGETS, {}), (ALL_LINEAR, {}), (TARGETS, dict(use_dora=True))))
     merged = copy.deepcopy(lora).merge_and_unload().eval()
+    frozen = _hf_model().train()  # the floor: train only the RMSNorm weights
+    for name, p in frozen.named_parameters():
+        p.requires_grad_("norm" in name)
     trainable = [p for p in lora.parameters() if p.requires_grad]
     lora_step = _step(lora, trainable, ids)
 
@@ -64,6 +67,7 @@ def run(repeats: int) -> dict:
     calls = dict(base_forward=no_grad(base), lora_forward=no_grad(lora.eval()),
                  merged_forward=no_grad(merged), lora_step=lora_step,
                  full_step=_step(full, list(full.parameters()), ids),
+                 frozen_step=_step(frozen, trained(frozen), ids),
                  all_linear_step=_step(wide, trained(wide), ids),
                  dora_step=_step(dora, trained(dora), ids))
     return timed(calls, repeats)

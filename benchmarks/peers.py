@@ -31,8 +31,8 @@ sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 IMPLS = ("jlora", "merge_on_the_fly", "peft", "nnx", "qwix", "lorax")
 #: lorax needs JAX <= 0.4.23: its own venv (benchmarks/setup_lorax.sh) or $LORAX_PYTHON.
 LORAX_PYTHON = os.environ.get("LORAX_PYTHON", os.path.join(HERE, ".venv-lorax", "bin", "python"))
-ROWS = ("base_forward", "lora_forward", "merged_forward", "lora_step", "full_step",
-        "all_linear_step", "dora_step", "qlora_step", "mixed_4_forward")
+ROWS = ("base_forward", "lora_forward", "merged_forward", "lora_step", "frozen_step",
+        "full_step", "all_linear_step", "dora_step", "qlora_step", "mixed_4_forward")
 RANK, ALPHA, TARGETS = 16, 32.0, ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_LINEAR = TARGETS + ("gate_proj", "up_proj", "down_proj")
 BATCH, SEQ, LR = 4, 256, 2e-4
@@ -89,6 +89,7 @@ def run_jax(impl: str, repeats: int) -> dict:
         rows = dict(rows, lora_forward=(mof, rows["lora_forward"][1]),
                     lora_step=rows["merge_on_the_fly_step"])
         rows.pop("dora_step")
+        rows.pop("frozen_step")
     else:  # extra rows: all seven linear layers, an NF4 base (fp32 compute), 4 adapters
         step = rows["lora_step"][0]
         wide = make(params, targets=ALL_LINEAR)
@@ -147,13 +148,14 @@ def main():
             print(impl, "done", flush=True)
     text = table(results, args.repeats * args.passes)
     print(text)
-    if args.only == list(IMPLS):
-        with open(os.path.join(HERE, "results", "peers.md"), "w") as f:
-            f.write(f"`python benchmarks/peers.py --repeats {args.repeats} --passes {args.passes}` "
-                    f"({platform.machine()}"
-                    f", {os.cpu_count()} cores, CPU; torch {_version('torch')}, peft "
-                    f"{_version('peft')}, jax {_version('jax')}, flax {_version('flax')})"
-                    f"\n\n{text}\n")
+    only = "" if args.only == list(IMPLS) else " --only " + " ".join(args.only)
+    name = "peers" + only.replace(" --only ", "_").replace(" ", "_")
+    with open(os.path.join(HERE, "results", name + ".md"), "w") as f:
+        f.write(f"`python benchmarks/peers.py{only} --repeats {args.repeats} "
+                f"--passes {args.passes}` "
+                f"({platform.machine()}, {os.cpu_count()} cores, CPU; torch "
+                f"{_version('torch')}, peft {_version('peft')}, jax {_version('jax')}, flax "
+                f"{_version('flax')})\n\n{text}\n")
 
 
 def _version(name: str) -> str:
@@ -199,6 +201,9 @@ def table(results: dict, repeats: int) -> str:
                                                           "base_forward") for k in ok) + " |")
     lines.append("| LoRA step / base fwd | " + " | ".join(ratio(k, "lora_step",
                                                            "base_forward") for k in ok) + " |")
+    lines.append("| LoRA step / frozen step | " + " | ".join(
+        ratio(k, "lora_step", "frozen_step") if "frozen_step" in med[k] else "-"
+        for k in ok) + " |")
     if "jlora" in med:
         lines.append("| LoRA step / jlora's | " + " | ".join(
             f"{med[k]['lora_step'] / med['jlora']['lora_step']:.2f}" for k in ok) + " |")

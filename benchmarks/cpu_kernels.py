@@ -1,5 +1,6 @@
 """Two CPU-backend facts quoted in the notes, measured: the thin low-rank matmuls on
-XLA's CPU backend, and bitsandbytes' CPU 4-bit kernels against its reference code.
+XLA's CPU backend (and the one-matmul ``x @ [W0 | A]`` alternative), and bitsandbytes'
+CPU 4-bit kernels against its reference code.
 
 Run from the repo root: ``python benchmarks/cpu_kernels.py`` (bitsandbytes part needs
 the ``interop`` extra; it is skipped with a message otherwise).
@@ -25,7 +26,8 @@ def _ms(f, *args, n=30):
 
 def thin_matmuls(rank: int = 16) -> None:
     print("| tokens x in x out | x@W | x@A alone | x@W + (x@A)@B | vjp of x@W (dx) | "
-          "vjp of the LoRA form (dx, dA, dB) |\n|---|---|---|---|---|---|")
+          "vjp of the LoRA form (dx, dA, dB) | concat form: x@[W, A] split | its vjp |"
+          "\n|---|---|---|---|---|---|---|---|")
     for t, i, o in ((1024, 512, 1408), (1024, 1408, 512), (1024, 512, 512)):
         ks = jax.random.split(jax.random.key(0), 5)
         x, w = jax.random.normal(ks[0], (t, i)), jax.random.normal(ks[1], (i, o))
@@ -33,10 +35,15 @@ def thin_matmuls(rank: int = 16) -> None:
         g = jax.random.normal(ks[4], (t, o))
         base = lambda x, w, a, b: x @ w
         lora = lambda x, w, a, b: x @ w + (x @ a) @ b
+
+        def concat(x, w, a, b):  # one matmul against [W0 | A], then the rank-r product
+            y = x @ jax.numpy.concatenate([w, a], axis=1)
+            return y[:, :o] + y[:, o:] @ b
         vjp = lambda f: (lambda x, w, a, b, g: jax.vjp(lambda x, a, b: f(x, w, a, b), x, a,
                                                        b)[1](g))
         row = [_ms(base, x, w, a, b), _ms(lambda x, a: x @ a, x, a), _ms(lora, x, w, a, b),
-               _ms(vjp(base), x, w, a, b, g), _ms(vjp(lora), x, w, a, b, g)]
+               _ms(vjp(base), x, w, a, b, g), _ms(vjp(lora), x, w, a, b, g),
+               _ms(concat, x, w, a, b), _ms(vjp(concat), x, w, a, b, g)]
         print(f"| {t} x {i} x {o} | " + " | ".join(f"{v:.2f} ms" for v in row) + " |")
 
 

@@ -1,0 +1,117 @@
+"""Where a train step's time goes: XLA CPU op times from ``jax.profiler``, by kind.
+
+Profiles the LoRA step and the frozen floor (only the RMSNorm weights train) of
+``core.steps`` on the peers config (hidden 512, 4 unscanned layers, batch 4 x seq
+256, r16 on q,k,v,o) and sums each executed HLO op's time into: base matmuls,
+attention (batched dots), low-rank matmuls (a dot with a rank-sized axis) and other
+(elementwise, reductions, copies). The split comes from the compiled HLO, so it is
+exact about what each op is. Run from the repo root: ``python benchmarks/profile_step.py``
+(writes ``benchmarks/results/profile_step.md``).
+"""
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+
+import jax
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+import jlora  # noqa: E402
+import llama  # noqa: E402
+from core import steps, write_result  # noqa: E402
+
+RANK, CALLS = 16, 5
+KINDS = ("base matmul", "attention", "low-rank matmul", "other")
+
+
+def op_kinds(hlo: str) -> dict:
+    """``{op name: kind}`` for the ENTRY computation's ops, from the compiled HLO text."""
+    bodies, name = collections.defaultdict(list), None
+    for line in hlo.splitlines():
+        head = re.match(r"^(ENTRY )?%(\S+) ", line)
+        if head:
+            name = "ENTRY" if head.group(1) else head.group(2)
+        elif name:
+            bodies[name].append(line)
+
+    def dots(lines, seen=()):
+        found = []
+        for line in lines:
+            if re.search(r" dot\(", line):
+                found.append(line)
+            for callee in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", line):
+                if callee not in seen:
+                    found += dots(bodies[callee], seen + (callee,))
+        return found
+
+    shape = {m.group(1): tuple(int(d) for d in m.group(2).split(",") if d)
+             for m in re.finditer(r"%([\w.\-]+) = \w+\[([\d,]*)\]", hlo)}
+    kinds = {}
+    for line in bodies["ENTRY"]:
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = ", line)
+        if not m:
+            continue
+        found = dots([line])
+        shapes = [shape.get(n, ()) for d in found
+                  for n in re.findall(r"%([\w.\-]+)", d.split(" dot(", 1)[1].split(")")[0])]
+        if not found:
+            kinds[m.group(1)] = "other"
+        elif any("lhs_batch_dims" in d for d in found):
+            kinds[m.group(1)] = "attention"
+        elif any(RANK in s for s in shapes):
+            kinds[m.group(1)] = "low-rank matmul"
+        else:
+            kinds[m.group(1)] = "base matmul"
+    return kinds
+
+
+def profile(f, args) -> dict:
+    """Median ms per kind over ``CALLS`` traced calls (after a warm-up), and wall ms."""
+    kinds = op_kinds(f.lower(*args).compile().as_text())
+    jax.block_until_ready(f(*args))
+    per_call = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(CALLS):
+            with jax.profiler.trace(os.path.join(tmp, str(i)), create_perfetto_trace=True):
+                jax.block_until_ready(f(*args))
+            path = glob.glob(os.path.join(tmp, str(i), "**", "*perfetto_trace.json.gz"),
+                             recursive=True)[0]
+            events = json.load(gzip.open(path))["traceEvents"]
+            ms = dict.fromkeys(KINDS, 0.0)
+            for e in events:
+                op = e.get("args", {}).get("hlo_op")
+                if e.get("ph") == "X" and op in kinds:
+                    ms[kinds[op]] += e["dur"] / 1e3
+            per_call.append(ms)
+    return {k: statistics.median(c[k] for c in per_call) for k in KINDS}
+
+
+def main():
+    cfg = llama.LlamaConfig.named("bench", scan_layers=False)
+    model, params = llama.Llama(cfg), llama.init_params(cfg, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (4, 257), 0, cfg.vocab_size)
+    lcfg = jlora.LoraConfig(rank=RANK, alpha=32.0, targets=("q_proj", "k_proj", "v_proj",
+                                                            "o_proj"))
+    ad = jax.tree.map(lambda v: v + 1e-3, jlora.init(jax.random.key(2), params, lcfg))
+    rows = steps(model, params, ids, {False: ad, True: ad})
+    out = {name: profile(*rows[name]) for name in ("lora_step", "frozen_step")}
+    lines = ["| op kind | lora_step ms | frozen_step ms | difference |", "|---|---|---|---|"]
+    for k in KINDS + ("sum",):
+        a, b = (sum(out[s].values()) if k == "sum" else out[s][k] for s in out)
+        lines.append(f"| {k} | {a:.0f} | {b:.0f} | {a - b:+.0f} |")
+    table = "\n".join(lines)
+    print(table)
+    write_result("profile_step", "python benchmarks/profile_step.py", table,
+                 f" (jax {jax.__version__}, {os.cpu_count()} cores, CPU; op time summed "
+                 f"over both cores' threads, medians of {CALLS} profiled calls)")
+
+
+if __name__ == "__main__":
+    main()

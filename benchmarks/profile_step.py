@@ -5,11 +5,13 @@ Profiles the LoRA step and the frozen floor (only the RMSNorm weights train) of
 256, r16 on q,k,v,o) and sums each executed HLO op's time into: base matmuls,
 attention (batched dots), low-rank matmuls (a dot with a rank-sized axis) and other
 (elementwise, reductions, copies). The split comes from the compiled HLO, so it is
-exact about what each op is. Run from the repo root: ``python benchmarks/profile_step.py``
-(writes ``benchmarks/results/profile_step.md``).
+exact about what each op is. Then times the LoRA step with jlora's VJP for the
+second low-rank product against JAX's own VJP of the same einsum. Run from the
+repo root: ``python benchmarks/profile_step.py`` (writes ``benchmarks/results/profile_step.md``).
 """
 
 import collections
+import dataclasses
 import glob
 import gzip
 import json
@@ -93,6 +95,35 @@ def profile(f, args) -> dict:
     return {k: statistics.median(c[k] for c in per_call) for k in KINDS}
 
 
+def vjp_ab(model, params, ids, adapters: dict, repeats: int = 9) -> str:
+    """Step time with jlora's VJP for ``(x A) B`` vs JAX's own, interleaved in one process."""
+    import jax.numpy as jnp
+    import optax
+
+    from core import train_step, timeit_interleaved
+    from jlora import factored
+    x, y = ids[:, :-1], ids[:, 1:]
+    loss = lambda ad, p: llama.loss_fn(jlora.apply(model.apply)(p, ad, x), y)
+    tx, calls, ours = optax.adamw(2e-4), {}, factored._thin_product
+    try:
+        for variant in ("jlora's VJP", "JAX's VJP"):
+            if variant == "JAX's VJP":  # the plain einsum, differentiated by JAX
+                factored._thin_product = lambda spec, prec, t, f: jnp.einsum(spec, t, f,
+                                                                            precision=prec)
+            for name, ad in adapters.items():
+                step, args = train_step(loss, tx), (ad, tx.init(ad), params)
+                jax.block_until_ready(step(*args))  # traced now, with this variant
+                calls[(name, variant)] = (step, args)
+    finally:
+        factored._thin_product = ours
+    med = {k: statistics.median(v) for k, v in timeit_interleaved(calls, repeats).items()}
+    lines = ["| targets | jlora's VJP ms | JAX's VJP ms | ratio |", "|---|---|---|---|"]
+    for name in adapters:
+        a, b = med[(name, "jlora's VJP")], med[(name, "JAX's VJP")]
+        lines.append(f"| {name} | {a:.0f} | {b:.0f} | {a / b:.2f} |")
+    return "\n".join(lines) + f"\n\nLoRA step, medians of {repeats} interleaved rounds"
+
+
 def main():
     cfg = llama.LlamaConfig.named("bench", scan_layers=False)
     model, params = llama.Llama(cfg), llama.init_params(cfg, jax.random.key(0))
@@ -102,11 +133,15 @@ def main():
     ad = jax.tree.map(lambda v: v + 1e-3, jlora.init(jax.random.key(2), params, lcfg))
     rows = steps(model, params, ids, {False: ad, True: ad})
     out = {name: profile(*rows[name]) for name in ("lora_step", "frozen_step")}
+    wide = jlora.init(jax.random.key(2), params, dataclasses.replace(lcfg, targets=(
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
+    ab = vjp_ab(model, params, ids, {"q,k,v,o": ad, "all linear": jax.tree.map(
+        lambda v: v + 1e-3, wide)})
     lines = ["| op kind | lora_step ms | frozen_step ms | difference |", "|---|---|---|---|"]
     for k in KINDS + ("sum",):
         a, b = (sum(out[s].values()) if k == "sum" else out[s][k] for s in out)
         lines.append(f"| {k} | {a:.0f} | {b:.0f} | {a - b:+.0f} |")
-    table = "\n".join(lines)
+    table = "\n".join(lines) + "\n\n" + ab
     print(table)
     write_result("profile_step", "python benchmarks/profile_step.py", table,
                  f" (jax {jax.__version__}, {os.cpu_count()} cores, CPU; op time summed "

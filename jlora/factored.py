@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import string
 
 import jax
@@ -99,14 +100,43 @@ def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec):
                    x.astype(first.dtype), first, precision=prec)
     if sym.scale != 1.0:  # scale the thin rank-r intermediate, not the full-size output
         t = t * jnp.asarray(sym.scale, t.dtype)
-    y = jnp.einsum(f"{batch}{x_free}{free_stack}{r},{ex}{s_second}->{out}", t, second,
-                   precision=prec)
+    y = _thin_product(f"{batch}{x_free}{free_stack}{r},{ex}{s_second}->{out}", prec, t, second)
     g = None if g is None else _broadcast(g, g_spec, out)
     if sym.ids is not None:
         used = _broadcast(ids >= 0, ex, out)
         y = jnp.where(used, y, jnp.zeros((), y.dtype))
         g = None if g is None else jnp.where(used, g, jnp.ones((), g.dtype))
     return y, g
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _thin_product(spec: str, prec, t, f):
+    """``einsum(spec, t, f)``: the rank-r intermediate times its second factor.
+
+    Its VJP is JAX's, except that the factor's gradient is computed as
+    ``dot_general(t, dy)``: JAX's rule computes ``dot_general(dy, t)``, which
+    XLA's CPU backend runs by writing the full-size ``dy`` transposed (measured:
+    ``python benchmarks/profile_step.py``); here only the thin ``t`` is.
+    """
+    return jnp.einsum(spec, t, f, precision=prec)
+
+
+def _thin_fwd(spec, prec, t, f):
+    return _thin_product(spec, prec, t, f), (t, f)
+
+
+def _thin_bwd(spec, prec, res, dy):
+    t, f = res
+    (ts, fs), out = spec.split("->")[0].split(","), spec.split("->")[1]
+    dt = jnp.einsum(f"{out},{fs}->{ts}", dy, f, precision=prec)
+    # jnp.einsum puts first the operand whose axes lead the output: batch, t's, then dy's.
+    order = "".join(sorted(fs, key=lambda c: (c not in ts or c not in out, c not in ts)))
+    df = jnp.einsum(f"{ts},{out}->{order}", t, dy, precision=prec)
+    df = jnp.transpose(df, [order.index(c) for c in fs])
+    return dt.astype(t.dtype), df.astype(f.dtype)
+
+
+_thin_product.defvjp(_thin_fwd, _thin_bwd)
 
 
 def _example_ids(sym: Sym, x, xc, xb):

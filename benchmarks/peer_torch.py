@@ -22,13 +22,30 @@ def _hf_model():
     return model
 
 
-def _peft(peft, targets, **kw):
-    model = peft.get_peft_model(_hf_model(), peft.LoraConfig(
+def _peft(peft, targets, nf4=False, **kw):
+    model = peft.get_peft_model((_nf4 if nf4 else lambda m: m)(_hf_model()), peft.LoraConfig(
         r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(targets), **kw))
     with torch.no_grad():  # B != 0, as after training
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.add_(1e-3)
+    return model
+
+
+def _nf4(model):
+    """Every decoder linear layer as bitsandbytes' NF4 ``Linear4bit`` (64-blocks, double
+    quantization, fp32 compute), as ``jlora.quantize``'s defaults. Its CPU kernels
+    are wrong on some CPUs: ``benchmarks/cpu_kernels.py`` tells; the timing stands."""
+    import bitsandbytes as bnb
+    for module in list(model.model.layers.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
+                                      compute_dtype=torch.float32, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False,
+                                             quant_type="nf4", compress_statistics=True,
+                                             blocksize=64).to("cpu")  # quantizes
+                setattr(module, name, q)
     return model
 
 
@@ -49,8 +66,9 @@ def run(repeats: int) -> dict:
     x = ids[:, :-1]
     base = _hf_model().eval()
     full = _hf_model().train()
-    lora, wide, dora = (_peft(peft, targets, **kw) for targets, kw in (
-        (TARGETS, {}), (ALL_LINEAR, {}), (TARGETS, dict(use_dora=True))))
+    lora, wide, dora, qlora = (_peft(peft, targets, **kw) for targets, kw in (
+        (TARGETS, {}), (ALL_LINEAR, {}), (TARGETS, dict(use_dora=True)),
+        (TARGETS, dict(nf4=True))))
     merged = copy.deepcopy(lora).merge_and_unload().eval()
     frozen = _hf_model().train()  # the floor: train only the RMSNorm weights
     for name, p in frozen.named_parameters():
@@ -69,5 +87,6 @@ def run(repeats: int) -> dict:
                  full_step=_step(full, list(full.parameters()), ids),
                  frozen_step=_step(frozen, trained(frozen), ids),
                  all_linear_step=_step(wide, trained(wide), ids),
-                 dora_step=_step(dora, trained(dora), ids))
+                 dora_step=_step(dora, trained(dora), ids),
+                 qlora_step=_step(qlora, trained(qlora), ids))
     return timed(calls, repeats)

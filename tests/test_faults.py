@@ -80,12 +80,16 @@ _FULL_DISK_CHILD = textwrap.dedent("""
 """)
 
 
+def _saved(tmp_path, kind):
+    """A good checkpoint of ``kind`` on disk: its directory, the adapter, its files' hashes."""
+    root, old = str(tmp_path / "ckpt"), _adapter(SMALL, 4, 7)
+    SAVE[kind](root, old)
+    return root, old, _files(root)
+
+
 @pytest.mark.parametrize("kind", list(SAVE))
 def test_save_to_a_full_disk_fails_loudly_and_keeps_the_old_checkpoint(tmp_path, kind):
-    root = str(tmp_path / "ckpt")
-    old = _adapter(SMALL, 4, 7)
-    SAVE[kind](root, old)
-    before = _files(root)
+    root, old, before = _saved(tmp_path, kind)
     proc = subprocess.run([sys.executable, "-c", _FULL_DISK_CHILD, root, kind, TESTS],
                           capture_output=True, text=True, timeout=300)
     assert "raised" in proc.stdout, proc.stdout + proc.stderr[-2000:]
@@ -111,10 +115,7 @@ def _read_only(path):
 
 @pytest.mark.parametrize("kind", list(SAVE))
 def test_save_to_a_read_only_directory_fails_loudly_and_keeps_the_old_files(tmp_path, kind):
-    root = str(tmp_path / "ckpt")
-    old = _adapter(SMALL, 4, 7)
-    SAVE[kind](root, old)
-    before = _files(root)
+    root, old, before = _saved(tmp_path, kind)
     undo = _read_only(root)
     try:
         with pytest.raises(OSError):

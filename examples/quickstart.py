@@ -4,7 +4,10 @@ Run: python examples/quickstart.py   (about 20 s on 2 CPU cores)
 
 The base is randomly initialised (nothing is downloaded) and frozen; only the
 LoRA factors of q,k,v,o (the source article's "general" preset) are trained,
-to reverse short digit strings.
+to answer a digit string with each digit plus 3 (mod 10). The answer sits a
+fixed distance behind its digit, which rotary attention can find from any
+random base; reversing instead needs absolute positions, which this base lacks
+(it reached 54-77% over four seeds where this task reaches 100%).
 """
 
 import os
@@ -24,9 +27,9 @@ STEPS, BATCH, DIGITS, SEP = 300, 32, 8, 10  # tokens 0-9 are digits, 10 separate
 
 
 def batch(key):
-    """``d1..dn SEP dn..d1``: the model must learn to reverse; loss on the answer only."""
+    """``d1..dn SEP d1+3..dn+3`` (mod 10); loss on the answer only."""
     digits = jax.random.randint(key, (BATCH, DIGITS), 0, 10)
-    ids = jnp.concatenate([digits, jnp.full((BATCH, 1), SEP), digits[:, ::-1]], axis=1)
+    ids = jnp.concatenate([digits, jnp.full((BATCH, 1), SEP), (digits + 3) % 10], axis=1)
     mask = jnp.arange(ids.shape[1] - 1) >= DIGITS  # predict tokens after the separator
     return ids, jnp.broadcast_to(mask, (BATCH, ids.shape[1] - 1)).astype(jnp.float32)
 

@@ -21,6 +21,7 @@ import optax
 import pytest
 
 import jlora
+from test_train import WATCH_AND_KILL  # tests/ is on sys.path (rootdir conftest)
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 SMALL = {"q_proj": {"kernel": jnp.ones((64, 64))}}
@@ -133,14 +134,7 @@ _KILLED_CHILD = textwrap.dedent("""
     import conftest  # noqa: F401 (the tests' settings and the examples on sys.path)
     from test_faults import run_with_checkpoints
     root = sys.argv[1]
-
-    def watch():
-        while True:
-            for _, dirs, _ in os.walk(root):
-                if any("tmp" in d for d in dirs):
-                    print("killing mid-save", flush=True)
-                    os.kill(os.getpid(), signal.SIGKILL)
-            time.sleep(0.0005)
+""") + WATCH_AND_KILL + textwrap.dedent("""
     run_with_checkpoints(root, 3, 0)  # step 3 saved in full
     threading.Thread(target=watch, daemon=True).start()
     run_with_checkpoints(root, 3, 3)  # the save of step 6 is killed

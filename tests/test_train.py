@@ -133,6 +133,18 @@ def test_resume_after_k_steps_is_bit_identical(key, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+# A child-script fragment: kill this process with SIGKILL once orbax's temporary directory
+# appears under ``root``, i.e. in the middle of a save.
+WATCH_AND_KILL = textwrap.dedent("""
+    def watch():
+        while True:
+            for _, dirs, _ in os.walk(root):
+                if any("tmp" in d for d in dirs):
+                    print("killing mid-save", flush=True)
+                    os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(0.0005)
+""")
+
 _CHILD = textwrap.dedent("""
     import os, signal, sys, threading, time
     import jax.numpy as jnp, jlora
@@ -145,14 +157,7 @@ _CHILD = textwrap.dedent("""
     save = (lambda t, s: jlora.save_checkpoint(root, s, t)) if kind == "state" else (
         lambda t, s: jlora.save_adapter(root, t))
     save(ad(small, 1.0, 4), 1)
-
-    def watch():
-        while True:
-            for dirpath, dirs, files in os.walk(root):
-                if any("tmp" in d for d in dirs):
-                    print("killing mid-save", flush=True)
-                    os.kill(os.getpid(), signal.SIGKILL)
-            time.sleep(0.0005)
+""") + WATCH_AND_KILL + textwrap.dedent("""
     threading.Thread(target=watch, daemon=True).start()
     save(ad(big, 2.0, 64), 2)
     print("save finished before the kill", flush=True)

@@ -21,7 +21,6 @@ import optax
 import pytest
 
 import jlora
-from test_train import WATCH_AND_KILL  # tests/ is on sys.path (rootdir conftest)
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 SMALL = {"q_proj": {"kernel": jnp.ones((64, 64))}}
@@ -127,6 +126,18 @@ def test_save_to_a_read_only_directory_fails_loudly_and_keeps_the_old_files(tmp_
     assert not [f for f in os.listdir(tmp_path) if f != "ckpt"]  # no debris beside it
     _same(LOAD[kind](root), old)
 
+
+# A child-script fragment: kill this process with SIGKILL once orbax's temporary directory
+# appears under ``root``, i.e. in the middle of a save.
+WATCH_AND_KILL = textwrap.dedent("""
+    def watch():
+        while True:
+            for _, dirs, _ in os.walk(root):
+                if any("tmp" in d for d in dirs):
+                    print("killing mid-save", flush=True)
+                    os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(0.0005)
+""")
 
 _KILLED_CHILD = textwrap.dedent("""
     import os, signal, sys, threading, time

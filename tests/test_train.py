@@ -16,6 +16,7 @@ import llama
 from jlora.adapter import adapter_nodes
 from conftest import randomize
 from test_apply import Scanned, X
+from test_faults import WATCH_AND_KILL
 
 GRAD = 0.5  # every gradient entry in the SGD checks
 
@@ -132,18 +133,6 @@ def test_resume_after_k_steps_is_bit_identical(key, tmp_path):
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
         np.testing.assert_array_equal(a, b)
 
-
-# A child-script fragment: kill this process with SIGKILL once orbax's temporary directory
-# appears under ``root``, i.e. in the middle of a save.
-WATCH_AND_KILL = textwrap.dedent("""
-    def watch():
-        while True:
-            for _, dirs, _ in os.walk(root):
-                if any("tmp" in d for d in dirs):
-                    print("killing mid-save", flush=True)
-                    os.kill(os.getpid(), signal.SIGKILL)
-            time.sleep(0.0005)
-""")
 
 _CHILD = textwrap.dedent("""
     import os, signal, sys, threading, time

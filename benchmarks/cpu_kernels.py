@@ -55,7 +55,7 @@ def bitsandbytes_cpu() -> None:
     except ImportError as e:
         print(f"bitsandbytes part skipped: {e}")
         return
-    from jlora import quant
+    from jlora.numerics import quant
     torch.manual_seed(0)
     w = torch.randn(128, 96)
     q, st = F.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")

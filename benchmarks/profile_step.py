@@ -101,7 +101,7 @@ def vjp_ab(model, params, ids, adapters: dict, repeats: int = 9) -> str:
     import optax
 
     from core import train_step, timeit_interleaved
-    from jlora import factored
+    from jlora.interpret import dot as factored
     x, y = ids[:, :-1], ids[:, 1:]
     loss = lambda ad, p: llama.loss_fn(jlora.apply(model.apply)(p, ad, x), y)
     tx, calls, ours = optax.adamw(2e-4), {}, factored._thin_product

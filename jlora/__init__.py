@@ -1,28 +1,35 @@
-"""jlora: LoRA for any JAX model, as a parameter-tree transform computed factored."""
+"""jlora: LoRA for any JAX model, as a parameter-tree transform computed factored.
 
-from jlora import peft as peft
+Layers, bottom to top (each imports only those below it; ``tests/test_structure.py``
+checks): ``config``/``targets``/``nf4`` (settings, key paths, the NF4 storage) ->
+``adapter`` (nodes) -> ``numerics`` (quantization, DoRA norms) -> ``interpret``
+(the jaxpr interpreter and its rule table) -> ``transforms`` (init, apply, merge,
+stack, check, sharding) -> ``optim`` and ``io`` (LoRA+, checkpoints, PEFT files) ->
+``memory`` and ``cli``.
+"""
 
 from jlora.adapter import LoraNode as LoraNode
-from jlora.adapter import init as init
-from jlora.check import check as check
-from jlora.checkpoint import load_adapter as load_adapter
-from jlora.checkpoint import restore_checkpoint as restore_checkpoint
-from jlora.checkpoint import save_adapter as save_adapter
-from jlora.checkpoint import save_checkpoint as save_checkpoint
 from jlora.config import PRESETS as PRESETS
 from jlora.config import LoraConfig as LoraConfig
 from jlora.config import LoraError as LoraError
-from jlora.interpret import apply as apply
-from jlora.interpret import explain as explain
-from jlora.merge import merge as merge
-from jlora.multi import combine_adapters as combine_adapters
-from jlora.multi import stack as stack
+from jlora.io import peft as peft
+from jlora.io.checkpoint import load_adapter as load_adapter
+from jlora.io.checkpoint import restore_checkpoint as restore_checkpoint
+from jlora.io.checkpoint import save_adapter as save_adapter
+from jlora.io.checkpoint import save_checkpoint as save_checkpoint
+from jlora.nf4 import NF4 as NF4
+from jlora.numerics.quant import dequantize as dequantize
+from jlora.numerics.quant import quantize as quantize
 from jlora.optim import loraplus as loraplus
-from jlora.quant import NF4 as NF4
-from jlora.sharding import adapter_shardings as adapter_shardings
-from jlora.quant import dequantize as dequantize
-from jlora.quant import quantize as quantize
-from jlora.merge import unmerge as unmerge
+from jlora.transforms.apply import apply as apply
+from jlora.transforms.apply import explain as explain
+from jlora.transforms.check import check as check
+from jlora.transforms.init import init as init
+from jlora.transforms.merge import merge as merge
+from jlora.transforms.merge import unmerge as unmerge
+from jlora.transforms.multi import combine_adapters as combine_adapters
+from jlora.transforms.multi import stack as stack
+from jlora.transforms.sharding import adapter_shardings as adapter_shardings
 
 __version__ = "0.1.0"
 

@@ -56,7 +56,7 @@ def load_base(path: str) -> dict:
 
 
 def _is_peft(path: str) -> bool:
-    from jlora.peft import CONFIG
+    from jlora.io.peft import CONFIG
     return os.path.isfile(os.path.join(path, CONFIG))
 
 
@@ -94,6 +94,7 @@ def _inspect(args) -> str:
 
 def _merge(args) -> str:
     import jax
+
     import jlora
     params = load_base(args.base)
     merged = jlora.merge(params, _load_adapter(args.adapter, params))

@@ -6,10 +6,10 @@ import re
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
 from jlora.config import LoraConfig, LoraError
-from jlora.quant import is_nf4
+from jlora.nf4 import is_nf4
 
 _SHOW = 6  # how many example paths an error message lists
 #: Leaf names a module-name target skips: they are added or scaled, never contracted.
@@ -41,7 +41,7 @@ def path_str(path) -> str:
 
 
 def flatten(tree):
-    """``([(key_path, leaf), ...], treedef)`` with :class:`~jlora.quant.NF4` nodes as leaves."""
+    """``([(key_path, leaf), ...], treedef)`` with :class:`~jlora.nf4.NF4` nodes as leaves."""
     return jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_nf4)
 
 
@@ -84,7 +84,7 @@ def select(params, cfg: LoraConfig) -> dict[str, tuple[int, float]]:
                             f"{getattr(leaf, 'shape', ())}, which is not a matrix; narrow "
                             "the regex to kernels, e.g. 'q_proj/kernel'")
         dtype = getattr(leaf, "dtype", None)
-        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        if dtype is None or not jax.dtypes.issubdtype(dtype, np.floating):
             raise LoraError(f"targets={cfg.targets!r} matched {path!r} of dtype {dtype}, not a "
                             "floating point weight; narrow the targets to float kernels")
         chosen[path] = (_pattern_value(cfg.rank_pattern, path, cfg.rank),

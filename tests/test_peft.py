@@ -128,7 +128,7 @@ def test_missing_layer_is_an_error(tmp_path, key):
     ad = randomize(jlora.init(key, params, jlora.LoraConfig(rank=2, targets=("q_proj",))), key)
     jlora.peft.save(str(tmp_path), ad, module_fn=llama.hf_module)
     _, stacked = _jlora_base(_hf_base(), scan=True)
-    from jlora import safetensors_io
+    from jlora.io import safetensors_io
     file = tmp_path / "adapter_model.safetensors"
     tensors = safetensors_io.loads(file.read_bytes())
     file.write_bytes(safetensors_io.dumps({k: v for k, v in tensors.items() if ".1." not in k}))

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import jlora
 from conftest import BF16, F32, check_against_materialized, ref_weight
-from jlora import quant
+from jlora.numerics import quant
 
 
 @st.composite

@@ -11,8 +11,8 @@ from scipy.stats import norm
 import jlora
 import llama
 from conftest import F32, randomize
-from jlora import quant
-from jlora.quant import NF4_CODE
+from jlora.numerics import quant
+from jlora.numerics.quant import NF4_CODE
 
 HALF_GAP = float(np.max(np.diff(NF4_CODE))) / 2  # worst NF4 rounding, relative to absmax
 

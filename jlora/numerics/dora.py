@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jlora import qview as qv
+from jlora.numerics import qview as qv
 
 
 def dora_norm(w, a_u, b_u, scale: float, stack_axes, in_axes, out_axes) -> jax.Array:

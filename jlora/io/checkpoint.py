@@ -18,9 +18,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jlora.adapter import LoraNode, adapter_nodes
-from jlora.check import check, check_finite
 from jlora.config import LoraError
 from jlora.targets import flatten, path_str
+from jlora.transforms.check import check, check_finite
 
 _FORMAT = "jlora-adapter/1"
 _SETTINGS = ("rank", "alpha", "scale", "dropout", "shape", "stack_axes", "in_axes", "out_axes")

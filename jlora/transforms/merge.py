@@ -8,11 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import symbolic as sy
-from jlora.config import LoraError
-from jlora.qview import wrap
-from jlora.quant import dequantize, is_nf4, quantize_array
 from jlora.adapter import match
+from jlora.config import LoraError
+from jlora.interpret import sym as sy
+from jlora.nf4 import is_nf4
+from jlora.numerics.quant import dequantize, quantize_array
+from jlora.numerics.qview import wrap
 from jlora.targets import flatten, path_str
 
 

@@ -1,4 +1,10 @@
-"""``dot_general`` with a symbolic weight, computed factored: ``x W0 + s (x A) B``."""
+"""The ``dot_general`` rule: an adapted weight computed factored, ``x W0 + s (x A) B``.
+
+The low-rank path is two thin contractions, each one ``dot_general`` (plus a
+transpose where the output order needs it), emitted directly rather than
+through ``jnp.einsum``, whose path search and nested ``jit`` cost tracing
+time at every use site.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,47 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jlora import qview as qv
 from jlora.config import LoraError
-from jlora.symbolic import Sym, _broadcast, _factor_specs, _g_spec, materialize
+from jlora.interpret import quantized
+from jlora.interpret import sym as sy
+from jlora.interpret.core import register
+from jlora.interpret.sym import Sym
+from jlora.numerics import qview as qv
+
+
+@register(lax.dot_general_p)
+def dot_general(eqn, invals, ctx):
+    """Factored when a side is adapted (the other side materialized if it is too); a
+    quantized side alone is dequantized for this dot only."""
+    lhs, rhs = invals
+    if isinstance(lhs, (Sym, qv.QView)) and isinstance(rhs, (Sym, qv.QView)):
+        if isinstance(rhs, Sym) and not isinstance(lhs, Sym):
+            lhs = sy.materialize(lhs)
+        else:
+            rhs = sy.materialize(rhs, ctx.record, "dot of two adapted weights")
+    if isinstance(rhs, Sym):
+        return factored(lhs, rhs, True, eqn.params, ctx.key, ctx.record)
+    if isinstance(lhs, Sym):
+        return factored(rhs, lhs, False, eqn.params, ctx.key, ctx.record)
+    view_is_rhs = qv.is_view(rhs)
+    return quantized.dot(rhs if view_is_rhs else lhs, lhs if view_is_rhs else rhs,
+                         view_is_rhs, eqn.params)
+
+
+def contract(spec: str, x, y, precision=None) -> jax.Array:
+    """``jnp.einsum(spec, x, y)`` for two operands whose letters each appear once per
+    operand and none only in one operand but not the output: one ``dot_general``."""
+    ins, out = spec.split("->")
+    xs, ys = ins.split(",")
+    batch = [c for c in xs if c in ys and c in out]
+    summed = [c for c in xs if c in ys and c not in out]
+    dims = (([xs.index(c) for c in summed], [ys.index(c) for c in summed]),
+            ([xs.index(c) for c in batch], [ys.index(c) for c in batch]))
+    dtype = jnp.result_type(x, y)
+    z = lax.dot_general(x.astype(dtype), y.astype(dtype), dims, precision=precision,
+                        preferred_element_type=dtype)
+    got = batch + [c for c in xs if c not in ys] + [c for c in ys if c not in xs]
+    return z if got == list(out) else lax.transpose(z, [got.index(c) for c in out])
 
 
 def _fit_error(sym: Sym, contracted, batch) -> LoraError:
@@ -34,7 +78,7 @@ def _mode(sym: Sym, wc, wb) -> str:
     return mode
 
 
-def dot(x, sym: Sym, sym_is_rhs: bool, params: dict, key, record) -> jax.Array:
+def factored(x, sym: Sym, sym_is_rhs: bool, params: dict, key, record) -> jax.Array:
     """``dot_general`` of an array with a symbolic weight, computed factored.
 
     LoRA: ``x W0 + s (drop(x) A) B``. DoRA (PEFT's formula): ``g (x W0 + s (x A) B)``,
@@ -45,7 +89,7 @@ def dot(x, sym: Sym, sym_is_rhs: bool, params: dict, key, record) -> jax.Array:
 
     def bind(w, v):
         if qv.is_view(w):
-            return qv.dot(w, v, sym_is_rhs, params)
+            return quantized.dot(w, v, sym_is_rhs, params)
         return lax.dot_general_p.bind(*((v, w) if sym_is_rhs else (w, v)), **params)
 
     base_out = bind(sym.base, x)
@@ -55,7 +99,7 @@ def dot(x, sym: Sym, sym_is_rhs: bool, params: dict, key, record) -> jax.Array:
         return base_out
     mode = _mode(sym, wc, wb)
     if sym.g is not None and mode == "o":
-        return bind(materialize(sym, record, "DoRA weight contracted on its output axes"), x)
+        return bind(sy.materialize(sym, record, "DoRA weight contracted on its output axes"), x)
     record(sym.path, "factored")
     x_d = _dropout(x, sym.dropout, key)
     y, g = _low_rank(x_d, sym, mode, sym_is_rhs, (xc, wc, xb, wb), params.get("precision"))
@@ -66,44 +110,48 @@ def dot(x, sym: Sym, sym_is_rhs: bool, params: dict, key, record) -> jax.Array:
     return (base_out + (g - 1) * bind(sym.base, x_d) + g * y).astype(base_out.dtype)
 
 
+def _specs(x, sym: Sym, mode: str, sym_is_rhs: bool, dims) -> dict[str, str]:
+    """Einsum letters of x, the two factors in the order used, the rank-r intermediate
+    ``t``, the dot's output, DoRA's ``g`` and (mixed batches) the example axis."""
+    xc, wc, xb, wb = dims
+    letter = dict(zip(range(x.ndim), string.ascii_letters))
+    wl = {sym.labels[wa]: letter[xa] for xa, wa in zip(list(xc) + list(xb), list(wc) + list(wb))}
+    free_w = [ax for ax in range(sym.base.ndim) if ax not in wc and ax not in wb]
+    for n, ax in enumerate(free_w):
+        wl[sym.labels[ax]] = string.ascii_letters[x.ndim + n]
+    r = string.ascii_letters[x.ndim + len(free_w)]
+    sa, sb = sy.factor_specs(sym, wl, r)
+    x_free = "".join(letter[i] for i in range(x.ndim) if i not in xc and i not in xb)
+    batch = "".join(letter[i] for i in xb)
+    free_stack = "".join(wl[sym.labels[ax]] for ax in free_w if sym.labels[ax][0] == "s")
+    w_free = "".join(wl[sym.labels[ax]] for ax in free_w)
+    ex = letter[0] if sym.ids is not None else ""
+    return dict(x="".join(letter[i] for i in range(x.ndim)),
+                first=ex + (sa if mode == "i" else sb), second=ex + (sb if mode == "i" else sa),
+                t=batch + x_free + free_stack + r, g=ex + sy.g_spec(sym, wl), ex=ex,
+                out=batch + (x_free + w_free if sym_is_rhs else w_free + x_free))
+
+
 def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec):
     """``s * (x A) B`` laid out like the dot's output, and DoRA's ``g`` broadcast to it.
 
     In a mixed batch each example (x's leading axis) gathers its own adapter's
     factors; examples with id -1 get no low-rank term (and ``g = 1``).
     """
-    xc, wc, xb, wb = dims
-    letter = dict(zip(range(x.ndim), string.ascii_letters))
-    wl = {}
-    for xa, wa in zip(list(xc) + list(xb), list(wc) + list(wb)):
-        wl[sym.labels[wa]] = letter[xa]
-    free_w = [ax for ax in range(sym.base.ndim) if ax not in wc and ax not in wb]
-    for n, ax in enumerate(free_w):
-        wl[sym.labels[ax]] = string.ascii_letters[x.ndim + n]
-    r = string.ascii_letters[x.ndim + len(free_w)]
-    sa, sb = _factor_specs(sym, wl, r)
+    sp = _specs(x, sym, mode, sym_is_rhs, dims)
     first, second = (sym.a, sym.b) if mode == "i" else (sym.b, sym.a)
-    s_first, s_second = (sa, sb) if mode == "i" else (sb, sa)
-    xs = "".join(letter[i] for i in range(x.ndim))
-    x_free = "".join(letter[i] for i in range(x.ndim) if i not in xc and i not in xb)
-    batch = "".join(letter[i] for i in xb)
-    free_stack = "".join(wl[sym.labels[ax]] for ax in free_w if sym.labels[ax][0] == "s")
-    w_free = "".join(wl[sym.labels[ax]] for ax in free_w)
-    out = batch + (x_free + w_free if sym_is_rhs else w_free + x_free)
-    g, g_spec, ex = sym.g, _g_spec(sym, wl), ""
+    g = sym.g
     if sym.ids is not None:  # gather each example's factors (and g)
-        ids, ex = _example_ids(sym, x, xc, xb), letter[0]
+        ids = _example_ids(sym, x, dims[0], dims[2])
         pick = lambda f: jnp.take(f, jnp.maximum(ids, 0), axis=0, mode="clip")
         first, second, g = pick(first), pick(second), None if g is None else pick(g)
-        g_spec = ex + g_spec
-    t = jnp.einsum(f"{xs},{ex}{s_first}->{batch}{x_free}{free_stack}{r}",
-                   x.astype(first.dtype), first, precision=prec)
+    t = contract(f"{sp['x']},{sp['first']}->{sp['t']}", x.astype(first.dtype), first, prec)
     if sym.scale != 1.0:  # scale the thin rank-r intermediate, not the full-size output
         t = t * jnp.asarray(sym.scale, t.dtype)
-    y = _thin_product(f"{batch}{x_free}{free_stack}{r},{ex}{s_second}->{out}", prec, t, second)
-    g = None if g is None else _broadcast(g, g_spec, out)
+    y = _thin_product(f"{sp['t']},{sp['second']}->{sp['out']}", prec, t, second)
+    g = None if g is None else sy.broadcast(g, sp["g"], sp["out"])
     if sym.ids is not None:
-        used = _broadcast(ids >= 0, ex, out)
+        used = sy.broadcast(ids >= 0, sp["ex"], sp["out"])
         y = jnp.where(used, y, jnp.zeros((), y.dtype))
         g = None if g is None else jnp.where(used, g, jnp.ones((), g.dtype))
     return y, g
@@ -111,14 +159,14 @@ def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _thin_product(spec: str, prec, t, f):
-    """``einsum(spec, t, f)``: the rank-r intermediate times its second factor.
+    """``contract(spec, t, f)``: the rank-r intermediate times its second factor.
 
     Its VJP is JAX's, except that the factor's gradient is computed as
     ``dot_general(t, dy)``: JAX's rule computes ``dot_general(dy, t)``, which
     XLA's CPU backend runs by writing the full-size ``dy`` transposed (measured:
     ``python benchmarks/profile_step.py``); here only the thin ``t`` is.
     """
-    return jnp.einsum(spec, t, f, precision=prec)
+    return contract(spec, t, f, prec)
 
 
 def _thin_fwd(spec, prec, t, f):
@@ -128,11 +176,8 @@ def _thin_fwd(spec, prec, t, f):
 def _thin_bwd(spec, prec, res, dy):
     t, f = res
     (ts, fs), out = spec.split("->")[0].split(","), spec.split("->")[1]
-    dt = jnp.einsum(f"{out},{fs}->{ts}", dy, f, precision=prec)
-    # jnp.einsum puts first the operand whose axes lead the output: batch, t's, then dy's.
-    order = "".join(sorted(fs, key=lambda c: (c not in ts or c not in out, c not in ts)))
-    df = jnp.einsum(f"{ts},{out}->{order}", t, dy, precision=prec)
-    df = jnp.transpose(df, [order.index(c) for c in fs])
+    dt = contract(f"{out},{fs}->{ts}", dy, f, prec)
+    df = contract(f"{ts},{out}->{fs}", t, dy, prec)  # dot_general(t, dy), then transposed
     return dt.astype(t.dtype), df.astype(f.dtype)
 
 

@@ -13,11 +13,8 @@ mean, in blocks of 256 with one fp32 scale per block. Bits per parameter:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 import re
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +22,8 @@ import numpy as np
 from jax import lax
 
 from jlora.config import LoraError
+from jlora.nf4 import NF4, is_nf4
+from jlora.targets import _NOT_KERNELS, flatten, matches, path_str
 
 #: bitsandbytes' NF4 code values: ``create_normal_map(offset=0.9677083, use_extra_value=True)``.
 NF4_CODE = np.array([
@@ -67,44 +66,6 @@ def dynamic_map(max_exponent_bits: int = 7, total_bits: int = 8) -> np.ndarray:
 
 
 DYNAMIC_CODE = dynamic_map()
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class NF4:
-    """A weight stored in NF4: ``packed`` codes and per-block scales.
-
-    ``packed`` is ``uint8 (ceil(n/2),)``. Without double quantization
-    ``absmax`` is ``float32 (blocks,)`` and ``absmax2``/``offset`` are None;
-    with it ``absmax`` holds ``uint8`` dynamic-map codes, ``absmax2`` the
-    ``float32 (ceil(blocks/256),)`` scales and ``offset`` the subtracted mean.
-    """
-
-    packed: Any
-    absmax: Any
-    absmax2: Any
-    offset: Any
-    shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
-    dtype: Any = dataclasses.field(metadata=dict(static=True))  # of the original weight
-    block_size: int = dataclasses.field(metadata=dict(static=True))
-    compute_dtype: Any = dataclasses.field(metadata=dict(static=True))
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        parts = (self.packed, self.absmax, self.absmax2, self.offset)
-        return sum(int(p.size) * p.dtype.itemsize for p in parts if p is not None)
-
-
-def is_nf4(x) -> bool:
-    return isinstance(x, NF4)
 
 
 def _bucket(scaled, code: np.ndarray):
@@ -194,10 +155,6 @@ def dequantize_array(node: NF4):
     return dequantize_range(node, 0, node.size).reshape(node.shape)
 
 
-#: Leaf names never quantized by default (added or scaled, not contracted).
-_NOT_KERNELS = ("bias", "scale")
-
-
 def _default_targets(path: str, leaf) -> bool:
     return (leaf.ndim >= 2 and path.split("/")[-1] not in _NOT_KERNELS
             and re.search(r"embed|lm_head|norm", path) is None)
@@ -227,8 +184,6 @@ def quantize(params, targets=None, *, block_size: int = 64, double_quant: bool =
       >>> type(q["w"]).__name__, q["b"].shape
       ('NF4', (4,))
     """
-    from jlora.targets import flatten, matches, path_str  # targets imports this module
-
     flat, treedef = flatten(params)
     out, hit = [], False
     for kp, leaf in flat:

@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import safetensors_io
 from jlora.adapter import LoraNode, adapter_nodes, default_axes
-from jlora.check import check, check_finite
 from jlora.config import LoraError
+from jlora.io import safetensors_io
 from jlora.targets import _NOT_KERNELS, flatten, matches, path_str
+from jlora.transforms.check import check, check_finite
 
 WEIGHTS, CONFIG, PREFIX = "adapter_model.safetensors", "adapter_config.json", "base_model.model."
 #: Segments after which a stacked (scanned) layer index is inserted by default.

@@ -1,0 +1,11 @@
+"""The interpreter: evaluate a model's jaxpr with adapted weights carried symbolically.
+
+``core`` holds the loop and the rule table; each other module is one family of
+rules (``dot``, ``shape``, ``control``, ``quantized``) or an entry point
+(``trace``: fn to jaxpr; ``probe``: learn a kernel's axes). Importing this
+package registers every rule.
+"""
+
+from jlora.interpret import control as control  # noqa: F401  (registers its rules)
+from jlora.interpret import dot as dot  # noqa: F401
+from jlora.interpret import shape as shape  # noqa: F401

@@ -1,0 +1,135 @@
+"""Rules for higher-order primitives: the interpreter recurses into their sub-jaxprs.
+
+``jit``, ``closed_call`` and custom derivatives (``custom_jvp_call``,
+``custom_vjp_call``) that receive an adapted weight are inlined: evaluated
+in place, so differentiated through their primal body. ``remat``, ``scan``,
+``cond`` and ``while`` are re-emitted as the same control flow (remat policy,
+scan length/unroll kept) with their bodies interpreted; a scan over a stacked
+kernel slices the factors per layer, and a quantized stack is read one layer
+per step. Carries and outputs leave a body materialized.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jlora.interpret import sym as sy
+from jlora.interpret.core import Ctx, evaluate, materialized, primitives, register
+from jlora.numerics import qview as qv
+
+#: Call-like primitives (current and former names) and the parameter holding their jaxpr.
+_CALLS = {"jit_p": "jaxpr", "pjit_p": "jaxpr", "closed_call_p": "call_jaxpr",
+          "call_p": "call_jaxpr", "custom_jvp_call_p": "call_jaxpr",
+          "custom_vjp_call_p": "call_jaxpr"}
+_CALL_NAMES = {"pjit": "jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr"}
+
+
+def _inline(field: str):
+    def rule(eqn, invals, ctx):
+        sub = eqn.params[field]  # a ClosedJaxpr, or an open Jaxpr (call_p)
+        consts = getattr(sub, "consts", ())
+        return evaluate(getattr(sub, "jaxpr", sub), consts, invals, ctx)
+    return rule
+
+
+for _attr, _field in _CALLS.items():
+    register(*primitives(_attr))(_inline(_field))
+for _name, _field in _CALL_NAMES.items():
+    register(names=(_name,))(_inline(_field))
+
+
+@register(*primitives("remat_p"), names=("remat2", "checkpoint"))
+def _remat(eqn, invals, ctx):
+    p = eqn.params
+
+    def body(key, *vals):
+        return materialized(evaluate(p["jaxpr"], (), vals, Ctx(key, ctx.records)), ctx, "remat")
+
+    return list(jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])(
+        ctx.key, *invals))
+
+
+def _scan_slice(v, ctx):
+    """Split a scanned-over value into ``xs`` (arrays with the scan axis first) and
+    ``rebuild(x, i)``, its value at step ``i``. A quantized base is not sliced by the
+    scan: step ``i`` reads (and later dequantizes) just its own layer."""
+    if qv.is_view(v):
+        if not v.ops:
+            return None, lambda x, i: v.index(i)
+        v = v.value()
+    if not isinstance(v, sy.Sym):
+        return v, lambda x, i: x
+    if qv.is_view(v.base) and v.base.ops:
+        v = v.replace(base=v.base.value())
+    lazy = qv.is_view(v.base)
+    base_xs = None if lazy else v.base
+    take = (lambda x, i: v.base.index(i)) if lazy else (lambda x, i: x)
+    kind, j = v.labels[0]
+    if v.probe:
+        ctx.record(v.path, ("index", j))
+        return base_xs, lambda x, i: v.replace(base=take(x, i), labels=v.labels[1:])
+    if kind != "s":
+        return sy.materialize(v, ctx.record, "scan over a non-stacked axis"), lambda x, i: x
+    labels = sy.drop_label(v.labels[1:], (kind, j))
+    first = lambda f: None if f is None else jnp.moveaxis(f, j + v.lead, 0)
+    xs = (base_xs, first(v.a), first(v.b), first(v.g))
+    return xs, lambda x, i: v.replace(base=take(x[0], i), a=x[1], b=x[2], g=x[3],
+                                      labels=labels)
+
+
+@register(lax.scan_p)
+def _scan(eqn, invals, ctx):
+    p = eqn.params
+    nc, ncarry = p["num_consts"], p["num_carry"]
+    consts, carry = invals[:nc], materialized(invals[nc:nc + ncarry], ctx, "scan carry")
+    split = [_scan_slice(v, ctx) for v in invals[nc + ncarry:]]
+    xs = [s[0] for s in split]
+    steps = jnp.arange(p["length"])  # the layer index of each step (reversed with xs)
+    closed = p["jaxpr"]
+
+    def body(c, x):
+        x_vals, step = x
+        sub = ctx if ctx.key is None else ctx.fold(step)
+        vals = list(consts) + list(c) + [rebuild(xv, step)
+                                         for (_, rebuild), xv in zip(split, x_vals)]
+        outs = materialized(evaluate(closed.jaxpr, closed.consts, vals, sub), ctx, "scan output")
+        return outs[:ncarry], outs[ncarry:]
+
+    carry, ys = lax.scan(body, carry, (xs, steps), length=p["length"], reverse=p["reverse"],
+                         unroll=p["unroll"])
+    return list(carry) + list(ys)
+
+
+@register(lax.cond_p)
+def _cond(eqn, invals, ctx):
+    index, ops = invals[0], invals[1:]
+
+    def branch(closed, k):
+        return lambda *vals: materialized(
+            evaluate(closed.jaxpr, closed.consts, vals, ctx.fold(k)), ctx, "cond output")
+
+    return list(lax.switch(index, [branch(c, k) for k, c in enumerate(eqn.params["branches"])],
+                           *ops))
+
+
+@register(lax.while_p)
+def _while(eqn, invals, ctx):
+    p = eqn.params
+    nc, nb = p["cond_nconsts"], p["body_nconsts"]
+    cconsts, bconsts = invals[:nc], invals[nc:nc + nb]
+    init = materialized(invals[nc + nb:], ctx, "while carry")
+    cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
+
+    def cond_fun(state):
+        return evaluate(cj.jaxpr, cj.consts, list(cconsts) + list(state[0]), ctx)[0]
+
+    def body_fun(state):
+        carry, step = state
+        sub = ctx.fold(step)
+        outs = evaluate(bj.jaxpr, bj.consts, list(bconsts) + list(carry), sub)
+        return materialized(outs, ctx, "while carry"), step + 1
+
+    out, _ = lax.while_loop(cond_fun, body_fun, (init, jnp.zeros((), jnp.int32)))
+    return list(out)

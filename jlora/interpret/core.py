@@ -1,0 +1,111 @@
+"""The interpreter's core: the evaluation loop and the rule table it dispatches on.
+
+A jaxpr is evaluated equation by equation. An equation whose inputs are all
+ordinary values is bound as it is; one that touches a symbolic value (an
+adapted weight, :class:`~jlora.interpret.sym.Sym`, or a quantized one,
+:class:`~jlora.numerics.qview.QView`) goes to the rule registered for its
+primitive in :data:`RULES`, keyed by the primitive object as JAX's own
+interpreters are (``ad.primitive_jvps[p] = rule``). A primitive with no rule
+materializes the weight for that one use (:func:`materialize_rule`), and the
+use is recorded so ``jlora.explain`` can report it.
+
+A rule is ``rule(eqn, invals, ctx) -> outputs`` (a list when the primitive has
+multiple results). Rules live one module per family: ``dot.py``,
+``shape.py``, ``control.py``; importing :mod:`jlora.interpret` registers them.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Callable
+
+import jax
+from jax.extend import core as jcore
+from jax.extend.core import primitives as jprims
+
+from jlora.interpret import sym as sy
+from jlora.numerics import qview as qv
+
+Rule = Callable[[Any, list, "Ctx"], Any]
+#: The rule of each primitive, keyed by the primitive object.
+RULES: dict[jcore.Primitive, Rule] = {}
+#: Rules by primitive name, only for primitives this JAX does not export as objects.
+RULES_BY_NAME: dict[str, Rule] = {}
+_EXPORTED = {p.name for p in vars(jprims).values()
+             if isinstance(p, jcore.Primitive)}
+
+
+def primitives(*names: str) -> list[jcore.Primitive]:
+    """The objects ``jax.extend.core.primitives.<name>`` that this JAX has (renames differ)."""
+    return [p for n in names if (p := getattr(jprims, n, None)) is not None]
+
+
+def register(*prims: jcore.Primitive, names: tuple[str, ...] = ()):
+    """Decorator: ``rule`` handles ``prims``; ``names`` are fallbacks for primitives this
+    JAX does not export (older names of renamed primitives)."""
+    def add(rule: Rule) -> Rule:
+        for p in prims:
+            RULES[p] = rule
+        for n in names:
+            if n not in _EXPORTED:
+                RULES_BY_NAME[n] = rule
+        return rule
+    return add
+
+
+@dataclasses.dataclass
+class Ctx:
+    """What rules share: the dropout key (folded per site and step) and the use records."""
+
+    key: Any = None
+    records: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
+
+    def record(self, path: str, what) -> None:
+        self.records[path].append(what)
+
+    def fold(self, i) -> "Ctx":
+        key = None if self.key is None else jax.random.fold_in(self.key, i)
+        return Ctx(key, self.records)
+
+
+def has_sym(vals) -> bool:
+    """Whether any value is symbolic: an adapted weight or a quantized one."""
+    return any(isinstance(v, (sy.Sym, qv.QView)) for v in vals)
+
+
+def bind(eqn, vals):
+    """The equation's primitive applied to ``vals`` as JAX would."""
+    return eqn.primitive.bind(*vals, **eqn.primitive.get_bind_params(eqn.params))
+
+
+def materialized(vals, ctx: Ctx, why: str) -> list:
+    """``vals`` with every symbolic value made a plain array (recorded as ``why``)."""
+    return [sy.materialize(v, ctx.record, why) for v in vals]
+
+
+def materialize_rule(eqn, invals, ctx: Ctx):
+    """The default: build the weight for this use only (correct, slower) and say so."""
+    return bind(eqn, materialized(invals, ctx, eqn.primitive.name))
+
+
+def rule_for(prim) -> Rule:
+    return RULES.get(prim) or RULES_BY_NAME.get(prim.name, materialize_rule)
+
+
+def evaluate(jaxpr, consts, args, ctx: Ctx) -> list:
+    """The outputs of ``jaxpr`` on ``args``, symbolic values carried through its rules."""
+    env: dict = {}
+    read = lambda v: v.val if isinstance(v, jcore.Literal) else env[v]
+    env.update(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
+    for i, eqn in enumerate(jaxpr.eqns):
+        invals = [read(v) for v in eqn.invars]
+        with eqn.ctx.manager:
+            if has_sym(invals):
+                outs = rule_for(eqn.primitive)(eqn, invals, ctx.fold(i))
+            else:
+                outs = bind(eqn, invals)
+        outs = outs if eqn.primitive.multiple_results else [outs]
+        env.update(zip(eqn.outvars, outs))
+    return [read(v) for v in jaxpr.outvars]

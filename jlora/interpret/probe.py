@@ -1,0 +1,54 @@
+"""Probe mode: learn each target's stacked, in and out axes from how ``fn`` uses it.
+
+The weight is carried as a :class:`~jlora.interpret.sym.Sym` with no factors
+whose labels are its original axes; the rules record what the model does with
+it (``("dot", contracted, batched)`` from the ``dot_general`` rule, ``("index",
+axis)`` when an axis is indexed away or scanned over) and compute the base alone.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from jlora.interpret.core import Ctx, evaluate
+from jlora.interpret.sym import Sym
+from jlora.interpret.trace import trace
+from jlora.numerics import qview as qv
+from jlora.targets import flatten, path_str
+
+
+def _records(fn, params, paths: set[str], args, kwargs) -> tuple[dict, dict]:
+    """The use records of each path in ``paths``, and each leaf's rank."""
+    ctx = Ctx()
+    closed, _, dyn = trace(fn, params, args, kwargs)
+    vals, ndims = [], {}
+    for kp, leaf in flatten(params)[0]:
+        p, leaf = path_str(kp), qv.wrap(leaf)
+        ndims[p] = leaf.ndim
+        labels = tuple(("p", ax) for ax in range(leaf.ndim))
+        vals.append(Sym(leaf, None, None, None, labels, 0.0, 0.0, p) if p in paths else leaf)
+    jax.eval_shape(lambda v: evaluate(closed.jaxpr, closed.consts, v, ctx),
+                   vals + dyn[len(vals):])
+    return ctx.records, ndims
+
+
+def discover_axes(fn, params, paths: set[str], args, kwargs) -> dict[str, tuple]:
+    """Learn ``(stack_axes, in_axes, out_axes)`` per path from how ``fn`` contracts it.
+
+    Contracted axes are "in", axes indexed, scanned over or batched in the
+    contraction are "stacked", the rest "out". Paths ``fn`` never contracts
+    are left out (the caller falls back to the default convention).
+    """
+    records, ndims = _records(fn, params, paths, args, kwargs)
+    found = {}
+    for path in paths:
+        events = [e for e in records.get(path, []) if isinstance(e, tuple)]
+        dots = [e for e in events if e[0] == "dot"]
+        if not dots:
+            continue
+        stack = {e[1] for e in events if e[0] == "index"} | set(dots[0][2])
+        ins = tuple(sorted(dots[0][1]))
+        outs = tuple(ax for ax in range(ndims[path]) if ax not in stack and ax not in ins)
+        if ins and outs:
+            found[path] = (tuple(sorted(stack)), ins, outs)
+    return found

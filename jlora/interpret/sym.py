@@ -1,0 +1,176 @@
+"""A weight carried symbolically as ``base + s * A @ B``, and the ops it survives.
+
+``Sym`` is what the interpreter keeps in place of an adapted kernel. Its
+``labels`` say, for every axis of ``base``, whether it is a stacked axis
+(``'s'``), an input axis (``'i'``) or an output axis (``'o'``) and which
+dimension of the factors it is: ``a`` is ``(*stack, *in, r)`` and ``b`` is
+``(*stack, r, *out)``, both unflattened; with DoRA, ``g = m / ||W0 + s A B||``
+is ``(*stack, *out)`` and the weight is ``g * (base + s * A @ B)``. Shape ops that commute with the
+factorisation update base, factors and labels together (``shape.py``);
+``dot_general`` runs factored (``dot.py``); everything else calls :func:`materialize`.
+
+In probe mode (``a is None``) the labels are ``('p', original_axis)`` and
+the rules only record how the model uses the weight (for ``jlora.init``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jlora.config import LoraError
+from jlora.interpret import quantized
+from jlora.numerics import qview as qv
+from jlora.numerics.dora import dora_norm
+
+Label = tuple[str, int]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Sym:
+    base: Any
+    a: Any
+    b: Any
+    g: Any  # DoRA: magnitude / norm, (*stack, *out); None for plain LoRA
+    labels: tuple[Label, ...] = dataclasses.field(metadata=dict(static=True))
+    scale: float = dataclasses.field(metadata=dict(static=True))
+    dropout: float = dataclasses.field(metadata=dict(static=True))
+    path: str = dataclasses.field(metadata=dict(static=True))
+    ids: Any = None  # mixed batches: per-example adapter index; the factors lead with n
+
+    @property
+    def lead(self) -> int:
+        """Leading factor axes before the weight's own: 1 (the adapter axis) or 0."""
+        return 0 if self.ids is None else 1
+
+    @property
+    def probe(self) -> bool:
+        return self.a is None
+
+    def count(self, kind: str) -> int:
+        return sum(1 for k, _ in self.labels if k == kind)
+
+    def replace(self, **kw) -> "Sym":
+        return dataclasses.replace(self, **kw)
+
+
+def node_norm(leaf, node) -> jax.Array:
+    """DoRA's ``||W0 + s A B||`` per output feature, ``(*stack, *out)`` (``(n, ...)`` for a
+    stacked node).
+
+    A constant for the gradient (PEFT, paper 4.3): its inputs are cut from it, so
+    no tangent work is traced (and no per-layer weight kept for it)."""
+    a, b = (lax.stop_gradient(x) for x in node.unflat()[:2])
+    norm = lambda a, b, s: dora_norm(leaf, a, b, s, node.stack_axes, node.in_axes,
+                                     node.out_axes)
+    if isinstance(node.scale, float):
+        return norm(a, b, node.scale)
+    return jax.vmap(norm)(a, b, node.scale)
+
+
+def from_node(leaf, node, path: str, norm=None, ids=None) -> Sym | Any:
+    """The symbolic weight for a base leaf and its adapter node (the leaf if none).
+
+    ``norm`` overrides DoRA's norm (unmerge: the base is then the merged weight).
+    A stacked node (``jlora.stack``) needs ``ids``, the adapter of each example;
+    each adapter's scaling is then folded into its ``b``.
+    """
+    if node is None:
+        return leaf
+    a, b, magnitude = node.unflat()
+    g = None
+    if magnitude is not None:  # DoRA: the norm is a constant for the gradient (PEFT, paper 4.3)
+        norm = node_norm(leaf, node) if norm is None else norm
+        g = magnitude / lax.stop_gradient(norm).astype(magnitude.dtype)
+    scale = node.scale
+    if ids is not None:
+        b = b * node.scale.reshape((-1,) + (1,) * (b.ndim - 1)).astype(b.dtype)
+        scale = 1.0
+    return Sym(leaf, a, b, g, node.labels(), scale, node.dropout, path, ids)
+
+
+def on_base(base, prim, *operands, **params):
+    """``prim`` on the base weight: bound, or deferred/narrowed when it is quantized."""
+    if qv.is_view(base):
+        return quantized.op(base, prim, operands, params)
+    return prim.bind(base, *operands, **params)
+
+
+def value(base):
+    return base.value() if qv.is_view(base) else base
+
+
+def letters(sym: Sym) -> dict[Label, str]:
+    return {lab: string.ascii_letters[i] for i, lab in enumerate(sorted(sym.labels))}
+
+
+def factor_specs(sym: Sym, letter: dict[Label, str], r: str) -> tuple[str, str]:
+    ls = lambda kind: "".join(letter[(kind, i)] for i in range(sym.count(kind)))
+    return ls("s") + ls("i") + r, ls("s") + r + ls("o")
+
+
+def delta(sym: Sym) -> jax.Array:
+    """``A @ B`` laid out like ``base`` (unscaled, in the adapter dtype)."""
+    letter = letters(sym)
+    r = string.ascii_letters[len(letter)]
+    sa, sb = factor_specs(sym, letter, r)
+    out = "".join(letter[lab] for lab in sym.labels)
+    return jnp.einsum(f"{sa},{sb}->{out}", sym.a, sym.b)
+
+
+def materialize(x, record: Callable | None = None, why: str = ""):
+    """``base + s * A @ B`` as a plain array (leaves non-Sym values alone)."""
+    if qv.is_view(x):
+        return x.value()
+    if not isinstance(x, Sym):
+        return x
+    if record is not None:
+        record(x.path, "materialized" + (f" ({why})" if why else ""))
+    base = value(x.base)
+    if x.probe:
+        return base
+    if x.ids is not None:
+        raise LoraError(f"a mixed-adapter batch needs {x.path!r} to be used by dot_general "
+                        f"(each example its own adapter), but the model's {why or 'use'} needs "
+                        "the weight itself; serve these adapters one at a time (or merged)")
+    w = base + (x.scale * delta(x)).astype(base.dtype)
+    if x.g is None:
+        return w
+    letter = letters(x)
+    return (w * broadcast(x.g, g_spec(x, letter), _labels_spec(x.labels, letter))).astype(w.dtype)
+
+
+def dematerialize(x: Sym) -> jax.Array:
+    """The base ``W0`` for which :func:`materialize` gives ``x.base`` (unmerge)."""
+    w = x.base
+    if x.g is not None:
+        letter = letters(x)
+        w = (w / broadcast(x.g, g_spec(x, letter), _labels_spec(x.labels, letter))).astype(w.dtype)
+    return w - (x.scale * delta(x)).astype(w.dtype)
+
+
+def _labels_spec(labels, letter) -> str:
+    return "".join(letter[lab] for lab in labels)
+
+
+def g_spec(sym: Sym, letter) -> str:
+    return "".join(letter[(k, i)] for k in "so" for i in range(sym.count(k)))
+
+
+def broadcast(arr, spec: str, out: str):
+    """``arr`` (letters ``spec``, all in ``out``) transposed and expanded to ``out``'s rank."""
+    order = [c for c in out if c in spec]
+    arr = jnp.transpose(arr, [spec.index(c) for c in order])
+    return arr.reshape([arr.shape[order.index(c)] if c in spec else 1 for c in out])
+
+
+def drop_label(labels, removed: Label):
+    """``labels`` after the axis ``removed`` is gone: later axes of its kind move down."""
+    kind, idx = removed
+    return tuple((k, i - (k == kind and i > idx)) for k, i in labels)

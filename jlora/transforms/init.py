@@ -1,0 +1,120 @@
+"""``init``: an adapter for a base, with gaussian, kaiming (PEFT's default) or PiSSA factors."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jlora.adapter import LoraNode, default_axes
+from jlora.config import LoraConfig, LoraError
+from jlora.interpret.probe import discover_axes
+from jlora.nf4 import is_nf4
+from jlora.numerics.dora import dora_norm
+from jlora.targets import flatten, path_str, select
+from jlora.transforms.sharding import place
+
+
+def init(key, params, cfg: LoraConfig, fn=None, *args, **kwargs):
+    """Create an adapter for ``params``: a tree mirroring it, ``None`` where not adapted.
+
+    Args:
+      key: a ``jax.random`` key; leaf ``i`` uses ``fold_in(key, i)``.
+      params: the frozen base pytree (not modified).
+      cfg: what to adapt and how.
+      fn: optional ``fn(params, *args, **kwargs)``; when given, each target's
+        stacked/in/out axes are learned from how ``fn`` contracts it.
+      *args, **kwargs: example inputs for ``fn`` (only shapes matter).
+
+    Returns:
+      The adapter; with ``cfg.init == "pissa"`` the pair ``(adapter, residual_params)``,
+      because PiSSA moves the top singular directions out of the base.
+
+    Raises:
+      LoraError: no target matched, a rank exceeds a kernel's smaller side.
+
+    Example:
+      >>> params = {"q_proj": {"kernel": jnp.ones((4, 6))}}
+      >>> ad = init(jax.random.key(0), params, LoraConfig(rank=2, targets=("q_proj",)))
+      >>> ad["q_proj"]["kernel"].a.shape, ad["q_proj"]["kernel"].b.shape
+      ((4, 2), (2, 6))
+    """
+    chosen = select(params, cfg)
+    learned = {}
+    if fn is not None:
+        learned = discover_axes(fn, params, set(chosen), args, kwargs)
+    flat, treedef = flatten(params)
+    nodes, residual = [], []
+    for i, (kp, leaf) in enumerate(flat):
+        path = path_str(kp)
+        if path not in chosen:
+            nodes.append(None)
+            residual.append(leaf)
+            continue
+        axes = learned.get(path) or default_axes(leaf.ndim)
+        node, res = _make_node(jax.random.fold_in(key, i), leaf, path, cfg, *chosen[path], axes)
+        nodes.append(node)
+        residual.append(res)
+    adapter = jax.tree_util.tree_unflatten(treedef, nodes)
+    adapter = place(params, adapter)  # a sharded base gets an adapter sharded like it
+    if cfg.init == "pissa":
+        return adapter, jax.tree_util.tree_unflatten(treedef, residual)
+    return adapter
+
+
+def _make_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
+    stack_axes, in_axes, out_axes = axes
+    size = lambda group: math.prod(w.shape[ax] for ax in group)
+    n_in, n_out = size(in_axes), size(out_axes)
+    if rank > min(n_in, n_out):
+        raise LoraError(f"rank {rank} for {path!r} exceeds min(in={n_in}, out={n_out}) of its "
+                        f"kernel {tuple(w.shape)}; lower the rank (rank_pattern can set it "
+                        "per path)")
+    if cfg.init == "pissa" and is_nf4(w):
+        raise LoraError(f"init='pissa' changes the base, but {path!r} is already quantized; "
+                        "run jlora.init with pissa on the float base, then jlora.quantize the "
+                        "residual it returns")
+    dtype = jnp.dtype(cfg.dtype) if cfg.dtype is not None else jnp.dtype(w.dtype)
+    if not jnp.issubdtype(dtype, jnp.floating) or (
+            jnp.finfo(dtype).nmant < jnp.finfo(w.dtype).nmant):
+        raise LoraError(f"dtype={cfg.dtype!r} for {path!r}: factors in {dtype} on a {w.dtype} "
+                        f"weight would silently round every update to {dtype}; use dtype=None "
+                        "(the base's dtype) or a wider float; to save memory, cast or "
+                        "jlora.quantize the base instead")
+    stack = tuple(w.shape[ax] for ax in stack_axes)
+    scale = cfg.scaling_for(rank, alpha)
+    if cfg.init == "kaiming":  # torch kaiming_uniform_(a=sqrt(5)) on (r, in): bound 1/sqrt(in)
+        bound = 1.0 / math.sqrt(n_in)
+        a = jax.random.uniform(key, stack + (n_in, rank), dtype, -bound, bound)
+    elif cfg.init == "gaussian":
+        a = (jax.random.normal(key, stack + (n_in, rank), jnp.float32) / rank).astype(dtype)
+    b, res = jnp.zeros(stack + (rank, n_out), dtype), w
+    if cfg.init == "pissa":
+        a, b, res = _pissa(w, axes, rank, scale, dtype)
+    node = LoraNode(a=a, b=b, rank=rank, alpha=float(alpha), scale=scale,
+                    dropout=float(cfg.dropout), shape=tuple(w.shape),
+                    stack_axes=tuple(stack_axes), in_axes=tuple(in_axes),
+                    out_axes=tuple(out_axes))
+    if cfg.dora:  # magnitude = ||W0 + s A B|| per output feature: the model is unchanged
+        a_u, b_u, _ = node.unflat()
+        norm = dora_norm(res, a_u, b_u, scale, stack_axes, in_axes, out_axes)
+        node = dataclasses.replace(node, magnitude=norm.reshape(stack + (n_out,)).astype(dtype))
+    return node, res
+
+
+def _pissa(w, axes, rank: int, scale: float, dtype):
+    """Top-``rank`` singular directions into A, B; the base keeps the residual."""
+    order = [ax for group in axes for ax in group]
+    stack = tuple(w.shape[ax] for ax in axes[0])
+    wt = jnp.transpose(w, order).astype(jnp.float32)
+    n_in = math.prod(w.shape[ax] for ax in axes[1])
+    mat = wt.reshape(stack + (n_in, -1))
+    u, s, vh = jnp.linalg.svd(mat, full_matrices=False)
+    root = jnp.sqrt(s[..., :rank] / scale)
+    a = u[..., :, :rank] * root[..., None, :]
+    b = root[..., :, None] * vh[..., :rank, :]
+    res = (mat - scale * a @ b).reshape(wt.shape)
+    res = jnp.transpose(res, [order.index(ax) for ax in range(w.ndim)]).astype(w.dtype)
+    return a.astype(dtype), b.astype(dtype), res

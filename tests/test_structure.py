@@ -1,0 +1,188 @@
+"""The package's shape: layered imports with no circles, the rule table, short files.
+
+Parses every module under ``jlora/`` (no imports run), builds the graph of
+imports between jlora modules (function-level imports included) and checks it
+against the layers of DESIGN.md, bottom to top.
+"""
+
+import ast
+import inspect
+import pathlib
+
+import jax
+import pytest
+
+import jlora
+
+ROOT = pathlib.Path(jlora.__file__).parent
+
+#: Bottom to top; a module may import its own layer or lower ones only.
+LAYERS = [
+    ("config and targets", ("jlora.config", "jlora.targets", "jlora.nf4")),
+    ("adapter nodes", ("jlora.adapter",)),
+    ("numerics", ("jlora.numerics",)),
+    ("interpreter", ("jlora.interpret",)),
+    ("transforms", ("jlora.transforms",)),
+    ("training and I/O", ("jlora.optim", "jlora.io")),
+    ("tools", ("jlora.memory",)),
+    ("the package and its command", ("jlora", "jlora.cli")),
+]
+#: What the bottom layer may import from JAX: pytrees and dtypes, nothing that traces.
+BOTTOM_JAX = {"jax"}
+MAX_MODULE_LINES = 300
+MAX_FUNCTION_LINES = 40
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = ("jlora",) + path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+
+
+def _imports(name: str) -> list[tuple[str, int]]:
+    """``(imported module, line)`` for every import in ``name``, any depth of the file."""
+    tree = ast.parse(MODULES[name].read_text())
+    package = name if MODULES[name].name == "__init__.py" else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]
+                                + ([base] if base else []))
+            for a in node.names:  # `from pkg import mod` imports the module pkg.mod
+                sub = f"{base}.{a.name}"
+                found.append((sub if sub in MODULES else base, node.lineno))
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    return {m: {i for i, _ in _imports(m) if i in MODULES and i != m} for m in MODULES}
+
+
+def _layer(name: str) -> int:
+    best = None
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            if name == p or name.startswith(p + "."):
+                if best is None or len(p) > best[1]:
+                    best = (i, len(p))
+    assert best is not None, f"{name} is in no layer of LAYERS; add it to one"
+    return best[0]
+
+
+def _find_cycle(graph: dict[str, set[str]]):
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == "open":
+                return stack[stack.index(n):] + [n]
+            if n not in state and (found := visit(n)):
+                return found
+        stack.pop()
+        state[m] = "done"
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_no_import_cycles():
+    cycle = _find_cycle(_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def _upward(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} ({LAYERS[_layer(m)][0]}) imports {d} ({LAYERS[_layer(d)][0]})"
+                  for m, deps in graph.items() for d in deps if _layer(d) > _layer(m))
+
+
+def test_the_layer_check_sees_upward_imports():
+    assert _upward({"jlora.interpret.core": {"jlora.io.peft"}, "jlora.io.peft": set()})
+    assert _upward({"jlora.targets": {"jlora.numerics.quant"}})
+    assert not _upward({"jlora.io.peft": {"jlora.interpret.core", "jlora.config"}})
+
+
+def test_every_module_is_in_a_layer_and_imports_down():
+    bad = _upward(_graph())
+    assert not bad, "imports that go up a layer:\n" + "\n".join(bad)
+
+
+def test_the_bottom_layer_does_not_trace():
+    bottom = [m for m in MODULES if _layer(m) == 0]
+    assert {"jlora.config", "jlora.targets"} <= set(bottom)
+    for m in bottom:
+        jax_imports = {i for i, _ in _imports(m) if i.split(".")[0] == "jax"}
+        assert jax_imports <= BOTTOM_JAX, f"{m} imports {jax_imports - BOTTOM_JAX}"
+        source = MODULES[m].read_text()
+        for traced in ("jnp.", "lax.", "jax.jit", "make_jaxpr", "eval_shape"):
+            assert traced not in source, f"{m} uses {traced}"
+
+
+def test_imports_are_read_from_the_source():
+    graph = _graph()
+    assert "jlora.io.peft" in graph["jlora"]  # `from jlora.io import peft as peft`
+    assert "jlora.interpret.probe" in graph["jlora.transforms.init"]
+
+
+def _function_lengths(path: pathlib.Path):
+    """``(name, lines)`` of each function, its docstring left out."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(
+                    getattr(body[0], "value", None), ast.Constant) and isinstance(
+                    body[0].value.value, str):
+                body = body[1:]
+            if body:
+                yield node.name, body[-1].end_lineno - body[0].lineno + 1
+
+
+def test_modules_and_functions_are_short():
+    long_modules = {m: n for m, p in MODULES.items()
+                    if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long_modules, f"modules over {MAX_MODULE_LINES} lines: {long_modules}"
+    long_functions = {f"{m}.{f}": n for m, p in MODULES.items()
+                      for f, n in _function_lengths(p) if n > MAX_FUNCTION_LINES}
+    assert not long_functions, f"functions over {MAX_FUNCTION_LINES} lines: {long_functions}"
+
+
+def test_rules_are_keyed_by_primitive_objects():
+    from jlora.interpret import core
+    prims = jax.extend.core.primitives
+    assert core.RULES, "no rules registered"
+    assert all(isinstance(p, jax.extend.core.Primitive) for p in core.RULES)
+    for p in (jax.lax.dot_general_p, jax.lax.transpose_p, jax.lax.reshape_p, jax.lax.scan_p,
+              jax.lax.cond_p, jax.lax.while_p, prims.jit_p, prims.remat_p,
+              prims.custom_jvp_call_p, prims.custom_vjp_call_p):
+        assert p in core.RULES, f"no rule for {p}"
+    # a name is only a fallback for primitives this JAX does not export as objects
+    exported = {v.name for v in vars(prims).values() if isinstance(v, jax.extend.core.Primitive)}
+    assert not set(core.RULES_BY_NAME) & exported
+
+
+def test_one_rule_module_per_family():
+    from jlora.interpret import core
+    homes = {p.name: inspect.getmodule(r).__name__ for p, r in core.RULES.items()}
+    assert homes["dot_general"] == "jlora.interpret.dot"
+    assert homes["transpose"] == homes["reshape"] == "jlora.interpret.shape"
+    assert homes["scan"] == homes["while"] == homes["jit"] == "jlora.interpret.control"
+
+
+@pytest.mark.parametrize("name", ["apply", "explain", "init", "merge", "peft", "NF4"])
+def test_public_names_stay(name):
+    assert name in jlora.__all__ and hasattr(jlora, name)

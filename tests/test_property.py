@@ -37,7 +37,7 @@ def layouts(draw):
             dtype)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(layouts())
 def test_any_dot_general_layout_matches_materialized(layout):
     shape, axes, x_shape, ((xc, wc), (xb, wb)), rank, w_is_lhs, seed, dtype = layout
@@ -61,7 +61,7 @@ def test_any_dot_general_layout_matches_materialized(layout):
                                tol=F32 if dtype == jnp.float32 else BF16)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=15, deadline=None, derandomize=True)
 @given(st.permutations([0, 1, 2]), st.integers(0, 2), st.integers(0, 2**16))
 def test_transpose_and_slicing_stay_symbolic(perm, layer, seed):
     """A stacked (L, in, out) kernel transposed and indexed, then contracted."""
@@ -110,7 +110,7 @@ def _ulps(dtype) -> float:
     return 1e-5 if dtype == jnp.float32 else 4 * 2.0 ** -8
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(adapted_leaves())
 def test_merge_equals_the_materialized_weight_and_unmerge_inverts_it(case):
     params, adapter = case
@@ -120,15 +120,17 @@ def test_merge_equals_the_materialized_weight_and_unmerge_inverts_it(case):
     np.testing.assert_allclose(np.asarray(merged["w"], np.float64), ref, rtol=0, atol=tol)
     back = jlora.unmerge(merged, adapter, norms)["w"]
     assert back.dtype == params["w"].dtype
-    np.testing.assert_allclose(np.asarray(back, np.float64), np.asarray(params["w"], np.float64),
-                               rtol=0, atol=tol)
+    # the round trip rounds at the merged weight's magnitude and at the base's
+    w = np.asarray(params["w"], np.float64)
+    tol = _ulps(params["w"].dtype) * max(1.0, float(np.abs(ref).max()), float(np.abs(w).max()))
+    np.testing.assert_allclose(np.asarray(back, np.float64), w, rtol=0, atol=tol)
 
 
 HALF_GAP = float(np.max(np.diff(quant.NF4_CODE))) / 2
 DYNAMIC_HALF_GAP = float(np.max(np.diff(quant.DYNAMIC_CODE))) / 2
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(st.lists(st.integers(1, 70), min_size=1, max_size=3), st.sampled_from([2, 16, 64, 128]),
        st.booleans(), st.sampled_from([1e-3, 1.0, 300.0]), st.booleans(), st.integers(0, 2**16))
 def test_nf4_round_trip_within_the_closed_form_bound(shape, block, double_quant, scale,

@@ -3,12 +3,12 @@
 The low-rank path is two thin contractions, each one ``dot_general`` (plus a
 transpose where the output order needs it), emitted directly rather than
 through ``jnp.einsum``, whose path search and nested ``jit`` cost tracing
-time at every use site.
+time at every use site; the second is :func:`jlora.interpret.thin.thin`,
+whose transpose keeps XLA from transposing the full-size cotangent.
 """
 
 from __future__ import annotations
 
-import functools
 import string
 
 import jax
@@ -20,7 +20,11 @@ from jlora.interpret import quantized
 from jlora.interpret import sym as sy
 from jlora.interpret.core import register
 from jlora.interpret.sym import Sym
+from jlora.interpret.thin import contract, thin
 from jlora.numerics import qview as qv
+
+#: The second low-rank product (``benchmarks/profile_step.py`` swaps it for JAX's rule).
+_thin_product = thin
 
 
 @register(lax.dot_general_p)
@@ -40,22 +44,6 @@ def dot_general(eqn, invals, ctx):
     view_is_rhs = qv.is_view(rhs)
     return quantized.dot(rhs if view_is_rhs else lhs, lhs if view_is_rhs else rhs,
                          view_is_rhs, eqn.params)
-
-
-def contract(spec: str, x, y, precision=None) -> jax.Array:
-    """``jnp.einsum(spec, x, y)`` for two operands whose letters each appear once per
-    operand and none only in one operand but not the output: one ``dot_general``."""
-    ins, out = spec.split("->")
-    xs, ys = ins.split(",")
-    batch = [c for c in xs if c in ys and c in out]
-    summed = [c for c in xs if c in ys and c not in out]
-    dims = (([xs.index(c) for c in summed], [ys.index(c) for c in summed]),
-            ([xs.index(c) for c in batch], [ys.index(c) for c in batch]))
-    dtype = jnp.result_type(x, y)
-    z = lax.dot_general(x.astype(dtype), y.astype(dtype), dims, precision=precision,
-                        preferred_element_type=dtype)
-    got = batch + [c for c in xs if c not in ys] + [c for c in ys if c not in xs]
-    return z if got == list(out) else lax.transpose(z, [got.index(c) for c in out])
 
 
 def _fit_error(sym: Sym, contracted, batch) -> LoraError:
@@ -155,33 +143,6 @@ def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec):
         y = jnp.where(used, y, jnp.zeros((), y.dtype))
         g = None if g is None else jnp.where(used, g, jnp.ones((), g.dtype))
     return y, g
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _thin_product(spec: str, prec, t, f):
-    """``contract(spec, t, f)``: the rank-r intermediate times its second factor.
-
-    Its VJP is JAX's, except that the factor's gradient is computed as
-    ``dot_general(t, dy)``: JAX's rule computes ``dot_general(dy, t)``, which
-    XLA's CPU backend runs by writing the full-size ``dy`` transposed (measured:
-    ``python benchmarks/profile_step.py``); here only the thin ``t`` is.
-    """
-    return contract(spec, t, f, prec)
-
-
-def _thin_fwd(spec, prec, t, f):
-    return _thin_product(spec, prec, t, f), (t, f)
-
-
-def _thin_bwd(spec, prec, res, dy):
-    t, f = res
-    (ts, fs), out = spec.split("->")[0].split(","), spec.split("->")[1]
-    dt = contract(f"{out},{fs}->{ts}", dy, f, prec)
-    df = contract(f"{ts},{out}->{fs}", t, dy, prec)  # dot_general(t, dy), then transposed
-    return dt.astype(t.dtype), df.astype(f.dtype)
-
-
-_thin_product.defvjp(_thin_fwd, _thin_bwd)
 
 
 def _example_ids(sym: Sym, x, xc, xb):

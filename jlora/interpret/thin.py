@@ -1,0 +1,90 @@
+"""``thin_p``: the rank-r intermediate times its second factor, as a JAX primitive.
+
+``thin(spec, t, f)`` is ``contract(spec, t, f)`` (one ``dot_general``), with
+differentiation rules of its own. It is bilinear, so forward mode is its
+own bind on a tangent (``jax.jvp``, ``jacfwd``, ``hessian`` all work), and its
+transpose computes the factor's gradient as ``dot_general(t, dy)``. JAX's rule
+for ``dot_general`` computes ``dot_general(dy, t)``, which XLA's CPU backend
+runs by writing the full-size ``dy`` transposed (measured:
+``python benchmarks/profile_step.py``); here only the thin ``t`` is. A
+``custom_vjp`` would do the same for reverse mode but refuse forward mode.
+"""
+
+from __future__ import annotations
+
+import string
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend import core as jcore
+from jax.interpreters import ad, batching, mlir
+
+
+def contract(spec: str, x, y, precision=None) -> jax.Array:
+    """``jnp.einsum(spec, x, y)`` for two operands whose letters each appear once per
+    operand and none only in one operand but not the output: one ``dot_general``
+    and at most one transpose (no path search, no nested ``jit``)."""
+    ins, out = spec.split("->")
+    xs, ys = ins.split(",")
+    batch = [c for c in xs if c in ys and c in out]
+    summed = [c for c in xs if c in ys and c not in out]
+    dims = (([xs.index(c) for c in summed], [ys.index(c) for c in summed]),
+            ([xs.index(c) for c in batch], [ys.index(c) for c in batch]))
+    dtype = jnp.result_type(x, y)
+    z = lax.dot_general(x.astype(dtype), y.astype(dtype), dims, precision=precision,
+                        preferred_element_type=dtype)
+    got = batch + [c for c in xs if c not in ys] + [c for c in ys if c not in xs]
+    return z if got == list(out) else lax.transpose(z, [got.index(c) for c in out])
+
+
+thin_p = jcore.Primitive("jlora_thin")
+
+
+def thin(spec: str, precision, t, f) -> jax.Array:
+    """``contract(spec, t, f, precision)``, differentiated by the rules below."""
+    return thin_p.bind(t, f, spec=spec, precision=precision)
+
+
+def _impl(t, f, *, spec, precision):
+    return contract(spec, t, f, precision)
+
+
+def _abstract(t, f, *, spec, precision):
+    ins, out = spec.split("->")
+    sizes = dict(zip(ins.split(",")[0], t.shape)) | dict(zip(ins.split(",")[1], f.shape))
+    return jax.core.ShapedArray(tuple(sizes[c] for c in out), jnp.result_type(t.dtype, f.dtype))
+
+
+def _dtype(x, like):
+    aval = getattr(x, "aval", None)
+    return like.dtype if aval is None else aval.dtype
+
+
+def _transpose_t(ct, t, f, *, spec, precision):
+    """The cotangent of ``t``: ``dy`` times the factor, as JAX's rule would."""
+    (ts, fs), out = spec.split("->")[0].split(","), spec.split("->")[1]
+    return contract(f"{out},{fs}->{ts}", ct, f, precision).astype(_dtype(t, ct))
+
+
+def _transpose_f(ct, t, f, *, spec, precision):
+    """The cotangent of the factor: ``dot_general(t, dy)``, thin operand first."""
+    (ts, fs), out = spec.split("->")[0].split(","), spec.split("->")[1]
+    return contract(f"{ts},{out}->{fs}", t, ct, precision).astype(_dtype(f, ct))
+
+
+def _batch(args, dims, *, spec, precision):
+    """``vmap``: the mapped axis is one more letter, batch where both operands carry it."""
+    (ts, fs), out = spec.split("->")[0].split(","), spec.split("->")[1]
+    z = next(c for c in string.ascii_letters if c not in spec)
+    specs = []
+    for s, d in zip((ts, fs), dims):
+        specs.append(s if d is None else s[:d] + z + s[d:])  # None: not mapped
+    return thin(f"{specs[0]},{specs[1]}->{z}{out}", precision, *args), 0
+
+
+thin_p.def_impl(_impl)
+thin_p.def_abstract_eval(_abstract)
+mlir.register_lowering(thin_p, mlir.lower_fun(_impl, multiple_results=False))
+ad.defbilinear(thin_p, _transpose_t, _transpose_f)
+batching.primitive_batchers[thin_p] = _batch

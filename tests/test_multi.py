@@ -63,9 +63,13 @@ def test_flattened_batch_axis_and_errors(key):
     want = jnp.stack([jlora.apply(lambda p, x: x @ p["q_proj"])(p, ads[1], x[0]), x[1] @ p[
         "q_proj"], jlora.apply(lambda p, x: x @ p["q_proj"])(p, ads[0], x[2])])
     np.testing.assert_allclose(flat(p, st, x, adapter_ids=ids), want, **F32)
+    # a model that moves the examples to axis 1 is followed, not guessed at
     seq_first = jlora.apply(lambda p, x: jnp.swapaxes(x, 0, 1) @ p["q_proj"])
-    with pytest.raises(ValueError, match="example axis leading.*not a multiple of 3"):
-        seq_first(p, st, x, adapter_ids=ids)
+    np.testing.assert_allclose(seq_first(p, st, x, adapter_ids=ids), jnp.swapaxes(want, 0, 1),
+                               **F32)
+    interleaved = jlora.apply(lambda p, x: jnp.swapaxes(x, 0, 1).reshape(-1, 6) @ p["q_proj"])
+    with pytest.raises(ValueError, match="example axis was lost.*reshape"):
+        interleaved(p, st, x, adapter_ids=ids)
     with pytest.raises(ValueError, match=r"out of range: the stack holds 2 adapters"):
         flat(p, st, x, adapter_ids=jnp.array([0, 2, -1]))
     with pytest.raises(ValueError, match="needs adapter_ids"):

@@ -11,12 +11,14 @@ per step. Carries and outputs leave a body materialized.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from jlora.interpret import sym as sy
-from jlora.interpret.core import Ctx, evaluate, materialized, primitives, register
+from jlora.interpret.core import evaluate, materialized, primitives, register
 from jlora.numerics import qview as qv
 
 #: Call-like primitives (current and former names) and the parameter holding their jaxpr.
@@ -45,7 +47,8 @@ def _remat(eqn, invals, ctx):
     p = eqn.params
 
     def body(key, *vals):
-        return materialized(evaluate(p["jaxpr"], (), vals, Ctx(key, ctx.records)), ctx, "remat")
+        outs = evaluate(p["jaxpr"], (), vals, dataclasses.replace(ctx, key=key))
+        return materialized(outs, ctx, "remat")
 
     return list(jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])(
         ctx.key, *invals))

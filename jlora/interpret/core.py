@@ -56,17 +56,20 @@ def register(*prims: jcore.Primitive, names: tuple[str, ...] = ()):
 
 @dataclasses.dataclass
 class Ctx:
-    """What rules share: the dropout key (folded per site and step) and the use records."""
+    """What rules share: the dropout key (folded per site and step), the use records and,
+    for a mixed-adapter batch, where each dot's operands carry the example axis
+    (``examples.analyze``'s sites)."""
 
     key: Any = None
     records: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
+    examples: dict | None = None
 
     def record(self, path: str, what) -> None:
         self.records[path].append(what)
 
     def fold(self, i) -> "Ctx":
         key = None if self.key is None else jax.random.fold_in(self.key, i)
-        return Ctx(key, self.records)
+        return dataclasses.replace(self, key=key)
 
 
 def has_sym(vals) -> bool:

@@ -19,6 +19,7 @@ from jlora.config import LoraError
 from jlora.interpret import quantized
 from jlora.interpret import sym as sy
 from jlora.interpret.core import register
+from jlora.interpret.examples import Lost
 from jlora.interpret.sym import Sym
 from jlora.interpret.thin import contract, thin
 from jlora.numerics import qview as qv
@@ -38,9 +39,9 @@ def dot_general(eqn, invals, ctx):
         else:
             rhs = sy.materialize(rhs, ctx.record, "dot of two adapted weights")
     if isinstance(rhs, Sym):
-        return factored(lhs, rhs, True, eqn.params, ctx.key, ctx.record)
+        return factored(lhs, rhs, True, eqn.params, ctx.key, ctx.record, _where(ctx, eqn, 0))
     if isinstance(lhs, Sym):
-        return factored(rhs, lhs, False, eqn.params, ctx.key, ctx.record)
+        return factored(rhs, lhs, False, eqn.params, ctx.key, ctx.record, _where(ctx, eqn, 1))
     view_is_rhs = qv.is_view(rhs)
     return quantized.dot(rhs if view_is_rhs else lhs, lhs if view_is_rhs else rhs,
                          view_is_rhs, eqn.params)
@@ -66,11 +67,19 @@ def _mode(sym: Sym, wc, wb) -> str:
     return mode
 
 
-def factored(x, sym: Sym, sym_is_rhs: bool, params: dict, key, record) -> jax.Array:
+def _where(ctx, eqn, side: int):
+    """How operand ``side`` of this dot carries the example axis (mixed batches only)."""
+    site = None if ctx.examples is None else ctx.examples.get(id(eqn))
+    return None if site is None else site[1][side]
+
+
+def factored(x, sym: Sym, sym_is_rhs: bool, params: dict, key, record,
+             where=None) -> jax.Array:
     """``dot_general`` of an array with a symbolic weight, computed factored.
 
     LoRA: ``x W0 + s (drop(x) A) B``. DoRA (PEFT's formula): ``g (x W0 + s (x A) B)``,
-    and with dropout ``x W0 + (g - 1) (drop(x) W0) + g s (drop(x) A) B``.
+    and with dropout ``x W0 + (g - 1) (drop(x) W0) + g s (drop(x) A) B``. In a mixed
+    batch, ``where`` says which axis of ``x`` carries the examples.
     """
     (lc, rc), (lb, rb) = params["dimension_numbers"]
     xc, wc, xb, wb = (lc, rc, lb, rb) if sym_is_rhs else (rc, lc, rb, lb)
@@ -90,7 +99,8 @@ def factored(x, sym: Sym, sym_is_rhs: bool, params: dict, key, record) -> jax.Ar
         return bind(sy.materialize(sym, record, "DoRA weight contracted on its output axes"), x)
     record(sym.path, "factored")
     x_d = _dropout(x, sym.dropout, key)
-    y, g = _low_rank(x_d, sym, mode, sym_is_rhs, (xc, wc, xb, wb), params.get("precision"))
+    y, g = _low_rank(x_d, sym, mode, sym_is_rhs, (xc, wc, xb, wb), params.get("precision"),
+                     where)
     if g is None:
         return base_out + y.astype(base_out.dtype)
     if x_d is x:
@@ -98,7 +108,7 @@ def factored(x, sym: Sym, sym_is_rhs: bool, params: dict, key, record) -> jax.Ar
     return (base_out + (g - 1) * bind(sym.base, x_d) + g * y).astype(base_out.dtype)
 
 
-def _specs(x, sym: Sym, mode: str, sym_is_rhs: bool, dims) -> dict[str, str]:
+def _specs(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, ex_axis: int) -> dict[str, str]:
     """Einsum letters of x, the two factors in the order used, the rank-r intermediate
     ``t``, the dot's output, DoRA's ``g`` and (mixed batches) the example axis."""
     xc, wc, xb, wb = dims
@@ -113,24 +123,25 @@ def _specs(x, sym: Sym, mode: str, sym_is_rhs: bool, dims) -> dict[str, str]:
     batch = "".join(letter[i] for i in xb)
     free_stack = "".join(wl[sym.labels[ax]] for ax in free_w if sym.labels[ax][0] == "s")
     w_free = "".join(wl[sym.labels[ax]] for ax in free_w)
-    ex = letter[0] if sym.ids is not None else ""
+    ex = letter[ex_axis] if sym.ids is not None else ""
     return dict(x="".join(letter[i] for i in range(x.ndim)),
                 first=ex + (sa if mode == "i" else sb), second=ex + (sb if mode == "i" else sa),
                 t=batch + x_free + free_stack + r, g=ex + sy.g_spec(sym, wl), ex=ex,
                 out=batch + (x_free + w_free if sym_is_rhs else w_free + x_free))
 
 
-def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec):
+def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec, where=None):
     """``s * (x A) B`` laid out like the dot's output, and DoRA's ``g`` broadcast to it.
 
-    In a mixed batch each example (x's leading axis) gathers its own adapter's
+    In a mixed batch each example (along x's example axis) gathers its own adapter's
     factors; examples with id -1 get no low-rank term (and ``g = 1``).
     """
-    sp = _specs(x, sym, mode, sym_is_rhs, dims)
+    ex_axis, ids = _example_ids(sym, x, dims[0], dims[2], where) if sym.ids is not None \
+        else (0, None)
+    sp = _specs(x, sym, mode, sym_is_rhs, dims, ex_axis)
     first, second = (sym.a, sym.b) if mode == "i" else (sym.b, sym.a)
     g = sym.g
     if sym.ids is not None:  # gather each example's factors (and g)
-        ids = _example_ids(sym, x, dims[0], dims[2])
         pick = lambda f: jnp.take(f, jnp.maximum(ids, 0), axis=0, mode="clip")
         first, second, g = pick(first), pick(second), None if g is None else pick(g)
     t = contract(f"{sp['x']},{sp['first']}->{sp['t']}", x.astype(first.dtype), first, prec)
@@ -145,18 +156,27 @@ def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec):
     return y, g
 
 
-def _example_ids(sym: Sym, x, xc, xb):
-    """The adapter id of each row of x's leading axis (the example axis)."""
+def _example_ids(sym: Sym, x, xc, xb, where):
+    """``(axis, ids)``: x's example axis and the adapter id of each of its rows."""
     n = sym.ids.shape[0]
-    if 0 in xc or 0 in xb or x.shape[0] % n:
-        why = ("the model contracts it" if 0 in xc else "the model batches it" if 0 in xb
-               else f"its size is not a multiple of {n}")
-        raise LoraError(
-            f"a mixed-adapter batch ({n} adapter_ids) needs the example axis leading in every "
-            f"input that meets an adapted weight; {sym.path!r} meets an input of shape "
-            f"{tuple(x.shape)} whose leading axis does not fit ({why}); keep the batch axis "
-            "first (batch and sequence flattened into one leading axis also works)")
-    return sym.ids if x.shape[0] == n else jnp.repeat(sym.ids, x.shape[0] // n)
+    if isinstance(where, tuple) and where[0] not in xc and where[0] not in xb \
+            and x.shape[where[0]] == n * where[1]:
+        axis, inner = where
+        return axis, sym.ids if inner == 1 else jnp.repeat(sym.ids, inner)
+    if where is None:
+        why = "it does not depend on the examples at all"
+    elif isinstance(where, Lost):
+        why = f"the example axis was lost on the way (at {where.why})"
+    else:
+        why = (f"its example axis {where[0]} is "
+               + ("contracted" if where[0] in xc else "batched" if where[0] in xb
+                  else f"of size {x.shape[where[0]]}, not {n} x {where[1]}"))
+    raise LoraError(
+        f"a mixed-adapter batch ({n} adapter_ids) needs to know which rows of each input "
+        f"that meets an adapted weight belong to which example; {sym.path!r} meets an input "
+        f"of shape {tuple(x.shape)} where {why}; if the arguments' example axis is not "
+        "their first, say where it is with example_axes= (as jax.vmap's in_axes), or serve "
+        "these adapters one at a time")
 
 
 def _dropout(x, rate: float, key):

@@ -127,28 +127,9 @@ def expand(sym: Sym, shape, broadcast_dimensions, **params) -> Sym | None:
     return sym.replace(base=base, a=a, b=b, g=g, labels=tuple(labels))
 
 
-def _reshape_groups(old, new):
-    """Pair runs of old and new axes with equal products, or None."""
-    groups, i, j = [], 0, 0
-    while i < len(old) and j < len(new):
-        gi, gj, po, pn = [i], [j], old[i], new[j]
-        i, j = i + 1, j + 1
-        while po != pn:
-            if po < pn and i < len(old):
-                gi.append(i)
-                po, i = po * old[i], i + 1
-            elif pn < po and j < len(new):
-                gj.append(j)
-                pn, j = pn * new[j], j + 1
-            else:
-                return None
-        groups.append((gi, gj))
-    return groups if (i, j) == (len(old), len(new)) else None
-
-
 def reshape(sym: Sym, new_sizes, dimensions=None, **params) -> Sym | None:
     """Merges/splits of adjacent axes of one kind that are adjacent in the factors too."""
-    groups = _reshape_groups(sym.base.shape, tuple(new_sizes))
+    groups = sy.reshape_groups(sym.base.shape, tuple(new_sizes))
     if dimensions is not None or groups is None or sym.probe:
         return None
     blocks: dict[str, list] = {"s": [], "i": [], "o": []}

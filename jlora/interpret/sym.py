@@ -174,3 +174,22 @@ def drop_label(labels, removed: Label):
     """``labels`` after the axis ``removed`` is gone: later axes of its kind move down."""
     kind, idx = removed
     return tuple((k, i - (k == kind and i > idx)) for k, i in labels)
+
+
+def reshape_groups(old, new):
+    """Pair runs of old and new axes with equal products, or None."""
+    groups, i, j = [], 0, 0
+    while i < len(old) and j < len(new):
+        gi, gj, po, pn = [i], [j], old[i], new[j]
+        i, j = i + 1, j + 1
+        while po != pn:
+            if po < pn and i < len(old):
+                gi.append(i)
+                po, i = po * old[i], i + 1
+            elif pn < po and j < len(new):
+                gj.append(j)
+                pn, j = pn * new[j], j + 1
+            else:
+                return None
+        groups.append((gi, gj))
+    return groups if (i, j) == (len(old), len(new)) else None

@@ -15,19 +15,24 @@ import jax
 
 from jlora.adapter import match
 from jlora.interpret.core import Ctx, evaluate, materialized
+from jlora.interpret.examples import analyze
 from jlora.interpret.sym import from_node
 from jlora.interpret.trace import trace
 from jlora.numerics import qview as qv
 from jlora.targets import flatten, path_str
 from jlora.transforms.check import check_finite
-from jlora.transforms.multi import check_ids
+from jlora.transforms.multi import check_ids, example_layout
 
 
-def _run(fn, params, adapter, args, kwargs, ctx: Ctx, adapter_ids=None):
+def _run(fn, params, adapter, args, kwargs, ctx: Ctx, adapter_ids=None, example_axes=None):
     nodes = match(params, adapter)
     ids = check_ids(nodes, adapter_ids)
     closed, out_tree, dyn = trace(fn, params, args, kwargs)
     flat = flatten(params)[0]
+    if ids is not None:  # follow each argument's example axis to every adapted dot
+        layout = [None] * len(flat) + example_layout(args, kwargs, ids.shape[0], example_axes)
+        ctx.examples = {}
+        analyze(closed.jaxpr, layout, ctx.examples)
     syms = [from_node(qv.wrap(leaf), node, path_str(kp), ids=ids)
             for (kp, leaf), node in zip(flat, nodes)]
     vals = syms + dyn[len(syms):]
@@ -46,9 +51,12 @@ def apply(fn: Callable, *, safe: bool = False) -> Callable:
     ``jax.jit``: ``fn`` is traced once per input shape.
 
     With a stacked adapter (``jlora.stack``), ``adapter_ids[i]`` picks the adapter
-    of example ``i`` (``-1``: the base alone), in one batched pass. Every input
-    that meets an adapted weight must have the example axis leading (or batch
-    and sequence flattened into the leading axis, batch outermost).
+    of example ``i`` (``-1``: the base alone), in one batched pass. The examples
+    lie along axis 0 of every array argument, or where ``example_axes`` says (as
+    ``jax.vmap``'s ``in_axes`` over the positional arguments; None for an argument
+    shared by all examples). jlora follows that axis through the model (reshapes,
+    transposes, scans, ...) to each adapted weight; where it cannot, or where the
+    model mixes examples before a weight, it raises a ``LoraError``.
 
     ``safe=True`` first checks params, adapter and the array arguments for NaN/Inf
     and raises a ``LoraError`` naming the first bad one (under ``jit`` it raises
@@ -62,14 +70,16 @@ def apply(fn: Callable, *, safe: bool = False) -> Callable:
       (3, 6)
     """
     @functools.wraps(fn)
-    def wrapped(params, adapter, *args, lora_rng=None, adapter_ids=None, **kwargs):
+    def wrapped(params, adapter, *args, lora_rng=None, adapter_ids=None, example_axes=None,
+                **kwargs):
         if safe:
             fix = ("find where it came from (jax.config.update('jax_debug_nans', True)); "
                    "safe=False turns these checks off")
             for what, tree in (("params", params), ("adapter", adapter), ("args", args),
                                ("kwargs", kwargs)):
                 check_finite(tree, what, fix)
-        return _run(fn, params, adapter, args, kwargs, Ctx(key=lora_rng), adapter_ids)
+        return _run(fn, params, adapter, args, kwargs, Ctx(key=lora_rng), adapter_ids,
+                    example_axes)
     return wrapped
 
 

@@ -1,0 +1,250 @@
+"""Where the example axis goes: a dataflow pass over the jaxpr for mixed-adapter batches.
+
+In a batch that mixes adapters, each row of an adapted weight's input must use
+its own example's factors, so the interpreter must know which axis of that input
+is the example axis. Guessing from shapes is wrong whenever a model reorders
+axes; this pass follows the axis from the arguments through every equation.
+
+Each value gets one of: ``None`` (the same for every example), ``(axis, inner)``
+(index ``i`` of ``axis`` belongs to example ``i // inner``: ``inner`` is 1 for the
+batch axis itself, the sequence length for batch and sequence flattened batch
+outermost), or :class:`Lost` (examples are mixed, or a primitive this pass has no
+rule for touched the axis). :func:`analyze` returns the annotations of both
+operands of every ``dot_general``, keyed by the equation; the ``dot_general``
+rule refuses an input whose example axis is lost or absent, never guessing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from jax import lax
+from jax.extend import core as jcore
+
+from jlora.interpret.core import primitives
+from jlora.interpret.sym import reshape_groups
+
+
+@dataclasses.dataclass(frozen=True)
+class Lost:
+    """The example axis could not be followed; ``why`` names where."""
+
+    why: str
+
+
+_ELEMENTWISE = frozenset(getattr(lax, n) for n in (
+    "add_p", "sub_p", "mul_p", "div_p", "max_p", "min_p", "pow_p", "atan2_p", "rem_p",
+    "nextafter_p", "and_p", "or_p", "xor_p", "not_p", "neg_p", "sign_p", "floor_p", "ceil_p",
+    "round_p", "is_finite_p", "exp_p", "exp2_p", "log_p", "log1p_p", "expm1_p", "tanh_p",
+    "logistic_p", "sin_p", "cos_p", "tan_p", "asin_p", "acos_p", "atan_p", "sinh_p", "cosh_p",
+    "asinh_p", "acosh_p", "atanh_p", "sqrt_p", "rsqrt_p", "cbrt_p", "abs_p", "square_p",
+    "integer_pow_p", "erf_p", "erfc_p", "erf_inv_p", "lgamma_p", "digamma_p", "select_n_p",
+    "clamp_p", "eq_p", "ne_p", "lt_p", "le_p", "gt_p", "ge_p", "convert_element_type_p",
+    "copy_p", "reduce_precision_p", "real_p", "imag_p", "stop_gradient_p", "shift_left_p",
+    "shift_right_logical_p", "shift_right_arithmetic_p", "population_count_p",
+    "sharding_constraint_p")
+    if hasattr(lax, n))
+_REDUCE = frozenset(getattr(lax, n) for n in (
+    "reduce_sum_p", "reduce_max_p", "reduce_min_p", "reduce_prod_p", "reduce_and_p",
+    "reduce_or_p", "reduce_xor_p", "argmax_p", "argmin_p") if hasattr(lax, n))
+_CUMULATIVE = frozenset(getattr(lax, n) for n in (
+    "cumsum_p", "cumprod_p", "cummax_p", "cummin_p", "cumlogsumexp_p") if hasattr(lax, n))
+_CALLS = {**{p: "jaxpr" for p in primitives("jit_p", "pjit_p", "remat_p")},
+          **{p: "call_jaxpr" for p in primitives("closed_call_p", "call_p",
+                                                 "custom_jvp_call_p", "custom_vjp_call_p")}}
+
+
+def merge(annots, why: str):
+    """One annotation for values that must agree (None agrees with anything)."""
+    found = {a for a in annots if a is not None}
+    if any(isinstance(a, Lost) for a in found):
+        return next(a for a in found if isinstance(a, Lost))
+    return found.pop() if len(found) == 1 else (None if not found else Lost(why))
+
+
+def _moved(a, new_axis):
+    return None if a is None or isinstance(a, Lost) else (new_axis(a[0]), a[1])
+
+
+def _reshape(a, old, new):
+    """``(axis, inner)`` through a reshape: the axis must lead its merged group, and the
+    new group's axes before the one that takes it must be size 1."""
+    axis, inner = a
+    groups = reshape_groups(tuple(old), tuple(new))
+    if groups is None:
+        return Lost("reshape")
+    gi, gj = next((gi, gj) for gi, gj in groups if axis in gi)
+    if any(old[g] != 1 for g in gi[:gi.index(axis)]):
+        return Lost("reshape that puts the examples inside another axis")
+    period = inner * math.prod(old[g] for g in gi[gi.index(axis) + 1:])  # rows per example
+    for j in gj:
+        after = math.prod(new[h] for h in gj[gj.index(j) + 1:])
+        if after <= period and period % after == 0:
+            return (j, period // after)
+        if new[j] != 1:
+            break
+    return Lost("reshape that splits the examples over two axes")
+
+
+def _dot(eqn, ins):
+    """Output layout of dot_general: batch dims, then lhs free, then rhs free."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    nl, nr = (len(v.aval.shape) for v in eqn.invars)
+    lfree = [ax for ax in range(nl) if ax not in lc and ax not in lb]
+    rfree = [ax for ax in range(nr) if ax not in rc and ax not in rb]
+    outs = []
+    for a, contracted, batch, free, shift in ((ins[0], lc, lb, lfree, len(lb)),
+                                              (ins[1], rc, rb, rfree, len(lb) + len(lfree))):
+        if a is None or isinstance(a, Lost):
+            outs.append(a)
+        elif a[0] in contracted:
+            outs.append(Lost("a dot_general that contracts the examples"))
+        else:
+            outs.append((list(batch).index(a[0]) if a[0] in batch
+                         else shift + free.index(a[0]), a[1]))
+    return merge(outs, "a dot_general of two inputs that each carry the examples")
+
+
+def _gather(eqn, ins):
+    """An embedding lookup: rows follow the indices' example axis."""
+    operand, indices = ins
+    dn = eqn.params["dimension_numbers"]
+    if operand is not None or getattr(dn, "operand_batching_dims", ()):
+        return Lost("gather from an array that carries the examples")
+    if isinstance(indices, Lost):
+        return indices
+    n_out = len(eqn.outvars[0].aval.shape)
+    batch_out = [d for d in range(n_out) if d not in dn.offset_dims]
+    if indices[0] >= len(eqn.invars[1].aval.shape) - 1:
+        return Lost("gather indexed along the examples")
+    return (batch_out[indices[0]], indices[1])
+
+
+def _keeps_axis(eqn, a) -> bool:
+    """Whether a slice-like op leaves the example axis whole."""
+    p, shape = eqn.params, eqn.invars[0].aval.shape
+    if eqn.primitive is lax.slice_p:
+        lo, hi, st = p["start_indices"], p["limit_indices"], p["strides"]
+        return (lo[a], hi[a], 1 if st is None else st[a]) == (0, shape[a], 1)
+    if eqn.primitive is lax.dynamic_slice_p:
+        return p["slice_sizes"][a] == shape[a]
+    if eqn.primitive is lax.pad_p:
+        return tuple(p["padding_config"][a]) == (0, 0, 0)
+    if eqn.primitive is lax.rev_p:
+        return a not in p["dimensions"]
+    if eqn.primitive is lax.dynamic_update_slice_p:
+        return eqn.invars[1].aval.shape[a] == shape[a]
+    return False
+
+
+_SLICES = frozenset({lax.slice_p, lax.dynamic_slice_p, lax.pad_p, lax.rev_p,
+                     lax.dynamic_update_slice_p})
+
+
+def _simple(eqn, ins):
+    """The output of a one-result primitive with at least one input that carries examples."""
+    prim, p = eqn.primitive, eqn.params
+    if prim is lax.gather_p:
+        return _gather(eqn, ins)
+    a = merge(ins, f"{prim.name} of inputs whose examples lie on different axes")
+    if isinstance(a, Lost) or prim in _ELEMENTWISE:
+        return a
+    if prim in _SLICES:
+        return a if _keeps_axis(eqn, a[0]) else Lost(f"{prim.name} along the examples")
+    if prim is lax.concatenate_p:
+        return Lost("concatenate along the examples") if p["dimension"] == a[0] else a
+    if prim is lax.broadcast_in_dim_p:
+        dims = p["broadcast_dimensions"]
+        same = p["shape"][dims[a[0]]] == eqn.invars[0].aval.shape[a[0]]
+        return (dims[a[0]], a[1]) if same else Lost("broadcast_in_dim of the examples")
+    if prim is lax.reshape_p:
+        return _reshape(a, eqn.invars[0].aval.shape, p["new_sizes"])
+    if prim is lax.transpose_p:
+        return (list(p["permutation"]).index(a[0]), a[1])
+    if prim is lax.squeeze_p or prim in _REDUCE:
+        axes = p["dimensions"] if prim is lax.squeeze_p else p["axes"]
+        if a[0] in axes:
+            return Lost(f"{prim.name} over the examples")
+        return (a[0] - sum(d < a[0] for d in axes), a[1])
+    if prim in _CUMULATIVE:
+        return Lost(f"{prim.name} along the examples") if p["axis"] == a[0] else a
+    return Lost(prim.name)
+
+
+def _eqn(eqn, ins, sites: dict) -> list:
+    prim = eqn.primitive
+    if prim is lax.dot_general_p:
+        _site(sites, eqn, ins)
+        return [_dot(eqn, ins)]
+    if prim in _CALLS:
+        sub = eqn.params[_CALLS[prim]]
+        return analyze(getattr(sub, "jaxpr", sub), ins, sites)
+    if prim is lax.scan_p:
+        return _scan(eqn, ins, sites)
+    if prim is lax.while_p:
+        return _while(eqn, ins, sites)
+    if prim is lax.cond_p:
+        outs = [analyze(b.jaxpr, ins[1:], sites) for b in eqn.params["branches"]]
+        return [merge(o, "cond branches that put the examples on different axes")
+                for o in zip(*outs)]
+    if all(a is None for a in ins):
+        return [None] * len(eqn.outvars)
+    if prim is getattr(lax, "split_p", None):
+        a = ins[0]
+        lost = isinstance(a, tuple) and a[0] == eqn.params["axis"]
+        return [Lost("split along the examples") if lost else a] * len(eqn.outvars)
+    if not prim.multiple_results:
+        return [_simple(eqn, ins)]
+    return [Lost(prim.name)] * len(eqn.outvars)
+
+
+def _site(sites: dict, eqn, ins) -> None:
+    key = id(eqn)
+    if key in sites and sites[key][1] != tuple(ins):
+        ins = [Lost("a sub-computation called with different example layouts")] * 2
+    sites[key] = (eqn, tuple(ins))
+
+
+def _fixed_point(body, consts, carry, rest):
+    """Carry annotations that a loop body keeps (a carry that moves is lost)."""
+    for _ in range(3):
+        outs = body(consts, carry, rest)
+        new = [merge([c, o], "a loop carry whose examples move") for c, o in
+               zip(carry, outs[:len(carry)])]
+        if new == carry:
+            return carry, outs
+        carry = new
+    return [Lost("a loop carry whose examples move")] * len(carry), outs
+
+
+def _scan(eqn, ins, sites):
+    p = eqn.params
+    nc, ncarry = p["num_consts"], p["num_carry"]
+    xs = [None if a is None or isinstance(a, Lost) else
+          (Lost("scan over the examples") if a[0] == 0 else (a[0] - 1, a[1]))
+          for a in ins[nc + ncarry:]]
+    body = lambda c, carry, x: analyze(p["jaxpr"].jaxpr, list(c) + list(carry) + list(x), sites)
+    carry, outs = _fixed_point(body, ins[:nc], list(ins[nc:nc + ncarry]), xs)
+    ys = [_moved(a, lambda ax: ax + 1) for a in outs[ncarry:]]
+    return list(carry) + ys
+
+
+def _while(eqn, ins, sites):
+    p = eqn.params
+    nc, nb = p["cond_nconsts"], p["body_nconsts"]
+    body = lambda c, carry, _: analyze(p["body_jaxpr"].jaxpr, list(c) + list(carry), sites)
+    carry, _ = _fixed_point(body, ins[nc:nc + nb], list(ins[nc + nb:]), ())
+    return carry
+
+
+def analyze(jaxpr, in_annots, sites: dict | None = None) -> list:
+    """Annotations of ``jaxpr``'s outputs; records each ``dot_general``'s operands in
+    ``sites`` (``{id(eqn): (eqn, (lhs, rhs))}``)."""
+    sites = {} if sites is None else sites
+    env = dict(zip(jaxpr.invars, in_annots))
+    read = lambda v: None if isinstance(v, jcore.Literal) else env.get(v)
+    for eqn in jaxpr.eqns:
+        outs = _eqn(eqn, [read(v) for v in eqn.invars], sites)
+        env.update(zip(eqn.outvars, outs))
+    return [read(v) for v in jaxpr.outvars]

@@ -7,6 +7,9 @@ import numpy as np
 import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# JLORA_JAX_FLAGS=jax_remat3,jax_custom_vjp3 runs the tests under JAX's opt-in flags (.ci/run)
+for _flag in filter(None, os.environ.get("JLORA_JAX_FLAGS", "").split(",")):
+    jax.config.update(_flag, True)
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 
 F32 = dict(rtol=1e-5, atol=1e-5)

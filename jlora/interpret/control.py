@@ -42,6 +42,33 @@ for _name, _field in _CALL_NAMES.items():
     register(names=(_name,))(_inline(_field))
 
 
+def hi_jaxpr(eqn):
+    """The primal computation of a ``call_hi_primitive`` equation, as a closed jaxpr."""
+    hi = eqn.params["_prim"]
+
+    def lo(*flat):
+        return jax.tree.leaves(hi.expand(*jax.tree.unflatten(hi.in_tree, flat)))
+
+    return jax.make_jaxpr(lo)(*[jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype)
+                                for v in eqn.invars])
+
+
+@register(names=("call_hi_primitive",))
+def _hi_call(eqn, invals, ctx):
+    """JAX's opt-in "hi" primitives (``jax_remat3``, ``jax_custom_vjp3``): their primal
+    computation (``expand``) traced to a jaxpr and interpreted; a remat keeps its policy."""
+    hi, closed = eqn.params["_prim"], hi_jaxpr(eqn)
+    policy = getattr(hi, "params", {}).get("policy", False)
+    if policy is False:  # not a remat: inlined, as custom_vjp_call is
+        return evaluate(closed.jaxpr, closed.consts, invals, ctx)
+
+    def body(key, *vals):
+        outs = evaluate(closed.jaxpr, closed.consts, vals, dataclasses.replace(ctx, key=key))
+        return materialized(outs, ctx, "remat")
+
+    return list(jax.checkpoint(body, policy=policy)(ctx.key, *invals))
+
+
 @register(*primitives("remat_p"), names=("remat2", "checkpoint"))
 def _remat(eqn, invals, ctx):
     p = eqn.params

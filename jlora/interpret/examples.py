@@ -22,6 +22,7 @@ import math
 from jax import lax
 from jax.extend import core as jcore
 
+from jlora.interpret.control import hi_jaxpr
 from jlora.interpret.core import primitives
 from jlora.interpret.sym import reshape_groups
 
@@ -180,6 +181,8 @@ def _eqn(eqn, ins, sites: dict) -> list:
     if prim in _CALLS:
         sub = eqn.params[_CALLS[prim]]
         return analyze(getattr(sub, "jaxpr", sub), ins, sites)
+    if prim.name == "call_hi_primitive":  # jax_remat3 / jax_custom_vjp3: no exported object
+        return analyze(hi_jaxpr(eqn).jaxpr, ins, sites)
     if prim is lax.scan_p:
         return _scan(eqn, ins, sites)
     if prim is lax.while_p:

@@ -151,8 +151,18 @@ def _float_shapes(jaxpr, in_loop=False):
         for v in eqn.outvars:
             if jnp.issubdtype(v.aval.dtype, jnp.floating):
                 yield tuple(v.aval.shape), in_loop
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        for sub in _sub_jaxprs(eqn.params):
             yield from _float_shapes(sub, loop)
+
+
+def _sub_jaxprs(params):
+    """The jaxprs among an equation's params (``jax.extend.core.jaxprs_in_params`` is 0.10+)."""
+    for value in params.values():
+        for x in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(x, jax.extend.core.ClosedJaxpr):
+                yield x.jaxpr
+            elif isinstance(x, jax.extend.core.Jaxpr):
+                yield x
 
 
 @pytest.mark.parametrize("dora", [False, True])

@@ -77,9 +77,17 @@ def has_sym(vals) -> bool:
     return any(isinstance(v, (sy.Sym, qv.QView)) for v in vals)
 
 
+def bind_params(eqn) -> tuple[list, dict]:
+    """``(subfuns, params)`` to bind ``eqn``'s primitive with: JAX before 0.9.2 returned
+    both from ``get_bind_params``, later versions the params alone."""
+    got = eqn.primitive.get_bind_params(eqn.params)
+    return (list(got[0]), got[1]) if isinstance(got, tuple) else ([], got)
+
+
 def bind(eqn, vals):
     """The equation's primitive applied to ``vals`` as JAX would."""
-    return eqn.primitive.bind(*vals, **eqn.primitive.get_bind_params(eqn.params))
+    subfuns, params = bind_params(eqn)
+    return eqn.primitive.bind(*subfuns, *vals, **params)
 
 
 def materialized(vals, ctx: Ctx, why: str) -> list:

@@ -18,7 +18,7 @@ from jax import lax
 
 from jlora.interpret import quantized
 from jlora.interpret import sym as sy
-from jlora.interpret.core import has_sym, materialize_rule, register
+from jlora.interpret.core import bind_params, has_sym, materialize_rule, register
 from jlora.interpret.sym import Label, Sym
 from jlora.numerics import qview as qv
 
@@ -34,8 +34,7 @@ def _layout_rule(on_sym: Callable | None):
                 if out is not None:
                     return out
             if qv.is_view(x):
-                return quantized.op(x, eqn.primitive, rest,
-                                    eqn.primitive.get_bind_params(eqn.params))
+                return quantized.op(x, eqn.primitive, rest, bind_params(eqn)[1])
         return materialize_rule(eqn, invals, ctx)
     return rule
 

@@ -6,7 +6,8 @@ On a 24-layer unscanned Llama (Python-loop layers, LoRA r16 on q,k,v,o), times
 w.r.t. all params, LoRA's w.r.t. the adapter), plus one eager (un-jitted) call
 of each. Rounds are interleaved (each round runs every row once) and every
 round builds new functions, so nothing is served from a cache (a first, discarded
-round warms the per-primitive caches that eager calls use). Prints medians
+round warms the per-primitive caches that eager calls use), and which of the two
+goes first alternates between rounds. Prints medians
 (min-max) and the ratios LoRA / base, and writes ``results/trace_overhead.md``.
 
     python benchmarks/trace_overhead.py              # 24 layers, h128, 5 rounds
@@ -14,6 +15,7 @@ round warms the per-primitive caches that eager calls use). Prints medians
 """
 
 import argparse
+import gc
 import os
 import platform
 import statistics
@@ -61,6 +63,7 @@ def rows(model, params, adapter, x, y):
 
 def measure(make, args) -> dict:
     """Seconds to lower and to compile a new jit of ``make()``, and for one eager call."""
+    gc.collect()
     t0 = time.perf_counter()
     lowered = jax.jit(make()).lower(*args)
     t1 = time.perf_counter()
@@ -86,7 +89,10 @@ def main():
     times = {(row, who): [] for row in cases for who in ("base", "lora")}
     for r in range(rounds + 1):  # round 0 warms JAX's per-primitive caches (eager calls)
         for row, (base, lora) in cases.items():
-            b, lo = measure(*base), measure(*lora)
+            if r % 2:  # alternate which goes first, so neither always pays for the other
+                b, lo = measure(*base), measure(*lora)
+            else:
+                lo, b = measure(*lora), measure(*base)
             if r:
                 times[row, "base"].append(b)
                 times[row, "lora"].append(lo)
@@ -105,7 +111,8 @@ def main():
     table = "\n".join(lines)
     print(table + "\n\n" + env)
     if not args.quick:
-        write_result("trace_overhead", "python benchmarks/trace_overhead.py", table,
+        write_result("trace_overhead", f"python benchmarks/trace_overhead.py --rounds {rounds}",
+                     table,
                      "\n\n" + env)
 
 

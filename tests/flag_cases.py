@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-jax.config.update(sys.argv[1], True)
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 import jlora  # noqa: E402
 import llama  # noqa: E402
@@ -62,4 +61,5 @@ def main():
 
 
 if __name__ == "__main__":
+    jax.config.update(sys.argv[1], True)  # before anything is traced
     main()

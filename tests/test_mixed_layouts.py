@@ -25,6 +25,15 @@ def _mlp(p, x):
     return jnp.tanh(x @ p["up"]) @ p["down"]
 
 
+def _rnn(p, x):
+    """``h_t = tanh(x_t up + h_{t-1} rec)`` over the sequence (axis 0): an adapted weight
+    meets the carry, which starts as zeros shared by all examples."""
+    def step(h, xt):
+        h = jnp.tanh(xt @ p["up"] + h @ p["rec"])
+        return h, h @ p["down"]
+    return jax.lax.scan(step, jnp.zeros((x.shape[1], D_HID)), x)[1]
+
+
 #: layout -> (model fn(p, x), example axis of x, example axis of the output, example_axes)
 LAYOUTS = {
     "first": (_mlp, 0, 0, None),
@@ -33,6 +42,7 @@ LAYOUTS = {
                   0, 0, None),
     "transposed": (lambda p, x: jnp.swapaxes(_mlp(p, jnp.swapaxes(x, 0, 1)), 0, 1), 0, 0, None),
     "scanned": (lambda p, x: jax.lax.scan(lambda c, xt: (c, _mlp(p, xt)), 0.0, x)[1], 1, 1, 1),
+    "recurrent": (lambda p, x: _rnn(p, x), 1, 1, 1),
 }
 #: layouts that mix examples before a weight: these must raise
 MIXING = {
@@ -45,9 +55,10 @@ MIXING = {
 def _setup(n_adapters, seed):
     key = jax.random.key(seed)
     p = {"up": jax.random.normal(key, (D_IN, D_HID)) / 3,
-         "down": jax.random.normal(jax.random.fold_in(key, 1), (D_HID, D_OUT)) / 3}
+         "down": jax.random.normal(jax.random.fold_in(key, 1), (D_HID, D_OUT)) / 3,
+         "rec": jax.random.normal(jax.random.fold_in(key, 2), (D_HID, D_HID)) / 3}
     ads = [randomize(jlora.init(jax.random.fold_in(key, 2 + i), p, jlora.LoraConfig(
-        rank=1 + i % 3, alpha=2.0, targets=("up", "down"))), jax.random.fold_in(key, 9 + i),
+        rank=1 + i % 3, alpha=2.0, targets=("up", "down", "rec"))), jax.random.fold_in(key, 9 + i),
         scale=0.5) for i in range(n_adapters)]
     return p, ads
 

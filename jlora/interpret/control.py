@@ -21,10 +21,10 @@ from jlora.interpret import sym as sy
 from jlora.interpret.core import evaluate, materialized, primitives, register
 from jlora.numerics import qview as qv
 
-#: Call-like primitives (current and former names) and the parameter holding their jaxpr.
-_CALLS = {"jit_p": "jaxpr", "pjit_p": "jaxpr", "closed_call_p": "call_jaxpr",
-          "call_p": "call_jaxpr", "custom_jvp_call_p": "call_jaxpr",
-          "custom_vjp_call_p": "call_jaxpr"}
+#: Call-like primitives this JAX exports (current and former names) -> their jaxpr's param.
+CALLS = {p: field for names, field in ((("jit_p", "pjit_p"), "jaxpr"), (
+    ("closed_call_p", "call_p", "custom_jvp_call_p", "custom_vjp_call_p"), "call_jaxpr"))
+    for p in primitives(*names)}
 _CALL_NAMES = {"pjit": "jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr"}
 
 
@@ -36,8 +36,8 @@ def _inline(field: str):
     return rule
 
 
-for _attr, _field in _CALLS.items():
-    register(*primitives(_attr))(_inline(_field))
+for _prim, _field in CALLS.items():
+    register(_prim)(_inline(_field))
 for _name, _field in _CALL_NAMES.items():
     register(names=(_name,))(_inline(_field))
 
@@ -61,24 +61,23 @@ def _hi_call(eqn, invals, ctx):
     policy = getattr(hi, "params", {}).get("policy", False)
     if policy is False:  # not a remat: inlined, as custom_vjp_call is
         return evaluate(closed.jaxpr, closed.consts, invals, ctx)
-
-    def body(key, *vals):
-        outs = evaluate(closed.jaxpr, closed.consts, vals, dataclasses.replace(ctx, key=key))
-        return materialized(outs, ctx, "remat")
-
-    return list(jax.checkpoint(body, policy=policy)(ctx.key, *invals))
+    return _checkpointed(closed.jaxpr, closed.consts, invals, ctx, policy=policy)
 
 
 @register(*primitives("remat_p"), names=("remat2", "checkpoint"))
 def _remat(eqn, invals, ctx):
     p = eqn.params
+    return _checkpointed(p["jaxpr"], (), invals, ctx, prevent_cse=p["prevent_cse"],
+                         policy=p["policy"])
 
+
+def _checkpointed(jaxpr, consts, invals, ctx, **remat_params) -> list:
+    """The interpreted jaxpr inside ``jax.checkpoint`` (the dropout key goes in as an input)."""
     def body(key, *vals):
-        outs = evaluate(p["jaxpr"], (), vals, dataclasses.replace(ctx, key=key))
+        outs = evaluate(jaxpr, consts, vals, dataclasses.replace(ctx, key=key))
         return materialized(outs, ctx, "remat")
 
-    return list(jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])(
-        ctx.key, *invals))
+    return list(jax.checkpoint(body, **remat_params)(ctx.key, *invals))
 
 
 def _scan_slice(v, ctx):

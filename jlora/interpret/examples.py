@@ -22,7 +22,7 @@ import math
 from jax import lax
 from jax.extend import core as jcore
 
-from jlora.interpret.control import hi_jaxpr
+from jlora.interpret.control import CALLS, hi_jaxpr
 from jlora.interpret.core import primitives
 from jlora.interpret.sym import reshape_groups
 
@@ -51,9 +51,7 @@ _REDUCE = frozenset(getattr(lax, n) for n in (
     "reduce_or_p", "reduce_xor_p", "argmax_p", "argmin_p") if hasattr(lax, n))
 _CUMULATIVE = frozenset(getattr(lax, n) for n in (
     "cumsum_p", "cumprod_p", "cummax_p", "cummin_p", "cumlogsumexp_p") if hasattr(lax, n))
-_CALLS = {**{p: "jaxpr" for p in primitives("jit_p", "pjit_p", "remat_p")},
-          **{p: "call_jaxpr" for p in primitives("closed_call_p", "call_p",
-                                                 "custom_jvp_call_p", "custom_vjp_call_p")}}
+_CALLS = {**CALLS, **{p: "jaxpr" for p in primitives("remat_p")}}
 
 
 def merge(annots, why: str):
@@ -209,16 +207,20 @@ def _site(sites: dict, eqn, ins) -> None:
     sites[key] = (eqn, tuple(ins))
 
 
-def _fixed_point(body, consts, carry, rest):
-    """Carry annotations that a loop body keeps (a carry that moves is lost)."""
+def _fixed_point(body, consts, carry, rest, sites):
+    """Carry annotations that a loop body keeps (a carry that moves is lost), and the
+    body's outputs from one last pass with them: only that pass records its dots, so a
+    carry that starts example-independent (zeros) and then takes the examples is fine."""
     for _ in range(3):
-        outs = body(consts, carry, rest)
+        outs = body(consts, carry, rest, {})
         new = [merge([c, o], "a loop carry whose examples move") for c, o in
                zip(carry, outs[:len(carry)])]
         if new == carry:
-            return carry, outs
+            break
         carry = new
-    return [Lost("a loop carry whose examples move")] * len(carry), outs
+    else:
+        carry = [Lost("a loop carry whose examples move")] * len(carry)
+    return carry, body(consts, carry, rest, sites)
 
 
 def _scan(eqn, ins, sites):
@@ -227,8 +229,9 @@ def _scan(eqn, ins, sites):
     xs = [None if a is None or isinstance(a, Lost) else
           (Lost("scan over the examples") if a[0] == 0 else (a[0] - 1, a[1]))
           for a in ins[nc + ncarry:]]
-    body = lambda c, carry, x: analyze(p["jaxpr"].jaxpr, list(c) + list(carry) + list(x), sites)
-    carry, outs = _fixed_point(body, ins[:nc], list(ins[nc:nc + ncarry]), xs)
+    body = lambda c, carry, x, rec: analyze(p["jaxpr"].jaxpr, list(c) + list(carry) + list(x),
+                                            rec)
+    carry, outs = _fixed_point(body, ins[:nc], list(ins[nc:nc + ncarry]), xs, sites)
     ys = [_moved(a, lambda ax: ax + 1) for a in outs[ncarry:]]
     return list(carry) + ys
 
@@ -236,8 +239,8 @@ def _scan(eqn, ins, sites):
 def _while(eqn, ins, sites):
     p = eqn.params
     nc, nb = p["cond_nconsts"], p["body_nconsts"]
-    body = lambda c, carry, _: analyze(p["body_jaxpr"].jaxpr, list(c) + list(carry), sites)
-    carry, _ = _fixed_point(body, ins[nc:nc + nb], list(ins[nc + nb:]), ())
+    body = lambda c, carry, _, rec: analyze(p["body_jaxpr"].jaxpr, list(c) + list(carry), rec)
+    carry, _ = _fixed_point(body, ins[nc:nc + nb], list(ins[nc + nb:]), (), sites)
     return carry
 
 

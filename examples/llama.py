@@ -71,10 +71,44 @@ class LlamaConfig:
         return cls(**{**CONFIGS[name], **overrides})
 
 
+def _explicit_spec(x) -> Optional[tuple]:
+    """``x``'s partition spec under a mesh with explicit axes (``jax.make_mesh``'s
+    default), else None: then JAX propagates shardings and nothing here applies."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    types = getattr(getattr(sharding, "mesh", None), "axis_types", ()) or ()
+    if jax.sharding.AxisType.Explicit not in tuple(types):
+        return None
+    return tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+
+
+def _dot(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """``lax.dot_general`` that, under explicit axes, names the output sharding of a
+    row-parallel product (contracted axis sharded): the free axes keep theirs."""
+    spec, out = _explicit_spec(lhs), None
+    (lc, _), _ = dimension_numbers
+    if spec is not None and any(spec[ax] is not None for ax in lc):
+        free = [spec[ax] for ax in range(lhs.ndim) if ax not in lc]
+        out = jax.sharding.PartitionSpec(*free, *([None] * (rhs.ndim - len(lc))))
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type,
+                               out_sharding=out)
+
+
 def _dense(config: LlamaConfig, features: int, name: str) -> nn.Dense:
     return nn.Dense(features, use_bias=False, dtype=config.dtype,
-                    param_dtype=config.param_dtype,
+                    param_dtype=config.param_dtype, dot_general=_dot,
                     kernel_init=nn.initializers.normal(INIT_STD), name=name)
+
+
+class Embed(nn.Embed):
+    """``nn.Embed`` whose lookup, under explicit axes, keeps the ids' sharding."""
+
+    def __call__(self, inputs):
+        spec = _explicit_spec(inputs)
+        if spec is None:
+            return super().__call__(inputs)
+        embedding = self.embedding.astype(self.dtype)
+        return embedding.at[inputs].get(out_sharding=jax.sharding.PartitionSpec(*spec, None))
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float):
@@ -194,7 +228,7 @@ class Llama(nn.Module):
         mask = jnp.tril(jnp.ones((seq, seq), dtype=bool))[None, None, :, :]
         if attention_mask is not None:
             mask = mask & attention_mask.astype(bool)[:, None, None, :]
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
+        embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
                          param_dtype=cfg.param_dtype,
                          embedding_init=nn.initializers.normal(INIT_STD),
                          name="embed_tokens")
@@ -238,8 +272,12 @@ def loss_fn(logits: jax.Array, targets: jax.Array,
     aligned: targets[:, t] is the token following position t, e.g. logits of
     ids[:, :-1] against targets ids[:, 1:]. Returns a float32 scalar.
     """
-    losses = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), targets)
+    logits = logits.astype(jnp.float32)
+    if _explicit_spec(logits) is None:
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    else:  # a one-hot sum instead of a gather from the vocab axis, which may be sharded
+        picked = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
+        losses = -jnp.sum(jax.nn.log_softmax(logits) * picked, axis=-1)
     if mask is None:
         return jnp.mean(losses)
     mask = mask.astype(jnp.float32)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jlora.numerics import mesh
 from jlora.interpret import sym as sy
 from jlora.interpret.core import evaluate, materialized, primitives, register
 from jlora.numerics import qview as qv
@@ -49,8 +50,7 @@ def hi_jaxpr(eqn):
     def lo(*flat):
         return jax.tree.leaves(hi.expand(*jax.tree.unflatten(hi.in_tree, flat)))
 
-    return jax.make_jaxpr(lo)(*[jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype)
-                                for v in eqn.invars])
+    return jax.make_jaxpr(lo)(*[mesh.struct(v.aval) for v in eqn.invars])
 
 
 @register(names=("call_hi_primitive",))

@@ -20,21 +20,28 @@ from jax import lax
 from jax.extend import core as jcore
 from jax.interpreters import ad, batching, mlir
 
+from jlora.numerics import mesh
 
-def contract(spec: str, x, y, precision=None) -> jax.Array:
+
+def contract(spec: str, x, y, precision=None, out_spec=None) -> jax.Array:
     """``jnp.einsum(spec, x, y)`` for two operands whose letters each appear once per
     operand and none only in one operand but not the output: one ``dot_general``
-    and at most one transpose (no path search, no nested ``jit``)."""
+    and at most one transpose (no path search, no nested ``jit``). Under an explicit
+    mesh the output is sharded as ``out_spec`` (default: ``mesh.contraction_spec``)."""
     ins, out = spec.split("->")
     xs, ys = ins.split(",")
+    if out_spec is None:
+        out_spec = mesh.contraction_spec((xs, ys), out, (mesh.spec(x), mesh.spec(y)))
     batch = [c for c in xs if c in ys and c in out]
     summed = [c for c in xs if c in ys and c not in out]
     dims = (([xs.index(c) for c in summed], [ys.index(c) for c in summed]),
             ([xs.index(c) for c in batch], [ys.index(c) for c in batch]))
     dtype = jnp.result_type(x, y)
-    z = lax.dot_general(x.astype(dtype), y.astype(dtype), dims, precision=precision,
-                        preferred_element_type=dtype)
     got = batch + [c for c in xs if c not in ys] + [c for c in ys if c not in xs]
+    sharding = None if out_spec is None else mesh.named(
+        x if mesh.spec(x) is not None else y, tuple(out_spec[out.index(c)] for c in got))
+    z = lax.dot_general(x.astype(dtype), y.astype(dtype), dims, precision=precision,
+                        preferred_element_type=dtype, out_sharding=sharding)
     return z if got == list(out) else lax.transpose(z, [got.index(c) for c in out])
 
 
@@ -52,8 +59,17 @@ def _impl(t, f, *, spec, precision):
 
 def _abstract(t, f, *, spec, precision):
     ins, out = spec.split("->")
-    sizes = dict(zip(ins.split(",")[0], t.shape)) | dict(zip(ins.split(",")[1], f.shape))
-    return jax.core.ShapedArray(tuple(sizes[c] for c in out), jnp.result_type(t.dtype, f.dtype))
+    (ts, fs) = ins.split(",")
+    sizes = dict(zip(ts, t.shape)) | dict(zip(fs, f.shape))
+    extra = {}
+    sharding = mesh.named(t if mesh.spec(t) is not None else f, mesh.contraction_spec(
+        (ts, fs), out, (mesh.spec(t), mesh.spec(f))))
+    if sharding is not None:
+        extra["sharding"] = sharding
+    if getattr(t, "vma", None) or getattr(f, "vma", None):  # inside shard_map
+        extra["vma"] = frozenset(t.vma) | frozenset(f.vma)
+    return jax.core.ShapedArray(tuple(sizes[c] for c in out),
+                                jnp.result_type(t.dtype, f.dtype), **extra)
 
 
 def _dtype(x, like):
@@ -64,13 +80,13 @@ def _dtype(x, like):
 def _transpose_t(ct, t, f, *, spec, precision):
     """The cotangent of ``t``: ``dy`` times the factor, as JAX's rule would."""
     (ts, fs), out = spec.split("->")[0].split(","), spec.split("->")[1]
-    return contract(f"{out},{fs}->{ts}", ct, f, precision).astype(_dtype(t, ct))
+    return contract(f"{out},{fs}->{ts}", ct, f, precision, mesh.spec(t)).astype(_dtype(t, ct))
 
 
 def _transpose_f(ct, t, f, *, spec, precision):
     """The cotangent of the factor: ``dot_general(t, dy)``, thin operand first."""
     (ts, fs), out = spec.split("->")[0].split(","), spec.split("->")[1]
-    return contract(f"{ts},{out}->{fs}", t, ct, precision).astype(_dtype(f, ct))
+    return contract(f"{ts},{out}->{fs}", t, ct, precision, mesh.spec(f)).astype(_dtype(f, ct))
 
 
 def _batch(args, dims, *, spec, precision):

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora.numerics import mesh
 from jlora.nf4 import is_nf4
 from jlora.targets import flatten, path_str
 
@@ -15,10 +16,11 @@ def is_array(x) -> bool:
 
 
 def _spec(x) -> jax.ShapeDtypeStruct:
-    """What ``fn`` is traced with: an NF4 leaf looks like its dequantized weight."""
+    """What ``fn`` is traced with: an NF4 leaf looks like its dequantized weight; an
+    explicitly sharded array keeps its sharding."""
     if is_nf4(x):
         return jax.ShapeDtypeStruct(x.shape, x.compute_dtype)
-    return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
+    return mesh.struct(x, np.shape(x), jnp.result_type(x))
 
 
 def trace(fn, params, args, kwargs):

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jlora.numerics import mesh
 from jlora.numerics import qview as qv
 
 
@@ -41,9 +42,9 @@ def dora_norm(w, a_u, b_u, scale: float, stack_axes, in_axes, out_axes) -> jax.A
     O = "".join(letter[ax] for ax in out_axes)  # noqa: E741
     r, q = letter[w.ndim], letter[w.ndim + 1]
     w, a, b = (x.astype(jnp.float32) for x in (w, a_u, b_u))
-    squares = jnp.einsum(f"{w_spec},{w_spec}->{S}{O}", w, w)
-    atw = jnp.einsum(f"{w_spec},{S}{I}{r}->{S}{r}{O}", w, a)
-    cross = jnp.einsum(f"{S}{r}{O},{S}{r}{O}->{S}{O}", atw, b)
-    gram = jnp.einsum(f"{S}{I}{r},{S}{I}{q}->{S}{r}{q}", a, a)
-    quad = jnp.einsum(f"{S}{r}{O},{S}{r}{q},{S}{q}{O}->{S}{O}", b, gram, b)
+    squares = mesh.einsum(f"{w_spec},{w_spec}->{S}{O}", w, w)
+    atw = mesh.einsum(f"{w_spec},{S}{I}{r}->{S}{r}{O}", w, a)
+    cross = mesh.einsum(f"{S}{r}{O},{S}{r}{O}->{S}{O}", atw, b)
+    gram = mesh.einsum(f"{S}{I}{r},{S}{I}{q}->{S}{r}{q}", a, a)
+    quad = mesh.einsum(f"{S}{r}{O},{S}{r}{q},{S}{q}{O}->{S}{O}", b, gram, b)
     return jnp.sqrt(jnp.maximum(squares + 2 * scale * cross + scale * scale * quad, 0.0))

@@ -1,0 +1,98 @@
+"""Explicit sharding (``jax.make_mesh``'s default axes): what jlora's emitted ops need.
+
+Under ``AxisType.Explicit`` mesh axes every aval carries its sharding and JAX
+refuses a contraction over sharded axes unless told the output's sharding.
+These helpers read an operand's spec and choose the output spec of the rank-r
+contractions the way a Megatron layout wants it: the free axes keep their
+operand's sharding and the contracted ones are summed over (an all-reduce of a
+rank-r product). Under Auto axes or no mesh they return None and nothing changes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+
+def _aval(x):
+    if isinstance(x, jax.core.ShapedArray):
+        return x
+    aval = getattr(x, "aval", None)  # a transpose's undefined primal or a jaxpr var
+    try:
+        return aval if aval is not None else jax.typeof(x)
+    except TypeError:
+        return None
+
+
+def _sharding(x):
+    return getattr(_aval(x), "sharding", None)
+
+
+def explicit(sharding) -> bool:
+    mesh = getattr(sharding, "mesh", None)
+    return isinstance(sharding, NamedSharding) and AxisType.Explicit in tuple(
+        getattr(mesh, "axis_types", ()) or ())
+
+
+def spec(x) -> tuple | None:
+    """``x``'s partition spec, one entry per axis, when its mesh has explicit axes."""
+    sharding = _sharding(x)
+    if not explicit(sharding):
+        return None
+    parts = tuple(sharding.spec)
+    return parts + (None,) * (len(_aval(x).shape) - len(parts))
+
+
+def struct(x, shape=None, dtype=None) -> jax.ShapeDtypeStruct:
+    """A ``ShapeDtypeStruct`` like ``x`` that keeps an explicit sharding (what ``fn`` is
+    traced with, so sharding-aware code inside it sees the arguments' layouts)."""
+    sharding = _sharding(x)
+    shape = tuple(x.shape) if shape is None else shape
+    dtype = x.dtype if dtype is None else dtype
+    if explicit(sharding):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _used(part) -> tuple:
+    return () if part is None else (part,) if isinstance(part, str) else tuple(part)
+
+
+def contraction_spec(ins, out: str, specs) -> tuple | None:
+    """The output spec of ``einsum(",".join(ins) + "->" + out)`` given the operands'
+    specs (None: not explicitly sharded): each output letter takes the first operand's
+    entry that shards it; a mesh axis already used by an earlier output axis is dropped
+    (replicated). Contracted letters are summed over (an all-reduce)."""
+    if all(sp is None for sp in specs):
+        return None
+    entry = {}
+    for ls, sp in zip(ins, specs):
+        for c, part in zip(ls, sp or (None,) * len(ls)):
+            if entry.get(c) is None:
+                entry[c] = part
+    parts, seen = [], set()
+    for c in out:
+        axes = _used(entry.get(c))
+        parts.append(None if not axes or seen & set(axes) else entry[c])
+        seen |= set(axes)
+    return tuple(parts)
+
+
+def einsum(subscripts: str, *ops) -> jax.Array:
+    """``jnp.einsum`` that, under explicit axes, names its output sharding."""
+    ins, out = subscripts.split("->")
+    specs = [spec(x) for x in ops]
+    like = next((x for x, sp in zip(ops, specs) if sp is not None), None)
+    sharding = None if like is None else named(like, contraction_spec(ins.split(","), out,
+                                                                       specs))
+    extra = {} if sharding is None else dict(out_sharding=sharding)
+    return jnp.einsum(subscripts, *ops, **extra)
+
+
+def named(like, parts: tuple | None):
+    """A ``NamedSharding`` on ``like``'s mesh with spec ``parts`` (None: no sharding)."""
+    sharding = _sharding(like)
+    if parts is None or not explicit(sharding):
+        return None
+    return NamedSharding(sharding.mesh, PartitionSpec(*parts))

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jcore
 from jax.interpreters import ad, batching, mlir
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora.numerics import mesh
 
@@ -50,7 +51,8 @@ thin_p = jcore.Primitive("jlora_thin")
 
 def thin(spec: str, precision, t, f) -> jax.Array:
     """``contract(spec, t, f, precision)``, differentiated by the rules below."""
-    return thin_p.bind(t, f, spec=spec, precision=precision)
+    both = mesh.vma(t) | mesh.vma(f)  # inside shard_map: both vary alike, as JAX's ops need
+    return thin_p.bind(mesh.vary(t, both), mesh.vary(f, both), spec=spec, precision=precision)
 
 
 def _impl(t, f, *, spec, precision):
@@ -58,18 +60,16 @@ def _impl(t, f, *, spec, precision):
 
 
 def _abstract(t, f, *, spec, precision):
+    """The output aval: its sharding from the operands' (``mesh.contraction_spec``), its
+    varying manual axes (inside ``shard_map``) theirs, as ``dot_general``'s would be."""
     ins, out = spec.split("->")
     (ts, fs) = ins.split(",")
     sizes = dict(zip(ts, t.shape)) | dict(zip(fs, f.shape))
-    extra = {}
-    sharding = mesh.named(t if mesh.spec(t) is not None else f, mesh.contraction_spec(
-        (ts, fs), out, (mesh.spec(t), mesh.spec(f))))
-    if sharding is not None:
-        extra["sharding"] = sharding
-    if getattr(t, "vma", None) or getattr(f, "vma", None):  # inside shard_map
-        extra["vma"] = frozenset(t.vma) | frozenset(f.vma)
-    return jax.core.ShapedArray(tuple(sizes[c] for c in out),
-                                jnp.result_type(t.dtype, f.dtype), **extra)
+    like = t if len(mesh.vma(t)) >= len(mesh.vma(f)) else f
+    parts = mesh.contraction_spec((ts, fs), out, (mesh.raw_spec(t), mesh.raw_spec(f)))
+    return like.update(shape=tuple(sizes[c] for c in out), weak_type=False,
+                       dtype=jnp.result_type(t.dtype, f.dtype),
+                       sharding=NamedSharding(like.sharding.mesh, PartitionSpec(*parts)))
 
 
 def _dtype(x, like):

@@ -35,13 +35,16 @@ def explicit(sharding) -> bool:
         getattr(mesh, "axis_types", ()) or ())
 
 
+def raw_spec(x) -> tuple:
+    """``x``'s partition spec, one entry per axis (all None when it has none)."""
+    sharding = _sharding(x)
+    parts = tuple(getattr(sharding, "spec", None) or ())
+    return parts + (None,) * (len(_aval(x).shape) - len(parts))
+
+
 def spec(x) -> tuple | None:
     """``x``'s partition spec, one entry per axis, when its mesh has explicit axes."""
-    sharding = _sharding(x)
-    if not explicit(sharding):
-        return None
-    parts = tuple(sharding.spec)
-    return parts + (None,) * (len(_aval(x).shape) - len(parts))
+    return raw_spec(x) if explicit(_sharding(x)) else None
 
 
 def struct(x, shape=None, dtype=None) -> jax.ShapeDtypeStruct:
@@ -96,3 +99,20 @@ def named(like, parts: tuple | None):
     if parts is None or not explicit(sharding):
         return None
     return NamedSharding(sharding.mesh, PartitionSpec(*parts))
+
+
+def vma(x) -> frozenset:
+    """The manual mesh axes ``x`` varies over inside a ``shard_map`` (empty outside)."""
+    aval = _aval(x)
+    vma = getattr(aval, "vma", None)  # JAX < 0.10; later: the manual axis type's "varying"
+    return frozenset(vma if vma is not None else getattr(getattr(aval, "mat", None),
+                                                         "varying", ()))
+
+
+def vary(x, axes) -> jax.Array:
+    """``x`` cast to vary over ``axes`` too (JAX inserts this cast for its own ops)."""
+    axes = tuple(sorted(set(axes) - vma(x)))
+    if not axes:
+        return x
+    pcast = getattr(jax.lax, "pcast", None)
+    return pcast(x, axes, to="varying") if pcast is not None else jax.lax.pvary(x, axes)

@@ -32,6 +32,9 @@ class NF4:
     dtype: Any = dataclasses.field(metadata=dict(static=True))  # of the original weight
     block_size: int = dataclasses.field(metadata=dict(static=True))
     compute_dtype: Any = dataclasses.field(metadata=dict(static=True))
+    #: Under an explicit mesh: the original weight's partition spec (the codes are
+    #: stored replicated and each use reshards the dequantized weight to it).
+    spec: Any = dataclasses.field(default=None, metadata=dict(static=True))
 
     @property
     def ndim(self) -> int:

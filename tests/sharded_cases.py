@@ -23,9 +23,21 @@ COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="run by test_sharding.py")
 
 
-def mesh(shape=(2, 4)):
-    """Auto (GSPMD) axes: XLA propagates shardings through the emitted ops."""
-    return jax.make_mesh(shape, ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+def mesh(shape=(2, 4), kind="auto"):
+    """Auto (GSPMD) axes: XLA propagates shardings through the emitted ops; explicit
+    axes (``jax.make_mesh``'s default): every aval carries its sharding."""
+    types = (AxisType.Auto if kind == "auto" else AxisType.Explicit,) * 2
+    return jax.make_mesh(shape, ("data", "model"), axis_types=types)
+
+
+@pytest.fixture(params=["auto", "explicit"])
+def kind(request):
+    """Each case on both kinds of mesh; an explicit one is entered as JAX recommends."""
+    if request.param == "auto":
+        yield "auto"
+        return
+    with jax.set_mesh(mesh(kind="explicit")):
+        yield "explicit"
 
 
 def shard(params, m):
@@ -54,8 +66,8 @@ def sgd_step(params, adapter, ids):
     return jax.tree.map(lambda a, g: a - 0.1 * g, adapter, grads), value
 
 
-def test_adapter_shardings_follow_the_base(key):
-    params, adapter, _ = setup(key, mesh())
+def test_adapter_shardings_follow_the_base(key, kind):
+    params, adapter, _ = setup(key, mesh(kind=kind))
     layers = adapter["params"]["layers"]
     q, o = layers["self_attn"]["q_proj"]["kernel"], layers["self_attn"]["o_proj"]["kernel"]
     assert q.a.sharding.spec == P(None, None, None) and q.b.sharding.spec == P(None, None,
@@ -68,10 +80,10 @@ def test_adapter_shardings_follow_the_base(key):
 
 
 @pytest.mark.parametrize("variant", ["lora", "dora", "qlora"])
-def test_sharded_step_equals_one_device(key, variant):
+def test_sharded_step_equals_one_device(key, variant, kind):
     lora = dict(dora=True) if variant == "dora" else {}
     params1, adapter1, ids1 = setup(key, **lora)
-    params8, adapter8, ids8 = setup(key, mesh(), **lora)
+    params8, adapter8, ids8 = setup(key, mesh(kind=kind), **lora)
     if variant == "qlora":
         params1, params8 = jlora.quantize(params1), jlora.quantize(params8)
     new1, loss1 = jax.jit(sgd_step)(params1, adapter1, ids1)
@@ -95,10 +107,10 @@ def _collectives(f, *args) -> list[tuple[str, int]]:
     return found
 
 
-def test_factored_path_keeps_the_base_sharding(key):
+def test_factored_path_keeps_the_base_sharding(key, kind):
     """No all-gather of anything weight-sized: the step communicates activations and
     rank-r products only, as the sharded base's own forward pass does."""
-    params, adapter, ids = setup(key, mesh())
+    params, adapter, ids = setup(key, mesh(kind=kind))
     model = llama.Llama(CFG)
     kernel = CFG.hidden_size * CFG.hidden_size  # the smallest per-layer kernel
     base = _collectives(lambda p, x: model.apply(p, x), params, ids)

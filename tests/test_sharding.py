@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -15,12 +16,14 @@ def _env(devices: int) -> dict:
     return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
 
 
-def test_sharded_cases_on_8_devices():
+@pytest.mark.parametrize("cases, count", [("sharded_cases.py", 11), ("explicit_cases.py", 9)])
+def test_sharded_cases_on_8_devices(cases, count):
+    """Auto and explicit meshes (``sharded_cases``), sharding-aware models (``explicit_cases``)."""
     proc = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p",
-                           "no:cacheprovider", os.path.join(HERE, "sharded_cases.py")],
+                           "no:cacheprovider", os.path.join(HERE, cases)],
                           env=_env(8), cwd=HERE, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "6 passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
+    assert f"{count} passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
 
 
 def _free_port() -> int:

@@ -8,6 +8,7 @@ import numpy as np
 
 from jlora.numerics import mesh
 from jlora.nf4 import is_nf4
+from jlora.numerics import qview as qv
 from jlora.targets import flatten, path_str
 
 
@@ -19,7 +20,7 @@ def _spec(x) -> jax.ShapeDtypeStruct:
     """What ``fn`` is traced with: an NF4 leaf looks like its dequantized weight; an
     explicitly sharded array keeps its sharding."""
     if is_nf4(x):
-        return jax.ShapeDtypeStruct(x.shape, x.compute_dtype)
+        return qv.QView.of(x).aval
     return mesh.struct(x, np.shape(x), jnp.result_type(x))
 
 

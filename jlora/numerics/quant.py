@@ -13,6 +13,7 @@ mean, in blocks of 256 with one fp32 scale per block. Bits per parameter:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 
@@ -20,9 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec
 
 from jlora.config import LoraError
 from jlora.nf4 import NF4, is_nf4
+from jlora.numerics import mesh
 from jlora.targets import _NOT_KERNELS, flatten, matches, path_str
 
 #: bitsandbytes' NF4 code values: ``create_normal_map(offset=0.9677083, use_extra_value=True)``.
@@ -115,7 +118,14 @@ def quantize_array(w, *, block_size: int = 64, double_quant: bool = True,
     if block_size <= 0 or block_size % 2:
         raise LoraError(f"block_size={block_size} must be a positive even number (64 is "
                         "bitsandbytes' default)")
-    return _quantize(jnp.asarray(w), block_size, double_quant, compute_dtype)
+    w = jnp.asarray(w)
+    spec = mesh.spec(w)
+    if spec is None or all(p is None for p in spec):
+        return _quantize(w, block_size, double_quant, compute_dtype)
+    # explicit mesh: the bitsandbytes blocks run along the flattened weight, across the
+    # shards, so the codes are stored replicated and each use reshards to ``spec``
+    node = _quantize(jax.sharding.reshard(w, PartitionSpec()), block_size, double_quant, compute_dtype)
+    return dataclasses.replace(node, spec=spec)
 
 
 def _scales(node: NF4, blocks):

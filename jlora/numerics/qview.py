@@ -15,8 +15,10 @@ import math
 from typing import Any
 
 import jax
+from jax.sharding import PartitionSpec
 
 from jlora.nf4 import NF4, is_nf4
+from jlora.numerics import mesh
 from jlora.numerics.quant import dequantize_range
 
 
@@ -31,8 +33,7 @@ class QView:
 
     @staticmethod
     def of(node: NF4) -> "QView":
-        return QView(node, None, tuple(node.shape), (),
-                     jax.ShapeDtypeStruct(tuple(node.shape), node.compute_dtype))
+        return QView(node, None, tuple(node.shape), (), _aval(node, tuple(node.shape)))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -54,6 +55,9 @@ class QView:
         """The dequantized region with the deferred ops applied."""
         start = 0 if self.start is None else self.start
         x = dequantize_range(self.node, start, math.prod(self.region)).reshape(self.region)
+        spec = _region_spec(self.node, self.region)
+        if spec is not None:  # explicit mesh: this device's block of the replicated codes
+            x = jax.sharding.reshard(x, PartitionSpec(*spec))
         for prim, params in self.ops:
             x = prim.bind(x, **dict(params))
         return x
@@ -64,7 +68,25 @@ class QView:
         stride = math.prod(self.region[1:])
         start = lo * stride if self.start is None else self.start + lo * stride
         region = self.region[1:] if size is None else (size,) + self.region[1:]
-        return QView(self.node, start, region, (), jax.ShapeDtypeStruct(region, self.dtype))
+        return QView(self.node, start, region, (), _aval(self.node, region))
+
+
+def _region_spec(node: NF4, region: tuple) -> tuple | None:
+    """The spec of a leading-axis region of the weight (a narrowed axis is unsplit)."""
+    if node.spec is None:
+        return None
+    k = len(node.shape) - len(region)
+    spec = tuple(node.spec[k:])
+    return spec if region[:1] == tuple(node.shape[k:k + 1]) else (None,) + spec[1:]
+
+
+def _aval(node: NF4, region: tuple) -> jax.ShapeDtypeStruct:
+    """What the model sees of a region: its shape, compute dtype and (explicit) sharding."""
+    spec = _region_spec(node, region)
+    sharding = None if spec is None else mesh.named(node.packed, spec)
+    if sharding is None:
+        return jax.ShapeDtypeStruct(region, node.compute_dtype)
+    return jax.ShapeDtypeStruct(region, node.compute_dtype, sharding=sharding)
 
 
 def is_view(x) -> bool:

@@ -1,6 +1,10 @@
 """Train an adapter on a sharded base: data x model mesh, Megatron layout, jit does the rest.
 
-Run: python examples/train_sharded.py   (8 virtual CPU devices, about 15 s)
+Run: python examples/train_sharded.py [--auto]   (8 virtual CPU devices, about 15 s)
+
+The mesh has JAX's default explicit axes (every array's type carries its
+sharding, entered with ``jax.set_mesh``); ``--auto`` uses ``AxisType.Auto`` axes
+(XLA's GSPMD propagation) instead. Both train the same adapter.
 
 The base is sharded tensor-parallel (q/k/v/gate/up/lm_head column-parallel,
 o/down row-parallel on "model") and the batch data-parallel (on "data");
@@ -28,11 +32,18 @@ import llama  # noqa: E402
 STEPS, BATCH, SEQ = 200, 16, 16
 
 
-def main():
+def main(auto: bool = False):
     n = jax.device_count()
     model_axis = 4 if n % 4 == 0 else 1
+    kind = AxisType.Auto if auto else AxisType.Explicit
     mesh = jax.make_mesh((n // model_axis, model_axis), ("data", "model"),
-                         axis_types=(AxisType.Auto,) * 2)
+                         axis_types=(kind,) * 2)
+    with jax.set_mesh(mesh):
+        return train(mesh)
+
+
+def train(mesh):
+    n = jax.device_count()
     cfg = llama.LlamaConfig(vocab_size=16)
     model, key = llama.Llama(cfg), jax.random.key(0)
     params = jax.tree_util.tree_map_with_path(
@@ -41,7 +52,8 @@ def main():
     adapter = jlora.init(key, params, jlora.LoraConfig.preset("complex"))  # placed like the base
     tx = jlora.loraplus(optax.adamw, learning_rate=5e-4)
     opt_state = tx.init(adapter)
-    print(f"mesh {dict(mesh.shape)} on {n} {jax.devices()[0].platform} devices")
+    print(f"mesh {dict(mesh.shape)} on {n} {jax.devices()[0].platform} devices, "
+          f"{mesh.axis_types[0].name} axes")
     for name, kind in (("q_proj", "column"), ("o_proj", "row")):
         w = params["params"]["layers"]["self_attn"][name]["kernel"]
         node = adapter["params"]["layers"]["self_attn"][name]["kernel"]
@@ -74,4 +86,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(auto="--auto" in sys.argv[1:]))

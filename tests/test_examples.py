@@ -34,7 +34,7 @@ def test_quickstart_learns_the_task():
 
 def test_sharded_example_trains():
     out = _run("train_sharded.py")
-    assert "mesh {'data': 2, 'model': 4} on 8 cpu devices" in out
+    assert "mesh {'data': 2, 'model': 4} on 8 cpu devices, Explicit axes" in out
     assert "a P(None, None, None), b P(None, None, 'model')" in out  # column-parallel q
     losses = [float(line.split()[-1]) for line in out.splitlines() if line.startswith("step")]
     assert losses[-1] < 0.8 * losses[0], out

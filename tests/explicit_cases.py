@@ -88,12 +88,18 @@ def test_init_places_and_merge_keeps_the_layout(key, mesh):
 
 
 def test_dropout_under_an_explicit_mesh(key, mesh):
-    params, adapter, x = setup(key, mesh)
-    adapter = jax.tree.map(lambda n: n, adapter)
+    """The same masks as on one device (JAX's random bits do not depend on the sharding)."""
+    params, adapter, x = setup(key, mesh, dropout=0.5)
     f = jax.jit(lambda p, ad, x, k: jlora.apply(megatron)(p, ad, x, lora_rng=k))
-    out1, out2 = f(params, adapter, x, jax.random.key(1)), f(params, adapter, x, jax.random.key(1))
-    np.testing.assert_array_equal(out1, out2)
-    assert out1.sharding.spec == P("data", None)
+    out = f(params, adapter, x, jax.random.key(1))
+    assert out.sharding.spec == P("data", None)
+    one = jax.make_mesh((1, 1), ("data", "model"), devices=jax.devices()[:1])
+    with jax.set_mesh(one):
+        local = lambda t: jax.device_put(np.asarray(t), NamedSharding(one, P()))
+        want = f(*jax.tree.map(local, (params, adapter, x)), jax.random.key(1))
+        no_dropout = jlora.apply(megatron)(*jax.tree.map(local, (params, adapter, x)))
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(want) - np.asarray(no_dropout)).max() > 1e-2
 
 
 def test_mixed_adapter_batch_under_an_explicit_mesh(key, mesh):
@@ -107,3 +113,14 @@ def test_mixed_adapter_batch_under_an_explicit_mesh(key, mesh):
     each.append(np.asarray(megatron(params, x)))  # id -1: the base alone
     ref = np.stack([each[i][n] for n, i in enumerate(np.asarray(ids))])
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fn", [megatron, constrained, mapped])
+def test_init_learns_the_axes_by_tracing_under_an_explicit_mesh(key, mesh, fn):
+    params, adapter, x = setup(key, mesh)
+    traced = jlora.init(key, params, jlora.LoraConfig(rank=4, targets=("up", "down")), fn, x)
+    for name in ("up", "down"):
+        got, want = traced[name]["kernel"], adapter[name]["kernel"]
+        assert (got.in_axes, got.out_axes) == (want.in_axes, want.out_axes) == ((0,), (1,))
+        assert got.a.sharding.spec == want.a.sharding.spec
+        assert got.b.sharding.spec == want.b.sharding.spec

@@ -16,6 +16,22 @@ F32 = dict(rtol=1e-5, atol=1e-5)
 BF16 = dict(rtol=1e-2, atol=1e-2)
 
 
+def scanned(*paths):
+    """``fn`` for ``jlora.init`` that runs a ``lax.scan`` over the layers of each
+    ``(layers, in, out)`` leaf at ``paths`` (key tuples), so init learns that axis 0 is
+    stacked: without ``fn`` the layout of a 3-D leaf outside a Flax scan is refused."""
+    def fn(p):
+        outs = []
+        for path in paths:
+            w = p
+            for k in path:
+                w = w[k]
+            x = jnp.ones((1, w.shape[1]), w.dtype)
+            outs.append(jax.lax.scan(lambda c, layer: (c, x @ layer), 0.0, w)[1])
+        return outs
+    return fn
+
+
 def randomize(adapter, key, scale=0.1):
     """Give every adapter array random values (B is zero at init, which tests nothing)."""
     leaves, tree = jax.tree.flatten(adapter)

@@ -89,10 +89,13 @@ def test_dense_general_axes_learned_by_tracing(key, jit):
     check_against_materialized(Attn().apply, params, adapter, X, jit=jit)
 
 
-def test_dense_general_default_axes_raise_a_clear_error(key):
-    params, adapter = _setup(Attn(), ("o_proj",), key, with_fn=False)
-    with pytest.raises(jlora.LoraError, match=r"o_proj.*jlora.init\(key, params, cfg, fn"):
-        jlora.apply(Attn().apply)(params, adapter, X)
+def test_dense_general_without_fn_is_refused_at_init(key):
+    """A head-split kernel's layout is ambiguous without fn: init says to pass it."""
+    with pytest.raises(jlora.LoraError, match=r"o_proj.*\(4, 8, 16\).*jlora.init\(key, "
+                       r"params, cfg, fn"):
+        _setup(Attn(), ("o_proj",), key, with_fn=False)
+    params, adapter = _setup(Attn(), ("o_proj",), key)  # learned by tracing: fine
+    check_against_materialized(Attn().apply, params, adapter, X)
 
 
 def test_linen_einsum(key):
@@ -153,8 +156,27 @@ def test_weight_used_in_two_layouts_is_still_factored(key):
     adapter = randomize(jlora.init(key, {"embed": emb}, jlora.LoraConfig(
         rank=2, targets=("embed",))), key)
     uses = jlora.explain(fn, {"embed": emb}, adapter, ids)["embed"]
-    assert uses[-1] == "factored" and uses[0].startswith("materialized")
+    # init took (vocab, hidden) as (in, out); x @ E.T contracts hidden: transposed
+    assert uses[-1].startswith("factored (transposed") and uses[0].startswith("materialized")
     check_against_materialized(fn, {"embed": emb}, adapter, ids)
+
+
+def test_explain_says_when_a_use_is_transposed_against_init(key):
+    """An Equinox-style (out, in) weight: without fn init takes axis 0 as in; x @ W.T then
+    contracts the adapter's out axis, and explain says so. With fn init learns the axes."""
+    params = {"linear": {"weight": jax.random.normal(key, (24, 16))}}  # (out, in)
+    fn = lambda p, x: x @ p["linear"]["weight"].T
+    x = jax.random.normal(key, (3, 16))
+    cfg = jlora.LoraConfig(rank=4, targets=("linear",))
+    blind = randomize(jlora.init(key, params, cfg), key)
+    (use,) = jlora.explain(fn, params, blind, x)["linear/weight"]
+    assert use.startswith("factored (transposed") and "jlora.init(key, params, cfg, fn" in use
+    check_against_materialized(fn, params, blind, x)  # still the right numbers
+    traced = randomize(jlora.init(key, params, cfg, fn, x), key)
+    node = traced["linear"]["weight"]
+    assert (node.in_axes, node.out_axes, node.a.shape) == ((1,), (0,), (16, 4))
+    assert jlora.explain(fn, params, traced, x) == {"linear/weight": ["factored"]}
+    check_against_materialized(fn, params, traced, x)
 
 
 def _control_flow(p, x):

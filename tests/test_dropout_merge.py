@@ -14,10 +14,10 @@ from test_apply import Scanned, X
 D, N, RATE = 32, 4096, 0.25
 
 
-def _identity_adapter(params, key, rate=RATE, targets=("w1", "w2")):
+def _identity_adapter(params, key, rate=RATE, targets=("w1", "w2"), fn=()):
     """A = B = I and scale 1, so the LoRA path returns dropout(x) itself."""
     cfg = jlora.LoraConfig(rank=D, alpha=float(D), targets=targets, dropout=rate)
-    ad = jlora.init(key, params, cfg)
+    ad = jlora.init(key, params, cfg, *fn)
     eye = lambda n: dataclasses.replace(n, a=jnp.broadcast_to(jnp.eye(D), n.a.shape),
                                         b=jnp.broadcast_to(jnp.eye(D), n.b.shape))
     return jax.tree.map(eye, ad, is_leaf=jlora.adapter.is_node)
@@ -48,8 +48,8 @@ def test_dropout_masks_differ_per_site_and_per_scan_step(key):
     assert abs(corr(y1, y2)) < 0.05
 
     stacked = {"w1": jnp.zeros((2, D, D))}
-    ad = _identity_adapter(stacked, key, targets=("w1",))
     per_layer = lambda p, x: jax.lax.scan(lambda c, w: (c, x @ w), 0.0, p["w1"])[1]
+    ad = _identity_adapter(stacked, key, targets=("w1",), fn=(per_layer, x))
     ys = jax.jit(jlora.apply(per_layer))(stacked, ad, x, lora_rng=key)
     assert abs(corr(ys[0], ys[1])) < 0.05
     assert not np.array_equal(ys[0] != 0, ys[1] != 0)
@@ -101,12 +101,12 @@ def test_kaiming_and_gaussian_init(key):
 def test_pissa_moves_top_singular_directions_into_the_adapter(key):
     w = {"q_proj": {"kernel": jax.random.normal(key, (3, 24, 16))}}
     cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets=("q_proj",), init="pissa")
-    ad, residual = jlora.init(key, w, cfg)
+    f = lambda p, x: x @ p["q_proj"]["kernel"][1]
+    x = jax.random.normal(key, (5, 24))
+    ad, residual = jlora.init(key, w, cfg, f, x)  # f indexes a layer: axis 0 is stacked
     n = ad["q_proj"]["kernel"]
     u, s, vh = np.linalg.svd(np.asarray(w["q_proj"]["kernel"], np.float64))
     best = (u[..., :4] * s[..., None, :4]) @ vh[..., :4, :]  # Eckart-Young rank-4
     close(n.scale * np.asarray(n.a @ n.b), best, F32)
     close(jlora.merge(residual, ad), w, F32)
-    f = lambda p, x: x @ p["q_proj"]["kernel"][1]
-    x = jax.random.normal(key, (5, 24))
     close(jlora.apply(f)(residual, ad, x), f(w, x), F32)  # the model is unchanged at init

@@ -7,7 +7,7 @@ import pytest
 
 import jlora
 import llama
-from conftest import F32, randomize
+from conftest import F32, randomize, scanned
 
 TARGETS = ("q_proj", "v_proj", "up_proj")
 # (rank, alpha, rslora): different ranks and scalings share one stack
@@ -123,7 +123,8 @@ def _sources(key):
     cfgs = [jlora.LoraConfig(rank=2, alpha=7.0, targets=("q_proj",)),
             jlora.LoraConfig(rank=4, alpha=3.0, rslora=True, targets=("q_proj",)),
             jlora.LoraConfig(rank=3, alpha=3.0, targets=("q_proj",))]
-    ads = [randomize(jlora.init(jax.random.fold_in(key, i), params, c), jax.random.fold_in(
+    fn = scanned(("layers", "q_proj"))
+    ads = [randomize(jlora.init(jax.random.fold_in(key, i), params, c, fn), jax.random.fold_in(
         key, 5 + i), scale=0.5) for i, c in enumerate(cfgs)]
     return params, ads
 

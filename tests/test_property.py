@@ -41,6 +41,7 @@ def layouts(draw):
 @given(layouts())
 def test_any_dot_general_layout_matches_materialized(layout):
     shape, axes, x_shape, ((xc, wc), (xb, wb)), rank, w_is_lhs, seed, dtype = layout
+    contract = "i" if tuple(wc) == axes["i"] else "o"
     key = jax.random.key(seed)
     stack = tuple(shape[ax] for ax in axes["s"])
     size = lambda k: int(np.prod([shape[ax] for ax in axes[k]]))
@@ -56,7 +57,8 @@ def test_any_dot_general_layout_matches_materialized(layout):
         fn = lambda p, x: jax.lax.dot_general(p["w"], x, ((wc, xc), (wb, xb)))
     else:
         fn = lambda p, x: jax.lax.dot_general(x, p["w"], ((xc, wc), (xb, wb)))
-    assert jlora.explain(fn, params, {"w": node}, x) == {"w": ["factored"]}
+    (use,) = jlora.explain(fn, params, {"w": node}, x)["w"]
+    assert use == ("factored" if contract == "i" else jlora.interpret.dot.TRANSPOSED)
     check_against_materialized(fn, params, {"w": node}, x,
                                tol=F32 if dtype == jnp.float32 else BF16)
 
@@ -67,8 +69,6 @@ def test_transpose_and_slicing_stay_symbolic(perm, layer, seed):
     """A stacked (L, in, out) kernel transposed and indexed, then contracted."""
     key = jax.random.key(seed)
     params = {"w": jax.random.normal(key, (3, 6, 5))}
-    ad = jlora.init(key, params, jlora.LoraConfig(rank=2, targets=("w",)))
-    ad = jax.tree.map(lambda v: jax.random.normal(key, v.shape) * 0.3, ad)
     inv = np.argsort(perm)
 
     def fn(p, x):
@@ -77,6 +77,9 @@ def test_transpose_and_slicing_stay_symbolic(perm, layer, seed):
         return x[:, 1:] @ w[1:, ::2] + (x @ w)[:, :1]
 
     x = jax.random.normal(jax.random.fold_in(key, 1), (4, 6))
+    ad = jlora.init(key, params, jlora.LoraConfig(rank=2, targets=("w",)), fn, x)
+    assert (ad["w"].stack_axes, ad["w"].in_axes, ad["w"].out_axes) == ((0,), (1,), (2,))
+    ad = jax.tree.map(lambda v: jax.random.normal(key, v.shape) * 0.3, ad)
     assert jlora.explain(fn, params, ad, x)["w"] == ["factored", "factored"]
     check_against_materialized(fn, params, ad, x)
 

@@ -24,6 +24,12 @@ from jlora.interpret.sym import Sym
 from jlora.interpret.thin import contract, thin
 from jlora.numerics import qview as qv
 
+#: What ``explain`` says of a factored use that contracts the adapter's out-axes: the
+#: model uses the weight transposed against the layout ``init`` assumed (an Equinox
+#: ``(out, in)`` weight initialised without ``fn``, a tied embedding's ``attend``).
+TRANSPOSED = ("factored (transposed: the model contracts the adapter's out axes, so A and B "
+              "play swapped roles; if that is not the weight's layout, learn its axes with "
+              "jlora.init(key, params, cfg, fn, *example_args))")
 #: The second low-rank product (``benchmarks/profile_step.py`` swaps it for JAX's rule).
 _thin_product = thin
 
@@ -97,7 +103,7 @@ def factored(x, sym: Sym, sym_is_rhs: bool, params: dict, key, record,
     mode = _mode(sym, wc, wb)
     if sym.g is not None and mode == "o":
         return bind(sy.materialize(sym, record, "DoRA weight contracted on its output axes"), x)
-    record(sym.path, "factored")
+    record(sym.path, "factored" if mode == "i" else TRANSPOSED)
     x_d = _dropout(x, sym.dropout, key)
     y, g = _low_rank(x_d, sym, mode, sym_is_rhs, (xc, wc, xb, wb), params.get("precision"),
                      where)

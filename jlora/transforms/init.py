@@ -53,7 +53,10 @@ def init(key, params, cfg: LoraConfig, fn=None, *args, **kwargs):
             nodes.append(None)
             residual.append(leaf)
             continue
-        axes = learned.get(path) or default_axes(leaf.ndim)
+        axes = learned.get(path)
+        if axes is None:
+            _check_unambiguous(path, leaf, flat, fn is not None)
+            axes = default_axes(leaf.ndim)
         node, res = _make_node(jax.random.fold_in(key, i), leaf, path, cfg, *chosen[path], axes)
         nodes.append(node)
         residual.append(res)
@@ -62,6 +65,33 @@ def init(key, params, cfg: LoraConfig, fn=None, *args, **kwargs):
     if cfg.init == "pissa":
         return adapter, jax.tree_util.tree_unflatten(treedef, residual)
     return adapter
+
+
+def _scan_stacked(path: str, leaf, flat) -> bool:
+    """Whether ``leaf`` looks like one kernel of a Flax ``nn.scan`` stack: some ancestor
+    module above its own holds two or more leaves, all of them at least 2-D with the same
+    leading size (the layer axis that ``variable_axes={"params": 0}`` puts first)."""
+    parts = path.split("/")
+    paths = [(path_str(kp).split("/"), x) for kp, x in flat]
+    for depth in range(len(parts) - 1):
+        under = [x for p, x in paths if p[:depth] == parts[:depth] and len(p) > depth]
+        if len(under) > 1 and all(len(x.shape) >= 2 and x.shape[0] == leaf.shape[0]
+                                  for x in under):
+            return True
+    return False
+
+
+def _check_unambiguous(path: str, leaf, flat, traced: bool) -> None:
+    """Without ``fn``, only 2-D kernels and Flax scan stacks of them have a known layout."""
+    if leaf.ndim == 2 or (leaf.ndim == 3 and _scan_stacked(path, leaf, flat)):
+        return
+    how = ("fn never contracts it in the traced example" if traced else
+           "no fn was given to learn it from")
+    raise LoraError(
+        f"cannot tell which axes of {path!r} {tuple(leaf.shape)} are in, out or stacked "
+        f"({how}): it may be a head-split attention kernel (in, heads, head_dim), a "
+        "convolution kernel or a stack that is not a Flax scan; learn them by tracing: "
+        "jlora.init(key, params, cfg, fn, *example_args) with the model's apply function")
 
 
 def _make_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):

@@ -125,3 +125,24 @@ def check_against_materialized(fn, params, adapter, *args, tol=F32, jit=True, gr
     close(wrap(lora)(params, adapter, *args), fn(ref_merge(params, adapter), *args), tol)
     if grad:
         close(wrap(jax.grad(loss))(adapter), jax.grad(ref_loss)(adapter), tol)
+
+
+def float_shapes(jaxpr, in_loop=False):
+    """(shape, inside a loop body) of every float value any equation produces, recursively."""
+    for eqn in jaxpr.eqns:
+        loop = in_loop or eqn.primitive.name in ("scan", "while")
+        for v in eqn.outvars:
+            if jnp.issubdtype(v.aval.dtype, jnp.floating):
+                yield tuple(v.aval.shape), in_loop
+        for sub in sub_jaxprs(eqn.params):
+            yield from float_shapes(sub, loop)
+
+
+def sub_jaxprs(params):
+    """The jaxprs among an equation's params (``jax.extend.core.jaxprs_in_params`` is 0.10+)."""
+    for value in params.values():
+        for x in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(x, jax.extend.core.ClosedJaxpr):
+                yield x.jaxpr
+            elif isinstance(x, jax.extend.core.Jaxpr):
+                yield x

@@ -10,7 +10,7 @@ from scipy.stats import norm
 
 import jlora
 import llama
-from conftest import F32, randomize
+from conftest import F32, float_shapes, randomize
 from jlora.numerics import quant
 from jlora.numerics.quant import NF4_CODE
 
@@ -144,27 +144,6 @@ def test_qlora_equals_lora_on_the_dequantized_base(key, dora, scan):
     assert set(sum(jlora.explain(model.apply, q, ad, ids).values(), [])) == {"factored"}
 
 
-def _float_shapes(jaxpr, in_loop=False):
-    """(shape, inside a loop body) of every float value any equation produces, recursively."""
-    for eqn in jaxpr.eqns:
-        loop = in_loop or eqn.primitive.name in ("scan", "while")
-        for v in eqn.outvars:
-            if jnp.issubdtype(v.aval.dtype, jnp.floating):
-                yield tuple(v.aval.shape), in_loop
-        for sub in _sub_jaxprs(eqn.params):
-            yield from _float_shapes(sub, loop)
-
-
-def _sub_jaxprs(params):
-    """The jaxprs among an equation's params (``jax.extend.core.jaxprs_in_params`` is 0.10+)."""
-    for value in params.values():
-        for x in value if isinstance(value, (tuple, list)) else (value,):
-            if isinstance(x, jax.extend.core.ClosedJaxpr):
-                yield x.jaxpr
-            elif isinstance(x, jax.extend.core.Jaxpr):
-                yield x
-
-
 @pytest.mark.parametrize("dora", [False, True])
 def test_scanned_qlora_step_dequantizes_one_layer_at_a_time(key, dora):
     """No float value of a whole stacked kernel's size exists anywhere in the training
@@ -174,7 +153,7 @@ def test_scanned_qlora_step_dequantizes_one_layer_at_a_time(key, dora):
     ad = randomize(jlora.init(key, q, jlora.LoraConfig.preset("complex", dora=dora)), key)
     step = jax.grad(lambda a: llama.loss_fn(jlora.apply(model.apply)(q, a, ids[:, :-1]),
                                             ids[:, 1:]))
-    shapes = list(_float_shapes(jax.make_jaxpr(step)(ad).jaxpr))
+    shapes = list(float_shapes(jax.make_jaxpr(step)(ad).jaxpr))
     stacked = [l.shape for l in jax.tree.leaves(q, is_leaf=quant.is_nf4) if quant.is_nf4(l)]
     sizes = {np.prod(s) for s in stacked}
     assert not [s for s, _ in shapes if np.prod(s) in sizes]

@@ -28,8 +28,8 @@ from jlora.numerics import qview as qv
 #: model uses the weight transposed against the layout ``init`` assumed (an Equinox
 #: ``(out, in)`` weight initialised without ``fn``, a tied embedding's ``attend``).
 TRANSPOSED = ("factored (transposed: the model contracts the adapter's out axes, so A and B "
-              "play swapped roles; if that is not the weight's layout, learn its axes with "
-              "jlora.init(key, params, cfg, fn, *example_args))")
+              "play swapped roles; expected for a tied embedding's x @ E.T, otherwise learn "
+              "the axes with jlora.init(key, params, cfg, fn, *example_args))")
 #: The second low-rank product (``benchmarks/profile_step.py`` swaps it for JAX's rule).
 _thin_product = thin
 

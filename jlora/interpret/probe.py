@@ -36,18 +36,26 @@ def discover_axes(fn, params, paths: set[str], args, kwargs) -> dict[str, tuple]
     """Learn ``(stack_axes, in_axes, out_axes)`` per path from how ``fn`` contracts it.
 
     Contracted axes are "in", axes indexed, scanned over or batched in the
-    contraction are "stacked", the rest "out". Paths ``fn`` never contracts
-    are left out (the caller falls back to the default convention).
+    contraction are "stacked", the rest "out"; a table looked up by rows
+    (an embedding) has the looked-up axis "in", as PEFT's ``Embedding`` LoRA,
+    whatever else (a tied ``x @ E.T``) contracts it. Paths ``fn`` never
+    contracts or looks up are left out (the caller falls back to the default
+    convention).
     """
     records, ndims = _records(fn, params, paths, args, kwargs)
     found = {}
     for path in paths:
         events = [e for e in records.get(path, []) if isinstance(e, tuple)]
         dots = [e for e in events if e[0] == "dot"]
-        if not dots:
+        lookups = [e for e in events if e[0] == "gather"]
+        if not dots and not lookups:
             continue
-        stack = {e[1] for e in events if e[0] == "index"} | set(dots[0][2])
-        ins = tuple(sorted(dots[0][1]))
+        stack = {e[1] for e in events if e[0] == "index"}
+        if lookups:
+            ins = tuple(sorted(lookups[0][1]))
+        else:
+            stack |= set(dots[0][2])
+            ins = tuple(sorted(dots[0][1]))
         outs = tuple(ax for ax in range(ndims[path]) if ax not in stack and ax not in ins)
         if ins and outs:
             found[path] = (tuple(sorted(stack)), ins, outs)

@@ -155,6 +155,46 @@ def reshape(sym: Sym, new_sizes, dimensions=None, **params) -> Sym | None:
     return sym.replace(base=base, a=a, b=b, g=g, labels=tuple(labels))
 
 
+@register(lax.split_p)
+def _split(eqn, invals, ctx):
+    """A fused kernel split along any axis (``jnp.split(qkv, 3, axis=1)``): each piece a
+    slice of the weight, its factors sliced along the same axis."""
+    x = invals[0]
+    if not isinstance(x, Sym):
+        return materialize_rule(eqn, invals, ctx)
+    axis, lo, outs = eqn.params["axis"], 0, []
+    for size in eqn.params["sizes"]:
+        start, limit = [0] * x.base.ndim, list(x.base.shape)
+        start[axis], limit[axis] = lo, lo + int(size)
+        outs.append(slice_(x, tuple(start), tuple(limit), None))
+        lo += int(size)
+    return outs
+
+
+def _scaled(sym: Sym, c, eqn) -> Sym:
+    """``W * c`` or ``W / c`` for a scalar ``c``: the base and ``b`` scaled (DoRA's ``g``
+    multiplies the whole weight, so it stays)."""
+    prim, params = eqn.primitive, bind_params(eqn)[1]
+    base = sy.on_base(sym.base, prim, c, **params)
+    if sym.probe:
+        return sym.replace(base=base)
+    return sym.replace(base=base, b=prim.bind(sym.b, jnp.asarray(c, sym.b.dtype), **params))
+
+
+def _scale_rule(eqn, invals, ctx):
+    """A kernel scaled by a scalar before use (``x @ (w * scale)``) stays factored; any
+    other operand (a per-feature scale, another weight) materializes."""
+    lhs, rhs = invals
+    scalar = lambda v: not has_sym([v]) and jnp.ndim(v) == 0
+    if isinstance(lhs, Sym) and scalar(rhs):
+        return _scaled(lhs, rhs, eqn)
+    if eqn.primitive is lax.mul_p and isinstance(rhs, Sym) and scalar(lhs):
+        return _scaled(rhs, lhs, eqn)
+    return materialize_rule(eqn, invals, ctx)
+
+
+register(lax.mul_p, lax.div_p)(_scale_rule)
+
 _ON_SYM = {
     lax.transpose_p: lambda s, rest, p, ctx: transpose(s, p["permutation"]),
     lax.convert_element_type_p: lambda s, rest, p, ctx: convert(s, **p),

@@ -38,3 +38,10 @@ def test_sharded_example_trains():
     assert "a P(None, None, None), b P(None, None, 'model')" in out  # column-parallel q
     losses = [float(line.split()[-1]) for line in out.splitlines() if line.startswith("step")]
     assert losses[-1] < 0.8 * losses[0], out
+
+
+def test_moe_example_fits_the_target():
+    out = _run("moe.py")
+    assert "'experts/w_in': ['factored'], 'experts/w_out': ['factored']" in out
+    losses = [float(line.split()[-1]) for line in out.splitlines() if line.startswith("step")]
+    assert losses[-1] < 0.01 * losses[0], out  # measured 0.181 -> 0.00007

@@ -9,5 +9,6 @@ package registers every rule.
 from jlora.interpret import control as control  # noqa: F401  (registers its rules)
 from jlora.interpret import dot as dot  # noqa: F401
 from jlora.interpret import gather as gather  # noqa: F401
+from jlora.interpret import ragged as ragged  # noqa: F401
 from jlora.interpret import shape as shape  # noqa: F401
 from jlora.interpret import spmd as spmd  # noqa: F401

@@ -124,7 +124,8 @@ def quantize_array(w, *, block_size: int = 64, double_quant: bool = True,
         return _quantize(w, block_size, double_quant, compute_dtype)
     # explicit mesh: the bitsandbytes blocks run along the flattened weight, across the
     # shards, so the codes are stored replicated and each use reshards to ``spec``
-    node = _quantize(jax.sharding.reshard(w, PartitionSpec()), block_size, double_quant, compute_dtype)
+    whole = jax.sharding.reshard(w, PartitionSpec())
+    node = _quantize(whole, block_size, double_quant, compute_dtype)
     return dataclasses.replace(node, spec=spec)
 
 

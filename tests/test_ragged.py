@@ -1,0 +1,56 @@
+"""MoE experts through ``lax.ragged_dot``, factored (``examples/moe.py``'s layer), and dense
+expert einsums. Reference: the merged experts (outputs and gradients, fp32 1e-5)."""
+
+import jax
+import jax.numpy as jnp
+
+import jlora
+import moe
+from conftest import check_against_materialized, randomize
+
+TARGETS = ("w_in", "w_out")
+
+
+def _setup(key, dora=False, **sizes):
+    params = moe.init_params(key, **sizes)
+    x = jax.random.normal(jax.random.fold_in(key, 1), (24, params["router"].shape[0]))
+    cfg = jlora.LoraConfig(rank=4, targets=TARGETS, dora=dora)
+    return params, randomize(jlora.init(key, params, cfg, moe.moe, x), key), x
+
+
+def test_ragged_experts_are_factored(key):
+    params, adapter, x = _setup(key)
+    node = adapter["experts"]["w_in"]
+    assert (node.stack_axes, node.in_axes, node.out_axes) == ((0,), (1,), (2,))
+    assert node.a.shape == (moe.EXPERTS, moe.DIM, 4)  # one A, B per expert
+    assert jlora.explain(moe.moe, params, adapter, x) == {
+        "experts/w_in": ["factored"], "experts/w_out": ["factored"]}
+    check_against_materialized(moe.moe, params, adapter, x)
+
+
+def test_dense_expert_einsums_are_factored(key):
+    params, adapter, x = _setup(key)
+    xe = jnp.broadcast_to(x[None, :4], (moe.EXPERTS, 4, moe.DIM))
+    fn = lambda p, x: jnp.einsum("ech,ehd->ecd", jax.nn.gelu(jnp.einsum(
+        "ecd,edh->ech", x, p["experts"]["w_in"])), p["experts"]["w_out"])
+    assert set(sum(jlora.explain(fn, params, adapter, xe).values(), [])) == {"factored"}
+    check_against_materialized(fn, params, adapter, xe)
+
+
+def test_dora_experts_materialize_and_say_why(key):
+    params, adapter, x = _setup(key, dora=True)
+    uses = jlora.explain(moe.moe, params, adapter, x)
+    assert uses["experts/w_in"] == ["materialized (ragged_dot of DoRA experts)"]
+    check_against_materialized(moe.moe, params, adapter, x)
+
+
+def test_lora_step_flops_below_full_fine_tuning(key):
+    """XLA's FLOPs (deterministic): the LoRA gradient step at most 0.75x full fine-tuning
+    (measured 0.70x here; the frozen experts' forward and input gradient remain)."""
+    params, adapter, x = _setup(key, dim=64, hidden=256)
+    x = jnp.tile(x, (20, 1))
+    lora = lambda ad: jnp.sum(jnp.square(jlora.apply(moe.moe)(params, ad, x)))
+    full = lambda p: jnp.sum(jnp.square(moe.moe(p, x)))
+    flops = lambda f, a: jax.jit(jax.grad(f)).lower(a).compile().cost_analysis()["flops"]
+    assert flops(lora, adapter) <= 0.75 * flops(full, params)
+

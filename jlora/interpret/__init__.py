@@ -7,6 +7,7 @@ package registers every rule.
 """
 
 from jlora.interpret import control as control  # noqa: F401  (registers its rules)
+from jlora.interpret import conv as conv  # noqa: F401
 from jlora.interpret import dot as dot  # noqa: F401
 from jlora.interpret import gather as gather  # noqa: F401
 from jlora.interpret import ragged as ragged  # noqa: F401

@@ -1,0 +1,67 @@
+"""The ``conv_general_dilated`` rule: an adapted convolution kernel, computed factored.
+
+A kernel's spatial and input-feature axes are "in", its output-feature axis
+"out", as in PEFT's conv LoRA (``lora_A`` a convolution ``in -> r`` with the
+layer's kernel size, ``lora_B`` a 1x1 convolution ``r -> out``). Convolution is
+linear in the kernel, so ``conv(x, W0 + s A B) = conv(x, W0) + s conv(x, A) B``:
+``A`` laid out as a kernel with ``r`` output features goes through the layer's
+own convolution (any dimension numbers, strides, padding, dilation), then one
+thin product with ``B`` over the feature axis. Grouped convolutions, DoRA
+kernels and mixed-adapter batches materialize and say why.
+"""
+
+from __future__ import annotations
+
+import string
+
+import jax.numpy as jnp
+from jax import lax
+
+from jlora.interpret import sym as sy
+from jlora.interpret.core import bind, has_sym, materialized, register
+from jlora.interpret.dot import _dropout
+from jlora.interpret.sym import Sym
+from jlora.interpret.thin import thin
+
+
+def _why_not(eqn, w: Sym) -> str | None:
+    p, rhs = eqn.params, eqn.params["dimension_numbers"].rhs_spec
+    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+        return "grouped convolution"
+    if w.labels[rhs[0]][0] != "o" or w.count("o") != 1 or w.count("s") \
+            or any(w.labels[ax][0] != "i" for ax in rhs[1:]):
+        return "convolution kernel whose adapter is not (spatial, in) -> out"
+    if w.g is not None:
+        return "convolution with a DoRA kernel"
+    if w.ids is not None:
+        return "convolution in a mixed-adapter batch"
+    return None
+
+
+@register(lax.conv_general_dilated_p)
+def conv(eqn, invals, ctx):
+    x, w = invals
+    if not isinstance(w, Sym) or has_sym([x]):
+        return bind(eqn, materialized(invals, ctx, "convolution of an adapted input"))
+    base_out = bind(eqn, [x, sy.value(w.base)])
+    rhs = eqn.params["dimension_numbers"].rhs_spec
+    if w.probe:
+        ctx.record(w.path, ("dot", tuple(w.labels[ax][1] for ax in rhs[1:]), ()))
+        return base_out
+    why = _why_not(eqn, w)
+    if why is not None:
+        return bind(eqn, [x, sy.materialize(w, ctx.record, why)])
+    ctx.record(w.path, "factored")
+    # A (*in, r) as a kernel: r in the out-feature position, the in axes where they are
+    perm = [w.labels[ax][1] if ax != rhs[0] else w.count("i") for ax in range(w.base.ndim)]
+    a = jnp.transpose(w.a, perm)
+    x_d = _dropout(x, w.dropout, ctx.key).astype(a.dtype)
+    t = bind(eqn, [x_d, a])
+    if w.scale != 1.0:
+        t = t * jnp.asarray(w.scale, t.dtype)
+    feat = eqn.params["dimension_numbers"].out_spec[1]  # the output's feature axis
+    ls = string.ascii_letters[:t.ndim]
+    r, o = string.ascii_letters[t.ndim], string.ascii_letters[t.ndim + 1]
+    spec = f"{ls[:feat]}{r}{ls[feat + 1:]},{r}{o}->{ls[:feat]}{o}{ls[feat + 1:]}"
+    y = thin(spec, eqn.params.get("precision"), t, w.b)
+    return base_out + y.astype(base_out.dtype)

@@ -38,3 +38,45 @@ def test_a_per_feature_scale_materializes_and_says_so(key):
     adapter = randomize(jlora.init(key, params, jlora.LoraConfig(rank=4, targets=("w",))), key)
     assert jlora.explain(fn, params, adapter, x) == {"w": ["materialized (mul)"]}
     check_against_materialized(fn, params, adapter, x)
+
+
+def _two_adapters(key, params, fn, x, dora=False):
+    """q and k adapted with different ranks and alphas (scales fold into the fused B)."""
+    cfgs = [jlora.LoraConfig(rank=2, alpha=3.0, targets=("q",), dora=dora),
+            jlora.LoraConfig(rank=3, alpha=5.0, targets=("k",), dora=dora)]
+    ads = [jlora.init(key, params, c, fn, x) for c in cfgs]
+    pick = lambda a, b: a if a is not None else b
+    merged = jax.tree.map(pick, *ads, is_leaf=lambda z: z is None or jlora.adapter.is_node(z))
+    return randomize(merged, key)
+
+
+CONCATS = {
+    "out": (lambda p, x: x @ jnp.concatenate([p["q"], p["k"], p["v"]], axis=1),
+            {"q": (16, 8), "k": (16, 4), "v": (16, 8)}, (3, 16)),
+    "in": (lambda p, x: jnp.concatenate([x, x[:, :4]], axis=1) @ jnp.concatenate(
+        [p["q"], p["k"]], axis=0), {"q": (16, 8), "k": (4, 8)}, (3, 16)),
+    "stacked": (lambda p, x: x @ jnp.concatenate([p["q"], p["k"]], axis=2)[1],
+                {"q": (2, 16, 8), "k": (2, 16, 4)}, (3, 16)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONCATS))
+def test_concatenated_kernels_are_one_factored_weight(key, case):
+    fn, shapes, x_shape = CONCATS[case]
+    params = {k: jax.random.normal(jax.random.fold_in(key, i), s)
+              for i, (k, s) in enumerate(shapes.items())}
+    x = jax.random.normal(key, x_shape)
+    adapter = _two_adapters(key, params, fn, x)
+    assert jlora.explain(fn, params, adapter, x) == {"k": ["factored"], "q": ["factored"]}
+    check_against_materialized(fn, params, adapter, x)
+
+
+def test_concatenated_dora_kernels_materialize(key):
+    fn, shapes, x_shape = CONCATS["out"]
+    params = {k: jax.random.normal(jax.random.fold_in(key, i), s)
+              for i, (k, s) in enumerate(shapes.items())}
+    x = jax.random.normal(key, x_shape)
+    adapter = _two_adapters(key, params, fn, x, dora=True)
+    assert jlora.explain(fn, params, adapter, x) == {"k": ["materialized (concatenate)"],
+                                                     "q": ["materialized (concatenate)"]}
+    check_against_materialized(fn, params, adapter, x)

@@ -6,7 +6,8 @@ rules (``dot``, ``shape``, ``control``, ``quantized``) or an entry point
 package registers every rule.
 """
 
-from jlora.interpret import control as control  # noqa: F401  (registers its rules)
+from jlora.interpret import concat as concat  # noqa: F401  (registers its rules)
+from jlora.interpret import control as control  # noqa: F401
 from jlora.interpret import conv as conv  # noqa: F401
 from jlora.interpret import dot as dot  # noqa: F401
 from jlora.interpret import gather as gather  # noqa: F401

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 
+from jlora.interpret.concat import by_path
 from jlora.interpret.core import Ctx, evaluate
 from jlora.interpret.sym import Sym
 from jlora.interpret.trace import trace
@@ -43,9 +44,10 @@ def discover_axes(fn, params, paths: set[str], args, kwargs) -> dict[str, tuple]
     convention).
     """
     records, ndims = _records(fn, params, paths, args, kwargs)
+    records = by_path(records, paths)
     found = {}
     for path in paths:
-        events = [e for e in records.get(path, []) if isinstance(e, tuple)]
+        events = [e for e in records[path] if isinstance(e, tuple)]
         dots = [e for e in events if e[0] == "dot"]
         lookups = [e for e in events if e[0] == "gather"]
         if not dots and not lookups:

@@ -14,6 +14,7 @@ from typing import Callable
 import jax
 
 from jlora.adapter import match
+from jlora.interpret.concat import by_path
 from jlora.interpret.core import Ctx, evaluate, materialized
 from jlora.interpret.examples import analyze
 from jlora.interpret.sym import from_node
@@ -93,4 +94,4 @@ def explain(fn: Callable, params, adapter, *args, **kwargs) -> dict[str, list[st
     jax.eval_shape(lambda p, ad: _run(fn, p, ad, args, kwargs, ctx), params, adapter)
     adapted = [path_str(kp) for (kp, _), n in zip(flatten(params)[0], match(params, adapter))
                if n is not None]
-    return {p: list(ctx.records.get(p, [])) for p in adapted}
+    return by_path(ctx.records, adapted)

@@ -24,21 +24,19 @@ from jlora.interpret.thin import thin
 from jlora.numerics import qview as qv
 
 
-def _lookup_axes(sym: Sym, params) -> tuple | None:
-    """The operand axes a row lookup indexes (whole slices elsewhere), or None."""
+def _indexed(sym: Sym, params) -> tuple | None:
+    """The operand axes a gather indexes (collapsed or sliced short), or None when it is
+    not a lookup of whole slices along the others (operand batching dims, e.g.)."""
     dn, sizes = params["dimension_numbers"], params["slice_sizes"]
-    collapsed = tuple(dn.collapsed_slice_dims)
+    if tuple(getattr(dn, "operand_batching_dims", ())):
+        return None
     shape = sym.base.shape
-    if tuple(getattr(dn, "operand_batching_dims", ())) or not collapsed \
-            or tuple(sorted(dn.start_index_map)) != collapsed:
-        return None
-    if any(sizes[ax] != (1 if ax in collapsed else shape[ax]) for ax in range(len(shape))):
-        return None
-    return collapsed
+    return tuple(ax for ax in range(len(shape))
+                 if ax in dn.collapsed_slice_dims or sizes[ax] < shape[ax])
 
 
 def _why_not(sym: Sym, axes) -> str | None:
-    if axes is None:
+    if not axes:
         return "gather that is not a row lookup"
     if sym.ids is not None:
         return "gather in a mixed-adapter batch"
@@ -47,7 +45,7 @@ def _why_not(sym: Sym, axes) -> str | None:
     kinds = {sym.labels[ax][0] for ax in axes}
     if kinds == {"o"}:
         return "gather along the table's out axis"
-    if kinds != {"i"} or len(axes) != sym.count("i"):
+    if kinds != {"i"}:
         return "gather that is not a row lookup"
     if sym.count("s") or sym.count("o") != 1:
         return "gather of a stacked or multi-axis table"
@@ -60,10 +58,10 @@ def gather(eqn, invals, ctx):
     params = eqn.params
     if not isinstance(operand, Sym) or isinstance(indices, (Sym, qv.QView)):
         return lax.gather_p.bind(*materialized(invals, ctx, "gather"), **params)
-    axes = _lookup_axes(operand, params)
+    axes = _indexed(operand, params)
     base_out = sy.on_base(operand.base, lax.gather_p, indices, **params)
     if operand.probe:
-        if axes is not None:
+        if axes:
             ctx.record(operand.path, ("gather", tuple(operand.labels[ax][1] for ax in axes)))
         return base_out
     why = _why_not(operand, axes)
@@ -86,7 +84,9 @@ def _low_rank_rows(sym: Sym, indices, params):
     rows = lax.gather_p.bind(a_like, indices, **{**params, "slice_sizes": tuple(sizes)})
     if sym.scale != 1.0:
         rows = rows * jnp.asarray(sym.scale, rows.dtype)
-    k = params["dimension_numbers"].offset_dims[0]  # where the out axis lands
+    dn = params["dimension_numbers"]
+    kept = [ax for ax in range(len(sym.labels)) if ax not in dn.collapsed_slice_dims]
+    k = dn.offset_dims[kept.index(out_ax)]  # where the out axis lands
     letters = string.ascii_letters[:rows.ndim]
     r, o = string.ascii_letters[rows.ndim], string.ascii_letters[rows.ndim + 1]
     t_spec = letters[:k] + r + letters[k + 1:]

@@ -48,8 +48,8 @@ def _torch_logits(model, ids):
 
 def _peft_trained(variant, steps=3, **extra):
     """A PEFT adapter trained a few steps (so B is not zero) on random tokens."""
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS,
-                          **VARIANTS[variant], **extra)
+    extra = {"target_modules": TARGETS, **extra}
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, **VARIANTS[variant], **extra)
     model = peft.get_peft_model(_hf_base(), cfg)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.tensor(_ids(2))
@@ -92,6 +92,31 @@ def test_jlora_adapter_loads_into_peft(tmp_path, key, variant):
     ids = _ids()
     np.testing.assert_allclose(_torch_logits(pm, ids),
                                jlora.apply(model.apply)(params, ad, jnp.asarray(ids)), **TOL)
+
+
+@pytest.mark.parametrize("variant", ["lora", "rslora"])
+def test_embedding_adapters_both_directions(tmp_path, key, variant):
+    """An adapted nn.Embedding (PEFT's lora_embedding_A (r, vocab), lora_embedding_B (d, r))
+    next to linear targets: PEFT -> jlora and jlora -> PEFT give PEFT's logits; the
+    jlora lookup is factored."""
+    targets = TARGETS + ["embed_tokens"]
+    pm = _peft_trained(variant, target_modules=targets)
+    pm.save_pretrained(tmp_path / "peft")
+    model, params = _jlora_base(_hf_base())
+    ad = jlora.peft.load(str(tmp_path / "peft"), params, module_fn=llama.hf_module)
+    table = ad["params"]["embed_tokens"]["embedding"]
+    assert table.a.shape == (HF["vocab_size"], 4) and float(jnp.abs(table.b).max()) > 0
+    ids = _ids()
+    np.testing.assert_allclose(jlora.apply(model.apply)(params, ad, jnp.asarray(ids)),
+                               _torch_logits(pm, ids), **TOL)
+    assert jlora.explain(model.apply, params, ad, ids)["params/embed_tokens/embedding"] == [
+        "factored"]
+    cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets=tuple(targets), rslora=variant == "rslora")
+    mine = randomize(jlora.init(key, params, cfg, model.apply, ids), key)
+    jlora.peft.save(str(tmp_path / "jlora"), mine, module_fn=llama.hf_module)
+    back = peft.PeftModel.from_pretrained(_hf_base(), str(tmp_path / "jlora")).eval()
+    np.testing.assert_allclose(_torch_logits(back, ids),
+                               jlora.apply(model.apply)(params, mine, jnp.asarray(ids)), **TOL)
 
 
 def test_load_errors(tmp_path):

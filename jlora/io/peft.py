@@ -1,7 +1,9 @@
 """Hugging Face PEFT adapter files: ``adapter_model.safetensors`` + ``adapter_config.json``.
 
 PEFT keys name torch modules: ``base_model.model.<module>.lora_A.weight`` ``(r, in)``,
-``.lora_B.weight`` ``(out, r)`` and, with DoRA, ``.lora_magnitude_vector`` ``(out,)``.
+``.lora_B.weight`` ``(out, r)`` and, with DoRA, ``.lora_magnitude_vector`` ``(out,)``;
+an ``nn.Embedding`` has ``.lora_embedding_A`` ``(r, vocab)`` and ``.lora_embedding_B``
+``(d, r)`` instead (the same transposes: jlora's ``a (vocab, r)``, ``b (r, d)``).
 A jlora node is ``a`` ``(*stack, in, r)``, ``b`` ``(*stack, r, out)``: one PEFT module
 per index of its stacked axes. ``module_fn(path, index)`` gives the module of a
 jlora key path and stack index; :func:`default_module` is the documented default.
@@ -24,12 +26,16 @@ import numpy as np
 from jlora.adapter import LoraNode, adapter_nodes, default_axes
 from jlora.config import LoraError
 from jlora.io import safetensors_io
+from jlora.nf4 import is_nf4
 from jlora.targets import _NOT_KERNELS, flatten, matches, path_str
 from jlora.transforms.check import check, check_finite
 
 WEIGHTS, CONFIG, PREFIX = "adapter_model.safetensors", "adapter_config.json", "base_model.model."
 #: Segments after which a stacked (scanned) layer index is inserted by default.
 LAYER_SEGMENTS = ("layers", "layer", "h", "blocks", "block")
+#: The key suffixes of a linear module's factors and of an embedding's.
+LINEAR = (".lora_A.weight", ".lora_B.weight")
+EMBEDDING = (".lora_embedding_A", ".lora_embedding_B")
 #: Config fields whose non-default values jlora cannot honour, with the default.
 _UNSUPPORTED = {"bias": "none", "fan_in_fan_out": False, "lora_bias": False,
                 "modules_to_save": None, "layers_to_transform": None, "layer_replication": None,
@@ -62,7 +68,7 @@ def _stack_shape(node) -> tuple[int, ...]:
 
 
 def save(path: str, adapter, *, module_fn=default_module, prefix: str = PREFIX,
-         base_model_name_or_path: str | None = None) -> None:
+         base_model_name_or_path: str | None = None, embeddings: str = r"embed") -> None:
     """Write ``adapter`` as a PEFT adapter directory (replaced only once fully written).
 
     Args:
@@ -71,6 +77,8 @@ def save(path: str, adapter, *, module_fn=default_module, prefix: str = PREFIX,
       module_fn: ``(jlora_path, stack_index) -> torch module path``.
       prefix: put before each module (PEFT's ``base_model.model.``).
       base_model_name_or_path: recorded in the config for ``PeftModel.from_pretrained``.
+      embeddings: a regex (``re.search`` on the jlora path) for tables that are torch
+        ``nn.Embedding`` modules, saved under PEFT's ``lora_embedding_A/B`` keys.
     """
     nodes = adapter_nodes(adapter)
     tensors, modules = {}, {}
@@ -82,8 +90,9 @@ def save(path: str, adapter, *, module_fn=default_module, prefix: str = PREFIX,
         for idx in np.ndindex(*_stack_shape(node)):
             module = module_fn(p, idx)
             key = prefix + module
-            tensors[key + ".lora_A.weight"] = a[idx].T
-            tensors[key + ".lora_B.weight"] = b[idx].T
+            part_a, part_b = EMBEDDING if re.search(embeddings, p) else LINEAR
+            tensors[key + part_a] = a[idx].T
+            tensors[key + part_b] = b[idx].T
             if mag is not None:
                 tensors[key + ".lora_magnitude_vector"] = mag[idx]
             modules[module] = node
@@ -221,19 +230,20 @@ def _node(p, leaf, tensors, unused, config, module_fn, prefix, axes, dtype):
     stack_axes, in_axes, out_axes = axes or default_axes(len(shape))
     stack = tuple(shape[ax] for ax in stack_axes)
     modules = {idx: module_fn(p, idx) for idx in np.ndindex(*stack)}
-    found = {idx: m for idx, m in modules.items() if prefix + m + ".lora_A.weight" in tensors}
-    if not found:
+    kinds = _factor_keys(p, modules, tensors, prefix)
+    if kinds is None:
         return None
-    if len(found) != len(modules):
-        missing = [m for idx, m in modules.items() if idx not in found][:3]
-        raise LoraError(f"{p!r}: the PEFT file adapts some of its layers but not {missing}")
+    part_a, part_b = kinds
     get = lambda m, part: _take(tensors, unused, prefix + m + part)
     first = modules[next(iter(modules))]
-    rank = get(first, ".lora_A.weight").shape[0]
+    if (part_a, part_b) == EMBEDDING and prefix + first + ".base_layer.weight" in tensors \
+            and not is_nf4(leaf):
+        _same_table(p, leaf, get(first, ".base_layer.weight"))
+    rank = get(first, part_a).shape[0]
     n_in, n_out = (math.prod(shape[ax] for ax in g) for g in (in_axes, out_axes))
     a, b, mag = [], [], []
     for idx, m in modules.items():
-        la, lb = get(m, ".lora_A.weight"), get(m, ".lora_B.weight")
+        la, lb = get(m, part_a), get(m, part_b)
         if la.shape != (rank, n_in) or lb.shape != (n_out, rank):
             raise LoraError(f"{p!r}: {m} has lora_A {la.shape} and lora_B {lb.shape}, but the "
                             f"kernel {shape} needs ({rank}, {n_in}) and ({n_out}, {rank})")
@@ -251,6 +261,29 @@ def _node(p, leaf, tensors, unused, config, module_fn, prefix, axes, dtype):
                     dropout=float(config.get("lora_dropout", 0.0)), shape=shape,
                     stack_axes=tuple(stack_axes), in_axes=tuple(in_axes),
                     out_axes=tuple(out_axes), magnitude=cast(mag) if mag else None)
+
+
+def _factor_keys(p: str, modules: dict, tensors: dict, prefix: str):
+    """The key suffixes of the factors (``LINEAR`` or ``EMBEDDING``) of ``p``'s modules, or
+    None when the file adapts none of them."""
+    parts = {idx: next((ks for ks in (LINEAR, EMBEDDING) if prefix + m + ks[0] in tensors), None)
+             for idx, m in modules.items()}
+    missing = [m for idx, m in modules.items() if parts[idx] is None]
+    if len(missing) == len(modules):
+        return None
+    if missing:
+        raise LoraError(f"{p!r}: the PEFT file adapts some of its layers but not {missing[:3]}")
+    return next(iter(parts.values()))
+
+
+def _same_table(p: str, leaf, saved) -> None:
+    """PEFT saves an adapted embedding's base table too (``save_embedding_layers``): it
+    must be the table of ``params``, or the adapter was trained on another base."""
+    if np.shape(saved) != np.shape(leaf) or not np.allclose(
+            np.asarray(saved, np.float32), np.asarray(leaf, np.float32), rtol=1e-5, atol=1e-6):
+        raise LoraError(f"{p!r}: the PEFT file holds its base embedding table and it differs "
+                        f"from params' (shape {np.shape(saved)} vs {np.shape(leaf)}; a resized "
+                        "vocabulary?); load that table into params first")
 
 
 def _take(tensors: dict, unused: set, key: str):

@@ -4,6 +4,7 @@ conv LoRA). Reference: the merged kernel (outputs and gradients, fp32 1e-5)."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jlora
@@ -57,16 +58,24 @@ def test_without_fn_a_conv_kernel_is_refused(key):
         jlora.init(key, params, jlora.LoraConfig(rank=3, targets=("c1",)))
 
 
-@pytest.mark.parametrize("what, why", [("grouped", "grouped convolution"),
-                                       ("dora", "convolution with a DoRA kernel")])
-def test_grouped_and_dora_convs_materialize_and_say_why(key, what, why):
-    net = Net(groups=2 if what == "grouped" else 1)
+def test_grouped_convs_materialize_and_say_why(key):
+    net = Net(groups=2)
     params = net.init(key, X)
-    cfg = jlora.LoraConfig(rank=2, targets=("c2",), dora=what == "dora")
+    cfg = jlora.LoraConfig(rank=2, targets=("c2",))
     adapter = randomize(jlora.init(key, params, cfg, net.apply, X), key)
     assert jlora.explain(net.apply, params, adapter, X)["params/c2/kernel"] == [
-        f"materialized ({why})"]
+        "materialized (grouped convolution)"]
     check_against_materialized(net.apply, params, adapter, X)
+
+
+def test_dora_convs_are_factored(key):
+    """PEFT's DoRA on a conv: the norm of W0 + s A B over (spatial, in) per out feature."""
+    params = Net().init(key, X)
+    cfg = jlora.LoraConfig(rank=3, targets=("c1", "c2", "c3"), dora=True)
+    adapter = randomize(jlora.init(key, params, cfg, Net().apply, X), key)
+    assert adapter["params"]["c1"]["kernel"].magnitude.shape == (8,)
+    assert set(sum(jlora.explain(Net().apply, params, adapter, X).values(), [])) == {"factored"}
+    check_against_materialized(Net().apply, params, adapter, X)
 
 
 class ConvNet(nn.Module):
@@ -95,3 +104,14 @@ def test_conv_net_lora_step_flops_below_full_fine_tuning(key):
     flops = lambda f, a: jax.jit(jax.grad(f)).lower(a).compile().cost_analysis()["flops"]
     ratio = flops(lora, adapter) / flops(full, params)
     assert ratio <= 0.75, ratio
+
+
+def test_dora_conv_dropout_branch(key):
+    """With dropout that never drops (rate 1e-7), the dropout formula
+    ``base + (g - 1) conv(drop(x), W0) + g y`` must equal ``g (base + y)``."""
+    params = Net().init(key, X)
+    cfg = jlora.LoraConfig(rank=3, targets=("c1",), dora=True, dropout=1e-7)
+    adapter = randomize(jlora.init(key, params, cfg, Net().apply, X), key)
+    f = jlora.apply(Net().apply)
+    np.testing.assert_allclose(f(params, adapter, X, lora_rng=jax.random.key(1)),
+                               f(params, adapter, X), rtol=1e-5, atol=1e-5)

@@ -6,8 +6,9 @@ layer's kernel size, ``lora_B`` a 1x1 convolution ``r -> out``). Convolution is
 linear in the kernel, so ``conv(x, W0 + s A B) = conv(x, W0) + s conv(x, A) B``:
 ``A`` laid out as a kernel with ``r`` output features goes through the layer's
 own convolution (any dimension numbers, strides, padding, dilation), then one
-thin product with ``B`` over the feature axis. Grouped convolutions, DoRA
-kernels and mixed-adapter batches materialize and say why.
+thin product with ``B`` over the feature axis; DoRA scales each output feature
+by ``g`` as the dot rule does. Grouped convolutions and mixed-adapter batches
+materialize and say why.
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ def _why_not(eqn, w: Sym) -> str | None:
     if w.labels[rhs[0]][0] != "o" or w.count("o") != 1 or w.count("s") \
             or any(w.labels[ax][0] != "i" for ax in rhs[1:]):
         return "convolution kernel whose adapter is not (spatial, in) -> out"
-    if w.g is not None:
-        return "convolution with a DoRA kernel"
     if w.ids is not None:
         return "convolution in a mixed-adapter batch"
     return None
@@ -55,13 +54,19 @@ def conv(eqn, invals, ctx):
     # A (*in, r) as a kernel: r in the out-feature position, the in axes where they are
     perm = [w.labels[ax][1] if ax != rhs[0] else w.count("i") for ax in range(w.base.ndim)]
     a = jnp.transpose(w.a, perm)
-    x_d = _dropout(x, w.dropout, ctx.key).astype(a.dtype)
-    t = bind(eqn, [x_d, a])
+    x_d = _dropout(x, w.dropout, ctx.key)
+    t = bind(eqn, [x_d.astype(a.dtype), a])
     if w.scale != 1.0:
         t = t * jnp.asarray(w.scale, t.dtype)
     feat = eqn.params["dimension_numbers"].out_spec[1]  # the output's feature axis
     ls = string.ascii_letters[:t.ndim]
     r, o = string.ascii_letters[t.ndim], string.ascii_letters[t.ndim + 1]
     spec = f"{ls[:feat]}{r}{ls[feat + 1:]},{r}{o}->{ls[:feat]}{o}{ls[feat + 1:]}"
-    y = thin(spec, eqn.params.get("precision"), t, w.b)
-    return base_out + y.astype(base_out.dtype)
+    y = thin(spec, eqn.params.get("precision"), t, w.b).astype(base_out.dtype)
+    if w.g is None:
+        return base_out + y
+    # DoRA (PEFT's): g = m / ||W0 + s A B|| per output feature, as in the dot rule
+    g = w.g.reshape([-1 if ax == feat else 1 for ax in range(y.ndim)]).astype(y.dtype)
+    if x_d is x:
+        return g * (base_out + y)
+    return base_out + (g - 1) * bind(eqn, [x_d, sy.value(w.base)]) + g * y

@@ -13,16 +13,13 @@ materialize and say why.
 
 from __future__ import annotations
 
-import string
 
-import jax.numpy as jnp
 from jax import lax
 
 from jlora.interpret import sym as sy
 from jlora.interpret.core import bind, has_sym, materialized, register
 from jlora.interpret.dot import _dropout
 from jlora.interpret.sym import Sym
-from jlora.interpret.thin import thin
 
 
 def _why_not(eqn, w: Sym) -> str | None:
@@ -51,18 +48,11 @@ def conv(eqn, invals, ctx):
     if why is not None:
         return bind(eqn, [x, sy.materialize(w, ctx.record, why)])
     ctx.record(w.path, "factored")
-    # A (*in, r) as a kernel: r in the out-feature position, the in axes where they are
-    perm = [w.labels[ax][1] if ax != rhs[0] else w.count("i") for ax in range(w.base.ndim)]
-    a = jnp.transpose(w.a, perm)
+    a = sy.a_as_base(w)  # a kernel with r output features
     x_d = _dropout(x, w.dropout, ctx.key)
     t = bind(eqn, [x_d.astype(a.dtype), a])
-    if w.scale != 1.0:
-        t = t * jnp.asarray(w.scale, t.dtype)
     feat = eqn.params["dimension_numbers"].out_spec[1]  # the output's feature axis
-    ls = string.ascii_letters[:t.ndim]
-    r, o = string.ascii_letters[t.ndim], string.ascii_letters[t.ndim + 1]
-    spec = f"{ls[:feat]}{r}{ls[feat + 1:]},{r}{o}->{ls[:feat]}{o}{ls[feat + 1:]}"
-    y = thin(spec, eqn.params.get("precision"), t, w.b).astype(base_out.dtype)
+    y = sy.times_b(w, t, feat, eqn.params.get("precision")).astype(base_out.dtype)
     if w.g is None:
         return base_out + y
     # DoRA (PEFT's): g = m / ||W0 + s A B|| per output feature, as in the dot rule

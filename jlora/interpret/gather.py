@@ -12,15 +12,12 @@ for that use and say why.
 
 from __future__ import annotations
 
-import string
 
-import jax.numpy as jnp
 from jax import lax
 
 from jlora.interpret import sym as sy
 from jlora.interpret.core import materialized, register
 from jlora.interpret.sym import Sym
-from jlora.interpret.thin import thin
 from jlora.numerics import qview as qv
 
 
@@ -75,19 +72,10 @@ def gather(eqn, invals, ctx):
 def _low_rank_rows(sym: Sym, indices, params):
     """``s A[ids] B`` laid out like the lookup's output."""
     out_ax = next(ax for ax, (k, _) in enumerate(sym.labels) if k == "o")
-    in_axes = [ax for ax, (k, _) in enumerate(sym.labels) if k == "i"]
-    # A (*in, r) laid out like the table: r where the out axis is
-    perm = [sym.labels[ax][1] if ax != out_ax else len(in_axes) for ax in range(len(sym.labels))]
-    a_like = jnp.transpose(sym.a, perm)
+    a = sy.a_as_base(sym)
     sizes = list(params["slice_sizes"])
-    sizes[out_ax] = a_like.shape[out_ax]
-    rows = lax.gather_p.bind(a_like, indices, **{**params, "slice_sizes": tuple(sizes)})
-    if sym.scale != 1.0:
-        rows = rows * jnp.asarray(sym.scale, rows.dtype)
+    sizes[out_ax] = a.shape[out_ax]
+    rows = lax.gather_p.bind(a, indices, **{**params, "slice_sizes": tuple(sizes)})
     dn = params["dimension_numbers"]
     kept = [ax for ax in range(len(sym.labels)) if ax not in dn.collapsed_slice_dims]
-    k = dn.offset_dims[kept.index(out_ax)]  # where the out axis lands
-    letters = string.ascii_letters[:rows.ndim]
-    r, o = string.ascii_letters[rows.ndim], string.ascii_letters[rows.ndim + 1]
-    t_spec = letters[:k] + r + letters[k + 1:]
-    return thin(f"{t_spec},{r}{o}->{letters[:k] + o + letters[k + 1:]}", None, rows, sym.b)
+    return sy.times_b(sym, rows, dn.offset_dims[kept.index(out_ax)])  # where out lands

@@ -25,6 +25,7 @@ from jax import lax
 
 from jlora.config import LoraError
 from jlora.interpret import quantized
+from jlora.interpret.thin import thin
 from jlora.numerics import qview as qv
 from jlora.numerics.dora import dora_norm
 
@@ -100,6 +101,23 @@ def on_base(base, prim, *operands, **params):
     if qv.is_view(base):
         return quantized.op(base, prim, operands, params)
     return prim.bind(base, *operands, **params)
+
+
+def a_as_base(sym: Sym) -> jax.Array:
+    """``A (*in, r)`` laid out like the (unstacked, one out axis) base weight, ``r`` where
+    its out axis is: what an op that reads the weight as a whole (a lookup, a
+    convolution) can run on ``A`` in place of ``W0`` to get the rank-r intermediate."""
+    return jnp.transpose(sym.a, [j if k != "o" else sym.count("i") for k, j in sym.labels])
+
+
+def times_b(sym: Sym, t, axis: int, precision=None) -> jax.Array:
+    """``s * t B`` contracting ``t``'s rank axis ``axis``; ``B``'s out axis takes its place."""
+    if sym.scale != 1.0:  # scale the thin intermediate, not the full-size output
+        t = t * jnp.asarray(sym.scale, t.dtype)
+    ls = string.ascii_letters[:t.ndim]
+    r, o = string.ascii_letters[t.ndim], string.ascii_letters[t.ndim + 1]
+    out = ls[:axis] + o + ls[axis + 1:]
+    return thin(f"{ls[:axis]}{r}{ls[axis + 1:]},{r}{o}->{out}", precision, t, sym.b)
 
 
 def value(base):

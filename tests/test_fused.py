@@ -1,5 +1,6 @@
 """Fused and scaled kernels stay factored: ``split`` of a fused qkv/gate_up kernel along
-its out or in axis, and a kernel scaled by a scalar before use (literal or traced).
+its out or in axis, and a kernel scaled before use by a scalar (literal or traced) or by a
+per-feature scale along its in, out or stacked axes.
 Reference: the same function on the merged weight, outputs and gradients (fp32 1e-5)."""
 
 import jax
@@ -31,9 +32,32 @@ def test_fused_and_scaled_kernels_are_factored(key, case, dora):
     check_against_materialized(FNS[case], params, adapter, x)
 
 
-def test_a_per_feature_scale_materializes_and_says_so(key):
+SCALES = {  # (fn, kernel shape): a scale along out, in or stacked axes folds into A or B
+    "out": (lambda p, x: x @ (p["w"] * jnp.arange(24.0)[None, :]), (16, 24)),
+    "in": (lambda p, x: x @ (p["w"] / (1.0 + jnp.arange(16.0))[:, None]), (16, 24)),
+    "out_traced": (lambda p, x: x @ (p["s"] * p["w"]), (16, 24)),
+    "stacked_and_out": (lambda p, x: jnp.einsum("bi,lio->lbo", x, p["w"] * jnp.arange(
+        1.0, 25.0)[None, None, :] * jnp.arange(1.0, 3.0)[:, None, None]), (2, 16, 24)),
+    "stacked_in": (lambda p, x: jax.lax.scan(lambda c, w: (c, x @ w), 0.0, p["w"] * jnp.arange(
+        1.0, 17.0)[None, :, None])[1], (2, 16, 24)),
+}
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("case", sorted(SCALES))
+def test_per_feature_scales_are_factored(key, case, dora):
+    fn, shape = SCALES[case]
+    params = {"w": jax.random.normal(key, shape), "s": jnp.linspace(0.5, 2.0, 24)[None, :]}
+    x = jax.random.normal(jax.random.fold_in(key, 1), (3, 16))
+    cfg = jlora.LoraConfig(rank=4, targets=("w",), dora=dora)
+    adapter = randomize(jlora.init(key, params, cfg, fn, x), key)
+    assert jlora.explain(fn, params, adapter, x) == {"w": ["factored"]}
+    check_against_materialized(fn, params, adapter, x)
+
+
+def test_a_scale_along_in_and_out_axes_materializes_and_says_so(key):
     params = {"w": jax.random.normal(key, (16, 24))}
-    fn = lambda p, x: x @ (p["w"] * jnp.arange(24.0)[None, :])
+    fn = lambda p, x: x @ (p["w"] * jnp.arange(16.0 * 24).reshape(16, 24))
     x = jax.random.normal(key, (3, 16))
     adapter = randomize(jlora.init(key, params, jlora.LoraConfig(rank=4, targets=("w",))), key)
     assert jlora.explain(fn, params, adapter, x) == {"w": ["materialized (mul)"]}

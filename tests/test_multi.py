@@ -80,8 +80,11 @@ def test_flattened_batch_axis_and_errors(key):
         flat(p, st, x, adapter_ids=jnp.array([0.0, 1.0, 0.0]))
     scaled = jlora.apply(lambda p, x: x @ (2 * p["q_proj"]))  # a scalar scale stays factored
     np.testing.assert_allclose(scaled(p, st, x, adapter_ids=ids), 2 * want, **F32)
+    per_out = jlora.apply(lambda p, x: x @ (p["q_proj"] * jnp.arange(4.0)[None]))
+    np.testing.assert_allclose(per_out(p, st, x, adapter_ids=ids), want * jnp.arange(4.0)[None, None],
+                               **F32)  # a per-feature scale folds into each adapter's B
     with pytest.raises(ValueError, match="needs 'q_proj' to be used by dot_general"):
-        jlora.apply(lambda p, x: x @ (p["q_proj"] * jnp.arange(4.0)[None]))(
+        jlora.apply(lambda p, x: x @ (p["q_proj"] * jnp.arange(24.0).reshape(6, 4)))(
             p, st, x, adapter_ids=ids)
     other = jlora.init(key, {"k": jnp.ones((6, 4)), **p}, jlora.LoraConfig(rank=2,
                                                                          targets=("k",)))

@@ -171,26 +171,51 @@ def _split(eqn, invals, ctx):
     return outs
 
 
-def _scaled(sym: Sym, c, eqn) -> Sym:
-    """``W * c`` or ``W / c`` for a scalar ``c``: the base and ``b`` scaled (DoRA's ``g``
-    multiplies the whole weight, so it stays)."""
-    prim, params = eqn.primitive, bind_params(eqn)[1]
-    base = sy.on_base(sym.base, prim, c, **params)
-    if sym.probe:
-        return sym.replace(base=base)
-    return sym.replace(base=base, b=prim.bind(sym.b, jnp.asarray(c, sym.b.dtype), **params))
+def _scale_side(sym: Sym, c) -> str | None:
+    """Which factor a scale ``c`` (0-d, or the weight's rank with size-1 axes) folds
+    into: ``'b'`` when it varies along out (and stacked) axes only, ``'a'`` when along in
+    (and stacked) axes only; None when it varies along both (not low-rank)."""
+    if jnp.ndim(c) == 0:
+        return "b"
+    if jnp.ndim(c) != sym.base.ndim:
+        return None
+    kinds = {sym.labels[ax][0] for ax, n in enumerate(jnp.shape(c)) if n != 1}
+    return "b" if kinds <= {"s", "o"} else "a" if kinds <= {"s", "i"} else None
+
+
+def _as_factor(sym: Sym, c, side: str):
+    """The scale laid out to broadcast against factor ``side`` (size 1 at the rank axis)."""
+    if jnp.ndim(c) == 0:
+        return c
+    keep = [ax for ax, (k, _) in enumerate(sym.labels) if k in ("s", "i" if side == "a" else "o")]
+    c = jnp.reshape(c, [jnp.shape(c)[ax] for ax in keep])
+    letter = sy.letters(sym)
+    r = "_"  # the rank axis: a letter no label uses
+    spec = sy.factor_specs(sym, letter, r)[side == "b"]
+    c = sy.broadcast(c, "".join(letter[sym.labels[ax]] for ax in keep), spec)
+    return c.reshape((1,) * sym.lead + c.shape)
 
 
 def _scale_rule(eqn, invals, ctx):
-    """A kernel scaled by a scalar before use (``x @ (w * scale)``) stays factored; any
-    other operand (a per-feature scale, another weight) materializes."""
+    """A kernel scaled before use (``x @ (w * scale)``, ``w / scale``) stays factored when
+    the scale is a scalar or varies along in axes only (folded into ``A``) or out axes
+    only (folded into ``B``); DoRA's ``g`` is per out feature and commutes with it.
+    Any other operand (a scale along in and out axes, another weight) materializes."""
     lhs, rhs = invals
-    scalar = lambda v: not has_sym([v]) and jnp.ndim(v) == 0
-    if isinstance(lhs, Sym) and scalar(rhs):
-        return _scaled(lhs, rhs, eqn)
-    if eqn.primitive is lax.mul_p and isinstance(rhs, Sym) and scalar(lhs):
-        return _scaled(rhs, lhs, eqn)
-    return materialize_rule(eqn, invals, ctx)
+    if eqn.primitive is lax.mul_p and isinstance(rhs, Sym):
+        lhs, rhs = rhs, lhs
+    if not isinstance(lhs, Sym) or has_sym([rhs]) or eqn.outvars[0].aval.shape != lhs.base.shape:
+        return materialize_rule(eqn, invals, ctx)
+    sym, c, params = lhs, rhs, bind_params(eqn)[1]
+    base = sy.on_base(sym.base, eqn.primitive, c, **params)
+    if sym.probe:  # init: the axes are not known yet; a scale keeps the weight's layout
+        return sym.replace(base=base)
+    side = _scale_side(sym, c)
+    if side is None:
+        return materialize_rule(eqn, invals, ctx)
+    f = getattr(sym, side)
+    f = eqn.primitive.bind(f, _as_factor(sym, c, side).astype(f.dtype), **params)
+    return sym.replace(base=base, **{side: f})
 
 
 register(lax.mul_p, lax.div_p)(_scale_rule)

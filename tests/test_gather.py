@@ -12,7 +12,7 @@ from flax import nnx
 
 import jlora
 import llama
-from conftest import check_against_materialized, float_shapes, randomize
+from conftest import check_against_materialized, float_shapes, randomize, ref_merge
 from jlora.interpret.dot import TRANSPOSED
 
 V, D = 50, 16
@@ -92,17 +92,69 @@ def test_no_table_sized_array_in_the_train_step(key):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", ["take", "linen", "nnx"])
+def test_dora_lookups_are_factored(key, case):
+    """DoRA on a table (PEFT's ``DoraEmbeddingLayer``): each embedding feature scaled by
+    ``m / ||E0 + s A B||``, the norm over the vocabulary; checked against the merged table."""
+    params, fn = _cases(key)[case]
+    cfg = jlora.LoraConfig(rank=4, targets=("embed",), dora=True)
+    adapter = randomize(jlora.init(key, params, cfg, fn, IDS), key)
+    (node,) = jlora.adapter.adapter_nodes(adapter).values()
+    assert node.magnitude.shape == (D,)
+    assert set(sum(jlora.explain(fn, params, adapter, IDS).values(), [])) == {"factored"}
+    check_against_materialized(fn, params, adapter, IDS)
+
+
+PICKS = {  # a (layers, in, out) kernel: layers picked by take/gather, any index shape
+    "scalar": lambda p, x: x @ jnp.take(p["w"], 1, axis=0),
+    "traced": lambda p, x: x @ jnp.take(p["w"], p["i"], axis=0),
+    "vector": lambda p, x: jnp.einsum("bi,lio->lbo", x, jnp.take(p["w"], jnp.array([2, 0]),
+                                                                 axis=0)),
+    "clip_out_of_range": lambda p, x: x @ jnp.take(p["w"], 5, axis=0, mode="clip"),
+    "nan_fill_out_of_range": lambda p, x: x @ jnp.take(p["w"], 5, axis=0),
+    "zero_fill_out_of_range": lambda p, x: x @ jnp.take(p["w"], 5, axis=0, mode="fill",
+                                                        fill_value=0),
+}
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("case", sorted(PICKS))
+def test_layers_picked_by_gather_stay_factored(key, case, dora):
+    params = {"w": jax.random.normal(key, (3, 16, 24)), "i": jnp.int32(2)}
+    x = jax.random.normal(key, (3, 16))
+    cfg = jlora.LoraConfig(rank=4, targets=("w",), dora=dora)
+    adapter = randomize(jlora.init(key, params, cfg, PICKS[case], x), key)
+    node = jlora.adapter.adapter_nodes(adapter)["w"]
+    assert (node.stack_axes, node.in_axes, node.out_axes) == ((0,), (1,), (2,))
+    assert jlora.explain(PICKS[case], params, adapter, x) == {"w": ["factored"]}
+    if "out_of_range" in case:  # base and factors filled alike: NaN or zero everywhere
+        got = jlora.apply(PICKS[case])(params, adapter, x)
+        want = PICKS[case](ref_merge(params, adapter), x)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    check_against_materialized(PICKS[case], params, adapter, x)
+
+
+def test_a_pick_with_another_fill_value_materializes_and_says_why(key):
+    """Filled with 1, the merged weight is 1 but base + s A B would be 1 + s r: refused."""
+    params = {"w": jax.random.normal(key, (3, 16, 24))}
+    fn = lambda p, x: x @ jnp.take(p["w"], 5, axis=0, mode="fill", fill_value=1.0)
+    x = jax.random.normal(key, (3, 16))
+    cfg = jlora.LoraConfig(rank=4, targets=("w",))
+    adapter = randomize(jlora.init(key, params, cfg, PICKS["scalar"], x), key)
+    (use,) = jlora.explain(fn, params, adapter, x)["w"]
+    assert use.startswith("materialized (gather of stacked slices") and "other than 0" in use
+    check_against_materialized(fn, params, adapter, x)
+
+
 @pytest.mark.parametrize("what, why", [
     ("column", "gather along the table's out axis"),
-    ("dora", "gather of a DoRA table"),
     ("window", "gather that is not a row lookup"),
 ])
 def test_other_gathers_are_materialized_and_say_why(key, what, why):
     params = {"embed": jax.random.normal(key, (V, D))}
     fn = {"column": lambda p, i: p["embed"][:, i[0]],
-          "dora": lambda p, i: p["embed"][i],
           "window": lambda p, i: p["embed"][i, i % D]}[what]  # single elements
-    cfg = jlora.LoraConfig(rank=4, targets=("embed",), dora=what == "dora")
+    cfg = jlora.LoraConfig(rank=4, targets=("embed",))
     adapter = randomize(jlora.init(key, params, cfg), key)
     assert f"materialized ({why})" in jlora.explain(fn, params, adapter, IDS)["embed"]
     check_against_materialized(fn, params, adapter, IDS)

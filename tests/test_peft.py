@@ -94,7 +94,7 @@ def test_jlora_adapter_loads_into_peft(tmp_path, key, variant):
                                jlora.apply(model.apply)(params, ad, jnp.asarray(ids)), **TOL)
 
 
-@pytest.mark.parametrize("variant", ["lora", "rslora"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_embedding_adapters_both_directions(tmp_path, key, variant):
     """An adapted nn.Embedding (PEFT's lora_embedding_A (r, vocab), lora_embedding_B (d, r))
     next to linear targets: PEFT -> jlora and jlora -> PEFT give PEFT's logits; the
@@ -111,7 +111,8 @@ def test_embedding_adapters_both_directions(tmp_path, key, variant):
                                _torch_logits(pm, ids), **TOL)
     assert jlora.explain(model.apply, params, ad, ids)["params/embed_tokens/embedding"] == [
         "factored"]
-    cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets=tuple(targets), rslora=variant == "rslora")
+    cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets=tuple(targets), rslora=variant == "rslora",
+                           dora=variant == "dora")
     mine = randomize(jlora.init(key, params, cfg, model.apply, ids), key)
     jlora.peft.save(str(tmp_path / "jlora"), mine, module_fn=llama.hf_module)
     back = peft.PeftModel.from_pretrained(_hf_base(), str(tmp_path / "jlora")).eval()

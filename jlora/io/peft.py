@@ -15,8 +15,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 
 import jax
@@ -25,7 +23,7 @@ import numpy as np
 
 from jlora.adapter import LoraNode, adapter_nodes, default_axes
 from jlora.config import LoraError
-from jlora.io import safetensors_io
+from jlora.io import atomic, safetensors_io, torch_conv
 from jlora.nf4 import is_nf4
 from jlora.targets import _NOT_KERNELS, flatten, matches, path_str
 from jlora.transforms.check import check, check_finite
@@ -68,7 +66,8 @@ def _stack_shape(node) -> tuple[int, ...]:
 
 
 def save(path: str, adapter, *, module_fn=default_module, prefix: str = PREFIX,
-         base_model_name_or_path: str | None = None, embeddings: str = r"embed") -> None:
+         base_model_name_or_path: str | None = None, embeddings: str = r"embed",
+         convs: str | None = r"(?i)conv") -> None:
     """Write ``adapter`` as a PEFT adapter directory (replaced only once fully written).
 
     Args:
@@ -79,6 +78,9 @@ def save(path: str, adapter, *, module_fn=default_module, prefix: str = PREFIX,
       base_model_name_or_path: recorded in the config for ``PeftModel.from_pretrained``.
       embeddings: a regex (``re.search`` on the jlora path) for tables that are torch
         ``nn.Embedding`` modules, saved under PEFT's ``lora_embedding_A/B`` keys.
+      convs: a regex for kernels that are torch ``nn.ConvNd`` modules (of those with
+        several in axes), saved in PEFT's conv layout: ``lora_A.weight (r, in, *k)``,
+        ``lora_B.weight (out, r, 1, ...)`` (:mod:`jlora.io.torch_conv`); None: none.
     """
     nodes = adapter_nodes(adapter)
     tensors, modules = {}, {}
@@ -87,17 +89,20 @@ def save(path: str, adapter, *, module_fn=default_module, prefix: str = PREFIX,
             raise LoraError(f"{p!r} holds a stacked adapter; save each adapter on its own")
         a, b = np.asarray(node.a), np.asarray(node.b)
         mag = None if node.magnitude is None else np.asarray(node.magnitude)
+        conv = convs is not None and re.search(convs, p) and len(node.in_axes) > 1
         for idx in np.ndindex(*_stack_shape(node)):
             module = module_fn(p, idx)
             key = prefix + module
             part_a, part_b = EMBEDDING if re.search(embeddings, p) else LINEAR
-            tensors[key + part_a] = a[idx].T
-            tensors[key + part_b] = b[idx].T
-            if mag is not None:
-                tensors[key + ".lora_magnitude_vector"] = mag[idx]
+            m = None if mag is None else mag[idx]
+            la, lb, m = (torch_conv.to_torch(p, node, a[idx], b[idx], m) if conv
+                         else (a[idx].T, b[idx].T, m))
+            tensors[key + part_a], tensors[key + part_b] = la, lb
+            if m is not None:
+                tensors[key + ".lora_magnitude_vector"] = m
             modules[module] = node
     config = _config(modules, base_model_name_or_path)
-    _write_dir(path, {WEIGHTS: safetensors_io.dumps(tensors, {"format": "pt"}),
+    atomic.write_dir(path, {WEIGHTS: safetensors_io.dumps(tensors, {"format": "pt"}),
                       CONFIG: json.dumps(config, indent=2, sort_keys=True).encode()})
 
 
@@ -120,30 +125,6 @@ def _config(modules: dict, base_model_name_or_path) -> dict:
                               if n.alpha != alpha},
             "init_lora_weights": True, "inference_mode": True,
             "base_model_name_or_path": base_model_name_or_path, **_UNSUPPORTED}
-
-
-def _write_dir(path: str, files: dict[str, bytes]) -> None:
-    """Write files into a fresh sibling directory, then swap it in for ``path``."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
-        for name, data in files.items():
-            with open(os.path.join(tmp, name), "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
-            os.rmdir(old)
-            os.rename(path, old)
-        os.rename(tmp, path)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load(path: str, params, *, module_fn=default_module, prefix: str = PREFIX, axes=None,
@@ -227,7 +208,7 @@ def _node(p, leaf, tensors, unused, config, module_fn, prefix, axes, dtype):
     if len(shape) < 2 or p.split("/")[-1] in _NOT_KERNELS or (
             isinstance(names, list) and not matches(tuple(names), p)):
         return None  # PEFT adapts only modules named in target_modules
-    stack_axes, in_axes, out_axes = axes or default_axes(len(shape))
+    stack_axes, in_axes, out_axes = axes or _file_axes(p, shape, tensors, module_fn, prefix)
     stack = tuple(shape[ax] for ax in stack_axes)
     modules = {idx: module_fn(p, idx) for idx in np.ndindex(*stack)}
     kinds = _factor_keys(p, modules, tensors, prefix)
@@ -244,6 +225,7 @@ def _node(p, leaf, tensors, unused, config, module_fn, prefix, axes, dtype):
     a, b, mag = [], [], []
     for idx, m in modules.items():
         la, lb = get(m, part_a), get(m, part_b)
+        la, lb = torch_conv.as_linear(p, shape, in_axes, out_axes, la, lb)
         if la.shape != (rank, n_in) or lb.shape != (n_out, rank):
             raise LoraError(f"{p!r}: {m} has lora_A {la.shape} and lora_B {lb.shape}, but the "
                             f"kernel {shape} needs ({rank}, {n_in}) and ({n_out}, {rank})")
@@ -261,6 +243,22 @@ def _node(p, leaf, tensors, unused, config, module_fn, prefix, axes, dtype):
                     dropout=float(config.get("lora_dropout", 0.0)), shape=shape,
                     stack_axes=tuple(stack_axes), in_axes=tuple(in_axes),
                     out_axes=tuple(out_axes), magnitude=cast(mag) if mag else None)
+
+
+def _file_axes(p: str, shape, tensors: dict, module_fn, prefix: str) -> tuple:
+    """Flax's convention, or, for a kernel the file adapts as a convolution (a 3+-D
+    ``lora_A``), its layout read from the shapes (``torch_conv.conv_axes``)."""
+    try:
+        key = prefix + module_fn(p, ()) + LINEAR[0]
+    except (ValueError, TypeError, KeyError, IndexError):  # it needs stack indices
+        return default_axes(len(shape))
+    la = tensors.get(key)
+    if la is None or la.ndim < 3:
+        return default_axes(len(shape))
+    lb = tensors.get(key.replace(LINEAR[0], LINEAR[1]))
+    if lb is None:
+        return default_axes(len(shape))  # (reading the factors says what is missing)
+    return torch_conv.conv_axes(p, shape, la.shape, lb.shape)
 
 
 def _factor_keys(p: str, modules: dict, tensors: dict, prefix: str):

@@ -58,14 +58,32 @@ def test_without_fn_a_conv_kernel_is_refused(key):
         jlora.init(key, params, jlora.LoraConfig(rank=3, targets=("c1",)))
 
 
-def test_grouped_convs_materialize_and_say_why(key):
-    net = Net(groups=2)
-    params = net.init(key, X)
-    cfg = jlora.LoraConfig(rank=2, targets=("c2",))
-    adapter = randomize(jlora.init(key, params, cfg, net.apply, X), key)
-    assert jlora.explain(net.apply, params, adapter, X)["params/c2/kernel"] == [
-        "materialized (grouped convolution)"]
-    check_against_materialized(net.apply, params, adapter, X)
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("groups", [2, 4])
+def test_grouped_convs_are_factored(key, groups, dora):
+    """Grouped (2) and depthwise (4 groups of 4 channels) convolutions: A runs once per
+    group, each output feature takes B on its own group's rank-r block."""
+    net = Net(groups=groups) if groups == 2 else None
+    params = net.init(key, X) if net else {"w": jax.random.normal(key, (3, 3, 1, 8))}
+    fn = net.apply if net else lambda p, x: jax.lax.conv_general_dilated(
+        x, p["w"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=4)
+    cfg = jlora.LoraConfig(rank=2, targets=("c2", "w"), dora=dora)
+    adapter = randomize(jlora.init(key, params, cfg, fn, X), key)
+    assert set(sum(jlora.explain(fn, params, adapter, X).values(), [])) == {"factored"}
+    check_against_materialized(fn, params, adapter, X)
+
+
+def test_batch_grouped_convs_materialize_and_say_why(key):
+    params = {"w": jax.random.normal(key, (3, 3, 4, 6))}
+    fn = lambda p, x: jax.lax.conv_general_dilated(
+        x, p["w"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        batch_group_count=2)
+    cfg = jlora.LoraConfig(rank=2, targets=("w",))
+    adapter = randomize(jlora.init(key, params, cfg, fn, X), key)
+    assert jlora.explain(fn, params, adapter, X) == {
+        "w": ["materialized (convolution with batch_group_count)"]}
+    check_against_materialized(fn, params, adapter, X)
 
 
 def test_dora_convs_are_factored(key):

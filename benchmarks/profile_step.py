@@ -1,8 +1,9 @@
 """Where a train step's time goes: XLA CPU op times from ``jax.profiler``, by kind.
 
-Profiles the LoRA step and the frozen floor (only the RMSNorm weights train) of
-``core.steps`` on the peers config (hidden 512, 4 unscanned layers, batch 4 x seq
-256, r16 on q,k,v,o) and sums each executed HLO op's time into: base matmuls,
+Profiles the LoRA step (r16 on q,k,v,o, and on all linear layers) and the frozen
+floor (only the RMSNorm weights train) of ``core.steps`` on the peers config
+(hidden 512, 4 unscanned layers, batch 4 x seq 256; in parentheses the difference
+from the floor) and sums each executed HLO op's time into: base matmuls,
 attention (batched dots), low-rank matmuls (a dot with a rank-sized axis) and other
 (elementwise, reductions, copies). The split comes from the compiled HLO, so it is
 exact about what each op is. Then times the LoRA step with jlora's VJP for the
@@ -131,16 +132,19 @@ def main():
     lcfg = jlora.LoraConfig(rank=RANK, alpha=32.0, targets=("q_proj", "k_proj", "v_proj",
                                                             "o_proj"))
     ad = jax.tree.map(lambda v: v + 1e-3, jlora.init(jax.random.key(2), params, lcfg))
-    rows = steps(model, params, ids, {False: ad, True: ad})
-    out = {name: profile(*rows[name]) for name in ("lora_step", "frozen_step")}
-    wide = jlora.init(jax.random.key(2), params, dataclasses.replace(lcfg, targets=(
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
-    ab = vjp_ab(model, params, ids, {"q,k,v,o": ad, "all linear": jax.tree.map(
-        lambda v: v + 1e-3, wide)})
-    lines = ["| op kind | lora_step ms | frozen_step ms | difference |", "|---|---|---|---|"]
+    wide = jax.tree.map(lambda v: v + 1e-3, jlora.init(
+        jax.random.key(2), params, dataclasses.replace(lcfg, targets=(
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))))
+    rows = steps(model, params, ids, {False: ad, True: wide})  # dora_step: all linear, LoRA
+    rows["all_linear_step"] = rows.pop("dora_step")
+    out = {name: profile(*rows[name]) for name in ("lora_step", "all_linear_step",
+                                                   "frozen_step")}
+    ab = vjp_ab(model, params, ids, {"q,k,v,o": ad, "all linear": wide})
+    lines = ["| op kind | lora_step (q,k,v,o) ms | all_linear_step ms | frozen_step ms |",
+             "|---|---|---|---|"]
     for k in KINDS + ("sum",):
-        a, b = (sum(out[s].values()) if k == "sum" else out[s][k] for s in out)
-        lines.append(f"| {k} | {a:.0f} | {b:.0f} | {a - b:+.0f} |")
+        a, w, b = (sum(out[s].values()) if k == "sum" else out[s][k] for s in out)
+        lines.append(f"| {k} | {a:.0f} ({a - b:+.0f}) | {w:.0f} ({w - b:+.0f}) | {b:.0f} |")
     table = "\n".join(lines) + "\n\n" + ab
     print(table)
     write_result("profile_step", "python benchmarks/profile_step.py", table,

@@ -154,9 +154,23 @@ def test_missing_layer_is_an_error(tmp_path, key):
     ad = randomize(jlora.init(key, params, jlora.LoraConfig(rank=2, targets=("q_proj",))), key)
     jlora.peft.save(str(tmp_path), ad, module_fn=llama.hf_module)
     _, stacked = _jlora_base(_hf_base(), scan=True)
-    from jlora.io import safetensors_io
+    import safetensors.numpy
     file = tmp_path / "adapter_model.safetensors"
-    tensors = safetensors_io.loads(file.read_bytes())
-    file.write_bytes(safetensors_io.dumps({k: v for k, v in tensors.items() if ".1." not in k}))
+    tensors = safetensors.numpy.load(file.read_bytes())
+    file.write_bytes(safetensors.numpy.save({k: v for k, v in tensors.items()
+                                             if ".1." not in k}))
     with pytest.raises(ValueError, match="adapts some of its layers but not"):
         jlora.peft.load(str(tmp_path), stacked, module_fn=llama.hf_module)
+
+
+def test_bf16_adapters_round_trip_through_safetensors(tmp_path, key):
+    """The safetensors package writes and reads bf16 as stored (no float32 detour)."""
+    _, params = _jlora_base(_hf_base())
+    params = jax.tree.map(lambda w: w.astype(jnp.bfloat16), params)
+    cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets=tuple(TARGETS))
+    ad = randomize(jlora.init(key, params, cfg), key)
+    jlora.peft.save(str(tmp_path), ad, module_fn=llama.hf_module)
+    back = jlora.peft.load(str(tmp_path), params, module_fn=llama.hf_module)
+    for mine, got in zip(jax.tree.leaves(ad), jax.tree.leaves(back)):
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(mine, np.float32), np.asarray(got, np.float32))

@@ -1,2 +1,2 @@
-"""Adapters on disk: orbax checkpoints (``checkpoint``) and PEFT's files (``peft``,
-``safetensors_io``)."""
+"""Adapters on disk: orbax checkpoints (``checkpoint``) and PEFT's files (``peft``, read
+and written with the ``safetensors`` package; ``torch_conv`` for PEFT's conv layout)."""

@@ -20,10 +20,12 @@ from collections import Counter
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 from jlora.adapter import LoraNode, adapter_nodes, default_axes
 from jlora.config import LoraError
-from jlora.io import atomic, safetensors_io, torch_conv
+from jlora.io import atomic, torch_conv
 from jlora.nf4 import is_nf4
 from jlora.targets import _NOT_KERNELS, flatten, matches, path_str
 from jlora.transforms.check import check, check_finite
@@ -102,7 +104,8 @@ def save(path: str, adapter, *, module_fn=default_module, prefix: str = PREFIX,
                 tensors[key + ".lora_magnitude_vector"] = m
             modules[module] = node
     config = _config(modules, base_model_name_or_path)
-    atomic.write_dir(path, {WEIGHTS: safetensors_io.dumps(tensors, {"format": "pt"}),
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    atomic.write_dir(path, {WEIGHTS: safetensors.numpy.save(tensors, {"format": "pt"}),
                       CONFIG: json.dumps(config, indent=2, sort_keys=True).encode()})
 
 
@@ -187,12 +190,17 @@ def _read_config(path: str) -> dict:
 
 
 def _read_tensors(path: str) -> dict:
+    """The file's tensors, read (memory-mapped) by the ``safetensors`` package, the
+    format's reference implementation; a truncated or corrupted file is a LoraError."""
     file = os.path.join(path, WEIGHTS)
     try:
-        with open(file, "rb") as f:
-            return safetensors_io.loads(f.read(), file)
+        with safetensors.safe_open(file, framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
     except OSError as e:
         raise LoraError(f"cannot read {file}: {e}") from None
+    except Exception as e:  # safetensors' own error type is not part of its public API
+        raise LoraError(f"{file} is not a valid safetensors file ({e}); it may be truncated "
+                        "or corrupted: save it again") from None
 
 
 def _pattern(patterns: dict, module: str, default):

@@ -7,7 +7,9 @@ import math
 import re
 from typing import Any, Mapping
 
-_INITS = ("kaiming", "gaussian", "pissa")
+_INITS = ("kaiming", "gaussian", "pissa", "olora")
+#: Inits that move part of the weight into the factors: ``init`` returns the residual base.
+BASE_CHANGING_INITS = ("pissa", "olora")
 
 #: Hugging Face Llama names of every linear layer in a decoder block.
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -44,7 +46,8 @@ class LoraConfig:
       rank_pattern: ``{regex: rank}`` overriding ``rank`` for matching paths.
       alpha_pattern: ``{regex: alpha}`` overriding ``alpha`` likewise.
       init: ``"kaiming"`` (PEFT's default: A ~ U(+-1/sqrt(in))), ``"gaussian"``
-        (A ~ N(0, 1/r^2)) or ``"pissa"`` (principal singular vectors) [``init_lora_weights``].
+        (A ~ N(0, 1/r^2)), ``"pissa"`` (principal singular vectors) or ``"olora"``
+        (the first r columns of the weight's QR factors) [``init_lora_weights``].
       dtype: dtype of the adapter arrays; ``None`` uses each base leaf's dtype.
 
     Example:

@@ -110,3 +110,20 @@ def test_pissa_moves_top_singular_directions_into_the_adapter(key):
     close(n.scale * np.asarray(n.a @ n.b), best, F32)
     close(jlora.merge(residual, ad), w, F32)
     close(jlora.apply(f)(residual, ad, x), f(w, x), F32)  # the model is unchanged at init
+
+
+def test_olora_takes_the_first_r_qr_directions_per_layer(key):
+    """OLoRA on a stacked kernel: per layer, torch layout W^T = Q R, a = R[:r]^T, b = Q[:, :r]^T
+    (numpy's QR in float64 as the reference), and the model is unchanged at init."""
+    w = {"q_proj": {"kernel": jax.random.normal(key, (3, 24, 16))}}
+    cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets=("q_proj",), init="olora")
+    f = lambda p, x: x @ p["q_proj"]["kernel"][1]
+    x = jax.random.normal(key, (5, 24))
+    ad, residual = jlora.init(key, w, cfg, f, x)
+    n = ad["q_proj"]["kernel"]
+    for layer in range(3):
+        q, r = np.linalg.qr(np.asarray(w["q_proj"]["kernel"][layer], np.float64).T)
+        close(np.asarray(n.a[layer]), r[:4].T, F32)
+        close(np.asarray(n.b[layer]), q[:, :4].T, F32)
+    close(jlora.merge(residual, ad), w, F32)
+    close(jlora.apply(f)(residual, ad, x), f(w, x), F32)

@@ -81,8 +81,8 @@ def test_flattened_batch_axis_and_errors(key):
     scaled = jlora.apply(lambda p, x: x @ (2 * p["q_proj"]))  # a scalar scale stays factored
     np.testing.assert_allclose(scaled(p, st, x, adapter_ids=ids), 2 * want, **F32)
     per_out = jlora.apply(lambda p, x: x @ (p["q_proj"] * jnp.arange(4.0)[None]))
-    np.testing.assert_allclose(per_out(p, st, x, adapter_ids=ids), want * jnp.arange(4.0)[None, None],
-                               **F32)  # a per-feature scale folds into each adapter's B
+    np.testing.assert_allclose(per_out(p, st, x, adapter_ids=ids),  # the scale folds into B
+                               want * jnp.arange(4.0)[None, None], **F32)
     with pytest.raises(ValueError, match="needs 'q_proj' to be used by dot_general"):
         jlora.apply(lambda p, x: x @ (p["q_proj"] * jnp.arange(24.0).reshape(6, 4)))(
             p, st, x, adapter_ids=ids)

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import re
-from collections import Counter
 
 import jax
 import jax.numpy as jnp
@@ -25,22 +24,19 @@ import safetensors.numpy
 
 from jlora.adapter import LoraNode, adapter_nodes, default_axes
 from jlora.config import LoraError
-from jlora.io import atomic, torch_conv
+from jlora.io import atomic, peft_config, torch_conv
 from jlora.nf4 import is_nf4
 from jlora.targets import _NOT_KERNELS, flatten, matches, path_str
 from jlora.transforms.check import check, check_finite
+from jlora.transforms.multi import combine_adapters
 
-WEIGHTS, CONFIG, PREFIX = "adapter_model.safetensors", "adapter_config.json", "base_model.model."
+WEIGHTS, PREFIX = "adapter_model.safetensors", "base_model.model."
+CONFIG = peft_config.CONFIG
 #: Segments after which a stacked (scanned) layer index is inserted by default.
 LAYER_SEGMENTS = ("layers", "layer", "h", "blocks", "block")
 #: The key suffixes of a linear module's factors and of an embedding's.
 LINEAR = (".lora_A.weight", ".lora_B.weight")
 EMBEDDING = (".lora_embedding_A", ".lora_embedding_B")
-#: Config fields whose non-default values jlora cannot honour, with the default.
-_UNSUPPORTED = {"bias": "none", "fan_in_fan_out": False, "lora_bias": False,
-                "modules_to_save": None, "layers_to_transform": None, "layer_replication": None,
-                "target_parameters": None, "trainable_token_indices": None,
-                "use_qalora": False, "alora_invocation_tokens": None}
 
 
 def default_module(path: str, index: tuple[int, ...] = ()) -> str:
@@ -69,7 +65,7 @@ def _stack_shape(node) -> tuple[int, ...]:
 
 def save(path: str, adapter, *, module_fn=default_module, prefix: str = PREFIX,
          base_model_name_or_path: str | None = None, embeddings: str = r"embed",
-         convs: str | None = r"(?i)conv") -> None:
+         convs: str | None = r"(?i)conv", initial=None) -> None:
     """Write ``adapter`` as a PEFT adapter directory (replaced only once fully written).
 
     Args:
@@ -83,7 +79,13 @@ def save(path: str, adapter, *, module_fn=default_module, prefix: str = PREFIX,
       convs: a regex for kernels that are torch ``nn.ConvNd`` modules (of those with
         several in axes), saved in PEFT's conv layout: ``lora_A.weight (r, in, *k)``,
         ``lora_B.weight (out, r, 1, ...)`` (:mod:`jlora.io.torch_conv`); None: none.
+      initial: for an adapter made with ``init="pissa"``/``"olora"`` (trained on the
+        residual base), the adapter as ``init`` returned it: the file then holds plain
+        LoRA for the original base, ``[A | A0]``, ``[B; -B0]`` at rank ``2r`` (PEFT's
+        ``path_initial_model_for_weight_conversion``).
     """
+    if initial is not None:  # W_res + s A B = W + s (A B - A0 B0)
+        adapter = combine_adapters([adapter, initial], [1.0, -1.0], method="cat")
     nodes = adapter_nodes(adapter)
     tensors, modules = {}, {}
     for p, node in nodes.items():
@@ -103,31 +105,10 @@ def save(path: str, adapter, *, module_fn=default_module, prefix: str = PREFIX,
             if m is not None:
                 tensors[key + ".lora_magnitude_vector"] = m
             modules[module] = node
-    config = _config(modules, base_model_name_or_path)
+    config = peft_config.config_of(modules, base_model_name_or_path)
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     atomic.write_dir(path, {WEIGHTS: safetensors.numpy.save(tensors, {"format": "pt"}),
                       CONFIG: json.dumps(config, indent=2, sort_keys=True).encode()})
-
-
-def _config(modules: dict, base_model_name_or_path) -> dict:
-    if not modules:
-        raise LoraError("the adapter has no adapted leaf to save")
-    nodes = list(modules.values())
-    rslora = {math.isclose(n.scale, n.alpha / math.sqrt(n.rank)) and n.rank > 1 for n in nodes}
-    dora, dropout = {n.magnitude is not None for n in nodes}, {n.dropout for n in nodes}
-    if len(rslora) > 1 or len(dora) > 1 or len(dropout) > 1:
-        raise LoraError("a PEFT config has one use_rslora, use_dora and lora_dropout for all "
-                        "modules, but this adapter mixes them; save those parts separately")
-    r = Counter(n.rank for n in nodes).most_common(1)[0][0]
-    alpha = Counter(n.alpha for n in nodes).most_common(1)[0][0]
-    return {"peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": alpha,
-            "lora_dropout": dropout.pop(), "use_rslora": rslora.pop(), "use_dora": dora.pop(),
-            "target_modules": sorted({m.split(".")[-1] for m in modules}),
-            "rank_pattern": {re.escape(m): n.rank for m, n in modules.items() if n.rank != r},
-            "alpha_pattern": {re.escape(m): n.alpha for m, n in modules.items()
-                              if n.alpha != alpha},
-            "init_lora_weights": True, "inference_mode": True,
-            "base_model_name_or_path": base_model_name_or_path, **_UNSUPPORTED}
 
 
 def load(path: str, params, *, module_fn=default_module, prefix: str = PREFIX, axes=None,
@@ -146,7 +127,7 @@ def load(path: str, params, *, module_fn=default_module, prefix: str = PREFIX, a
       LoraError: unsupported config fields, keys that match no parameter, modules
         missing for some layers, or shapes that do not fit ``params``.
     """
-    config = _read_config(path)
+    config = peft_config.read(path)
     tensors = _read_tensors(path)
     unused = set(tensors)
     flat, treedef = flatten(params)
@@ -169,26 +150,6 @@ def load(path: str, params, *, module_fn=default_module, prefix: str = PREFIX, a
     return adapter
 
 
-def _read_config(path: str) -> dict:
-    try:
-        with open(os.path.join(path, CONFIG)) as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise LoraError(f"cannot read {os.path.join(path, CONFIG)}: {e}") from None
-    if config.get("peft_type", "LORA") != "LORA":
-        raise LoraError(f"{path}: peft_type {config['peft_type']!r} is not LORA")
-    bad = [f"{k}={config[k]!r}" for k, default in _UNSUPPORTED.items()
-           if config.get(k, default) != default and config.get(k) not in (None, [], {})]
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and re.match(r"pissa|olora|corda|loftq|eva|lora_ga", init):
-        bad.append(f"init_lora_weights={init!r} (it changed the base weights, which this file "
-                   "does not hold; convert the adapter with PEFT's "
-                   "path_initial_model_for_weight_conversion when saving)")
-    if bad:
-        raise LoraError(f"{path}: unsupported PEFT config fields: {', '.join(bad)}")
-    return config
-
-
 def _read_tensors(path: str) -> dict:
     """The file's tensors, read (memory-mapped) by the ``safetensors`` package, the
     format's reference implementation; a truncated or corrupted file is a LoraError."""
@@ -201,13 +162,6 @@ def _read_tensors(path: str) -> dict:
     except Exception as e:  # safetensors' own error type is not part of its public API
         raise LoraError(f"{file} is not a valid safetensors file ({e}); it may be truncated "
                         "or corrupted: save it again") from None
-
-
-def _pattern(patterns: dict, module: str, default):
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
 
 
 def _node(p, leaf, tensors, unused, config, module_fn, prefix, axes, dtype):
@@ -241,10 +195,7 @@ def _node(p, leaf, tensors, unused, config, module_fn, prefix, axes, dtype):
         b.append(lb.T)
         if config.get("use_dora"):
             mag.append(get(m, ".lora_magnitude_vector").reshape(n_out))
-    expected = _pattern(config.get("rank_pattern") or {}, first, config["r"])
-    if rank != expected:
-        raise LoraError(f"{p!r}: lora_A has rank {rank} but the config says {expected}")
-    alpha = float(_pattern(config.get("alpha_pattern") or {}, first, config["lora_alpha"]))
+    alpha = peft_config.alpha_for(config, p, first, rank)
     scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
     cast = lambda xs: jnp.asarray(np.stack(xs).reshape(stack + xs[0].shape), dtype)
     return LoraNode(a=cast(a), b=cast(b), rank=rank, alpha=alpha, scale=scale,

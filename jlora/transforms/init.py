@@ -1,4 +1,5 @@
-"""``init``: an adapter for a base, with gaussian, kaiming (PEFT's default) or PiSSA factors."""
+"""``init``: an adapter for a base, with gaussian, kaiming (PEFT's default), PiSSA or OLoRA
+factors."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora.adapter import LoraNode, default_axes
-from jlora.config import LoraConfig, LoraError
+from jlora.config import BASE_CHANGING_INITS, LoraConfig, LoraError
 from jlora.interpret.probe import discover_axes
 from jlora.nf4 import is_nf4
 from jlora.numerics.dora import dora_norm
@@ -29,8 +30,8 @@ def init(key, params, cfg: LoraConfig, fn=None, *args, **kwargs):
       *args, **kwargs: example inputs for ``fn`` (only shapes matter).
 
     Returns:
-      The adapter; with ``cfg.init == "pissa"`` the pair ``(adapter, residual_params)``,
-      because PiSSA moves the top singular directions out of the base.
+      The adapter; with ``cfg.init`` ``"pissa"`` or ``"olora"`` the pair ``(adapter,
+      residual_params)``, because those move part of each weight out of the base.
 
     Raises:
       LoraError: no target matched, a rank exceeds a kernel's smaller side.
@@ -62,7 +63,7 @@ def init(key, params, cfg: LoraConfig, fn=None, *args, **kwargs):
         residual.append(res)
     adapter = jax.tree_util.tree_unflatten(treedef, nodes)
     adapter = place(params, adapter)  # a sharded base gets an adapter sharded like it
-    if cfg.init == "pissa":
+    if cfg.init in BASE_CHANGING_INITS:
         return adapter, jax.tree_util.tree_unflatten(treedef, residual)
     return adapter
 
@@ -102,10 +103,10 @@ def _make_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
         raise LoraError(f"rank {rank} for {path!r} exceeds min(in={n_in}, out={n_out}) of its "
                         f"kernel {tuple(w.shape)}; lower the rank (rank_pattern can set it "
                         "per path)")
-    if cfg.init == "pissa" and is_nf4(w):
-        raise LoraError(f"init='pissa' changes the base, but {path!r} is already quantized; "
-                        "run jlora.init with pissa on the float base, then jlora.quantize the "
-                        "residual it returns")
+    if cfg.init in BASE_CHANGING_INITS and is_nf4(w):
+        raise LoraError(f"init={cfg.init!r} changes the base, but {path!r} is already "
+                        f"quantized; run jlora.init with {cfg.init} on the float base, then "
+                        "jlora.quantize the residual it returns")
     dtype = jnp.dtype(cfg.dtype) if cfg.dtype is not None else jnp.dtype(w.dtype)
     if not jnp.issubdtype(dtype, jnp.floating) or (
             jnp.finfo(dtype).nmant < jnp.finfo(w.dtype).nmant):
@@ -121,8 +122,8 @@ def _make_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
     elif cfg.init == "gaussian":
         a = (jax.random.normal(key, stack + (n_in, rank), jnp.float32) / rank).astype(dtype)
     b, res = jnp.zeros(stack + (rank, n_out), dtype), w
-    if cfg.init == "pissa":
-        a, b, res = _pissa(w, axes, rank, scale, dtype)
+    if cfg.init in BASE_CHANGING_INITS:
+        a, b, res = _moved(w, axes, rank, scale, dtype, _INIT_FACTORS[cfg.init])
     node = LoraNode(a=a, b=b, rank=rank, alpha=float(alpha), scale=scale,
                     dropout=float(cfg.dropout), shape=tuple(w.shape),
                     stack_axes=tuple(stack_axes), in_axes=tuple(in_axes),
@@ -134,17 +135,32 @@ def _make_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
     return node, res
 
 
-def _pissa(w, axes, rank: int, scale: float, dtype):
-    """Top-``rank`` singular directions into A, B; the base keeps the residual."""
+def _pissa(mat, rank: int, scale: float):
+    """PiSSA: the top-``rank`` singular directions, split evenly between A and B."""
+    u, s, vh = jnp.linalg.svd(mat, full_matrices=False)
+    root = jnp.sqrt(s[..., :rank] / scale)
+    return u[..., :, :rank] * root[..., None, :], root[..., :, None] * vh[..., :rank, :]
+
+
+def _olora(mat, rank: int, scale: float):
+    """OLoRA (PEFT's ``olora_init``): QR of the torch-layout weight ``(out, in) = Q R``;
+    PEFT's ``lora_B = Q[:, :r]``, ``lora_A = R[:r]``, so ``a = R[:r].T``, ``b = Q[:, :r].T``."""
+    q, r = jnp.linalg.qr(jnp.swapaxes(mat, -1, -2))
+    return jnp.swapaxes(r[..., :rank, :], -1, -2), jnp.swapaxes(q[..., :, :rank], -1, -2)
+
+
+_INIT_FACTORS = {"pissa": _pissa, "olora": _olora}
+
+
+def _moved(w, axes, rank: int, scale: float, dtype, factors):
+    """Factors ``(a, b)`` from the weight (``factors(mat, rank, scale)`` on each stacked
+    ``(in, out)`` matrix, in float32), and the residual base ``W0 - s A B``."""
     order = [ax for group in axes for ax in group]
     stack = tuple(w.shape[ax] for ax in axes[0])
     wt = jnp.transpose(w, order).astype(jnp.float32)
     n_in = math.prod(w.shape[ax] for ax in axes[1])
     mat = wt.reshape(stack + (n_in, -1))
-    u, s, vh = jnp.linalg.svd(mat, full_matrices=False)
-    root = jnp.sqrt(s[..., :rank] / scale)
-    a = u[..., :, :rank] * root[..., None, :]
-    b = root[..., :, None] * vh[..., :rank, :]
+    a, b = factors(mat, rank, scale)
     res = (mat - scale * a @ b).reshape(wt.shape)
     res = jnp.transpose(res, [order.index(ax) for ax in range(w.ndim)]).astype(w.dtype)
     return a.astype(dtype), b.astype(dtype), res

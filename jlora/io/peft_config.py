@@ -1,0 +1,78 @@
+"""PEFT's ``adapter_config.json``: written from jlora nodes, read and checked.
+
+Every field jlora cannot honour is refused on reading, by name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+
+from jlora.config import LoraError
+
+CONFIG = "adapter_config.json"
+
+#: Config fields whose non-default values jlora cannot honour, with the default.
+_UNSUPPORTED = {"bias": "none", "fan_in_fan_out": False, "lora_bias": False,
+                "modules_to_save": None, "layers_to_transform": None, "layer_replication": None,
+                "target_parameters": None, "trainable_token_indices": None,
+                "use_qalora": False, "alora_invocation_tokens": None}
+
+
+def config_of(modules: dict, base_model_name_or_path) -> dict:
+    if not modules:
+        raise LoraError("the adapter has no adapted leaf to save")
+    nodes = list(modules.values())
+    rslora = {math.isclose(n.scale, n.alpha / math.sqrt(n.rank)) and n.rank > 1 for n in nodes}
+    dora, dropout = {n.magnitude is not None for n in nodes}, {n.dropout for n in nodes}
+    if len(rslora) > 1 or len(dora) > 1 or len(dropout) > 1:
+        raise LoraError("a PEFT config has one use_rslora, use_dora and lora_dropout for all "
+                        "modules, but this adapter mixes them; save those parts separately")
+    r = Counter(n.rank for n in nodes).most_common(1)[0][0]
+    alpha = Counter(n.alpha for n in nodes).most_common(1)[0][0]
+    return {"peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": alpha,
+            "lora_dropout": dropout.pop(), "use_rslora": rslora.pop(), "use_dora": dora.pop(),
+            "target_modules": sorted({m.split(".")[-1] for m in modules}),
+            "rank_pattern": {re.escape(m): n.rank for m, n in modules.items() if n.rank != r},
+            "alpha_pattern": {re.escape(m): n.alpha for m, n in modules.items()
+                              if n.alpha != alpha},
+            "init_lora_weights": True, "inference_mode": True,
+            "base_model_name_or_path": base_model_name_or_path, **_UNSUPPORTED}
+
+
+def read(path: str) -> dict:
+    try:
+        with open(os.path.join(path, CONFIG)) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise LoraError(f"cannot read {os.path.join(path, CONFIG)}: {e}") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise LoraError(f"{path}: peft_type {config['peft_type']!r} is not LORA")
+    bad = [f"{k}={config[k]!r}" for k, default in _UNSUPPORTED.items()
+           if config.get(k, default) != default and config.get(k) not in (None, [], {})]
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and re.match(r"pissa|olora|corda|loftq|eva|lora_ga", init):
+        bad.append(f"init_lora_weights={init!r} (it changed the base weights, which this file "
+                   "does not hold; convert the adapter with PEFT's "
+                   "path_initial_model_for_weight_conversion when saving)")
+    if bad:
+        raise LoraError(f"{path}: unsupported PEFT config fields: {', '.join(bad)}")
+    return config
+
+
+def pattern(patterns: dict, module: str, default):
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def alpha_for(config: dict, path: str, module: str, rank: int) -> float:
+    """A module's alpha (``alpha_pattern``), after checking its rank against ``rank_pattern``."""
+    expected = pattern(config.get("rank_pattern") or {}, module, config["r"])
+    if rank != expected:
+        raise LoraError(f"{path!r}: lora_A has rank {rank} but the config says {expected}")
+    return float(pattern(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))

@@ -172,8 +172,8 @@ def test_combine_errors(key):
     _, ads = _sources(key)
     with pytest.raises(ValueError, match="one weight per adapter"):
         jlora.combine_adapters(ads, [1.0])
-    with pytest.raises(ValueError, match="method='ties' is not one of"):
-        jlora.combine_adapters(ads, [1.0] * 3, method="ties")
+    with pytest.raises(ValueError, match="method='mean' is not one of"):
+        jlora.combine_adapters(ads, [1.0] * 3, method="mean")
     p = {"q_proj": jnp.ones((4, 4))}
     dora = jlora.init(key, p, jlora.LoraConfig(rank=1, targets=("q_proj",), dora=True))
     with pytest.raises(ValueError, match="DoRA magnitude does not add linearly"):

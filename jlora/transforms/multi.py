@@ -13,6 +13,7 @@ from jlora.adapter import LoraNode, StackedNode, adapter_nodes, is_node
 from jlora.config import LoraError
 from jlora.interpret.trace import is_array
 from jlora.targets import path_str
+from jlora.transforms import merging
 
 
 def stack(adapters) -> Any:
@@ -129,10 +130,12 @@ def example_layout(args, kwargs, n: int, example_axes=None) -> list:
     return out
 
 
-COMBINE = ("cat", "linear", "svd")
+COMBINE = ("cat", "linear", "svd") + merging.METHODS
 
 
-def combine_adapters(adapters, weights, method: str = "cat", rank: int | None = None):
+def combine_adapters(adapters, weights, method: str = "cat", rank: int | None = None,
+                     density: float | None = None, majority_sign_method: str = "total",
+                     key=None):
     """One adapter whose delta is ``sum_i weights[i] * s_i * A_i @ B_i`` per leaf.
 
     Args:
@@ -144,7 +147,14 @@ def combine_adapters(adapters, weights, method: str = "cat", rank: int | None = 
         ``linear`` but with no cross terms). ``"svd"``: the best rank-``rank``
         approximation of the weighted delta (Eckart-Young), computed from QR of
         the concatenated factors, never the full matrix.
-      rank: the rank for ``"svd"`` (default: the largest source rank).
+        PEFT's ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune`` and
+        their ``_svd`` forms, as ``add_weighted_adapter`` computes them
+        (:mod:`jlora.transforms.merging`).
+      rank: the rank for ``"svd"`` and the ``_svd`` forms (default: the largest
+        source rank).
+      density: the fraction of entries TIES/DARE/magnitude pruning keep.
+      majority_sign_method: TIES' sign election, ``"total"`` or ``"frequency"``.
+      key: the ``jax.random`` key of DARE's random pruning.
 
     Returns:
       An adapter with scaling 1 (``alpha == rank``): each source's scaling is
@@ -164,13 +174,21 @@ def combine_adapters(adapters, weights, method: str = "cat", rank: int | None = 
     if len(adapters) != len(weights) or not adapters:
         raise LoraError(f"combine_adapters got {len(adapters)} adapters and {len(weights)} "
                         "weights; give one weight per adapter")
+    if method in merging.METHODS:
+        merging.check(method, density, majority_sign_method, key)
     found = _same_leaves(adapters)
-    combined = {p: _combine(p, [(w, f[p]) for w, f in zip(weights, found)], method, rank)
-                for p in found[0]}
+    combined = {}
+    for j, p in enumerate(found[0]):
+        parts = [(w, f[p]) for w, f in zip(weights, found)]
+        combined[p] = _combine(p, parts, method, rank) if method not in merging.METHODS \
+            else merging.combine(p, _checked(p, parts), method, rank, density,
+                                 majority_sign_method, None if key is None else
+                                 jax.random.fold_in(key, j))
     return _rebuild(adapters[0], combined)
 
 
-def _combine(path: str, parts, method: str, rank: int | None) -> LoraNode:
+def _checked(path: str, parts):
+    """``parts`` if all are plain LoRA/rsLoRA nodes of one layout."""
     first = parts[0][1]
     for _, n in parts:
         if not isinstance(n, LoraNode) or n.magnitude is not None:
@@ -179,6 +197,11 @@ def _combine(path: str, parts, method: str, rank: int | None) -> LoraNode:
         if (n.shape, n.stack_axes, n.in_axes, n.out_axes) != (
                 first.shape, first.stack_axes, first.in_axes, first.out_axes):
             raise LoraError(f"{path!r}: the adapters were made for different axes or shapes")
+    return parts
+
+
+def _combine(path: str, parts, method: str, rank: int | None) -> LoraNode:
+    first = _checked(path, parts)[0][1]
     if method == "cat":
         a = [n.a for _, n in parts]
         b = [(w * n.scale) * n.b for w, n in parts]

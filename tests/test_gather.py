@@ -158,3 +158,15 @@ def test_other_gathers_are_materialized_and_say_why(key, what, why):
     adapter = randomize(jlora.init(key, params, cfg), key)
     assert f"materialized ({why})" in jlora.explain(fn, params, adapter, IDS)["embed"]
     check_against_materialized(fn, params, adapter, IDS)
+
+
+def test_a_three_axis_table_looked_up_by_whole_rows_learns_the_row_axis_as_in(key):
+    """(vocab, heads, head_dim) read by ``table[ids]``: whole slices along axis 0 that no dot
+    contracts afterwards are rows of a table (vocab "in"), not layers of a stack."""
+    params = {"embed": jax.random.normal(key, (V, 2, 8))}
+    fn = lambda p, i: p["embed"][i]
+    adapter = randomize(jlora.init(key, params, jlora.LoraConfig(rank=4, targets=("embed",)),
+                                   fn, IDS), key)
+    node = adapter["embed"]
+    assert (node.stack_axes, node.in_axes, node.out_axes) == ((), (0,), (1, 2))
+    check_against_materialized(fn, params, adapter, IDS)

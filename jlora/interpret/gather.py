@@ -109,7 +109,7 @@ def _pick(sym: Sym, indices, params, axes, record) -> Sym | None:
     if sym.probe:  # init: whole slices of one axis of a 3+-D kernel pick layers
         if len(axes) != 1 or tuple(dn.collapsed_slice_dims) != axes or sym.base.ndim < 3:
             return None  # (of a 2-D table: a lookup)
-        record(sym.path, ("index", sym.labels[axes[0]][1]))
+        record(sym.path, ("pick", sym.labels[axes[0]][1]))  # a layer, or a table's rows
         kept = [lab for ax, lab in enumerate(sym.labels) if ax != axes[0]]
         labels = [kept.pop(0) if pos in dn.offset_dims else sym.labels[axes[0]]
                   for pos in range(nb + sym.base.ndim - 1)]

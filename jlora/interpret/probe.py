@@ -3,7 +3,9 @@
 The weight is carried as a :class:`~jlora.interpret.sym.Sym` with no factors
 whose labels are its original axes; the rules record what the model does with
 it (``("dot", contracted, batched)`` from the ``dot_general`` rule, ``("index",
-axis)`` when an axis is indexed away or scanned over) and compute the base alone.
+axis)`` when an axis is indexed away or scanned over, ``("gather", axes)`` for a row
+lookup, ``("pick", axis)`` for whole slices gathered along one axis of a 3+-D weight:
+layers if the result is contracted, else a table's rows) and compute the base alone.
 """
 
 from __future__ import annotations
@@ -50,14 +52,17 @@ def discover_axes(fn, params, paths: set[str], args, kwargs) -> dict[str, tuple]
         events = [e for e in records[path] if isinstance(e, tuple)]
         dots = [e for e in events if e[0] == "dot"]
         lookups = [e for e in events if e[0] == "gather"]
-        if not dots and not lookups:
+        picks = {e[1] for e in events if e[0] == "pick"}
+        if not dots and not lookups and not picks:
             continue
         stack = {e[1] for e in events if e[0] == "index"}
         if lookups:
             ins = tuple(sorted(lookups[0][1]))
-        else:
-            stack |= set(dots[0][2])
+        elif dots:  # whole slices picked, then contracted: layers of a stack
+            stack |= set(dots[0][2]) | picks
             ins = tuple(sorted(dots[0][1]))
+        else:  # whole slices picked and never contracted: rows of a 3+-D table
+            ins = tuple(sorted(picks))
         outs = tuple(ax for ax in range(ndims[path]) if ax not in stack and ax not in ins)
         if ins and outs:
             found[path] = (tuple(sorted(stack)), ins, outs)

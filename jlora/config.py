@@ -49,6 +49,8 @@ class LoraConfig:
         (A ~ N(0, 1/r^2)), ``"pissa"`` (principal singular vectors) or ``"olora"``
         (the first r columns of the weight's QR factors) [``init_lora_weights``].
       dtype: dtype of the adapter arrays; ``None`` uses each base leaf's dtype.
+      exclude: paths left out even where ``targets`` match, in the same syntax (a regex,
+        or a tuple of module names) [``exclude_modules``].
 
     Example:
       >>> cfg = LoraConfig(rank=8, alpha=16.0, targets=("q_proj", "v_proj"))
@@ -66,10 +68,18 @@ class LoraConfig:
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     init: str = "kaiming"
     dtype: Any = None
+    exclude: str | tuple[str, ...] = ()
 
     def __post_init__(self):
-        if isinstance(self.targets, list):
-            object.__setattr__(self, "targets", tuple(self.targets))
+        for name in ("targets", "exclude"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if isinstance(self.exclude, str):
+            _check_regex("exclude", self.exclude)
+        elif not (isinstance(self.exclude, tuple)
+                  and all(isinstance(t, str) and t for t in self.exclude)):
+            raise LoraError(f"exclude={self.exclude!r} must be a regex string or a tuple of "
+                            "module names such as ('lm_head',)")
         _check_rank("rank", self.rank)
         _check_alpha("alpha", self.alpha)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \

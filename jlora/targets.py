@@ -74,7 +74,7 @@ def select(params, cfg: LoraConfig) -> dict[str, tuple[int, float]]:
     paths = [path_str(p) for p, _ in flat]
     chosen = {}
     for path, (_, leaf) in zip(paths, flat):
-        if not matches(cfg.targets, path):
+        if not matches(cfg.targets, path) or (cfg.exclude and matches(cfg.exclude, path)):
             continue
         ndim = getattr(leaf, "ndim", 0)
         if isinstance(cfg.targets, tuple) and (ndim < 2 or path.split("/")[-1] in _NOT_KERNELS):
@@ -91,8 +91,9 @@ def select(params, cfg: LoraConfig) -> dict[str, tuple[int, float]]:
                         _pattern_value(cfg.alpha_pattern, path, cfg.alpha))
     if not chosen:
         kernels = [p for p, (_, l) in zip(paths, flat) if getattr(l, "ndim", 0) >= 2]
-        raise LoraError(f"targets={cfg.targets!r} matched no parameter; paths look like "
-                        f"{_examples(kernels or paths)}")
+        left = f" outside exclude={cfg.exclude!r}" if cfg.exclude else ""
+        raise LoraError(f"targets={cfg.targets!r} matched no parameter{left}; paths look "
+                        f"like {_examples(kernels or paths)}")
     for name, pat in (("rank_pattern", cfg.rank_pattern), ("alpha_pattern", cfg.alpha_pattern)):
         for key in pat:
             if not any(re.search(key, p) for p in chosen):

@@ -30,6 +30,8 @@ def test_scaling_plain_and_rslora():
     (dict(dropout=1.0), "dropout"), (dict(dropout=-0.1), "dropout"),
     (dict(targets="q_proj(["), "targets"), (dict(targets=()), "targets"),
     (dict(init="xavier"), "init"), (dict(rank_pattern={"q": 0}), "rank_pattern"),
+    (dict(exclude="layers_(["), "exclude"), (dict(exclude=("",)), "exclude"),
+    (dict(exclude=3), "exclude"),
 ])
 def test_bad_config_is_a_clear_error(kw, word):
     with pytest.raises(jlora.LoraError, match=word):
@@ -103,3 +105,17 @@ def test_non_array_params_leaf_is_named(key):
     with pytest.raises(TypeError, match="'flag' is a bool"):
         jlora.apply(lambda p, x: x @ p["w"])({"w": jnp.ones((4, 4)), "flag": True}, ad,
                                              jnp.ones((2, 4)))
+
+
+def test_exclude_leaves_out_matching_paths(key):
+    """PEFT's exclude_modules: the same syntax as targets, applied after them."""
+    params = {"params": {f"layers_{i}": {"attn": {"q_proj": {"kernel": jnp.ones((8, 8))},
+                                                  "v_proj": {"kernel": jnp.ones((8, 8))}}}
+                         for i in range(3)}}
+    for exclude in ("layers_1/", ("layers_1",)):
+        cfg = jlora.LoraConfig(rank=2, targets=("q_proj", "v_proj"), exclude=exclude)
+        nodes = jlora.adapter.adapter_nodes(jlora.init(key, params, cfg))
+        assert sorted(nodes) == [f"params/layers_{i}/attn/{m}/kernel" for i in (0, 2)
+                                 for m in ("q_proj", "v_proj")]
+    with pytest.raises(jlora.LoraError, match="matched no parameter outside exclude"):
+        jlora.init(key, params, jlora.LoraConfig(rank=2, targets=("q_proj",), exclude="attn"))

@@ -7,9 +7,9 @@ import math
 import re
 from typing import Any, Mapping
 
-_INITS = ("kaiming", "gaussian", "pissa", "olora")
+_INITS = ("kaiming", "gaussian", "pissa", "olora", "loftq")
 #: Inits that move part of the weight into the factors: ``init`` returns the residual base.
-BASE_CHANGING_INITS = ("pissa", "olora")
+BASE_CHANGING_INITS = ("pissa", "olora", "loftq")
 
 #: Hugging Face Llama names of every linear layer in a decoder block.
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -46,9 +46,12 @@ class LoraConfig:
       rank_pattern: ``{regex: rank}`` overriding ``rank`` for matching paths.
       alpha_pattern: ``{regex: alpha}`` overriding ``alpha`` likewise.
       init: ``"kaiming"`` (PEFT's default: A ~ U(+-1/sqrt(in))), ``"gaussian"``
-        (A ~ N(0, 1/r^2)), ``"pissa"`` (principal singular vectors) or ``"olora"``
-        (the first r columns of the weight's QR factors) [``init_lora_weights``].
+        (A ~ N(0, 1/r^2)), ``"pissa"`` (principal singular vectors), ``"olora"``
+        (the first r columns of the weight's QR factors) or ``"loftq"`` (an NF4 base and
+        the factors that best correct it) [``init_lora_weights``].
       dtype: dtype of the adapter arrays; ``None`` uses each base leaf's dtype.
+      loftq_iter: LoftQ's alternations of quantization and SVD
+        [``loftq_config["loftq_iter"]``].
       exclude: paths left out even where ``targets`` match, in the same syntax (a regex,
         or a tuple of module names) [``exclude_modules``].
 
@@ -69,6 +72,7 @@ class LoraConfig:
     init: str = "kaiming"
     dtype: Any = None
     exclude: str | tuple[str, ...] = ()
+    loftq_iter: int = 1
 
     def __post_init__(self):
         for name in ("targets", "exclude"):
@@ -98,6 +102,10 @@ class LoraConfig:
         for key, a in dict(self.alpha_pattern).items():
             _check_regex(f"alpha_pattern key {key!r}", key)
             _check_alpha(f"alpha_pattern[{key!r}]", a)
+        if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int) \
+                or self.loftq_iter < 1:
+            raise LoraError(f"loftq_iter={self.loftq_iter!r} must be a positive int (PEFT's "
+                            "default is 1; the LoftQ paper uses up to 5)")
         if self.init not in _INITS:
             raise LoraError(f"init={self.init!r} is not one of {_INITS}")
 

@@ -251,3 +251,32 @@ def test_qlora_training_lowers_the_loss_like_the_bf16_run(key):
     assert abs(q0 - b0) < 0.05 * b0  # same starting point (the quantized base is close)
     assert b1 < 0.7 * b0 and q1 < 0.7 * q0  # both learn
     assert abs(q1 - b1) < 0.15 * b1, (b0, b1, q0, q1)  # and about equally well
+
+
+def test_loftq_corrects_the_quantization_error(key):
+    """LoftQ: an NF4 base and factors such that dequant(Q) + s A B is closer to W than
+    dequant(NF4(W)) (Frobenius), closer still with more iterations; apply runs on it like
+    on the merged weight, and DoRA's magnitude starts at the corrected weight's norm."""
+    w = {"q": jax.random.normal(key, (2, 64, 48)) * jnp.linspace(0.2, 3.0, 48)[None, None]}
+    fn = lambda p, x: jax.lax.scan(lambda c, layer: (c, x @ layer), 0.0, p["q"])[1]
+    x = jax.random.normal(key, (3, 64))
+    plain = jlora.dequantize(jlora.quantize(w, targets=("q",), compute_dtype=jnp.float32))
+    errors = [float(jnp.linalg.norm(w["q"] - plain["q"]))]
+    for iters in (1, 5):
+        cfg = jlora.LoraConfig(rank=8, alpha=16.0, targets=("q",), init="loftq",
+                               loftq_iter=iters)
+        adapter, qbase = jlora.init(key, w, cfg, fn, x)
+        assert isinstance(qbase["q"], jlora.NF4) and adapter["q"].a.shape == (2, 64, 8)
+        merged = jlora.merge(qbase, adapter)
+        errors.append(float(jnp.linalg.norm(w["q"] - merged["q"])))
+        np.testing.assert_allclose(jlora.apply(fn)(qbase, adapter, x), fn(merged, x),
+                                   rtol=1e-4, atol=1e-4)
+    assert errors[2] < errors[1] < 0.8 * errors[0]  # measured: 0.73 and 0.65 of plain NF4
+    dora = jlora.LoraConfig(rank=8, alpha=16.0, targets=("q",), init="loftq", dora=True)
+    adapter, qbase = jlora.init(key, w, dora, fn, x)
+    np.testing.assert_allclose(jlora.apply(fn)(qbase, adapter, x),
+                               fn(jlora.merge(qbase, adapter), x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(jlora.LoraError, match="loftq_iter"):
+        jlora.LoraConfig(init="loftq", loftq_iter=0)
+    with pytest.raises(jlora.LoraError, match="already quantized"):
+        jlora.init(key, jlora.quantize(w, targets=("q",)), cfg, fn, x)

@@ -14,7 +14,9 @@ from jlora.config import BASE_CHANGING_INITS, LoraConfig, LoraError
 from jlora.interpret.probe import discover_axes
 from jlora.nf4 import is_nf4
 from jlora.numerics.dora import dora_norm
+from jlora.numerics.quant import dequantize_array
 from jlora.targets import flatten, path_str, select
+from jlora.transforms import inits
 from jlora.transforms.sharding import place
 
 
@@ -123,44 +125,14 @@ def _make_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
         a = (jax.random.normal(key, stack + (n_in, rank), jnp.float32) / rank).astype(dtype)
     b, res = jnp.zeros(stack + (rank, n_out), dtype), w
     if cfg.init in BASE_CHANGING_INITS:
-        a, b, res = _moved(w, axes, rank, scale, dtype, _INIT_FACTORS[cfg.init])
+        a, b, res = inits.base_changing(cfg, w, axes, rank, scale, dtype)
     node = LoraNode(a=a, b=b, rank=rank, alpha=float(alpha), scale=scale,
                     dropout=float(cfg.dropout), shape=tuple(w.shape),
                     stack_axes=tuple(stack_axes), in_axes=tuple(in_axes),
                     out_axes=tuple(out_axes))
     if cfg.dora:  # magnitude = ||W0 + s A B|| per output feature: the model is unchanged
         a_u, b_u, _ = node.unflat()
-        norm = dora_norm(res, a_u, b_u, scale, stack_axes, in_axes, out_axes)
+        base = dequantize_array(res) if is_nf4(res) else res  # LoftQ: the quantized base
+        norm = dora_norm(base, a_u, b_u, scale, stack_axes, in_axes, out_axes)
         node = dataclasses.replace(node, magnitude=norm.reshape(stack + (n_out,)).astype(dtype))
     return node, res
-
-
-def _pissa(mat, rank: int, scale: float):
-    """PiSSA: the top-``rank`` singular directions, split evenly between A and B."""
-    u, s, vh = jnp.linalg.svd(mat, full_matrices=False)
-    root = jnp.sqrt(s[..., :rank] / scale)
-    return u[..., :, :rank] * root[..., None, :], root[..., :, None] * vh[..., :rank, :]
-
-
-def _olora(mat, rank: int, scale: float):
-    """OLoRA (PEFT's ``olora_init``): QR of the torch-layout weight ``(out, in) = Q R``;
-    PEFT's ``lora_B = Q[:, :r]``, ``lora_A = R[:r]``, so ``a = R[:r].T``, ``b = Q[:, :r].T``."""
-    q, r = jnp.linalg.qr(jnp.swapaxes(mat, -1, -2))
-    return jnp.swapaxes(r[..., :rank, :], -1, -2), jnp.swapaxes(q[..., :, :rank], -1, -2)
-
-
-_INIT_FACTORS = {"pissa": _pissa, "olora": _olora}
-
-
-def _moved(w, axes, rank: int, scale: float, dtype, factors):
-    """Factors ``(a, b)`` from the weight (``factors(mat, rank, scale)`` on each stacked
-    ``(in, out)`` matrix, in float32), and the residual base ``W0 - s A B``."""
-    order = [ax for group in axes for ax in group]
-    stack = tuple(w.shape[ax] for ax in axes[0])
-    wt = jnp.transpose(w, order).astype(jnp.float32)
-    n_in = math.prod(w.shape[ax] for ax in axes[1])
-    mat = wt.reshape(stack + (n_in, -1))
-    a, b = factors(mat, rank, scale)
-    res = (mat - scale * a @ b).reshape(wt.shape)
-    res = jnp.transpose(res, [order.index(ax) for ax in range(w.ndim)]).astype(w.dtype)
-    return a.astype(dtype), b.astype(dtype), res

@@ -1,0 +1,76 @@
+"""Inits that move part of each weight into the factors and return a changed base.
+
+PiSSA (the top-r singular directions), OLoRA (PEFT's ``olora_init``: QR of the
+torch-layout weight) and LoftQ (alternating NF4 quantization and a rank-r SVD of
+what quantization missed), each on every stacked ``(in, out)`` matrix in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+
+from jlora.numerics.quant import dequantize_array, quantize_array
+
+
+def base_changing(cfg, w, axes, rank: int, scale: float, dtype):
+    """``(a, b, base)`` for ``cfg.init``: the factors and the base to train on."""
+    if cfg.init == "loftq":
+        return _loftq(w, axes, rank, scale, dtype, cfg.loftq_iter)
+    return _moved(w, axes, rank, scale, dtype, _FACTORS[cfg.init])
+
+
+def _pissa(mat, rank: int, scale: float):
+    """PiSSA: the top-``rank`` singular directions, split evenly between A and B."""
+    return _top(mat, rank, scale)
+
+
+def _olora(mat, rank: int, scale: float):
+    """OLoRA (PEFT's ``olora_init``): QR of the torch-layout weight ``(out, in) = Q R``;
+    PEFT's ``lora_B = Q[:, :r]``, ``lora_A = R[:r]``, so ``a = R[:r].T``, ``b = Q[:, :r].T``."""
+    q, r = jnp.linalg.qr(jnp.swapaxes(mat, -1, -2))
+    return jnp.swapaxes(r[..., :rank, :], -1, -2), jnp.swapaxes(q[..., :, :rank], -1, -2)
+
+
+_FACTORS = {"pissa": _pissa, "olora": _olora}
+
+
+def _moved(w, axes, rank: int, scale: float, dtype, factors):
+    """Factors ``(a, b)`` from the weight (``factors(mat, rank, scale)`` on each stacked
+    ``(in, out)`` matrix, in float32), and the residual base ``W0 - s A B``."""
+    mat, back = _matrices(w, axes)
+    a, b = factors(mat, rank, scale)
+    return a.astype(dtype), b.astype(dtype), back(mat - scale * a @ b).astype(w.dtype)
+
+
+def _matrices(w, axes):
+    """``w`` as float32 ``(*stack, in, out)`` matrices, and the map back to ``w``'s layout."""
+    order = [ax for group in axes for ax in group]
+    wt = jnp.transpose(w, order).astype(jnp.float32)
+    n_in = math.prod(w.shape[ax] for ax in axes[1])
+    back = lambda m: jnp.transpose(m.reshape(wt.shape), [order.index(ax) for ax in range(w.ndim)])
+    return wt.reshape(wt.shape[:len(axes[0])] + (n_in, -1)), back
+
+
+def _top(res, rank: int, scale: float):
+    """The best rank-``rank`` ``s A B`` of ``res``, the singular values split evenly."""
+    u, s, vh = jnp.linalg.svd(res, full_matrices=False)
+    root = jnp.sqrt(s[..., :rank] / scale)
+    return u[..., :, :rank] * root[..., None, :], root[..., :, None] * vh[..., :rank, :]
+
+
+def _loftq(w, axes, rank: int, scale: float, dtype, iters: int):
+    """LoftQ (PEFT's ``loftq_init``, 4 bits): ``iters`` rounds of ``Q = NF4(W - s A B)``,
+    ``s A B = SVD_r(W - dequant(Q))``; the base is ``Q`` (jlora's NF4, bitsandbytes'
+    format, double quantization), so ``dequant(Q) + s A B`` is closer to ``W`` than
+    ``dequant(NF4(W))``. Unlike PEFT's, ``s`` is divided out of the factors, so the
+    model starts at that approximation for any alpha."""
+    mat, back = _matrices(w, axes)
+    a = b = None
+    for _ in range(iters):
+        target = mat if a is None else mat - scale * a @ b
+        q = quantize_array(back(target).astype(w.dtype), compute_dtype=w.dtype)
+        deq, _ = _matrices(dequantize_array(q), axes)
+        a, b = _top(mat - deq, rank, scale)
+    return a.astype(dtype), b.astype(dtype), q

@@ -10,6 +10,8 @@ from typing import Any, Mapping
 _INITS = ("kaiming", "gaussian", "pissa", "olora", "loftq")
 #: Inits that move part of the weight into the factors: ``init`` returns the residual base.
 BASE_CHANGING_INITS = ("pissa", "olora", "loftq")
+#: Names of the segment that lists a model's layers (PEFT's ``COMMON_LAYERS_PATTERN``).
+LAYER_PATTERNS = ("layers", "layer", "h", "blocks", "block")
 
 #: Hugging Face Llama names of every linear layer in a decoder block.
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -52,6 +54,11 @@ class LoraConfig:
       dtype: dtype of the adapter arrays; ``None`` uses each base leaf's dtype.
       loftq_iter: LoftQ's alternations of quantization and SVD
         [``loftq_config["loftq_iter"]``].
+      layers_to_transform: adapt only these layer indices (the segment after a
+        ``layers_pattern`` name: ``layers_3`` or ``layers/3``) [``layers_to_transform``];
+        a scanned stack (all layers in one array) is refused.
+      layers_pattern: the names of the layer-list segment; default ``LAYER_PATTERNS``
+        [``layers_pattern``].
       exclude: paths left out even where ``targets`` match, in the same syntax (a regex,
         or a tuple of module names) [``exclude_modules``].
 
@@ -73,6 +80,8 @@ class LoraConfig:
     dtype: Any = None
     exclude: str | tuple[str, ...] = ()
     loftq_iter: int = 1
+    layers_to_transform: tuple[int, ...] | None = None
+    layers_pattern: tuple[str, ...] | None = None
 
     def __post_init__(self):
         for name in ("targets", "exclude"):
@@ -102,6 +111,7 @@ class LoraConfig:
         for key, a in dict(self.alpha_pattern).items():
             _check_regex(f"alpha_pattern key {key!r}", key)
             _check_alpha(f"alpha_pattern[{key!r}]", a)
+        _check_layers(self)
         if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int) \
                 or self.loftq_iter < 1:
             raise LoraError(f"loftq_iter={self.loftq_iter!r} must be a positive int (PEFT's "
@@ -149,3 +159,24 @@ PRESETS: dict[str, dict] = {
     "complex": dict(rank=32, alpha=64.0, targets=ALL_LINEAR),
     "constrained": dict(rank=4, alpha=8.0, targets=("q_proj", "v_proj")),
 }
+
+
+def _check_layers(cfg) -> None:
+    """Normalise ``layers_to_transform`` (an int or a list) and ``layers_pattern``."""
+    layers, pattern = cfg.layers_to_transform, cfg.layers_pattern
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = (layers,)
+    if layers is not None:
+        layers = tuple(layers) if isinstance(layers, (list, tuple)) else layers
+        if not (isinstance(layers, tuple) and layers and all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
+            raise LoraError(f"layers_to_transform={cfg.layers_to_transform!r} must be a "
+                            "non-negative int or a non-empty list of them, e.g. [0, 1]")
+    if isinstance(pattern, str):
+        pattern = (pattern,)
+    if pattern is not None and not (isinstance(pattern, (list, tuple)) and pattern and all(
+            isinstance(p, str) and p for p in pattern)):
+        raise LoraError(f"layers_pattern={cfg.layers_pattern!r} must be a segment name such "
+                        "as 'layers' or a list of them")
+    object.__setattr__(cfg, "layers_to_transform", layers)
+    object.__setattr__(cfg, "layers_pattern", None if pattern is None else tuple(pattern))

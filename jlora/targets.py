@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from jlora.config import LoraConfig, LoraError
+from jlora.config import LAYER_PATTERNS, LoraConfig, LoraError
 from jlora.nf4 import is_nf4
 
 _SHOW = 6  # how many example paths an error message lists
@@ -74,7 +74,8 @@ def select(params, cfg: LoraConfig) -> dict[str, tuple[int, float]]:
     paths = [path_str(p) for p, _ in flat]
     chosen = {}
     for path, (_, leaf) in zip(paths, flat):
-        if not matches(cfg.targets, path) or (cfg.exclude and matches(cfg.exclude, path)):
+        if not matches(cfg.targets, path) or (cfg.exclude and matches(cfg.exclude, path)) \
+                or not _in_layers(cfg, path):
             continue
         ndim = getattr(leaf, "ndim", 0)
         if isinstance(cfg.targets, tuple) and (ndim < 2 or path.split("/")[-1] in _NOT_KERNELS):
@@ -100,6 +101,32 @@ def select(params, cfg: LoraConfig) -> dict[str, tuple[int, float]]:
                 raise LoraError(f"{name} key {key!r} matches no targeted path; targeted "
                                 f"paths are {_examples(list(chosen))}")
     return chosen
+
+
+def layer_index(path: str, patterns=LAYER_PATTERNS) -> int | str | None:
+    """The layer index in ``path`` (``layers_3`` or ``layers/3``), ``"stack"`` when a layer
+    segment has no index (a scanned stack), None when the path has no layer segment."""
+    segs = path.split("/")
+    for i, seg in enumerate(segs):
+        m = re.fullmatch(rf"({'|'.join(map(re.escape, patterns))})_(\d+)", seg)
+        if m:
+            return int(m.group(2))
+        if seg in patterns:
+            return int(segs[i + 1]) if i + 1 < len(segs) and segs[i + 1].isdigit() else "stack"
+    return None
+
+
+def _in_layers(cfg: LoraConfig, path: str) -> bool:
+    """Whether ``path`` is in ``cfg.layers_to_transform`` (always, when that is None)."""
+    if cfg.layers_to_transform is None:
+        return True
+    idx = layer_index(path, cfg.layers_pattern or LAYER_PATTERNS)
+    if idx == "stack":
+        raise LoraError(f"layers_to_transform={cfg.layers_to_transform!r}: {path!r} holds every "
+                        "layer of a scanned stack in one array, and adapting some of them would "
+                        "still cost every layer; adapt all layers, or run the model unscanned "
+                        "(a leaf per layer, e.g. scan_layers=False in the example model)")
+    return idx in cfg.layers_to_transform
 
 
 def _pattern_value(pattern: Mapping[str, Any], path: str, default):

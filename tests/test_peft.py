@@ -174,3 +174,21 @@ def test_bf16_adapters_round_trip_through_safetensors(tmp_path, key):
     for mine, got in zip(jax.tree.leaves(ad), jax.tree.leaves(back)):
         assert got.dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(mine, np.float32), np.asarray(got, np.float32))
+
+
+def test_peft_layers_to_transform_loads_on_unscanned_layers(tmp_path):
+    """A PEFT adapter on layer 1 only: loads into the unscanned model (layer 0 stays
+    unadapted) with PEFT's logits; a scanned model, whose stacked leaf would need every
+    layer, is a clear error."""
+    pm = _peft_trained("lora", layers_to_transform=[1])
+    pm.save_pretrained(tmp_path)
+    model, params = _jlora_base(_hf_base(), scan=False)
+    ad = jlora.peft.load(str(tmp_path), params, module_fn=llama.hf_module)
+    nodes = jlora.adapter.adapter_nodes(ad)
+    assert nodes and all("layers_1" in p for p in nodes)
+    ids = _ids()
+    np.testing.assert_allclose(jlora.apply(model.apply)(params, ad, jnp.asarray(ids)),
+                               _torch_logits(pm, ids), **TOL)
+    _, scanned = _jlora_base(_hf_base(), scan=True)
+    with pytest.raises(jlora.LoraError, match="adapts some of its layers"):
+        jlora.peft.load(str(tmp_path), scanned, module_fn=llama.hf_module)

@@ -23,7 +23,7 @@ import safetensors
 import safetensors.numpy
 
 from jlora.adapter import LoraNode, adapter_nodes, default_axes
-from jlora.config import LoraError
+from jlora.config import LAYER_PATTERNS, LoraError
 from jlora.io import atomic, peft_config, torch_conv
 from jlora.nf4 import is_nf4
 from jlora.targets import _NOT_KERNELS, flatten, matches, path_str
@@ -33,7 +33,7 @@ from jlora.transforms.multi import combine_adapters
 WEIGHTS, PREFIX = "adapter_model.safetensors", "base_model.model."
 CONFIG = peft_config.CONFIG
 #: Segments after which a stacked (scanned) layer index is inserted by default.
-LAYER_SEGMENTS = ("layers", "layer", "h", "blocks", "block")
+LAYER_SEGMENTS = LAYER_PATTERNS
 #: The key suffixes of a linear module's factors and of an embedding's.
 LINEAR = (".lora_A.weight", ".lora_B.weight")
 EMBEDDING = (".lora_embedding_A", ".lora_embedding_B")

@@ -121,12 +121,18 @@ def test_exclude_leaves_out_matching_paths(key):
         jlora.init(key, params, jlora.LoraConfig(rank=2, targets=("q_proj",), exclude="attn"))
 
 
-@pytest.mark.parametrize("layer_key", ["layers_{}", "layers/{}", "h/{}"])
+LAYERED = {  # a model with a leaf per layer, named as Linen, NNX/Equinox and GPT-2 do
+    "layers_{}": lambda leaf: {f"layers_{i}": leaf(i) for i in range(4)},
+    "layers/{}": lambda leaf: {"layers": {str(i): leaf(i) for i in range(4)}},
+    "h/{}": lambda leaf: {"h": {str(i): leaf(i) for i in range(4)}},
+}
+
+
+@pytest.mark.parametrize("layer_key", sorted(LAYERED))
 def test_layers_to_transform_adapts_only_those_layers(key, layer_key):
     """PEFT's layers_to_transform / layers_pattern on a model with a leaf per layer."""
-    params = {"model": {layer_key.format(i): {"q_proj": {"kernel": jnp.ones((8, 8))}}
-                        for i in range(4)} | {"lm_head": {"kernel": jnp.ones((8, 8))}}}
-    params = {"model": _nest(params["model"])}
+    layers = LAYERED[layer_key](lambda i: {"q_proj": {"kernel": jnp.ones((8, 8))}})
+    params = {"model": {**layers, "lm_head": {"kernel": jnp.ones((8, 8))}}}
     cfg = jlora.LoraConfig(rank=2, targets=("q_proj", "lm_head"), layers_to_transform=[1, 3])
     nodes = jlora.adapter.adapter_nodes(jlora.init(key, params, cfg))
     assert sorted(nodes) == [f"model/{layer_key.format(i)}/q_proj/kernel" for i in (1, 3)]
@@ -134,17 +140,6 @@ def test_layers_to_transform_adapts_only_those_layers(key, layer_key):
                             layers_pattern=layer_key.split("/")[0].split("_")[0])
     assert list(jlora.adapter.adapter_nodes(jlora.init(key, params, only))) == [
         f"model/{layer_key.format(2)}/q_proj/kernel"]
-
-
-def _nest(flat):
-    out = {}
-    for k, v in flat.items():
-        node = out
-        *parents, last = k.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = v
-    return out
 
 
 def test_layers_to_transform_refuses_a_scanned_stack(key):

@@ -1,5 +1,5 @@
-"""``init``: an adapter for a base, with gaussian, kaiming (PEFT's default), PiSSA or OLoRA
-factors."""
+"""``init``: an adapter for a base, with gaussian, kaiming (PEFT's default), PiSSA, OLoRA or
+LoftQ factors."""
 
 from __future__ import annotations
 
@@ -32,8 +32,9 @@ def init(key, params, cfg: LoraConfig, fn=None, *args, **kwargs):
       *args, **kwargs: example inputs for ``fn`` (only shapes matter).
 
     Returns:
-      The adapter; with ``cfg.init`` ``"pissa"`` or ``"olora"`` the pair ``(adapter,
-      residual_params)``, because those move part of each weight out of the base.
+      The adapter; with ``cfg.init`` ``"pissa"``, ``"olora"`` or ``"loftq"`` the pair
+      ``(adapter, base)``: the residual base (those move part of each weight into the
+      factors), or for LoftQ the NF4-quantized base the factors correct.
 
     Raises:
       LoraError: no target matched, a rank exceeds a kernel's smaller side.
@@ -106,9 +107,10 @@ def _make_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
                         f"kernel {tuple(w.shape)}; lower the rank (rank_pattern can set it "
                         "per path)")
     if cfg.init in BASE_CHANGING_INITS and is_nf4(w):
+        then = ("it returns the quantized base" if cfg.init == "loftq" else
+                "then jlora.quantize the residual it returns")
         raise LoraError(f"init={cfg.init!r} changes the base, but {path!r} is already "
-                        f"quantized; run jlora.init with {cfg.init} on the float base, then "
-                        "jlora.quantize the residual it returns")
+                        f"quantized; run jlora.init with {cfg.init} on the float base ({then})")
     dtype = jnp.dtype(cfg.dtype) if cfg.dtype is not None else jnp.dtype(w.dtype)
     if not jnp.issubdtype(dtype, jnp.floating) or (
             jnp.finfo(dtype).nmant < jnp.finfo(w.dtype).nmant):

@@ -87,6 +87,30 @@ class StackedNode:
         return _unflat(self, (len(self.ranks),))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FullNode:
+    """A leaf trained in full beside the adapter (PEFT's ``modules_to_save``): ``weight``
+    (the leaf's shape) is used, merged and saved in place of the base leaf."""
+
+    weight: Any
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(np.shape(self.weight))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TokenNode:
+    """Trained rows of a table (PEFT's ``trainable_token_indices``): ``rows`` ``(k, *rest)``
+    replace rows ``indices`` of the ``shape`` ``(vocab, *rest)`` leaf, wherever it is read."""
+
+    rows: Any
+    indices: tuple[int, ...] = dataclasses.field(metadata=_meta)
+    shape: tuple[int, ...] = dataclasses.field(metadata=_meta)
+
+
 def _labels(node) -> tuple[tuple[str, int], ...]:
     kinds = {**{ax: "s" for ax in node.stack_axes}, **{ax: "i" for ax in node.in_axes},
              **{ax: "o" for ax in node.out_axes}}
@@ -104,6 +128,11 @@ def _unflat(node, lead: tuple[int, ...]):
 
 
 def is_node(x) -> bool:
+    return isinstance(x, (LoraNode, StackedNode, FullNode, TokenNode))
+
+
+def is_lora(x) -> bool:
+    """A node with low-rank factors (plain or stacked), not a full leaf or token rows."""
     return isinstance(x, (LoraNode, StackedNode))
 
 
@@ -113,7 +142,7 @@ def adapter_nodes(adapter) -> dict[str, Any]:
     for kp, leaf in jax.tree_util.tree_flatten_with_path(adapter, is_leaf=is_node)[0]:
         if not is_node(leaf):
             raise LoraError(f"adapter entry at {path_str(kp)!r} is {type(leaf).__name__}; "
-                            "expected a LoraNode (build adapters with jlora.init)")
+                            "expected a jlora node (build adapters with jlora.init)")
         found[path_str(kp)] = leaf
     return found
 
@@ -136,6 +165,8 @@ def match(params, adapter) -> list:
 
 def check_node(path: str, node, leaf) -> None:
     """The node fits ``leaf``: its shape, its factors' shapes and a dtype that keeps precision."""
+    if isinstance(node, (FullNode, TokenNode)):
+        return _check_whole(path, node, leaf)
     if tuple(node.shape) != tuple(np.shape(leaf)):
         raise LoraError(f"adapter for {path!r} was made for shape {tuple(node.shape)} but "
                         f"params has {tuple(np.shape(leaf))}; re-create it with jlora.init "
@@ -167,6 +198,31 @@ def check_node(path: str, node, leaf) -> None:
                 f"the low-rank update would be silently rounded to {dtype}; keep factors at "
                 f"least as precise as the weight: jax.tree.map(lambda v: v.astype(jnp."
                 f"{base_dtype}), adapter)")
+
+
+def _check_whole(path: str, node, leaf) -> None:
+    """A full leaf has the base leaf's shape; token rows fit the table and its row count."""
+    shape = tuple(np.shape(leaf))
+    if is_nf4(leaf):
+        raise LoraError(f"{path!r} is NF4-quantized; a leaf trained in full or by token rows "
+                        "must stay float: leave it out of jlora.quantize's targets")
+    if isinstance(node, FullNode):
+        want, have, name = shape, tuple(np.shape(node.weight)), "weight"
+    else:
+        want = (len(node.indices),) + shape[1:]
+        have, name = tuple(np.shape(node.rows)), "rows"
+        if tuple(node.shape) != shape or max(node.indices) >= shape[0]:
+            raise LoraError(f"token rows for {path!r} were made for a table of shape "
+                            f"{tuple(node.shape)} but params has {shape}; re-create them")
+    if have != want:
+        raise LoraError(f"adapter for {path!r} has {name} of shape {have}, params need {want}; "
+                        "re-create it with jlora.init for these params")
+    value = getattr(node, name)
+    dtype = jnp.dtype(jnp.result_type(value))
+    if not jnp.issubdtype(dtype, jnp.floating) or (
+            jnp.finfo(dtype).nmant < jnp.finfo(jnp.result_type(leaf)).nmant):
+        raise LoraError(f"adapter for {path!r} has {name} in {dtype} but the weight is "
+                        f"{jnp.result_type(leaf)}; keep it in the weight's dtype")
 
 
 def default_axes(ndim: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:

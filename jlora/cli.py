@@ -74,6 +74,8 @@ def _dir_bytes(path: str) -> int:
 
 
 def _inspect(args) -> str:
+    import jax
+
     from jlora.adapter import adapter_nodes
     params = load_base(args.base) if args.base else None
     nodes = adapter_nodes(_load_adapter(args.adapter, params))
@@ -83,13 +85,23 @@ def _inspect(args) -> str:
              "|---|---|---|---|---|---|---|"]
     total = 0
     for p, n in nodes.items():
-        count = sum(int(np.size(x)) for x in (n.a, n.b, n.magnitude) if x is not None)
+        count = sum(int(np.size(x)) for x in jax.tree.leaves(n))
         total += count
-        variant = "dora" if n.magnitude is not None else "lora"
-        lines.append(f"| {p} | {tuple(n.shape)} | {n.rank} | {n.alpha:g} | {n.scale:.4g} | "
-                     f"{variant} | {count:,} |")
+        lines.append(f"| {p} | {tuple(n.shape)} | {_row(n)} | {count:,} |")
     lines += ["", f"{total:,} parameters; {_dir_bytes(args.adapter) / 1e3:.1f} KB on disk"]
     return "\n".join(lines)
+
+
+def _row(n) -> str:
+    """rank | alpha | scale | variant, for any node kind."""
+    from jlora.adapter import FullNode, TokenNode
+    if isinstance(n, FullNode):
+        return "- | - | - | trained in full (modules_to_save)"
+    if isinstance(n, TokenNode):
+        ids = ", ".join(map(str, n.indices[:8])) + (", ..." if len(n.indices) > 8 else "")
+        return f"- | - | - | token rows {ids} (trainable_token_indices)"
+    variant = "dora" if n.magnitude is not None else "lora"
+    return f"{n.rank} | {n.alpha:g} | {n.scale:.4g} | {variant}"
 
 
 def _merge(args) -> str:

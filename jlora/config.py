@@ -61,6 +61,12 @@ class LoraConfig:
         [``layers_pattern``].
       exclude: paths left out even where ``targets`` match, in the same syntax (a regex,
         or a tuple of module names) [``exclude_modules``].
+      modules_to_save: leaves trained in full beside the factors, in ``targets``' syntax (a
+        tuple of module names selects every float leaf under them: kernel, bias, norm
+        scale) [``modules_to_save``].
+      trainable_token_indices: rows of embedding tables trained in place: ``{module name:
+        [indices]}``, or a list of indices for the one 2-D leaf whose path contains
+        ``embed`` [``trainable_token_indices``].
 
     Example:
       >>> cfg = LoraConfig(rank=8, alpha=16.0, targets=("q_proj", "v_proj"))
@@ -82,17 +88,21 @@ class LoraConfig:
     loftq_iter: int = 1
     layers_to_transform: tuple[int, ...] | None = None
     layers_pattern: tuple[str, ...] | None = None
+    modules_to_save: str | tuple[str, ...] = ()
+    trainable_token_indices: Mapping[str, tuple[int, ...]] | tuple[int, ...] | None = None
 
     def __post_init__(self):
-        for name in ("targets", "exclude"):
+        for name in ("targets", "exclude", "modules_to_save"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
-        if isinstance(self.exclude, str):
-            _check_regex("exclude", self.exclude)
-        elif not (isinstance(self.exclude, tuple)
-                  and all(isinstance(t, str) and t for t in self.exclude)):
-            raise LoraError(f"exclude={self.exclude!r} must be a regex string or a tuple of "
-                            "module names such as ('lm_head',)")
+        for name in ("exclude", "modules_to_save"):
+            spec = getattr(self, name)
+            if isinstance(spec, str):
+                _check_regex(name, spec)
+            elif not (isinstance(spec, tuple) and all(isinstance(t, str) and t for t in spec)):
+                raise LoraError(f"{name}={spec!r} must be a regex string or a tuple of "
+                                "module names such as ('lm_head',)")
+        _check_tokens(self)
         _check_rank("rank", self.rank)
         _check_alpha("alpha", self.alpha)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
@@ -101,10 +111,12 @@ class LoraConfig:
                             "common values are 0.05-0.1")
         if isinstance(self.targets, str):
             _check_regex("targets", self.targets)
-        elif not (isinstance(self.targets, tuple) and self.targets
+        elif not (isinstance(self.targets, tuple) and (self.targets or self.modules_to_save
+                                                       or self.trainable_token_indices)
                   and all(isinstance(t, str) and t for t in self.targets)):
             raise LoraError(f"targets={self.targets!r} must be a regex string or a non-empty "
-                            "tuple of module names such as ('q_proj', 'v_proj')")
+                            "tuple of module names such as ('q_proj', 'v_proj') (empty only "
+                            "with modules_to_save or trainable_token_indices)")
         for key, r in dict(self.rank_pattern).items():
             _check_regex(f"rank_pattern key {key!r}", key)
             _check_rank(f"rank_pattern[{key!r}]", r)
@@ -180,3 +192,22 @@ def _check_layers(cfg) -> None:
                         "as 'layers' or a list of them")
     object.__setattr__(cfg, "layers_to_transform", layers)
     object.__setattr__(cfg, "layers_pattern", None if pattern is None else tuple(pattern))
+
+
+def _check_tokens(cfg) -> None:
+    """Normalise ``trainable_token_indices`` to ``{name: (i, ...)}`` (``""``: the list form)."""
+    spec = cfg.trainable_token_indices
+    if spec is None:
+        return
+    items = dict(spec).items() if isinstance(spec, Mapping) else [("", spec)]
+    out = {}
+    for name, idx in items:
+        idx = tuple(idx) if isinstance(idx, (list, tuple)) else idx
+        ok = isinstance(name, str) and isinstance(idx, tuple) and idx and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in idx)
+        if not ok or len(set(idx)) != len(idx):
+            raise LoraError(f"trainable_token_indices={spec!r}: give a list of distinct "
+                            "non-negative token ids, or {module name: [ids]}, e.g. "
+                            "{'embed_tokens': [32000, 32001]}")
+        out[name] = idx
+    object.__setattr__(cfg, "trainable_token_indices", out)

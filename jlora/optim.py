@@ -19,10 +19,15 @@ def labels(adapter, embedding_pattern: str = r"embed"):
 
     PEFT's grouping: ``b`` factors, DoRA magnitudes (also when stacked) and
     every 1-D leaf (biases) are group ``"b"``; factors of a leaf whose path matches
-    ``embedding_pattern`` are ``"embedding"``; everything else is ``"a"``.
+    ``embedding_pattern`` are ``"embedding"``; everything else is ``"a"``. Leaves trained
+    in full (``modules_to_save``) and token rows are ``"a"``, whatever their shape: PEFT
+    puts their 1-D parameters (biases, norm scales) with B at 16x the rate, which is
+    LoRA+'s rule for B factors, not a choice made for them.
     """
     def label(kp, leaf):
         path = path_str(kp)
+        if path.split("/")[-1] in ("weight", "rows"):  # FullNode / TokenNode: A's rate
+            return A
         if re.search(embedding_pattern, path):
             return EMBEDDING
         return B if path.split("/")[-1] in ("b", "magnitude") or leaf.ndim <= 1 else A

@@ -70,6 +70,8 @@ def select(params, cfg: LoraConfig) -> dict[str, tuple[int, float]]:
       LoraError: when the targets match nothing, match a leaf that is not at
         least 2-D, or a rank/alpha pattern matches no targeted path.
     """
+    if cfg.targets == ():  # only modules_to_save / trainable_token_indices
+        return {}
     flat = flatten(params)[0]
     paths = [path_str(p) for p, _ in flat]
     chosen = {}
@@ -134,3 +136,41 @@ def _pattern_value(pattern: Mapping[str, Any], path: str, default):
         if re.search(key, path):
             return value
     return default
+
+
+def _float(leaf) -> bool:
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, np.floating)
+
+
+def select_whole(params, cfg: LoraConfig) -> dict[str, tuple[int, ...] | None]:
+    """The leaves ``cfg`` trains beside the factors: ``{path: None}`` for each leaf of
+    ``modules_to_save`` (trained in full), ``{path: indices}`` for each table of
+    ``trainable_token_indices``.
+
+    Raises:
+      LoraError: a spec that matches nothing, a token table that is ambiguous or too small.
+    """
+    flat = [(path_str(kp), leaf) for kp, leaf in flatten(params)[0]]
+    out: dict[str, tuple[int, ...] | None] = {}
+    if cfg.modules_to_save:
+        full = [p for p, leaf in flat if matches(cfg.modules_to_save, p) and _float(leaf)]
+        if not full:
+            raise LoraError(f"modules_to_save={cfg.modules_to_save!r} matched no float "
+                            f"parameter; paths look like {_examples([p for p, _ in flat])}")
+        out.update(dict.fromkeys(full))
+    for name, idx in (cfg.trainable_token_indices or {}).items():
+        spec = name or "embed"  # the list form: the one table whose path says embed
+        tables = [(p, leaf) for p, leaf in flat if matches(spec if not name else (name,), p)
+                  and _float(leaf) and getattr(leaf, "ndim", 0) >= 2]
+        if len(tables) != 1:
+            raise LoraError(f"trainable_token_indices for {spec!r} must name exactly one "
+                            f"embedding table, but it matches {len(tables)}: "
+                            f"{_examples([p for p, _ in tables] or [p for p, _ in flat])}; "
+                            "pass {module name: [ids]}")
+        (path, leaf), = tables
+        if max(idx) >= leaf.shape[0]:
+            raise LoraError(f"trainable_token_indices: token {max(idx)} is past the "
+                            f"{leaf.shape[0]} rows of {path!r}; resize the table first")
+        out[path] = idx
+    return out

@@ -38,3 +38,14 @@ def test_merge_convert_inspect(tmp_path, key, capsys):
     assert "jlora adapter, 2 adapted leaves" in out and f"{n:,} parameters" in out
     main(["inspect", str(tmp_path / "peft"), "--base", base])
     assert "PEFT adapter, 2 adapted leaves" in capsys.readouterr().out
+
+
+def test_inspect_shows_full_modules_and_token_rows(tmp_path, key, capsys):
+    params = llama.init_params(llama.LlamaConfig(), key)
+    cfg = jlora.LoraConfig(targets=("q_proj",), modules_to_save=("lm_head",),
+                           trainable_token_indices=[1, 2])
+    jlora.save_adapter(tmp_path / "ad", jlora.init(key, params, cfg))
+    main(["inspect", str(tmp_path / "ad")])
+    out = capsys.readouterr().out
+    assert "| params/lm_head/kernel | (128, 256) | - | - | - | trained in full" in out
+    assert "| params/embed_tokens/embedding | (256, 128) | - | - | - | token rows 1, 2 " in out

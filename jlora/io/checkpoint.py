@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jlora.adapter import LoraNode, adapter_nodes
+from jlora.adapter import FullNode, LoraNode, TokenNode, adapter_nodes
 from jlora.config import LoraError
 from jlora.targets import flatten, path_str
 from jlora.transforms.check import check, check_finite
@@ -82,9 +82,56 @@ def _variant(node: LoraNode) -> str:
     return scaling if node.magnitude is None else scaling + "+dora"
 
 
-def _arrays(node: LoraNode) -> dict:
+def _arrays(node) -> dict:
+    if isinstance(node, FullNode):
+        return {"weight": node.weight}
+    if isinstance(node, TokenNode):
+        return {"rows": node.rows}
     out = {"a": node.a, "b": node.b}
     return out if node.magnitude is None else {**out, "magnitude": node.magnitude}
+
+
+def _settings(node) -> dict:
+    """A node's static settings, as JSON (``kind``: lora, full or tokens)."""
+    dtype = str(jax.tree.leaves(node)[0].dtype)
+    if isinstance(node, FullNode):
+        return {"kind": "full", "shape": list(np.shape(node.weight)), "dtype": dtype}
+    if isinstance(node, TokenNode):
+        return {"kind": "tokens", "indices": list(node.indices), "shape": list(node.shape),
+                "dtype": dtype}
+    if not isinstance(node, LoraNode):
+        raise LoraError("a stacked adapter (jlora.stack) does not save as one; save each "
+                        "adapter before stacking")
+    return {"kind": "lora", **{k: getattr(node, k) for k in _SETTINGS},
+            "variant": _variant(node), "dtype": dtype}
+
+
+def _shapes(s: dict) -> dict:
+    """The array shapes a node's saved settings imply."""
+    if s.get("kind") == "full":
+        return {"weight": tuple(s["shape"])}
+    if s.get("kind") == "tokens":
+        return {"rows": (len(s["indices"]),) + tuple(s["shape"][1:])}
+    stack = tuple(s["shape"][ax] for ax in s["stack_axes"])
+    size = lambda axes: int(np.prod([s["shape"][ax] for ax in axes]))
+    shapes = {"a": stack + (size(s["in_axes"]), s["rank"]),
+              "b": stack + (s["rank"], size(s["out_axes"]))}
+    if s["variant"].endswith("dora"):
+        shapes["magnitude"] = stack + (size(s["out_axes"]),)
+    return shapes
+
+
+def _node(s: dict, arrays: dict):
+    # Uncommitted arrays, like jlora.init's: a jitted function then accepts a
+    # loaded adapter without compiling again (jit keys on committed-ness).
+    arrays = {k: jnp.asarray(np.asarray(v)) for k, v in arrays.items()}
+    if s.get("kind") == "full":
+        return FullNode(**arrays)
+    if s.get("kind") == "tokens":
+        return TokenNode(**arrays, indices=tuple(s["indices"]), shape=tuple(s["shape"]))
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in s.items()
+                if k in _SETTINGS}
+    return LoraNode(**arrays, **settings)
 
 
 def save_adapter(path, adapter) -> None:
@@ -95,10 +142,9 @@ def save_adapter(path, adapter) -> None:
     """
     nodes = adapter_nodes(adapter)
     if not nodes:
-        raise LoraError("adapter has no LoraNode to save")
-    meta = {"format": _FORMAT, "targets": sorted(nodes), "nodes": {
-        p: {**{k: getattr(n, k) for k in _SETTINGS}, "variant": _variant(n),
-            "dtype": str(n.a.dtype)} for p, n in nodes.items()}}
+        raise LoraError("adapter has no node to save")
+    meta = {"format": _FORMAT, "targets": sorted(nodes),
+            "nodes": {p: _settings(n) for p, n in nodes.items()}}
     arrays = _nest({p: _arrays(n) for p, n in nodes.items()})
     with _writing(path), _manager(path, max_to_keep=1) as m:
         step = 0 if m.latest_step() is None else m.latest_step() + 1
@@ -132,16 +178,8 @@ def load_adapter(path, params=None):
             raise LoraError(f"{os.fspath(path)!r} is not a jlora adapter (format "
                             f"{meta.get('format') if isinstance(meta, dict) else None!r})")
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        like = {}
-        for p, s in meta["nodes"].items():
-            stack = tuple(s["shape"][ax] for ax in s["stack_axes"])
-            size = lambda axes, s=s: int(np.prod([s["shape"][ax] for ax in axes]))
-            shapes = {"a": stack + (size(s["in_axes"]), s["rank"]),
-                      "b": stack + (s["rank"], size(s["out_axes"]))}
-            if s["variant"].endswith("dora"):
-                shapes["magnitude"] = stack + (size(s["out_axes"]),)
-            like[p] = {k: jax.ShapeDtypeStruct(v, s["dtype"], sharding=device)
-                       for k, v in shapes.items()}
+        like = {p: {k: jax.ShapeDtypeStruct(v, s["dtype"], sharding=device)
+                    for k, v in _shapes(s).items()} for p, s in meta["nodes"].items()}
         arrays = m.restore(step, args=ocp.args.Composite(
             arrays=ocp.args.StandardRestore(_nest(like))))["arrays"]
     out = {}
@@ -149,12 +187,7 @@ def load_adapter(path, params=None):
         leaf = arrays
         for seg in p.split("/"):
             leaf = leaf[seg]
-        settings = {k: tuple(v) if isinstance(v, list) else v for k, v in s.items()
-                    if k in _SETTINGS}
-        # Uncommitted arrays, like jlora.init's: a jitted function then accepts a
-        # loaded adapter without compiling again (jit keys on committed-ness).
-        factors = {k: jnp.asarray(np.asarray(v)) for k, v in leaf.items()}
-        out[p] = LoraNode(**factors, **settings)
+        out[p] = _node(s, leaf)
     if params is None:
         return _nest(out)
     adapter = _mirror(out, params, path)

@@ -22,9 +22,9 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from jlora.adapter import LoraNode, adapter_nodes, default_axes
+from jlora.adapter import FullNode, LoraNode, TokenNode, adapter_nodes, default_axes
 from jlora.config import LAYER_PATTERNS, LoraError
-from jlora.io import atomic, peft_config, torch_conv
+from jlora.io import atomic, peft_config, peft_whole, torch_conv
 from jlora.nf4 import is_nf4
 from jlora.targets import _NOT_KERNELS, flatten, matches, path_str
 from jlora.transforms.check import check, check_finite
@@ -87,8 +87,11 @@ def save(path: str, adapter, *, module_fn=default_module, prefix: str = PREFIX,
     if initial is not None:  # W_res + s A B = W + s (A B - A0 B0)
         adapter = combine_adapters([adapter, initial], [1.0, -1.0], method="cat")
     nodes = adapter_nodes(adapter)
-    tensors, modules = {}, {}
+    tensors, whole = peft_whole.save_tensors(nodes, module_fn, prefix, convs)
+    modules = {}
     for p, node in nodes.items():
+        if isinstance(node, (FullNode, TokenNode)):
+            continue
         if not isinstance(node, LoraNode):
             raise LoraError(f"{p!r} holds a stacked adapter; save each adapter on its own")
         a, b = np.asarray(node.a), np.asarray(node.b)
@@ -105,7 +108,7 @@ def save(path: str, adapter, *, module_fn=default_module, prefix: str = PREFIX,
             if m is not None:
                 tensors[key + ".lora_magnitude_vector"] = m
             modules[module] = node
-    config = peft_config.config_of(modules, base_model_name_or_path)
+    config = {**peft_config.config_of(modules, base_model_name_or_path), **whole}
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     atomic.write_dir(path, {WEIGHTS: safetensors.numpy.save(tensors, {"format": "pt"}),
                       CONFIG: json.dumps(config, indent=2, sort_keys=True).encode()})
@@ -134,8 +137,9 @@ def load(path: str, params, *, module_fn=default_module, prefix: str = PREFIX, a
     out = []
     for kp, leaf in flat:
         p = path_str(kp)
-        node = _node(p, leaf, tensors, unused, config, module_fn, prefix,
-                     (axes or {}).get(p), dtype)
+        node = peft_whole.load_node(p, leaf, tensors, unused, config, module_fn, prefix,
+                                    dtype) or _node(p, leaf, tensors, unused, config,
+                                                    module_fn, prefix, (axes or {}).get(p), dtype)
         out.append(node)
     if unused:
         raise LoraError(f"{path}: {len(unused)} PEFT keys match no parameter of params, e.g. "
@@ -177,7 +181,7 @@ def _node(p, leaf, tensors, unused, config, module_fn, prefix, axes, dtype):
     if kinds is None:
         return None
     part_a, part_b = kinds
-    get = lambda m, part: _take(tensors, unused, prefix + m + part)
+    get = lambda m, part: peft_whole.take(tensors, unused, prefix + m + part)
     first = modules[next(iter(modules))]
     if (part_a, part_b) == EMBEDDING and prefix + first + ".base_layer.weight" in tensors \
             and not is_nf4(leaf):
@@ -241,10 +245,3 @@ def _same_table(p: str, leaf, saved) -> None:
         raise LoraError(f"{p!r}: the PEFT file holds its base embedding table and it differs "
                         f"from params' (shape {np.shape(saved)} vs {np.shape(leaf)}; a resized "
                         "vocabulary?); load that table into params first")
-
-
-def _take(tensors: dict, unused: set, key: str):
-    if key not in tensors:
-        raise LoraError(f"the PEFT file lacks {key!r}")
-    unused.discard(key)
-    return tensors[key]

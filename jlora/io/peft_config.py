@@ -17,8 +17,7 @@ CONFIG = "adapter_config.json"
 
 #: Config fields whose non-default values jlora cannot honour, with the default.
 _UNSUPPORTED = {"bias": "none", "fan_in_fan_out": False, "lora_bias": False,
-                "modules_to_save": None, "layer_replication": None,
-                "target_parameters": None, "trainable_token_indices": None,
+                "layer_replication": None, "target_parameters": None,
                 "use_qalora": False, "alora_invocation_tokens": None}
 
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import jax
 
-from jlora.adapter import match
+from jlora.adapter import FullNode, match
 from jlora.interpret.concat import by_path
 from jlora.interpret.core import Ctx, evaluate, materialized
 from jlora.interpret.examples import analyze
@@ -21,6 +21,7 @@ from jlora.interpret.sym import from_node
 from jlora.interpret.trace import trace
 from jlora.numerics import qview as qv
 from jlora.targets import flatten, path_str
+from jlora.transforms import extras
 from jlora.transforms.check import check_finite
 from jlora.transforms.multi import check_ids, example_layout
 
@@ -34,8 +35,9 @@ def _run(fn, params, adapter, args, kwargs, ctx: Ctx, adapter_ids=None, example_
         layout = [None] * len(flat) + example_layout(args, kwargs, ids.shape[0], example_axes)
         ctx.examples = {}
         analyze(closed.jaxpr, layout, ctx.examples)
+    lowered = [extras.lower(leaf, node) for (_, leaf), node in zip(flat, nodes)]
     syms = [from_node(qv.wrap(leaf), node, path_str(kp), ids=ids)
-            for (kp, leaf), node in zip(flat, nodes)]
+            for (kp, _), (leaf, node) in zip(flat, lowered)]
     vals = syms + dyn[len(syms):]
     outs = evaluate(closed.jaxpr, closed.consts, vals, ctx)
     return jax.tree_util.tree_unflatten(out_tree, materialized(outs, ctx, "returned"))
@@ -93,5 +95,5 @@ def explain(fn: Callable, params, adapter, *args, **kwargs) -> dict[str, list[st
     ctx = Ctx()
     jax.eval_shape(lambda p, ad: _run(fn, p, ad, args, kwargs, ctx), params, adapter)
     adapted = [path_str(kp) for (kp, _), n in zip(flatten(params)[0], match(params, adapter))
-               if n is not None]
+               if n is not None and not isinstance(n, FullNode)]
     return by_path(ctx.records, adapted)

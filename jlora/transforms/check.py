@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -43,10 +44,10 @@ def _named(tree, what: str):
     """``(description, array)`` for each array of a tree; adapter factors as ``'path'.b``."""
     for kp, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]:
         if is_node(leaf):
-            for field in ("a", "b", "scale", "magnitude"):
-                value = getattr(leaf, field)
+            for field in dataclasses.fields(leaf):
+                value = getattr(leaf, field.name)
                 if hasattr(value, "dtype"):
-                    yield f"{what} {path_str(kp)!r}.{field}", value
+                    yield f"{what} {path_str(kp)!r}.{field.name}", value
         elif hasattr(leaf, "dtype"):
             yield f"{what} {path_str(kp)!r}", leaf
 

@@ -15,8 +15,8 @@ from jlora.interpret.probe import discover_axes
 from jlora.nf4 import is_nf4
 from jlora.numerics.dora import dora_norm
 from jlora.numerics.quant import dequantize_array
-from jlora.targets import flatten, path_str, select
-from jlora.transforms import inits
+from jlora.targets import flatten, path_str, select, select_whole
+from jlora.transforms import extras, inits
 from jlora.transforms.sharding import place
 
 
@@ -45,7 +45,12 @@ def init(key, params, cfg: LoraConfig, fn=None, *args, **kwargs):
       >>> ad["q_proj"]["kernel"].a.shape, ad["q_proj"]["kernel"].b.shape
       ((4, 2), (2, 6))
     """
-    chosen = select(params, cfg)
+    chosen, whole = select(params, cfg), select_whole(params, cfg)
+    both = sorted(set(chosen) & set(whole))
+    if both:
+        raise LoraError(f"{both[0]!r} is both a LoRA target and in modules_to_save / "
+                        "trainable_token_indices; a leaf trains one way: narrow targets "
+                        "(exclude=...) or the other field")
     learned = {}
     if fn is not None:
         learned = discover_axes(fn, params, set(chosen), args, kwargs)
@@ -53,6 +58,10 @@ def init(key, params, cfg: LoraConfig, fn=None, *args, **kwargs):
     nodes, residual = [], []
     for i, (kp, leaf) in enumerate(flat):
         path = path_str(kp)
+        if path in whole:
+            nodes.append(extras.make(path, leaf, whole[path]))
+            residual.append(leaf)
+            continue
         if path not in chosen:
             nodes.append(None)
             residual.append(leaf)

@@ -15,6 +15,7 @@ from jlora.nf4 import is_nf4
 from jlora.numerics.quant import dequantize, quantize_array
 from jlora.numerics.qview import wrap
 from jlora.targets import flatten, path_str
+from jlora.transforms import extras
 
 
 def _check_finite(changed: list) -> None:
@@ -61,6 +62,9 @@ def merge(params, adapter, *, return_norms: bool = False, requantize: bool = Fal
             out.append(leaf if requantize or not is_nf4(leaf) else dequantize(leaf))
             continue
         path = path_str(kp)
+        if extras.is_whole(node):
+            out.append(extras.merged(leaf, node))
+            continue
         out.append(sy.materialize(sy.from_node(wrap(leaf), node, path)))
         changed.append((path, out[-1]))
         if return_norms and node.magnitude is not None:
@@ -93,6 +97,10 @@ def unmerge(merged, adapter, norms: dict | None = None):
             out.append(leaf)
             continue
         path = path_str(kp)
+        if extras.is_whole(node):
+            raise LoraError(f"{path!r} was trained in full or by token rows, and the merged "
+                            "tree no longer holds its base values; keep the base (merge "
+                            "returns a new tree) instead of unmerging")
         if node.magnitude is not None and path not in (norms or {}):
             raise LoraError(f"unmerging the DoRA adapter at {path!r} needs the norms merge "
                             "used: merged, norms = jlora.merge(params, adapter, "

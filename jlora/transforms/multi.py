@@ -57,7 +57,10 @@ def _stack_nodes(path: str, nodes: list) -> StackedNode:
     first = nodes[0]
     for i, n in enumerate(nodes):
         if not isinstance(n, LoraNode):
-            raise LoraError(f"adapter {i} at {path!r} is already stacked; stack plain adapters")
+            why = ("is already stacked; stack plain adapters" if isinstance(n, StackedNode)
+                   else f"is a {type(n).__name__} (modules_to_save / trainable tokens), which "
+                   "mixed batches do not serve yet; merge it into the base first")
+            raise LoraError(f"adapter {i} at {path!r} {why}")
         same = ("shape", "stack_axes", "in_axes", "out_axes", "dropout")
         bad = [f for f in same if getattr(n, f) != getattr(first, f)]
         if bad or (n.magnitude is None) != (first.magnitude is None):
@@ -193,7 +196,8 @@ def _checked(path: str, parts):
     for _, n in parts:
         if not isinstance(n, LoraNode) or n.magnitude is not None:
             raise LoraError(f"{path!r}: only plain LoRA/rsLoRA adapters combine (a DoRA "
-                            "magnitude does not add linearly; merge DoRA adapters instead)")
+                            "magnitude, a module trained in full or token rows does not add "
+                            "as low-rank factors; merge such adapters instead)")
         if (n.shape, n.stack_axes, n.in_axes, n.out_axes) != (
                 first.shape, first.stack_axes, first.in_axes, first.out_axes):
             raise LoraError(f"{path!r}: the adapters were made for different axes or shapes")

@@ -8,7 +8,7 @@ import dataclasses
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jlora.adapter import StackedNode, adapter_nodes, is_node
+from jlora.adapter import FullNode, StackedNode, TokenNode, adapter_nodes, is_node
 from jlora.targets import flatten, path_str
 
 
@@ -23,7 +23,12 @@ def node_sharding(leaf, node):
     sharding = getattr(leaf, "sharding", None)
     if not isinstance(sharding, NamedSharding):
         return None
+    if isinstance(node, FullNode):  # the trained copy lies where the base leaf does
+        return FullNode(weight=sharding)
     spec = tuple(sharding.spec) + (None,) * (len(node.shape) - len(sharding.spec))
+    if isinstance(node, TokenNode):  # a few rows: whole along the token axis
+        named = NamedSharding(sharding.mesh, PartitionSpec(None, *spec[1:]))
+        return dataclasses.replace(node, rows=named)
     stack = tuple(spec[ax] for ax in node.stack_axes)
     stack = ((None,) if isinstance(node, StackedNode) else ()) + stack
     ins, outs = _axis_spec(spec, node.in_axes), _axis_spec(spec, node.out_axes)

@@ -1,0 +1,115 @@
+"""PEFT's ``modules_to_save`` and ``trainable_token_indices`` in adapter files.
+
+A module trained in full is saved under its own parameter names (``<module>.weight``,
+``<module>.bias``: PEFT strips ``modules_to_save.default``), in torch's layout: a Flax
+``kernel`` ``(in, out)`` is torch's ``weight`` ``(out, in)``, an ``embedding`` or a norm
+``scale`` is ``weight`` as it is. Trained token rows are
+``<module>.token_adapter.trainable_tokens_delta`` ``(k, d)`` (the new rows themselves,
+despite the name), their ids in the config.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax.numpy as jnp
+import numpy as np
+
+from jlora.adapter import FullNode, TokenNode
+from jlora.config import LoraError
+from jlora.targets import layer_index
+
+TOKENS = ".token_adapter.trainable_tokens_delta"
+#: jlora leaf name -> (torch parameter name, its ndim (None: the leaf's), transposed)
+_TORCH = {"kernel": ("weight", 2, True), "embedding": ("weight", 2, False),
+          "scale": ("weight", 1, False), "bias": ("bias", 1, False),
+          "weight": ("weight", None, False)}
+
+
+def take(tensors: dict, unused: set, key: str):
+    if key not in tensors:
+        raise LoraError(f"the PEFT file lacks {key!r}")
+    unused.discard(key)
+    return tensors[key]
+
+
+def _torch_param(p: str, ndim: int):
+    """``(torch name, number of leading stacked axes, transposed)`` of a full leaf: one
+    stacked axis under a layer-list segment without an index (a scanned stack)."""
+    name = p.split("/")[-1]
+    if name not in _TORCH:
+        raise LoraError(f"{p!r} is trained in full but jlora knows no torch name for a leaf "
+                        f"called {name!r} (it knows {sorted(_TORCH)}); save it with "
+                        "jlora.save_adapter")
+    torch_name, torch_ndim, transposed = _TORCH[name]
+    n_stack = 1 if layer_index(p) == "stack" else 0
+    if torch_ndim is not None and ndim - n_stack != torch_ndim:
+        raise LoraError(f"{p!r} has {ndim} axes ({n_stack} stacked), but torch's "
+                        f"{torch_name} for a {name!r} has {torch_ndim}; save it with "
+                        "jlora.save_adapter")
+    return torch_name, n_stack, transposed
+
+
+def save_tensors(nodes: dict, module_fn, prefix: str, convs: str | None):
+    """The file's tensors and config fields for the FullNodes and TokenNodes of ``nodes``."""
+    tensors, full, tokens = {}, set(), {}
+    for p, node in nodes.items():
+        if isinstance(node, TokenNode):
+            module = module_fn(p, ())
+            tensors[prefix + module + TOKENS] = np.asarray(node.rows)
+            tokens[module.split(".")[-1]] = list(node.indices)
+        elif isinstance(node, FullNode):
+            w = np.asarray(node.weight)
+            if convs is not None and re.search(convs, p) and w.ndim > 2:
+                raise LoraError(f"{p!r}: a convolution kernel trained in full has no PEFT "
+                                "layout in jlora yet; save it with jlora.save_adapter")
+            torch_name, n_stack, transposed = _torch_param(p, w.ndim)
+            for idx in np.ndindex(*w.shape[:n_stack]):
+                module = module_fn(p, idx)
+                tensors[f"{prefix}{module}.{torch_name}"] = w[idx].T if transposed else w[idx]
+                full.add(module.split(".")[-1])
+    return tensors, {"modules_to_save": sorted(full) or None,
+                     "trainable_token_indices": tokens or None}
+
+
+def load_node(p: str, leaf, tensors: dict, unused: set, config: dict, module_fn,
+              prefix: str, dtype):
+    """``p``'s FullNode or TokenNode when the file holds one, else None."""
+    shape = tuple(np.shape(leaf))
+    spec = config.get("trainable_token_indices")
+    if spec and len(shape) >= 2:
+        try:
+            module = module_fn(p, ())
+        except (ValueError, TypeError, KeyError, IndexError):  # a stacked leaf: no table
+            module = None
+        if module is not None and prefix + module + TOKENS in tensors:
+            rows = take(tensors, unused, prefix + module + TOKENS)
+            return TokenNode(rows=jnp.asarray(rows, dtype), indices=_ids(spec, module, p),
+                             shape=shape)
+    if not config.get("modules_to_save") or p.split("/")[-1] not in _TORCH:
+        return None
+    torch_name, n_stack, transposed = _torch_param(p, len(shape))
+    keys = [f"{prefix}{module_fn(p, idx)}.{torch_name}" for idx in np.ndindex(*shape[:n_stack])]
+    present = [k for k in keys if k in tensors]
+    if not present:
+        return None
+    if len(present) < len(keys):
+        raise LoraError(f"{p!r}: the PEFT file trains some of its layers in full but lacks "
+                        f"{sorted(set(keys) - set(present))[:3]}")
+    parts = [take(tensors, unused, k) for k in keys]
+    parts = [t.T if transposed else t for t in parts]
+    if any(t.shape != shape[n_stack:] for t in parts):
+        raise LoraError(f"{p!r}: the PEFT file's {torch_name} {keys[0]!r} has shape "
+                        f"{parts[0].shape[::-1] if transposed else parts[0].shape}, which "
+                        f"does not fit params' {shape}")
+    return FullNode(weight=jnp.asarray(np.stack(parts).reshape(shape), dtype))
+
+
+def _ids(spec, module: str, p: str) -> tuple[int, ...]:
+    if isinstance(spec, list):
+        return tuple(int(i) for i in spec)
+    for name, ids in spec.items():
+        if re.match(rf"(.*\.)?{re.escape(name)}$", module):
+            return tuple(int(i) for i in ids)
+    raise LoraError(f"{p!r}: the PEFT file holds token rows for {module!r} but "
+                    f"trainable_token_indices names only {sorted(spec)}")

@@ -1,0 +1,59 @@
+"""Beside the factors: leaves trained in full (PEFT's ``modules_to_save``) and trained rows
+of embedding tables (PEFT's ``trainable_token_indices``).
+
+Both reach the interpreter as what it already knows: a full leaf replaces the base leaf,
+and token rows become a LoRA node of rank ``k`` whose ``A`` is the fixed one-hot
+``(vocab, k)`` of the chosen ids and whose ``B`` is ``rows - W0[ids]``, so every use of
+the table (a lookup, a tied ``x @ E.T``) stays factored and the gradient is ``(k, d)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jlora.adapter import FullNode, LoraNode, TokenNode
+from jlora.config import LoraError
+from jlora.nf4 import is_nf4
+
+
+def make(path: str, leaf, indices):
+    """The node for a leaf that ``select_whole`` chose (``indices`` None: trained in full)."""
+    if is_nf4(leaf):
+        raise LoraError(f"{path!r} is NF4-quantized but modules_to_save / "
+                        "trainable_token_indices train it in float; leave it out of "
+                        "jlora.quantize's targets")
+    if indices is None:  # a copy: donating the adapter must not free the caller's base
+        return FullNode(weight=jnp.array(leaf, copy=True))
+    rows = jnp.take(leaf, jnp.asarray(indices), axis=0)
+    return TokenNode(rows=rows, indices=tuple(indices), shape=tuple(leaf.shape))
+
+
+def lower(leaf, node):
+    """``(leaf, node)`` as the interpreter takes them: a full leaf in place of the base,
+    token rows as a rank-``k`` LoRA node with a constant one-hot ``A``."""
+    if isinstance(node, FullNode):
+        return node.weight, None
+    if not isinstance(node, TokenNode):
+        return leaf, node
+    k, vocab, rest = len(node.indices), node.shape[0], node.shape[1:]
+    ids = jnp.asarray(node.indices)
+    a = jax.nn.one_hot(ids, vocab, dtype=node.rows.dtype).T
+    base = jnp.take(leaf, ids, axis=0).astype(node.rows.dtype)
+    b = (node.rows - base).reshape(k, math.prod(rest))
+    return leaf, LoraNode(a=a, b=b, rank=k, alpha=float(k), scale=1.0, dropout=0.0,
+                          shape=tuple(node.shape), stack_axes=(), in_axes=(0,),
+                          out_axes=tuple(range(1, len(node.shape))))
+
+
+def merged(leaf, node):
+    """The leaf with the node written in: exactly the trained values."""
+    if isinstance(node, FullNode):
+        return node.weight
+    return jnp.asarray(leaf).at[jnp.asarray(node.indices)].set(node.rows.astype(leaf.dtype))
+
+
+def is_whole(node) -> bool:
+    return isinstance(node, (FullNode, TokenNode))

@@ -29,6 +29,7 @@ from jlora.transforms.merge import merge as merge
 from jlora.transforms.merge import unmerge as unmerge
 from jlora.transforms.multi import combine_adapters as combine_adapters
 from jlora.transforms.multi import stack as stack
+from jlora.transforms.multi import unstack as unstack
 from jlora.transforms.sharding import adapter_shardings as adapter_shardings
 
 __version__ = "0.1.0"
@@ -36,4 +37,4 @@ __version__ = "0.1.0"
 __all__ = ["LoraConfig", "LoraError", "LoraNode", "NF4", "PRESETS", "adapter_shardings", "apply",
            "check", "combine_adapters", "dequantize", "explain", "init", "load_adapter",
            "loraplus", "merge", "peft", "quantize", "restore_checkpoint",
-           "save_adapter", "save_checkpoint", "stack", "unmerge"]
+           "save_adapter", "save_checkpoint", "stack", "unmerge", "unstack"]

@@ -60,13 +60,14 @@ class StackedNode:
     """``n`` adapters of one leaf, for batches that mix adapters (``jlora.stack``).
 
     ``a`` is ``(n, *stack, in, R)`` and ``b`` ``(n, *stack, R, out)``, zero-padded to
-    the largest rank ``R`` (which leaves every ``A @ B`` unchanged); ``scale`` is
-    ``(n,)``, each adapter's own scaling; with DoRA ``magnitude`` is ``(n, *stack, out)``.
+    the largest rank ``R`` (which leaves every ``A @ B`` unchanged); with DoRA
+    ``magnitude`` is ``(n, *stack, out)``. Each adapter's ``scale``, ``alpha`` and rank are
+    static settings, as a single node's are: the arrays are exactly what trains.
     """
 
     a: Any
     b: Any
-    scale: Any
+    scale: tuple[float, ...] = dataclasses.field(metadata=_meta)
     ranks: tuple[int, ...] = dataclasses.field(metadata=_meta)
     dropout: float = dataclasses.field(metadata=_meta)
     shape: tuple[int, ...] = dataclasses.field(metadata=_meta)
@@ -74,6 +75,7 @@ class StackedNode:
     in_axes: tuple[int, ...] = dataclasses.field(metadata=_meta)
     out_axes: tuple[int, ...] = dataclasses.field(metadata=_meta)
     magnitude: Any = None
+    alphas: tuple[float, ...] = dataclasses.field(metadata=_meta, default=())
 
     @property
     def rank(self) -> int:

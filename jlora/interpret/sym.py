@@ -72,7 +72,7 @@ def node_norm(leaf, node) -> jax.Array:
                                      node.out_axes)
     if isinstance(node.scale, float):
         return norm(a, b, node.scale)
-    return jax.vmap(norm)(a, b, node.scale)
+    return jax.vmap(norm)(a, b, jnp.asarray(node.scale, jnp.float32))
 
 
 def from_node(leaf, node, path: str, norm=None, ids=None) -> Sym | Any:
@@ -91,7 +91,7 @@ def from_node(leaf, node, path: str, norm=None, ids=None) -> Sym | Any:
         g = magnitude / lax.stop_gradient(norm).astype(magnitude.dtype)
     scale = node.scale
     if ids is not None:
-        b = b * node.scale.reshape((-1,) + (1,) * (b.ndim - 1)).astype(b.dtype)
+        b = b * jnp.asarray(node.scale, b.dtype).reshape((-1,) + (1,) * (b.ndim - 1))
         scale = 1.0
     return Sym(leaf, a, b, g, node.labels(), scale, node.dropout, path, ids)
 

@@ -72,10 +72,41 @@ def _stack_nodes(path: str, nodes: list) -> StackedNode:
     a = jnp.stack([pad(n.a, n.a.ndim - 1, n.rank) for n in nodes])
     b = jnp.stack([pad(n.b, n.b.ndim - 2, n.rank) for n in nodes])
     mag = None if first.magnitude is None else jnp.stack([n.magnitude for n in nodes])
-    return StackedNode(a=a, b=b, scale=jnp.asarray([n.scale for n in nodes], jnp.float32),
+    return StackedNode(a=a, b=b, scale=tuple(float(n.scale) for n in nodes),
                        ranks=tuple(n.rank for n in nodes), dropout=first.dropout,
                        shape=first.shape, stack_axes=first.stack_axes, in_axes=first.in_axes,
-                       out_axes=first.out_axes, magnitude=mag)
+                       out_axes=first.out_axes, magnitude=mag,
+                       alphas=tuple(float(n.alpha) for n in nodes))
+
+
+def unstack(stacked) -> list:
+    """The ``n`` single adapters of a stacked tree (:func:`stack`'s inverse): each node at
+    its own rank, alpha and scaling, e.g. after training them together in mixed batches.
+
+    Example:
+      >>> p = {"q": jnp.ones((4, 6))}
+      >>> ads = [jlora.init(jax.random.key(i), p, jlora.LoraConfig(rank=r, targets=("q",)))
+      ...        for i, r in enumerate((1, 2))]
+      >>> [ad["q"].a.shape for ad in jlora.unstack(jlora.stack(ads))]
+      [(4, 1), (4, 2)]
+    """
+    nodes = adapter_nodes(stacked)
+    bad = [p for p, n in nodes.items() if not isinstance(n, StackedNode)]
+    if bad or not nodes:
+        raise LoraError(f"unstack needs a tree made by jlora.stack; {bad[:1] or 'it'} is not "
+                        "stacked")
+    n = {len(node.ranks) for node in nodes.values()}.pop()
+    return [_rebuild(stacked, {p: _one(node, i) for p, node in nodes.items()})
+            for i in range(n)]
+
+
+def _one(node: StackedNode, i: int) -> LoraNode:
+    r = node.ranks[i]
+    return LoraNode(a=node.a[i][..., :r], b=node.b[i][..., :r, :], rank=r,
+                    alpha=node.alphas[i], scale=node.scale[i], dropout=node.dropout,
+                    shape=node.shape, stack_axes=node.stack_axes, in_axes=node.in_axes,
+                    out_axes=node.out_axes,
+                    magnitude=None if node.magnitude is None else node.magnitude[i])
 
 
 def check_ids(nodes: list, adapter_ids):

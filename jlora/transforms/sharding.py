@@ -35,8 +35,6 @@ def node_sharding(leaf, node):
     named = lambda *s: NamedSharding(sharding.mesh, PartitionSpec(*s))
     fields = dict(a=named(*stack, ins, None), b=named(*stack, None, outs),
                   magnitude=None if node.magnitude is None else named(*stack, outs))
-    if isinstance(node, StackedNode):
-        fields["scale"] = named(None)
     return dataclasses.replace(node, **fields)
 
 

@@ -156,7 +156,7 @@ class Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, rope, mask):
+    def __call__(self, x, rope, mask, cache=None, index=None):
         cfg = self.config
         batch, seq, _ = x.shape
         heads, kv_heads, head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_dim
@@ -166,6 +166,10 @@ class Attention(nn.Module):
         q = apply_rope(q.reshape(batch, seq, heads, head_dim), *rope)
         k = apply_rope(k.reshape(batch, seq, kv_heads, head_dim), *rope)
         v = v.reshape(batch, seq, kv_heads, head_dim)
+        if cache is not None:  # write this chunk at `index`, attend over the whole cache
+            k, v = (jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), index, axis=1)
+                    for c, new in zip(cache, (k, v)))
+            cache = (k, v)
         if kv_heads != heads:  # Same head grouping as HF's repeat_kv.
             k = jnp.repeat(k, heads // kv_heads, axis=2)
             v = jnp.repeat(v, heads // kv_heads, axis=2)
@@ -175,7 +179,7 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         out = out.reshape(batch, seq, heads * head_dim)
-        return _dense(cfg, cfg.hidden_size, "o_proj")(out)
+        return _dense(cfg, cfg.hidden_size, "o_proj")(out), cache
 
 
 class MLP(nn.Module):
@@ -197,12 +201,13 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, rope, mask):
+    def __call__(self, x, rope, mask, cache=None, index=None):
         cfg = self.config
         h = _norm(cfg, "input_layernorm")(x)
-        x = x + Attention(cfg, name="self_attn")(h, rope, mask)
+        h, cache = Attention(cfg, name="self_attn")(h, rope, mask, cache, index)
+        x = x + h
         h = _norm(cfg, "post_attention_layernorm")(x)
-        return x + MLP(cfg, name="mlp")(h), None
+        return x + MLP(cfg, name="mlp")(h), cache
 
 
 class Llama(nn.Module):
@@ -211,14 +216,22 @@ class Llama(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, input_ids, positions=None, attention_mask=None):
-        """Returns float32 logits (batch, seq, vocab_size).
+    def __call__(self, input_ids, positions=None, attention_mask=None, cache=None,
+                 cache_index=None):
+        """Returns float32 logits (batch, seq, vocab_size); with ``cache``, the pair
+        (logits, updated cache).
 
         Args:
             input_ids: int array (batch, seq) of token ids.
             positions: optional int array (batch, seq); defaults to 0..seq-1.
             attention_mask: optional (batch, seq) array, 1 for real tokens and
                 0 for padding; padded keys are never attended to.
+            cache: optional KV cache ``(k, v)``, each (layers, batch, max_len, kv_heads,
+                head_dim) (``init_cache``): this chunk's keys and values are written at
+                ``cache_index`` and every query attends to the cache up to its position.
+            cache_index: where this chunk starts in the cache (a scalar; default
+                ``positions[0, 0]``; pass it to serve a mixed-adapter batch, whose
+                examples jlora must not see mixed into one index).
         """
         cfg = self.config
         batch, seq = input_ids.shape
@@ -226,6 +239,11 @@ class Llama(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(seq)[None, :], (batch, seq))
         rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
         mask = jnp.tril(jnp.ones((seq, seq), dtype=bool))[None, None, :, :]
+        index = None
+        if cache is not None:
+            index = positions[0, 0] if cache_index is None else cache_index
+            keys = jnp.arange(cache[0].shape[2])
+            mask = keys[None, None, None, :] <= positions[:, None, :, None]
         if attention_mask is not None:
             mask = mask & attention_mask.astype(bool)[:, None, None, :]
         embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
@@ -239,18 +257,30 @@ class Llama(nn.Module):
         if cfg.scan_layers:
             layers = nn.scan(layer_cls, variable_axes={"params": 0},
                              split_rngs={"params": True},
-                             in_axes=(nn.broadcast, nn.broadcast),
+                             in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
                              length=cfg.num_layers)
-            x, _ = layers(cfg, name="layers")(x, rope, mask)
+            x, cache = layers(cfg, name="layers")(x, rope, mask, cache, index)
         else:
+            new = []
             for i in range(cfg.num_layers):
-                x, _ = layer_cls(cfg, name=f"layers_{i}")(x, rope, mask)
+                layer = None if cache is None else (cache[0][i], cache[1][i])
+                x, layer = layer_cls(cfg, name=f"layers_{i}")(x, rope, mask, layer, index)
+                new.append(layer)
+            if cache is not None:
+                cache = tuple(jnp.stack(c) for c in zip(*new))
         x = _norm(cfg, "norm")(x)
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
             logits = _dense(cfg, cfg.vocab_size, "lm_head")(x)
-        return logits.astype(jnp.float32)
+        logits = logits.astype(jnp.float32)
+        return logits if cache is None else (logits, cache)
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int) -> tuple:
+    """An empty KV cache ``(k, v)`` for ``Llama(config)(ids, positions, cache=...)``."""
+    shape = (config.num_layers, batch, max_len, config.kv_heads, config.head_dim)
+    return jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype)
 
 
 def init_params(config: LlamaConfig, key: jax.Array, batch: int = 1,

@@ -178,3 +178,4 @@ def test_combine_errors(key):
     dora = jlora.init(key, p, jlora.LoraConfig(rank=1, targets=("q_proj",), dora=True))
     with pytest.raises(ValueError, match="a DoRA magnitude.*does not add"):
         jlora.combine_adapters([dora, dora], [1.0, 1.0])
+

@@ -37,7 +37,7 @@ def layouts(draw):
             dtype)
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
+@settings(max_examples=24, deadline=None, derandomize=True)
 @given(layouts())
 def test_any_dot_general_layout_matches_materialized(layout):
     shape, axes, x_shape, ((xc, wc), (xb, wb)), rank, w_is_lhs, seed, dtype = layout
@@ -113,7 +113,7 @@ def _ulps(dtype) -> float:
     return 1e-5 if dtype == jnp.float32 else 4 * 2.0 ** -8
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(adapted_leaves())
 def test_merge_equals_the_materialized_weight_and_unmerge_inverts_it(case):
     params, adapter = case
@@ -133,7 +133,7 @@ HALF_GAP = float(np.max(np.diff(quant.NF4_CODE))) / 2
 DYNAMIC_HALF_GAP = float(np.max(np.diff(quant.DYNAMIC_CODE))) / 2
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(st.lists(st.integers(1, 70), min_size=1, max_size=3), st.sampled_from([2, 16, 64, 128]),
        st.booleans(), st.sampled_from([1e-3, 1.0, 300.0]), st.booleans(), st.integers(0, 2**16))
 def test_nf4_round_trip_within_the_closed_form_bound(shape, block, double_quant, scale,

@@ -26,9 +26,10 @@ VARIANTS = {"lora": {}, "rslora": dict(use_rslora=True), "dora": dict(use_dora=T
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]
 
 
-def _hf_base():
+def _hf_base(tied=False):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(**HF, attn_implementation="eager")
+    config = transformers.LlamaConfig(**HF, attn_implementation="eager",
+                                      tie_word_embeddings=tied)
     return transformers.LlamaForCausalLM(config).eval()
 
 

@@ -19,36 +19,17 @@ peft = pytest.importorskip("peft")
 import jlora  # noqa: E402
 import llama  # noqa: E402
 from conftest import randomize  # noqa: E402
+from test_peft import HF, TOL, _hf_base, _jlora_base, _torch_logits  # noqa: E402
 
-HF = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-          num_attention_heads=4, max_position_embeddings=64)
-TOL = dict(rtol=1e-4, atol=1e-4)
 TOKENS = [3, 5, 7]
 EXTRA = dict(modules_to_save=["lm_head", "input_layernorm"],
              trainable_token_indices={"embed_tokens": TOKENS})
-
-
-def _hf_base(tied=False):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(**HF, attn_implementation="eager",
-                                      tie_word_embeddings=tied)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def _jlora_base(hf, scan=True):
-    cfg = llama.config_from_hf(hf.config, scan_layers=scan)
-    return llama.Llama(cfg), llama.from_hf(hf.state_dict(), cfg)
 
 
 def _ids(seed=1):
     ids = np.random.default_rng(seed).integers(0, HF["vocab_size"], (2, 10))
     ids[:, :3] = TOKENS  # the trained rows are read
     return ids
-
-
-def _torch_logits(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor(ids)).logits.numpy()
 
 
 def _peft_trained(tied=False, **extra):

@@ -24,7 +24,7 @@ from jlora import memory  # noqa: E402
 
 MB = 2 ** 20
 LORA = jlora.LoraConfig(rank=16, alpha=32.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
-SIZES = {"bench": llama.LlamaConfig.named("bench"),
+SIZES = {"tiny": llama.LlamaConfig.named("tiny"), "bench": llama.LlamaConfig.named("bench"),
          "llama-7b": llama.LlamaConfig(vocab_size=32000, hidden_size=4096,
                                        intermediate_size=11008, num_layers=32, num_heads=32,
                                        max_seq_len=512)}
@@ -80,32 +80,40 @@ def measure(cfg: llama.LlamaConfig, batch: int, seq: int) -> dict:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=["bench", "llama-7b"])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--remat", action="store_true",
+                        help="also every size with activation checkpointing (remat per layer)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                      "memory.md"))
     args = parser.parse_args()
-    lines = [f"`python benchmarks/memory.py` (jax {jax.__version__}, XLA CPU "
+    backend = jax.devices()[0]
+    lines = [f"`python benchmarks/memory.py` (jax {jax.__version__}, XLA "
+             f"{backend.platform.upper()} ({backend.device_kind}) "
              f"`memory_analysis()`; batch {args.batch} x seq {args.seq}, AdamW, LoRA r16 on "
-             "q,k,v,o; estimate: `jlora.memory.estimate`, no checkpointing)", "",
+             "q,k,v,o; estimate: `jlora.memory.estimate`, checkpointing as the row says)", "",
              "| model | method | base MB | base / bf16 | arguments MB | temp MB | XLA total MB "
              "| estimate MB | estimate / XLA |", "|---|---|---|---|---|---|---|---|---|"]
-    for name in args.sizes:
-        cfg = SIZES[name]
+    sizes = [(n, False) for n in args.sizes] + [(n, True) for n in args.sizes if args.remat]
+    for name, remat in sizes:
+        cfg = dataclasses.replace(SIZES[name], remat=remat)
         res = measure(cfg, args.batch, args.seq)
+        name = name + (" (remat)" if remat else "")
         shape = memory.Shape.from_config(vars(cfg))
         for method, (base, arg, temp) in res.items():
             ratio = base / res["lora"][0]
             row = (f"| {name} | {method} | {base / MB:.1f} | {ratio:.3f} | {arg / MB:.1f} "
                    f"| {temp / MB:.1f} | {(arg + temp) / MB:.1f} |")
             if method in memory.METHODS:
-                est = memory.estimate(shape, method, batch=args.batch, seq=args.seq)["total"]
+                est = memory.estimate(shape, method, batch=args.batch, seq=args.seq,
+                                      checkpointing=remat)["total"]
                 row += f" {est / MB:.1f} | {est / (arg + temp):.2f} |"
             lines.append(row + (" | |" if method not in memory.METHODS else ""))
         print("\n".join(lines[-len(res):]), flush=True)
     table = "\n".join(lines)
     print(table)
-    out = os.path.join(os.path.dirname(__file__), "results", "memory.md")
-    with open(out, "w") as f:
+    with open(args.out, "w") as f:
         f.write(table + "\n")
 
 

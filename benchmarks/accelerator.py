@@ -26,10 +26,11 @@ def runs(quick: bool, out: str) -> dict:
         return {"core": ["core.py", "--quick", "--repeats", "1", "--out", out],
                 "serve": ["serve.py", "--quick", "--repeats", "1", "--counts", "4"],
                 "memory": ["memory.py", "--sizes", "tiny", "--batch", "1", "--seq", "16",
-                           "--remat", "--out", os.path.join(out, "memory.md")]}
+                           "--remat", "only", "--out", os.path.join(out, "memory.md")]}
     return {"core": ["core.py", "--repeats", "5", "--out", out],
             "serve": ["serve.py", "--repeats", "5"],
-            "memory": ["memory.py", "--remat", "--out", os.path.join(out, "memory.md")]}
+            "memory": ["memory.py", "--remat", "also", "--out",
+                       os.path.join(out, "memory.md")]}
 
 
 def _shown(cmd) -> str:

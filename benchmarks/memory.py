@@ -83,8 +83,8 @@ def main():
     parser.add_argument("--sizes", nargs="+", default=["bench", "llama-7b"])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--remat", action="store_true",
-                        help="also every size with activation checkpointing (remat per layer)")
+    parser.add_argument("--remat", choices=("off", "also", "only"), default="off",
+                        help="rows with activation checkpointing (remat per layer)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                       "memory.md"))
     args = parser.parse_args()
@@ -95,7 +95,8 @@ def main():
              "q,k,v,o; estimate: `jlora.memory.estimate`, checkpointing as the row says)", "",
              "| model | method | base MB | base / bf16 | arguments MB | temp MB | XLA total MB "
              "| estimate MB | estimate / XLA |", "|---|---|---|---|---|---|---|---|---|"]
-    sizes = [(n, False) for n in args.sizes] + [(n, True) for n in args.sizes if args.remat]
+    sizes = [(n, False) for n in args.sizes if args.remat != "only"] + [
+        (n, True) for n in args.sizes if args.remat != "off"]
     for name, remat in sizes:
         cfg = dataclasses.replace(SIZES[name], remat=remat)
         res = measure(cfg, args.batch, args.seq)

@@ -1,7 +1,7 @@
 """Child script: jlora under one of JAX's opt-in flags (``python flag_cases.py FLAG``).
 
-Checks, on the example Llama (tiny, remat layers, LoRA "general") and on a
-custom_vjp function that receives an adapted weight: every use stays factored,
+Checks, on the example Llama (tiny, remat layers, LoRA "general"; float and NF4
+base) and on a custom_vjp function that receives an adapted weight: every use stays factored,
 outputs and adapter gradients equal the merged weight's (fp32, 1e-5). Prints
 ``OK``, or ``JAX-GRAD-FAILS`` when JAX's own grad of the base model fails under
 the flag (then nothing of ours can be checked).
@@ -46,6 +46,10 @@ def main():
     ad = jax.tree.map(lambda v: v + 0.01, jlora.init(key, params,
                                                      jlora.LoraConfig.preset("general")))
     check(model.apply, params, ad, ids[:, :-1], loss)
+    # QLoRA: an NF4 base is dequantized inside jax.checkpoint, one layer at a time
+    quantized = jlora.quantize(params, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+                               compute_dtype=jnp.float32)
+    check(model.apply, quantized, ad, ids[:, :-1], loss)
 
     @jax.custom_vjp
     def scaled_matmul(x, w):

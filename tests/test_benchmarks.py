@@ -15,6 +15,6 @@ def test_accelerator_entry_point_quick():
     out = proc.stdout
     assert "# Benchmarks on 1 x cpu (cpu)" in out
     for row in ("| lora_step |", "| frozen_step |", "| mixed 4 |", "**decode: one token",
-                "| tiny | lora |", "| tiny (remat) | qlora |"):
+                "| tiny (remat) | lora |", "| tiny (remat) | qlora |"):
         assert row in out, row
     assert "--out" not in out  # the temporary folder is not shown as part of the command

@@ -65,6 +65,7 @@ class Slots:
     def __init__(self, params, like, n: int, rank: int, paths: dict):
         zero = jax.tree.map(jnp.zeros_like, padded(like, rank))
         self.tree, self.rank, self.params, self.paths = jlora.stack([zero] * n), rank, params, paths
+        self.n = n
         self.lru = collections.OrderedDict()  # name -> slot, least recently used first
 
     def _read(self, name):
@@ -75,12 +76,12 @@ class Slots:
 
     def ensure(self, names) -> tuple[dict, list]:
         """Slots for ``names`` (at most ``n`` distinct), loading the missing ones."""
-        events, n = [], len(jlora.adapter.adapter_nodes(self.tree).popitem()[1].ranks)
+        events = []
         for name in dict.fromkeys(names):
             if name in self.lru:
                 self.lru.move_to_end(name)
                 continue
-            free = sorted(set(range(n)) - set(self.lru.values()))
+            free = sorted(set(range(self.n)) - set(self.lru.values()))
             if free:
                 slot = free[0]
             else:  # evict the least recently used adapter this batch does not need

@@ -14,6 +14,8 @@ from jlora.nf4 import is_nf4
 _SHOW = 6  # how many example paths an error message lists
 #: Leaf names a module-name target skips: they are added or scaled, never contracted.
 _NOT_KERNELS = ("bias", "scale")
+#: Leaf names of dense kernels laid out (in, out) (Flax, Haiku): a vocabulary is their last axis.
+_VOCAB_LAST = ("kernel", "w")
 
 
 def _segment(k) -> str:
@@ -169,6 +171,10 @@ def select_whole(params, cfg: LoraConfig) -> dict[str, tuple[int, ...] | None]:
                             f"{_examples([p for p, _ in tables] or [p for p, _ in flat])}; "
                             "pass {module name: [ids]}")
         (path, leaf), = tables
+        if path.split("/")[-1] in _VOCAB_LAST:  # rows of axis 0 would be features, silently
+            raise LoraError(f"trainable_token_indices: {path!r} is a dense kernel (in, out), "
+                            "whose tokens are its last axis, not its rows; train token rows of "
+                            "the embedding table (vocab, d), which a tied head reads too")
         if max(idx) >= leaf.shape[0]:
             raise LoraError(f"trainable_token_indices: token {max(idx)} is past the "
                             f"{leaf.shape[0]} rows of {path!r}; resize the table first")

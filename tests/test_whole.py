@@ -99,6 +99,8 @@ def test_bad_inputs_name_the_field_and_path(key):
         init(targets=("lm_head",), modules_to_save=("lm_head",))
     with pytest.raises(jlora.LoraError, match="token 600 is past the 512 rows"):
         init(trainable_token_indices=[600])
+    with pytest.raises(jlora.LoraError, match="lm_head/kernel.*dense kernel"):
+        init(trainable_token_indices={"lm_head": [1]})  # (d, vocab): rows are not tokens
     with pytest.raises(jlora.LoraError, match="exactly one embedding table"):
         init(trainable_token_indices={"layers": [1]})
     with pytest.raises(jlora.LoraError, match="distinct non-negative"):

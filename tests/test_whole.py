@@ -110,6 +110,11 @@ def test_bad_inputs_name_the_field_and_path(key):
     adapter = init(targets=("q_proj",), modules_to_save=("lm_head",),
                    trainable_token_indices=[1, 2])
     merged = jlora.merge(params, adapter)
+    bad = jax.tree.map(  # a diverged token row: merge says so rather than writing it
+        lambda n: TokenNode(n.rows.at[0].set(jnp.nan), n.indices, n.shape)
+        if isinstance(n, TokenNode) else n, adapter, is_leaf=lambda n: isinstance(n, TokenNode))
+    with pytest.raises(jlora.LoraError, match="embed_tokens.*non-finite"):
+        jlora.merge(params, bad)
     with pytest.raises(jlora.LoraError, match="keep the base"):
         jlora.unmerge(merged, adapter)
     with pytest.raises(jlora.LoraError, match="mixed batches do not serve"):

@@ -62,8 +62,9 @@ def merge(params, adapter, *, return_norms: bool = False, requantize: bool = Fal
             out.append(leaf if requantize or not is_nf4(leaf) else dequantize(leaf))
             continue
         path = path_str(kp)
-        if extras.is_whole(node):
+        if extras.is_whole(node):  # (the finite check covers these too)
             out.append(extras.merged(leaf, node))
+            changed.append((path, out[-1]))
             continue
         out.append(sy.materialize(sy.from_node(wrap(leaf), node, path)))
         changed.append((path, out[-1]))

@@ -6,7 +6,9 @@ and decode (one token for each of 64 sequences, over a KV cache of 128 positions
 
 - ``single``: the batch through one adapter (the reference throughput);
 - ``mixed n``: the same batch through ``jlora.stack`` of n adapters, example i
-  using adapter ``i % n``, in one call;
+  using adapter ``i % n``, in one call, each example gathering its factors;
+- ``grouped n``: the same, rows sorted by adapter through two ``ragged_dot``s
+  (``jlora.apply(fn, mixed="grouped")``; on a CPU ``ragged_dot`` is slow);
 - ``split n``: the same n adapters served one sub-batch each (n calls of the
   single-adapter function on batch 16/n);
 - ``switch``: the single-adapter call alternating between two adapters (same
@@ -53,14 +55,15 @@ def build(quick: bool, counts, decode: bool):
     extra = lambda c: (jnp.full((c[0].shape[1], 1), seq), None, c, at) if decode else ()
     axes = (0, 0, None, 1, None) if decode else None
     single = jax.jit(lambda p, ad, x, c: jlora.apply(model.apply)(p, ad, x, *extra(c)))
-    mixed = jax.jit(lambda p, st, x, c, i: jlora.apply(model.apply)(
-        p, st, x, *extra(c), adapter_ids=i, example_axes=axes))
+    mixed, grouped = (jax.jit(lambda p, st, x, c, i, run=jlora.apply(model.apply, mixed=m): run(
+        p, st, x, *extra(c), adapter_ids=i, example_axes=axes)) for m in ("gather", "grouped"))
     calls = {"single": (single, (params, adapters[0], ids, cache)),
              "switch": (lambda p, x, c: [single(p, adapters[k % 2], x, c) for k in range(2)][-1],
                         (params, ids, cache))}
     for n in counts:
         aid = jnp.arange(batch) % n
         calls[f"mixed {n}"] = (mixed, (params, jlora.stack(adapters[:n]), ids, cache, aid))
+        calls[f"grouped {n}"] = (grouped, calls[f"mixed {n}"][1])
         if batch % n == 0:
             sub = batch // n
             part = lambda c, k, sub=sub: None if c is None else tuple(
@@ -100,7 +103,8 @@ def main():
             f"{jax.devices()[0].platform}; model h{cfg.hidden_size} L{cfg.num_layers} vocab "
             f"{cfg.vocab_size}, LoRA r16 a32 q,k,v,o, {args.repeats} interleaved rounds; "
             "'switch' is per call, alternating two adapters; 'mixed n': example i uses "
-            "adapter i % n in one call; 'split n': one call per adapter's sub-batch")
+            "adapter i % n in one call (gathered factors); 'grouped n': the same sorted by "
+            "adapter through ragged_dot; 'split n': one call per adapter's sub-batch")
     out = "\n\n".join(parts)
     print(out + "\n\n" + note)
     if not args.quick:

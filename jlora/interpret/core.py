@@ -63,6 +63,7 @@ class Ctx:
     key: Any = None
     records: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
     examples: dict | None = None
+    mixed: str = "auto"  # a mixed batch's path: "auto", "gather" or "grouped"
 
     def record(self, path: str, what) -> None:
         self.records[path].append(what)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jlora.config import LoraError
-from jlora.interpret import quantized
+from jlora.interpret import grouped, quantized
 from jlora.interpret import sym as sy
 from jlora.interpret.core import register
 from jlora.interpret.examples import Lost
@@ -45,9 +45,11 @@ def dot_general(eqn, invals, ctx):
         else:
             rhs = sy.materialize(rhs, ctx.record, "dot of two adapted weights")
     if isinstance(rhs, Sym):
-        return factored(lhs, rhs, True, eqn.params, ctx.key, ctx.record, _where(ctx, eqn, 0))
+        return factored(lhs, rhs, True, eqn.params, ctx.key, ctx.record, _where(ctx, eqn, 0),
+                        ctx.mixed)
     if isinstance(lhs, Sym):
-        return factored(rhs, lhs, False, eqn.params, ctx.key, ctx.record, _where(ctx, eqn, 1))
+        return factored(rhs, lhs, False, eqn.params, ctx.key, ctx.record, _where(ctx, eqn, 1),
+                        ctx.mixed)
     view_is_rhs = qv.is_view(rhs)
     return quantized.dot(rhs if view_is_rhs else lhs, lhs if view_is_rhs else rhs,
                          view_is_rhs, eqn.params)
@@ -80,12 +82,13 @@ def _where(ctx, eqn, side: int):
 
 
 def factored(x, sym: Sym, sym_is_rhs: bool, params: dict, key, record,
-             where=None) -> jax.Array:
+             where=None, mixed: str = "auto") -> jax.Array:
     """``dot_general`` of an array with a symbolic weight, computed factored.
 
     LoRA: ``x W0 + s (drop(x) A) B``. DoRA (PEFT's formula): ``g (x W0 + s (x A) B)``,
     and with dropout ``x W0 + (g - 1) (drop(x) W0) + g s (drop(x) A) B``. In a mixed
-    batch, ``where`` says which axis of ``x`` carries the examples.
+    batch, ``where`` says which axis of ``x`` carries the examples and ``mixed`` which
+    path serves it (:mod:`jlora.interpret.grouped`).
     """
     (lc, rc), (lb, rb) = params["dimension_numbers"]
     xc, wc, xb, wb = (lc, rc, lb, rb) if sym_is_rhs else (rc, lc, rb, lb)
@@ -106,7 +109,7 @@ def factored(x, sym: Sym, sym_is_rhs: bool, params: dict, key, record,
     record(sym.path, "factored" if mode == "i" else TRANSPOSED)
     x_d = _dropout(x, sym.dropout, key)
     y, g = _low_rank(x_d, sym, mode, sym_is_rhs, (xc, wc, xb, wb), params.get("precision"),
-                     where)
+                     where, mixed)
     if g is None:
         return base_out + y.astype(base_out.dtype)
     if x_d is x:
@@ -136,7 +139,8 @@ def _specs(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, ex_axis: int) -> dict
                 out=batch + (x_free + w_free if sym_is_rhs else w_free + x_free))
 
 
-def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec, where=None):
+def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec, where=None,
+              mixed="auto"):
     """``s * (x A) B`` laid out like the dot's output, and DoRA's ``g`` broadcast to it.
 
     In a mixed batch each example (along x's example axis) gathers its own adapter's
@@ -144,6 +148,8 @@ def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec, where=None):
     """
     ex_axis, ids = _example_ids(sym, x, dims[0], dims[2], where) if sym.ids is not None \
         else (0, None)
+    if grouped.applies(sym, mode, dims) and grouped.chosen(mixed, x, sym, ex_axis):
+        return grouped.low_rank(x, sym, sym_is_rhs, dims, ex_axis, ids, prec), None
     sp = _specs(x, sym, mode, sym_is_rhs, dims, ex_axis)
     first, second = (sym.a, sym.b) if mode == "i" else (sym.b, sym.a)
     g = sym.g

@@ -14,6 +14,7 @@ from typing import Callable
 import jax
 
 from jlora.adapter import FullNode, match
+from jlora.interpret import grouped
 from jlora.interpret.concat import by_path
 from jlora.interpret.core import Ctx, evaluate, materialized
 from jlora.interpret.examples import analyze
@@ -43,7 +44,7 @@ def _run(fn, params, adapter, args, kwargs, ctx: Ctx, adapter_ids=None, example_
     return jax.tree_util.tree_unflatten(out_tree, materialized(outs, ctx, "returned"))
 
 
-def apply(fn: Callable, *, safe: bool = False) -> Callable:
+def apply(fn: Callable, *, safe: bool = False, mixed: str = "auto") -> Callable:
     """Turn ``fn(params, *args)`` into ``f(params, adapter, *args, lora_rng=None,
     adapter_ids=None, **kwargs)``.
 
@@ -59,7 +60,10 @@ def apply(fn: Callable, *, safe: bool = False) -> Callable:
     ``jax.vmap``'s ``in_axes`` over the positional arguments; None for an argument
     shared by all examples). jlora follows that axis through the model (reshapes,
     transposes, scans, ...) to each adapted weight; where it cannot, or where the
-    model mixes examples before a weight, it raises a ``LoraError``.
+    model mixes examples before a weight, it raises a ``LoraError``. ``mixed`` picks
+    how: ``"gather"`` (each example gathers its factors), ``"grouped"`` (rows sorted
+    by adapter, two ``ragged_dot``s, S-LoRA style; uses it cannot serve fall back to
+    gather) or ``"auto"`` (grouped only on GPU/TPU for decode-shaped inputs).
 
     ``safe=True`` first checks params, adapter and the array arguments for NaN/Inf
     and raises a ``LoraError`` naming the first bad one (under ``jit`` it raises
@@ -72,6 +76,9 @@ def apply(fn: Callable, *, safe: bool = False) -> Callable:
       >>> f(w, ad, jnp.ones((3, 4))).shape
       (3, 6)
     """
+    if mixed not in grouped.MODES:
+        raise ValueError(f"apply(mixed={mixed!r}): expected one of {grouped.MODES}")
+
     @functools.wraps(fn)
     def wrapped(params, adapter, *args, lora_rng=None, adapter_ids=None, example_axes=None,
                 **kwargs):
@@ -81,8 +88,8 @@ def apply(fn: Callable, *, safe: bool = False) -> Callable:
             for what, tree in (("params", params), ("adapter", adapter), ("args", args),
                                ("kwargs", kwargs)):
                 check_finite(tree, what, fix)
-        return _run(fn, params, adapter, args, kwargs, Ctx(key=lora_rng), adapter_ids,
-                    example_axes)
+        return _run(fn, params, adapter, args, kwargs, Ctx(key=lora_rng, mixed=mixed),
+                    adapter_ids, example_axes)
     return wrapped
 
 

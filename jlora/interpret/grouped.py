@@ -1,0 +1,82 @@
+"""The grouped path of a mixed-adapter batch: rows sorted by adapter, two ``ragged_dot``s.
+
+S-LoRA/Punica's layout. The per-example path (``dot._low_rank``) gathers each
+example's factors, so its traffic grows with the examples (``E (K + N) r``); this
+one reads each adapter's factors once and moves the rows instead (``T (K + N)``):
+it flattens ``x`` to ``(T, K)`` rows, sorts them by adapter id (a stable sort,
+group sizes from ``bincount``), runs ``ragged_dot(x, A)`` and ``ragged_dot(t, B)``
+and puts the rows back. Rows of id ``-1`` run with adapter 0 and are zeroed.
+
+It covers the common use: the model contracts all in-axes, no dot batch axes and no
+stacked-layer axes left in the weight (a scan has sliced them off); anything else,
+and DoRA, takes the per-example path. ``mixed="auto"`` picks grouped only off the
+CPU and only for decode-shaped inputs (fewer rows per example than the rank: the
+gathered factors would outweigh the rows); on this CPU ``ragged_dot`` is ~60x the
+gather (``benchmarks/grouped_cpu.py``), so auto never picks it here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jlora.interpret.sym import Sym
+
+MODES = ("auto", "gather", "grouped")
+
+
+def applies(sym: Sym, mode: str, dims) -> bool:
+    """Whether the grouped path can run this use (contracting in-axes, no batch or
+    stacked axes, no DoRA)."""
+    xc, wc, xb, wb = dims
+    return (mode == "i" and not xb and not wb and sym.g is None and sym.count("s") == 0
+            and sym.ids is not None)
+
+
+def chosen(choice: str, x, sym: Sym, ex_axis: int) -> bool:
+    """``choice`` ("auto"/"gather"/"grouped") resolved for this use."""
+    if choice != "auto":
+        return choice == "grouped"
+    rows_per_example = x.size // x.shape[ex_axis] // _contracted_size(x, sym)
+    return jax.default_backend() != "cpu" and rows_per_example < sym.a.shape[-1]
+
+
+def _contracted_size(x, sym: Sym) -> int:
+    return math.prod(sym.a.shape[1:-1])
+
+
+def low_rank(x, sym: Sym, sym_is_rhs: bool, dims, ex_axis: int, ids, prec):
+    """``(x A) B`` per row's adapter, laid out like the dot's output (rows of id -1 zero).
+
+    ``ids`` gives the adapter of each index along ``x``'s axis ``ex_axis``."""
+    xc, wc, _, _ = dims
+    in_order = sorted(range(len(wc)), key=lambda k: sym.labels[wc[k]][1])
+    xc = [xc[k] for k in in_order]  # x's contracted axes in A's in-axis order
+    free = [ax for ax in range(x.ndim) if ax not in xc]
+    rest = [ax for ax in free if ax != ex_axis]
+    n, r = sym.a.shape[0], sym.a.shape[-1]
+    rows = jnp.transpose(x, [ex_axis, *rest, *xc]).reshape(-1, math.prod(x.shape[a] for a in xc))
+    row_ids = jnp.repeat(ids, math.prod(x.shape[a] for a in rest))
+    used = row_ids >= 0
+    order = jnp.argsort(jnp.maximum(row_ids, 0), stable=True)
+    sizes = jnp.bincount(jnp.maximum(row_ids, 0), length=n).astype(jnp.int32)
+    a = sym.a.reshape(n, -1, r)
+    b = sym.b.reshape(n, r, -1)
+    t = lax.ragged_dot(rows[order].astype(a.dtype), a, sizes, precision=prec)
+    if sym.scale != 1.0:
+        t = t * jnp.asarray(sym.scale, t.dtype)
+    y_sorted = lax.ragged_dot(t, b, sizes, precision=prec)
+    back = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    y = jnp.where(used[:, None], y_sorted[back], jnp.zeros((), y_sorted.dtype))
+    out_axes = [ax for ax in range(sym.base.ndim) if ax not in wc]  # the weight's free axes
+    out_labels = sorted(out_axes, key=lambda ax: sym.labels[ax][1])
+    y = y.reshape([x.shape[ex_axis]] + [x.shape[a] for a in rest]
+                  + [sym.base.shape[a] for a in out_labels])
+    have = [("x", ex_axis)] + [("x", a) for a in rest] + [("w", a) for a in out_labels]
+    want = [("x", a) for a in free] + [("w", a) for a in out_axes]
+    if not sym_is_rhs:
+        want = want[len(free):] + want[:len(free)]
+    return jnp.transpose(y, [have.index(w) for w in want])

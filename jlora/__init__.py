@@ -24,6 +24,7 @@ from jlora.optim import loraplus as loraplus
 from jlora.transforms.apply import apply as apply
 from jlora.transforms.apply import explain as explain
 from jlora.transforms.check import check as check
+from jlora.transforms.eva import init_eva as init_eva
 from jlora.transforms.init import init as init
 from jlora.transforms.merge import merge as merge
 from jlora.transforms.merge import unmerge as unmerge
@@ -35,6 +36,6 @@ from jlora.transforms.sharding import adapter_shardings as adapter_shardings
 __version__ = "0.1.0"
 
 __all__ = ["LoraConfig", "LoraError", "LoraNode", "NF4", "PRESETS", "adapter_shardings", "apply",
-           "check", "combine_adapters", "dequantize", "explain", "init", "load_adapter",
+           "check", "combine_adapters", "dequantize", "explain", "init", "init_eva", "load_adapter",
            "loraplus", "merge", "peft", "quantize", "restore_checkpoint",
            "save_adapter", "save_checkpoint", "stack", "unmerge", "unstack"]

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jlora.numerics import mesh
+from jlora.interpret import capture
 from jlora.interpret import sym as sy
 from jlora.interpret.core import evaluate, materialized, primitives, register
 from jlora.numerics import qview as qv
@@ -72,12 +73,19 @@ def _remat(eqn, invals, ctx):
 
 
 def _checkpointed(jaxpr, consts, invals, ctx, **remat_params) -> list:
-    """The interpreted jaxpr inside ``jax.checkpoint`` (the dropout key goes in as an input)."""
-    def body(key, *vals):
-        outs = evaluate(jaxpr, consts, vals, dataclasses.replace(ctx, key=key))
-        return materialized(outs, ctx, "remat")
+    """The interpreted jaxpr inside ``jax.checkpoint`` (the dropout key goes in as an input;
+    capture statistics come out after the outputs)."""
+    keys = []
 
-    return list(jax.checkpoint(body, **remat_params)(ctx.key, *invals))
+    def body(key, *vals):
+        inner = None if ctx.capture is None else ctx.capture.fresh()
+        outs = evaluate(jaxpr, consts, vals, dataclasses.replace(ctx, key=key, capture=inner))
+        return materialized(outs, ctx, "remat") + capture.flat(inner, keys)
+
+    outs = list(jax.checkpoint(body, **remat_params)(ctx.key, *invals))
+    n = len(outs) - 3 * len(keys)
+    capture.merge(ctx.capture, keys, outs[n:])
+    return outs[:n]
 
 
 def _scan_slice(v, ctx):
@@ -117,23 +125,35 @@ def _scan(eqn, invals, ctx):
     xs = [s[0] for s in split]
     steps = jnp.arange(p["length"])  # the layer index of each step (reversed with xs)
     closed = p["jaxpr"]
+    keys = []  # capture mode: the paths whose input statistics leave each step
 
     def body(c, x):
         x_vals, step = x
         sub = ctx if ctx.key is None else ctx.fold(step)
+        inner = None if ctx.capture is None else ctx.capture.fresh()
         vals = list(consts) + list(c) + [rebuild(xv, step)
                                          for (_, rebuild), xv in zip(split, x_vals)]
-        outs = materialized(evaluate(closed.jaxpr, closed.consts, vals, sub), ctx, "scan output")
-        return outs[:ncarry], outs[ncarry:]
+        outs = materialized(evaluate(closed.jaxpr, closed.consts, vals,
+                                     dataclasses.replace(sub, capture=inner)), ctx, "scan output")
+        return outs[:ncarry], (outs[ncarry:], capture.flat(inner, keys))
 
-    carry, ys = lax.scan(body, carry, (xs, steps), length=p["length"], reverse=p["reverse"],
-                         unroll=p["unroll"])
+    carry, (ys, extra) = lax.scan(body, carry, (xs, steps), length=p["length"],
+                                  reverse=p["reverse"], unroll=p["unroll"])
+    capture.merge(ctx.capture, keys, extra)
     return list(carry) + list(ys)
+
+
+def _no_capture(ctx):
+    """Inputs inside a ``cond``/``while`` body are not captured (their weights get no
+    statistics, and init_eva says so)."""
+    return ctx if ctx.capture is None else dataclasses.replace(ctx, capture=None)
 
 
 @register(lax.cond_p)
 def _cond(eqn, invals, ctx):
     index, ops = invals[0], invals[1:]
+
+    ctx = _no_capture(ctx)
 
     def branch(closed, k):
         return lambda *vals: materialized(
@@ -145,7 +165,7 @@ def _cond(eqn, invals, ctx):
 
 @register(lax.while_p)
 def _while(eqn, invals, ctx):
-    p = eqn.params
+    p, ctx = eqn.params, _no_capture(ctx)
     nc, nb = p["cond_nconsts"], p["body_nconsts"]
     cconsts, bconsts = invals[:nc], invals[nc:nc + nb]
     init = materialized(invals[nc + nb:], ctx, "while carry")

@@ -64,6 +64,7 @@ class Ctx:
     records: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
     examples: dict | None = None
     mixed: str = "auto"  # a mixed batch's path: "auto", "gather" or "grouped"
+    capture: Any = None  # capture mode (EVA): a capture.Capture collecting input statistics
 
     def record(self, path: str, what) -> None:
         self.records[path].append(what)

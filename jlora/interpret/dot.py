@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jlora.config import LoraError
-from jlora.interpret import grouped, quantized
+from jlora.interpret import capture, grouped, quantized
 from jlora.interpret import sym as sy
 from jlora.interpret.core import register
 from jlora.interpret.examples import Lost
@@ -44,6 +44,8 @@ def dot_general(eqn, invals, ctx):
             lhs = sy.materialize(lhs)
         else:
             rhs = sy.materialize(rhs, ctx.record, "dot of two adapted weights")
+    if ctx.capture is not None and isinstance(lhs, Sym) != isinstance(rhs, Sym):
+        return _captured(eqn, lhs, rhs, ctx)
     if isinstance(rhs, Sym):
         return factored(lhs, rhs, True, eqn.params, ctx.key, ctx.record, _where(ctx, eqn, 0),
                         ctx.mixed)
@@ -53,6 +55,17 @@ def dot_general(eqn, invals, ctx):
     view_is_rhs = qv.is_view(rhs)
     return quantized.dot(rhs if view_is_rhs else lhs, lhs if view_is_rhs else rhs,
                          view_is_rhs, eqn.params)
+
+
+def _captured(eqn, lhs, rhs, ctx):
+    """Capture mode: the base product, and the adapted weight's input rows recorded."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    if isinstance(rhs, Sym):
+        capture.add(ctx.capture, rhs, lhs, lc, rc, lb, rb)
+    else:
+        capture.add(ctx.capture, lhs, rhs, rc, lc, rb, lb)
+    base = lambda v: sy.value(v.base) if isinstance(v, Sym) else v
+    return lax.dot_general_p.bind(base(lhs), base(rhs), **eqn.params)
 
 
 def _fit_error(sym: Sym, contracted, batch) -> LoraError:

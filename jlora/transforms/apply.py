@@ -27,7 +27,8 @@ from jlora.transforms.check import check_finite
 from jlora.transforms.multi import check_ids, example_layout
 
 
-def _run(fn, params, adapter, args, kwargs, ctx: Ctx, adapter_ids=None, example_axes=None):
+def interpret_call(fn, params, adapter, args, kwargs, ctx: Ctx, adapter_ids=None,
+                   example_axes=None):
     nodes = match(params, adapter)
     ids = check_ids(nodes, adapter_ids)
     closed, out_tree, dyn = trace(fn, params, args, kwargs)
@@ -88,8 +89,8 @@ def apply(fn: Callable, *, safe: bool = False, mixed: str = "auto") -> Callable:
             for what, tree in (("params", params), ("adapter", adapter), ("args", args),
                                ("kwargs", kwargs)):
                 check_finite(tree, what, fix)
-        return _run(fn, params, adapter, args, kwargs, Ctx(key=lora_rng, mixed=mixed),
-                    adapter_ids, example_axes)
+        return interpret_call(fn, params, adapter, args, kwargs,
+                              Ctx(key=lora_rng, mixed=mixed), adapter_ids, example_axes)
     return wrapped
 
 
@@ -100,7 +101,8 @@ def explain(fn: Callable, params, adapter, *args, **kwargs) -> dict[str, list[st
     a target that ``fn`` never reads maps to an empty list.
     """
     ctx = Ctx()
-    jax.eval_shape(lambda p, ad: _run(fn, p, ad, args, kwargs, ctx), params, adapter)
+    jax.eval_shape(lambda p, ad: interpret_call(fn, p, ad, args, kwargs, ctx), params,
+                   adapter)
     adapted = [path_str(kp) for (kp, _), n in zip(flatten(params)[0], match(params, adapter))
                if n is not None and not isinstance(n, FullNode)]
     return by_path(ctx.records, adapted)

@@ -4,7 +4,9 @@ OLoRA (PEFT's ``olora_init``: QR of the torch-layout weight) gives PEFT's factor
 residual base on the same weight (fp32, 1e-5). An adapter trained on the residual is
 saved for PEFT as plain LoRA for the *original* base (``initial=``: ``[A | A0]``,
 ``[B; -B0]``, PEFT's ``path_initial_model_for_weight_conversion``), and PEFT's outputs on
-the original net equal jlora's on the residual (1e-4).
+the original net equal jlora's on the residual (1e-4). EVA gives PEFT's ranks and, on
+inputs with few strong directions (where PEFT's incremental PCA is exact), its
+components (1e-3, up to sign).
 """
 
 import jax
@@ -79,3 +81,50 @@ def test_adapters_on_a_residual_base_save_as_plain_lora_for_peft(tmp_path, init,
     back = jlora.peft.load(str(tmp_path), params, module_fn=_module)  # on the original base
     assert back["0"]["kernel"].rank == 6
     np.testing.assert_allclose(jlora.apply(fn)(params, back, X), want, **TOL)
+
+
+class _TwoInputs(torch.nn.Module):
+    """``(tanh(q(x)), u(z))``: two targets with inputs of different spectra."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.u = torch.nn.Linear(8, 6), torch.nn.Linear(6, 5)
+
+    def forward(self, x, z):
+        return torch.tanh(self.q(x)), self.u(z)
+
+
+def _low_rank_rows(seed, n, spectrum, dim):
+    """Rows with exactly ``len(spectrum)`` strong directions (PEFT's incremental PCA keeps
+    only its top components between batches, so it is exact only on such data)."""
+    rng = np.random.default_rng(seed)
+    q = np.linalg.qr(rng.normal(size=(dim, dim)))[0][:, :len(spectrum)]
+    rows = rng.normal(size=(n, len(spectrum))) * spectrum @ q.T + 1e-4 * rng.normal(size=(n, dim))
+    return (rows + 0.3).astype(np.float32)
+
+
+def test_eva_matches_peft_components_and_ranks():
+    from peft.tuners.lora.eva import get_eva_state_dict
+
+    net = _TwoInputs()
+    x, z = _low_rank_rows(0, 64, [5.0, 4.5, 4.0], 8), _low_rank_rows(1, 64, [3.0, 0.5], 6)
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q", "u"],
+                             init_lora_weights="eva", eva_config=peft.EvaConfig(rho=2.0))
+    batches = [(torch.from_numpy(x), torch.from_numpy(z))] * 4
+    want = get_eva_state_dict(net, batches, config, forward_fn=lambda m, b: m(*b),
+                              prepare_model_inputs_fn=None, prepare_layer_inputs_fn=None,
+                              show_progress_bar=False)
+    params = {k: {"kernel": jnp.asarray(getattr(net, k).weight.detach().numpy().T),
+                  "bias": jnp.asarray(getattr(net, k).bias.detach().numpy())} for k in "qu"}
+    fn = lambda p, x, z: (jnp.tanh(x @ p["q"]["kernel"] + p["q"]["bias"][None]),
+                          z @ p["u"]["kernel"] + p["u"]["bias"][None])
+    ad = jlora.init_eva(jax.random.key(0), params, jlora.LoraConfig(
+        rank=2, alpha=4.0, targets=("q", "u")), fn, [(x, z)], rho=2.0)
+    assert {k: v.shape[0] for k, v in want.items()} == {"q": 3, "u": 1}
+    for k, comps in want.items():
+        node = ad[k]["kernel"]
+        assert node.rank == comps.shape[0] and node.alpha == pytest.approx(2.0 * node.rank)
+        a = np.asarray(node.a)  # PEFT's lora_A.weight is (r, in): jlora's A transposed
+        sign = np.sign((a.T * comps.numpy()).sum(1, keepdims=True))
+        np.testing.assert_allclose(a.T * sign, comps.numpy(), rtol=1e-3, atol=1e-3)

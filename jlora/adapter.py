@@ -113,6 +113,30 @@ class TokenNode:
     shape: tuple[int, ...] = dataclasses.field(metadata=_meta)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayersNode:
+    """LoRA on some layers of a scanned stack (PEFT's ``layers_to_transform``): ``node``
+    adapts the sub-stack of ``layers`` (indices along the kernel's first stacked axis,
+    whose size there is ``len(layers)``); the other layers have no factors, and in a
+    ``scan`` cost nothing (each step runs a ``cond``)."""
+
+    node: LoraNode
+    layers: tuple[int, ...] = dataclasses.field(metadata=_meta)
+    length: int = dataclasses.field(metadata=_meta)  # the stack's full size
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The whole kernel's shape."""
+        ax = self.node.stack_axes[0]
+        return self.node.shape[:ax] + (self.length,) + self.node.shape[ax + 1:]
+
+    def __getattr__(self, name):  # rank, alpha, scale, axes, a, b, magnitude: the node's
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.node, name)
+
+
 def _labels(node) -> tuple[tuple[str, int], ...]:
     kinds = {**{ax: "s" for ax in node.stack_axes}, **{ax: "i" for ax in node.in_axes},
              **{ax: "o" for ax in node.out_axes}}
@@ -130,7 +154,7 @@ def _unflat(node, lead: tuple[int, ...]):
 
 
 def is_node(x) -> bool:
-    return isinstance(x, (LoraNode, StackedNode, FullNode, TokenNode))
+    return isinstance(x, (LoraNode, StackedNode, FullNode, TokenNode, LayersNode))
 
 
 def is_lora(x) -> bool:
@@ -165,10 +189,26 @@ def match(params, adapter) -> list:
     return out
 
 
+def _check_layers(path: str, node: LayersNode, leaf) -> None:
+    """The node covers distinct layers of ``leaf``'s stack, and fits those layers."""
+    if not node.node.stack_axes or tuple(node.shape) != tuple(np.shape(leaf)):
+        raise LoraError(f"adapter for {path!r} adapts layers {list(node.layers)} of a stack "
+                        f"of shape {tuple(node.shape)}, but params has "
+                        f"{tuple(np.shape(leaf))}; re-create it with jlora.init")
+    if sorted(set(node.layers)) != list(node.layers) or not all(
+            0 <= i < node.length for i in node.layers):
+        raise LoraError(f"adapter for {path!r}: layers {list(node.layers)} must be distinct, "
+                        f"sorted and below the stack's {node.length}")
+    dtype = leaf.compute_dtype if is_nf4(leaf) else jnp.result_type(leaf)
+    check_node(path, node.node, jax.ShapeDtypeStruct(node.node.shape, dtype))
+
+
 def check_node(path: str, node, leaf) -> None:
     """The node fits ``leaf``: its shape, its factors' shapes and a dtype that keeps precision."""
     if isinstance(node, (FullNode, TokenNode)):
         return _check_whole(path, node, leaf)
+    if isinstance(node, LayersNode):
+        return _check_layers(path, node, leaf)
     if tuple(node.shape) != tuple(np.shape(leaf)):
         raise LoraError(f"adapter for {path!r} was made for shape {tuple(node.shape)} but "
                         f"params has {tuple(np.shape(leaf))}; re-create it with jlora.init "

@@ -121,16 +121,12 @@ def layer_index(path: str, patterns=LAYER_PATTERNS) -> int | str | None:
 
 
 def _in_layers(cfg: LoraConfig, path: str) -> bool:
-    """Whether ``path`` is in ``cfg.layers_to_transform`` (always, when that is None)."""
+    """Whether ``path`` is in ``cfg.layers_to_transform`` (always, when that is None; for
+    a scanned stack, whose layers ``init`` then selects along its stacked axis)."""
     if cfg.layers_to_transform is None:
         return True
     idx = layer_index(path, cfg.layers_pattern or LAYER_PATTERNS)
-    if idx == "stack":
-        raise LoraError(f"layers_to_transform={cfg.layers_to_transform!r}: {path!r} holds every "
-                        "layer of a scanned stack in one array, and adapting some of them would "
-                        "still cost every layer; adapt all layers, or run the model unscanned "
-                        "(a leaf per layer, e.g. scan_layers=False in the example model)")
-    return idx in cfg.layers_to_transform
+    return idx == "stack" or idx in cfg.layers_to_transform  # a stack: init picks its layers
 
 
 def _pattern_value(pattern: Mapping[str, Any], path: str, default):

@@ -140,14 +140,3 @@ def test_layers_to_transform_adapts_only_those_layers(key, layer_key):
                             layers_pattern=layer_key.split("/")[0].split("_")[0])
     assert list(jlora.adapter.adapter_nodes(jlora.init(key, params, only))) == [
         f"model/{layer_key.format(2)}/q_proj/kernel"]
-
-
-def test_layers_to_transform_refuses_a_scanned_stack(key):
-    params = {"params": {"layers": {"q_proj": {"kernel": jnp.ones((4, 8, 8))}}}}
-    cfg = jlora.LoraConfig(rank=2, targets=("q_proj",), layers_to_transform=[0])
-    with pytest.raises(jlora.LoraError, match="scanned stack.*unscanned"):
-        jlora.init(key, params, cfg)
-    for bad in (dict(layers_to_transform=[-1]), dict(layers_to_transform=[]),
-                dict(layers_to_transform="0"), dict(layers_pattern="")):
-        with pytest.raises(jlora.LoraError, match="layers_"):
-            jlora.LoraConfig(**bad)

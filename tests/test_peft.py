@@ -150,18 +150,25 @@ def test_load_errors(tmp_path):
         jlora.peft.load(str(tmp_path), params, module_fn=llama.hf_module)
 
 
-def test_missing_layer_is_an_error(tmp_path, key):
+def test_a_file_missing_a_layer_adapts_the_others_of_a_scanned_stack(tmp_path, key):
+    """As PEFT itself does with missing keys (those layers keep B = 0): the scanned
+    model gets a node on the layers the file has, with the unscanned model's logits."""
     model, params = _jlora_base(_hf_base(), scan=False)
     ad = randomize(jlora.init(key, params, jlora.LoraConfig(rank=2, targets=("q_proj",))), key)
     jlora.peft.save(str(tmp_path), ad, module_fn=llama.hf_module)
-    _, stacked = _jlora_base(_hf_base(), scan=True)
+    scanned_model, stacked = _jlora_base(_hf_base(), scan=True)
     import safetensors.numpy
     file = tmp_path / "adapter_model.safetensors"
     tensors = safetensors.numpy.load(file.read_bytes())
     file.write_bytes(safetensors.numpy.save({k: v for k, v in tensors.items()
                                              if ".1." not in k}))
-    with pytest.raises(ValueError, match="adapts some of its layers but not"):
-        jlora.peft.load(str(tmp_path), stacked, module_fn=llama.hf_module)
+    got = jlora.peft.load(str(tmp_path), stacked, module_fn=llama.hf_module)
+    node = got["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert isinstance(node, jlora.adapter.LayersNode) and node.layers == (0,)
+    one = jlora.peft.load(str(tmp_path), params, module_fn=llama.hf_module)
+    ids = jnp.asarray(_ids())
+    np.testing.assert_allclose(jlora.apply(scanned_model.apply)(stacked, got, ids),
+                               jlora.apply(model.apply)(params, one, ids), **TOL)
 
 
 def test_bf16_adapters_round_trip_through_safetensors(tmp_path, key):
@@ -177,19 +184,23 @@ def test_bf16_adapters_round_trip_through_safetensors(tmp_path, key):
         np.testing.assert_array_equal(np.asarray(mine, np.float32), np.asarray(got, np.float32))
 
 
-def test_peft_layers_to_transform_loads_on_unscanned_layers(tmp_path):
-    """A PEFT adapter on layer 1 only: loads into the unscanned model (layer 0 stays
-    unadapted) with PEFT's logits; a scanned model, whose stacked leaf would need every
-    layer, is a clear error."""
+def test_peft_layers_to_transform_both_directions(tmp_path, key):
+    """A PEFT adapter on layer 1 only loads into the unscanned model (layer 0 stays
+    unadapted) and into the scanned one (a node on layer 1 of the stack) with PEFT's
+    logits; a jlora adapter on layer 1 of a scanned stack loads into PEFT the same way."""
     pm = _peft_trained("lora", layers_to_transform=[1])
-    pm.save_pretrained(tmp_path)
-    model, params = _jlora_base(_hf_base(), scan=False)
-    ad = jlora.peft.load(str(tmp_path), params, module_fn=llama.hf_module)
-    nodes = jlora.adapter.adapter_nodes(ad)
-    assert nodes and all("layers_1" in p for p in nodes)
+    pm.save_pretrained(tmp_path / "peft")
     ids = _ids()
-    np.testing.assert_allclose(jlora.apply(model.apply)(params, ad, jnp.asarray(ids)),
-                               _torch_logits(pm, ids), **TOL)
-    _, scanned = _jlora_base(_hf_base(), scan=True)
-    with pytest.raises(jlora.LoraError, match="adapts some of its layers"):
-        jlora.peft.load(str(tmp_path), scanned, module_fn=llama.hf_module)
+    for scan in (False, True):
+        model, params = _jlora_base(_hf_base(), scan=scan)
+        ad = jlora.peft.load(str(tmp_path / "peft"), params, module_fn=llama.hf_module)
+        nodes = jlora.adapter.adapter_nodes(ad)
+        assert nodes and all("layers_1" in p or n.layers == (1,) for p, n in nodes.items())
+        np.testing.assert_allclose(jlora.apply(model.apply)(params, ad, jnp.asarray(ids)),
+                                   _torch_logits(pm, ids), **TOL)
+    cfg = jlora.LoraConfig(rank=4, targets=tuple(TARGETS), layers_to_transform=[1])
+    ad = randomize(jlora.init(key, params, cfg), key)
+    jlora.peft.save(str(tmp_path / "jlora"), ad, module_fn=llama.hf_module)
+    back = peft.PeftModel.from_pretrained(_hf_base(), str(tmp_path / "jlora")).eval()
+    np.testing.assert_allclose(_torch_logits(back, ids),
+                               jlora.apply(model.apply)(params, ad, jnp.asarray(ids)), **TOL)

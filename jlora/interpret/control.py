@@ -113,7 +113,15 @@ def _scan_slice(v, ctx):
     first = lambda f: None if f is None else jnp.moveaxis(f, j + v.lead, 0)
     xs = (base_xs, first(v.a), first(v.b), first(v.g))
     return xs, lambda x, i: v.replace(base=take(x[0], i), a=x[1], b=x[2], g=x[3],
-                                      labels=labels)
+                                      labels=labels, active=None)
+
+
+def _layer_mask(invals) -> tuple[bool, ...] | None:
+    """The adapted layers when every scanned-over weight adapts the same subset of its
+    stack (``LayersNode``s sliced along that axis), else None (all layers run LoRA)."""
+    masks = {v.active for v in invals if isinstance(v, sy.Sym) and v.labels[0] == ("s", 0)
+             and not v.probe}
+    return masks.pop() if len(masks) == 1 and None not in masks else None
 
 
 @register(lax.scan_p)
@@ -127,14 +135,21 @@ def _scan(eqn, invals, ctx):
     closed = p["jaxpr"]
     keys = []  # capture mode: the paths whose input statistics leave each step
 
+    mask = None if ctx.capture is not None else _layer_mask(invals[nc + ncarry:])
+
     def body(c, x):
         x_vals, step = x
         sub = ctx if ctx.key is None else ctx.fold(step)
         inner = None if ctx.capture is None else ctx.capture.fresh()
-        vals = list(consts) + list(c) + [rebuild(xv, step)
-                                         for (_, rebuild), xv in zip(split, x_vals)]
-        outs = materialized(evaluate(closed.jaxpr, closed.consts, vals,
-                                     dataclasses.replace(sub, capture=inner)), ctx, "scan output")
+        xs_now = [rebuild(xv, step) for (_, rebuild), xv in zip(split, x_vals)]
+        run = lambda xs_now: materialized(evaluate(
+            closed.jaxpr, closed.consts, list(consts) + list(c) + xs_now,
+            dataclasses.replace(sub, capture=inner)), ctx, "scan output")
+        if mask is None:
+            outs = run(xs_now)
+        else:  # a layer without factors runs the base alone
+            plain = [v.base if isinstance(v, sy.Sym) else v for v in xs_now]
+            outs = lax.cond(jnp.asarray(mask)[step], lambda: run(xs_now), lambda: run(plain))
         return outs[:ncarry], (outs[ncarry:], capture.flat(inner, keys))
 
     carry, (ys, extra) = lax.scan(body, carry, (xs, steps), length=p["length"],

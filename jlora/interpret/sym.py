@@ -44,6 +44,9 @@ class Sym:
     dropout: float = dataclasses.field(metadata=dict(static=True))
     path: str = dataclasses.field(metadata=dict(static=True))
     ids: Any = None  # mixed batches: per-example adapter index; the factors lead with n
+    #: Some layers only (``LayersNode``): per index of the stacked axis ("s", 0), whether
+    #: that layer is adapted (the others have zero factors, and a scan skips them).
+    active: tuple[bool, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @property
     def lead(self) -> int:
@@ -58,6 +61,10 @@ class Sym:
         return sum(1 for k, _ in self.labels if k == kind)
 
     def replace(self, **kw) -> "Sym":
+        stacked = lambda labels: sorted(lab for lab in labels if lab[0] == "s")
+        if self.active is not None and "labels" in kw and \
+                stacked(kw["labels"]) != stacked(self.labels):
+            kw["active"] = None  # a stacked axis went: ("s", 0) may now name another
         return dataclasses.replace(self, **kw)
 
 
@@ -75,7 +82,7 @@ def node_norm(leaf, node) -> jax.Array:
     return jax.vmap(norm)(a, b, jnp.asarray(node.scale, jnp.float32))
 
 
-def from_node(leaf, node, path: str, norm=None, ids=None) -> Sym | Any:
+def from_node(leaf, node, path: str, norm=None, ids=None, active=None) -> Sym | Any:
     """The symbolic weight for a base leaf and its adapter node (the leaf if none).
 
     ``norm`` overrides DoRA's norm (unmerge: the base is then the merged weight).
@@ -93,7 +100,7 @@ def from_node(leaf, node, path: str, norm=None, ids=None) -> Sym | Any:
     if ids is not None:
         b = b * jnp.asarray(node.scale, b.dtype).reshape((-1,) + (1,) * (b.ndim - 1))
         scale = 1.0
-    return Sym(leaf, a, b, g, node.labels(), scale, node.dropout, path, ids)
+    return Sym(leaf, a, b, g, node.labels(), scale, node.dropout, path, ids, active)
 
 
 def on_base(base, prim, *operands, **params):

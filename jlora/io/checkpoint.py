@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jlora.adapter import FullNode, LoraNode, TokenNode, adapter_nodes
+from jlora.adapter import FullNode, LayersNode, LoraNode, TokenNode, adapter_nodes
 from jlora.config import LoraError
 from jlora.targets import flatten, path_str
 from jlora.transforms.check import check, check_finite
@@ -87,6 +87,8 @@ def _arrays(node) -> dict:
         return {"weight": node.weight}
     if isinstance(node, TokenNode):
         return {"rows": node.rows}
+    if isinstance(node, LayersNode):
+        return _arrays(node.node)
     out = {"a": node.a, "b": node.b}
     return out if node.magnitude is None else {**out, "magnitude": node.magnitude}
 
@@ -99,6 +101,9 @@ def _settings(node) -> dict:
     if isinstance(node, TokenNode):
         return {"kind": "tokens", "indices": list(node.indices), "shape": list(node.shape),
                 "dtype": dtype}
+    if isinstance(node, LayersNode):  # the sub-stack's node, and which layers it covers
+        return {**_settings(node.node), "kind": "layers", "layers": list(node.layers),
+                "length": node.length}
     if not isinstance(node, LoraNode):
         raise LoraError("a stacked adapter (jlora.stack) does not save as one; save each "
                         "adapter before stacking")
@@ -131,6 +136,9 @@ def _node(s: dict, arrays: dict):
         return TokenNode(**arrays, indices=tuple(s["indices"]), shape=tuple(s["shape"]))
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in s.items()
                 if k in _SETTINGS}
+    if s.get("kind") == "layers":
+        return LayersNode(node=LoraNode(**arrays, **settings), layers=tuple(s["layers"]),
+                          length=s["length"])
     return LoraNode(**arrays, **settings)
 
 

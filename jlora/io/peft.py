@@ -22,7 +22,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from jlora.adapter import FullNode, LoraNode, TokenNode, adapter_nodes, default_axes
+from jlora.adapter import FullNode, LayersNode, LoraNode, TokenNode, adapter_nodes, default_axes
 from jlora.config import LAYER_PATTERNS, LoraError
 from jlora.io import atomic, peft_config, peft_whole, torch_conv
 from jlora.nf4 import is_nf4
@@ -92,13 +92,16 @@ def save(path: str, adapter, *, module_fn=default_module, prefix: str = PREFIX,
     for p, node in nodes.items():
         if isinstance(node, (FullNode, TokenNode)):
             continue
+        layers = None
+        if isinstance(node, LayersNode):  # only its layers have modules (PEFT's zero-B rest)
+            node, layers = node.node, node.layers
         if not isinstance(node, LoraNode):
             raise LoraError(f"{p!r} holds a stacked adapter; save each adapter on its own")
         a, b = np.asarray(node.a), np.asarray(node.b)
         mag = None if node.magnitude is None else np.asarray(node.magnitude)
         conv = convs is not None and re.search(convs, p) and len(node.in_axes) > 1
         for idx in np.ndindex(*_stack_shape(node)):
-            module = module_fn(p, idx)
+            module = module_fn(p, idx if layers is None else (layers[idx[0]],) + idx[1:])
             key = prefix + module
             part_a, part_b = EMBEDDING if re.search(embeddings, p) else LINEAR
             m = None if mag is None else mag[idx]
@@ -109,6 +112,10 @@ def save(path: str, adapter, *, module_fn=default_module, prefix: str = PREFIX,
                 tensors[key + ".lora_magnitude_vector"] = m
             modules[module] = node
     config = {**peft_config.config_of(modules, base_model_name_or_path), **whole}
+    some = {n.layers if isinstance(n, LayersNode) else None for n in nodes.values()
+            if not isinstance(n, (FullNode, TokenNode))}
+    if len(some) == 1 and None not in some:  # every node on the same layers of its stack
+        config["layers_to_transform"] = list(some.pop())
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     atomic.write_dir(path, {WEIGHTS: safetensors.numpy.save(tensors, {"format": "pt"}),
                       CONFIG: json.dumps(config, indent=2, sort_keys=True).encode()})
@@ -180,7 +187,8 @@ def _node(p, leaf, tensors, unused, config, module_fn, prefix, axes, dtype):
     kinds = _factor_keys(p, modules, tensors, prefix)
     if kinds is None:
         return None
-    part_a, part_b = kinds
+    (part_a, part_b), present = kinds
+    layers, modules, shape, stack = _some_layers(present, modules, shape, stack, stack_axes)
     get = lambda m, part: peft_whole.take(tensors, unused, prefix + m + part)
     first = modules[next(iter(modules))]
     if (part_a, part_b) == EMBEDDING and prefix + first + ".base_layer.weight" in tensors \
@@ -202,10 +210,22 @@ def _node(p, leaf, tensors, unused, config, module_fn, prefix, axes, dtype):
     alpha = peft_config.alpha_for(config, p, first, rank)
     scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
     cast = lambda xs: jnp.asarray(np.stack(xs).reshape(stack + xs[0].shape), dtype)
-    return LoraNode(a=cast(a), b=cast(b), rank=rank, alpha=alpha, scale=scale,
+    node = LoraNode(a=cast(a), b=cast(b), rank=rank, alpha=alpha, scale=scale,
                     dropout=float(config.get("lora_dropout", 0.0)), shape=shape,
                     stack_axes=tuple(stack_axes), in_axes=tuple(in_axes),
                     out_axes=tuple(out_axes), magnitude=cast(mag) if mag else None)
+    return node if layers is None else LayersNode(node=node, layers=layers,
+                                                  length=np.shape(leaf)[stack_axes[0]])
+
+
+def _some_layers(present, modules, shape, stack, stack_axes):
+    """``(layers, modules, shape, stack)`` narrowed to the layers the file has (PEFT's
+    ``layers_to_transform`` on a scanned stack); ``layers`` None when it has all."""
+    if len(present) == len(modules):
+        return None, modules, shape, stack
+    ax = stack_axes[0]
+    return (tuple(idx[0] for idx in present), {idx: modules[idx] for idx in present},
+            shape[:ax] + (len(present),) + shape[ax + 1:], (len(present),))
 
 
 def _file_axes(p: str, shape, tensors: dict, module_fn, prefix: str) -> tuple:
@@ -225,16 +245,18 @@ def _file_axes(p: str, shape, tensors: dict, module_fn, prefix: str) -> tuple:
 
 
 def _factor_keys(p: str, modules: dict, tensors: dict, prefix: str):
-    """The key suffixes of the factors (``LINEAR`` or ``EMBEDDING``) of ``p``'s modules, or
-    None when the file adapts none of them."""
+    """The key suffixes of the factors (``LINEAR`` or ``EMBEDDING``) of ``p``'s modules and
+    the stack indices the file adapts (all, or some layers of a one-axis stack), or None
+    when it adapts none of them."""
     parts = {idx: next((ks for ks in (LINEAR, EMBEDDING) if prefix + m + ks[0] in tensors), None)
              for idx, m in modules.items()}
     missing = [m for idx, m in modules.items() if parts[idx] is None]
     if len(missing) == len(modules):
         return None
-    if missing:
+    if missing and len(next(iter(modules))) != 1:
         raise LoraError(f"{p!r}: the PEFT file adapts some of its layers but not {missing[:3]}")
-    return next(iter(parts.values()))
+    present = [idx for idx in modules if parts[idx] is not None]
+    return next(parts[idx] for idx in present), present
 
 
 def _same_table(p: str, leaf, saved) -> None:

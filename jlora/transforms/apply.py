@@ -38,8 +38,8 @@ def interpret_call(fn, params, adapter, args, kwargs, ctx: Ctx, adapter_ids=None
         ctx.examples = {}
         analyze(closed.jaxpr, layout, ctx.examples)
     lowered = [extras.lower(leaf, node) for (_, leaf), node in zip(flat, nodes)]
-    syms = [from_node(qv.wrap(leaf), node, path_str(kp), ids=ids)
-            for (kp, _), (leaf, node) in zip(flat, lowered)]
+    syms = [from_node(qv.wrap(leaf), node, path_str(kp), ids=ids, active=extras.active(orig))
+            for (kp, _), (leaf, node), orig in zip(flat, lowered, nodes)]
     vals = syms + dyn[len(syms):]
     outs = evaluate(closed.jaxpr, closed.consts, vals, ctx)
     return jax.tree_util.tree_unflatten(out_tree, materialized(outs, ctx, "returned"))

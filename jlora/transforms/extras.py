@@ -5,18 +5,24 @@ Both reach the interpreter as what it already knows: a full leaf replaces the ba
 and token rows become a LoRA node of rank ``k`` whose ``A`` is the fixed one-hot
 ``(vocab, k)`` of the chosen ids and whose ``B`` is ``rows - W0[ids]``, so every use of
 the table (a lookup, a tied ``x @ E.T``) stays factored and the gradient is ``(k, d)``.
+Likewise a node on some layers of a scanned stack (``LayersNode``) becomes a node on
+all of them, zero elsewhere, with the adapted layers marked (:func:`active`) so a
+``scan`` skips the low-rank work of the others.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 
-from jlora.adapter import FullNode, LoraNode, TokenNode
+from jlora.adapter import FullNode, LayersNode, LoraNode, TokenNode
 from jlora.config import LoraError
+from jlora.interpret import sym as sy
 from jlora.nf4 import is_nf4
+from jlora.numerics import qview as qv
 
 
 def make(path: str, leaf, indices):
@@ -36,6 +42,8 @@ def lower(leaf, node):
     token rows as a rank-``k`` LoRA node with a constant one-hot ``A``."""
     if isinstance(node, FullNode):
         return node.weight, None
+    if isinstance(node, LayersNode):
+        return leaf, _padded(leaf, node)
     if not isinstance(node, TokenNode):
         return leaf, node
     k, vocab, rest = len(node.indices), node.shape[0], node.shape[1:]
@@ -46,6 +54,27 @@ def lower(leaf, node):
     return leaf, LoraNode(a=a, b=b, rank=k, alpha=float(k), scale=1.0, dropout=0.0,
                           shape=tuple(node.shape), stack_axes=(), in_axes=(0,),
                           out_axes=tuple(range(1, len(node.shape))))
+
+
+def active(node) -> tuple[bool, ...] | None:
+    """For a ``LayersNode``: whether each layer of the stack is adapted."""
+    if not isinstance(node, LayersNode):
+        return None
+    return tuple(i in node.layers for i in range(node.length))
+
+
+def _padded(leaf, node: LayersNode) -> LoraNode:
+    """The node on every layer: zero factors on the others (and, with DoRA, the base's own
+    norm as their magnitude, so those layers stay ``W0``)."""
+    inner, ids = node.node, jnp.asarray(node.layers)
+    pad = lambda f: jnp.zeros((node.length,) + f.shape[1:], f.dtype).at[ids].set(f)
+    full = dataclasses.replace(inner, a=pad(inner.a), b=pad(inner.b), magnitude=None,
+                               shape=node.shape)
+    if inner.magnitude is None:
+        return full
+    norm = sy.node_norm(qv.wrap(leaf), full).reshape((node.length,) + inner.magnitude.shape[1:])
+    mag = norm.astype(inner.magnitude.dtype).at[ids].set(inner.magnitude)
+    return dataclasses.replace(full, magnitude=mag)
 
 
 def merged(leaf, node):

@@ -9,13 +9,14 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jlora.adapter import LoraNode, default_axes
+from jlora.adapter import LayersNode, LoraNode, default_axes
 from jlora.config import BASE_CHANGING_INITS, LoraConfig, LoraError
 from jlora.interpret.probe import discover_axes
 from jlora.nf4 import is_nf4
 from jlora.numerics.dora import dora_norm
 from jlora.numerics.quant import dequantize_array
-from jlora.targets import flatten, path_str, select, select_whole
+from jlora.config import LAYER_PATTERNS
+from jlora.targets import flatten, layer_index, path_str, select, select_whole
 from jlora.transforms import extras, inits
 from jlora.transforms.sharding import place
 
@@ -70,7 +71,8 @@ def init(key, params, cfg: LoraConfig, fn=None, *args, **kwargs):
         if axes is None:
             _check_unambiguous(path, leaf, flat, fn is not None)
             axes = default_axes(leaf.ndim)
-        node, res = _make_node(jax.random.fold_in(key, i), leaf, path, cfg, *chosen[path], axes)
+        make = _make_node if not _some_layers(cfg, path) else _make_layers_node
+        node, res = make(jax.random.fold_in(key, i), leaf, path, cfg, *chosen[path], axes)
         nodes.append(node)
         residual.append(res)
     adapter = jax.tree_util.tree_unflatten(treedef, nodes)
@@ -105,6 +107,29 @@ def _check_unambiguous(path: str, leaf, flat, traced: bool) -> None:
         f"({how}): it may be a head-split attention kernel (in, heads, head_dim), a "
         "convolution kernel or a stack that is not a Flax scan; learn them by tracing: "
         "jlora.init(key, params, cfg, fn, *example_args) with the model's apply function")
+
+
+def _some_layers(cfg: LoraConfig, path: str) -> bool:
+    return cfg.layers_to_transform is not None and \
+        layer_index(path, cfg.layers_pattern or LAYER_PATTERNS) == "stack"
+
+
+def _make_layers_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
+    """A node on ``cfg.layers_to_transform`` of a scanned stack (its first stacked axis)."""
+    layers = tuple(sorted(set(cfg.layers_to_transform)))
+    if not axes[0] or is_nf4(w) or cfg.init == "loftq":
+        why = ("has no stacked axis" if not axes[0] else "would be NF4 in part (adapt all its "
+               "layers, or quantize after init)")
+        raise LoraError(f"layers_to_transform={list(layers)}: {path!r} {why}")
+    ax, length = axes[0][0], w.shape[axes[0][0]]
+    if layers[-1] >= length:
+        raise LoraError(f"layers_to_transform={list(layers)}: {path!r} stacks {length} layers "
+                        f"(axis {ax}); use indices below {length}")
+    ids = jnp.asarray(layers)
+    node, res = _make_node(key, jnp.take(w, ids, axis=ax), path, cfg, rank, alpha, axes)
+    if cfg.init in BASE_CHANGING_INITS:  # the residual of the chosen layers, in place
+        w = w.at[(slice(None),) * ax + (ids,)].set(res)
+    return LayersNode(node=node, layers=layers, length=length), w
 
 
 def _make_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):

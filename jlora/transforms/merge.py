@@ -66,6 +66,7 @@ def merge(params, adapter, *, return_norms: bool = False, requantize: bool = Fal
             out.append(extras.merged(leaf, node))
             changed.append((path, out[-1]))
             continue
+        node = extras.lower(leaf, node)[1]  # some layers of a stack: the others zero
         out.append(sy.materialize(sy.from_node(wrap(leaf), node, path)))
         changed.append((path, out[-1]))
         if return_norms and node.magnitude is not None:
@@ -107,5 +108,6 @@ def unmerge(merged, adapter, norms: dict | None = None):
                             "used: merged, norms = jlora.merge(params, adapter, "
                             "return_norms=True); jlora.unmerge(merged, adapter, norms)")
         norm = None if node.magnitude is None else norms[path]
+        node = extras.lower(leaf, node)[1]
         out.append(sy.dematerialize(sy.from_node(leaf, node, path, norm)))
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -58,8 +58,9 @@ def _stack_nodes(path: str, nodes: list) -> StackedNode:
     for i, n in enumerate(nodes):
         if not isinstance(n, LoraNode):
             why = ("is already stacked; stack plain adapters" if isinstance(n, StackedNode)
-                   else f"is a {type(n).__name__} (modules_to_save / trainable tokens), which "
-                   "mixed batches do not serve yet; merge it into the base first")
+                   else f"is a {type(n).__name__} (modules_to_save / trainable tokens / "
+                   "some layers of a stack), which mixed batches do not serve yet; merge it "
+                   "into the base first")
             raise LoraError(f"adapter {i} at {path!r} {why}")
         same = ("shape", "stack_axes", "in_axes", "out_axes", "dropout")
         bad = [f for f in same if getattr(n, f) != getattr(first, f)]
@@ -227,8 +228,9 @@ def _checked(path: str, parts):
     for _, n in parts:
         if not isinstance(n, LoraNode) or n.magnitude is not None:
             raise LoraError(f"{path!r}: only plain LoRA/rsLoRA adapters combine (a DoRA "
-                            "magnitude, a module trained in full or token rows does not add "
-                            "as low-rank factors; merge such adapters instead)")
+                            "magnitude, a module trained in full, token rows or a node on "
+                            "some layers of a stack does not add as low-rank factors; merge "
+                            "such adapters instead)")
         if (n.shape, n.stack_axes, n.in_axes, n.out_axes) != (
                 first.shape, first.stack_axes, first.in_axes, first.out_axes):
             raise LoraError(f"{path!r}: the adapters were made for different axes or shapes")

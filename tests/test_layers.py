@@ -1,0 +1,127 @@
+"""LoRA on some layers of a scanned stack (PEFT's ``layers_to_transform``): only those
+layers hold factors, the others run the base alone (a ``cond`` per scan step), and the
+numbers equal the unscanned model with a leaf per layer."""
+
+import dataclasses
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jlora
+import llama
+from conftest import F32, randomize
+
+LAYERS = (0, 2)
+
+
+def _both(key, **cfg_kw):
+    """The scanned model (3 layers) with an adapter on LAYERS, and the unscanned model
+    with the same weights and the same factors at layers_0 and layers_2."""
+    conf = llama.LlamaConfig(scan_layers=True, num_layers=3)
+    stacked = llama.init_params(conf, key)
+    unstacked = {"params": {**{k: v for k, v in stacked["params"].items() if k != "layers"},
+                            **{f"layers_{i}": jax.tree.map(lambda v, i=i: v[i],
+                                                           stacked["params"]["layers"])
+                               for i in range(3)}}}
+    cfg = jlora.LoraConfig(rank=4, targets=("q_proj", "down_proj"),
+                           layers_to_transform=list(LAYERS), **cfg_kw)
+    ad = randomize(jlora.init(key, stacked, cfg), key)
+    one = jlora.init(key, unstacked, cfg)
+    nodes = jlora.adapter.adapter_nodes(ad)
+    for mod, name in (("self_attn", "q_proj"), ("mlp", "down_proj")):
+        node = nodes[f"params/layers/{mod}/{name}/kernel"]
+        assert isinstance(node, jlora.adapter.LayersNode) and node.layers == LAYERS
+        assert node.a.shape[0] == len(LAYERS)  # the other layer holds no factors
+        for k, i in enumerate(LAYERS):
+            leaf = one["params"][f"layers_{i}"][mod]
+            mag = None if node.magnitude is None else node.magnitude[k]
+            leaf[name]["kernel"] = dataclasses.replace(leaf[name]["kernel"], a=node.a[k],
+                                                       b=node.b[k], magnitude=mag)
+    models = [llama.Llama(llama.LlamaConfig(scan_layers=s, num_layers=3)) for s in (1, 0)]
+    return models, (stacked, unstacked), (ad, one)
+
+
+def _dots(jaxpr) -> int:
+    """Products: dot_general, and ``jlora_thin`` (the second low-rank product)."""
+    return sum((e.primitive.name in ("dot_general", "jlora_thin"))
+               + sum(_dots(sub) for sub in jax.extend.core.jaxprs_in_params(e.params))
+               for e in jaxpr.eqns)
+
+
+def _conds_in_scans(jaxpr, found):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "cond":
+            found.append([b.jaxpr for b in eqn.params["branches"]])
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            _conds_in_scans(sub, found)
+    return found
+
+
+def test_outputs_and_gradients_equal_the_unscanned_model(key):
+    (scanned, flat), (stacked, unstacked), (ad, one) = _both(key)
+    ids = jax.random.randint(key, (2, 10), 0, 256)
+    np.testing.assert_allclose(jax.jit(jlora.apply(scanned.apply))(stacked, ad, ids),
+                               jlora.apply(flat.apply)(unstacked, one, ids), **F32)
+    loss = lambda m, p: lambda a: jnp.mean(jlora.apply(m.apply)(p, a, ids) ** 2)
+    g = jax.jit(jax.grad(loss(scanned, stacked)))(ad)
+    h = jax.grad(loss(flat, unstacked))(one)
+    for mod, name in (("self_attn", "q_proj"), ("mlp", "down_proj")):
+        gs = g["params"]["layers"][mod][name]["kernel"]
+        for k, i in enumerate(LAYERS):
+            hs = h["params"][f"layers_{i}"][mod][name]["kernel"]
+            np.testing.assert_allclose(gs.a[k], hs.a, **F32)
+            np.testing.assert_allclose(gs.b[k], hs.b, **F32)
+
+
+def test_the_other_layers_run_no_low_rank_work(key):
+    """Each scan step branches: the adapted branch has the 2 x 2 low-rank dots more."""
+    (scanned, _), (stacked, _), (ad, _) = _both(key)
+    ids = jnp.zeros((1, 4), jnp.int32)
+    jaxpr = jax.make_jaxpr(jlora.apply(scanned.apply))(stacked, ad, ids).jaxpr
+    (branches,) = _conds_in_scans(jaxpr, [])
+    plain, adapted = sorted(branches, key=_dots)
+    assert _dots(adapted) - _dots(plain) == 4
+    assert jlora.explain(scanned.apply, stacked, ad, ids) == {
+        "params/layers/self_attn/q_proj/kernel": ["factored"],
+        "params/layers/mlp/down_proj/kernel": ["factored"]}
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_merge_save_and_load(key, tmp_path, dora):
+    (scanned, _), (stacked, _), (ad, _) = _both(key, dora=dora)
+    ids = jax.random.randint(key, (2, 10), 0, 256)
+    merged = jlora.merge(stacked, ad)
+    np.testing.assert_allclose(scanned.apply(merged, ids),
+                               jlora.apply(scanned.apply)(stacked, ad, ids), **F32)
+    w0 = stacked["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    w = merged["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    np.testing.assert_allclose(w[1], w0[1], rtol=1e-6, atol=0)  # layer 1 keeps W0
+    assert not np.allclose(w[0], w0[0])
+    jlora.save_adapter(tmp_path / "ad", ad)
+    mine = jlora.adapter.adapter_nodes(ad)
+    back = jlora.adapter.adapter_nodes(jlora.load_adapter(tmp_path / "ad"))
+    assert back.keys() == mine.keys()
+    for p, node in mine.items():
+        assert jax.tree.structure(back[p]) == jax.tree.structure(node)  # settings too
+        for x, y in zip(jax.tree.leaves(node), jax.tree.leaves(back[p])):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_errors(key):
+    params = {"params": {"layers": {k: {"kernel": jnp.ones((4, 8, 8))} for k in ("q", "v")}}}
+    cfg = lambda **kw: jlora.LoraConfig(rank=2, targets=("q",), **kw)
+    with pytest.raises(ValueError, match="stacks 4 layers.*below 4"):
+        jlora.init(key, params, cfg(layers_to_transform=[1, 4]))
+    ad = jlora.init(key, params, cfg(layers_to_transform=[1, 3]))
+    with pytest.raises(ValueError, match="some layers of a stack"):
+        jlora.stack([ad, ad])
+    with pytest.raises(ValueError, match="NF4 in part"):
+        jlora.init(key, jlora.quantize(params, compute_dtype=jnp.float32),
+                   cfg(layers_to_transform=[1]))
+    for bad in (dict(layers_to_transform=[-1]), dict(layers_to_transform=[]),
+                dict(layers_to_transform="0"), dict(layers_pattern="")):
+        with pytest.raises(ValueError, match="layers_"):
+            jlora.LoraConfig(**bad)

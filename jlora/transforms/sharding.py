@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jlora.adapter import FullNode, StackedNode, TokenNode, adapter_nodes, is_node
+from jlora.adapter import FullNode, LayersNode, StackedNode, TokenNode, adapter_nodes, is_node
 from jlora.targets import flatten, path_str
 
 
@@ -25,6 +26,11 @@ def node_sharding(leaf, node):
         return None
     if isinstance(node, FullNode):  # the trained copy lies where the base leaf does
         return FullNode(weight=sharding)
+    if isinstance(node, LayersNode):  # its few layers: whole along the stack axis
+        spec = list(sharding.spec) + [None] * (len(node.shape) - len(sharding.spec))
+        spec[node.node.stack_axes[0]] = None
+        sub = types.SimpleNamespace(sharding=NamedSharding(sharding.mesh, PartitionSpec(*spec)))
+        return dataclasses.replace(node, node=node_sharding(sub, node.node))
     spec = tuple(sharding.spec) + (None,) * (len(node.shape) - len(sharding.spec))
     if isinstance(node, TokenNode):  # a few rows: whole along the token axis
         named = NamedSharding(sharding.mesh, PartitionSpec(None, *spec[1:]))

@@ -94,13 +94,15 @@ def _inspect(args) -> str:
 
 def _row(n) -> str:
     """rank | alpha | scale | variant, for any node kind."""
-    from jlora.adapter import FullNode, TokenNode
+    from jlora.adapter import FullNode, LayersNode, TokenNode
     if isinstance(n, FullNode):
         return "- | - | - | trained in full (modules_to_save)"
     if isinstance(n, TokenNode):
         ids = ", ".join(map(str, n.indices[:8])) + (", ..." if len(n.indices) > 8 else "")
         return f"- | - | - | token rows {ids} (trainable_token_indices)"
     variant = "dora" if n.magnitude is not None else "lora"
+    if isinstance(n, LayersNode):
+        variant += f" on layers {', '.join(map(str, n.layers))} of {n.length} (layers_to_transform)"
     return f"{n.rank} | {n.alpha:g} | {n.scale:.4g} | {variant}"
 
 

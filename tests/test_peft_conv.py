@@ -121,3 +121,27 @@ def test_an_ambiguous_conv_kernel_asks_for_axes(tmp_path):
                          axes={"0/kernel": ((), (1, 2, 3), (0,))})
     la = pm.base_model.model[0].lora_A["default"].weight.detach().numpy()
     np.testing.assert_array_equal(ad["0"]["kernel"].a, la.reshape(2, -1).T)
+
+
+def test_a_conv_trained_in_full_both_directions(tmp_path, key):
+    """PEFT's modules_to_save on a conv: torch's (out, in, kh, kw) weight is a Flax
+    (kh, kw, in, out) kernel; LoRA on the other convs beside it."""
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["conv1", "conv3"],
+                          modules_to_save=["conv2"], init_lora_weights=False)
+    pm = peft.get_peft_model(Net(), cfg).eval()
+    saved = pm.base_model.model.conv2.modules_to_save["default"]
+    with torch.no_grad():
+        saved.weight.add_(0.1 * torch.randn_like(saved.weight))
+        saved.bias.add_(0.1)
+    pm.save_pretrained(tmp_path / "peft")
+    params, fn = _jax_net("hwio")
+    x = _x()
+    ad = jlora.peft.load(str(tmp_path / "peft"), params, module_fn=_module)
+    assert isinstance(ad["conv2"]["kernel"], jlora.adapter.FullNode)
+    np.testing.assert_allclose(jlora.apply(fn)(params, ad, x), _torch_out(pm, x), **TOL)
+    ad = jlora.init(key, params, jlora.LoraConfig(rank=4, targets=("conv1", "conv3"),
+                                                  modules_to_save=("conv2",)), fn, x)
+    ad = randomize(ad, key)
+    jlora.peft.save(str(tmp_path / "jlora"), ad, module_fn=_module)
+    back = peft.PeftModel.from_pretrained(Net(), str(tmp_path / "jlora")).eval()
+    np.testing.assert_allclose(_torch_out(back, x), jlora.apply(fn)(params, ad, x), **TOL)

@@ -2,8 +2,10 @@
 
 A module trained in full is saved under its own parameter names (``<module>.weight``,
 ``<module>.bias``: PEFT strips ``modules_to_save.default``), in torch's layout: a Flax
-``kernel`` ``(in, out)`` is torch's ``weight`` ``(out, in)``, an ``embedding`` or a norm
-``scale`` is ``weight`` as it is. Trained token rows are
+``kernel`` ``(in, out)`` is torch's ``weight`` ``(out, in)``, a Flax conv ``kernel``
+``(*k, in, out)`` (selected by ``convs``) is torch's ``(out, in, *k)``, an
+``embedding``, a norm ``scale`` or an Equinox/torch-layout ``weight`` is ``weight`` as
+it is. Trained token rows are
 ``<module>.token_adapter.trainable_tokens_delta`` ``(k, d)`` (the new rows themselves,
 despite the name), their ids in the config.
 """
@@ -33,9 +35,11 @@ def take(tensors: dict, unused: set, key: str):
     return tensors[key]
 
 
-def _torch_param(p: str, ndim: int):
-    """``(torch name, number of leading stacked axes, transposed)`` of a full leaf: one
-    stacked axis under a layer-list segment without an index (a scanned stack)."""
+def _torch_param(p: str, ndim: int, conv: bool = False):
+    """``(torch name, number of leading stacked axes, order)`` of a full leaf: one stacked
+    axis under a layer-list segment without an index (a scanned stack); ``order`` is the
+    permutation of one layer's axes into torch's (None: as is). ``conv``: a ``kernel`` of
+    3+ axes is a Flax convolution kernel ``(*k, in, out)``."""
     name = p.split("/")[-1]
     if name not in _TORCH:
         raise LoraError(f"{p!r} is trained in full but jlora knows no torch name for a leaf "
@@ -43,11 +47,14 @@ def _torch_param(p: str, ndim: int):
                         "jlora.save_adapter")
     torch_name, torch_ndim, transposed = _TORCH[name]
     n_stack = 1 if layer_index(p) == "stack" else 0
-    if torch_ndim is not None and ndim - n_stack != torch_ndim:
+    n = ndim - n_stack
+    if conv and name == "kernel" and n > 2:
+        return torch_name, n_stack, (n - 1, n - 2, *range(n - 2))
+    if torch_ndim is not None and n != torch_ndim:
         raise LoraError(f"{p!r} has {ndim} axes ({n_stack} stacked), but torch's "
                         f"{torch_name} for a {name!r} has {torch_ndim}; save it with "
                         "jlora.save_adapter")
-    return torch_name, n_stack, transposed
+    return torch_name, n_stack, (1, 0) if transposed else None
 
 
 def save_tensors(nodes: dict, module_fn, prefix: str, convs: str | None):
@@ -60,13 +67,12 @@ def save_tensors(nodes: dict, module_fn, prefix: str, convs: str | None):
             tokens[module.split(".")[-1]] = list(node.indices)
         elif isinstance(node, FullNode):
             w = np.asarray(node.weight)
-            if convs is not None and re.search(convs, p) and w.ndim > 2:
-                raise LoraError(f"{p!r}: a convolution kernel trained in full has no PEFT "
-                                "layout in jlora yet; save it with jlora.save_adapter")
-            torch_name, n_stack, transposed = _torch_param(p, w.ndim)
+            conv = convs is not None and bool(re.search(convs, p))
+            torch_name, n_stack, order = _torch_param(p, w.ndim, conv)
             for idx in np.ndindex(*w.shape[:n_stack]):
                 module = module_fn(p, idx)
-                tensors[f"{prefix}{module}.{torch_name}"] = w[idx].T if transposed else w[idx]
+                tensors[f"{prefix}{module}.{torch_name}"] = (
+                    w[idx] if order is None else np.transpose(w[idx], order))
                 full.add(module.split(".")[-1])
     return tensors, {"modules_to_save": sorted(full) or None,
                      "trainable_token_indices": tokens or None}
@@ -88,7 +94,7 @@ def load_node(p: str, leaf, tensors: dict, unused: set, config: dict, module_fn,
                              shape=shape)
     if not config.get("modules_to_save") or p.split("/")[-1] not in _TORCH:
         return None
-    torch_name, n_stack, transposed = _torch_param(p, len(shape))
+    torch_name, n_stack, order = _torch_param(p, len(shape), conv=True)
     keys = [f"{prefix}{module_fn(p, idx)}.{torch_name}" for idx in np.ndindex(*shape[:n_stack])]
     present = [k for k in keys if k in tensors]
     if not present:
@@ -97,11 +103,15 @@ def load_node(p: str, leaf, tensors: dict, unused: set, config: dict, module_fn,
         raise LoraError(f"{p!r}: the PEFT file trains some of its layers in full but lacks "
                         f"{sorted(set(keys) - set(present))[:3]}")
     parts = [take(tensors, unused, k) for k in keys]
-    parts = [t.T if transposed else t for t in parts]
+    back = None if order is None else np.argsort(order)
+    if any(t.ndim != len(shape) - n_stack for t in parts):
+        raise LoraError(f"{p!r}: the PEFT file's {torch_name} {keys[0]!r} has shape "
+                        f"{parts[0].shape}, which does not fit params' {shape}")
+    torch_shape = parts[0].shape
+    parts = [t if back is None else np.transpose(t, back) for t in parts]
     if any(t.shape != shape[n_stack:] for t in parts):
         raise LoraError(f"{p!r}: the PEFT file's {torch_name} {keys[0]!r} has shape "
-                        f"{parts[0].shape[::-1] if transposed else parts[0].shape}, which "
-                        f"does not fit params' {shape}")
+                        f"{torch_shape}, which does not fit params' {shape}")
     return FullNode(weight=jnp.asarray(np.stack(parts).reshape(shape), dtype))
 
 

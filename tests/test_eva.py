@@ -114,6 +114,10 @@ def test_errors(key):
     w = jnp.stack([jnp.eye(8), jnp.eye(8)])
     scan = lambda p, x: jax.lax.scan(lambda c, w: (c @ w * jnp.array([[9.0] + [1.0] * 7]), None),
                                      x, p["w"])[0]
+    with pytest.raises(ValueError, match="layers_to_transform on a scanned stack"):
+        jlora.init_eva(key, {"layers": {"w": w, "v": w}}, jlora.LoraConfig(
+            rank=2, targets=("w",), layers_to_transform=[1]), lambda p, x: scan(
+                {"w": p["layers"]["w"]}, x), [(_rows(key, 50, [1.0] * 8),)])
     with pytest.raises(ValueError, match="different ranks.*rho=1.0"):
         jlora.init_eva(key, {"w": w}, jlora.LoraConfig(rank=2, targets=("w",)), scan,
                        [(_rows(key, 50, [1.0] * 8),)], rho=2.0)

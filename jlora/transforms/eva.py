@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.adapter import LoraNode, match
+from jlora.adapter import LayersNode, LoraNode, match
 from jlora.config import BASE_CHANGING_INITS, LoraConfig, LoraError
 from jlora.interpret.capture import Capture
 from jlora.interpret.core import Ctx
@@ -70,6 +70,10 @@ def init_eva(key, params, cfg: LoraConfig, fn, batches, *, masks=None, rho: floa
     flat, treedef = flatten(params)
     paths = [path_str(kp) for kp, _ in flat]
     nodes = dict(zip(paths, match(params, adapter)))
+    some = [p for p, n in nodes.items() if isinstance(n, LayersNode)]
+    if some:
+        raise LoraError(f"init_eva with layers_to_transform on a scanned stack ({some[0]!r}) "
+                        "is not supported yet; adapt all its layers or use an unscanned model")
     lora = {p: n for p, n in nodes.items() if isinstance(n, LoraNode)}
     pcas = {p: _pca(stats[p], round(rho * n.rank), p) for p, n in lora.items() if p in stats}
     ranks = _distribute(pcas, {p: lora[p].rank for p in pcas})

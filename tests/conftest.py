@@ -13,6 +13,44 @@ for _flag in filter(None, os.environ.get("JLORA_JAX_FLAGS", "").split(",")):
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 
 F32 = dict(rtol=1e-5, atol=1e-5)
+
+#: The slowest tests, seconds per test function on this 2-core machine (``--durations``,
+#: ``-n 2``), summed over its parameters. They start first, split between the two
+#: workers of ``pytest -n 2 --dist worksteal`` (which hands the first half of the
+#: collection to one worker and the rest to the other), so no long test starts late.
+SLOW = {"test_any_dot_general_layout_matches_materialized": 220,
+        "test_sharded_cases_on_8_devices": 290,
+        "test_adapters_trained_together_equal_each_trained_alone": 164,
+        "test_main_example_smoke": 156, "test_accelerator_entry_point_quick": 141,
+        "test_factored_and_exact_under": 209, "test_quickstart_learns_the_task": 77,
+        "test_kv_cache_decode_of_a_mixed_batch_equals_each_adapter_alone": 102,
+        "test_every_layout_computes_each_examples_own_adapter": 67,
+        "test_merge_equals_the_materialized_weight_and_unmerge_inverts_it": 60,
+        "test_flax_convolutions_are_factored": 57,
+        "test_nf4_round_trip_within_the_closed_form_bound": 56,
+        "test_sharded_example_trains": 55, "test_no_table_sized_array_in_the_train_step": 49,
+        "test_dora_in_scan_and_dense_general": 47,
+        "test_qlora_equals_lora_on_the_dequantized_base": 150,
+        "test_training_killed_mid_save_resumes_exactly": 43,
+        "test_two_processes_train_the_same_adapter_as_one": 35}
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first, balanced between the two halves of the collection."""
+    name = lambda it: getattr(it, "originalname", it.name)
+    count = {}
+    for it in items:
+        count[name(it)] = count.get(name(it), 0) + 1
+    cost = lambda it: SLOW[name(it)] / count[name(it)]
+    slow = sorted((it for it in items if name(it) in SLOW), key=cost, reverse=True)
+    fast = [it for it in items if name(it) not in SLOW]
+    halves, load = ([], []), [0.0, 0.0]
+    for it in slow:  # longest first, each to the lighter half
+        k = load.index(min(load))
+        halves[k].append(it)
+        load[k] += cost(it)
+    cut = max(0, len(items) // 2 - len(halves[0]))
+    items[:] = halves[0] + fast[:cut] + halves[1] + fast[cut:]
 BF16 = dict(rtol=1e-2, atol=1e-2)
 
 

@@ -37,7 +37,7 @@ def layouts(draw):
             dtype)
 
 
-@settings(max_examples=24, deadline=None, derandomize=True)
+@settings(max_examples=16, deadline=None, derandomize=True)
 @given(layouts())
 def test_any_dot_general_layout_matches_materialized(layout):
     shape, axes, x_shape, ((xc, wc), (xb, wb)), rank, w_is_lhs, seed, dtype = layout

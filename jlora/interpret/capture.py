@@ -11,13 +11,13 @@ set per layer, leading like the stack axis.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax.numpy as jnp
 from jax import lax
 
 from jlora.config import LoraError
+from jlora.interpret.grouped import in_rows
 
 
 @dataclasses.dataclass
@@ -41,10 +41,7 @@ def add(cap: Capture, sym, x, xc, wc, xb, wb) -> None:
             f"EVA needs the inputs of {sym.path!r} as rows against all its in axes, but the "
             "model contracts it another way (batched, over stacked axes not sliced by a scan, "
             "or on its out axes); leave it out of the targets for init_eva")
-    order = sorted(range(len(wc)), key=lambda k: sym.labels[wc[k]][1])
-    xc = [xc[k] for k in order]
-    free = [ax for ax in range(x.ndim) if ax not in xc]
-    rows = jnp.transpose(x, free + xc).reshape(-1, math.prod(x.shape[a] for a in xc))
+    rows, free = in_rows(x, sym, xc, wc)
     rows = rows.astype(jnp.float32)
     keep = jnp.ones((rows.shape[0],), jnp.float32)
     if cap.mask is not None:

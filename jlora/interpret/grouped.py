@@ -40,12 +40,20 @@ def chosen(choice: str, x, sym: Sym, ex_axis: int) -> bool:
     """``choice`` ("auto"/"gather"/"grouped") resolved for this use."""
     if choice != "auto":
         return choice == "grouped"
-    rows_per_example = x.size // x.shape[ex_axis] // _contracted_size(x, sym)
+    rows_per_example = x.size // x.shape[ex_axis] // math.prod(sym.a.shape[1:-1])
     return jax.default_backend() != "cpu" and rows_per_example < sym.a.shape[-1]
 
 
-def _contracted_size(x, sym: Sym) -> int:
-    return math.prod(sym.a.shape[1:-1])
+def in_rows(x, sym: Sym, xc, wc, first=None):
+    """``(rows, free)``: ``x`` as ``(rows, K)``, its contracted axes last in ``A``'s in-axis
+    order, the others (``first`` leading) flattened into rows in the order ``free``."""
+    order = sorted(range(len(wc)), key=lambda k: sym.labels[wc[k]][1])
+    xc = [xc[k] for k in order]
+    free = [ax for ax in range(x.ndim) if ax not in xc]
+    if first is not None:
+        free = [first] + [ax for ax in free if ax != first]
+    k = math.prod(x.shape[ax] for ax in xc)
+    return jnp.transpose(x, free + xc).reshape(-1, k), free
 
 
 def low_rank(x, sym: Sym, sym_is_rhs: bool, dims, ex_axis: int, ids, prec):
@@ -53,12 +61,9 @@ def low_rank(x, sym: Sym, sym_is_rhs: bool, dims, ex_axis: int, ids, prec):
 
     ``ids`` gives the adapter of each index along ``x``'s axis ``ex_axis``."""
     xc, wc, _, _ = dims
-    in_order = sorted(range(len(wc)), key=lambda k: sym.labels[wc[k]][1])
-    xc = [xc[k] for k in in_order]  # x's contracted axes in A's in-axis order
-    free = [ax for ax in range(x.ndim) if ax not in xc]
-    rest = [ax for ax in free if ax != ex_axis]
+    rows, order = in_rows(x, sym, xc, wc, first=ex_axis)
+    free, rest = sorted(order), order[1:]
     n, r = sym.a.shape[0], sym.a.shape[-1]
-    rows = jnp.transpose(x, [ex_axis, *rest, *xc]).reshape(-1, math.prod(x.shape[a] for a in xc))
     row_ids = jnp.repeat(ids, math.prod(x.shape[a] for a in rest))
     used = row_ids >= 0
     order = jnp.argsort(jnp.maximum(row_ids, 0), stable=True)

@@ -1,6 +1,7 @@
-"""Two CPU-backend facts quoted in the notes, measured: the thin low-rank matmuls on
-XLA's CPU backend (and the one-matmul ``x @ [W0 | A]`` alternative), and bitsandbytes'
-CPU 4-bit kernels against its reference code.
+"""CPU-backend facts quoted in the notes, measured: the thin low-rank matmuls on
+XLA's CPU backend (and the one-matmul ``x @ [W0 | A]`` alternative), the layout of
+the first factor's gradient ``dA = x^T dt``, and bitsandbytes' CPU 4-bit kernels
+against its reference code.
 
 Run from the repo root: ``python benchmarks/cpu_kernels.py`` (bitsandbytes part needs
 the ``interop`` extra; it is skipped with a message otherwise).
@@ -47,6 +48,28 @@ def thin_matmuls(rank: int = 16) -> None:
         print(f"| {t} x {i} x {o} | " + " | ".join(f"{v:.2f} ms" for v in row) + " |")
 
 
+def factor_gradient(rank: int = 16, repeats: int = 5) -> None:
+    """``dA = x^T dt`` as JAX writes it (an ``(in, r)`` output), as ``(dt^T x)^T`` (XLA
+    folds the transpose back: the same program) and as jlora's transpose rule emits it
+    (the ``(r, in)`` product behind an ``optimization_barrier``, then transposed)."""
+    from jax import lax
+    forms = {"x^T dt": lambda x, t: x.T @ t, "(dt^T x)^T": lambda x, t: (t.T @ x).T,
+             "jlora: barrier((dt^T x))^T": lambda x, t: lax.optimization_barrier(t.T @ x).T}
+    print(f"\n| tokens x in (r {rank}) | " + " | ".join(forms) + " | speed-up |"
+          "\n|---|" + "---|" * (len(forms) + 1))
+    for t, i in ((1024, 512), (1024, 1408)):
+        ks = jax.random.split(jax.random.key(1), 2)
+        x, dt = jax.random.normal(ks[0], (t, i)), jax.random.normal(ks[1], (t, rank))
+        got = {k: [] for k in forms}
+        for _ in range(repeats):  # the forms interleaved, medians of medians
+            for k, f in forms.items():
+                got[k].append(_ms(f, x, dt))
+        med = [statistics.median(v) for v in got.values()]
+        print(f"| {t} x {i} | " + " | ".join(f"{m:.3f} ms ({min(v):.3f}-{max(v):.3f})"
+                                           for m, v in zip(med, got.values()))
+              + f" | {med[0] / med[-1]:.1f}x |")
+
+
 def bitsandbytes_cpu() -> None:
     try:
         import bitsandbytes.functional as F
@@ -76,4 +99,5 @@ def bitsandbytes_cpu() -> None:
 
 if __name__ == "__main__":
     thin_matmuls()
+    factor_gradient()
     bitsandbytes_cpu()

@@ -3,8 +3,8 @@
 The low-rank path is two thin contractions, each one ``dot_general`` (plus a
 transpose where the output order needs it), emitted directly rather than
 through ``jnp.einsum``, whose path search and nested ``jit`` cost tracing
-time at every use site; the second is :func:`jlora.interpret.thin.thin`,
-whose transpose keeps XLA from transposing the full-size cotangent.
+time at every use site; both are :func:`jlora.interpret.thin.thin`, whose
+transpose computes each factor's gradient in the order XLA runs fastest.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from jlora.interpret import sym as sy
 from jlora.interpret.core import register
 from jlora.interpret.examples import Lost
 from jlora.interpret.sym import Sym
-from jlora.interpret.thin import contract, thin
+from jlora.interpret.thin import thin
 from jlora.numerics import qview as qv
 
 #: What ``explain`` says of a factored use that contracts the adapter's out-axes: the
@@ -169,7 +169,7 @@ def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec, where=None,
     if sym.ids is not None:  # gather each example's factors (and g)
         pick = lambda f: jnp.take(f, jnp.maximum(ids, 0), axis=0, mode="clip")
         first, second, g = pick(first), pick(second), None if g is None else pick(g)
-    t = contract(f"{sp['x']},{sp['first']}->{sp['t']}", x.astype(first.dtype), first, prec)
+    t = thin(f"{sp['x']},{sp['first']}->{sp['t']}", prec, x.astype(first.dtype), first)
     if sym.scale != 1.0:  # scale the thin rank-r intermediate, not the full-size output
         t = t * jnp.asarray(sym.scale, t.dtype)
     y = _thin_product(f"{sp['t']},{sp['second']}->{sp['out']}", prec, t, second)

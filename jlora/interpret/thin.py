@@ -1,17 +1,17 @@
-"""``thin_p``: the rank-r intermediate times its second factor, as a JAX primitive.
+"""``thin_p``: the two low-rank products ``x A`` and ``t B``, as a JAX primitive.
 
 ``thin(spec, t, f)`` is ``contract(spec, t, f)`` (one ``dot_general``), with
 differentiation rules of its own. It is bilinear, so forward mode is its
 own bind on a tangent (``jax.jvp``, ``jacfwd``, ``hessian`` all work), and its
-transpose computes the factor's gradient as ``dot_general(t, dy)``. JAX's rule
-for ``dot_general`` computes ``dot_general(dy, t)``, which XLA's CPU backend
-runs by writing the full-size ``dy`` transposed (measured:
-``python benchmarks/profile_step.py``); here only the thin ``t`` is. A
-``custom_vjp`` would do the same for reverse mode but refuse forward mode.
-"""
+transpose computes the factor's gradient with the rank axis major: for ``t B``
+``dot_general(t, dy)`` (JAX's rule computes ``dot_general(dy, t)``, which XLA's
+CPU backend runs by writing the full-size ``dy`` transposed; measured:
+``python benchmarks/profile_step.py``), for ``x A`` ``(dt^T x)^T``. A
+``custom_vjp`` would do the same for reverse mode but refuse forward mode."""
 
 from __future__ import annotations
 
+import math
 import string
 
 import jax
@@ -84,9 +84,25 @@ def _transpose_t(ct, t, f, *, spec, precision):
 
 
 def _transpose_f(ct, t, f, *, spec, precision):
-    """The cotangent of the factor: ``dot_general(t, dy)``, thin operand first."""
+    """The cotangent of the factor, computed with its rank axis major.
+
+    For the first product ``x A`` that is ``(dt^T x)^T``: XLA's CPU backend runs
+    ``x^T dt`` (an ``(in, r)`` output) about 4x slower than the same product
+    with the ``(r, in)`` output, and would fold a plain transpose back into the
+    dot, so an ``optimization_barrier`` keeps the order; the transpose after it
+    moves only a factor-sized array (``benchmarks/cpu_kernels.py``).
+    """
     (ts, fs), out = spec.split("->")[0].split(","), spec.split("->")[1]
-    return contract(f"{ts},{out}->{fs}", t, ct, precision, mesh.spec(f)).astype(_dtype(f, ct))
+    dtype, want = _dtype(f, ct), mesh.spec(f)
+    size = dict(zip(ts, jnp.shape(t))) | dict(zip(out, jnp.shape(ct)))
+    lead = [c for c in fs if c in ts and c in out]  # batch letters stay first
+    of_t, of_ct = ([c for c in fs if c in a and c not in b] for a, b in ((ts, out), (out, ts)))
+    if math.prod(size[c] for c in of_t) <= math.prod(size[c] for c in of_ct):
+        return contract(f"{ts},{out}->{fs}", t, ct, precision, want).astype(dtype)
+    order = "".join(lead + of_ct + of_t)
+    part = None if want is None else tuple(want[fs.index(c)] for c in order)
+    z = lax.optimization_barrier(contract(f"{out},{ts}->{order}", ct, t, precision, part))
+    return lax.transpose(z, [order.index(c) for c in fs]).astype(dtype)
 
 
 def _batch(args, dims, *, spec, precision):

@@ -7,7 +7,7 @@ from the floor) and sums each executed HLO op's time into: base matmuls,
 attention (batched dots), low-rank matmuls (a dot with a rank-sized axis) and other
 (elementwise, reductions, copies). The split comes from the compiled HLO, so it is
 exact about what each op is. Then times the LoRA step with jlora's VJP for the
-second low-rank product against JAX's own VJP of the same einsum. Run from the
+two low-rank products against JAX's own VJP of the same einsums. Run from the
 repo root: ``python benchmarks/profile_step.py`` (writes ``benchmarks/results/profile_step.md``).
 """
 
@@ -96,8 +96,9 @@ def profile(f, args) -> dict:
     return {k: statistics.median(c[k] for c in per_call) for k in KINDS}
 
 
-def vjp_ab(model, params, ids, adapters: dict, repeats: int = 9) -> str:
-    """Step time with jlora's VJP for ``(x A) B`` vs JAX's own, interleaved in one process."""
+def vjp_ab(model, params, ids, adapters: dict, frozen, repeats: int = 21) -> str:
+    """Step time with jlora's VJP for ``x A`` and ``(x A) B`` vs JAX's own, and the frozen
+    floor, interleaved in one process."""
     import jax.numpy as jnp
     import optax
 
@@ -105,10 +106,10 @@ def vjp_ab(model, params, ids, adapters: dict, repeats: int = 9) -> str:
     from jlora.interpret import dot as factored
     x, y = ids[:, :-1], ids[:, 1:]
     loss = lambda ad, p: llama.loss_fn(jlora.apply(model.apply)(p, ad, x), y)
-    tx, calls, ours = optax.adamw(2e-4), {}, factored._thin_product
+    tx, calls, ours = optax.adamw(2e-4), {"frozen": frozen}, factored._thin_product
     try:
         for variant in ("jlora's VJP", "JAX's VJP"):
-            if variant == "JAX's VJP":  # the plain einsum, differentiated by JAX
+            if variant == "JAX's VJP":  # the plain einsums, differentiated by JAX
                 factored._thin_product = lambda spec, prec, t, f: jnp.einsum(spec, t, f,
                                                                             precision=prec)
             for name, ad in adapters.items():
@@ -117,12 +118,17 @@ def vjp_ab(model, params, ids, adapters: dict, repeats: int = 9) -> str:
                 calls[(name, variant)] = (step, args)
     finally:
         factored._thin_product = ours
-    med = {k: statistics.median(v) for k, v in timeit_interleaved(calls, repeats).items()}
-    lines = ["| targets | jlora's VJP ms | JAX's VJP ms | ratio |", "|---|---|---|---|"]
+    times = timeit_interleaved(calls, repeats)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    cell = lambda k: f"{med[k]:.0f} ({min(times[k]):.0f}-{max(times[k]):.0f})"
+    lines = ["| targets | jlora's VJP ms | JAX's VJP ms | ratio | jlora / frozen floor | "
+             "JAX's / frozen floor |", "|---|---|---|---|---|---|"]
     for name in adapters:
-        a, b = med[(name, "jlora's VJP")], med[(name, "JAX's VJP")]
-        lines.append(f"| {name} | {a:.0f} | {b:.0f} | {a / b:.2f} |")
-    return "\n".join(lines) + f"\n\nLoRA step, medians of {repeats} interleaved rounds"
+        a, b = (name, "jlora's VJP"), (name, "JAX's VJP")
+        lines.append(f"| {name} | {cell(a)} | {cell(b)} | {med[a] / med[b]:.2f} | "
+                     f"{med[a] / med['frozen']:.3f} | {med[b] / med['frozen']:.3f} |")
+    return "\n".join(lines) + (f"\n\nLoRA steps and the frozen floor ({cell('frozen')} ms), "
+                               f"medians (min-max) of {repeats} interleaved rounds")
 
 
 def main():
@@ -139,7 +145,7 @@ def main():
     rows["all_linear_step"] = rows.pop("dora_step")
     out = {name: profile(*rows[name]) for name in ("lora_step", "all_linear_step",
                                                    "frozen_step")}
-    ab = vjp_ab(model, params, ids, {"q,k,v,o": ad, "all linear": wide})
+    ab = vjp_ab(model, params, ids, {"q,k,v,o": ad, "all linear": wide}, rows["frozen_step"])
     lines = ["| op kind | lora_step (q,k,v,o) ms | all_linear_step ms | frozen_step ms |",
              "|---|---|---|---|"]
     for k in KINDS + ("sum",):

@@ -30,7 +30,7 @@ from jlora.numerics import qview as qv
 TRANSPOSED = ("factored (transposed: the model contracts the adapter's out axes, so A and B "
               "play swapped roles; expected for a tied embedding's x @ E.T, otherwise learn "
               "the axes with jlora.init(key, params, cfg, fn, *example_args))")
-#: The second low-rank product (``benchmarks/profile_step.py`` swaps it for JAX's rule).
+#: The two low-rank products (``benchmarks/profile_step.py`` swaps them for JAX's rule).
 _thin_product = thin
 
 
@@ -169,7 +169,7 @@ def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec, where=None,
     if sym.ids is not None:  # gather each example's factors (and g)
         pick = lambda f: jnp.take(f, jnp.maximum(ids, 0), axis=0, mode="clip")
         first, second, g = pick(first), pick(second), None if g is None else pick(g)
-    t = thin(f"{sp['x']},{sp['first']}->{sp['t']}", prec, x.astype(first.dtype), first)
+    t = _thin_product(f"{sp['x']},{sp['first']}->{sp['t']}", prec, x.astype(first.dtype), first)
     if sym.scale != 1.0:  # scale the thin rank-r intermediate, not the full-size output
         t = t * jnp.asarray(sym.scale, t.dtype)
     y = _thin_product(f"{sp['t']},{sp['second']}->{sp['out']}", prec, t, second)

@@ -110,7 +110,13 @@ def _scan_slice(v, ctx):
     if kind != "s":
         return sy.materialize(v, ctx.record, "scan over a non-stacked axis"), lambda x, i: x
     labels = sy.drop_label(v.labels[1:], (kind, j))
-    first = lambda f: None if f is None else jnp.moveaxis(f, j + v.lead, 0)
+    if v.lead:  # a stack of adapters: each step slices its layer (no transposed copy)
+        at = lambda f, i: None if f is None else lax.dynamic_index_in_dim(
+            f, i, j + v.lead, keepdims=False)
+        return (base_xs,), lambda x, i: v.replace(
+            base=take(x[0], i), a=at(v.a, i), b=at(v.b, i), g=at(v.g, i), labels=labels,
+            active=None)
+    first = lambda f: None if f is None else jnp.moveaxis(f, j, 0)
     xs = (base_xs, first(v.a), first(v.b), first(v.g))
     return xs, lambda x, i: v.replace(base=take(x[0], i), a=x[1], b=x[2], g=x[3],
                                       labels=labels, active=None)

@@ -97,7 +97,9 @@ def from_node(leaf, node, path: str, norm=None, ids=None, active=None) -> Sym | 
         norm = node_norm(leaf, node) if norm is None else norm
         g = magnitude / lax.stop_gradient(norm).astype(magnitude.dtype)
     scale = node.scale
-    if ids is not None:
+    if ids is not None and len(set(scale)) == 1:  # one scaling for all: the thin t takes it
+        scale = scale[0]
+    elif ids is not None:
         b = b * jnp.asarray(node.scale, b.dtype).reshape((-1,) + (1,) * (b.ndim - 1))
         scale = 1.0
     return Sym(leaf, a, b, g, node.labels(), scale, node.dropout, path, ids, active)

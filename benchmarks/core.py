@@ -33,13 +33,17 @@ def write_result(name: str, command: str, table: str, note: str = "") -> None:
 
 
 def timeit_interleaved(calls: dict, repeats: int) -> dict:
-    """Wall times in ms per call, measured round-robin so drift hits every row alike."""
+    """Wall times in ms per call, measured round-robin so drift hits every row alike; each
+    round starts one row later, so no row is always first (measured: the first row of every
+    round ran up to 1.4x slower than rows doing the same work, ``benchmarks/serve.py``)."""
     for f, args in calls.values():
         jax.block_until_ready(f(*args))  # compile
         jax.block_until_ready(f(*args))  # warm
     times = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, (f, args) in calls.items():
+    names = list(calls)
+    for k in range(repeats):
+        for name in names[k % len(names):] + names[:k % len(names)]:
+            f, args = calls[name]
             t0 = time.perf_counter()
             jax.block_until_ready(f(*args))
             times[name].append((time.perf_counter() - t0) * 1e3)

@@ -118,15 +118,17 @@ def vjp_ab(model, params, ids, adapters: dict, frozen, repeats: int = 21) -> str
                 calls[(name, variant)] = (step, args)
     finally:
         factored._thin_product = ours
+    flops = {k: f.lower(*a).compile().cost_analysis()["flops"] for k, (f, a) in calls.items()}
     times = timeit_interleaved(calls, repeats)
     med = {k: statistics.median(v) for k, v in times.items()}
     cell = lambda k: f"{med[k]:.0f} ({min(times[k]):.0f}-{max(times[k]):.0f})"
     lines = ["| targets | jlora's VJP ms | JAX's VJP ms | ratio | jlora / frozen floor | "
-             "JAX's / frozen floor |", "|---|---|---|---|---|---|"]
+             "JAX's / frozen floor | jlora's XLA FLOPs / floor's |", "|---" * 7 + "|"]
     for name in adapters:
         a, b = (name, "jlora's VJP"), (name, "JAX's VJP")
         lines.append(f"| {name} | {cell(a)} | {cell(b)} | {med[a] / med[b]:.2f} | "
-                     f"{med[a] / med['frozen']:.3f} | {med[b] / med['frozen']:.3f} |")
+                     f"{med[a] / med['frozen']:.3f} | {med[b] / med['frozen']:.3f} | "
+                     f"{flops[a] / flops['frozen']:.3f} |")
     return "\n".join(lines) + (f"\n\nLoRA steps and the frozen floor ({cell('frozen')} ms), "
                                f"medians (min-max) of {repeats} interleaved rounds")
 

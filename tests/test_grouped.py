@@ -90,6 +90,27 @@ def test_dora_and_auto_on_cpu_take_the_gather_path(key):
         jlora.apply(model.apply, mixed="sorted")
 
 
+def test_explain_names_the_path_of_a_mixed_batch(key):
+    """``explain`` takes apply's mixed-batch arguments and says, per use, which path runs;
+    the jaxpr agrees (ragged_dot only where it says grouped)."""
+    from jlora.interpret.dot import GATHERED, GROUPED
+    model, params, ids, ads = _setup(key, True)
+    aid, st = jnp.array([2, 0, -1, 1, 0]), jlora.stack(ads)
+    said = lambda **kw: {u for uses in jlora.explain(model.apply, params, st, ids,
+                                                      adapter_ids=aid, **kw).values()
+                         for u in uses}
+    assert said(mixed="grouped") == {"factored" + GROUPED}
+    assert said(mixed="gather") == said() == {"factored" + GATHERED}  # auto on a CPU
+    assert jlora.explain(model.apply, params, ads[0], ids) == jlora.explain(
+        model.apply, params, ads[0], ids, mixed="grouped")  # one adapter: no mixed path
+    dora_st = jlora.stack(_setup(key, True, dora=True)[3])
+    assert {u for uses in jlora.explain(model.apply, params, dora_st, ids, adapter_ids=aid,
+                                        mixed="grouped").values() for u in uses} == {
+        "factored" + GATHERED}
+    with pytest.raises(ValueError, match=r"explain\(mixed='sorted'\)"):
+        jlora.explain(model.apply, params, st, ids, adapter_ids=aid, mixed="sorted")
+
+
 def test_example_model_decodes_with_the_grouped_path(key):
     """One cached decode step: the example axis is axis 1 of the cache (example_axes)."""
     model, params, ids, ads = _setup(key, True)

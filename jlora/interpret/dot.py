@@ -30,6 +30,9 @@ from jlora.numerics import qview as qv
 TRANSPOSED = ("factored (transposed: the model contracts the adapter's out axes, so A and B "
               "play swapped roles; expected for a tied embedding's x @ E.T, otherwise learn "
               "the axes with jlora.init(key, params, cfg, fn, *example_args))")
+#: How a mixed-adapter batch serves a use, as ``explain`` says it after "factored".
+GATHERED = " (mixed batch: each example gathers its adapter's factors)"
+GROUPED = " (mixed batch: rows grouped by adapter, two ragged_dots)"
 #: The two low-rank products (``benchmarks/profile_step.py`` swaps them for JAX's rule).
 _thin_product = thin
 
@@ -119,10 +122,10 @@ def factored(x, sym: Sym, sym_is_rhs: bool, params: dict, key, record,
     mode = _mode(sym, wc, wb)
     if sym.g is not None and mode == "o":
         return bind(sy.materialize(sym, record, "DoRA weight contracted on its output axes"), x)
-    record(sym.path, "factored" if mode == "i" else TRANSPOSED)
     x_d = _dropout(x, sym.dropout, key)
-    y, g = _low_rank(x_d, sym, mode, sym_is_rhs, (xc, wc, xb, wb), params.get("precision"),
-                     where, mixed)
+    y, g, how = _low_rank(x_d, sym, mode, sym_is_rhs, (xc, wc, xb, wb),
+                          params.get("precision"), where, mixed)
+    record(sym.path, TRANSPOSED if mode == "o" else "factored" + how)
     if g is None:
         return base_out + y.astype(base_out.dtype)
     if x_d is x:
@@ -154,7 +157,8 @@ def _specs(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, ex_axis: int) -> dict
 
 def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec, where=None,
               mixed="auto"):
-    """``s * (x A) B`` laid out like the dot's output, and DoRA's ``g`` broadcast to it.
+    """``s * (x A) B`` laid out like the dot's output, DoRA's ``g`` broadcast to it, and
+    which mixed-batch path served it (``""`` outside mixed batches).
 
     In a mixed batch each example (along x's example axis) gathers its own adapter's
     factors; examples with id -1 get no low-rank term (and ``g = 1``).
@@ -162,7 +166,7 @@ def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec, where=None,
     ex_axis, ids = _example_ids(sym, x, dims[0], dims[2], where) if sym.ids is not None \
         else (0, None)
     if grouped.applies(sym, mode, dims) and grouped.chosen(mixed, x, sym, ex_axis):
-        return grouped.low_rank(x, sym, sym_is_rhs, dims, ex_axis, ids, prec), None
+        return grouped.low_rank(x, sym, sym_is_rhs, dims, ex_axis, ids, prec), None, GROUPED
     sp = _specs(x, sym, mode, sym_is_rhs, dims, ex_axis)
     first, second = (sym.a, sym.b) if mode == "i" else (sym.b, sym.a)
     g = sym.g
@@ -178,7 +182,7 @@ def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec, where=None,
         used = sy.broadcast(ids >= 0, sp["ex"], sp["out"])
         y = jnp.where(used, y, jnp.zeros((), y.dtype))
         g = None if g is None else jnp.where(used, g, jnp.ones((), g.dtype))
-    return y, g
+    return y, g, "" if sym.ids is None else GATHERED
 
 
 def _example_ids(sym: Sym, x, xc, xb, where):

@@ -94,15 +94,20 @@ def apply(fn: Callable, *, safe: bool = False, mixed: str = "auto") -> Callable:
     return wrapped
 
 
-def explain(fn: Callable, params, adapter, *args, **kwargs) -> dict[str, list[str]]:
+def explain(fn: Callable, params, adapter, *args, adapter_ids=None, example_axes=None,
+            mixed: str = "auto", **kwargs) -> dict[str, list[str]]:
     """How each adapted leaf is used by ``fn``: ``'factored'`` or ``'materialized (why)'``.
 
     Traces only (no computation). One entry per use site, in program order;
-    a target that ``fn`` never reads maps to an empty list.
+    a target that ``fn`` never reads maps to an empty list. With a stacked adapter,
+    ``adapter_ids``, ``example_axes`` and ``mixed`` are :func:`apply`'s, and each
+    factored use also says which path serves the mixed batch (gather or grouped).
     """
-    ctx = Ctx()
-    jax.eval_shape(lambda p, ad: interpret_call(fn, p, ad, args, kwargs, ctx), params,
-                   adapter)
+    if mixed not in grouped.MODES:
+        raise ValueError(f"explain(mixed={mixed!r}): expected one of {grouped.MODES}")
+    ctx = Ctx(mixed=mixed)
+    jax.eval_shape(lambda p, ad, i: interpret_call(fn, p, ad, args, kwargs, ctx, i,
+                                                   example_axes), params, adapter, adapter_ids)
     adapted = [path_str(kp) for (kp, _), n in zip(flatten(params)[0], match(params, adapter))
                if n is not None and not isinstance(n, FullNode)]
     return by_path(ctx.records, adapted)

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -33,16 +34,18 @@ def write_result(name: str, command: str, table: str, note: str = "") -> None:
 
 
 def timeit_interleaved(calls: dict, repeats: int) -> dict:
-    """Wall times in ms per call, measured round-robin so drift hits every row alike; each
-    round starts one row later, so no row is always first (measured: the first row of every
-    round ran up to 1.4x slower than rows doing the same work, ``benchmarks/serve.py``)."""
+    """Wall times in ms per call, measured in rounds that run every row once so drift hits
+    every row alike; each round runs the rows in its own (seeded) random order, so no row
+    always follows the same one (measured: in ``benchmarks/serve.py`` the row after the
+    slowest one ran up to 1.4x slower than rows doing the same work)."""
     for f, args in calls.values():
         jax.block_until_ready(f(*args))  # compile
         jax.block_until_ready(f(*args))  # warm
     times = {name: [] for name in calls}
-    names = list(calls)
     for k in range(repeats):
-        for name in names[k % len(names):] + names[:k % len(names)]:
+        order = list(calls)
+        random.Random(k).shuffle(order)
+        for name in order:
             f, args = calls[name]
             t0 = time.perf_counter()
             jax.block_until_ready(f(*args))

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -55,13 +56,17 @@ def batch():
 
 
 def timed(calls: dict, repeats: int) -> dict:
-    """Per row, ms per call after two warm-up calls, rows interleaved round-robin."""
+    """Per row, ms per call after two warm-up calls, rows interleaved: every round runs
+    each row once, in its own seeded random order (as ``core.timeit_interleaved``)."""
     for f in calls.values():
         f()
         f()
     times = {k: [] for k in calls}
-    for _ in range(repeats):
-        for k, f in calls.items():
+    for r in range(repeats):
+        order = list(calls)
+        random.Random(r).shuffle(order)
+        for k in order:
+            f = calls[k]
             t0 = time.perf_counter()
             f()
             times[k].append((time.perf_counter() - t0) * 1e3)

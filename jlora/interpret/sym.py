@@ -96,6 +96,9 @@ def from_node(leaf, node, path: str, norm=None, ids=None, active=None) -> Sym | 
     if magnitude is not None:  # DoRA: the norm is a constant for the gradient (PEFT, paper 4.3)
         norm = node_norm(leaf, node) if norm is None else norm
         g = magnitude / lax.stop_gradient(norm).astype(magnitude.dtype)
+        if active is not None:  # layers without factors: exactly W0
+            mask = jnp.asarray(active).reshape((-1,) + (1,) * (g.ndim - 1))
+            g = jnp.where(mask, g, jnp.ones((), g.dtype))
     scale = node.scale
     if ids is not None and len(set(scale)) == 1:  # one scaling for all: the thin t takes it
         scale = scale[0]

@@ -37,7 +37,7 @@ def interpret_call(fn, params, adapter, args, kwargs, ctx: Ctx, adapter_ids=None
         layout = [None] * len(flat) + example_layout(args, kwargs, ids.shape[0], example_axes)
         ctx.examples = {}
         analyze(closed.jaxpr, layout, ctx.examples)
-    lowered = [extras.lower(leaf, node) for (_, leaf), node in zip(flat, nodes)]
+    lowered = [extras.lower(leaf, node, exact=False) for (_, leaf), node in zip(flat, nodes)]
     syms = [from_node(qv.wrap(leaf), node, path_str(kp), ids=ids, active=extras.active(orig))
             for (kp, _), (leaf, node), orig in zip(flat, lowered, nodes)]
     vals = syms + dyn[len(syms):]

@@ -37,13 +37,15 @@ def make(path: str, leaf, indices):
     return TokenNode(rows=rows, indices=tuple(indices), shape=tuple(leaf.shape))
 
 
-def lower(leaf, node):
+def lower(leaf, node, exact: bool = True):
     """``(leaf, node)`` as the interpreter takes them: a full leaf in place of the base,
-    token rows as a rank-``k`` LoRA node with a constant one-hot ``A``."""
+    token rows as a rank-``k`` LoRA node with a constant one-hot ``A``. ``exact=False``
+    (``apply``, whose ``from_node`` sets ``g = 1`` on the layers ``active`` leaves out):
+    a DoRA ``LayersNode``'s other layers get magnitude 1, not their base norm."""
     if isinstance(node, FullNode):
         return node.weight, None
     if isinstance(node, LayersNode):
-        return leaf, _padded(leaf, node)
+        return leaf, _padded(leaf, node, exact)
     if not isinstance(node, TokenNode):
         return leaf, node
     k, vocab, rest = len(node.indices), node.shape[0], node.shape[1:]
@@ -63,15 +65,19 @@ def active(node) -> tuple[bool, ...] | None:
     return tuple(i in node.layers for i in range(node.length))
 
 
-def _padded(leaf, node: LayersNode) -> LoraNode:
+def _padded(leaf, node: LayersNode, exact: bool = True) -> LoraNode:
     """The node on every layer: zero factors on the others (and, with DoRA, the base's own
-    norm as their magnitude, so those layers stay ``W0``)."""
+    norm as their magnitude, so those layers stay ``W0``; ones when not ``exact``)."""
     inner, ids = node.node, jnp.asarray(node.layers)
     pad = lambda f: jnp.zeros((node.length,) + f.shape[1:], f.dtype).at[ids].set(f)
     full = dataclasses.replace(inner, a=pad(inner.a), b=pad(inner.b), magnitude=None,
                                shape=node.shape)
     if inner.magnitude is None:
         return full
+    if not exact:
+        m = inner.magnitude
+        ones = jnp.ones((node.length,) + m.shape[1:], m.dtype)
+        return dataclasses.replace(full, magnitude=ones.at[ids].set(m))
     norm = sy.node_norm(qv.wrap(leaf), full).reshape((node.length,) + inner.magnitude.shape[1:])
     mag = norm.astype(inner.magnitude.dtype).at[ids].set(inner.magnitude)
     return dataclasses.replace(full, magnitude=mag)

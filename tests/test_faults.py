@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -199,3 +200,22 @@ def test_concurrent_loads_of_one_adapter_agree(tmp_path):
         results = list(pool.map(lambda f: f(), loads))
     for got in results:
         _same(got, ad)
+
+
+@pytest.mark.parametrize("kind", ["adapter", "state"])
+def test_a_load_never_deletes_a_save_in_progress(tmp_path, kind):
+    """Loading from a directory another process is saving into leaves its unfinished save be.
+
+    orbax's manager removes unfinished saves in a background thread when it opens a
+    directory and does not wait for it on close: a reader that did so deleted a live
+    writer's folder, and raced the next save's own clean-up (a FileNotFoundError in CI).
+    """
+    root, old, _ = _saved(tmp_path, kind)
+    live = os.path.join(root, f"{_next_step(root)}.orbax-checkpoint-tmp")
+    os.makedirs(os.path.join(live, "state"))
+    with open(os.path.join(live, "state", "part"), "wb") as fh:
+        fh.write(b"a save in progress")
+    _same(LOAD[kind](root), old)
+    for _ in range(40):  # the removal, if any, runs in the background: give it 2 s
+        assert os.path.exists(os.path.join(live, "state", "part"))
+        time.sleep(0.05)

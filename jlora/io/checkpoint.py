@@ -26,10 +26,14 @@ _FORMAT = "jlora-adapter/1"
 _SETTINGS = ("rank", "alpha", "scale", "dropout", "shape", "stack_axes", "in_axes", "out_axes")
 
 
-def _manager(directory, max_to_keep: int | None = None, create: bool = True):
-    opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+def _manager(directory, max_to_keep: int | None = None, write: bool = True):
+    # Only a writer removes unfinished saves: orbax does so in a background thread it
+    # does not join on close, so a reader would delete another process's save in
+    # progress and race the next writer's own clean-up.
+    opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=write,
+                                        read_only=not write,
                                         enable_async_checkpointing=False,
-                                        cleanup_tmp_directories=True)
+                                        cleanup_tmp_directories=write)
     return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=opts)
 
 
@@ -179,7 +183,7 @@ def load_adapter(path, params=None):
     if not os.path.isdir(path):
         raise LoraError(f"no adapter directory at {os.fspath(path)!r}; write one with "
                         "jlora.save_adapter (PEFT directories load with jlora.peft.load)")
-    with _reading(path, "adapter"), _manager(path, create=False) as m:
+    with _reading(path, "adapter"), _manager(path, write=False) as m:
         step = _latest(m, path, "save_adapter")
         meta = m.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
@@ -254,7 +258,7 @@ def restore_checkpoint(directory, like, step: int | None = None):
     Returns:
       The restored state and ``{"step": ..., "data_position": ...}``.
     """
-    with _reading(directory, "training checkpoint"), _manager(directory, create=False) as m:
+    with _reading(directory, "training checkpoint"), _manager(directory, write=False) as m:
         step = _latest(m, directory, "save_checkpoint") if step is None else step
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         out = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),

@@ -15,28 +15,37 @@ import llama
 from conftest import F32, randomize, sub_jaxprs
 
 LAYERS = (0, 2)
+WEIGHTS = (("self_attn", "q_proj"), ("mlp", "down_proj"))
 
 
-def _both(key, **cfg_kw):
-    """The scanned model (3 layers) with an adapter on LAYERS, and the unscanned model
-    with the same weights and the same factors at layers_0 and layers_2."""
+def _both(key, layers=(LAYERS, LAYERS), **cfg_kw):
+    """The scanned model (3 layers) with an adapter on ``layers`` (one subset per weight
+    of WEIGHTS), and the unscanned model with the same weights and the same factors at
+    those layers' leaves."""
     conf = llama.LlamaConfig(scan_layers=True, num_layers=3)
     stacked = llama.init_params(conf, key)
     unstacked = {"params": {**{k: v for k, v in stacked["params"].items() if k != "layers"},
                             **{f"layers_{i}": jax.tree.map(lambda v, i=i: v[i],
                                                            stacked["params"]["layers"])
                                for i in range(3)}}}
-    cfg = jlora.LoraConfig(rank=4, targets=("q_proj", "down_proj"),
-                           layers_to_transform=list(LAYERS), **cfg_kw)
-    ad = randomize(jlora.init(key, stacked, cfg), key)
-    one = jlora.init(key, unstacked, cfg)
+    cfg = lambda subset: jlora.LoraConfig(rank=4, targets=("q_proj", "down_proj"),
+                                          layers_to_transform=list(subset), **cfg_kw)
+    ads = [randomize(jlora.init(key, stacked, cfg(subset)), key) for subset in layers]
+    ad = ads[0]  # each weight's node from the adapter of its own subset
+    for (mod, name), other in zip(WEIGHTS[1:], ads[1:]):
+        ad["params"]["layers"][mod][name] = other["params"]["layers"][mod][name]
+    one = jlora.init(key, unstacked, cfg(range(3)))
     nodes = jlora.adapter.adapter_nodes(ad)
-    for mod, name in (("self_attn", "q_proj"), ("mlp", "down_proj")):
+    for (mod, name), subset in zip(WEIGHTS, layers):
         node = nodes[f"params/layers/{mod}/{name}/kernel"]
-        assert isinstance(node, jlora.adapter.LayersNode) and node.layers == LAYERS
-        assert node.a.shape[0] == len(LAYERS)  # the other layer holds no factors
-        for k, i in enumerate(LAYERS):
+        assert isinstance(node, jlora.adapter.LayersNode) and node.layers == tuple(subset)
+        assert node.a.shape[0] == len(subset)  # the other layers hold no factors
+        for i in range(3):
             leaf = one["params"][f"layers_{i}"][mod]
+            if i not in subset:
+                leaf[name] = {"kernel": None}
+                continue
+            k = subset.index(i)
             mag = None if node.magnitude is None else node.magnitude[k]
             leaf[name]["kernel"] = dataclasses.replace(leaf[name]["kernel"], a=node.a[k],
                                                        b=node.b[k], magnitude=mag)
@@ -60,12 +69,14 @@ def _conds_in_scans(jaxpr, found):
     return found
 
 
+@pytest.mark.parametrize("layers", [(LAYERS, LAYERS), ((0, 2), (1,))], ids=["same", "apart"])
 @pytest.mark.parametrize("dora", [False, True])
-def test_outputs_and_gradients_equal_the_unscanned_model(key, dora):
+def test_outputs_and_gradients_equal_the_unscanned_model(key, dora, layers):
     """With DoRA the other layers keep g = 1 without a second norm of the base: one
     ``node_norm`` per weight in the jaxpr, counted by its ``sum W0 * W0`` contraction of
-    the full (3, in, out) stack with itself."""
-    (scanned, flat), (stacked, unstacked), (ad, one) = _both(key, dora=dora)
+    the full (3, in, out) stack with itself. "apart": the two weights adapt different
+    layers (each scan step then runs the low-rank path wherever either is adapted)."""
+    (scanned, flat), (stacked, unstacked), (ad, one) = _both(key, layers, dora=dora)
     ids = jax.random.randint(key, (2, 10), 0, 256)
     np.testing.assert_allclose(jax.jit(jlora.apply(scanned.apply))(stacked, ad, ids),
                                jlora.apply(flat.apply)(unstacked, one, ids), **F32)
@@ -73,9 +84,9 @@ def test_outputs_and_gradients_equal_the_unscanned_model(key, dora):
     g = jax.jit(jax.grad(loss(scanned, stacked)))(ad)
     h = jax.grad(loss(flat, unstacked))(one)
     tol = dict(rtol=1e-4, atol=1e-6) if dora else F32
-    for mod, name in (("self_attn", "q_proj"), ("mlp", "down_proj")):
+    for (mod, name), subset in zip(WEIGHTS, layers):
         gs = g["params"]["layers"][mod][name]["kernel"]
-        for k, i in enumerate(LAYERS):
+        for k, i in enumerate(subset):
             hs = h["params"][f"layers_{i}"][mod][name]["kernel"]
             np.testing.assert_allclose(gs.a[k], hs.a, **tol)
             np.testing.assert_allclose(gs.b[k], hs.b, **tol)

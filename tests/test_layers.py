@@ -138,6 +138,27 @@ def test_merge_save_and_load(key, tmp_path, dora):
             np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.parametrize("dora", [False, True])
+def test_a_peft_file_onto_an_nf4_stack(key, tmp_path, dora):
+    """A PEFT file with ``layers_to_transform`` loaded onto an NF4-quantized scanned base
+    (init refuses an NF4 stack in part; quantizing after init or loading is the way) trains
+    as the adapter on the dequantized base."""
+    (scanned, _), (stacked, _), (ad, _) = _both(key, dora=dora)
+    q = jlora.quantize(stacked, compute_dtype=jnp.float32)
+    deq = jlora.dequantize(q)
+    jlora.peft.save(str(tmp_path), ad)
+    back = jlora.peft.load(str(tmp_path), q)
+    assert isinstance(jlora.adapter.adapter_nodes(back)[
+        "params/layers/self_attn/q_proj/kernel"], jlora.adapter.LayersNode)
+    ids = jax.random.randint(key, (2, 10), 0, 256)
+    f = jax.jit(jlora.apply(scanned.apply))
+    np.testing.assert_allclose(f(q, back, ids), f(deq, ad, ids), **F32)
+    grads = [jax.grad(lambda a, p=p: f(p, a, ids).sum())(a) for p, a in ((q, back), (deq, ad))]
+    for g1, g2 in zip(*map(jax.tree.leaves, grads), strict=True):
+        np.testing.assert_allclose(g1, g2, rtol=1e-4, atol=1e-5)
+    assert set(sum(jlora.explain(scanned.apply, q, back, ids).values(), [])) == {"factored"}
+
+
 def test_errors(key):
     params = {"params": {"layers": {k: {"kernel": jnp.ones((4, 8, 8))} for k in ("q", "v")}}}
     cfg = lambda **kw: jlora.LoraConfig(rank=2, targets=("q",), **kw)

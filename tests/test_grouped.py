@@ -111,6 +111,26 @@ def test_explain_names_the_path_of_a_mixed_batch(key):
         jlora.explain(model.apply, params, st, ids, adapter_ids=aid, mixed="sorted")
 
 
+def test_a_transposed_use_is_gathered_and_says_so(key):
+    """``x @ W.T`` against the adapter's layout (A and B swap roles): the grouped path does
+    not take it, so every mixed path gathers, ``explain`` says both, and each row equals
+    its adapter alone (-1: the base)."""
+    from jlora.interpret.dot import GATHERED, TRANSPOSED
+    params = {"w": jax.random.normal(key, (6, 5))}
+    fn = lambda p, x: jnp.tanh(x @ p["w"].T)
+    x = jax.random.normal(jax.random.key(1), (3, 4, 5))
+    ads = [randomize(jlora.init(jax.random.key(i), params, jlora.LoraConfig(
+        rank=2, targets=("w",))), jax.random.key(i + 5)) for i in range(2)]
+    st, aid = jlora.stack(ads), jnp.array([1, 0, -1])
+    for mixed in ("gather", "grouped"):
+        assert jlora.explain(fn, params, st, x, adapter_ids=aid, mixed=mixed) == {
+            "w": [TRANSPOSED + GATHERED]}
+        out = jlora.apply(fn, mixed=mixed)(params, st, x, adapter_ids=aid)
+        for row, (a, ad) in enumerate(zip(aid, [ads[1], ads[0], None])):
+            want = fn(params, x) if ad is None else jlora.apply(fn)(params, ad, x)
+            np.testing.assert_allclose(out[row], want[row], **F32)
+
+
 def test_example_model_decodes_with_the_grouped_path(key):
     """One cached decode step: the example axis is axis 1 of the cache (example_axes)."""
     model, params, ids, ads = _setup(key, True)

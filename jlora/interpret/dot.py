@@ -125,7 +125,7 @@ def factored(x, sym: Sym, sym_is_rhs: bool, params: dict, key, record,
     x_d = _dropout(x, sym.dropout, key)
     y, g, how = _low_rank(x_d, sym, mode, sym_is_rhs, (xc, wc, xb, wb),
                           params.get("precision"), where, mixed)
-    record(sym.path, TRANSPOSED if mode == "o" else "factored" + how)
+    record(sym.path, (TRANSPOSED if mode == "o" else "factored") + how)
     if g is None:
         return base_out + y.astype(base_out.dtype)
     if x_d is x:

@@ -140,14 +140,21 @@ def main():
     lcfg = jlora.LoraConfig(rank=RANK, alpha=32.0, targets=("q_proj", "k_proj", "v_proj",
                                                             "o_proj"))
     ad = jax.tree.map(lambda v: v + 1e-3, jlora.init(jax.random.key(2), params, lcfg))
+    wide_t = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     wide = jax.tree.map(lambda v: v + 1e-3, jlora.init(
-        jax.random.key(2), params, dataclasses.replace(lcfg, targets=(
-            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))))
+        jax.random.key(2), params, dataclasses.replace(lcfg, targets=wide_t)))
+    # rank 1: the same passes over full-size activations, almost none of the FLOPs; what
+    # it costs over the floor no faster thin-matmul kernel can remove
+    thin = jax.tree.map(lambda v: v + 1e-3, jlora.init(jax.random.key(2), params,
+                                                       dataclasses.replace(lcfg, rank=1,
+                                                                           alpha=2.0,
+                                                                           targets=wide_t)))
     rows = steps(model, params, ids, {False: ad, True: wide})  # dora_step: all linear, LoRA
     rows["all_linear_step"] = rows.pop("dora_step")
     out = {name: profile(*rows[name]) for name in ("lora_step", "all_linear_step",
                                                    "frozen_step")}
-    ab = vjp_ab(model, params, ids, {"q,k,v,o": ad, "all linear": wide}, rows["frozen_step"])
+    ab = vjp_ab(model, params, ids, {"q,k,v,o": ad, "all linear": wide,
+                                          "all linear, rank 1": thin}, rows["frozen_step"])
     lines = ["| op kind | lora_step (q,k,v,o) ms | all_linear_step ms | frozen_step ms |",
              "|---|---|---|---|"]
     for k in KINDS + ("sum",):

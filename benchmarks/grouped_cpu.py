@@ -4,7 +4,11 @@ The low-rank term of one adapted matmul for a mixed batch of 16 sequences x 128 
 (in 512, rank 16, out 512, 64 adapters), two ways, beside the base matmul itself:
 
 - ``grouped``: rows sorted by adapter, ``ragged_dot(x, A)`` then ``ragged_dot(t, B)``
-  (S-LoRA/Punica's layout; group sizes from the ids);
+  (S-LoRA/Punica's layout; group sizes from the ids); JAX lowers ``ragged_dot`` on
+  the CPU to one dense product with the input replicated per group and masked;
+- ``grouped, masked``: the same sorted rows through jlora's CPU form
+  (``grouped.ragged_low_rank``: ``x`` times all adapters' ``A``, the rank-``r``
+  intermediate masked to each row's adapter, times all ``B``);
 - ``gather``: each example gathers its adapter's factors, two batched einsums (jlora's
   mixed-batch path);
 - ``base``: ``x @ W0`` for scale.
@@ -12,11 +16,17 @@ The low-rank term of one adapted matmul for a mixed batch of 16 sequences x 128 
 Run from the repo root: ``python benchmarks/grouped_cpu.py`` (prints the table).
 """
 
+import os
 import statistics
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(__file__))
+from core import timeit_interleaved  # noqa: E402
+
+from jlora.interpret import grouped as jl_grouped  # noqa: E402
 
 T, SEQ, K, R, N, OUT = 2048, 128, 512, 16, 64, 512
 
@@ -36,16 +46,12 @@ def main(repeats: int = 7):
     flat = lambda v: v.reshape(T, OUT)
     assert jnp.allclose(flat(grouped(x, a, b, sizes)), flat(gather(x, a, b, example)),
                         rtol=1e-4, atol=1e-2)
-    calls = {"grouped": (grouped, (x, a, b, sizes)), "gather": (gather, (x, a, b, example)),
-             "base": (base, (x, w))}
-    times = {k: [] for k in calls}
-    for f, args in calls.values():
-        jax.block_until_ready(f(*args))
-    for _ in range(repeats):
-        for k, (f, args) in calls.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(*args))
-            times[k].append((time.perf_counter() - t0) * 1e3)
+    masked = jax.jit(lambda x, a, b, s: jl_grouped.ragged_low_rank(x, a, b, s, 1.0, None))
+    assert jax.default_backend() not in jl_grouped.DENSE_ON or jnp.allclose(
+        masked(x, a, b, sizes), grouped(x, a, b, sizes), rtol=1e-4, atol=1e-2)
+    calls = {"grouped": (grouped, (x, a, b, sizes)), "grouped, masked": (masked, (x, a, b, sizes)),
+             "gather": (gather, (x, a, b, example)), "base": (base, (x, w))}
+    times = timeit_interleaved(calls, repeats)
     print("| path | median ms (min-max) |\n|---|---|")
     for k, ts in times.items():
         print(f"| {k} | {statistics.median(ts):.1f} ({min(ts):.1f}-{max(ts):.1f}) |")

@@ -118,6 +118,16 @@ def key():
     return jax.random.key(0)
 
 
+@pytest.fixture(params=["masked", "ragged"])
+def form(request, monkeypatch):
+    """Rows grouped by expert or adapter (``grouped.ragged_low_rank``) as this CPU runs
+    them (a masked dense product) and as an accelerator does (``ragged_dot``)."""
+    from jlora.interpret import grouped
+    if request.param == "ragged":
+        monkeypatch.setattr(grouped, "DENSE_ON", ())
+    return request.param
+
+
 def ref_merge_jnp(params, adapter):
     """Differentiable reference merge (plain jnp, no jlora code): for gradient checks."""
     leaves, tree = jax.tree.flatten(params)

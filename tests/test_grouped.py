@@ -30,7 +30,12 @@ def _ragged(names) -> bool:
     return any(n.startswith("ragged_dot") for n in names)
 
 
-def test_every_layout_equals_each_adapter_alone(key):
+def _grouped(names) -> bool:
+    """The grouped path sorts the rows by adapter (the per-example path sorts nothing)."""
+    return "sort" in names
+
+
+def test_every_layout_equals_each_adapter_alone(key, form):
     """Two in axes and two out axes, examples on x's axis 1, the weight on either side."""
     p = {"w": jax.random.normal(key, (3, 4, 5, 2))}  # (in, in, out, out)
     cfg = jlora.LoraConfig(rank=3, targets=("w",))
@@ -45,21 +50,23 @@ def test_every_layout_equals_each_adapter_alone(key):
         run = jlora.apply(f, mixed="grouped")
         got = jax.jit(lambda st, x: run(p, st, x, adapter_ids=aid, example_axes=1))(
             jlora.stack(ads), x)
-        assert _ragged(_prims(jlora.apply(f, mixed="grouped"), p, jlora.stack(ads), x,
-                              adapter_ids=aid, example_axes=1))
+        names = _prims(jlora.apply(f, mixed="grouped"), p, jlora.stack(ads), x,
+                       adapter_ids=aid, example_axes=1)
+        assert _grouped(names) and _ragged(names) == (form == "ragged")
         for i, a in enumerate(aid.tolist()):
             alone = f(p, x[:, i:i + 1]) if a < 0 else jlora.apply(f)(p, ads[a], x[:, i:i + 1])
             np.testing.assert_allclose(jnp.take(got, i, ex), jnp.take(alone, 0, ex), **F32)
 
 
 @pytest.mark.parametrize("scan", [True, False])
-def test_llama_mixed_batch_and_gradients_match_the_gather_path(key, scan):
+def test_llama_mixed_batch_and_gradients_match_the_gather_path(key, scan, form):
     model, params, ids, ads = _setup(key, scan)
     aid = jnp.array([2, 0, -1, 1, 0])
     st = jlora.stack(ads)
     paths = {m: jlora.apply(model.apply, mixed=m) for m in ("gather", "grouped")}
-    assert _ragged(_prims(paths["grouped"], params, st, ids, adapter_ids=aid))
-    assert not _ragged(_prims(paths["gather"], params, st, ids, adapter_ids=aid))
+    names = _prims(paths["grouped"], params, st, ids, adapter_ids=aid)
+    assert _grouped(names) and _ragged(names) == (form == "ragged")
+    assert not _grouped(_prims(paths["gather"], params, st, ids, adapter_ids=aid))
     out = {m: jax.jit(f)(params, st, ids, adapter_ids=aid) for m, f in paths.items()}
     np.testing.assert_allclose(out["grouped"], out["gather"], **F32)
     alone = jlora.apply(model.apply)(params, ads[1], ids[3:4])
@@ -77,15 +84,15 @@ def test_dora_and_auto_on_cpu_take_the_gather_path(key):
     model, params, ids, ads = _setup(key, True, dora=True)
     aid = jnp.array([2, 0, -1, 1, 0])
     st = jlora.stack(ads)
-    grouped = jlora.apply(model.apply, mixed="grouped")
-    assert not _ragged(_prims(grouped, params, st, ids, adapter_ids=aid))
-    np.testing.assert_allclose(grouped(params, st, ids, adapter_ids=aid),
+    run = jlora.apply(model.apply, mixed="grouped")
+    assert not _grouped(_prims(run, params, st, ids, adapter_ids=aid))
+    np.testing.assert_allclose(run(params, st, ids, adapter_ids=aid),
                                jlora.apply(model.apply)(params, st, ids, adapter_ids=aid), **F32)
     _, params, ids, ads = _setup(key, True)
     auto = jlora.apply(model.apply)
     assert jax.default_backend() == "cpu"
-    assert not _ragged(_prims(auto, params, jlora.stack(ads), ids[:, :1],
-                              adapter_ids=aid))  # decode-shaped, but ragged_dot is slow here
+    assert not _grouped(_prims(auto, params, jlora.stack(ads), ids[:, :1],
+                               adapter_ids=aid))  # decode-shaped, but ragged_dot is slow here
     with pytest.raises(ValueError, match=r"mixed='sorted'.*'grouped'"):
         jlora.apply(model.apply, mixed="sorted")
 

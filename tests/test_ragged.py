@@ -18,8 +18,13 @@ def _setup(key, dora=False, **sizes):
     return params, randomize(jlora.init(key, params, cfg, moe.moe, x), key), x
 
 
-def test_ragged_experts_are_factored(key):
+def test_ragged_experts_are_factored(key, form):
+    """Each weight's low-rank products are two more ragged_dots, or on the CPU one masked
+    dense product each (``form``)."""
     params, adapter, x = _setup(key)
+    jaxpr = jax.make_jaxpr(jlora.apply(moe.moe))(params, adapter, x).jaxpr
+    ragged = sum(e.primitive.name == "ragged_dot_general" for e in jaxpr.eqns)
+    assert ragged == len(TARGETS) * (3 if form == "ragged" else 1)
     node = adapter["experts"]["w_in"]
     assert (node.stack_axes, node.in_axes, node.out_axes) == ((0,), (1,), (2,))
     assert node.a.shape == (moe.EXPERTS, moe.DIM, 4)  # one A, B per expert

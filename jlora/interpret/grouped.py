@@ -24,8 +24,33 @@ import jax.numpy as jnp
 from jax import lax
 
 from jlora.interpret.sym import Sym
+from jlora.interpret.thin import thin
 
 MODES = ("auto", "gather", "grouped")
+#: Platforms where :func:`ragged_low_rank` masks a dense product instead of ``ragged_dot``.
+DENSE_ON = ("cpu",)
+
+
+def ragged_low_rank(x, a, b, sizes, scale: float, prec):
+    """``scale * ragged_dot(ragged_dot(x, a, sizes), b, sizes)``: rows ``x (T, K)`` in runs
+    of ``sizes`` (rows past them get zeros), each run its group's ``a (n, K, r)`` and
+    ``b (n, r, N)``.
+
+    On the CPU JAX lowers ``ragged_dot`` to one product against all groups' weights
+    with the input replicated per group and masked (``(T, n K)`` for ``x a``). Here the
+    rank-``r`` intermediate is masked instead: ``x`` times all ``a`` side by side, each
+    row keeping its group's ``r`` columns, times all ``b`` stacked. The same FLOPs
+    without the replicated input (``benchmarks/grouped_cpu.py``); both products are
+    :func:`jlora.interpret.thin.thin`. Elsewhere ``ragged_dot`` runs per group.
+    """
+    if jax.default_backend() not in DENSE_ON:
+        t = lax.ragged_dot(x, a, sizes, precision=prec)
+        t = t if scale == 1.0 else t * jnp.asarray(scale, t.dtype)
+        return lax.ragged_dot(t, b, sizes, precision=prec)
+    group = jnp.searchsorted(jnp.cumsum(sizes), jnp.arange(x.shape[0]), side="right")
+    keep = jax.nn.one_hot(group, a.shape[0], dtype=a.dtype) * jnp.asarray(scale, a.dtype)
+    t = thin("tk,gkr->tgr", prec, x, a) * keep[:, :, None]
+    return thin("tgr,grn->tn", prec, t, b)
 
 
 def applies(sym: Sym, mode: str, dims) -> bool:
@@ -70,10 +95,7 @@ def low_rank(x, sym: Sym, sym_is_rhs: bool, dims, ex_axis: int, ids, prec):
     sizes = jnp.bincount(jnp.maximum(row_ids, 0), length=n).astype(jnp.int32)
     a = sym.a.reshape(n, -1, r)
     b = sym.b.reshape(n, r, -1)
-    t = lax.ragged_dot(rows[order].astype(a.dtype), a, sizes, precision=prec)
-    if sym.scale != 1.0:
-        t = t * jnp.asarray(sym.scale, t.dtype)
-    y_sorted = lax.ragged_dot(t, b, sizes, precision=prec)
+    y_sorted = ragged_low_rank(rows[order].astype(a.dtype), a, b, sizes, sym.scale, prec)
     back = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
     y = jnp.where(used[:, None], y_sorted[back], jnp.zeros((), y_sorted.dtype))
     out_axes = [ax for ax in range(sym.base.ndim) if ax not in wc]  # the weight's free axes

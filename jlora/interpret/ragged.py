@@ -9,12 +9,10 @@ Other layouts, DoRA experts and mixed-adapter batches materialize and say why.
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-from jax import lax
-
 from jlora.interpret import sym as sy
 from jlora.interpret.core import bind, has_sym, materialized, register
 from jlora.interpret.dot import _dropout
+from jlora.interpret.grouped import ragged_low_rank
 from jlora.interpret.sym import Sym
 
 _EXPERTS = (("s", 0), ("i", 0), ("o", 0))
@@ -58,8 +56,5 @@ def ragged_dot(eqn, invals, ctx):
     ctx.record(rhs.path, "factored")
     prec = eqn.params.get("precision")
     x = _dropout(lhs, rhs.dropout, ctx.key).astype(rhs.a.dtype)
-    t = lax.ragged_dot(x, rhs.a, sizes, precision=prec)
-    if rhs.scale != 1.0:
-        t = t * jnp.asarray(rhs.scale, t.dtype)
-    y = lax.ragged_dot(t, rhs.b, sizes, precision=prec)
+    y = ragged_low_rank(x, rhs.a, rhs.b, sizes, rhs.scale, prec)
     return base_out + y.astype(base_out.dtype)

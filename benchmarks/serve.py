@@ -8,7 +8,7 @@ and decode (one token for each of 64 sequences, over a KV cache of 128 positions
 - ``mixed n``: the same batch through ``jlora.stack`` of n adapters, example i
   using adapter ``i % n``, in one call, each example gathering its factors;
 - ``grouped n``: the same, rows sorted by adapter through two ``ragged_dot``s
-  (``jlora.apply(fn, mixed="grouped")``; on a CPU ``ragged_dot`` is slow);
+  (``jlora.apply(fn, mixed="grouped")``; on a CPU two masked dense products);
 - ``split n``: the same n adapters served one sub-batch each (n calls of the
   single-adapter function on batch 16/n);
 - ``switch``: the single-adapter call alternating between two adapters (same
@@ -104,7 +104,8 @@ def main():
             f"{cfg.vocab_size}, LoRA r16 a32 q,k,v,o, {args.repeats} interleaved rounds; "
             "'switch' is per call, alternating two adapters; 'mixed n': example i uses "
             "adapter i % n in one call (gathered factors); 'grouped n': the same sorted by "
-            "adapter through ragged_dot; 'split n': one call per adapter's sub-batch")
+            "adapter (ragged_dot; on a CPU masked dense products); 'split n': one call per "
+            "adapter's sub-batch")
     out = "\n\n".join(parts)
     print(out + "\n\n" + note)
     if not args.quick:

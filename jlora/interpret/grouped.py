@@ -11,8 +11,9 @@ It covers the common use: the model contracts all in-axes, no dot batch axes and
 stacked-layer axes left in the weight (a scan has sliced them off); anything else,
 and DoRA, takes the per-example path. ``mixed="auto"`` picks grouped only off the
 CPU and only for decode-shaped inputs (fewer rows per example than the rank: the
-gathered factors would outweigh the rows); on this CPU ``ragged_dot`` is ~60x the
-gather (``benchmarks/grouped_cpu.py``), so auto never picks it here.
+gathered factors would outweigh the rows). On the CPU the two products run as masked
+dense products (:func:`ragged_low_rank`), still many times the gather there
+(``benchmarks/grouped_cpu.py``), so auto never picks the grouped path on a CPU.
 """
 
 from __future__ import annotations

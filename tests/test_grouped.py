@@ -92,14 +92,14 @@ def test_dora_and_auto_on_cpu_take_the_gather_path(key):
     auto = jlora.apply(model.apply)
     assert jax.default_backend() == "cpu"
     assert not _grouped(_prims(auto, params, jlora.stack(ads), ids[:, :1],
-                               adapter_ids=aid))  # decode-shaped, but ragged_dot is slow here
+                               adapter_ids=aid))  # decode-shaped, but grouping is slow here
     with pytest.raises(ValueError, match=r"mixed='sorted'.*'grouped'"):
         jlora.apply(model.apply, mixed="sorted")
 
 
 def test_explain_names_the_path_of_a_mixed_batch(key):
-    """``explain`` takes apply's mixed-batch arguments and says, per use, which path runs;
-    the jaxpr agrees (ragged_dot only where it says grouped)."""
+    """``explain`` takes apply's mixed-batch arguments and says, per use, which path runs
+    (gathered factors, or rows grouped by adapter)."""
     from jlora.interpret.dot import GATHERED, GROUPED
     model, params, ids, ads = _setup(key, True)
     aid, st = jnp.array([2, 0, -1, 1, 0]), jlora.stack(ads)

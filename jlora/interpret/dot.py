@@ -32,7 +32,7 @@ TRANSPOSED = ("factored (transposed: the model contracts the adapter's out axes,
               "the axes with jlora.init(key, params, cfg, fn, *example_args))")
 #: How a mixed-adapter batch serves a use, as ``explain`` says it after "factored".
 GATHERED = " (mixed batch: each example gathers its adapter's factors)"
-GROUPED = " (mixed batch: rows grouped by adapter, two ragged_dots)"
+GROUPED = " (mixed batch: rows grouped by adapter)"
 #: The two low-rank products (``benchmarks/profile_step.py`` swaps them for JAX's rule).
 _thin_product = thin
 

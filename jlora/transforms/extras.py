@@ -72,15 +72,12 @@ def _padded(leaf, node: LayersNode, exact: bool = True) -> LoraNode:
     pad = lambda f: jnp.zeros((node.length,) + f.shape[1:], f.dtype).at[ids].set(f)
     full = dataclasses.replace(inner, a=pad(inner.a), b=pad(inner.b), magnitude=None,
                                shape=node.shape)
-    if inner.magnitude is None:
+    m = inner.magnitude
+    if m is None:
         return full
-    if not exact:
-        m = inner.magnitude
-        ones = jnp.ones((node.length,) + m.shape[1:], m.dtype)
-        return dataclasses.replace(full, magnitude=ones.at[ids].set(m))
-    norm = sy.node_norm(qv.wrap(leaf), full).reshape((node.length,) + inner.magnitude.shape[1:])
-    mag = norm.astype(inner.magnitude.dtype).at[ids].set(inner.magnitude)
-    return dataclasses.replace(full, magnitude=mag)
+    shape = (node.length,) + m.shape[1:]
+    other = sy.node_norm(qv.wrap(leaf), full).reshape(shape) if exact else jnp.ones(shape)
+    return dataclasses.replace(full, magnitude=other.astype(m.dtype).at[ids].set(m))
 
 
 def merged(leaf, node):

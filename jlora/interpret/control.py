@@ -1,8 +1,11 @@
 """Rules for higher-order primitives: the interpreter recurses into their sub-jaxprs.
 
-``jit``, ``closed_call`` and custom derivatives (``custom_jvp_call``,
-``custom_vjp_call``) that receive an adapted weight are inlined: evaluated
-in place, so differentiated through their primal body. ``remat``, ``scan``,
+``jit`` and ``closed_call`` are inlined: evaluated in place. A custom
+derivative (``custom_jvp_call``, ``custom_vjp_call``, ``jax_custom_vjp3``'s hi
+primitive) that receives an adapted or quantized weight gets it materialized,
+built outside the call so the gradient reaches the factors through the user's
+rule (inlining would differentiate the primal body and drop that rule); only
+``init``'s probe and EVA's capture, which take no derivative, look inside. ``remat``, ``scan``,
 ``cond`` and ``while`` are re-emitted as the same control flow (remat policy,
 scan length/unroll kept) with their bodies interpreted; a scan over a stacked
 kernel slices the factors per layer, and a quantized stack is read one layer
@@ -20,7 +23,7 @@ from jax import lax
 from jlora.numerics import mesh
 from jlora.interpret import capture
 from jlora.interpret import sym as sy
-from jlora.interpret.core import evaluate, materialized, primitives, register
+from jlora.interpret.core import bind, evaluate, materialized, primitives, register
 from jlora.numerics import qview as qv
 
 #: Call-like primitives this JAX exports (current and former names) -> their jaxpr's param.
@@ -28,6 +31,11 @@ CALLS = {p: field for names, field in ((("jit_p", "pjit_p"), "jaxpr"), (
     ("closed_call_p", "call_p", "custom_jvp_call_p", "custom_vjp_call_p"), "call_jaxpr"))
     for p in primitives(*names)}
 _CALL_NAMES = {"pjit": "jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr"}
+#: Why a custom-derivative call's weights go in materialized, as ``explain`` says it.
+KEEPS_VJP = "custom_vjp: keeps the user's backward"
+KEEPS_JVP = "custom_jvp: keeps the user's derivative rule"
+_CUSTOM = {"custom_jvp_call": KEEPS_JVP, "custom_vjp_call": KEEPS_VJP,
+           "custom_vjp_call_jaxpr": KEEPS_VJP}
 
 
 def _inline(field: str):
@@ -38,10 +46,28 @@ def _inline(field: str):
     return rule
 
 
+def _inspecting(invals, ctx) -> bool:
+    """Whether this evaluation takes no derivative: ``init``'s probe or EVA's capture."""
+    return ctx.capture is not None or any(isinstance(v, sy.Sym) and v.probe for v in invals)
+
+
+def _custom(field: str, why: str):
+    """A custom-derivative call bound as it is, its symbolic inputs materialized (``why``)."""
+    inline = _inline(field)
+
+    def rule(eqn, invals, ctx):
+        if _inspecting(invals, ctx):
+            return inline(eqn, invals, ctx)
+        return bind(eqn, materialized(invals, ctx, why))
+    return rule
+
+
 for _prim, _field in CALLS.items():
-    register(_prim)(_inline(_field))
+    why = _CUSTOM.get(_prim.name)
+    register(_prim)(_inline(_field) if why is None else _custom(_field, why))
 for _name, _field in _CALL_NAMES.items():
-    register(names=(_name,))(_inline(_field))
+    why = _CUSTOM.get(_name)
+    register(names=(_name,))(_inline(_field) if why is None else _custom(_field, why))
 
 
 def hi_jaxpr(eqn):
@@ -56,11 +82,15 @@ def hi_jaxpr(eqn):
 
 @register(names=("call_hi_primitive",))
 def _hi_call(eqn, invals, ctx):
-    """JAX's opt-in "hi" primitives (``jax_remat3``, ``jax_custom_vjp3``): their primal
-    computation (``expand``) traced to a jaxpr and interpreted; a remat keeps its policy."""
+    """JAX's opt-in "hi" primitives (``jax_remat3``, ``jax_custom_vjp3``): a remat's primal
+    computation (``expand``) traced to a jaxpr and interpreted under its policy; a custom_vjp
+    bound with its inputs materialized, as ``custom_vjp_call`` is."""
     hi, closed = eqn.params["_prim"], hi_jaxpr(eqn)
     policy = getattr(hi, "params", {}).get("policy", False)
-    if policy is False:  # not a remat: inlined, as custom_vjp_call is
+    custom = "CustomVJP" in type(hi).__name__  # jax_custom_vjp3's CustomVJPTraced
+    if custom and not _inspecting(invals, ctx):  # the user's rule kept
+        return bind(eqn, materialized(invals, ctx, KEEPS_VJP))
+    if policy is False:
         return evaluate(closed.jaxpr, closed.consts, invals, ctx)
     return _checkpointed(closed.jaxpr, closed.consts, invals, ctx, policy=policy)
 

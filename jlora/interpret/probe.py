@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 
+from jlora.config import LoraError
 from jlora.interpret.concat import by_path
 from jlora.interpret.core import Ctx, evaluate
 from jlora.interpret.sym import Sym
@@ -63,7 +64,28 @@ def discover_axes(fn, params, paths: set[str], args, kwargs) -> dict[str, tuple]
             ins = tuple(sorted(dots[0][1]))
         else:  # whole slices picked and never contracted: rows of a 3+-D table
             ins = tuple(sorted(picks))
+        _check_disjoint(path, stack, ins, events)
         outs = tuple(ax for ax in range(ndims[path]) if ax not in stack and ax not in ins)
         if ins and outs:
             found[path] = (tuple(sorted(stack)), ins, outs)
     return found
+
+
+_USES = {"dot": "contracted by a dot_general", "gather": "looked up by a gather",
+         "index": "indexed, sliced away or scanned over", "pick": "picked whole slices of"}
+
+
+def _check_disjoint(path: str, stack: set, ins: tuple, events: list) -> None:
+    """Raise if one axis would be both stacked and "in": two uses disagree about it."""
+    both = sorted(stack & set(ins))
+    if not both:
+        return
+    ax = both[0]
+    uses = [_USES[e[0]] for e in events if ax in (e[1] if isinstance(e[1], tuple) else
+                                                  (e[1],)) or (e[0] == "dot" and ax in e[2])]
+    raise LoraError(
+        f"{path!r}: fn uses axis {ax} of the weight in two ways that give it different roles "
+        f"({' and '.join(dict.fromkeys(uses))}), so jlora cannot learn which axes are "
+        "stacked, in and out; choose them yourself: jlora.init without fn (Flax's convention: "
+        "last axis out, second-to-last in, leading axes stacked), and the other use "
+        "materializes the weight (jlora.explain says which)")

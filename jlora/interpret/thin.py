@@ -97,7 +97,7 @@ def _transpose_f(ct, t, f, *, spec, precision):
     size = dict(zip(ts, jnp.shape(t))) | dict(zip(out, jnp.shape(ct)))
     lead = [c for c in fs if c in ts and c in out]  # batch letters stay first
     of_t, of_ct = ([c for c in fs if c in a and c not in b] for a, b in ((ts, out), (out, ts)))
-    if math.prod(size[c] for c in of_t) <= math.prod(size[c] for c in of_ct):
+    if lead or math.prod(size[c] for c in of_t) <= math.prod(size[c] for c in of_ct):
         return contract(f"{ts},{out}->{fs}", t, ct, precision, want).astype(dtype)
     order = "".join(lead + of_ct + of_t)
     part = None if want is None else tuple(want[fs.index(c)] for c in order)

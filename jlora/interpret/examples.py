@@ -21,6 +21,7 @@ import math
 
 from jax import lax
 from jax.extend import core as jcore
+from jax.extend.core import primitives as jprims
 
 from jlora.interpret.control import CALLS, hi_jaxpr
 from jlora.interpret.core import primitives
@@ -45,7 +46,8 @@ _ELEMENTWISE = frozenset(getattr(lax, n) for n in (
     "copy_p", "reduce_precision_p", "real_p", "imag_p", "stop_gradient_p", "shift_left_p",
     "shift_right_logical_p", "shift_right_arithmetic_p", "population_count_p",
     "sharding_constraint_p")
-    if hasattr(lax, n))
+    if hasattr(lax, n)) | frozenset(
+        getattr(jprims, n) for n in ("name_p",) if hasattr(jprims, n))  # checkpoint_name
 _REDUCE = frozenset(getattr(lax, n) for n in (
     "reduce_sum_p", "reduce_max_p", "reduce_min_p", "reduce_prod_p", "reduce_and_p",
     "reduce_or_p", "reduce_xor_p", "argmax_p", "argmin_p") if hasattr(lax, n))

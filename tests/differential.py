@@ -10,7 +10,9 @@ sometimes with DoRA, sometimes run as a mixed batch of two stacked adapters.
 ``verdict(seed)`` runs it through ``jlora.apply`` (eager and jitted) and the same
 function on the merged weights (``conftest.ref_merge_jnp``, plain ``jnp``):
 outputs and adapter gradients must agree. The verdict is ``"right"``,
-``"refused"`` (a ``LoraError``) or ``"wrong: ..."``/``"crash: ..."``, the bugs.
+``"refused"`` (a ``LoraError``) or ``"wrong: ..."``/``"crash: ..."``, the bugs
+(``"invalid"``: JAX itself cannot run the program, e.g. ``vmap`` of a
+``checkpoint_name`` under ``jax_remat3``; no verdict on jlora).
 
 ``python tests/differential.py START COUNT`` runs seeds ``START..START+COUNT`` and
 prints a tally (the long run; ``tests/test_differential.py`` runs a fixed slice).
@@ -106,6 +108,7 @@ def _matrix_uses(store, I, O):
         "bf16_round_trip": lambda w, x: (x.astype(jnp.bfloat16) @ io(w).astype(jnp.bfloat16)
                                          ).astype(jnp.float32),
         "rows": lambda w, x: io(w)[jnp.array([0, I - 1, 1])],
+        "index_row": lambda w, x: io(w)[1][None, :] + 0 * x[:, :1],
         "elementwise": lambda w, x: jnp.tanh(io(w)).sum(0)[None, :] + 0 * x[:, :1],
         "vmap": lambda w, x: jax.vmap(lambda xi: mm(w, xi))(x),
         "vmap_weight_in": lambda w, x: jax.vmap(lambda xi, ww: xi @ io(ww), (0, None))(x, w),
@@ -209,8 +212,8 @@ def _store(rng):
     return kind, (5, I), (B, I), _table_uses()
 
 
-def build(seed: int) -> Case:
-    """The program of ``seed`` (deterministic)."""
+def build(seed: int) -> tuple[Case, Callable[[], None]]:
+    """The program of ``seed`` (deterministic), and what gives it its adapter (init)."""
     rng = np.random.default_rng(seed)
     store, shape, xshape, uses = _store(rng)
     mixed = rng.random() < 0.2 and store in ("io", "oi")
@@ -238,14 +241,21 @@ def build(seed: int) -> Case:
                 custom=any(n.startswith("custom") for n in picked))
     if dtype == jnp.bfloat16 or any("bf16" in n for n in picked):
         case.tol = dict(LOOSE)
-    init = lambda k: _random(jlora.init(k, params, cfg, *((fn, x) if learn else ())), k)
-    if mixed:
+    ids = jnp.asarray(rng.integers(-1, 2, size=B), jnp.int32) if mixed else None
+    return case, lambda: _adapt(case, cfg, learn, ids)
+
+
+def _adapt(case: Case, cfg, learn: bool, ids) -> None:
+    """Give ``case`` its adapter (random factors; two stacked ones with ``ids``)."""
+    (x,), key = case.args, jax.random.key(case.seed)
+    init = lambda k: _random(jlora.init(k, case.params, cfg, *((case.fn, x) if learn else ())),
+                             k)
+    if ids is None:
+        case.adapter = init(jax.random.fold_in(key, 2))
+    else:
         case.adapter = jlora.stack([init(jax.random.fold_in(key, 2)),
                                     init(jax.random.fold_in(key, 3))])
-        case.ids = jnp.asarray(rng.integers(-1, 2, size=B), jnp.int32)
-    else:
-        case.adapter = init(jax.random.fold_in(key, 2))
-    return case
+        case.ids = ids
 
 
 def _random(adapter, key):
@@ -302,24 +312,35 @@ def check(case: Case) -> None:
 
 
 def verdict(seed: int) -> tuple[str, str]:
-    """``(verdict, what the program was)``: right, refused, wrong: ... or crash: ..."""
-    case = None
+    """``(verdict, what the program was)``: right, refused, wrong: ... or crash: ... (the
+    bugs), or invalid: ... when JAX itself cannot run the program without jlora."""
+    case, adapt = build(seed)
+    if _jax_fails(case):
+        return "invalid: JAX itself cannot run it", case.what
     try:
-        case = build(seed)  # jlora.init runs here
+        adapt()  # jlora.init
         check(case)
         return "right", case.what
     except jlora.LoraError as e:
-        return "refused", f"{_what(case, seed)}: {str(e)[:160]}"
+        return "refused", f"{case.what}: {str(e)[:160]}"
     except AssertionError as e:
-        return "wrong: " + " ".join(str(e).split())[:300], _what(case, seed)
+        return "wrong: " + " ".join(str(e).split())[:300], case.what
     except Exception as e:  # noqa: BLE001 - every other exception is a bug to report
         tb = traceback.extract_tb(e.__traceback__)[-1]
         return f"crash: {type(e).__name__}: {str(e)[:160]} at {tb.filename}:{tb.lineno}", \
-            _what(case, seed)
+            case.what
 
 
-def _what(case, seed) -> str:
-    return f"seed {seed} (in init)" if case is None else case.what
+def _jax_fails(case: Case) -> bool:
+    """Whether the program without jlora fails in JAX itself (then no verdict on jlora):
+    its outputs, and its gradient when the case checks gradients, on the base weights."""
+    f = lambda p: sum(jnp.sum(o.astype(jnp.float32)) for o in jax.tree.leaves(
+        case.fn(p, *case.args)))
+    try:
+        jax.grad(f)(case.params) if case.grad else f(case.params)
+        return False
+    except Exception:  # noqa: BLE001 - any failure of JAX's own
+        return True
 
 
 def main(start: int, count: int, show_refused: bool = False) -> None:

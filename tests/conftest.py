@@ -32,7 +32,9 @@ SLOW = {"test_any_dot_general_layout_matches_materialized": 220,
         "test_dora_in_scan_and_dense_general": 47,
         "test_qlora_equals_lora_on_the_dequantized_base": 150,
         "test_training_killed_mid_save_resumes_exactly": 43,
-        "test_two_processes_train_the_same_adapter_as_one": 35}
+        "test_two_processes_train_the_same_adapter_as_one": 35,
+        "test_random_programs_equal_the_merged_weights_or_are_refused": 130,
+        "test_batched_weight_products_compile_under_jit_grad": 70}
 
 
 def pytest_collection_modifyitems(config, items):

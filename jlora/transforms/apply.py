@@ -102,6 +102,16 @@ def explain(fn: Callable, params, adapter, *args, adapter_ids=None, example_axes
     a target that ``fn`` never reads maps to an empty list. With a stacked adapter,
     ``adapter_ids``, ``example_axes`` and ``mixed`` are :func:`apply`'s, and each
     factored use also says which path serves the mixed batch (gather or grouped).
+    A custom derivative (``jax.custom_vjp``/``custom_jvp``) that receives the weight
+    gets it materialized, so that its own rule runs.
+
+    Example:
+      >>> w = {"w": jnp.ones((4, 6))}
+      >>> ad = jlora.init(jax.random.key(0), w, jlora.LoraConfig(rank=2, targets=("w",)))
+      >>> clip = jax.custom_vjp(lambda w: w)
+      >>> clip.defvjp(lambda w: (w, None), lambda _, g: (jnp.clip(g, -1, 1),))
+      >>> jlora.explain(lambda p, x: x @ p["w"] + x @ clip(p["w"]), w, ad, jnp.ones((3, 4)))
+      {'w': ['factored', "materialized (custom_vjp: keeps the user's backward)"]}
     """
     if mixed not in grouped.MODES:
         raise ValueError(f"explain(mixed={mixed!r}): expected one of {grouped.MODES}")

@@ -91,6 +91,11 @@ def _transpose_f(ct, t, f, *, spec, precision):
     with the ``(r, in)`` output, and would fold a plain transpose back into the
     dot, so an ``optimization_barrier`` keeps the order; the transpose after it
     moves only a factor-sized array (``benchmarks/cpu_kernels.py``).
+
+    Not for a batched product (per-example or per-layer factors): XLA's CPU compiler
+    folds the transpose into the batched dot's output layout and then aborts the
+    process on small shapes (``dot_op_emitter``: the layout must be dim-0 major), so
+    those take the plain product (``tests/test_interpreter_edges.py``).
     """
     (ts, fs), out = spec.split("->")[0].split(","), spec.split("->")[1]
     dtype, want = _dtype(f, ct), mesh.spec(f)

@@ -95,7 +95,8 @@ def _transpose_f(ct, t, f, *, spec, precision):
     Not for a batched product (per-example or per-layer factors): XLA's CPU compiler
     folds the transpose into the batched dot's output layout and then aborts the
     process on small shapes (``dot_op_emitter``: the layout must be dim-0 major), so
-    those take the plain product (``tests/test_interpreter_edges.py``).
+    those take the plain product (``tests/test_interpreter_edges.py``; its cost:
+    ``benchmarks/batched_factor_grad.py``).
     """
     (ts, fs), out = spec.split("->")[0].split(","), spec.split("->")[1]
     dtype, want = _dtype(f, ct), mesh.spec(f)

@@ -19,6 +19,16 @@ from jlora.targets import flatten, path_str
 
 _meta = dict(static=True)
 
+#: Where a node's stacked/in/out axes came from, and what that lets ``apply`` do.
+#: ``"fn"``: learned by tracing the model (``init(..., fn)``, ``peft.load(..., fn)``);
+#: ``"flax"``: Flax's convention, for factors jlora made (``init`` without ``fn``): they
+#: are trained for those axes, so any use is consistent; ``"file"``: fixed by the file
+#: (a PEFT embedding's or convolution's factors); ``"given"``: passed as ``axes=``;
+#: ``"assumed"``: Flax's convention assumed for factors a file made for torch's layout
+#: (``peft.load`` without ``fn``). A use that swaps such factors' roles (``x @ W.T``)
+#: would apply the file's update transposed, so ``apply`` refuses it.
+AXES_FROM = ("fn", "flax", "file", "given", "assumed")
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +37,8 @@ class LoraNode:
 
     ``a`` is ``(*stack, in, r)`` and ``b`` is ``(*stack, r, out)``, where
     ``in``/``out`` flatten the kernel's ``in_axes``/``out_axes`` (in axis
-    order) and ``stack`` are the kernel's ``stack_axes``. The adapted weight is
+    order) and ``stack`` are the kernel's ``stack_axes``. ``axes_from`` records where those
+    axes came from (see :data:`AXES_FROM`). The adapted weight is
     ``W0 + scale * A @ B`` mapped back onto the kernel's own axes; with DoRA
     (``magnitude`` set) it is ``(magnitude / ||W0 + scale * A @ B||) * (W0 + scale * A @ B)``,
     the norm taken over the input axes per output feature.
@@ -44,6 +55,7 @@ class LoraNode:
     in_axes: tuple[int, ...] = dataclasses.field(metadata=_meta)
     out_axes: tuple[int, ...] = dataclasses.field(metadata=_meta)
     magnitude: Any = None  # DoRA: (*stack, out), the norm of each output feature
+    axes_from: str = dataclasses.field(default="flax", metadata=_meta)
 
     def labels(self) -> tuple[tuple[str, int], ...]:
         """Per kernel axis: ``('s'|'i'|'o', index within that group)``."""
@@ -76,6 +88,7 @@ class StackedNode:
     out_axes: tuple[int, ...] = dataclasses.field(metadata=_meta)
     magnitude: Any = None
     alphas: tuple[float, ...] = dataclasses.field(metadata=_meta, default=())
+    axes_from: str = dataclasses.field(default="flax", metadata=_meta)
 
     @property
     def rank(self) -> int:

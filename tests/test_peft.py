@@ -128,7 +128,8 @@ def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="match no parameter.*module_fn"):
         jlora.peft.load(str(tmp_path), params)  # default mapping lacks the 'model.' level
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    for field, value, message in [("bias", "all", "bias='all'"),
+    for field, value, message in [("layer_replication", [[0, 1]], "layer_replication.*copying"),
+                                  ("bias", "some", "bias='some'"),
                                   ("init_lora_weights", "pissa", "changed the base weights"),
                                   ("peft_type", "IA3", "is not LORA")]:
         (tmp_path / "adapter_config.json").write_text(json.dumps({**config, field: value}))

@@ -49,6 +49,7 @@ def conv(eqn, invals, ctx):
     if w.probe:
         ctx.record(w.path, ("dot", tuple(w.labels[ax][1] for ax in rhs[1:]), ()))
         return base_out
+    sy.check_assumed(w, rhs[1:])
     why = _why_not(eqn, w)
     if why is not None:
         return bind(eqn, [x, sy.materialize(w, ctx.record, why)])

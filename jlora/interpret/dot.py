@@ -30,6 +30,9 @@ from jlora.numerics import qview as qv
 TRANSPOSED = ("factored (transposed: the model contracts the adapter's out axes, so A and B "
               "play swapped roles; expected for a tied embedding's x @ E.T, otherwise learn "
               "the axes with jlora.init(key, params, cfg, fn, *example_args))")
+#: The same for axes learned from ``fn`` or fixed by a file: a tied table's ``x @ E.T``.
+TRANSPOSED_LEARNED = ("factored (transposed: the model contracts the adapter's out axes, so "
+                      "A and B play swapped roles, as a tied table's x @ E.T does)")
 #: How a mixed-adapter batch serves a use, as ``explain`` says it after "factored".
 GATHERED = " (mixed batch: each example gathers its adapter's factors)"
 GROUPED = " (mixed batch: rows grouped by adapter)"
@@ -78,17 +81,28 @@ def _fit_error(sym: Sym, contracted, batch) -> LoraError:
         f"the adapter for {sym.path!r} does not fit how the model uses the weight: the model "
         f"contracts {desc(contracted)} and batches {desc(batch)} of the kernel as the model sees "
         "it, but a LoRA factor must contract exactly all 'in' (or all 'out') axes; learn the "
-        "axes by tracing: jlora.init(key, params, cfg, fn, *example_args)")
+        "axes by tracing: " + ("jlora.peft.load(path, params, fn, *example_args)"
+                               if sym.axes_from == "assumed" else
+                               "jlora.init(key, params, cfg, fn, *example_args)"))
 
 
 def _mode(sym: Sym, wc, wb) -> str:
-    """``'i'`` when the model contracts all in-axes, ``'o'`` for all out-axes (x @ W.T)."""
+    """``'i'`` when the model contracts all in-axes, ``'o'`` for all out-axes (x @ W.T).
+
+    Factors read from a file under an assumed layout (``axes_from="assumed"``) must not be
+    used with swapped roles: that use shows the layout was torch's, so the file's update
+    would be applied transposed."""
     kinds = {sym.labels[a][0] for a in wc}
     mode = kinds.pop() if len(kinds) == 1 else None
     if mode not in ("i", "o") or len(wc) != sym.count(mode) or any(
             sym.labels[a][0] != "s" for a in wb):
         raise _fit_error(sym, wc, wb)
+    sy.check_assumed(sym, wc)
     return mode
+
+
+def _transposed(sym: Sym) -> str:
+    return TRANSPOSED if sym.axes_from == "flax" else TRANSPOSED_LEARNED
 
 
 def _where(ctx, eqn, side: int):
@@ -125,7 +139,7 @@ def factored(x, sym: Sym, sym_is_rhs: bool, params: dict, key, record,
     x_d = _dropout(x, sym.dropout, key)
     y, g, how = _low_rank(x_d, sym, mode, sym_is_rhs, (xc, wc, xb, wb),
                           params.get("precision"), where, mixed)
-    record(sym.path, (TRANSPOSED if mode == "o" else "factored") + how)
+    record(sym.path, (_transposed(sym) if mode == "o" else "factored") + how)
     if g is None:
         return base_out + y.astype(base_out.dtype)
     if x_d is x:

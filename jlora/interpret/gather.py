@@ -71,6 +71,7 @@ def gather(eqn, invals, ctx):
         if axes:
             ctx.record(operand.path, ("gather", tuple(operand.labels[ax][1] for ax in axes)))
         return base_out
+    sy.check_assumed(operand, params["dimension_numbers"].collapsed_slice_dims)  # looked up
     why = _why_not(operand, axes)
     if why is not None:
         w = sy.materialize(operand, ctx.record, why)

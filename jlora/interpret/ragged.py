@@ -50,6 +50,8 @@ def ragged_dot(eqn, invals, ctx):
         if _standard(eqn, lhs, rhs):
             ctx.record(rhs.path, ("dot", (rhs.labels[1][1],), (rhs.labels[0][1],)))
         return base_out
+    if _standard(eqn, lhs, rhs):
+        sy.check_assumed(rhs, (1,))
     why = _why_not(eqn, lhs, rhs)
     if why is not None:
         return bind(eqn, [lhs, sy.materialize(rhs, ctx.record, why), sizes])

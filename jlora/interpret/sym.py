@@ -47,6 +47,9 @@ class Sym:
     #: Some layers only (``LayersNode``): per index of the stacked axis ("s", 0), whether
     #: that layer is adapted (the others have zero factors, and a scan skips them).
     active: tuple[bool, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
+    #: The node's ``axes_from`` (``jlora.adapter.AXES_FROM``): whether a use that swaps the
+    #: factors' roles is expected (learned, a tied table) or refused (``"assumed"``).
+    axes_from: str = dataclasses.field(default="flax", metadata=dict(static=True))
 
     @property
     def lead(self) -> int:
@@ -66,6 +69,21 @@ class Sym:
                 stacked(kw["labels"]) != stacked(self.labels):
             kw["active"] = None  # a stacked axis went: ("s", 0) may now name another
         return dataclasses.replace(self, **kw)
+
+
+def check_assumed(sym: Sym, contracted) -> None:
+    """Refuse a use that contracts out-axes of factors whose layout was assumed
+    (``axes_from="assumed"``): the model keeps the weight transposed against that
+    assumption (torch's ``(out, in)``), so the file's update would land transposed."""
+    if sym.axes_from != "assumed" or sym.probe or not any(
+            sym.labels[ax][0] == "o" for ax in contracted):
+        return
+    raise LoraError(
+        f"{sym.path!r}: the model contracts the axes that peft.load took as the weight's "
+        "out axes (x @ W.T: a torch (out, in) layout?), so the PEFT file's update would be "
+        "applied transposed; peft.load assumed Flax's (in, out) layout because it had no "
+        "model to learn from: load it with jlora.peft.load(path, params, fn, *example_args) "
+        "(or axes={path: (stack_axes, in_axes, out_axes)})")
 
 
 def node_norm(leaf, node) -> jax.Array:
@@ -105,7 +123,8 @@ def from_node(leaf, node, path: str, norm=None, ids=None, active=None) -> Sym | 
     elif ids is not None:
         b = b * jnp.asarray(node.scale, b.dtype).reshape((-1,) + (1,) * (b.ndim - 1))
         scale = 1.0
-    return Sym(leaf, a, b, g, node.labels(), scale, node.dropout, path, ids, active)
+    return Sym(leaf, a, b, g, node.labels(), scale, node.dropout, path, ids, active,
+               node.axes_from)
 
 
 def on_base(base, prim, *operands, **params):

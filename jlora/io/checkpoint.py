@@ -23,7 +23,8 @@ from jlora.targets import flatten, path_str
 from jlora.transforms.check import check, check_finite
 
 _FORMAT = "jlora-adapter/1"
-_SETTINGS = ("rank", "alpha", "scale", "dropout", "shape", "stack_axes", "in_axes", "out_axes")
+_SETTINGS = ("rank", "alpha", "scale", "dropout", "shape", "stack_axes", "in_axes", "out_axes",
+             "axes_from")  # (older checkpoints lack axes_from: the node's default)
 
 
 def _manager(directory, max_to_keep: int | None = None, write: bool = True):

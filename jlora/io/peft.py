@@ -24,7 +24,8 @@ import safetensors.numpy
 
 from jlora.adapter import FullNode, LayersNode, LoraNode, TokenNode, adapter_nodes, default_axes
 from jlora.config import LAYER_PATTERNS, LoraError
-from jlora.io import atomic, peft_config, peft_whole, torch_conv
+from jlora.interpret.probe import discover_axes
+from jlora.io import atomic, peft_base, peft_bias, peft_config, peft_params, peft_whole, torch_conv
 from jlora.nf4 import is_nf4
 from jlora.targets import _NOT_KERNELS, flatten, matches, path_str
 from jlora.transforms.check import check, check_finite
@@ -59,13 +60,31 @@ def default_module(path: str, index: tuple[int, ...] = ()) -> str:
     return ".".join(out)
 
 
+def torch_module(path: str, index: tuple[int, ...] = ()) -> str:
+    """The module of a params tree that nests a torch state dict's names as they are
+    (``tests/torch_models.py``): ``transformer/h/0/ln_1/bias`` -> ``transformer.h.0.ln_1``
+    (:func:`default_module` would read ``ln_1`` as Flax's ``name_N``). Stacked indices
+    go after the last ``LAYER_SEGMENTS`` segment, as there.
+
+    Example:
+      >>> torch_module("model/layers/attn/q_proj/weight", (2,))
+      'model.layers.2.attn.q_proj'
+    """
+    segs = path.split("/")[:-1]
+    if index:
+        at = max((i for i, s in enumerate(segs) if s in LAYER_SEGMENTS), default=0)
+        segs[at + 1:at + 1] = [str(i) for i in index]
+    return ".".join(segs)
+
+
 def _stack_shape(node) -> tuple[int, ...]:
     return tuple(node.shape[ax] for ax in node.stack_axes)
 
 
 def save(path: str, adapter, *, module_fn=default_module, prefix: str = PREFIX,
          base_model_name_or_path: str | None = None, embeddings: str = r"embed",
-         convs: str | None = r"(?i)conv", initial=None) -> None:
+         convs: str | None = r"(?i)conv", initial=None, fan_in_fan_out: bool = False,
+         parameters: tuple[str, ...] = ()) -> None:
     """Write ``adapter`` as a PEFT adapter directory (replaced only once fully written).
 
     Args:
@@ -83,14 +102,24 @@ def save(path: str, adapter, *, module_fn=default_module, prefix: str = PREFIX,
         residual base), the adapter as ``init`` returned it: the file then holds plain
         LoRA for the original base, ``[A | A0]``, ``[B; -B0]`` at rank ``2r`` (PEFT's
         ``path_initial_model_for_weight_conversion``).
+      fan_in_fan_out: the torch modules store their weight ``(in, out)`` (GPT-2's
+        ``Conv1D``): written to the config, as PEFT does for such models. The factors are
+        the same either way; PEFT reads the flag when it merges.
+      parameters: leaf names that are torch parameters rather than modules' weights,
+        saved as PEFT's ``target_parameters`` (``gate_up_proj``, ``down_proj`` of
+        transformers' fused MoE experts: the expert axis is the last stacked axis), in
+        the order the torch module registers them (PEFT nests their wrappers that way).
     """
     if initial is not None:  # W_res + s A B = W + s (A B - A0 B0)
         adapter = combine_adapters([adapter, initial], [1.0, -1.0], method="cat")
     nodes = adapter_nodes(adapter)
     tensors, whole = peft_whole.save_tensors(nodes, module_fn, prefix, convs)
+    params_t, param_modules, target_parameters = peft_params.save_tensors(
+        nodes, parameters, module_fn, prefix)
+    tensors.update(params_t)
     modules = {}
     for p, node in nodes.items():
-        if isinstance(node, (FullNode, TokenNode)):
+        if isinstance(node, (FullNode, TokenNode)) or p.split("/")[-1] in parameters:
             continue
         layers = None
         if isinstance(node, LayersNode):  # only its layers have modules (PEFT's zero-B rest)
@@ -111,7 +140,9 @@ def save(path: str, adapter, *, module_fn=default_module, prefix: str = PREFIX,
             if m is not None:
                 tensors[key + ".lora_magnitude_vector"] = m
             modules[module] = node
-    config = {**peft_config.config_of(modules, base_model_name_or_path), **whole}
+    config = {**peft_config.config_of(modules, base_model_name_or_path, param_modules),
+              **whole, "fan_in_fan_out": bool(fan_in_fan_out),
+              "target_parameters": target_parameters or None}
     some = {n.layers if isinstance(n, LayersNode) else None for n in nodes.values()
             if not isinstance(n, (FullNode, TokenNode))}
     if len(some) == 1 and None not in some:  # every node on the same layers of its stack
@@ -121,44 +152,112 @@ def save(path: str, adapter, *, module_fn=default_module, prefix: str = PREFIX,
                       CONFIG: json.dumps(config, indent=2, sort_keys=True).encode()})
 
 
-def load(path: str, params, *, module_fn=default_module, prefix: str = PREFIX, axes=None,
-         dtype=None):
+def load(path: str, params, fn=None, *args, module_fn=default_module, prefix: str = PREFIX,
+         axes=None, dtype=None, **kwargs):
     """A PEFT adapter directory as a jlora adapter for ``params`` (``init``'s structure).
+
+    PEFT's factors are made for torch's layout (``lora_A`` ``(r, in)`` for a weight that
+    torch keeps ``(out, in)``). Which axes of a jlora leaf are "in" cannot be told from a
+    square weight's shape, so pass the model: with ``fn`` each target's axes are learned
+    from how ``fn`` uses it, as :func:`jlora.init` does, and any layout (Flax's
+    ``(in, out)``, torch's ``(out, in)`` with ``x @ W.T``, head-split kernels) loads
+    right. Without ``fn`` Flax's convention is assumed (recorded as
+    ``axes_from="assumed"``), and ``jlora.apply`` refuses any use that contradicts it.
 
     Args:
       path: a directory written by PEFT's ``save_pretrained`` (or :func:`save`).
       params: the base the adapter was trained on (jlora layout, may hold NF4 leaves).
+      fn, *args, **kwargs: optional ``fn(params, *args, **kwargs)``, the model, and example
+        inputs for it (only shapes matter); ``fn``'s own keyword arguments cannot be
+        called ``module_fn``, ``prefix``, ``axes`` or ``dtype``.
       module_fn, prefix: the key mapping, as in :func:`save`.
-      axes: optional ``{jlora_path: (stack_axes, in_axes, out_axes)}``; the default
-        is Flax's convention (last axis out, second-to-last in, leading stacked).
+      axes: optional ``{jlora_path: (stack_axes, in_axes, out_axes)}``, taking precedence
+        over what ``fn`` shows.
       dtype: cast the factors (default: as stored).
 
     Raises:
       LoraError: unsupported config fields, keys that match no parameter, modules
-        missing for some layers, or shapes that do not fit ``params``.
+        missing for some layers, saved base layers that differ from ``params``, or
+        shapes that do not fit ``params`` (a torch-layout kernel loaded without ``fn``).
+
+    Example:
+      >>> import tempfile
+      >>> params = {"q_proj": {"weight": jnp.ones((6, 4))}}  # torch's (out, in)
+      >>> fn = lambda p, x: x @ p["q_proj"]["weight"].T
+      >>> mine = jlora.init(jax.random.key(0), params, jlora.LoraConfig(
+      ...     rank=2, targets=("q_proj",)), fn, jnp.ones((1, 4)))
+      >>> d = tempfile.mkdtemp()
+      >>> jlora.peft.save(d, mine)
+      >>> node = jlora.peft.load(d, params, fn, jnp.ones((1, 4)))["q_proj"]["weight"]
+      >>> node.in_axes, node.a.shape, node.axes_from
+      ((1,), (4, 2), 'fn')
     """
     config = peft_config.read(path)
     tensors = _read_tensors(path)
     unused = set(tensors)
     flat, treedef = flatten(params)
+    learned = _learn(fn, params, flat, config, args, kwargs)
     out = []
     for kp, leaf in flat:
         p = path_str(kp)
-        node = peft_whole.load_node(p, leaf, tensors, unused, config, module_fn, prefix,
-                                    dtype) or _node(p, leaf, tensors, unused, config,
-                                                    module_fn, prefix, (axes or {}).get(p), dtype)
+        axes_p = ((axes or {})[p], "given") if p in (axes or {}) else (
+            (learned[p], "fn") if p in learned else None)
+        node = (peft_whole.load_node(p, leaf, tensors, unused, config, module_fn, prefix, dtype)
+                or peft_params.load_node(p, leaf, tensors, unused, config, module_fn, prefix,
+                                         axes_p, dtype)
+                or _node(p, leaf, tensors, unused, config, module_fn, prefix, axes_p, dtype))
         out.append(node)
+    out = peft_bias.load(flat, out, tensors, unused, config, module_fn, prefix, dtype)
     if unused:
         raise LoraError(f"{path}: {len(unused)} PEFT keys match no parameter of params, e.g. "
-                        f"{sorted(unused)[:3]}; pass module_fn to map jlora paths to these "
-                        f"modules (jlora path -> module now gives e.g. "
-                        f"{default_module(path_str(flat[0][0]), (0,))!r})")
+                        f"{sorted(unused)[:3]}; the mapping used (module_fn) gives "
+                        f"{_mapping(flat, config, module_fn, prefix, learned)}; pass a "
+                        "module_fn that maps jlora paths to these modules")
     if not any(n is not None for n in out):
         raise LoraError(f"{path}: no adapter weights found")
     adapter = jax.tree_util.tree_unflatten(treedef, out)
     check(params, adapter, finite=False)
     check_finite(adapter, "adapter", f"the file in {path!r} holds a diverged adapter")
     return adapter
+
+
+def _candidates(flat, config) -> set[str]:
+    """The leaves a PEFT file may adapt: kernels of the modules ``target_modules`` names,
+    and the parameters ``target_parameters`` names (by their own name)."""
+    names = config.get("target_modules")
+    params = {n.split(".")[-1] for n in config.get("target_parameters") or ()}
+    out = set()
+    for kp, leaf in flat:
+        p = path_str(kp)
+        if len(np.shape(leaf)) < 2 or p.split("/")[-1] in _NOT_KERNELS:
+            continue
+        if p.split("/")[-1] in params or not isinstance(names, list) or (
+                names and matches(tuple(names), p)):
+            out.add(p)
+    return out
+
+
+def _learn(fn, params, flat, config, args, kwargs) -> dict:
+    """Each candidate's ``(stack_axes, in_axes, out_axes)`` as ``fn`` uses it ({} if no fn)."""
+    if fn is None:
+        return {}
+    if not callable(fn):
+        raise TypeError(f"peft.load's third argument is the model fn(params, *args), got "
+                        f"{type(fn).__name__}; pass the key mapping as module_fn=...")
+    return discover_axes(fn, params, _candidates(flat, config), args, kwargs)
+
+
+def _mapping(flat, config, module_fn, prefix: str, learned: dict) -> str:
+    """A few ``jlora path -> PEFT key stem`` pairs as the loader mapped them."""
+    shown = []
+    for p in sorted(_candidates(flat, config))[:3]:
+        leaf = dict((path_str(kp), x) for kp, x in flat)[p]
+        stack = (learned.get(p) or default_axes(len(np.shape(leaf))))[0]
+        try:
+            shown.append(f"{p!r} -> {prefix + module_fn(p, (0,) * len(stack))!r}")
+        except Exception as e:  # the caller's module_fn: show what it raised
+            shown.append(f"{p!r} -> {type(e).__name__}: {e}")
+    return ", ".join(shown) or "no candidate kernel (check target_modules)"
 
 
 def _read_tensors(path: str) -> dict:
@@ -181,19 +280,19 @@ def _node(p, leaf, tensors, unused, config, module_fn, prefix, axes, dtype):
     if len(shape) < 2 or p.split("/")[-1] in _NOT_KERNELS or (
             isinstance(names, list) and not matches(tuple(names), p)):
         return None  # PEFT adapts only modules named in target_modules
-    stack_axes, in_axes, out_axes = axes or _file_axes(p, shape, tensors, module_fn, prefix)
+    (stack_axes, in_axes, out_axes), origin = axes or _file_axes(p, shape, tensors, module_fn,
+                                                                 prefix)
     stack = tuple(shape[ax] for ax in stack_axes)
     modules = {idx: module_fn(p, idx) for idx in np.ndindex(*stack)}
     kinds = _factor_keys(p, modules, tensors, prefix)
     if kinds is None:
         return None
     (part_a, part_b), present = kinds
+    if (part_a, part_b) == EMBEDDING and origin == "assumed":
+        origin = "file"  # a table: (vocab, d) in torch and Flax alike, vocab "in"
     layers, modules, shape, stack = _some_layers(present, modules, shape, stack, stack_axes)
     get = lambda m, part: peft_whole.take(tensors, unused, prefix + m + part)
     first = modules[next(iter(modules))]
-    if (part_a, part_b) == EMBEDDING and prefix + first + ".base_layer.weight" in tensors \
-            and not is_nf4(leaf):
-        _same_table(p, leaf, get(first, ".base_layer.weight"))
     rank = get(first, part_a).shape[0]
     n_in, n_out = (math.prod(shape[ax] for ax in g) for g in (in_axes, out_axes))
     a, b, mag = [], [], []
@@ -201,21 +300,37 @@ def _node(p, leaf, tensors, unused, config, module_fn, prefix, axes, dtype):
         la, lb = get(m, part_a), get(m, part_b)
         la, lb = torch_conv.as_linear(p, shape, in_axes, out_axes, la, lb)
         if la.shape != (rank, n_in) or lb.shape != (n_out, rank):
-            raise LoraError(f"{p!r}: {m} has lora_A {la.shape} and lora_B {lb.shape}, but the "
-                            f"kernel {shape} needs ({rank}, {n_in}) and ({n_out}, {rank})")
+            raise _misfit(p, m, shape, la.shape, lb.shape, (rank, n_in, n_out), origin)
         a.append(la.T)
         b.append(lb.T)
         if config.get("use_dora"):
             mag.append(get(m, ".lora_magnitude_vector").reshape(n_out))
+    peft_base.check(p, leaf, (stack_axes, in_axes, out_axes), modules, tensors, unused,
+                    prefix + "{}.base_layer.weight", (part_a, part_b) == EMBEDDING,
+                    bool(config.get("fan_in_fan_out")))
     alpha = peft_config.alpha_for(config, p, first, rank)
     scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
     cast = lambda xs: jnp.asarray(np.stack(xs).reshape(stack + xs[0].shape), dtype)
     node = LoraNode(a=cast(a), b=cast(b), rank=rank, alpha=alpha, scale=scale,
                     dropout=float(config.get("lora_dropout", 0.0)), shape=shape,
                     stack_axes=tuple(stack_axes), in_axes=tuple(in_axes),
-                    out_axes=tuple(out_axes), magnitude=cast(mag) if mag else None)
+                    out_axes=tuple(out_axes), magnitude=cast(mag) if mag else None,
+                    axes_from=origin)
     return node if layers is None else LayersNode(node=node, layers=layers,
                                                   length=np.shape(leaf)[stack_axes[0]])
+
+
+def _misfit(p, m, shape, la, lb, want, origin) -> LoraError:
+    rank, n_in, n_out = want
+    msg = (f"{p!r}: {m} has lora_A {la} and lora_B {lb}, but the kernel {shape} needs "
+           f"({rank}, {n_in}) and ({n_out}, {rank})")
+    if origin != "assumed":
+        return LoraError(msg)
+    turned = " (they fit it transposed: torch's (out, in) layout)" if (
+        la == (rank, n_out) and lb == (n_in, rank)) else ""
+    return LoraError(f"{msg} under Flax's (in, out) layout, which peft.load assumed because it "
+                     f"had no model to learn the axes from{turned}; pass the model: "
+                     "jlora.peft.load(path, params, fn, *example_args)")
 
 
 def _some_layers(present, modules, shape, stack, stack_axes):
@@ -229,19 +344,21 @@ def _some_layers(present, modules, shape, stack, stack_axes):
 
 
 def _file_axes(p: str, shape, tensors: dict, module_fn, prefix: str) -> tuple:
-    """Flax's convention, or, for a kernel the file adapts as a convolution (a 3+-D
-    ``lora_A``), its layout read from the shapes (``torch_conv.conv_axes``)."""
+    """``(axes, origin)``: for a kernel the file adapts as a convolution (a 3+-D
+    ``lora_A``), its layout read from the shapes (``torch_conv.conv_axes``), else
+    Flax's convention, assumed."""
+    assumed = default_axes(len(shape)), "assumed"
     try:
         key = prefix + module_fn(p, ()) + LINEAR[0]
     except (ValueError, TypeError, KeyError, IndexError):  # it needs stack indices
-        return default_axes(len(shape))
+        return assumed
     la = tensors.get(key)
     if la is None or la.ndim < 3:
-        return default_axes(len(shape))
+        return assumed
     lb = tensors.get(key.replace(LINEAR[0], LINEAR[1]))
     if lb is None:
-        return default_axes(len(shape))  # (reading the factors says what is missing)
-    return torch_conv.conv_axes(p, shape, la.shape, lb.shape)
+        return assumed  # (reading the factors says what is missing)
+    return torch_conv.conv_axes(p, shape, la.shape, lb.shape), "file"
 
 
 def _factor_keys(p: str, modules: dict, tensors: dict, prefix: str):
@@ -257,13 +374,3 @@ def _factor_keys(p: str, modules: dict, tensors: dict, prefix: str):
         raise LoraError(f"{p!r}: the PEFT file adapts some of its layers but not {missing[:3]}")
     present = [idx for idx in modules if parts[idx] is not None]
     return next(parts[idx] for idx in present), present
-
-
-def _same_table(p: str, leaf, saved) -> None:
-    """PEFT saves an adapted embedding's base table too (``save_embedding_layers``): it
-    must be the table of ``params``, or the adapter was trained on another base."""
-    if np.shape(saved) != np.shape(leaf) or not np.allclose(
-            np.asarray(saved, np.float32), np.asarray(leaf, np.float32), rtol=1e-5, atol=1e-6):
-        raise LoraError(f"{p!r}: the PEFT file holds its base embedding table and it differs "
-                        f"from params' (shape {np.shape(saved)} vs {np.shape(leaf)}; a resized "
-                        "vocabulary?); load that table into params first")

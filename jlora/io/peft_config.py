@@ -15,16 +15,27 @@ from jlora.config import LoraError
 
 CONFIG = "adapter_config.json"
 
-#: Config fields whose non-default values jlora cannot honour, with the default.
-_UNSUPPORTED = {"bias": "none", "fan_in_fan_out": False, "lora_bias": False,
-                "layer_replication": None, "target_parameters": None,
-                "use_qalora": False, "alora_invocation_tokens": None}
+#: Config fields jlora writes at their defaults (``save`` may set the first four).
+_DEFAULTS = {"bias": "none", "fan_in_fan_out": False, "lora_bias": False,
+             "target_parameters": None, "layer_replication": None, "use_qalora": False,
+             "alora_invocation_tokens": None}
+#: Config fields whose non-default values jlora cannot honour, with the reason.
+_UNSUPPORTED = {
+    "layer_replication": "it builds extra layers by copying base layers, which a params tree "
+                         "does not express; expand the base's layers yourself and load an "
+                         "adapter saved without layer_replication",
+    "use_qalora": "QALoRA pools the input before lora_A, a different update from LoRA's",
+    "alora_invocation_tokens": "activated LoRA gates the update per token, which jlora.apply "
+                               "does not do yet"}
 
 
-def config_of(modules: dict, base_model_name_or_path) -> dict:
-    if not modules:
+def config_of(modules: dict, base_model_name_or_path, parameters: dict | None = None) -> dict:
+    """The config of ``modules`` (``{module: node}``) and target ``parameters``
+    (``{module.param: node}``), which share its rank, alpha and variant fields."""
+    both = {**modules, **(parameters or {})}
+    if not both:
         raise LoraError("the adapter has no adapted leaf to save")
-    nodes = list(modules.values())
+    nodes = list(both.values())
     rslora = {math.isclose(n.scale, n.alpha / math.sqrt(n.rank)) and n.rank > 1 for n in nodes}
     dora, dropout = {n.magnitude is not None for n in nodes}, {n.dropout for n in nodes}
     if len(rslora) > 1 or len(dora) > 1 or len(dropout) > 1:
@@ -35,11 +46,11 @@ def config_of(modules: dict, base_model_name_or_path) -> dict:
     return {"peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": alpha,
             "lora_dropout": dropout.pop(), "use_rslora": rslora.pop(), "use_dora": dora.pop(),
             "target_modules": sorted({m.split(".")[-1] for m in modules}),
-            "rank_pattern": {re.escape(m): n.rank for m, n in modules.items() if n.rank != r},
-            "alpha_pattern": {re.escape(m): n.alpha for m, n in modules.items()
+            "rank_pattern": {re.escape(m): n.rank for m, n in both.items() if n.rank != r},
+            "alpha_pattern": {re.escape(m): n.alpha for m, n in both.items()
                               if n.alpha != alpha},
             "init_lora_weights": True, "inference_mode": True,
-            "base_model_name_or_path": base_model_name_or_path, **_UNSUPPORTED}
+            "base_model_name_or_path": base_model_name_or_path, **_DEFAULTS}
 
 
 def read(path: str) -> dict:
@@ -50,10 +61,14 @@ def read(path: str) -> dict:
         raise LoraError(f"cannot read {os.path.join(path, CONFIG)}: {e}") from None
     if config.get("peft_type", "LORA") != "LORA":
         raise LoraError(f"{path}: peft_type {config['peft_type']!r} is not LORA")
-    bad = [f"{k}={config[k]!r}" for k, default in _UNSUPPORTED.items()
-           if config.get(k, default) != default and config.get(k) not in (None, [], {})]
+    bad = [f"{k}={config[k]!r} ({why})" for k, why in _UNSUPPORTED.items()
+           if config.get(k, _DEFAULTS[k]) != _DEFAULTS[k]
+           and config.get(k) not in (None, [], {})]
+    if config.get("bias", "none") not in ("none", "all", "lora_only"):
+        bad.append(f"bias={config['bias']!r} (PEFT's values are 'none', 'all', 'lora_only')")
     init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and re.match(r"pissa|olora|corda|loftq|eva|lora_ga", init):
+    # EVA only chose A's start from data: the base is untouched, so the file is plain LoRA
+    if isinstance(init, str) and re.match(r"pissa|olora|corda|loftq|lora_ga", init):
         bad.append(f"init_lora_weights={init!r} (it changed the base weights, which this file "
                    "does not hold; convert the adapter with PEFT's "
                    "path_initial_model_for_weight_conversion when saving)")

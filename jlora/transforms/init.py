@@ -67,12 +67,13 @@ def init(key, params, cfg: LoraConfig, fn=None, *args, **kwargs):
             nodes.append(None)
             residual.append(leaf)
             continue
-        axes = learned.get(path)
+        axes, origin = learned.get(path), "fn"
         if axes is None:
             _check_unambiguous(path, leaf, flat, fn is not None)
-            axes = default_axes(leaf.ndim)
+            axes, origin = default_axes(leaf.ndim), "flax"
         make = _make_node if not _some_layers(cfg, path) else _make_layers_node
         node, res = make(jax.random.fold_in(key, i), leaf, path, cfg, *chosen[path], axes)
+        node = _with_origin(node, origin)
         nodes.append(node)
         residual.append(res)
     adapter = jax.tree_util.tree_unflatten(treedef, nodes)
@@ -107,6 +108,12 @@ def _check_unambiguous(path: str, leaf, flat, traced: bool) -> None:
         f"({how}): it may be a head-split attention kernel (in, heads, head_dim), a "
         "convolution kernel or a stack that is not a Flax scan; learn them by tracing: "
         "jlora.init(key, params, cfg, fn, *example_args) with the model's apply function")
+
+
+def _with_origin(node, origin: str):
+    if isinstance(node, LayersNode):
+        return dataclasses.replace(node, node=dataclasses.replace(node.node, axes_from=origin))
+    return dataclasses.replace(node, axes_from=origin)
 
 
 def _some_layers(cfg: LoraConfig, path: str) -> bool:

@@ -77,7 +77,15 @@ def _stack_nodes(path: str, nodes: list) -> StackedNode:
                        ranks=tuple(n.rank for n in nodes), dropout=first.dropout,
                        shape=first.shape, stack_axes=first.stack_axes, in_axes=first.in_axes,
                        out_axes=first.out_axes, magnitude=mag,
-                       alphas=tuple(float(n.alpha) for n in nodes))
+                       alphas=tuple(float(n.alpha) for n in nodes),
+                       axes_from=_origin(nodes))
+
+
+def _origin(nodes) -> str:
+    """The stack's ``axes_from``: ``"assumed"`` if any adapter's axes were (``apply`` then
+    refuses a swapped-role use for all), else the first's."""
+    origins = [n.axes_from for n in nodes]
+    return "assumed" if "assumed" in origins else origins[0]
 
 
 def unstack(stacked) -> list:
@@ -106,7 +114,7 @@ def _one(node: StackedNode, i: int) -> LoraNode:
     return LoraNode(a=node.a[i][..., :r], b=node.b[i][..., :r, :], rank=r,
                     alpha=node.alphas[i], scale=node.scale[i], dropout=node.dropout,
                     shape=node.shape, stack_axes=node.stack_axes, in_axes=node.in_axes,
-                    out_axes=node.out_axes,
+                    out_axes=node.out_axes, axes_from=node.axes_from,
                     magnitude=None if node.magnitude is None else node.magnitude[i])
 
 

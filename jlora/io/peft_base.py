@@ -1,0 +1,48 @@
+"""The base layers a PEFT file may hold, checked against ``params``.
+
+When embedding layers are among its targets PEFT saves their base weights too
+(``<module>.base_layer.weight``, ``save_embedding_layers``): an adapted
+``embed_tokens`` table and an adapted ``lm_head`` kernel. Each must be the
+weight of ``params`` the adapter is loaded onto, else it was trained on another
+base (a resized vocabulary, say); the check reads it in torch's layout: a
+table ``(vocab, d)``, a linear weight ``(out, in)`` (``(in, out)`` with
+``fan_in_fan_out``, GPT-2's ``Conv1D``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from jlora.config import LoraError
+from jlora.nf4 import is_nf4
+
+
+def check(p: str, leaf, axes, modules: dict, tensors: dict, unused: set, key: str,
+          table: bool, fan_in_fan_out: bool) -> None:
+    """Compare each module's saved base weight (``key.format(module)``) with ``leaf``'s
+    slice under the node's ``axes``; the keys checked are marked used."""
+    stack_axes, in_axes, out_axes = axes
+    for idx, m in modules.items():
+        k = key.format(m)
+        if k not in tensors:
+            continue
+        unused.discard(k)
+        if is_nf4(leaf):  # quantized: no exact weight to compare (the factors still load)
+            continue
+        first, second = (in_axes, out_axes) if table or fan_in_fan_out else (out_axes, in_axes)
+        w = np.transpose(np.asarray(leaf, np.float32), list(stack_axes) + list(first)
+                         + list(second))[tuple(idx)]
+        want = (math.prod(w.shape[:len(first)]), math.prod(w.shape[len(first):]))
+        saved = np.asarray(tensors[k], np.float32)
+        if saved.shape != want:
+            raise LoraError(f"{p!r}: the PEFT file holds its base layer {k!r} of shape "
+                            f"{saved.shape}, but params' weight is {want} in torch's layout (a "
+                            "resized vocabulary? another model?); load that weight into params "
+                            "first, or load the file with the model fn to learn the layout")
+        if not np.allclose(saved, w.reshape(want), rtol=1e-5, atol=1e-6):
+            err = float(np.max(np.abs(saved - w.reshape(want))))
+            raise LoraError(f"{p!r}: the PEFT file holds its base layer {k!r} and it differs "
+                            f"from params' weight (max abs difference {err:.3g}): the adapter "
+                            "was trained on another base; load that weight into params first")

@@ -1,0 +1,69 @@
+"""Biases in PEFT files: ``bias="all"`` / ``"lora_only"`` and ``lora_bias=True``.
+
+``bias="lora_only"`` trains the biases of the adapted modules and saves them as
+``<module>.base_layer.bias``; ``bias="all"`` trains every bias (``<module>.bias``
+for modules without LoRA). ``lora_bias=True`` gives ``lora_B`` a bias
+(``<module>.lora_B.bias``, ``(out,)``) that the layer adds scaled like the rest of
+the low-rank path: ``W0 x + b0 + s (B A x + b_B)``. jlora holds each trained bias
+as a :class:`~jlora.adapter.FullNode` on the base's bias leaf, with
+``b0 + s b_B`` folded in: the same outputs and a bias that trains in full.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from jlora.adapter import FullNode
+from jlora.config import LoraError
+from jlora.io import peft_config
+from jlora.io.peft_whole import _torch_param, take
+from jlora.targets import path_str
+
+_SAVED = (".base_layer.bias", ".bias")  # a trained bias: of an adapted module, of another
+LORA_BIAS = ".lora_B.bias"
+
+
+def load(flat, out: list, tensors: dict, unused: set, config: dict, module_fn, prefix: str,
+         dtype) -> list:
+    """``out`` (one node or None per leaf of ``flat``) with FullNodes for trained biases."""
+    if config.get("bias", "none") == "none" and not config.get("lora_bias"):
+        return out
+    if config.get("lora_bias") and config.get("use_dora"):
+        raise LoraError("lora_bias=True with use_dora=True: jlora cannot fold B's bias into a "
+                        "DoRA layer's normalized weight; save the adapter without lora_bias")
+    out = list(out)
+    for i, (kp, leaf) in enumerate(flat):
+        p = path_str(kp)
+        if out[i] is not None or p.split("/")[-1] != "bias":
+            continue
+        _, n_stack, _ = _torch_param(p, np.ndim(leaf))
+        w = np.array(leaf, np.float32 if dtype is None else dtype)
+        found = False
+        for idx in np.ndindex(*np.shape(leaf)[:n_stack]):
+            m = prefix + module_fn(p, idx)
+            saved = next((m + k for k in _SAVED if m + k in tensors), None)
+            if saved is not None:
+                w[idx] = take(tensors, unused, saved).reshape(w[idx].shape)
+                found = True
+            if m + LORA_BIAS in tensors:
+                w[idx] = w[idx] + _scaling(config, m, tensors, prefix) * take(
+                    tensors, unused, m + LORA_BIAS).reshape(w[idx].shape)
+                found = True
+        if found:
+            out[i] = FullNode(weight=jnp.asarray(w, dtype or jnp.result_type(leaf)))
+    orphans = sorted(k for k in unused if k.endswith(LORA_BIAS))
+    if orphans:
+        raise LoraError(f"lora_bias=True: the file holds {orphans[0]!r} but params has no bias "
+                        "leaf for that module (a torch layer made with bias=False?); jlora "
+                        "folds B's bias into the module's bias: add a zero 'bias' leaf there")
+    return out
+
+
+def _scaling(config: dict, module: str, tensors: dict, prefix: str) -> float:
+    rank = tensors[module + ".lora_A.weight"].shape[0]
+    name = module[len(prefix):]
+    alpha = peft_config.alpha_for(config, name, name, rank)
+    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)

@@ -26,8 +26,10 @@ _meta = dict(static=True)
 #: (a PEFT embedding's or convolution's factors); ``"given"``: passed as ``axes=``;
 #: ``"assumed"``: Flax's convention assumed for factors a file made for torch's layout
 #: (``peft.load`` without ``fn``). A use that swaps such factors' roles (``x @ W.T``)
-#: would apply the file's update transposed, so ``apply`` refuses it.
-AXES_FROM = ("fn", "flax", "file", "given", "assumed")
+#: would apply the file's update transposed, so ``apply`` refuses it; ``"lookup"``: a PEFT
+#: embedding adapter saved with ``ensure_weight_tying=False``, which PEFT applies where the
+#: table is looked up only: ``apply`` refuses a use as a tied head (``x @ E.T``).
+AXES_FROM = ("fn", "flax", "file", "given", "assumed", "lookup")
 
 
 @jax.tree_util.register_dataclass

@@ -219,8 +219,8 @@ CASES = [
     ("corrupted PEFT safetensors header", lambda t: (jlora.peft.load, (
         damage(peft_dir(t), "overwrite"), base()), {}), ["adapter_model.safetensors", "header"]),
     ("PEFT config with unsupported fields", lambda t: (jlora.peft.load, (
-        peft_dir(t, fan_in_fan_out=True, bias="all"), base()), {}),
-     ["fan_in_fan_out=True", "bias='all'", "unsupported"]),
+        peft_dir(t, layer_replication=[[0, 1]], use_qalora=True), base()), {}),
+     ["layer_replication=[[0, 1]]", "use_qalora=True", "unsupported"]),
     ("PEFT adapter for another base", lambda t: (jlora.peft.load, (peft_dir(t), {
         **base(), "layers_0": {**base()["layers_0"], "q_proj": {"kernel": jnp.zeros((8, 16))}}}),
         {}), [Q, "(8, 16)"]),

@@ -141,7 +141,7 @@ def test_embed_tokens_and_lm_head_adapters_with_their_base_layers(tmp_path):
     ad = jlora.peft.load(str(tmp_path), params, fn, IDS)
     np.testing.assert_allclose(jlora.apply(fn)(params, ad, IDS), _torch_logits(pm), **TOL)
     assert ad["lm_head"]["weight"].in_axes == (1,)
-    assert ad["model"]["embed_tokens"]["weight"].axes_from == "fn"
+    assert ad["model"]["embed_tokens"]["weight"].axes_from == "lookup"  # PEFT: lookups only
     other = jax.tree.map(lambda x: x, params)
     other["lm_head"]["weight"] = params["lm_head"]["weight"] * 1.01
     with pytest.raises(ValueError, match=r"lm_head\.base_layer\.weight.*differs"):
@@ -224,3 +224,25 @@ def test_moe_target_parameters_both_directions(tmp_path, key):
     jlora.peft.save(str(tmp_path / "jlora"), mine, parameters=("gate_up_proj", "down_proj"))
     back = peft.PeftModel.from_pretrained(_mixtral(), str(tmp_path / "jlora")).eval()
     np.testing.assert_allclose(_torch_logits(back), jlora.apply(fn)(params, mine, IDS), **TOL)
+
+
+@pytest.mark.parametrize("tying", [False, True])
+def test_tied_head_follows_ensure_weight_tying(tmp_path, tying):
+    """A tied model, one table for the lookup and ``x @ E.T``. PEFT applies an embedding
+    adapter at the lookup only unless ``ensure_weight_tying`` (then at the head too, with
+    a copy of the factors under ``lm_head``): jlora gives PEFT's logits, or refuses the
+    tied use and an untied copy of the head gives them."""
+    pm = _peft(_llama(tied=True), target_modules=["q_proj", "embed_tokens"],
+               ensure_weight_tying=tying)
+    _moves(pm, _llama(tied=True))
+    pm.save_pretrained(tmp_path)
+    fn, untied = _jax(_llama(tied=True))  # the state dict holds lm_head.weight too
+    tied = {k: v for k, v in untied.items() if k != "lm_head"}
+    ad = jlora.peft.load(str(tmp_path), tied, fn, IDS)
+    if tying:
+        np.testing.assert_allclose(jlora.apply(fn)(tied, ad, IDS), _torch_logits(pm), **TOL)
+        return
+    with pytest.raises(ValueError, match="ensure_weight_tying=False.*untied lm_head"):
+        jlora.apply(fn)(tied, ad, IDS)
+    ad = jlora.peft.load(str(tmp_path), untied, fn, IDS)
+    np.testing.assert_allclose(jlora.apply(fn)(untied, ad, IDS), _torch_logits(pm), **TOL)

@@ -73,11 +73,20 @@ class Sym:
 
 def check_assumed(sym: Sym, contracted) -> None:
     """Refuse a use that contracts out-axes of factors whose layout was assumed
-    (``axes_from="assumed"``): the model keeps the weight transposed against that
-    assumption (torch's ``(out, in)``), so the file's update would land transposed."""
-    if sym.axes_from != "assumed" or sym.probe or not any(
+    (``axes_from="assumed"``: the model keeps the weight transposed against that
+    assumption, torch's ``(out, in)``, so the file's update would land transposed), or of
+    a PEFT embedding adapter that PEFT applies at lookups only (``"lookup"``)."""
+    if sym.axes_from not in ("assumed", "lookup") or sym.probe or not any(
             sym.labels[ax][0] == "o" for ax in contracted):
         return
+    if sym.axes_from == "lookup":
+        raise LoraError(
+            f"{sym.path!r}: the model also uses this table as its output head (x @ E.T), but "
+            "the PEFT file's embedding adapter was saved with ensure_weight_tying=False, so "
+            "PEFT applied it where the table is looked up and not at the tied head; jlora "
+            "applies a table's adapter at every use. To reproduce PEFT give the head its own "
+            "copy of the table in params (an untied lm_head), or train the adapter with "
+            "ensure_weight_tying=True")
     raise LoraError(
         f"{sym.path!r}: the model contracts the axes that peft.load took as the weight's "
         "out axes (x @ W.T: a torch (out, in) layout?), so the PEFT file's update would be "

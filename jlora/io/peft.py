@@ -208,6 +208,8 @@ def load(path: str, params, fn=None, *args, module_fn=default_module, prefix: st
                 or _node(p, leaf, tensors, unused, config, module_fn, prefix, axes_p, dtype))
         out.append(node)
     out = peft_bias.load(flat, out, tensors, unused, config, module_fn, prefix, dtype)
+    if config.get("ensure_weight_tying"):
+        peft_base.tied_heads(tensors, unused, EMBEDDING)
     if unused:
         raise LoraError(f"{path}: {len(unused)} PEFT keys match no parameter of params, e.g. "
                         f"{sorted(unused)[:3]}; the mapping used (module_fn) gives "
@@ -288,8 +290,9 @@ def _node(p, leaf, tensors, unused, config, module_fn, prefix, axes, dtype):
     if kinds is None:
         return None
     (part_a, part_b), present = kinds
-    if (part_a, part_b) == EMBEDDING and origin == "assumed":
-        origin = "file"  # a table: (vocab, d) in torch and Flax alike, vocab "in"
+    if (part_a, part_b) == EMBEDDING:  # a table: (vocab, d) in torch and Flax, vocab "in";
+        # PEFT applies its update where it is looked up, and at a tied head only if tying
+        origin = "file" if config.get("ensure_weight_tying") else "lookup"
     layers, modules, shape, stack = _some_layers(present, modules, shape, stack, stack_axes)
     get = lambda m, part: peft_whole.take(tensors, unused, prefix + m + part)
     first = modules[next(iter(modules))]

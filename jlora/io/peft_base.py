@@ -46,3 +46,23 @@ def check(p: str, leaf, axes, modules: dict, tensors: dict, unused: set, key: st
             raise LoraError(f"{p!r}: the PEFT file holds its base layer {k!r} and it differs "
                             f"from params' weight (max abs difference {err:.3g}): the adapter "
                             "was trained on another base; load that weight into params first")
+
+
+def tied_heads(tensors: dict, unused: set, embedding: tuple[str, str]) -> None:
+    """With ``ensure_weight_tying`` PEFT saves a tied head's LoRA (``lm_head.lora_A``,
+    ``lora_B``, ``base_layer.weight``) beside the table's: the same update transposed.
+    When params hold one table for both uses, those keys are that copy: checked equal
+    to the table's factors and marked used (they stay unused, and the load fails, if
+    they differ)."""
+    part_a, part_b = embedding
+    tables = [k[:-len(part_a)] for k in tensors if k.endswith(part_a)]
+    for key in sorted(k for k in unused if k.endswith(".lora_A.weight")):
+        head = key[:-len(".lora_A.weight")]
+        for t in tables:
+            same = lambda x, y: np.shape(x) == np.shape(y) and np.array_equal(x, y)
+            if same(tensors[key], tensors[t + part_b].T) and \
+                    same(tensors.get(head + ".lora_B.weight"), tensors[t + part_a].T):
+                base, table = head + ".base_layer.weight", t + ".base_layer.weight"
+                if base in tensors and not same(tensors[base], tensors.get(table)):
+                    continue
+                unused.difference_update({key, head + ".lora_B.weight", base})

@@ -22,59 +22,20 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from jlora.adapter import FullNode, LayersNode, LoraNode, TokenNode, adapter_nodes, default_axes
-from jlora.config import LAYER_PATTERNS, LoraError
-from jlora.interpret.probe import discover_axes
-from jlora.io import atomic, peft_base, peft_bias, peft_config, peft_params, peft_whole, torch_conv
-from jlora.nf4 import is_nf4
+from jlora.adapter import FullNode, LayersNode, LoraNode, TokenNode, adapter_nodes
+from jlora.config import LoraError
+from jlora.io import (atomic, peft_axes, peft_base, peft_bias, peft_config, peft_params,
+                      peft_whole, torch_conv)
+from jlora.io.peft_axes import (LAYER_SEGMENTS, LINEAR,  # noqa: F401 (jlora.peft names)
+                               default_module, torch_module)
 from jlora.targets import _NOT_KERNELS, flatten, matches, path_str
 from jlora.transforms.check import check, check_finite
 from jlora.transforms.multi import combine_adapters
 
 WEIGHTS, PREFIX = "adapter_model.safetensors", "base_model.model."
 CONFIG = peft_config.CONFIG
-#: Segments after which a stacked (scanned) layer index is inserted by default.
-LAYER_SEGMENTS = LAYER_PATTERNS
-#: The key suffixes of a linear module's factors and of an embedding's.
-LINEAR = (".lora_A.weight", ".lora_B.weight")
+#: The key suffixes of an embedding's factors (a linear module's: ``LINEAR``).
 EMBEDDING = (".lora_embedding_A", ".lora_embedding_B")
-
-
-def default_module(path: str, index: tuple[int, ...] = ()) -> str:
-    """PEFT module path of a jlora key path: ``params/a/b_0/q_proj/kernel`` -> ``a.b.0.q_proj``.
-
-    A leading ``params`` and the leaf's own name are dropped, ``name_N`` becomes
-    ``name.N``, and stacked indices go after the last segment named in
-    ``LAYER_SEGMENTS`` (else after the first): ``params/layers/attn/q/kernel``
-    at index ``(3,)`` -> ``layers.3.attn.q``.
-    """
-    segs = path.split("/")
-    segs = segs[1:-1] if segs[0] == "params" else segs[:-1]
-    out: list[str] = []
-    for s in segs:
-        m = re.fullmatch(r"(.*\D)_(\d+)", s)
-        out += [m.group(1), m.group(2)] if m else [s]
-    if index:
-        at = max((i for i, s in enumerate(out) if s in LAYER_SEGMENTS), default=0)
-        out[at + 1:at + 1] = [str(i) for i in index]
-    return ".".join(out)
-
-
-def torch_module(path: str, index: tuple[int, ...] = ()) -> str:
-    """The module of a params tree that nests a torch state dict's names as they are
-    (``tests/torch_models.py``): ``transformer/h/0/ln_1/bias`` -> ``transformer.h.0.ln_1``
-    (:func:`default_module` would read ``ln_1`` as Flax's ``name_N``). Stacked indices
-    go after the last ``LAYER_SEGMENTS`` segment, as there.
-
-    Example:
-      >>> torch_module("model/layers/attn/q_proj/weight", (2,))
-      'model.layers.2.attn.q_proj'
-    """
-    segs = path.split("/")[:-1]
-    if index:
-        at = max((i for i, s in enumerate(segs) if s in LAYER_SEGMENTS), default=0)
-        segs[at + 1:at + 1] = [str(i) for i in index]
-    return ".".join(segs)
 
 
 def _stack_shape(node) -> tuple[int, ...]:
@@ -196,7 +157,7 @@ def load(path: str, params, fn=None, *args, module_fn=default_module, prefix: st
     tensors = _read_tensors(path)
     unused = set(tensors)
     flat, treedef = flatten(params)
-    learned = _learn(fn, params, flat, config, args, kwargs)
+    learned = peft_axes.learn(fn, params, flat, config, args, kwargs)
     out = []
     for kp, leaf in flat:
         p = path_str(kp)
@@ -213,7 +174,7 @@ def load(path: str, params, fn=None, *args, module_fn=default_module, prefix: st
     if unused:
         raise LoraError(f"{path}: {len(unused)} PEFT keys match no parameter of params, e.g. "
                         f"{sorted(unused)[:3]}; the mapping used (module_fn) gives "
-                        f"{_mapping(flat, config, module_fn, prefix, learned)}; pass a "
+                        f"{peft_axes.mapping(flat, config, module_fn, prefix, learned)}; pass a "
                         "module_fn that maps jlora paths to these modules")
     if not any(n is not None for n in out):
         raise LoraError(f"{path}: no adapter weights found")
@@ -221,45 +182,6 @@ def load(path: str, params, fn=None, *args, module_fn=default_module, prefix: st
     check(params, adapter, finite=False)
     check_finite(adapter, "adapter", f"the file in {path!r} holds a diverged adapter")
     return adapter
-
-
-def _candidates(flat, config) -> set[str]:
-    """The leaves a PEFT file may adapt: kernels of the modules ``target_modules`` names,
-    and the parameters ``target_parameters`` names (by their own name)."""
-    names = config.get("target_modules")
-    params = {n.split(".")[-1] for n in config.get("target_parameters") or ()}
-    out = set()
-    for kp, leaf in flat:
-        p = path_str(kp)
-        if len(np.shape(leaf)) < 2 or p.split("/")[-1] in _NOT_KERNELS:
-            continue
-        if p.split("/")[-1] in params or not isinstance(names, list) or (
-                names and matches(tuple(names), p)):
-            out.add(p)
-    return out
-
-
-def _learn(fn, params, flat, config, args, kwargs) -> dict:
-    """Each candidate's ``(stack_axes, in_axes, out_axes)`` as ``fn`` uses it ({} if no fn)."""
-    if fn is None:
-        return {}
-    if not callable(fn):
-        raise TypeError(f"peft.load's third argument is the model fn(params, *args), got "
-                        f"{type(fn).__name__}; pass the key mapping as module_fn=...")
-    return discover_axes(fn, params, _candidates(flat, config), args, kwargs)
-
-
-def _mapping(flat, config, module_fn, prefix: str, learned: dict) -> str:
-    """A few ``jlora path -> PEFT key stem`` pairs as the loader mapped them."""
-    shown = []
-    for p in sorted(_candidates(flat, config))[:3]:
-        leaf = dict((path_str(kp), x) for kp, x in flat)[p]
-        stack = (learned.get(p) or default_axes(len(np.shape(leaf))))[0]
-        try:
-            shown.append(f"{p!r} -> {prefix + module_fn(p, (0,) * len(stack))!r}")
-        except Exception as e:  # the caller's module_fn: show what it raised
-            shown.append(f"{p!r} -> {type(e).__name__}: {e}")
-    return ", ".join(shown) or "no candidate kernel (check target_modules)"
 
 
 def _read_tensors(path: str) -> dict:
@@ -282,8 +204,8 @@ def _node(p, leaf, tensors, unused, config, module_fn, prefix, axes, dtype):
     if len(shape) < 2 or p.split("/")[-1] in _NOT_KERNELS or (
             isinstance(names, list) and not matches(tuple(names), p)):
         return None  # PEFT adapts only modules named in target_modules
-    (stack_axes, in_axes, out_axes), origin = axes or _file_axes(p, shape, tensors, module_fn,
-                                                                 prefix)
+    (stack_axes, in_axes, out_axes), origin = axes or peft_axes.file_axes(
+        p, shape, tensors, module_fn, prefix)
     stack = tuple(shape[ax] for ax in stack_axes)
     modules = {idx: module_fn(p, idx) for idx in np.ndindex(*stack)}
     kinds = _factor_keys(p, modules, tensors, prefix)
@@ -294,20 +216,11 @@ def _node(p, leaf, tensors, unused, config, module_fn, prefix, axes, dtype):
         # PEFT applies its update where it is looked up, and at a tied head only if tying
         origin = "file" if config.get("ensure_weight_tying") else "lookup"
     layers, modules, shape, stack = _some_layers(present, modules, shape, stack, stack_axes)
-    get = lambda m, part: peft_whole.take(tensors, unused, prefix + m + part)
     first = modules[next(iter(modules))]
+    get = lambda m, part: peft_whole.take(tensors, unused, prefix + m + part)
     rank = get(first, part_a).shape[0]
-    n_in, n_out = (math.prod(shape[ax] for ax in g) for g in (in_axes, out_axes))
-    a, b, mag = [], [], []
-    for idx, m in modules.items():
-        la, lb = get(m, part_a), get(m, part_b)
-        la, lb = torch_conv.as_linear(p, shape, in_axes, out_axes, la, lb)
-        if la.shape != (rank, n_in) or lb.shape != (n_out, rank):
-            raise _misfit(p, m, shape, la.shape, lb.shape, (rank, n_in, n_out), origin)
-        a.append(la.T)
-        b.append(lb.T)
-        if config.get("use_dora"):
-            mag.append(get(m, ".lora_magnitude_vector").reshape(n_out))
+    a, b, mag = _factors(p, shape, (in_axes, out_axes), modules, get, (part_a, part_b), rank,
+                         config.get("use_dora"), origin)
     peft_base.check(p, leaf, (stack_axes, in_axes, out_axes), modules, tensors, unused,
                     prefix + "{}.base_layer.weight", (part_a, part_b) == EMBEDDING,
                     bool(config.get("fan_in_fan_out")))
@@ -323,17 +236,22 @@ def _node(p, leaf, tensors, unused, config, module_fn, prefix, axes, dtype):
                                                   length=np.shape(leaf)[stack_axes[0]])
 
 
-def _misfit(p, m, shape, la, lb, want, origin) -> LoraError:
-    rank, n_in, n_out = want
-    msg = (f"{p!r}: {m} has lora_A {la} and lora_B {lb}, but the kernel {shape} needs "
-           f"({rank}, {n_in}) and ({n_out}, {rank})")
-    if origin != "assumed":
-        return LoraError(msg)
-    turned = " (they fit it transposed: torch's (out, in) layout)" if (
-        la == (rank, n_out) and lb == (n_in, rank)) else ""
-    return LoraError(f"{msg} under Flax's (in, out) layout, which peft.load assumed because it "
-                     f"had no model to learn the axes from{turned}; pass the model: "
-                     "jlora.peft.load(path, params, fn, *example_args)")
+def _factors(p, shape, axes, modules, get, parts, rank, dora, origin):
+    """Each module's ``(a (in, r), b (r, out))`` and DoRA magnitude, checked against the
+    kernel's ``axes`` (a conv's read in PEFT's conv layout)."""
+    in_axes, out_axes = axes
+    n_in, n_out = (math.prod(shape[ax] for ax in g) for g in axes)
+    a, b, mag = [], [], []
+    for m in modules.values():
+        la, lb = torch_conv.as_linear(p, shape, in_axes, out_axes, get(m, parts[0]),
+                                      get(m, parts[1]))
+        if la.shape != (rank, n_in) or lb.shape != (n_out, rank):
+            raise peft_axes.misfit(p, m, shape, la.shape, lb.shape, (rank, n_in, n_out), origin)
+        a.append(la.T)
+        b.append(lb.T)
+        if dora:
+            mag.append(get(m, ".lora_magnitude_vector").reshape(n_out))
+    return a, b, mag
 
 
 def _some_layers(present, modules, shape, stack, stack_axes):
@@ -344,24 +262,6 @@ def _some_layers(present, modules, shape, stack, stack_axes):
     ax = stack_axes[0]
     return (tuple(idx[0] for idx in present), {idx: modules[idx] for idx in present},
             shape[:ax] + (len(present),) + shape[ax + 1:], (len(present),))
-
-
-def _file_axes(p: str, shape, tensors: dict, module_fn, prefix: str) -> tuple:
-    """``(axes, origin)``: for a kernel the file adapts as a convolution (a 3+-D
-    ``lora_A``), its layout read from the shapes (``torch_conv.conv_axes``), else
-    Flax's convention, assumed."""
-    assumed = default_axes(len(shape)), "assumed"
-    try:
-        key = prefix + module_fn(p, ()) + LINEAR[0]
-    except (ValueError, TypeError, KeyError, IndexError):  # it needs stack indices
-        return assumed
-    la = tensors.get(key)
-    if la is None or la.ndim < 3:
-        return assumed
-    lb = tensors.get(key.replace(LINEAR[0], LINEAR[1]))
-    if lb is None:
-        return assumed  # (reading the factors says what is missing)
-    return torch_conv.conv_axes(p, shape, la.shape, lb.shape), "file"
 
 
 def _factor_keys(p: str, modules: dict, tensors: dict, prefix: str):

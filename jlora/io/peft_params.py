@@ -124,7 +124,6 @@ def save_tensors(nodes: dict, parameters, module_fn, prefix: str):
                             f"(its ParamWrapper refuses DoRA, dropout and stacked adapters), "
                             f"got {type(node).__name__}")
         stack = tuple(node.shape[ax] for ax in node.stack_axes)
-        e = stack[-1] if stack else 1
         a, b = np.asarray(node.a), np.asarray(node.b)
         for idx in np.ndindex(*stack[:-1]):
             module = module_fn(p, idx)

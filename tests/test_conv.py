@@ -133,3 +133,46 @@ def test_dora_conv_dropout_branch(key):
     f = jlora.apply(Net().apply)
     np.testing.assert_allclose(f(params, adapter, X, lora_rng=jax.random.key(1)),
                                f(params, adapter, X), rtol=1e-5, atol=1e-5)
+
+
+# The convolutions Keras 3 writes, in lax (no keras dependency): HWIO kernels, NHWC inputs.
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _depthwise(p, x):
+    """``DepthwiseConv2D``: kernel ``(kh, kw, in, mult)`` reshaped to ``(kh, kw, 1, in*mult)``,
+    one group per input channel."""
+    kh, kw, cin, mult = p["dw"].shape
+    return jax.lax.conv_general_dilated(x, p["dw"].reshape(kh, kw, 1, cin * mult), (1, 1),
+                                        "SAME", dimension_numbers=_DN, feature_group_count=cin)
+
+
+def _separable(p, x):
+    """``SeparableConv2D``: the depthwise step, then a 1x1 pointwise convolution."""
+    return jax.lax.conv_general_dilated(_depthwise(p, x), p["pw"], (1, 1), "VALID",
+                                        dimension_numbers=_DN)
+
+
+def _transposed(p, x):
+    """``Conv2DTranspose``: kernel ``(kh, kw, filters, in)``; ``transpose_kernel`` flips it
+    (``rev``) and swaps its feature axes."""
+    return jax.lax.conv_transpose(x, p["tc"], (2, 2), "SAME", dimension_numbers=_DN,
+                                  transpose_kernel=True)
+
+
+@pytest.mark.parametrize("fn, shapes, axes", [
+    (_depthwise, {"dw": (3, 3, 4, 2)}, {"dw": ((0, 1), (2, 3))}),
+    (_separable, {"dw": (3, 3, 4, 2), "pw": (1, 1, 8, 5)},
+     {"dw": ((0, 1), (2, 3)), "pw": ((0, 1, 2), (3,))}),
+    (_transposed, {"tc": (3, 3, 5, 4)}, {"tc": ((0, 1, 3), (2,))}),
+])
+def test_keras_convolutions_learn_their_axes_and_stay_factored(key, fn, shapes, axes):
+    """``init(fn)`` follows the reshape into a grouped convolution and ``rev``; each use is
+    factored, outputs and gradients equal to the merged kernel's (jitted)."""
+    params = {k: jax.random.normal(jax.random.fold_in(key, i), s) * 0.3
+              for i, (k, s) in enumerate(shapes.items())}
+    cfg = jlora.LoraConfig(rank=2, targets=tuple(shapes))
+    adapter = randomize(jlora.init(key, params, cfg, fn, X), key)
+    assert {k: (n.in_axes, n.out_axes) for k, n in adapter.items()} == axes
+    assert all(u == ["factored"] for u in jlora.explain(fn, params, adapter, X).values())
+    check_against_materialized(fn, params, adapter, X)

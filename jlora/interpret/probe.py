@@ -50,7 +50,7 @@ def discover_axes(fn, params, paths: set[str], args, kwargs) -> dict[str, tuple]
     records = by_path(records, paths)
     found = {}
     for path in paths:
-        events = [e for e in records[path] if isinstance(e, tuple)]
+        events = _flat([e for e in records[path] if isinstance(e, tuple)])
         dots = [e for e in events if e[0] == "dot"]
         lookups = [e for e in events if e[0] == "gather"]
         picks = {e[1] for e in events if e[0] == "pick"}
@@ -69,6 +69,25 @@ def discover_axes(fn, params, paths: set[str], args, kwargs) -> dict[str, tuple]
         if ins and outs:
             found[path] = (tuple(sorted(stack)), ins, outs)
     return found
+
+
+def _axes(x) -> tuple[int, ...]:
+    """Original axes from recorded labels: ints, or tuples of them (merged by a reshape)."""
+    items = x if isinstance(x, tuple) else (x,)
+    return tuple(a for v in items for a in (_axes(v) if isinstance(v, tuple) else (v,)))
+
+
+def _flat(events: list) -> list:
+    """Events with each recorded axis an original axis (a merged axis's all of them)."""
+    out = []
+    for e in events:
+        if e[0] == "dot":
+            out.append(("dot", _axes(e[1]), _axes(e[2])))
+        elif e[0] == "gather":
+            out.append(("gather", _axes(e[1])))
+        else:  # "index", "pick": one event per original axis
+            out += [(e[0], ax) for ax in _axes(e[1])]
+    return out
 
 
 _USES = {"dot": "contracted by a dot_general", "gather": "looked up by a gather",

@@ -2,7 +2,7 @@
 
 ``transpose``, ``convert_element_type``, ``squeeze``, ``slice``, ``dynamic_slice``,
 size-1 ``broadcast_in_dim``, ``reshape`` (merges and splits of adjacent axes of one
-kind) and ``copy`` update base, factors and labels together, so indexing one layer
+kind), ``rev`` and ``copy`` update base, factors and labels together, so indexing one layer
 of a stacked kernel stays factored. On a quantized view they narrow or defer
 (:mod:`jlora.interpret.quantized`). Anything they cannot express materializes.
 """
@@ -126,11 +126,36 @@ def expand(sym: Sym, shape, broadcast_dimensions, **params) -> Sym | None:
     return sym.replace(base=base, a=a, b=b, g=g, labels=tuple(labels))
 
 
+def rev(sym: Sym, dimensions) -> Sym:
+    """Axes reversed (``jnp.flip``; ``conv_transpose`` flips its kernel): the factors'
+    matching axes reversed too."""
+    out = sym.replace(base=sy.on_base(sym.base, lax.rev_p, dimensions=tuple(dimensions)))
+    for d in dimensions:
+        out = out.replace(**_on_factors(out, sym.labels[d], lambda f, dim: lax.rev(f, (dim,))))
+    return out
+
+
+def _probe_reshape(sym: Sym, groups, new_sizes, **params) -> Sym:
+    """Probe mode: each new axis labelled with the original axes it holds (a merge: all of
+    its group's, a split: the one it came from; an inserted size-1 axis: none)."""
+    labels: list = [None] * len(new_sizes)
+    for gi, gj in groups:
+        held = tuple(sy.originals(sym.labels[g]) for g in gi)
+        for g in gj:
+            labels[g] = ("p", () if new_sizes[g] == 1 and len(gj) > 1 else
+                         tuple(ax for t in held for ax in t))
+    base = sy.on_base(sym.base, lax.reshape_p, new_sizes=tuple(new_sizes), dimensions=None,
+                      **params)
+    return sym.replace(base=base, labels=tuple(labels))
+
+
 def reshape(sym: Sym, new_sizes, dimensions=None, **params) -> Sym | None:
     """Merges/splits of adjacent axes of one kind that are adjacent in the factors too."""
     groups = sy.reshape_groups(sym.base.shape, tuple(new_sizes))
-    if dimensions is not None or groups is None or sym.probe:
+    if dimensions is not None or groups is None:
         return None
+    if sym.probe:
+        return _probe_reshape(sym, groups, new_sizes, **params)
     blocks: dict[str, list] = {"s": [], "i": [], "o": []}
     for gi, gj in groups:
         kind, first = sym.labels[gi[0]]
@@ -229,6 +254,7 @@ _ON_SYM = {
     lax.dynamic_slice_p: lambda s, rest, p, ctx: dynamic_slice(s, rest, p["slice_sizes"]),
     lax.broadcast_in_dim_p: lambda s, rest, p, ctx: None if rest else expand(s, **p),
     lax.reshape_p: lambda s, rest, p, ctx: None if rest else reshape(s, **p),
+    lax.rev_p: lambda s, rest, p, ctx: rev(s, p["dimensions"]),
     lax.copy_p: lambda s, rest, p, ctx: s,
 }
 for _prim in _ON_SYM.keys() | quantized.DEFER:

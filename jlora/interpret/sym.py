@@ -9,7 +9,8 @@ is ``(*stack, *out)`` and the weight is ``g * (base + s * A @ B)``. Shape ops th
 factorisation update base, factors and labels together (``shape.py``);
 ``dot_general`` runs factored (``dot.py``); everything else calls :func:`materialize`.
 
-In probe mode (``a is None``) the labels are ``('p', original_axis)`` and
+In probe mode (``a is None``) the labels are ``('p', original_axis)`` (a tuple of them
+after a reshape merged axes, :func:`originals`) and
 the rules only record how the model uses the weight (for ``jlora.init``).
 """
 
@@ -226,6 +227,39 @@ def broadcast(arr, spec: str, out: str):
     order = [c for c in out if c in spec]
     arr = jnp.transpose(arr, [spec.index(c) for c in order])
     return arr.reshape([arr.shape[order.index(c)] if c in spec else 1 for c in out])
+
+
+def _factor_dims(sym: Sym, label: Label) -> dict[str, int]:
+    kind, idx = label
+    ns, k = sym.count("s"), sym.lead
+    if kind == "s":
+        return {"a": k + idx, "b": k + idx, "g": k + idx}
+    return {"a": k + ns + idx} if kind == "i" else {"b": k + ns + 1 + idx, "g": k + ns + idx}
+
+
+def unit_as(sym: Sym, ax: int, kind: str) -> Sym:
+    """``sym`` with its size-1 axis ``ax`` given the role ``kind`` (a size-1 axis can play
+    any: a depthwise kernel's input-feature axis comes out of a reshape as "out")."""
+    old = sym.labels[ax]
+    if old[0] == kind or sym.base.shape[ax] != 1 or sym.probe:
+        return sym
+    f = {"a": sym.a, "b": sym.b, "g": sym.g}
+    for name, dim in _factor_dims(sym, old).items():
+        f[name] = None if f[name] is None else jnp.squeeze(f[name], dim)
+    labels = list(drop_label(sym.labels, old))
+    labels[ax] = (kind, sum(1 for j, (k, _) in enumerate(labels) if k == kind and j != ax))
+    moved = sym.replace(labels=tuple(labels), **f)  # factors now one dim short for ``kind``
+    for name, dim in _factor_dims(moved, labels[ax]).items():
+        if f[name] is not None:
+            f[name] = jnp.expand_dims(f[name], dim)
+    return moved.replace(**f)
+
+
+def originals(label) -> tuple[int, ...]:
+    """Probe mode: the original axes an axis holds (``("p", ax)``; after a reshape merged
+    axes, ``("p", (ax, ...))``; an inserted size-1 axis holds none)."""
+    held = label[1]
+    return held if isinstance(held, tuple) else (held,)
 
 
 def drop_label(labels, removed: Label):

@@ -142,3 +142,30 @@ def test_checkpoint_restores_onto_another_mesh(key, tmp_path):
         assert got.sharding.is_equivalent_to(ref.sharding, got.ndim)
         if isinstance(ref.sharding, NamedSharding):  # not Adam's step count
             assert got.sharding.mesh.devices.shape == (4, 2)
+
+
+def test_a_weight_resharded_before_use_stays_factored(key, kind):
+    """FSDP: a weight stored sharded on ``data`` is gathered where used
+    (``with_sharding_constraint`` on an Auto mesh, ``reshard`` on an explicit one). The
+    use stays factored (each factor constrained to its axes' entries, the rank axis
+    replicated), equals the merged weight's (outputs and gradients, 1e-5), and adds no
+    weight-sized all-gather to the base's own."""
+    from conftest import check_against_materialized
+    m = mesh(kind=kind)
+    spec = P(None, "model")
+    gather = ((lambda w: jax.lax.with_sharding_constraint(w, NamedSharding(m, spec)))
+              if kind == "auto" else (lambda w: jax.sharding.reshard(w, spec)))
+    fn = lambda p, x: jax.numpy.tanh(x @ gather(p["w"]))
+    params = {"w": jax.device_put(jax.random.normal(key, (128, 256)) * 0.1,
+                                  NamedSharding(m, P("data", "model")))}
+    x = jax.device_put(jax.random.normal(key, (8, 128)), NamedSharding(m, P("data", None)))
+    cfg = jlora.LoraConfig(rank=8, targets=("w",))
+    learned = jlora.init(key, params, cfg, fn, x)  # the probe follows the constraint
+    assert (learned["w"].in_axes, learned["w"].axes_from) == ((0,), "fn")
+    adapter = jax.device_put(randomize(learned, key), jlora.adapter_shardings(params, learned))
+    assert jlora.explain(fn, params, adapter, x) == {"w": ["factored"]}
+    check_against_materialized(fn, params, adapter, x)
+    big = lambda found: [c for c in found if c[0] == "all-gather" and c[1] >= 128 * 256 // 8]
+    base = _collectives(fn, params, x)
+    lora = _collectives(lambda p, ad, x: jlora.apply(fn)(p, ad, x), params, adapter, x)
+    assert len(big(lora)) == len(big(base))

@@ -17,7 +17,8 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from jlora.interpret import sym as sy
-from jlora.interpret.core import evaluate, materialized, register
+from jlora.interpret.core import (evaluate, materialize_rule, materialized, primitives,
+                                  register)
 from jlora.numerics import qview as qv
 
 _FIELDS = ("base", "a", "b", "g")
@@ -86,6 +87,36 @@ def _shard_map(eqn, invals, ctx):
                            out_specs=p["out_specs"], axis_names=frozenset(manual),
                            check_vma=p.get("check_vma", True))
     return list(mapped(ctx.key, *flat))
+
+
+def _constrained(v: sy.Sym, eqn, key: str):
+    """``v`` with the eqn's constraint on its base and the matching one on each factor."""
+    target = eqn.params[key]
+    if not isinstance(target, jax.sharding.NamedSharding):
+        return None
+    parts = dict(zip(_FIELDS, _part_specs(v, tuple(target.spec))))
+    bind = lambda x, spec: eqn.primitive.bind(x, **{
+        **eqn.params, key: jax.sharding.NamedSharding(target.mesh, spec)})
+    base = sy.on_base(v.base, eqn.primitive, **eqn.params)
+    return v.replace(base=base, **{f: bind(getattr(v, f), parts[f]) for f in _FIELDS[1:]
+                                   if getattr(v, f) is not None})
+
+
+@register(*primitives("sharding_constraint_p", "reshard_p"),
+          names=("sharding_constraint", "reshard"))
+def _reshard(eqn, invals, ctx):
+    """An adapted weight constrained or resharded: each part to its own spec."""
+    (v,) = invals[:1]
+    key = "sharding" if eqn.primitive.name == "sharding_constraint" else "dst_sharding"
+    out = None
+    if isinstance(v, sy.Sym) and not v.probe and len(invals) == 1 and (
+            eqn.primitive.name == "reshard" or not eqn.params.get("unconstrained_dims")):
+        out = _constrained(v, eqn, key)
+    if isinstance(v, sy.Sym) and v.probe:
+        return v.replace(base=sy.on_base(v.base, eqn.primitive, **eqn.params))
+    if out is None:
+        return materialize_rule(eqn, invals, ctx)
+    return out
 
 
 @register(names=("pvary",))

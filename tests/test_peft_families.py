@@ -180,13 +180,18 @@ def test_gpt2_fan_in_fan_out_both_directions(tmp_path, key):
                                   dict(lora_bias=True)])
 def test_trained_biases_load(tmp_path, bias):
     """``bias="all"``/``"lora_only"`` (trained biases) and ``lora_bias`` (a bias on B,
-    scaled with the low-rank path): folded into FullNodes on the bias leaves."""
+    scaled with the low-rank path): folded into FullNodes on the bias leaves, which
+    save back as trained biases PEFT loads with the same logits."""
     pm = _peft(_gpt2(), target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, **bias)
-    pm.save_pretrained(tmp_path)
+    pm.save_pretrained(tmp_path / "peft")
     fn, params = _jax(_gpt2(), tm.gpt2)
-    ad = jlora.peft.load(str(tmp_path), params, module_fn=jlora.peft.torch_module)
+    ad = jlora.peft.load(str(tmp_path / "peft"), params, module_fn=jlora.peft.torch_module)
     assert isinstance(ad["transformer"]["h"]["0"]["attn"]["c_attn"]["bias"], jlora.adapter.FullNode)
     np.testing.assert_allclose(jlora.apply(fn)(params, ad, IDS), _torch_logits(pm), **TOL)
+    jlora.peft.save(str(tmp_path / "back"), ad, module_fn=jlora.peft.torch_module,
+                    fan_in_fan_out=True)  # B's bias folded in: written as a trained bias
+    back = peft.PeftModel.from_pretrained(_gpt2(), str(tmp_path / "back")).eval()
+    np.testing.assert_allclose(_torch_logits(back), _torch_logits(pm), **TOL)
 
 
 def test_eva_files_load_as_plain_lora(tmp_path):

@@ -74,7 +74,9 @@ def save(path: str, adapter, *, module_fn=default_module, prefix: str = PREFIX,
     if initial is not None:  # W_res + s A B = W + s (A B - A0 B0)
         adapter = combine_adapters([adapter, initial], [1.0, -1.0], method="cat")
     nodes = adapter_nodes(adapter)
-    tensors, whole = peft_whole.save_tensors(nodes, module_fn, prefix, convs)
+    biases = peft_bias.trained(nodes)  # biases trained on their own (not whole modules)
+    tensors, whole = peft_whole.save_tensors(
+        {p: n for p, n in nodes.items() if p not in biases}, module_fn, prefix, convs)
     params_t, param_modules, target_parameters = peft_params.save_tensors(
         nodes, parameters, module_fn, prefix)
     tensors.update(params_t)
@@ -101,8 +103,10 @@ def save(path: str, adapter, *, module_fn=default_module, prefix: str = PREFIX,
             if m is not None:
                 tensors[key + ".lora_magnitude_vector"] = m
             modules[module] = node
+    bias_t, bias = peft_bias.save_tensors(biases, set(modules), module_fn, prefix)
+    tensors.update(bias_t)
     config = {**peft_config.config_of(modules, base_model_name_or_path, param_modules),
-              **whole, "fan_in_fan_out": bool(fan_in_fan_out),
+              **whole, "fan_in_fan_out": bool(fan_in_fan_out), "bias": bias,
               "target_parameters": target_parameters or None}
     some = {n.layers if isinstance(n, LayersNode) else None for n in nodes.values()
             if not isinstance(n, (FullNode, TokenNode))}

@@ -62,6 +62,32 @@ def load(flat, out: list, tensors: dict, unused: set, config: dict, module_fn, p
     return out
 
 
+def trained(nodes: dict) -> dict:
+    """The FullNodes on ``bias`` leaves whose module trains nothing else in full: trained
+    biases (PEFT's ``bias``), not parts of a ``modules_to_save`` module."""
+    whole = {p.rpartition("/")[0] for p, n in nodes.items()
+             if isinstance(n, FullNode) and p.split("/")[-1] != "bias"}
+    return {p: n for p, n in nodes.items() if isinstance(n, FullNode)
+            and p.split("/")[-1] == "bias" and p.rpartition("/")[0] not in whole}
+
+
+def save_tensors(biases: dict, adapted: set, module_fn, prefix: str) -> tuple[dict, str]:
+    """``(tensors, bias field)``: each trained bias as PEFT saves it, ``base_layer.bias``
+    under an adapted module, ``.bias`` under another; ``"lora_only"`` when all are of
+    adapted modules, else ``"all"`` (PEFT then loads the biases the file holds and
+    keeps the base's others)."""
+    tensors, others = {}, False
+    for p, node in biases.items():
+        w = np.asarray(node.weight)
+        _, n_stack, _ = _torch_param(p, w.ndim)
+        for idx in np.ndindex(*w.shape[:n_stack]):
+            module = module_fn(p, idx)
+            others |= module not in adapted
+            key = ".base_layer.bias" if module in adapted else ".bias"
+            tensors[prefix + module + key] = w[idx]
+    return tensors, "none" if not biases else "all" if others else "lora_only"
+
+
 def _scaling(config: dict, module: str, tensors: dict, prefix: str) -> float:
     rank = tensors[module + ".lora_A.weight"].shape[0]
     name = module[len(prefix):]

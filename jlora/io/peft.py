@@ -80,7 +80,26 @@ def save(path: str, adapter, *, module_fn=default_module, prefix: str = PREFIX,
     params_t, param_modules, target_parameters = peft_params.save_tensors(
         nodes, parameters, module_fn, prefix)
     tensors.update(params_t)
-    modules = {}
+    lora_t, modules = _lora_tensors(nodes, parameters, module_fn, prefix, embeddings, convs)
+    tensors.update(lora_t)
+    bias_t, bias = peft_bias.save_tensors(biases, set(modules), module_fn, prefix)
+    tensors.update(bias_t)
+    config = {**peft_config.config_of(modules, base_model_name_or_path, param_modules),
+              **whole, "fan_in_fan_out": bool(fan_in_fan_out), "bias": bias,
+              "target_parameters": target_parameters or None}
+    some = {n.layers if isinstance(n, LayersNode) else None for n in nodes.values()
+            if not isinstance(n, (FullNode, TokenNode))}
+    if len(some) == 1 and None not in some:  # every node on the same layers of its stack
+        config["layers_to_transform"] = list(some.pop())
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    atomic.write_dir(path, {WEIGHTS: safetensors.numpy.save(tensors, {"format": "pt"}),
+                      CONFIG: json.dumps(config, indent=2, sort_keys=True).encode()})
+
+
+def _lora_tensors(nodes: dict, parameters, module_fn, prefix: str, embeddings: str, convs):
+    """``(tensors, {module: node})`` for the LoRA nodes of modules (one module per stack
+    index; a conv in PEFT's conv layout, a table under the embedding keys)."""
+    tensors, modules = {}, {}
     for p, node in nodes.items():
         if isinstance(node, (FullNode, TokenNode)) or p.split("/")[-1] in parameters:
             continue
@@ -103,18 +122,7 @@ def save(path: str, adapter, *, module_fn=default_module, prefix: str = PREFIX,
             if m is not None:
                 tensors[key + ".lora_magnitude_vector"] = m
             modules[module] = node
-    bias_t, bias = peft_bias.save_tensors(biases, set(modules), module_fn, prefix)
-    tensors.update(bias_t)
-    config = {**peft_config.config_of(modules, base_model_name_or_path, param_modules),
-              **whole, "fan_in_fan_out": bool(fan_in_fan_out), "bias": bias,
-              "target_parameters": target_parameters or None}
-    some = {n.layers if isinstance(n, LayersNode) else None for n in nodes.values()
-            if not isinstance(n, (FullNode, TokenNode))}
-    if len(some) == 1 and None not in some:  # every node on the same layers of its stack
-        config["layers_to_transform"] = list(some.pop())
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    atomic.write_dir(path, {WEIGHTS: safetensors.numpy.save(tensors, {"format": "pt"}),
-                      CONFIG: json.dumps(config, indent=2, sort_keys=True).encode()})
+    return tensors, modules
 
 
 def load(path: str, params, fn=None, *args, module_fn=default_module, prefix: str = PREFIX,

@@ -132,7 +132,7 @@ def test_jlora_adapter_on_torch_layout_loads_into_peft(tmp_path, key):
 
 def test_embed_tokens_and_lm_head_adapters_with_their_base_layers(tmp_path):
     """PEFT saves the base layers of targeted embedding layers; they are read and checked
-    against params (a different base is refused), and the logits equal PEFT's."""
+    against params (a different base is refused), and the logits equal PEFT's, both ways."""
     pm = _peft(_llama(), target_modules=["q_proj", "embed_tokens", "lm_head"])
     pm.save_pretrained(tmp_path)
     keys = json.loads(open(tmp_path / "adapter_config.json").read())["target_modules"]
@@ -146,6 +146,12 @@ def test_embed_tokens_and_lm_head_adapters_with_their_base_layers(tmp_path):
     other["lm_head"]["weight"] = params["lm_head"]["weight"] * 1.01
     with pytest.raises(ValueError, match=r"lm_head\.base_layer\.weight.*differs"):
         jlora.peft.load(str(tmp_path), other, fn, IDS)
+    mine = randomize(jlora.init(jax.random.key(3), params, jlora.LoraConfig(
+        rank=4, alpha=8.0, targets=("q_proj", "embed_tokens", "lm_head")), fn, IDS),
+        jax.random.key(4))
+    jlora.peft.save(str(tmp_path / "jlora"), mine)  # and back: PEFT reads jlora's file
+    back = peft.PeftModel.from_pretrained(_llama(), str(tmp_path / "jlora")).eval()
+    np.testing.assert_allclose(_torch_logits(back), jlora.apply(fn)(params, mine, IDS), **TOL)
     bad = lambda p, idx: "x." + jlora.peft.default_module(p, idx)
     with pytest.raises(ValueError, match=r"match no parameter.*gives 'lm_head/weight' -> "
                                          r"'base_model\.model\.x\.lm_head'"):

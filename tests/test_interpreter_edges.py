@@ -136,3 +136,25 @@ def test_init_refuses_a_kernel_contracted_and_scanned_over_the_same_axis(key):
 
     with pytest.raises(jlora.LoraError, match="axis 0.*scanned over"):
         jlora.init(key, params, jlora.LoraConfig(rank=2, targets=("w",)), fn, X)
+
+
+def test_a_table_broadcast_before_an_add_is_built_at_its_own_size(key):
+    """A position table sliced and broadcast over the batch before the add (keras-hub's
+    ``PositionEmbedding``): the add reads every value, so the weight is built once for
+    the slice, not for the broadcast batch; explain says so; the merged weight's numbers."""
+    params = {"pos": jax.random.normal(key, (64, 16)), "tok": jax.random.normal(key, (50, 16))}
+
+    def fn(p, ids):
+        b, s = ids.shape
+        pos = jnp.broadcast_to(jax.lax.slice(p["pos"], (0, 0), (s, 16)), (b, s, 16))
+        return jnp.tanh(jnp.take(p["tok"], ids, axis=0) + pos)
+
+    ids = jnp.arange(80).reshape(8, 10) % 50
+    adapter = randomize(jlora.init(key, params, jlora.LoraConfig(rank=2, targets=("pos",))),
+                        key)
+    assert jlora.explain(fn, params, adapter, ids) == {
+        "pos": [f"materialized ({jlora.interpret.shape.BROADCAST})"]}
+    jaxpr = jax.make_jaxpr(jlora.apply(fn))(params, adapter, ids)
+    dots = [e.outvars[0].aval.shape for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert dots == [(10, 16)]  # A[:10] @ B: the slice, before the broadcast
+    check_against_materialized(fn, params, adapter, ids)

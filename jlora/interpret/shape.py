@@ -149,6 +149,23 @@ def _probe_reshape(sym: Sym, groups, new_sizes, **params) -> Sym:
     return sym.replace(base=base, labels=tuple(labels))
 
 
+#: What ``explain`` says of a weight broadcast along new axes (a position table over the
+#: batch before an add): the use reads every value, so building it is the use's own cost.
+BROADCAST = ("broadcast_in_dim: every value is read, so it is built once, at its own "
+             "size, before the broadcast")
+
+
+def broadcast(sym: Sym, rest, params, ctx):
+    """Size-1 new axes stay symbolic (:func:`expand`); new axes of any size: the weight
+    (already narrowed by any slice before) built, then broadcast."""
+    if rest:
+        return None
+    out = expand(sym, **params)
+    if out is not None or sym.probe:
+        return out
+    return lax.broadcast_in_dim_p.bind(sy.materialize(sym, ctx.record, BROADCAST), **params)
+
+
 def reshape(sym: Sym, new_sizes, dimensions=None, **params) -> Sym | None:
     """Merges/splits of adjacent axes of one kind that are adjacent in the factors too."""
     groups = sy.reshape_groups(sym.base.shape, tuple(new_sizes))
@@ -252,7 +269,7 @@ _ON_SYM = {
     lax.slice_p: lambda s, rest, p, ctx: slice_(s, p["start_indices"], p["limit_indices"],
                                                 p["strides"]),
     lax.dynamic_slice_p: lambda s, rest, p, ctx: dynamic_slice(s, rest, p["slice_sizes"]),
-    lax.broadcast_in_dim_p: lambda s, rest, p, ctx: None if rest else expand(s, **p),
+    lax.broadcast_in_dim_p: broadcast,
     lax.reshape_p: lambda s, rest, p, ctx: None if rest else reshape(s, **p),
     lax.rev_p: lambda s, rest, p, ctx: rev(s, p["dimensions"]),
     lax.copy_p: lambda s, rest, p, ctx: s,

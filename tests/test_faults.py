@@ -8,6 +8,7 @@ root, where permission bits do not apply), and loads from many threads at once.
 
 import concurrent.futures
 import hashlib
+import logging
 import os
 import signal
 import subprocess
@@ -219,3 +220,15 @@ def test_a_load_never_deletes_a_save_in_progress(tmp_path, kind):
     for _ in range(40):  # the removal, if any, runs in the background: give it 2 s
         assert os.path.exists(os.path.join(live, "state", "part"))
         time.sleep(0.05)
+
+
+def test_a_normal_save_and_load_logs_no_warning(tmp_path, caplog):
+    """orbax's absl warnings about a reader's read-only manager do not reach the user."""
+    params = {"q_proj": {"kernel": jnp.ones((4, 6))}}
+    ad = jlora.init(jax.random.key(0), params, jlora.LoraConfig(rank=2, targets=("q_proj",)))
+    with caplog.at_level(logging.WARNING):
+        jlora.save_adapter(tmp_path / "ad", ad)
+        jlora.load_adapter(tmp_path / "ad", params)
+        jlora.save_checkpoint(tmp_path / "ck", 1, ad)
+        jlora.restore_checkpoint(tmp_path / "ck", ad)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

@@ -9,6 +9,7 @@ previous checkpoint loadable.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Any
 
@@ -33,9 +34,23 @@ def _manager(directory, max_to_keep: int | None = None, write: bool = True):
     # progress and race the next writer's own clean-up.
     opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=write,
                                         read_only=not write,
+                                        save_interval_steps=1 if write else 0,
                                         enable_async_checkpointing=False,
                                         cleanup_tmp_directories=write)
-    return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=opts)
+    with _quiet():  # a reader is read-only on purpose: orbax's warnings say so to the user
+        return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=opts)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """absl (orbax's logger) held to errors while jlora opens a checkpoint."""
+    log = logging.getLogger("absl")
+    level = log.level
+    log.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _latest(manager, directory, writer: str) -> int:

@@ -188,3 +188,18 @@ def test_one_rule_module_per_family():
 @pytest.mark.parametrize("name", ["apply", "explain", "init", "merge", "peft", "NF4"])
 def test_public_names_stay(name):
     assert name in jlora.__all__ and hasattr(jlora, name)
+
+
+def test_runtime_dependencies_are_exactly_what_the_library_imports():
+    """pyproject's dependencies name every third-party package jlora/ imports, and no other
+    (flax, the example model's, is in the test and examples extras)."""
+    import re
+    import sys
+    import tomllib
+    project = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["project"]
+    dist_to_module = {"orbax-checkpoint": "orbax"}
+    declared = {dist_to_module.get(n, n) for n in
+                (re.match(r"[A-Za-z0-9_.-]+", d).group(0) for d in project["dependencies"])}
+    imported = {m.split(".")[0] for name in MODULES for m, _ in _imports(name)}
+    third_party = imported - set(sys.stdlib_module_names) - {"jlora", "__future__"}
+    assert third_party == declared

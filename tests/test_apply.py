@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import jlora
-from conftest import BF16, check_against_materialized, randomize
+from conftest import BF16, F32, check_against_materialized, randomize
 
 X = jax.random.normal(jax.random.key(42), (2, 5, 16))
 
@@ -232,6 +232,38 @@ def test_no_retrace_on_second_call_or_new_adapter(key):
     f(params, adapter, X)
     f(params, randomize(adapter, jax.random.key(9)), X)
     assert len(traces) == 1 and f._cache_size() == 1
+
+
+def test_an_eager_call_does_not_trace_fn_again(key):
+    """Un-jitted: the traced jaxpr is kept per fn and argument shapes, so a second call
+    (or another adapter) on the same shapes does not trace fn; new shapes, a new static
+    argument or a closure over a tracer trace again. Outputs stay right."""
+    params, adapter = _setup(Scanned(), ("q_proj",), key, with_fn=False)
+    traces = []
+
+    def fn(p, x, scale=1.0):
+        traces.append(1)
+        return Scanned().apply(p, x) * scale
+
+    f = jlora.apply(fn)
+    first = f(params, adapter, X)
+    other = randomize(adapter, jax.random.key(9))
+    np.testing.assert_allclose(f(params, other, X), jax.jit(f)(params, other, X), **F32)
+    assert len(traces) == 1
+    np.testing.assert_array_equal(f(params, adapter, X), first)
+    f(params, adapter, X[:1])
+    f(params, adapter, X, scale=2.0)
+    assert len(traces) == 3
+
+    @jax.jit
+    def outer(c):  # fn closes over a tracer of the enclosing jit
+        g = jlora.apply(lambda p, x: Scanned().apply(p, x) * c)
+        return g(params, adapter, X)
+
+    np.testing.assert_allclose(outer(2.0), 2 * first, **F32)
+    np.testing.assert_allclose(outer(3.0), 3 * first, **F32)
+    kept = jlora.interpret.trace._CACHE.values()
+    assert not any(isinstance(c, jax.core.Tracer) for closed, _ in kept for c in closed.consts)
 
 
 def test_static_python_arguments_stay_static(key):

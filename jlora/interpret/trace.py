@@ -1,6 +1,16 @@
-"""``fn`` as a jaxpr over its array arguments: what the interpreter evaluates."""
+"""``fn`` as a jaxpr over its array arguments: what the interpreter evaluates.
+
+Traced jaxprs are kept (least recently used, :data:`CACHE_SIZE`) per ``fn``, argument
+structure, static leaves, array shapes, dtypes and shardings, and the JAX settings
+that change tracing, so a second eager call of ``jlora.apply(fn)`` on the same shapes
+does not trace ``fn`` again. As under ``jax.jit``, values ``fn`` closes over are read
+when it is first traced. A jaxpr that captured a tracer of an enclosing transformation
+is not kept.
+"""
 
 from __future__ import annotations
+
+import collections
 
 import jax
 import jax.numpy as jnp
@@ -24,11 +34,30 @@ def _spec(x) -> jax.ShapeDtypeStruct:
     return mesh.struct(x, np.shape(x), jnp.result_type(x))
 
 
-def trace(fn, params, args, kwargs):
-    """The jaxpr of ``fn(params, *args, **kwargs)`` over its array leaves (the others are
-    static), the output tree, and those array leaves in order (params' leaves first)."""
-    flat, tree = jax.tree_util.tree_flatten((params, args, kwargs), is_leaf=is_nf4)
-    dyn = [i for i, x in enumerate(flat) if is_array(x)]
+CACHE_SIZE = 16
+_CACHE: collections.OrderedDict = collections.OrderedDict()
+
+
+def _key(fn, tree, flat, dyn, specs):
+    """The cache key, or None when something in it cannot be hashed."""
+    dynset = set(dyn)
+    static = tuple(x for i, x in enumerate(flat) if i not in dynset)
+    mesh_ctx = getattr(jax.sharding, "get_abstract_mesh", lambda: None)()
+    settings = (jax.config.jax_enable_x64, jax.config.jax_numpy_rank_promotion,
+                str(jax.config.jax_default_matmul_precision), mesh_ctx)
+    key = (fn, tree, static, tuple(specs), settings)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _traced(fn, tree, flat, dyn, specs):
+    key = _key(fn, tree, flat, dyn, specs)
+    if key is not None and key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
 
     def flat_fn(*vals):
         full = list(flat)
@@ -37,10 +66,24 @@ def trace(fn, params, args, kwargs):
         p, a, k = jax.tree_util.tree_unflatten(tree, full)
         return fn(p, *a, **k)
 
-    specs = [_spec(flat[i]) for i in dyn]
     closed, shapes = jax.make_jaxpr(flat_fn, return_shape=True)(*specs)
+    out = closed, jax.tree_util.tree_structure(shapes)
+    if key is not None and not any(isinstance(c, jax.core.Tracer) for c in closed.consts):
+        _CACHE[key] = out
+        while len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return out
+
+
+def trace(fn, params, args, kwargs):
+    """The jaxpr of ``fn(params, *args, **kwargs)`` over its array leaves (the others are
+    static), the output tree, and those array leaves in order (params' leaves first)."""
+    flat, tree = jax.tree_util.tree_flatten((params, args, kwargs), is_leaf=is_nf4)
+    dyn = [i for i, x in enumerate(flat) if is_array(x)]
+    specs = [_spec(flat[i]) for i in dyn]
+    closed, out_tree = _traced(fn, tree, flat, dyn, specs)
     for kp, leaf in flatten(params)[0]:
         if not is_array(leaf):
             raise TypeError(f"params leaf {path_str(kp)!r} is a {type(leaf).__name__}, not an "
                             "array; pass static settings as arguments of fn, not in params")
-    return closed, jax.tree_util.tree_structure(shapes), [flat[i] for i in dyn]
+    return closed, out_tree, [flat[i] for i in dyn]

@@ -203,3 +203,12 @@ def test_runtime_dependencies_are_exactly_what_the_library_imports():
     imported = {m.split(".")[0] for name in MODULES for m, _ in _imports(name)}
     third_party = imported - set(sys.stdlib_module_names) - {"jlora", "__future__"}
     assert third_party == declared
+
+
+def test_the_package_says_it_is_typed_and_its_version():
+    """``py.typed`` ships with the package, and ``__version__`` is pyproject's version."""
+    import tomllib
+    project = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())
+    assert (ROOT / "py.typed").exists()
+    assert "py.typed" in project["tool"]["setuptools"]["package-data"]["jlora"]
+    assert jlora.__version__ == project["project"]["version"]

@@ -8,7 +8,9 @@ of each. Rounds are interleaved (each round runs every row once) and every
 round builds new functions, so nothing is served from a cache (a first, discarded
 round warms the per-primitive caches that eager calls use), and which of the two
 goes first alternates between rounds. Prints medians
-(min-max) and the ratios LoRA / base, and writes ``results/trace_overhead.md``.
+(min-max) and the ratios LoRA / base, and writes ``results/trace_overhead.md``. The
+``eager2`` row is a second un-jitted call of the same function: jlora keeps the traced
+jaxpr (issue 30's goal: at most 1.2x the model's own eager call).
 
     python benchmarks/trace_overhead.py              # 24 layers, h128, 5 rounds
     python benchmarks/trace_overhead.py --quick      # 4 layers, 2 rounds (a smoke run)
@@ -62,16 +64,20 @@ def rows(model, params, adapter, x, y):
 
 
 def measure(make, args) -> dict:
-    """Seconds to lower and to compile a new jit of ``make()``, and for one eager call."""
+    """Seconds to lower and to compile a new jit of ``make()``, for one eager call of a
+    new function and for a second eager call of that function (jlora keeps its jaxpr)."""
     gc.collect()
     t0 = time.perf_counter()
     lowered = jax.jit(make()).lower(*args)
     t1 = time.perf_counter()
     lowered.compile()
     t2 = time.perf_counter()
-    jax.block_until_ready(make()(*args))
+    f = make()
+    jax.block_until_ready(f(*args))
     t3 = time.perf_counter()
-    return dict(lower=t1 - t0, compile=t2 - t1, both=t2 - t0, eager=t3 - t2)
+    jax.block_until_ready(f(*args))
+    t4 = time.perf_counter()
+    return dict(lower=t1 - t0, compile=t2 - t1, both=t2 - t0, eager=t3 - t2, eager2=t4 - t3)
 
 
 def fmt(ts) -> str:
@@ -99,7 +105,7 @@ def main():
     lines = ["| row | what | base s | jlora s | jlora / base (median of per-round ratios) |",
              "|---|---|---|---|---|"]
     for row in cases:
-        for what in ("lower", "compile", "both", "eager"):
+        for what in ("lower", "compile", "both", "eager", "eager2"):
             b = [t[what] for t in times[row, "base"]]
             lo = [t[what] for t in times[row, "lora"]]
             ratio = statistics.median(l / x for l, x in zip(lo, b))
@@ -107,7 +113,7 @@ def main():
     env = (f"jax {jax.__version__}, {platform.processor() or platform.machine()}, "
            f"{os.cpu_count()} cores; Llama tiny (h128) x {layers} unscanned layers, batch 2 x "
            f"seq 64, LoRA r16 q,k,v,o; {rounds} interleaved rounds; 'both' = lower + compile, "
-           "'eager' = one un-jitted call")
+           "'eager' = one un-jitted call of a new function, 'eager2' = its second call")
     table = "\n".join(lines)
     print(table + "\n\n" + env)
     if not args.quick:

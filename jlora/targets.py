@@ -95,7 +95,7 @@ def select(params, cfg: LoraConfig) -> dict[str, tuple[int, float]]:
         chosen[path] = (_pattern_value(cfg.rank_pattern, path, cfg.rank),
                         _pattern_value(cfg.alpha_pattern, path, cfg.alpha))
     if not chosen:
-        kernels = [p for p, (_, l) in zip(paths, flat) if getattr(l, "ndim", 0) >= 2]
+        kernels = [p for p, (_, x) in zip(paths, flat) if getattr(x, "ndim", 0) >= 2]
         left = f" outside exclude={cfg.exclude!r}" if cfg.exclude else ""
         raise LoraError(f"targets={cfg.targets!r} matched no parameter{left}; paths look "
                         f"like {_examples(kernels or paths)}")

@@ -18,7 +18,6 @@ from jlora.interpret.core import materialize_rule, register
 from jlora.interpret.sym import Sym
 from jlora.numerics import qview as qv
 
-
 #: Joins the paths of concatenated kernels: ``explain`` reports a fused use under each.
 FUSED = " + "
 

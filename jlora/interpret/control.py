@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jlora.numerics import mesh
 from jlora.interpret import capture
 from jlora.interpret import sym as sy
 from jlora.interpret.core import bind, evaluate, materialized, primitives, register
+from jlora.numerics import mesh
 from jlora.numerics import qview as qv
 
 #: Call-like primitives this JAX exports (current and former names) -> their jaxpr's param.

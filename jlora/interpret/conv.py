@@ -16,7 +16,6 @@ materialize and say why.
 
 from __future__ import annotations
 
-
 import jax.numpy as jnp
 from jax import lax
 

@@ -18,7 +18,6 @@ materialize the weight for that use and say why.
 
 from __future__ import annotations
 
-
 from jax import lax
 
 from jlora.interpret import sym as sy

@@ -28,7 +28,7 @@ def _narrow(view: QView, prim, operands, params: dict) -> QView | None:
     if prim is lax.slice_p and (params["strides"] is None or all(
             s == 1 for s in params["strides"])):
         lo, hi = params["start_indices"], params["limit_indices"]
-        if all((l, h) == (0, n) for l, h, n in zip(lo[1:], hi[1:], view.shape[1:])):
+        if all((a, b) == (0, n) for a, b, n in zip(lo[1:], hi[1:], view.shape[1:])):
             return view.index(lo[0], hi[0] - lo[0])
     if prim is lax.dynamic_slice_p:
         sizes = params["slice_sizes"]

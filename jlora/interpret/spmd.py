@@ -17,8 +17,7 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from jlora.interpret import sym as sy
-from jlora.interpret.core import (evaluate, materialize_rule, materialized, primitives,
-                                  register)
+from jlora.interpret.core import evaluate, materialize_rule, materialized, primitives, register
 from jlora.numerics import qview as qv
 
 _FIELDS = ("base", "a", "b", "g")

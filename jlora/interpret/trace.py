@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.numerics import mesh
 from jlora.nf4 import is_nf4
+from jlora.numerics import mesh
 from jlora.numerics import qview as qv
 from jlora.targets import flatten, path_str
 

@@ -24,10 +24,20 @@ import safetensors.numpy
 
 from jlora.adapter import FullNode, LayersNode, LoraNode, TokenNode, adapter_nodes
 from jlora.config import LoraError
-from jlora.io import (atomic, peft_axes, peft_base, peft_bias, peft_config, peft_params,
-                      peft_whole, torch_conv)
-from jlora.io.peft_axes import (LAYER_SEGMENTS, LINEAR,  # noqa: F401 (jlora.peft names)
-                               default_module, torch_module)
+from jlora.io import (
+    atomic,
+    peft_axes,
+    peft_base,
+    peft_bias,
+    peft_config,
+    peft_params,
+    peft_whole,
+    torch_conv,
+)
+from jlora.io.peft_axes import LAYER_SEGMENTS as LAYER_SEGMENTS  # jlora.peft's names
+from jlora.io.peft_axes import LINEAR as LINEAR
+from jlora.io.peft_axes import default_module as default_module
+from jlora.io.peft_axes import torch_module as torch_module
 from jlora.targets import _NOT_KERNELS, flatten, matches, path_str
 from jlora.transforms.check import check, check_finite
 from jlora.transforms.multi import combine_adapters
@@ -140,9 +150,8 @@ def load(path: str, params, fn=None, *args, module_fn=default_module, prefix: st
     Args:
       path: a directory written by PEFT's ``save_pretrained`` (or :func:`save`).
       params: the base the adapter was trained on (jlora layout, may hold NF4 leaves).
-      fn, *args, **kwargs: optional ``fn(params, *args, **kwargs)``, the model, and example
-        inputs for it (only shapes matter); ``fn``'s own keyword arguments cannot be
-        called ``module_fn``, ``prefix``, ``axes`` or ``dtype``.
+      fn, *args, **kwargs: optional model ``fn(params, *args, **kwargs)`` and example inputs
+        (only shapes matter; no ``fn`` keyword may be named like ``load``'s own).
       module_fn, prefix: the key mapping, as in :func:`save`.
       axes: optional ``{jlora_path: (stack_axes, in_axes, out_axes)}``, taking precedence
         over what ``fn`` shows.
@@ -197,8 +206,8 @@ def load(path: str, params, fn=None, *args, module_fn=default_module, prefix: st
 
 
 def _read_tensors(path: str) -> dict:
-    """The file's tensors, read (memory-mapped) by the ``safetensors`` package, the
-    format's reference implementation; a truncated or corrupted file is a LoraError."""
+    """The file's tensors, read (memory-mapped) by ``safetensors``; a damaged file is a
+    LoraError."""
     file = os.path.join(path, WEIGHTS)
     try:
         with safetensors.safe_open(file, framework="numpy") as f:

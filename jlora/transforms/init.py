@@ -10,12 +10,11 @@ import jax
 import jax.numpy as jnp
 
 from jlora.adapter import LayersNode, LoraNode, default_axes
-from jlora.config import BASE_CHANGING_INITS, LoraConfig, LoraError
+from jlora.config import BASE_CHANGING_INITS, LAYER_PATTERNS, LoraConfig, LoraError
 from jlora.interpret.probe import discover_axes
 from jlora.nf4 import is_nf4
 from jlora.numerics.dora import dora_norm
 from jlora.numerics.quant import dequantize_array
-from jlora.config import LAYER_PATTERNS
 from jlora.targets import flatten, layer_index, path_str, select, select_whole
 from jlora.transforms import extras, inits
 from jlora.transforms.sharding import place

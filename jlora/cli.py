@@ -113,7 +113,8 @@ def _merge(args) -> str:
     params = load_base(args.base)
     merged = jlora.merge(params, _load_adapter(args.adapter, params))
     flat = jax.tree_util.tree_flatten_with_path(merged)[0]
-    np.savez(args.out, **{jax.tree_util.keystr(kp): np.asarray(v) for kp, v in flat})
+    arrays: dict = {jax.tree_util.keystr(kp): np.asarray(v) for kp, v in flat}
+    np.savez(args.out, **arrays)
     return f"merged {args.adapter} into {args.base}: wrote {args.out}"
 
 

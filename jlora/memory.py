@@ -27,6 +27,7 @@ against XLA's ``memory_analysis()``.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from jlora.config import LoraError
 
@@ -72,9 +73,10 @@ class Shape:
     def from_config(cfg: dict) -> "Shape":
         """From a Hugging Face ``config.json`` dict (or the example LlamaConfig's field names)."""
         pick = lambda *keys: next((cfg[k] for k in keys if cfg.get(k) is not None), None)
-        fields = dict(hidden=pick("hidden_size"), intermediate=pick("intermediate_size"),
-                      layers=pick("num_hidden_layers", "num_layers"),
-                      heads=pick("num_attention_heads", "num_heads"), vocab=pick("vocab_size"))
+        fields: dict[str, Any] = dict(
+            hidden=pick("hidden_size"), intermediate=pick("intermediate_size"),
+            layers=pick("num_hidden_layers", "num_layers"),
+            heads=pick("num_attention_heads", "num_heads"), vocab=pick("vocab_size"))
         missing = [k for k, v in fields.items() if v is None]
         if missing:
             raise LoraError(f"config lacks {missing}; it needs hidden_size, intermediate_size, "

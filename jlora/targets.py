@@ -157,7 +157,8 @@ def select_whole(params, cfg: LoraConfig) -> dict[str, tuple[int, ...] | None]:
             raise LoraError(f"modules_to_save={cfg.modules_to_save!r} matched no float "
                             f"parameter; paths look like {_examples([p for p, _ in flat])}")
         out.update(dict.fromkeys(full))
-    for name, idx in (cfg.trainable_token_indices or {}).items():
+    tokens = cfg.trainable_token_indices or {}  # a mapping after LoraConfig.__post_init__
+    for name, idx in tokens.items():  # type: ignore[union-attr]
         spec = name or "embed"  # the list form: the one table whose path says embed
         tables = [(p, leaf) for p, leaf in flat if matches(spec if not name else (name,), p)
                   and _float(leaf) and getattr(leaf, "ndim", 0) >= 2]

@@ -68,6 +68,8 @@ def flat(inner: Capture | None, keys: list) -> list:
 
 def merge(cap: Capture | None, keys: list, extra) -> None:
     """Add a loop's stacked statistics (``flat``'s outputs after the loop) to ``cap``."""
+    if cap is None:  # not in capture mode: no statistics (and no keys)
+        return
     for i, k in enumerate(keys):
         _accumulate(cap, k, tuple(extra[3 * i:3 * i + 3]))
 

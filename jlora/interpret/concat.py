@@ -31,7 +31,7 @@ def _pad(f, axis: int, before: int, after: int):
 def by_path(records: dict, paths) -> dict[str, list]:
     """The records of each path, a fused kernel's (keys joined by :data:`FUSED`) counted
     for each of its pieces."""
-    uses = {p: [] for p in paths}
+    uses: dict[str, list] = {p: [] for p in paths}
     for key, found in records.items():
         for p in key.split(FUSED):
             if p in uses:

@@ -105,7 +105,7 @@ def _remat(eqn, invals, ctx):
 def _checkpointed(jaxpr, consts, invals, ctx, **remat_params) -> list:
     """The interpreted jaxpr inside ``jax.checkpoint`` (the dropout key goes in as an input;
     capture statistics come out after the outputs)."""
-    keys = []
+    keys: list = []
 
     def body(key, *vals):
         inner = None if ctx.capture is None else ctx.capture.fresh()

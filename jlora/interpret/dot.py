@@ -185,6 +185,7 @@ def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec, where=None,
     first, second = (sym.a, sym.b) if mode == "i" else (sym.b, sym.a)
     g = sym.g
     if sym.ids is not None:  # gather each example's factors (and g)
+        assert ids is not None
         pick = lambda f: jnp.take(f, jnp.maximum(ids, 0), axis=0, mode="clip")
         first, second, g = pick(first), pick(second), None if g is None else pick(g)
     t = _thin_product(f"{sp['x']},{sp['first']}->{sp['t']}", prec, x.astype(first.dtype), first)
@@ -193,6 +194,7 @@ def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec, where=None,
     y = _thin_product(f"{sp['t']},{sp['second']}->{sp['out']}", prec, t, second)
     g = None if g is None else sy.broadcast(g, sp["g"], sp["out"])
     if sym.ids is not None:
+        assert ids is not None
         used = sy.broadcast(ids >= 0, sp["ex"], sp["out"])
         y = jnp.where(used, y, jnp.zeros((), y.dtype))
         g = None if g is None else jnp.where(used, g, jnp.ones((), g.dtype))

@@ -79,7 +79,7 @@ def _axes(x) -> tuple[int, ...]:
 
 def _flat(events: list) -> list:
     """Events with each recorded axis an original axis (a merged axis's all of them)."""
-    out = []
+    out: list = []
     for e in events:
         if e[0] == "dot":
             out.append(("dot", _axes(e[1]), _axes(e[2])))

@@ -30,7 +30,7 @@ def _part_specs(sym: sy.Sym, spec: tuple) -> list:
     place = {"a": lambda k, j: j if k == "s" else ns + j if k == "i" else None,
              "b": lambda k, j: j if k == "s" else ns + 1 + j if k == "o" else None,
              "g": lambda k, j: j if k == "s" else ns + j if k == "o" else None}
-    out = [PartitionSpec(*spec)]
+    out: list = [PartitionSpec(*spec)]
     for name in _FIELDS[1:]:
         part = getattr(sym, name)
         if part is None:

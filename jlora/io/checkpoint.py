@@ -154,8 +154,8 @@ def _node(s: dict, arrays: dict):
         return FullNode(**arrays)
     if s.get("kind") == "tokens":
         return TokenNode(**arrays, indices=tuple(s["indices"]), shape=tuple(s["shape"]))
-    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in s.items()
-                if k in _SETTINGS}
+    settings: dict = {k: tuple(v) if isinstance(v, list) else v for k, v in s.items()
+                      if k in _SETTINGS}
     if s.get("kind") == "layers":
         return LayersNode(node=LoraNode(**arrays, **settings), layers=tuple(s["layers"]),
                           length=s["length"])

@@ -99,8 +99,8 @@ def save(path: str, adapter, *, module_fn=default_module, prefix: str = PREFIX,
               "target_parameters": target_parameters or None}
     some = {n.layers if isinstance(n, LayersNode) else None for n in nodes.values()
             if not isinstance(n, (FullNode, TokenNode))}
-    if len(some) == 1 and None not in some:  # every node on the same layers of its stack
-        config["layers_to_transform"] = list(some.pop())
+    if len(some) == 1 and (layers := next(iter(some))) is not None:  # all on the same layers
+        config["layers_to_transform"] = list(layers)
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     atomic.write_dir(path, {WEIGHTS: safetensors.numpy.save(tensors, {"format": "pt"}),
                       CONFIG: json.dumps(config, indent=2, sort_keys=True).encode()})
@@ -113,9 +113,9 @@ def _lora_tensors(nodes: dict, parameters, module_fn, prefix: str, embeddings: s
     for p, node in nodes.items():
         if isinstance(node, (FullNode, TokenNode)) or p.split("/")[-1] in parameters:
             continue
-        layers = None
+        layers = node.layers if isinstance(node, LayersNode) else None
         if isinstance(node, LayersNode):  # only its layers have modules (PEFT's zero-B rest)
-            node, layers = node.node, node.layers
+            node = node.node
         if not isinstance(node, LoraNode):
             raise LoraError(f"{p!r} holds a stacked adapter; save each adapter on its own")
         a, b = np.asarray(node.a), np.asarray(node.b)

@@ -114,7 +114,10 @@ def _all_stems(tensors: dict, stem: str) -> list[str]:
 def save_tensors(nodes: dict, parameters, module_fn, prefix: str):
     """``(tensors, {module: node}, target_parameters)`` for the nodes of leaves named in
     ``parameters`` (torch parameter names, in their module's parameter order)."""
-    tensors, modules, names, per_module = {}, {}, set(), {}
+    tensors: dict = {}
+    modules: dict = {}
+    names: set = set()
+    per_module: dict = {}
     for p, node in nodes.items():
         param = p.split("/")[-1]
         if param not in parameters:

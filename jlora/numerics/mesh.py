@@ -69,12 +69,13 @@ def contraction_spec(ins, out: str, specs) -> tuple | None:
     (replicated). Contracted letters are summed over (an all-reduce)."""
     if all(sp is None for sp in specs):
         return None
-    entry = {}
+    entry: dict = {}
     for ls, sp in zip(ins, specs):
         for c, part in zip(ls, sp or (None,) * len(ls)):
             if entry.get(c) is None:
                 entry[c] = part
-    parts, seen = [], set()
+    parts: list = []
+    seen: set = set()
     for c in out:
         axes = _used(entry.get(c))
         parts.append(None if not axes or seen & set(axes) else entry[c])
@@ -115,4 +116,4 @@ def vary(x, axes) -> jax.Array:
     if not axes:
         return x
     pcast = getattr(jax.lax, "pcast", None)
-    return pcast(x, axes, to="varying") if pcast is not None else jax.lax.pvary(x, axes)
+    return pcast(x, axes, to="varying") if pcast is not None else jax.lax.pvary(x, axes)  # type: ignore[attr-defined]

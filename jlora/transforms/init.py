@@ -122,7 +122,7 @@ def _some_layers(cfg: LoraConfig, path: str) -> bool:
 
 def _make_layers_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
     """A node on ``cfg.layers_to_transform`` of a scanned stack (its first stacked axis)."""
-    layers = tuple(sorted(set(cfg.layers_to_transform)))
+    layers = tuple(sorted(set(cfg.layers_to_transform or ())))
     if not axes[0] or is_nf4(w) or cfg.init == "loftq":
         why = ("has no stacked axis" if not axes[0] else "would be NF4 in part (adapt all its "
                "layers, or quantize after init)")

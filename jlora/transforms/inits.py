@@ -67,10 +67,11 @@ def _loftq(w, axes, rank: int, scale: float, dtype, iters: int):
     ``dequant(NF4(W))``. Unlike PEFT's, ``s`` is divided out of the factors, so the
     model starts at that approximation for any alpha."""
     mat, back = _matrices(w, axes)
-    a = b = None
+    a = b = None  # (set by the first round)
     for _ in range(iters):
         target = mat if a is None else mat - scale * a @ b
         q = quantize_array(back(target).astype(w.dtype), compute_dtype=w.dtype)
         deq, _ = _matrices(dequantize_array(q), axes)
         a, b = _top(mat - deq, rank, scale)
+    assert a is not None and b is not None  # iters >= 1
     return a.astype(dtype), b.astype(dtype), q

@@ -107,7 +107,7 @@ def unmerge(merged, adapter, norms: dict | None = None):
             raise LoraError(f"unmerging the DoRA adapter at {path!r} needs the norms merge "
                             "used: merged, norms = jlora.merge(params, adapter, "
                             "return_norms=True); jlora.unmerge(merged, adapter, norms)")
-        norm = None if node.magnitude is None else norms[path]
+        norm = None if node.magnitude is None else (norms or {})[path]
         node = extras.lower(leaf, node)[1]
         out.append(sy.dematerialize(sy.from_node(leaf, node, path, norm)))
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -47,7 +47,8 @@ def check(method: str, density, majority_sign_method: str, key) -> None:
         raise LoraError(f"method={method!r} prunes at random: pass key=jax.random.key(...)")
 
 
-def combine(path: str, parts, method: str, rank, density: float, sign: str, key) -> LoraNode:
+def combine(path: str, parts, method: str, rank, density: float | None, sign: str,
+            key) -> LoraNode:
     """One node from ``parts`` (``[(weight, node)]``) by ``method`` (see the module doc)."""
     first = parts[0][1]
     base = method.removesuffix("_svd")

@@ -153,7 +153,7 @@ def example_layout(args, kwargs, n: int, example_axes=None) -> list:
     if not isinstance(example_axes, (tuple, list)) or len(example_axes) != len(args):
         raise LoraError(f"example_axes={example_axes!r} must be an int, None or one entry per "
                         f"positional argument ({len(args)}), as jax.vmap's in_axes")
-    out = []
+    out: list = []
     for name, tree, axis in [(f"argument {i}", a, ax) for i, (a, ax) in
                              enumerate(zip(args, example_axes))] + [
             (f"keyword {k!r}", v, 0) for k, v in sorted(kwargs.items())]:  # jax's order
@@ -248,13 +248,13 @@ def _checked(path: str, parts):
 def _combine(path: str, parts, method: str, rank: int | None) -> LoraNode:
     first = _checked(path, parts)[0][1]
     if method == "cat":
-        a = [n.a for _, n in parts]
-        b = [(w * n.scale) * n.b for w, n in parts]
+        a_parts = [n.a for _, n in parts]
+        b_parts = [(w * n.scale) * n.b for w, n in parts]
     else:
         root = lambda w, n: np.sqrt(abs(w) * n.scale)
-        a = [np.sign(w) * root(w, n) * n.a for w, n in parts]
-        b = [root(w, n) * n.b for w, n in parts]
-    a, b = jnp.concatenate(a, axis=-1), jnp.concatenate(b, axis=-2)
+        a_parts = [np.sign(w) * root(w, n) * n.a for w, n in parts]
+        b_parts = [root(w, n) * n.b for w, n in parts]
+    a, b = jnp.concatenate(a_parts, axis=-1), jnp.concatenate(b_parts, axis=-2)
     if method == "svd":
         a, b = _truncate(a, b, rank or max(n.rank for _, n in parts))
     r = a.shape[-1]

@@ -38,8 +38,12 @@ SLOW = {"test_any_dot_general_layout_matches_materialized": 220,
 
 
 def pytest_collection_modifyitems(config, items):
-    """The slow tests first, balanced between the two halves of the collection."""
+    """The slow tests first, balanced between the two halves of the collection; each is
+    marked ``slow``, so ``pytest -m "not slow"`` is the quick loop for working on a change."""
     name = lambda it: getattr(it, "originalname", it.name)
+    for it in items:
+        if name(it) in SLOW:
+            it.add_marker(pytest.mark.slow)
     count = {}
     for it in items:
         count[name(it)] = count.get(name(it), 0) + 1

@@ -39,20 +39,10 @@ def _layout_rule(on_sym: Callable | None):
     return rule
 
 
-def _factor_axis(sym: Sym, label: Label) -> list[tuple[str, int]]:
-    """Which (factor, dim) pairs hold the axis with this label."""
-    kind, idx = label
-    ns, k = sym.count("s"), sym.lead
-    if kind == "s":
-        return [("a", k + idx), ("b", k + idx), ("g", k + idx)]
-    return ([("a", k + ns + idx)] if kind == "i"
-            else [("b", k + ns + 1 + idx), ("g", k + ns + idx)])
-
-
 def _on_factors(sym: Sym, label: Label, op: Callable[[jax.Array, int], jax.Array]) -> dict:
     new = {"a": sym.a, "b": sym.b, "g": sym.g}
     if not sym.probe:
-        for name, dim in _factor_axis(sym, label):
+        for name, dim in sy.factor_dims(sym, label).items():
             if new[name] is not None:
                 new[name] = op(new[name], dim)
     return new

@@ -108,7 +108,7 @@ def _reshard(eqn, invals, ctx):
     (v,) = invals[:1]
     key = "sharding" if eqn.primitive.name == "sharding_constraint" else "dst_sharding"
     out = None
-    if isinstance(v, sy.Sym) and not v.probe and len(invals) == 1 and (
+    if isinstance(v, sy.Sym) and not v.probe and v.ids is None and len(invals) == 1 and (
             eqn.primitive.name == "reshard" or not eqn.params.get("unconstrained_dims")):
         out = _constrained(v, eqn, key)
     if isinstance(v, sy.Sym) and v.probe:

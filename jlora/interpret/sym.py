@@ -229,7 +229,8 @@ def broadcast(arr, spec: str, out: str):
     return arr.reshape([arr.shape[order.index(c)] if c in spec else 1 for c in out])
 
 
-def _factor_dims(sym: Sym, label: Label) -> dict[str, int]:
+def factor_dims(sym: Sym, label: Label) -> dict[str, int]:
+    """Which dim of each factor (``a``, ``b``, DoRA's ``g``) holds the axis ``label``."""
     kind, idx = label
     ns, k = sym.count("s"), sym.lead
     if kind == "s":
@@ -244,12 +245,12 @@ def unit_as(sym: Sym, ax: int, kind: str) -> Sym:
     if old[0] == kind or sym.base.shape[ax] != 1 or sym.probe:
         return sym
     f = {"a": sym.a, "b": sym.b, "g": sym.g}
-    for name, dim in _factor_dims(sym, old).items():
+    for name, dim in factor_dims(sym, old).items():
         f[name] = None if f[name] is None else jnp.squeeze(f[name], dim)
     labels = list(drop_label(sym.labels, old))
     labels[ax] = (kind, sum(1 for j, (k, _) in enumerate(labels) if k == kind and j != ax))
     moved = sym.replace(labels=tuple(labels), **f)  # factors now one dim short for ``kind``
-    for name, dim in _factor_dims(moved, labels[ax]).items():
+    for name, dim in factor_dims(moved, labels[ax]).items():
         if f[name] is not None:
             f[name] = jnp.expand_dims(f[name], dim)
     return moved.replace(**f)

@@ -75,7 +75,7 @@ def main():
     for iters in (1, 5):
         cfg = jlora.LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS, init="loftq",
                                loftq_iter=iters)
-        adapter, qbase = jlora.init(key, params, cfg)
+        adapter, qbase = jlora.init_with_base(key, params, cfg)
         rows[f"LoftQ, {iters} iteration(s)"] = (qbase, adapter)
     zero = jax.tree.map(jnp.zeros_like, plain)
     float_loss, _ = _start(model, params, params, zero)

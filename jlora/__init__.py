@@ -21,12 +21,18 @@ from jlora.nf4 import NF4 as NF4
 from jlora.numerics.quant import dequantize as dequantize
 from jlora.numerics.quant import quantize as quantize
 from jlora.optim import loraplus as loraplus
+from jlora.targets import Adapter as Adapter
+from jlora.targets import Params as Params
 from jlora.transforms.apply import apply as apply
 from jlora.transforms.apply import explain as explain
 from jlora.transforms.check import check as check
 from jlora.transforms.eva import init_eva as init_eva
+from jlora.transforms.init import InitResult as InitResult
 from jlora.transforms.init import init as init
+from jlora.transforms.init import init_with_base as init_with_base
+from jlora.transforms.merge import MergeResult as MergeResult
 from jlora.transforms.merge import merge as merge
+from jlora.transforms.merge import merge_with_norms as merge_with_norms
 from jlora.transforms.merge import unmerge as unmerge
 from jlora.transforms.multi import combine_adapters as combine_adapters
 from jlora.transforms.multi import stack as stack
@@ -35,7 +41,8 @@ from jlora.transforms.sharding import adapter_shardings as adapter_shardings
 
 __version__ = "0.1.0"
 
-__all__ = ["LoraConfig", "LoraError", "LoraNode", "NF4", "PRESETS", "adapter_shardings", "apply",
-           "check", "combine_adapters", "dequantize", "explain", "init", "init_eva", "load_adapter",
-           "loraplus", "merge", "peft", "quantize", "restore_checkpoint",
+__all__ = ["Adapter", "InitResult", "LoraConfig", "LoraError", "LoraNode", "MergeResult", "NF4",
+           "PRESETS", "Params", "adapter_shardings", "apply", "check", "combine_adapters",
+           "dequantize", "explain", "init", "init_eva", "init_with_base", "load_adapter",
+           "loraplus", "merge", "merge_with_norms", "peft", "quantize", "restore_checkpoint",
            "save_adapter", "save_checkpoint", "stack", "unmerge", "unstack"]

@@ -11,6 +11,13 @@ import numpy as np
 from jlora.config import LAYER_PATTERNS, LoraConfig, LoraError
 from jlora.nf4 import is_nf4
 
+#: A model's parameter pytree: any pytree of arrays (nested dicts from Flax or Haiku, an
+#: Equinox module's array part, a penzai tree); NF4 leaves allowed. Never modified.
+Params = Any
+#: An adapter: a pytree of the same structure as its base, with a ``LoraNode`` (or a stacked,
+#: layer-subset or whole-leaf node) at each adapted leaf and ``None`` elsewhere.
+Adapter = Any
+
 _SHOW = 6  # how many example paths an error message lists
 #: Leaf names a module-name target skips: they are added or scaled, never contracted.
 _NOT_KERNELS = ("bias", "scale")

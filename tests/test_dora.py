@@ -83,12 +83,28 @@ def test_dora_dropout_follows_peft(key):
 
 def test_dora_merge_and_unmerge(key):
     params, ad = _setup(Scanned(), ("q_proj",), key)
-    merged, norms = jlora.merge(params, ad, return_norms=True)
+    merged, norms = jlora.merge_with_norms(params, ad)
     close(merged, ref_merge(params, ad))
     close(Scanned().apply(merged, X), jlora.apply(Scanned().apply)(params, ad, X))
     close(jlora.unmerge(merged, ad, norms), params, dict(rtol=1e-5, atol=1e-5))
-    with pytest.raises(jlora.LoraError, match="return_norms=True"):
+    with pytest.raises(jlora.LoraError, match="merge_with_norms"):
         jlora.unmerge(merged, ad)
+
+
+def test_the_old_pair_returning_calls_still_work_with_a_deprecation_warning(key):
+    """merge(return_norms=True) and init(init="pissa") return pairs for one more release."""
+    params, ad = _setup(Scanned(), ("q_proj",), key)
+    with pytest.warns(DeprecationWarning, match="merge_with_norms"):
+        merged, norms = jlora.merge(params, ad, return_norms=True)
+    new = jlora.merge_with_norms(params, ad)
+    close(merged, new.params)
+    close(norms, new.norms)
+    cfg = jlora.LoraConfig(rank=2, targets=("q_proj",), init="pissa")
+    with pytest.warns(DeprecationWarning, match="init_with_base"):
+        old_ad, old_base = jlora.init(key, params, cfg)
+    result = jlora.init_with_base(key, params, cfg)
+    close((old_ad, old_base), (result.adapter, result.base))
+    assert jlora.init_with_base(key, params, jlora.LoraConfig(rank=2)).base is params
 
 
 def test_dora_magnitude_trains_with_b_in_loraplus_and_saves(key, tmp_path):

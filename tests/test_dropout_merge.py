@@ -103,7 +103,7 @@ def test_pissa_moves_top_singular_directions_into_the_adapter(key):
     cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets=("q_proj",), init="pissa")
     f = lambda p, x: x @ p["q_proj"]["kernel"][1]
     x = jax.random.normal(key, (5, 24))
-    ad, residual = jlora.init(key, w, cfg, f, x)  # f indexes a layer: axis 0 is stacked
+    ad, residual = jlora.init_with_base(key, w, cfg, f, x)  # f indexes a layer: axis 0 is stacked
     n = ad["q_proj"]["kernel"]
     u, s, vh = np.linalg.svd(np.asarray(w["q_proj"]["kernel"], np.float64))
     best = (u[..., :4] * s[..., None, :4]) @ vh[..., :4, :]  # Eckart-Young rank-4
@@ -119,7 +119,7 @@ def test_olora_takes_the_first_r_qr_directions_per_layer(key):
     cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets=("q_proj",), init="olora")
     f = lambda p, x: x @ p["q_proj"]["kernel"][1]
     x = jax.random.normal(key, (5, 24))
-    ad, residual = jlora.init(key, w, cfg, f, x)
+    ad, residual = jlora.init_with_base(key, w, cfg, f, x)
     n = ad["q_proj"]["kernel"]
     for layer in range(3):
         q, r = np.linalg.qr(np.asarray(w["q_proj"]["kernel"][layer], np.float64).T)

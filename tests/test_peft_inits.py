@@ -49,7 +49,7 @@ def test_olora_init_matches_peft():
                                                      init_lora_weights="olora"))
     params = _params(_net())
     cfg = jlora.LoraConfig(rank=3, alpha=6.0, targets=("0", "2"), init="olora")
-    ad, residual = jlora.init(jax.random.key(0), params, cfg)
+    ad, residual = jlora.init_with_base(jax.random.key(0), params, cfg)
     for i in ("0", "2"):
         layer = pm.base_model.model[int(i)]
         node = ad[i]["kernel"]
@@ -69,7 +69,7 @@ def test_olora_init_matches_peft():
 def test_adapters_on_a_residual_base_save_as_plain_lora_for_peft(tmp_path, init, rslora):
     params = _params(_net())
     cfg = jlora.LoraConfig(rank=3, alpha=6.0, targets=("0", "2"), init=init, rslora=rslora)
-    initial, residual = jlora.init(jax.random.key(0), params, cfg)
+    initial, residual = jlora.init_with_base(jax.random.key(0), params, cfg)
     trained = jax.tree.map(lambda v: v + 0.05 * jax.random.normal(jax.random.key(1), v.shape),
                            initial)  # as if trained: the factors moved
     want = jlora.apply(fn)(residual, trained, X)

@@ -200,7 +200,7 @@ def test_untargeted_nf4_leaves_and_init_on_a_quantized_base(key):
     np.testing.assert_allclose(model.apply(jlora.merge(q, ad), ids), want, rtol=1e-4,
                                atol=1e-4)
     with pytest.raises(ValueError, match="already quantized.*quantize the residual"):
-        jlora.init(key, q, jlora.LoraConfig(rank=4, targets=("q_proj",), init="pissa"))
+        jlora.init_with_base(key, q, jlora.LoraConfig(rank=4, targets=("q_proj",), init="pissa"))
 
 
 def test_bfloat16_compute_matches_the_dequantized_bfloat16_base(key):
@@ -265,7 +265,7 @@ def test_loftq_corrects_the_quantization_error(key):
     for iters in (1, 5):
         cfg = jlora.LoraConfig(rank=8, alpha=16.0, targets=("q",), init="loftq",
                                loftq_iter=iters)
-        adapter, qbase = jlora.init(key, w, cfg, fn, x)
+        adapter, qbase = jlora.init_with_base(key, w, cfg, fn, x)
         assert isinstance(qbase["q"], jlora.NF4) and adapter["q"].a.shape == (2, 64, 8)
         merged = jlora.merge(qbase, adapter)
         errors.append(float(jnp.linalg.norm(w["q"] - merged["q"])))
@@ -273,10 +273,10 @@ def test_loftq_corrects_the_quantization_error(key):
                                    rtol=1e-4, atol=1e-4)
     assert errors[2] < errors[1] < 0.8 * errors[0]  # measured: 0.73 and 0.65 of plain NF4
     dora = jlora.LoraConfig(rank=8, alpha=16.0, targets=("q",), init="loftq", dora=True)
-    adapter, qbase = jlora.init(key, w, dora, fn, x)
+    adapter, qbase = jlora.init_with_base(key, w, dora, fn, x)
     np.testing.assert_allclose(jlora.apply(fn)(qbase, adapter, x),
                                fn(jlora.merge(qbase, adapter), x), rtol=1e-4, atol=1e-4)
     with pytest.raises(jlora.LoraError, match="loftq_iter"):
         jlora.LoraConfig(init="loftq", loftq_iter=0)
     with pytest.raises(jlora.LoraError, match="already quantized"):
-        jlora.init(key, jlora.quantize(w, targets=("q",)), cfg, fn, x)
+        jlora.init_with_base(key, jlora.quantize(w, targets=("q",)), cfg, fn, x)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,12 +17,20 @@ from jlora.interpret.probe import discover_axes
 from jlora.nf4 import is_nf4
 from jlora.numerics.dora import dora_norm
 from jlora.numerics.quant import dequantize_array
-from jlora.targets import flatten, layer_index, path_str, select, select_whole
+from jlora.targets import Adapter, Params, flatten, layer_index, path_str, select, select_whole
 from jlora.transforms import extras, inits
 from jlora.transforms.sharding import place
 
 
-def init(key, params, cfg: LoraConfig, fn=None, *args, **kwargs):
+class InitResult(NamedTuple):
+    """What :func:`init_with_base` returns: the adapter and the base to use with it."""
+
+    adapter: Adapter
+    #: ``params`` itself, or for PiSSA and OLoRA the residual, for LoftQ the NF4 base.
+    base: Params
+
+
+def init(key, params: Params, cfg: LoraConfig, fn=None, *args, **kwargs) -> Adapter:
     """Create an adapter for ``params``: a tree mirroring it, ``None`` where not adapted.
 
     Args:
@@ -29,21 +39,61 @@ def init(key, params, cfg: LoraConfig, fn=None, *args, **kwargs):
       cfg: what to adapt and how.
       fn: optional ``fn(params, *args, **kwargs)``; when given, each target's
         stacked/in/out axes are learned from how ``fn`` contracts it.
-      *args, **kwargs: example inputs for ``fn`` (only shapes matter).
+      *args: example inputs for ``fn`` (only shapes matter).
+      **kwargs: example keyword inputs for ``fn``.
 
     Returns:
-      The adapter; with ``cfg.init`` ``"pissa"``, ``"olora"`` or ``"loftq"`` the pair
-      ``(adapter, base)``: the residual base (those move part of each weight into the
-      factors), or for LoftQ the NF4-quantized base the factors correct.
+      The adapter. For ``cfg.init`` ``"pissa"``, ``"olora"`` or ``"loftq"``, which change
+      the base, use :func:`init_with_base`; ``init`` still returns ``(adapter, base)`` for
+      those, with a ``DeprecationWarning``, until 0.3.
 
     Raises:
-      LoraError: no target matched, a rank exceeds a kernel's smaller side.
+      LoraError: no target matched, a rank exceeds a kernel's smaller side, a kernel's
+        axes cannot be told without ``fn``.
 
     Example:
       >>> params = {"q_proj": {"kernel": jnp.ones((4, 6))}}
       >>> ad = init(jax.random.key(0), params, LoraConfig(rank=2, targets=("q_proj",)))
       >>> ad["q_proj"]["kernel"].a.shape, ad["q_proj"]["kernel"].b.shape
       ((4, 2), (2, 6))
+    """
+    if cfg.init in BASE_CHANGING_INITS:
+        warnings.warn(f"jlora.init with init={cfg.init!r} returning (adapter, base) is "
+                      "deprecated and will be removed in 0.3: use adapter, base = "
+                      "jlora.init_with_base(key, params, cfg, ...)", DeprecationWarning,
+                      stacklevel=2)
+        return tuple(init_with_base(key, params, cfg, fn, *args, **kwargs))
+    return init_with_base(key, params, cfg, fn, *args, **kwargs).adapter
+
+
+def init_with_base(key, params: Params, cfg: LoraConfig, fn=None, *args,
+                   **kwargs) -> InitResult:
+    """:func:`init`, also returning the base to train and serve the adapter with.
+
+    PiSSA and OLoRA move the top of each target's spectrum (or its QR part) into the
+    factors and leave the residual in the base; LoftQ returns the NF4-quantized base its
+    factors correct. Every other init returns ``params`` itself as the base.
+
+    Args:
+      key: a ``jax.random`` key.
+      params: the base pytree (not modified).
+      cfg: what to adapt and how.
+      fn: optional model function to learn each target's axes from (as for :func:`init`).
+      *args: example inputs for ``fn``.
+      **kwargs: example keyword inputs for ``fn``.
+
+    Returns:
+      ``InitResult(adapter, base)``.
+
+    Raises:
+      LoraError: as for :func:`init`.
+
+    Example:
+      >>> params = {"q_proj": jnp.diag(jnp.arange(1.0, 5.0))}
+      >>> cfg = LoraConfig(rank=1, targets="q_proj", init="pissa")
+      >>> adapter, base = init_with_base(jax.random.key(0), params, cfg)
+      >>> float(base["q_proj"][3, 3])  # the top singular value moved into the factors
+      0.0
     """
     chosen, whole = select(params, cfg), select_whole(params, cfg)
     both = sorted(set(chosen) & set(whole))
@@ -78,8 +128,8 @@ def init(key, params, cfg: LoraConfig, fn=None, *args, **kwargs):
     adapter = jax.tree_util.tree_unflatten(treedef, nodes)
     adapter = place(params, adapter)  # a sharded base gets an adapter sharded like it
     if cfg.init in BASE_CHANGING_INITS:
-        return adapter, jax.tree_util.tree_unflatten(treedef, residual)
-    return adapter
+        return InitResult(adapter, jax.tree_util.tree_unflatten(treedef, residual))
+    return InitResult(adapter, params)
 
 
 def _scan_stacked(path: str, leaf, flat) -> bool:

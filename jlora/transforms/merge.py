@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ from jlora.interpret import sym as sy
 from jlora.nf4 import is_nf4
 from jlora.numerics.quant import dequantize, quantize_array
 from jlora.numerics.qview import wrap
-from jlora.targets import flatten, path_str
+from jlora.targets import Adapter, Params, flatten, path_str
 from jlora.transforms import extras
 
 
@@ -28,7 +29,16 @@ def _check_finite(changed: list) -> None:
                         "(NaN/Inf); check the adapter for diverged training before merging")
 
 
-def merge(params, adapter, *, return_norms: bool = False, requantize: bool = False):
+class MergeResult(NamedTuple):
+    """What :func:`merge_with_norms` returns: the merged tree and DoRA's norms."""
+
+    params: Params
+    #: ``{path: n}``: each DoRA leaf's norm of ``W0 + s * A @ B`` (what :func:`unmerge` needs).
+    norms: dict
+
+
+def merge(params: Params, adapter: Adapter, *, return_norms: bool = False,
+          requantize: bool = False) -> Params:
     """The adapted weights as plain arrays: no inference overhead.
 
     LoRA: ``W0 + s * A @ B``. DoRA: ``(m / n) * (W0 + s * A @ B)`` with ``n`` the
@@ -36,14 +46,17 @@ def merge(params, adapter, *, return_norms: bool = False, requantize: bool = Fal
     (every NF4 leaf, adapted or not, comes back in its compute dtype).
 
     Args:
-      params: the base (may hold NF4 leaves).
+      params: the base (may hold NF4 leaves; not modified).
       adapter: the adapter to fold in.
-      return_norms: also return ``{path: n}`` for DoRA leaves, which
-        :func:`unmerge` needs (the merged weight no longer holds ``n``).
+      return_norms: deprecated (returns ``(merged, norms)``); use
+        :func:`merge_with_norms`, which returns a :class:`MergeResult`.
       requantize: quantize each merged NF4 leaf again with its own settings
         (and leave the other NF4 leaves as they were). This rounds the merged
         weight to NF4, so the model no longer equals base + adapter; a
         warning says so.
+
+    Returns:
+      A tree like ``params`` with each adapted leaf replaced by its merged weight.
 
     Raises:
       LoraError: a merged leaf is not finite (checked when called outside ``jit``,
@@ -55,6 +68,46 @@ def merge(params, adapter, *, return_norms: bool = False, requantize: bool = Fal
       >>> bool((jlora.merge(params, ad)["q_proj"] == params["q_proj"]).all())  # B is zero at init
       True
     """
+    if return_norms:
+        warnings.warn("merge(..., return_norms=True) is deprecated and will be removed in "
+                      "0.3: use merged, norms = jlora.merge_with_norms(params, adapter)",
+                      DeprecationWarning, stacklevel=2)
+        return tuple(merge_with_norms(params, adapter, requantize=requantize))
+    return _merge(params, adapter, requantize, False).params
+
+
+def merge_with_norms(params: Params, adapter: Adapter, *,
+                     requantize: bool = False) -> MergeResult:
+    """:func:`merge`, also returning each DoRA leaf's norm, which :func:`unmerge` needs.
+
+    The merged weight ``(m / n) * (W0 + s * A @ B)`` no longer holds ``n``; PEFT caches
+    it on the layer, jlora returns it.
+
+    Args:
+      params: the base (may hold NF4 leaves; not modified).
+      adapter: the adapter to fold in.
+      requantize: as for :func:`merge`.
+
+    Returns:
+      ``MergeResult(params, norms)``; ``norms`` is ``{path: n}`` for the DoRA leaves.
+
+    Raises:
+      LoraError: a merged leaf is not finite.
+
+    Example:
+      >>> params = {"q_proj": jnp.eye(3)}
+      >>> cfg = jlora.LoraConfig(rank=1, targets=("q_proj",), dora=True)
+      >>> ad = jlora.init(jax.random.key(0), params, cfg)
+      >>> merged, norms = jlora.merge_with_norms(params, ad)
+      >>> sorted(norms), norms["q_proj"].shape
+      (['q_proj'], (3,))
+      >>> bool(jnp.allclose(jlora.unmerge(merged, ad, norms)["q_proj"], params["q_proj"]))
+      True
+    """
+    return _merge(params, adapter, requantize, True)
+
+
+def _merge(params, adapter, requantize: bool, want_norms: bool) -> MergeResult:
     flat, treedef = flatten(params)
     out, changed, norms, rounded = [], [], {}, False
     for (kp, leaf), node in zip(flat, match(params, adapter)):
@@ -69,7 +122,7 @@ def merge(params, adapter, *, return_norms: bool = False, requantize: bool = Fal
         node = extras.lower(leaf, node)[1]  # some layers of a stack: the others zero
         out.append(sy.materialize(sy.from_node(wrap(leaf), node, path)))
         changed.append((path, out[-1]))
-        if return_norms and node.magnitude is not None:
+        if want_norms and node.magnitude is not None:
             norms[path] = sy.node_norm(wrap(leaf), node)
         if requantize and is_nf4(leaf):
             rounded = True
@@ -80,17 +133,37 @@ def merge(params, adapter, *, return_norms: bool = False, requantize: bool = Fal
     if rounded:
         warnings.warn("merge(requantize=True) rounds base + adapter to NF4: the merged model "
                       "differs from base + adapter (as with PEFT's merge_and_unload on a 4-bit "
-                      "base); keep the adapter separate for exact outputs", stacklevel=2)
-    merged = jax.tree_util.tree_unflatten(treedef, out)
-    return (merged, norms) if return_norms else merged
+                      "base); keep the adapter separate for exact outputs",
+                      stacklevel=3)  # the caller of merge or merge_with_norms
+    return MergeResult(jax.tree_util.tree_unflatten(treedef, out), norms)
 
 
-def unmerge(merged, adapter, norms: dict | None = None):
+def unmerge(merged: Params, adapter: Adapter, norms: dict | None = None) -> Params:
     """Inverse of :func:`merge` (exact up to float rounding).
 
-    A DoRA adapter needs the ``norms`` that ``merge(..., return_norms=True)``
+    A DoRA adapter needs the ``norms`` that :func:`merge_with_norms`
     returned: we keep them in the functional return value, where PEFT caches
     them on the layer (and so can only unmerge in the same process).
+
+    Args:
+      merged: a tree :func:`merge` returned (not modified).
+      adapter: the adapter that was merged.
+      norms: the DoRA norms from :func:`merge_with_norms` (DoRA adapters only).
+
+    Returns:
+      The base: each adapted leaf with ``s * A @ B`` taken back out.
+
+    Raises:
+      LoraError: a DoRA leaf without its norm, or a leaf trained in full or by token
+        rows (its base values are gone from the merged tree).
+
+    Example:
+      >>> params = {"q_proj": jnp.eye(3)}
+      >>> ad = jlora.init(jax.random.key(0), params, jlora.LoraConfig(rank=1, targets="q_proj"))
+      >>> ad = jax.tree.map(lambda x: x + 1.0, ad)  # B nonzero: the merge changes the weight
+      >>> back = jlora.unmerge(jlora.merge(params, ad), ad)
+      >>> bool(jnp.allclose(back["q_proj"], params["q_proj"], atol=1e-5))
+      True
     """
     flat, treedef = flatten(merged)
     out = []
@@ -105,8 +178,8 @@ def unmerge(merged, adapter, norms: dict | None = None):
                             "returns a new tree) instead of unmerging")
         if node.magnitude is not None and path not in (norms or {}):
             raise LoraError(f"unmerging the DoRA adapter at {path!r} needs the norms merge "
-                            "used: merged, norms = jlora.merge(params, adapter, "
-                            "return_norms=True); jlora.unmerge(merged, adapter, norms)")
+                            "used: merged, norms = jlora.merge_with_norms(params, "
+                            "adapter); jlora.unmerge(merged, adapter, norms)")
         norm = None if node.magnitude is None else (norms or {})[path]
         node = extras.lower(leaf, node)[1]
         out.append(sy.dematerialize(sy.from_node(leaf, node, path, norm)))

@@ -14,9 +14,9 @@ from jlora.config import LoraConfig as LoraConfig
 from jlora.config import LoraError as LoraError
 from jlora.io import peft as peft
 from jlora.io.checkpoint import load_adapter as load_adapter
-from jlora.io.checkpoint import restore_checkpoint as restore_checkpoint
 from jlora.io.checkpoint import save_adapter as save_adapter
-from jlora.io.checkpoint import save_checkpoint as save_checkpoint
+from jlora.io.resume import restore_checkpoint as restore_checkpoint
+from jlora.io.resume import save_checkpoint as save_checkpoint
 from jlora.nf4 import NF4 as NF4
 from jlora.numerics.quant import dequantize as dequantize
 from jlora.numerics.quant import quantize as quantize

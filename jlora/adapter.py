@@ -44,6 +44,13 @@ class LoraNode:
     ``W0 + scale * A @ B`` mapped back onto the kernel's own axes; with DoRA
     (``magnitude`` set) it is ``(magnitude / ||W0 + scale * A @ B||) * (W0 + scale * A @ B)``,
     the norm taken over the input axes per output feature.
+
+    Examples:
+      >>> cfg = jlora.LoraConfig(rank=2, targets="w")
+      >>> ad = jlora.init(jax.random.key(0), {"w": jnp.ones((4, 6))}, cfg)
+      >>> node = ad["w"]
+      >>> node.a.shape, node.b.shape, node.scale, node.in_axes, node.out_axes
+      ((4, 2), (2, 6), 8.0, (0,), (1,))
     """
 
     a: Any

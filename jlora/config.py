@@ -20,7 +20,17 @@ ALL_LINEAR = ATTENTION + MLP
 
 
 class LoraError(ValueError):
-    """A user error: the message names the parameter path and the fix."""
+    """A user error: the message names the parameter path and the fix.
+
+    A ``ValueError``, so code that catches those catches it.
+
+    Examples:
+      >>> try:
+      ...     jlora.init(jax.random.key(0), {"w": jnp.ones((2, 2))}, jlora.LoraConfig(targets="x"))
+      ... except jlora.LoraError as e:
+      ...     print(str(e)[:39])
+      targets='x' matched no parameter; paths
+    """
 
 
 def _check_regex(name: str, pattern: str) -> None:
@@ -68,7 +78,7 @@ class LoraConfig:
         [indices]}``, or a list of indices for the one 2-D leaf whose path contains
         ``embed`` [``trainable_token_indices``].
 
-    Example:
+    Examples:
       >>> cfg = LoraConfig(rank=8, alpha=16.0, targets=("q_proj", "v_proj"))
       >>> cfg.scaling_for(8, 16.0)
       2.0
@@ -143,7 +153,7 @@ class LoraConfig:
         ``complex`` (r32/a64 all linear layers; r up to 64, alpha up to 128),
         ``constrained`` (r4/a8 q,v; r up to 8, alpha up to 16).
 
-        Example:
+        Examples:
           >>> LoraConfig.preset("general").targets
           ('q_proj', 'k_proj', 'v_proj', 'o_proj')
         """

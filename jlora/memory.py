@@ -109,7 +109,7 @@ def estimate(shape: Shape, method: str, *, rank: int = 16, targets=LINEAR[:4],
       batch, seq: tokens per step.
       checkpointing: keep only layer inputs for the backward pass.
 
-    Example:
+    Examples:
       >>> from jlora.memory import LLAMA_7B, estimate
       >>> round(estimate(LLAMA_7B, "full-fp32")["optimizer"] / 1e9, 1)  # Adam: 8 bytes/param
       53.9

@@ -22,6 +22,11 @@ class NF4:
     ``absmax`` is ``float32 (blocks,)`` and ``absmax2``/``offset`` are None;
     with it ``absmax`` holds ``uint8`` dynamic-map codes, ``absmax2`` the
     ``float32 (ceil(blocks/256),)`` scales and ``offset`` the subtracted mean.
+
+    Examples:
+      >>> q = jlora.quantize({"w": jnp.ones((4, 64))})["w"]
+      >>> q.shape, q.packed.shape, q.packed.dtype, q.block_size
+      ((4, 64), (128,), dtype('uint8'), 64)
     """
 
     packed: Any

@@ -58,7 +58,10 @@ def loraplus(make_tx: Callable[..., optax.GradientTransformation], learning_rate
     Returns:
       An ``optax.multi_transform``; its state holds only the adapter's arrays.
 
-    Example:
+    Raises:
+      ValueError: a ratio that is not positive.
+
+    Examples:
       >>> params = {"q_proj": jnp.ones((2, 2))}
       >>> ad = jlora.init(jax.random.key(0), params, jlora.LoraConfig(rank=1, targets="q_proj"))
       >>> tx = jlora.loraplus(optax.sgd, learning_rate=0.1)

@@ -1,4 +1,4 @@
-"""Orbax checkpoints: adapters with their settings, and exact-resume training state.
+"""Orbax checkpoints of adapters with their settings (``jlora.io.resume``: training states).
 
 Both go through one orbax ``CheckpointManager`` per directory, which writes a
 new version into a temporary folder and renames it into place only when
@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 
 from jlora.adapter import FullNode, LayersNode, LoraNode, TokenNode, adapter_nodes
 from jlora.config import LoraError
-from jlora.targets import flatten, path_str
+from jlora.targets import Adapter, Params, flatten, path_str
 from jlora.transforms.check import check, check_finite
 
 _FORMAT = "jlora-adapter/1"
@@ -162,11 +162,33 @@ def _node(s: dict, arrays: dict):
     return LoraNode(**arrays, **settings)
 
 
-def save_adapter(path, adapter) -> None:
+def save_adapter(path, adapter: Adapter) -> None:
     """Write an adapter and its settings to the directory ``path`` (atomically replaced).
 
     The settings (rank, alpha, scaling, dropout, axes, targeted paths, variant)
     are stored beside the arrays as JSON, so :func:`load_adapter` needs no config.
+
+    Args:
+      path: the adapter directory (created; a previous adapter there is replaced only
+        once the new one is complete).
+      adapter: a single adapter (save a stacked one's members before ``jlora.stack``).
+
+    Returns:
+      Nothing.
+
+    Raises:
+      LoraError: an adapter with no node, or a directory that cannot be written (the
+        previous adapter stays loadable).
+
+    Examples:
+      >>> import tempfile
+      >>> params = {"q_proj": jnp.ones((4, 6))}
+      >>> ad = jlora.init(jax.random.key(0), params, jlora.LoraConfig(rank=2, targets="q_proj"))
+      >>> path = tempfile.mkdtemp()
+      >>> jlora.save_adapter(path, ad)
+      >>> back = jlora.load_adapter(path, params)
+      >>> bool((back["q_proj"].a == ad["q_proj"].a).all()), back["q_proj"].rank
+      (True, 2)
     """
     nodes = adapter_nodes(adapter)
     if not nodes:
@@ -181,7 +203,7 @@ def save_adapter(path, adapter) -> None:
         m.wait_until_finished()
 
 
-def load_adapter(path, params=None):
+def load_adapter(path, params: Params = None) -> Adapter:
     """Read an adapter saved by :func:`save_adapter`.
 
     Args:
@@ -192,9 +214,15 @@ def load_adapter(path, params=None):
         adapter accept it. Without it: a nested dict of ``LoraNode`` keyed by the
         saved paths (``jlora.apply`` matches adapters to params by key path).
 
+    Returns:
+      The adapter, its factors on the default device.
+
     Raises:
       LoraError: no complete adapter at ``path``, a damaged one, or (with
         ``params``) one that :func:`jlora.check` refuses or that holds NaN/Inf.
+
+    Examples:
+      See :func:`save_adapter`'s.
     """
     if not os.path.isdir(path):
         raise LoraError(f"no adapter directory at {os.fspath(path)!r}; write one with "
@@ -238,45 +266,3 @@ def _mirror(nodes: dict, params, path):
             raise LoraError(f"adapter at {os.fspath(path)!r} has {path_str(kp)!r} of shape "
                             f"{node.shape}, params have {tuple(np.shape(leaf))}: another base")
     return jax.tree_util.tree_unflatten(treedef, [nodes.get(path_str(kp)) for kp, _ in flat])
-
-
-def save_checkpoint(directory, step: int, state, *, data_position=None,
-                    max_to_keep: int | None = 3) -> None:
-    """Save a training state (any pytree: adapter, optimizer state, ...) as ``step``.
-
-    Args:
-      directory: checkpoint root; each step is a sub-folder, older ones beyond
-        ``max_to_keep`` are removed once the new one is complete.
-      step: the training step this state is after.
-      state: the pytree to save, e.g. ``{"adapter": ad, "opt_state": opt_state}``.
-      data_position: JSON-serialisable position of the data pipeline.
-      max_to_keep: how many checkpoints to keep (``None`` keeps all).
-    """
-    meta = {"step": int(step), "data_position": data_position}
-    with _writing(directory), _manager(directory, max_to_keep=max_to_keep) as m:
-        if int(step) in m.all_steps():  # orbax would skip the save without a word
-            raise LoraError(f"step {int(step)} is already saved in {os.fspath(directory)!r}; "
-                            "save under a new step number (or delete that step's folder)")
-        m.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   meta=ocp.args.JsonSave(meta)))
-        m.wait_until_finished()
-
-
-def restore_checkpoint(directory, like, step: int | None = None):
-    """Restore ``(state, meta)`` saved by :func:`save_checkpoint` (latest step by default).
-
-    Args:
-      directory: checkpoint root.
-      like: a pytree with the structure, shapes and dtypes of the saved state
-        (e.g. a freshly initialised adapter and optimizer state).
-      step: which step; ``None`` means the latest complete one.
-
-    Returns:
-      The restored state and ``{"step": ..., "data_position": ...}``.
-    """
-    with _reading(directory, "training checkpoint"), _manager(directory, write=False) as m:
-        step = _latest(m, directory, "save_checkpoint") if step is None else step
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        out = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                      meta=ocp.args.JsonRestore()))
-    return out["state"], out["meta"]

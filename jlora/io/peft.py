@@ -11,10 +11,8 @@ jlora key path and stack index; :func:`default_module` is the documented default
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +20,9 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from jlora.adapter import FullNode, LayersNode, LoraNode, TokenNode, adapter_nodes
+from jlora.adapter import LayersNode, LoraNode
 from jlora.config import LoraError
 from jlora.io import (
-    atomic,
     peft_axes,
     peft_base,
     peft_bias,
@@ -34,108 +31,22 @@ from jlora.io import (
     peft_whole,
     torch_conv,
 )
+from jlora.io.peft_axes import EMBEDDING as EMBEDDING
 from jlora.io.peft_axes import LAYER_SEGMENTS as LAYER_SEGMENTS  # jlora.peft's names
 from jlora.io.peft_axes import LINEAR as LINEAR
+from jlora.io.peft_axes import PREFIX as PREFIX
+from jlora.io.peft_axes import WEIGHTS as WEIGHTS
 from jlora.io.peft_axes import default_module as default_module
 from jlora.io.peft_axes import torch_module as torch_module
-from jlora.targets import _NOT_KERNELS, flatten, matches, path_str
+from jlora.io.peft_save import save as save
+from jlora.targets import _NOT_KERNELS, Params, flatten, matches, path_str
 from jlora.transforms.check import check, check_finite
-from jlora.transforms.multi import combine_adapters
 
-WEIGHTS, PREFIX = "adapter_model.safetensors", "base_model.model."
 CONFIG = peft_config.CONFIG
-#: The key suffixes of an embedding's factors (a linear module's: ``LINEAR``).
-EMBEDDING = (".lora_embedding_A", ".lora_embedding_B")
+__all__ = ["load", "save", "default_module", "torch_module", "CONFIG", "WEIGHTS", "PREFIX"]
 
 
-def _stack_shape(node) -> tuple[int, ...]:
-    return tuple(node.shape[ax] for ax in node.stack_axes)
-
-
-def save(path: str, adapter, *, module_fn=default_module, prefix: str = PREFIX,
-         base_model_name_or_path: str | None = None, embeddings: str = r"embed",
-         convs: str | None = r"(?i)conv", initial=None, fan_in_fan_out: bool = False,
-         parameters: tuple[str, ...] = ()) -> None:
-    """Write ``adapter`` as a PEFT adapter directory (replaced only once fully written).
-
-    Args:
-      path: the directory (PEFT's ``save_pretrained`` layout).
-      adapter: a jlora adapter (LoRA, rsLoRA or DoRA; not a stacked one).
-      module_fn: ``(jlora_path, stack_index) -> torch module path``.
-      prefix: put before each module (PEFT's ``base_model.model.``).
-      base_model_name_or_path: recorded in the config for ``PeftModel.from_pretrained``.
-      embeddings: a regex (``re.search`` on the jlora path) for tables that are torch
-        ``nn.Embedding`` modules, saved under PEFT's ``lora_embedding_A/B`` keys.
-      convs: a regex for kernels that are torch ``nn.ConvNd`` modules (of those with
-        several in axes), saved in PEFT's conv layout: ``lora_A.weight (r, in, *k)``,
-        ``lora_B.weight (out, r, 1, ...)`` (:mod:`jlora.io.torch_conv`); None: none.
-      initial: for an adapter made with ``init="pissa"``/``"olora"`` (trained on the
-        residual base), the adapter as ``init`` returned it: the file then holds plain
-        LoRA for the original base, ``[A | A0]``, ``[B; -B0]`` at rank ``2r`` (PEFT's
-        ``path_initial_model_for_weight_conversion``).
-      fan_in_fan_out: the torch modules store their weight ``(in, out)`` (GPT-2's
-        ``Conv1D``): written to the config, as PEFT does for such models. The factors are
-        the same either way; PEFT reads the flag when it merges.
-      parameters: leaf names that are torch parameters rather than modules' weights,
-        saved as PEFT's ``target_parameters`` (``gate_up_proj``, ``down_proj`` of
-        transformers' fused MoE experts: the expert axis is the last stacked axis), in
-        the order the torch module registers them (PEFT nests their wrappers that way).
-    """
-    if initial is not None:  # W_res + s A B = W + s (A B - A0 B0)
-        adapter = combine_adapters([adapter, initial], [1.0, -1.0], method="cat")
-    nodes = adapter_nodes(adapter)
-    biases = peft_bias.trained(nodes)  # biases trained on their own (not whole modules)
-    tensors, whole = peft_whole.save_tensors(
-        {p: n for p, n in nodes.items() if p not in biases}, module_fn, prefix, convs)
-    params_t, param_modules, target_parameters = peft_params.save_tensors(
-        nodes, parameters, module_fn, prefix)
-    tensors.update(params_t)
-    lora_t, modules = _lora_tensors(nodes, parameters, module_fn, prefix, embeddings, convs)
-    tensors.update(lora_t)
-    bias_t, bias = peft_bias.save_tensors(biases, set(modules), module_fn, prefix)
-    tensors.update(bias_t)
-    config = {**peft_config.config_of(modules, base_model_name_or_path, param_modules),
-              **whole, "fan_in_fan_out": bool(fan_in_fan_out), "bias": bias,
-              "target_parameters": target_parameters or None}
-    some = {n.layers if isinstance(n, LayersNode) else None for n in nodes.values()
-            if not isinstance(n, (FullNode, TokenNode))}
-    if len(some) == 1 and (layers := next(iter(some))) is not None:  # all on the same layers
-        config["layers_to_transform"] = list(layers)
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    atomic.write_dir(path, {WEIGHTS: safetensors.numpy.save(tensors, {"format": "pt"}),
-                      CONFIG: json.dumps(config, indent=2, sort_keys=True).encode()})
-
-
-def _lora_tensors(nodes: dict, parameters, module_fn, prefix: str, embeddings: str, convs):
-    """``(tensors, {module: node})`` for the LoRA nodes of modules (one module per stack
-    index; a conv in PEFT's conv layout, a table under the embedding keys)."""
-    tensors, modules = {}, {}
-    for p, node in nodes.items():
-        if isinstance(node, (FullNode, TokenNode)) or p.split("/")[-1] in parameters:
-            continue
-        layers = node.layers if isinstance(node, LayersNode) else None
-        if isinstance(node, LayersNode):  # only its layers have modules (PEFT's zero-B rest)
-            node = node.node
-        if not isinstance(node, LoraNode):
-            raise LoraError(f"{p!r} holds a stacked adapter; save each adapter on its own")
-        a, b = np.asarray(node.a), np.asarray(node.b)
-        mag = None if node.magnitude is None else np.asarray(node.magnitude)
-        conv = convs is not None and re.search(convs, p) and len(node.in_axes) > 1
-        for idx in np.ndindex(*_stack_shape(node)):
-            module = module_fn(p, idx if layers is None else (layers[idx[0]],) + idx[1:])
-            key = prefix + module
-            part_a, part_b = EMBEDDING if re.search(embeddings, p) else LINEAR
-            m = None if mag is None else mag[idx]
-            la, lb, m = (torch_conv.to_torch(p, node, a[idx], b[idx], m) if conv
-                         else (a[idx].T, b[idx].T, m))
-            tensors[key + part_a], tensors[key + part_b] = la, lb
-            if m is not None:
-                tensors[key + ".lora_magnitude_vector"] = m
-            modules[module] = node
-    return tensors, modules
-
-
-def load(path: str, params, fn=None, *args, module_fn=default_module, prefix: str = PREFIX,
+def load(path: str, params: Params, fn=None, *args, module_fn=default_module, prefix: str = PREFIX,
          axes=None, dtype=None, **kwargs):
     """A PEFT adapter directory as a jlora adapter for ``params`` (``init``'s structure).
 
@@ -150,19 +61,24 @@ def load(path: str, params, fn=None, *args, module_fn=default_module, prefix: st
     Args:
       path: a directory written by PEFT's ``save_pretrained`` (or :func:`save`).
       params: the base the adapter was trained on (jlora layout, may hold NF4 leaves).
-      fn, *args, **kwargs: optional model ``fn(params, *args, **kwargs)`` and example inputs
-        (only shapes matter; no ``fn`` keyword may be named like ``load``'s own).
-      module_fn, prefix: the key mapping, as in :func:`save`.
+      fn: optional model ``fn(params, *args, **kwargs)`` to learn each target's axes from.
+      *args: example inputs for ``fn`` (only shapes matter).
+      module_fn: ``(jlora_path, stack_index) -> torch module path``, as in :func:`save`.
+      prefix: put before each module (PEFT's ``base_model.model.``).
       axes: optional ``{jlora_path: (stack_axes, in_axes, out_axes)}``, taking precedence
         over what ``fn`` shows.
       dtype: cast the factors (default: as stored).
+      **kwargs: example keyword inputs for ``fn`` (none named like ``load``'s own).
+
+    Returns:
+      The adapter, with ``init``'s tree structure for ``params``.
 
     Raises:
       LoraError: unsupported config fields, keys that match no parameter, modules
         missing for some layers, saved base layers that differ from ``params``, or
         shapes that do not fit ``params`` (a torch-layout kernel loaded without ``fn``).
 
-    Example:
+    Examples:
       >>> import tempfile
       >>> params = {"q_proj": {"weight": jnp.ones((6, 4))}}  # torch's (out, in)
       >>> fn = lambda p, x: x @ p["q_proj"]["weight"].T

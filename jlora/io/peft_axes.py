@@ -21,6 +21,10 @@ from jlora.targets import _NOT_KERNELS, matches, path_str
 
 #: The key suffixes of a linear module's factors.
 LINEAR = (".lora_A.weight", ".lora_B.weight")
+#: The key suffixes of an embedding's factors.
+EMBEDDING = (".lora_embedding_A", ".lora_embedding_B")
+#: PEFT's weights file, and the prefix of its keys before a module's path.
+WEIGHTS, PREFIX = "adapter_model.safetensors", "base_model.model."
 #: Segments after which a stacked (scanned) layer index is inserted by default.
 LAYER_SEGMENTS = LAYER_PATTERNS
 
@@ -32,6 +36,19 @@ def default_module(path: str, index: tuple[int, ...] = ()) -> str:
     ``name.N``, and stacked indices go after the last segment named in
     ``LAYER_SEGMENTS`` (else after the first): ``params/layers/attn/q/kernel``
     at index ``(3,)`` -> ``layers.3.attn.q``.
+
+    Args:
+      path: a jlora key path (``/``-joined).
+      index: the stacked (scanned) indices of one layer, if any.
+
+    Returns:
+      The torch module path PEFT's keys name.
+
+    Examples:
+      >>> default_module("params/layers/self_attn/q_proj/kernel", (3,))
+      'layers.3.self_attn.q_proj'
+      >>> default_module("params/Dense_0/kernel")
+      'Dense.0'
     """
     segs = path.split("/")
     segs = segs[1:-1] if segs[0] == "params" else segs[:-1]
@@ -51,7 +68,14 @@ def torch_module(path: str, index: tuple[int, ...] = ()) -> str:
     (:func:`default_module` would read ``ln_1`` as Flax's ``name_N``). Stacked indices
     go after the last ``LAYER_SEGMENTS`` segment, as there.
 
-    Example:
+    Args:
+      path: a jlora key path whose segments are the state dict's names.
+      index: the stacked indices of one layer, if any.
+
+    Returns:
+      The torch module path.
+
+    Examples:
       >>> torch_module("model/layers/attn/q_proj/weight", (2,))
       'model.layers.2.attn.q_proj'
     """

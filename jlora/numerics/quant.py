@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec
 from jlora.config import LoraError
 from jlora.nf4 import NF4, is_nf4
 from jlora.numerics import mesh
-from jlora.targets import _NOT_KERNELS, flatten, matches, path_str
+from jlora.targets import _NOT_KERNELS, Params, flatten, matches, path_str
 
 #: bitsandbytes' NF4 code values: ``create_normal_map(offset=0.9677083, use_extra_value=True)``.
 NF4_CODE = np.array([
@@ -171,8 +171,8 @@ def _default_targets(path: str, leaf) -> bool:
             and re.search(r"embed|lm_head|norm", path) is None)
 
 
-def quantize(params, targets=None, *, block_size: int = 64, double_quant: bool = True,
-             compute_dtype=jnp.bfloat16):
+def quantize(params: Params, targets=None, *, block_size: int = 64,
+             double_quant: bool = True, compute_dtype=jnp.bfloat16) -> Params:
     """NF4-quantize the selected leaves of ``params``; the others are returned as they are.
 
     Args:
@@ -190,7 +190,11 @@ def quantize(params, targets=None, *, block_size: int = 64, double_quant: bool =
       A tree of the same structure with :class:`NF4` nodes in place of the
       selected leaves. ``jlora.apply`` and ``jlora.init`` accept it.
 
-    Example:
+    Raises:
+      LoraError: a target that matches nothing, an integer leaf, an odd or non-positive
+        ``block_size``.
+
+    Examples:
       >>> q = jlora.quantize({"w": jnp.ones((4, 64)), "b": jnp.ones(4)})
       >>> type(q["w"]).__name__, q["b"].shape
       ('NF4', (4,))
@@ -217,8 +221,21 @@ def quantize(params, targets=None, *, block_size: int = 64, double_quant: bool =
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def dequantize(tree):
-    """Every :class:`NF4` node in ``tree`` (or ``tree`` itself) as an array in its compute dtype."""
+def dequantize(tree: Params) -> Params:
+    """Every :class:`NF4` node in ``tree`` (or ``tree`` itself) as an array in its compute dtype.
+
+    Args:
+      tree: a pytree holding NF4 leaves, or one NF4 node.
+
+    Returns:
+      The same structure with each NF4 node dequantized (the other leaves as they are).
+
+    Examples:
+      >>> w = jnp.linspace(-1.0, 1.0, 64).reshape(2, 32)
+      >>> back = jlora.dequantize(jlora.quantize({"w": w}, compute_dtype=jnp.float32))["w"]
+      >>> back.shape, back.dtype, bool(jnp.abs(back - w).max() < 0.15)  # NF4: 0.14 worst
+      ((2, 32), dtype('float32'), True)
+    """
     if is_nf4(tree):
         return dequantize_array(tree)
     return jax.tree_util.tree_map(lambda x: dequantize_array(x) if is_nf4(x) else x, tree,

@@ -21,7 +21,7 @@ from jlora.interpret.examples import analyze
 from jlora.interpret.sym import from_node
 from jlora.interpret.trace import trace
 from jlora.numerics import qview as qv
-from jlora.targets import flatten, path_str
+from jlora.targets import Adapter, Params, flatten, path_str
 from jlora.transforms import extras
 from jlora.transforms.check import check_finite
 from jlora.transforms.multi import check_ids, example_layout
@@ -66,11 +66,23 @@ def apply(fn: Callable, *, safe: bool = False, mixed: str = "auto") -> Callable:
     by adapter, two ``ragged_dot``s, S-LoRA style; uses it cannot serve fall back to
     gather) or ``"auto"`` (grouped only on GPU/TPU for decode-shaped inputs).
 
-    ``safe=True`` first checks params, adapter and the array arguments for NaN/Inf
-    and raises a ``LoraError`` naming the first bad one (under ``jit`` it raises
-    when the call runs); it costs one reduction per array.
+    Args:
+      fn: the model's function, ``fn(params, *args, **kwargs)``; any pytree of params.
+      safe: first check params, adapter and the array arguments for NaN/Inf and raise
+        a ``LoraError`` naming the first bad one (under ``jit`` it raises when the call
+        runs); it costs one reduction per array.
+      mixed: ``"auto"``, ``"gather"`` or ``"grouped"``: the mixed-batch path.
 
-    Example:
+    Returns:
+      ``f(params, adapter, *args, lora_rng=None, adapter_ids=None, example_axes=None,
+      **kwargs)``, returning what ``fn`` returns. ``adapter`` may be ``None`` (the base).
+
+    Raises:
+      ValueError: an unknown ``mixed``.
+      LoraError: (when ``f`` is called) an adapter that does not fit ``params``, a use
+        that contradicts the adapter's axes, a mixed batch whose example axis is lost.
+
+    Examples:
       >>> w = {"q_proj": {"kernel": jnp.ones((4, 6))}}
       >>> ad = jlora.init(jax.random.key(0), w, jlora.LoraConfig(rank=2, targets=("q_proj",)))
       >>> f = jlora.apply(lambda p, x: x @ p["q_proj"]["kernel"])
@@ -94,8 +106,8 @@ def apply(fn: Callable, *, safe: bool = False, mixed: str = "auto") -> Callable:
     return wrapped
 
 
-def explain(fn: Callable, params, adapter, *args, adapter_ids=None, example_axes=None,
-            mixed: str = "auto", **kwargs) -> dict[str, list[str]]:
+def explain(fn: Callable, params: Params, adapter: Adapter, *args, adapter_ids=None,
+            example_axes=None, mixed: str = "auto", **kwargs) -> dict[str, list[str]]:
     """How each adapted leaf is used by ``fn``: ``'factored'`` or ``'materialized (why)'``.
 
     Traces only (no computation). One entry per use site, in program order;
@@ -105,7 +117,24 @@ def explain(fn: Callable, params, adapter, *args, adapter_ids=None, example_axes
     A custom derivative (``jax.custom_vjp``/``custom_jvp``) that receives the weight
     gets it materialized, so that its own rule runs.
 
-    Example:
+    Args:
+      fn: the model's function, as for :func:`apply`.
+      params: the base (arrays or ``jax.ShapeDtypeStruct``s).
+      adapter: the adapter (single or stacked).
+      *args: ``fn``'s arguments (only shapes and dtypes matter).
+      adapter_ids: as for :func:`apply`, with a stacked adapter.
+      example_axes: as for :func:`apply`.
+      mixed: as for :func:`apply`.
+      **kwargs: ``fn``'s keyword arguments.
+
+    Returns:
+      ``{path: [how each use is computed, in program order]}``.
+
+    Raises:
+      ValueError: an unknown ``mixed``.
+      LoraError: what :func:`apply` would raise for these arguments.
+
+    Examples:
       >>> w = {"w": jnp.ones((4, 6))}
       >>> ad = jlora.init(jax.random.key(0), w, jlora.LoraConfig(rank=2, targets=("w",)))
       >>> clip = jax.custom_vjp(lambda w: w)

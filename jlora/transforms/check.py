@@ -10,13 +10,13 @@ import jax.numpy as jnp
 
 from jlora.adapter import is_node, match
 from jlora.config import LoraError
-from jlora.targets import path_str
+from jlora.targets import Adapter, Params, path_str
 
 _NAN_FIX = ("find where it came from with jax.config.update('jax_debug_nans', True) or "
             "restore the last good checkpoint")
 
 
-def check(params, adapter, *, finite: bool = True) -> int:
+def check(params: Params, adapter: Adapter, *, finite: bool = True) -> int:
     """Check that ``adapter`` fits ``params``; return the adapter's parameter count.
 
     Checks every adapter entry is a node made for a leaf of ``params`` (path and
@@ -24,10 +24,18 @@ def check(params, adapter, *, finite: bool = True) -> int:
     dtype at least as precise as the weight's, and (``finite=True``) that no
     adapter or params array holds NaN or Inf (one reduction per array, on its device).
 
+    Args:
+      params: the base (not modified).
+      adapter: the adapter to check against it.
+      finite: also check every array for NaN/Inf.
+
+    Returns:
+      The number of trainable parameters in ``adapter``.
+
     Raises:
       LoraError: naming the first bad path, what was found and the fix.
 
-    Example:
+    Examples:
       >>> params = {"q_proj": {"kernel": jnp.ones((4, 6))}}
       >>> ad = jlora.init(jax.random.key(0), params, jlora.LoraConfig(rank=2, targets=("q_proj",)))
       >>> jlora.check(params, ad)

@@ -23,17 +23,19 @@ from jlora.adapter import LayersNode, LoraNode, match
 from jlora.config import BASE_CHANGING_INITS, LoraConfig, LoraError
 from jlora.interpret.capture import Capture
 from jlora.interpret.core import Ctx
-from jlora.targets import flatten, path_str
+from jlora.targets import Adapter, Params, flatten, path_str
 from jlora.transforms.apply import interpret_call
 from jlora.transforms.init import init
 
 
-def init_eva(key, params, cfg: LoraConfig, fn, batches, *, masks=None, rho: float = 2.0,
-             whiten: bool = False, adjust_scaling: bool = True):
+def init_eva(key, params: Params, cfg: LoraConfig, fn, batches, *, masks=None,
+             rho: float = 2.0, whiten: bool = False, adjust_scaling: bool = True) -> Adapter:
     """An adapter whose ``A`` factors are the principal directions of each target's inputs.
 
     Args:
-      key, params, cfg: as for :func:`jlora.init` (``cfg.init`` must not change the base).
+      key: a ``jax.random`` key (for targets no captured input reached).
+      params: the base (not modified).
+      cfg: what to adapt; ``cfg.init`` must not change the base.
       fn: ``fn(params, *args)``, the model; its dots with each target supply the inputs.
       batches: a non-empty list of argument tuples for ``fn`` (an array is one argument).
       masks: optional list (one per batch) of bool arrays shaped like the inputs' rows,
@@ -53,6 +55,14 @@ def init_eva(key, params, cfg: LoraConfig, fn, batches, *, masks=None, rho: floa
     Raises:
       LoraError: bad ``rho``/``batches``, an input with fewer rows than components, a
         scanned ``(layers, in, out)`` leaf whose layers would get different ranks.
+
+    Examples:
+      >>> params = {"q": jnp.ones((4, 3))}
+      >>> x = jax.random.normal(jax.random.key(1), (64, 4)) * jnp.array([5.0, 0.1, 0.1, 0.1])
+      >>> cfg = jlora.LoraConfig(rank=1, targets="q")
+      >>> ad = jlora.init_eva(jax.random.key(0), params, cfg, lambda p, x: x @ p["q"], [x])
+      >>> jnp.abs(ad["q"].a[:, 0]).round(1).tolist()  # the inputs' main direction
+      [1.0, 0.0, 0.0, 0.0]
     """
     if cfg.init in BASE_CHANGING_INITS:
         raise LoraError(f"init_eva computes its own factors; cfg.init={cfg.init!r} would also "

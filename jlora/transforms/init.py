@@ -23,7 +23,11 @@ from jlora.transforms.sharding import place
 
 
 class InitResult(NamedTuple):
-    """What :func:`init_with_base` returns: the adapter and the base to use with it."""
+    """What :func:`init_with_base` returns: the adapter and the base to use with it.
+
+    Examples:
+      See :func:`init_with_base`'s.
+    """
 
     adapter: Adapter
     #: ``params`` itself, or for PiSSA and OLoRA the residual, for LoftQ the NF4 base.
@@ -51,7 +55,7 @@ def init(key, params: Params, cfg: LoraConfig, fn=None, *args, **kwargs) -> Adap
       LoraError: no target matched, a rank exceeds a kernel's smaller side, a kernel's
         axes cannot be told without ``fn``.
 
-    Example:
+    Examples:
       >>> params = {"q_proj": {"kernel": jnp.ones((4, 6))}}
       >>> ad = init(jax.random.key(0), params, LoraConfig(rank=2, targets=("q_proj",)))
       >>> ad["q_proj"]["kernel"].a.shape, ad["q_proj"]["kernel"].b.shape
@@ -88,7 +92,7 @@ def init_with_base(key, params: Params, cfg: LoraConfig, fn=None, *args,
     Raises:
       LoraError: as for :func:`init`.
 
-    Example:
+    Examples:
       >>> params = {"q_proj": jnp.diag(jnp.arange(1.0, 5.0))}
       >>> cfg = LoraConfig(rank=1, targets="q_proj", init="pissa")
       >>> adapter, base = init_with_base(jax.random.key(0), params, cfg)

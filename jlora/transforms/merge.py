@@ -30,7 +30,11 @@ def _check_finite(changed: list) -> None:
 
 
 class MergeResult(NamedTuple):
-    """What :func:`merge_with_norms` returns: the merged tree and DoRA's norms."""
+    """What :func:`merge_with_norms` returns: the merged tree and DoRA's norms.
+
+    Examples:
+      See :func:`merge_with_norms`'s.
+    """
 
     params: Params
     #: ``{path: n}``: each DoRA leaf's norm of ``W0 + s * A @ B`` (what :func:`unmerge` needs).
@@ -62,7 +66,7 @@ def merge(params: Params, adapter: Adapter, *, return_norms: bool = False,
       LoraError: a merged leaf is not finite (checked when called outside ``jit``,
         with one device-to-host transfer for all leaves).
 
-    Example:
+    Examples:
       >>> params = {"q_proj": jnp.eye(3)}
       >>> ad = jlora.init(jax.random.key(0), params, jlora.LoraConfig(rank=1, targets=("q_proj",)))
       >>> bool((jlora.merge(params, ad)["q_proj"] == params["q_proj"]).all())  # B is zero at init
@@ -94,7 +98,7 @@ def merge_with_norms(params: Params, adapter: Adapter, *,
     Raises:
       LoraError: a merged leaf is not finite.
 
-    Example:
+    Examples:
       >>> params = {"q_proj": jnp.eye(3)}
       >>> cfg = jlora.LoraConfig(rank=1, targets=("q_proj",), dora=True)
       >>> ad = jlora.init(jax.random.key(0), params, cfg)
@@ -157,7 +161,7 @@ def unmerge(merged: Params, adapter: Adapter, norms: dict | None = None) -> Para
       LoraError: a DoRA leaf without its norm, or a leaf trained in full or by token
         rows (its base values are gone from the merged tree).
 
-    Example:
+    Examples:
       >>> params = {"q_proj": jnp.eye(3)}
       >>> ad = jlora.init(jax.random.key(0), params, jlora.LoraConfig(rank=1, targets="q_proj"))
       >>> ad = jax.tree.map(lambda x: x + 1.0, ad)  # B nonzero: the merge changes the weight

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -12,18 +11,27 @@ import numpy as np
 from jlora.adapter import LoraNode, StackedNode, adapter_nodes, is_node
 from jlora.config import LoraError
 from jlora.interpret.trace import is_array
-from jlora.targets import path_str
+from jlora.targets import Adapter, path_str
 from jlora.transforms import merging
 
 
-def stack(adapters) -> Any:
+def stack(adapters) -> Adapter:
     """One adapter tree holding ``n`` adapters, for ``apply(..., adapter_ids=ids)``.
 
     The adapters must target the same leaves with the same axes and dropout (ranks,
     alphas, rsLoRA may differ: factors are zero-padded to the largest rank, which
     leaves every ``A @ B`` exactly as it was).
 
-    Example:
+    Args:
+      adapters: a non-empty sequence of adapters for one base.
+
+    Returns:
+      A tree of ``StackedNode``s: factors ``(n, *stack, in, r_max)``, ``(n, *stack, r_max, out)``.
+
+    Raises:
+      LoraError: no adapters, or adapters that differ in targets, axes or dropout.
+
+    Examples:
       >>> p = {"q": jnp.ones((4, 6))}
       >>> ads = [jlora.init(jax.random.key(i), p, jlora.LoraConfig(rank=r, targets=("q",)))
       ...        for i, r in enumerate((1, 2))]
@@ -88,11 +96,20 @@ def _origin(nodes) -> str:
     return "assumed" if "assumed" in origins else origins[0]
 
 
-def unstack(stacked) -> list:
+def unstack(stacked: Adapter) -> list[Adapter]:
     """The ``n`` single adapters of a stacked tree (:func:`stack`'s inverse): each node at
     its own rank, alpha and scaling, e.g. after training them together in mixed batches.
 
-    Example:
+    Args:
+      stacked: a tree :func:`stack` made (trained or not).
+
+    Returns:
+      The list of single adapters, in stacking order.
+
+    Raises:
+      LoraError: a tree that holds no stacked node.
+
+    Examples:
       >>> p = {"q": jnp.ones((4, 6))}
       >>> ads = [jlora.init(jax.random.key(i), p, jlora.LoraConfig(rank=r, targets=("q",)))
       ...        for i, r in enumerate((1, 2))]
@@ -178,7 +195,7 @@ COMBINE = ("cat", "linear", "svd") + merging.METHODS
 
 def combine_adapters(adapters, weights, method: str = "cat", rank: int | None = None,
                      density: float | None = None, majority_sign_method: str = "total",
-                     key=None):
+                     key=None) -> Adapter:
     """One adapter whose delta is ``sum_i weights[i] * s_i * A_i @ B_i`` per leaf.
 
     Args:
@@ -203,7 +220,11 @@ def combine_adapters(adapters, weights, method: str = "cat", rank: int | None = 
       An adapter with scaling 1 (``alpha == rank``): each source's scaling is
       applied exactly once, inside the factors.
 
-    Example:
+    Raises:
+      LoraError: an unknown method, a weight count that differs from the adapters',
+        settings a method needs but lacks (``density``, ``key``), stacked or DoRA sources.
+
+    Examples:
       >>> p = {"q": jnp.ones((4, 6))}
       >>> a1, a2 = (jlora.init(jax.random.key(i), p, jlora.LoraConfig(rank=2, targets=("q",)))
       ...           for i in range(2))

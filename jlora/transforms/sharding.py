@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import types
+from typing import Any
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora.adapter import FullNode, LayersNode, StackedNode, TokenNode, adapter_nodes, is_node
-from jlora.targets import flatten, path_str
+from jlora.targets import Adapter, Params, flatten, path_str
 
 
 def _axis_spec(spec, axes):
@@ -44,14 +45,34 @@ def node_sharding(leaf, node):
     return dataclasses.replace(node, **fields)
 
 
-def adapter_shardings(params, adapter):
+def adapter_shardings(params: Params, adapter: Adapter) -> Any:
     """A tree like ``adapter`` with ``NamedSharding``s laid out after the base's.
 
     For a kernel sharded as ``P(None, 'model')`` (column-parallel, ``(in, out)``),
     ``a`` is replicated and ``b`` is ``P(None, 'model')``; for a row-parallel
     ``P('model', None)``, ``a`` is ``P('model', None)`` and ``b`` replicated.
-    Leaves whose base is not sharded with a ``NamedSharding`` get ``None``.
-    Use with ``jax.device_put(adapter, shardings)`` or as ``jit`` shardings.
+    The rank axis is always replicated. ``init`` on a sharded base already places
+    its adapter this way; use this for ``jax.device_put`` or ``jit``'s shardings.
+
+    Args:
+      params: the base, its arrays sharded (or not).
+      adapter: an adapter of ``params`` (single or stacked).
+
+    Returns:
+      A tree like ``adapter``: each node's arrays replaced by their ``NamedSharding``,
+      or ``None`` where the base leaf has no ``NamedSharding``.
+
+    Raises:
+      LoraError: an adapter that does not fit ``params``.
+
+    Examples:
+      >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+      >>> mesh = Mesh(jax.devices()[:1], ("model",))
+      >>> w = {"q": jax.device_put(jnp.ones((4, 6)), NamedSharding(mesh, P(None, "model")))}
+      >>> ad = jlora.init(jax.random.key(0), w, jlora.LoraConfig(rank=2, targets="q"))
+      >>> s = jlora.adapter_shardings(w, ad)["q"]
+      >>> tuple(s.a.spec), tuple(s.b.spec)
+      ((None, None), (None, 'model'))
     """
     leaves = {path_str(kp): leaf for kp, leaf in flatten(params)[0]}
     shardings = {p: node_sharding(leaves.get(p), n) for p, n in adapter_nodes(adapter).items()}

@@ -26,10 +26,10 @@ class LoraError(ValueError):
 
     Examples:
       >>> try:
-      ...     jlora.init(jax.random.key(0), {"w": jnp.ones((2, 2))}, jlora.LoraConfig(targets="x"))
+      ...     jlora.LoraConfig(rank=0)
       ... except jlora.LoraError as e:
-      ...     print(str(e)[:39])
-      targets='x' matched no parameter; paths
+      ...     print(e)
+      rank=0 must be a positive integer (e.g. 8 or 16)
     """
 
 

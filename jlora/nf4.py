@@ -24,7 +24,8 @@ class NF4:
     ``float32 (ceil(blocks/256),)`` scales and ``offset`` the subtracted mean.
 
     Examples:
-      >>> q = jlora.quantize({"w": jnp.ones((4, 64))})["w"]
+      >>> import numpy as np
+      >>> q = jlora.quantize({"w": np.ones((4, 64), np.float32)})["w"]
       >>> q.shape, q.packed.shape, q.packed.dtype, q.block_size
       ((4, 64), (128,), dtype('uint8'), 64)
     """

@@ -72,8 +72,8 @@ def _patched_random_pruning(pairs):
     return random_pruning
 
 
-CASES = [(m, "total") for m in jlora.transforms.merging.METHODS] + [
-    (m, "frequency") for m in jlora.transforms.merging.METHODS if "ties" in m]
+CASES = [(m, "total") for m in jlora.transforms.ties_dare.METHODS] + [
+    (m, "frequency") for m in jlora.transforms.ties_dare.METHODS if "ties" in m]
 
 
 @pytest.mark.parametrize("method, sign", CASES)

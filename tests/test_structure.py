@@ -212,3 +212,15 @@ def test_the_package_says_it_is_typed_and_its_version():
     assert (ROOT / "py.typed").exists()
     assert "py.typed" in project["tool"]["setuptools"]["package-data"]["jlora"]
     assert jlora.__version__ == project["project"]["version"]
+
+
+def test_the_example_axis_pass_dispatches_through_tables():
+    """As the interpreter does: primitive objects key its rules, no chain of `is lax.x_p`."""
+    from jlora.interpret import example_axis as ea
+    source = (ROOT / "interpret" / "example_axis.py").read_text()
+    assert "is lax." not in source and "primitive is" not in source
+    assert all(isinstance(p, jax.extend.core.Primitive) for p in [*ea.RULES, *ea.WALKS])
+    for p in (jax.lax.dot_general_p, jax.lax.scan_p, jax.lax.while_p, jax.lax.cond_p):
+        assert p in ea.WALKS
+    for p in (jax.lax.reshape_p, jax.lax.transpose_p, jax.lax.gather_p, jax.lax.add_p):
+        assert p in ea.RULES

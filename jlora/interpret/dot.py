@@ -19,7 +19,7 @@ from jlora.config import LoraError
 from jlora.interpret import capture, grouped, quantized
 from jlora.interpret import sym as sy
 from jlora.interpret.core import register
-from jlora.interpret.examples import Lost
+from jlora.interpret.example_axis import Lost
 from jlora.interpret.sym import Sym
 from jlora.interpret.thin import thin
 from jlora.numerics import qview as qv

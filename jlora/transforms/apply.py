@@ -17,12 +17,12 @@ from jlora.adapter import FullNode, match
 from jlora.interpret import grouped
 from jlora.interpret.concat import by_path
 from jlora.interpret.core import Ctx, evaluate, materialized
-from jlora.interpret.examples import analyze
+from jlora.interpret.example_axis import analyze
 from jlora.interpret.sym import from_node
 from jlora.interpret.trace import trace
 from jlora.numerics import qview as qv
 from jlora.targets import Adapter, Params, flatten, path_str
-from jlora.transforms import extras
+from jlora.transforms import whole_leaves
 from jlora.transforms.check import check_finite
 from jlora.transforms.multi import check_ids, example_layout
 
@@ -37,8 +37,8 @@ def interpret_call(fn, params, adapter, args, kwargs, ctx: Ctx, adapter_ids=None
         layout = [None] * len(flat) + example_layout(args, kwargs, ids.shape[0], example_axes)
         ctx.examples = {}
         analyze(closed.jaxpr, layout, ctx.examples)
-    lowered = [extras.lower(leaf, node, exact=False) for (_, leaf), node in zip(flat, nodes)]
-    syms = [from_node(qv.wrap(leaf), node, path_str(kp), ids=ids, active=extras.active(orig))
+    lowered = [whole_leaves.lower(leaf, node, exact=False) for (_, leaf), node in zip(flat, nodes)]
+    syms = [from_node(qv.wrap(leaf), node, path_str(kp), ids=ids, active=whole_leaves.active(orig))
             for (kp, _), (leaf, node), orig in zip(flat, lowered, nodes)]
     vals = syms + dyn[len(syms):]
     outs = evaluate(closed.jaxpr, closed.consts, vals, ctx)

@@ -18,7 +18,7 @@ from jlora.nf4 import is_nf4
 from jlora.numerics.dora import dora_norm
 from jlora.numerics.quant import dequantize_array
 from jlora.targets import Adapter, Params, flatten, layer_index, path_str, select, select_whole
-from jlora.transforms import extras, inits
+from jlora.transforms import factor_inits, whole_leaves
 from jlora.transforms.sharding import place
 
 
@@ -113,7 +113,7 @@ def init_with_base(key, params: Params, cfg: LoraConfig, fn=None, *args,
     for i, (kp, leaf) in enumerate(flat):
         path = path_str(kp)
         if path in whole:
-            nodes.append(extras.make(path, leaf, whole[path]))
+            nodes.append(whole_leaves.make(path, leaf, whole[path]))
             residual.append(leaf)
             continue
         if path not in chosen:
@@ -221,7 +221,7 @@ def _make_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
         a = (jax.random.normal(key, stack + (n_in, rank), jnp.float32) / rank).astype(dtype)
     b, res = jnp.zeros(stack + (rank, n_out), dtype), w
     if cfg.init in BASE_CHANGING_INITS:
-        a, b, res = inits.base_changing(cfg, w, axes, rank, scale, dtype)
+        a, b, res = factor_inits.base_changing(cfg, w, axes, rank, scale, dtype)
     node = LoraNode(a=a, b=b, rank=rank, alpha=float(alpha), scale=scale,
                     dropout=float(cfg.dropout), shape=tuple(w.shape),
                     stack_axes=tuple(stack_axes), in_axes=tuple(in_axes),

@@ -16,7 +16,7 @@ from jlora.nf4 import is_nf4
 from jlora.numerics.quant import dequantize, quantize_array
 from jlora.numerics.qview import wrap
 from jlora.targets import Adapter, Params, flatten, path_str
-from jlora.transforms import extras
+from jlora.transforms import whole_leaves
 
 
 def _check_finite(changed: list) -> None:
@@ -119,11 +119,11 @@ def _merge(params, adapter, requantize: bool, want_norms: bool) -> MergeResult:
             out.append(leaf if requantize or not is_nf4(leaf) else dequantize(leaf))
             continue
         path = path_str(kp)
-        if extras.is_whole(node):  # (the finite check covers these too)
-            out.append(extras.merged(leaf, node))
+        if whole_leaves.is_whole(node):  # (the finite check covers these too)
+            out.append(whole_leaves.merged(leaf, node))
             changed.append((path, out[-1]))
             continue
-        node = extras.lower(leaf, node)[1]  # some layers of a stack: the others zero
+        node = whole_leaves.lower(leaf, node)[1]  # some layers of a stack: the others zero
         out.append(sy.materialize(sy.from_node(wrap(leaf), node, path)))
         changed.append((path, out[-1]))
         if want_norms and node.magnitude is not None:
@@ -176,7 +176,7 @@ def unmerge(merged: Params, adapter: Adapter, norms: dict | None = None) -> Para
             out.append(leaf)
             continue
         path = path_str(kp)
-        if extras.is_whole(node):
+        if whole_leaves.is_whole(node):
             raise LoraError(f"{path!r} was trained in full or by token rows, and the merged "
                             "tree no longer holds its base values; keep the base (merge "
                             "returns a new tree) instead of unmerging")
@@ -185,6 +185,6 @@ def unmerge(merged: Params, adapter: Adapter, norms: dict | None = None) -> Para
                             "used: merged, norms = jlora.merge_with_norms(params, "
                             "adapter); jlora.unmerge(merged, adapter, norms)")
         norm = None if node.magnitude is None else (norms or {})[path]
-        node = extras.lower(leaf, node)[1]
+        node = whole_leaves.lower(leaf, node)[1]
         out.append(sy.dematerialize(sy.from_node(leaf, node, path, norm)))
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -12,7 +12,7 @@ from jlora.adapter import LoraNode, StackedNode, adapter_nodes, is_node
 from jlora.config import LoraError
 from jlora.interpret.trace import is_array
 from jlora.targets import Adapter, path_str
-from jlora.transforms import merging
+from jlora.transforms import ties_dare
 
 
 def stack(adapters) -> Adapter:
@@ -190,7 +190,7 @@ def example_layout(args, kwargs, n: int, example_axes=None) -> list:
     return out
 
 
-COMBINE = ("cat", "linear", "svd") + merging.METHODS
+COMBINE = ("cat", "linear", "svd") + ties_dare.METHODS
 
 
 def combine_adapters(adapters, weights, method: str = "cat", rank: int | None = None,
@@ -209,7 +209,7 @@ def combine_adapters(adapters, weights, method: str = "cat", rank: int | None = 
         the concatenated factors, never the full matrix.
         PEFT's ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune`` and
         their ``_svd`` forms, as ``add_weighted_adapter`` computes them
-        (:mod:`jlora.transforms.merging`).
+        (:mod:`jlora.transforms.ties_dare`).
       rank: the rank for ``"svd"`` and the ``_svd`` forms (default: the largest
         source rank).
       density: the fraction of entries TIES/DARE/magnitude pruning keep.
@@ -238,14 +238,14 @@ def combine_adapters(adapters, weights, method: str = "cat", rank: int | None = 
     if len(adapters) != len(weights) or not adapters:
         raise LoraError(f"combine_adapters got {len(adapters)} adapters and {len(weights)} "
                         "weights; give one weight per adapter")
-    if method in merging.METHODS:
-        merging.check(method, density, majority_sign_method, key)
+    if method in ties_dare.METHODS:
+        ties_dare.check(method, density, majority_sign_method, key)
     found = _same_leaves(adapters)
     combined = {}
     for j, p in enumerate(found[0]):
         parts = [(w, f[p]) for w, f in zip(weights, found)]
-        combined[p] = _combine(p, parts, method, rank) if method not in merging.METHODS \
-            else merging.combine(p, _checked(p, parts), method, rank, density,
+        combined[p] = _combine(p, parts, method, rank) if method not in ties_dare.METHODS \
+            else ties_dare.combine(p, _checked(p, parts), method, rank, density,
                                  majority_sign_method, None if key is None else
                                  jax.random.fold_in(key, j))
     return _rebuild(adapters[0], combined)

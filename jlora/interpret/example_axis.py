@@ -12,6 +12,9 @@ outermost), or :class:`Lost` (examples are mixed, or a primitive this pass has n
 rule for touched the axis). :func:`analyze` returns the annotations of both
 operands of every ``dot_general``, keyed by the equation; the ``dot_general``
 rule refuses an input whose example axis is lost or absent, never guessing.
+
+Like ``core.RULES``, it dispatches on primitive objects: ``RULES`` (ops a value flows
+through) and ``WALKS`` (sub-jaxprs and the dots it records); a new op is one entry.
 """
 
 from __future__ import annotations
@@ -107,6 +110,34 @@ def _dot(eqn, ins):
     return merge(outs, "a dot_general of two inputs that each carry the examples")
 
 
+#: Ops that see the examples: ``rule(eqn, ins) -> [annotation per output]``, run when some
+#: input carries them; an op with no rule loses the axis (a mixed batch is refused).
+RULES: dict = {}
+#: Primitives that hold sub-jaxprs or record ``dot_general`` sites: ``walk(eqn, ins,
+#: sites) -> [annotation per output]``, run for every equation of their kind.
+WALKS: dict = {}
+
+
+def _on(*prims, merged: bool = True):
+    """Register ``fn(eqn, a) -> annotation`` for ``prims``: ``a`` is the inputs' one
+    example axis (``merged``; a disagreement or a lost input passes through as Lost),
+    or the raw list of input annotations."""
+    def register(fn):
+        def rule(eqn, ins):
+            if not merged:
+                return [fn(eqn, ins)]
+            a = merge(ins, f"{eqn.primitive.name} of inputs whose examples lie on "
+                           "different axes")
+            return [a if isinstance(a, Lost) else fn(eqn, a)]
+        RULES.update(dict.fromkeys((p for p in prims if p is not None), rule))
+        return fn
+    return register
+
+
+_on(*_ELEMENTWISE)(lambda eqn, a: a)
+
+
+@_on(lax.gather_p, merged=False)
 def _gather(eqn, ins):
     """An embedding lookup: rows follow the indices' example axis."""
     operand, indices = ins
@@ -122,84 +153,90 @@ def _gather(eqn, ins):
     return (batch_out[indices[0]], indices[1])
 
 
-def _keeps_axis(eqn, a) -> bool:
-    """Whether a slice-like op leaves the example axis whole."""
-    p, shape = eqn.params, eqn.invars[0].aval.shape
-    if eqn.primitive is lax.slice_p:
-        lo, hi, st = p["start_indices"], p["limit_indices"], p["strides"]
-        return (lo[a], hi[a], 1 if st is None else st[a]) == (0, shape[a], 1)
-    if eqn.primitive is lax.dynamic_slice_p:
-        return p["slice_sizes"][a] == shape[a]
-    if eqn.primitive is lax.pad_p:
-        return tuple(p["padding_config"][a]) == (0, 0, 0)
-    if eqn.primitive is lax.rev_p:
-        return a not in p["dimensions"]
-    if eqn.primitive is lax.dynamic_update_slice_p:
-        return eqn.invars[1].aval.shape[a] == shape[a]
-    return False
+def _slice_keeps(eqn, ax) -> bool:
+    p, step = eqn.params, 1 if eqn.params["strides"] is None else eqn.params["strides"][ax]
+    return (p["start_indices"][ax], p["limit_indices"][ax], step) == (
+        0, eqn.invars[0].aval.shape[ax], 1)
 
 
-_SLICES = frozenset({lax.slice_p, lax.dynamic_slice_p, lax.pad_p, lax.rev_p,
-                     lax.dynamic_update_slice_p})
+#: Slice-like primitives: whether one leaves axis ``ax`` (the examples') whole.
+_KEEPS = {
+    lax.slice_p: _slice_keeps,
+    lax.dynamic_slice_p: lambda eqn, ax: (eqn.params["slice_sizes"][ax]
+                                          == eqn.invars[0].aval.shape[ax]),
+    lax.pad_p: lambda eqn, ax: tuple(eqn.params["padding_config"][ax]) == (0, 0, 0),
+    lax.rev_p: lambda eqn, ax: ax not in eqn.params["dimensions"],
+    lax.dynamic_update_slice_p: lambda eqn, ax: (eqn.invars[1].aval.shape[ax]
+                                                 == eqn.invars[0].aval.shape[ax]),
+}
+_on(*_KEEPS)(lambda eqn, a: a if _KEEPS[eqn.primitive](eqn, a[0])
+             else Lost(f"{eqn.primitive.name} along the examples"))
+_on(lax.concatenate_p)(lambda eqn, a: Lost("concatenate along the examples")
+                       if eqn.params["dimension"] == a[0] else a)
+_on(*_CUMULATIVE)(lambda eqn, a: Lost(f"{eqn.primitive.name} along the examples")
+                  if eqn.params["axis"] == a[0] else a)
+_on(lax.reshape_p)(lambda eqn, a: _reshape(a, eqn.invars[0].aval.shape,
+                                           eqn.params["new_sizes"]))
+_on(lax.transpose_p)(lambda eqn, a: (list(eqn.params["permutation"]).index(a[0]), a[1]))
 
 
-def _simple(eqn, ins):
-    """The output of a one-result primitive with at least one input that carries examples."""
-    prim, p = eqn.primitive, eqn.params
-    if prim is lax.gather_p:
-        return _gather(eqn, ins)
-    a = merge(ins, f"{prim.name} of inputs whose examples lie on different axes")
-    if isinstance(a, Lost) or prim in _ELEMENTWISE:
-        return a
-    if prim in _SLICES:
-        return a if _keeps_axis(eqn, a[0]) else Lost(f"{prim.name} along the examples")
-    if prim is lax.concatenate_p:
-        return Lost("concatenate along the examples") if p["dimension"] == a[0] else a
-    if prim is lax.broadcast_in_dim_p:
-        dims = p["broadcast_dimensions"]
-        same = p["shape"][dims[a[0]]] == eqn.invars[0].aval.shape[a[0]]
-        return (dims[a[0]], a[1]) if same else Lost("broadcast_in_dim of the examples")
-    if prim is lax.reshape_p:
-        return _reshape(a, eqn.invars[0].aval.shape, p["new_sizes"])
-    if prim is lax.transpose_p:
-        return (list(p["permutation"]).index(a[0]), a[1])
-    if prim is lax.squeeze_p or prim in _REDUCE:
-        axes = p["dimensions"] if prim is lax.squeeze_p else p["axes"]
+@_on(lax.broadcast_in_dim_p)
+def _broadcast(eqn, a):
+    dims = eqn.params["broadcast_dimensions"]
+    same = eqn.params["shape"][dims[a[0]]] == eqn.invars[0].aval.shape[a[0]]
+    return (dims[a[0]], a[1]) if same else Lost("broadcast_in_dim of the examples")
+
+
+def _drop_axes(param: str):
+    def rule(eqn, a):
+        axes = eqn.params[param]
         if a[0] in axes:
-            return Lost(f"{prim.name} over the examples")
+            return Lost(f"{eqn.primitive.name} over the examples")
         return (a[0] - sum(d < a[0] for d in axes), a[1])
-    if prim in _CUMULATIVE:
-        return Lost(f"{prim.name} along the examples") if p["axis"] == a[0] else a
-    return Lost(prim.name)
+    return rule
+
+
+_on(lax.squeeze_p)(_drop_axes("dimensions"))
+_on(*_REDUCE)(_drop_axes("axes"))
+
+
+def _split(eqn, ins):
+    lost = isinstance(ins[0], tuple) and ins[0][0] == eqn.params["axis"]
+    return [Lost("split along the examples") if lost else ins[0]] * len(eqn.outvars)
+
+
+RULES.update({p: _split for p in [getattr(lax, "split_p", None)] if p is not None})
 
 
 def _eqn(eqn, ins, sites: dict) -> list:
     prim = eqn.primitive
-    if prim is lax.dot_general_p:
-        _site(sites, eqn, ins)
-        return [_dot(eqn, ins)]
-    if prim in _CALLS:
-        sub = eqn.params[_CALLS[prim]]
-        return analyze(getattr(sub, "jaxpr", sub), ins, sites)
-    if prim.name == "call_hi_primitive":  # jax_remat3 / jax_custom_vjp3: no exported object
-        return analyze(hi_jaxpr(eqn).jaxpr, ins, sites)
-    if prim is lax.scan_p:
-        return _scan(eqn, ins, sites)
-    if prim is lax.while_p:
-        return _while(eqn, ins, sites)
-    if prim is lax.cond_p:
-        outs = [analyze(b.jaxpr, ins[1:], sites) for b in eqn.params["branches"]]
-        return [merge(o, "cond branches that put the examples on different axes")
-                for o in zip(*outs)]
+    walk = WALKS.get(prim) or (_hi if prim.name == "call_hi_primitive" else None)
+    if walk is not None:
+        return walk(eqn, ins, sites)
     if all(a is None for a in ins):
         return [None] * len(eqn.outvars)
-    if prim is getattr(lax, "split_p", None):
-        a = ins[0]
-        lost = isinstance(a, tuple) and a[0] == eqn.params["axis"]
-        return [Lost("split along the examples") if lost else a] * len(eqn.outvars)
-    if not prim.multiple_results:
-        return [_simple(eqn, ins)]
-    return [Lost(prim.name)] * len(eqn.outvars)
+    rule = RULES.get(prim)
+    return rule(eqn, ins) if rule is not None else [Lost(prim.name)] * len(eqn.outvars)
+
+
+def _dot_walk(eqn, ins, sites):
+    _site(sites, eqn, ins)
+    return [_dot(eqn, ins)]
+
+
+def _call(eqn, ins, sites):
+    sub = eqn.params[_CALLS[eqn.primitive]]
+    return analyze(getattr(sub, "jaxpr", sub), ins, sites)
+
+
+def _hi(eqn, ins, sites):  # jax_remat3 / jax_custom_vjp3: no exported primitive object
+    return analyze(hi_jaxpr(eqn).jaxpr, ins, sites)
+
+
+def _cond(eqn, ins, sites):
+    outs = [analyze(b.jaxpr, ins[1:], sites) for b in eqn.params["branches"]]
+    return [merge(o, "cond branches that put the examples on different axes")
+            for o in zip(*outs)]
 
 
 def _site(sites: dict, eqn, ins) -> None:
@@ -256,3 +293,7 @@ def analyze(jaxpr, in_annots, sites: dict | None = None) -> list:
         outs = _eqn(eqn, [read(v) for v in eqn.invars], sites)
         env.update(zip(eqn.outvars, outs))
     return [read(v) for v in jaxpr.outvars]
+
+
+WALKS.update({lax.dot_general_p: _dot_walk, lax.scan_p: _scan, lax.while_p: _while,
+              lax.cond_p: _cond, **dict.fromkeys(_CALLS, _call)})

@@ -13,6 +13,7 @@ from jlora.config import PRESETS as PRESETS
 from jlora.config import LoraConfig as LoraConfig
 from jlora.config import LoraError as LoraError
 from jlora.io import peft as peft
+from jlora.io.bitsandbytes import load_bitsandbytes as load_bitsandbytes
 from jlora.io.checkpoint import load_adapter as load_adapter
 from jlora.io.checkpoint import save_adapter as save_adapter
 from jlora.io.resume import restore_checkpoint as restore_checkpoint
@@ -44,5 +45,6 @@ __version__ = "0.1.0"
 __all__ = ["Adapter", "InitResult", "LoraConfig", "LoraError", "LoraNode", "MergeResult", "NF4",
            "PRESETS", "Params", "adapter_shardings", "apply", "check", "combine_adapters",
            "dequantize", "explain", "init", "init_eva", "init_with_base", "load_adapter",
-           "loraplus", "merge", "merge_with_norms", "peft", "quantize", "restore_checkpoint",
-           "save_adapter", "save_checkpoint", "stack", "unmerge", "unstack"]
+           "load_bitsandbytes", "loraplus", "merge", "merge_with_norms", "peft", "quantize",
+           "restore_checkpoint", "save_adapter", "save_checkpoint", "stack", "unmerge",
+           "unstack"]

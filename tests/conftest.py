@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 
@@ -14,42 +15,61 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 
 F32 = dict(rtol=1e-5, atol=1e-5)
 
-#: The slowest tests, seconds per test function on this 2-core machine (``--durations``,
-#: ``-n 2``), summed over its parameters. They start first, split between the two
-#: workers of ``pytest -n 2 --dist worksteal`` (which hands the first half of the
-#: collection to one worker and the rest to the other), so no long test starts late.
-SLOW = {"test_any_dot_general_layout_matches_materialized": 220,
-        "test_sharded_cases_on_8_devices": 290,
-        "test_adapters_trained_together_equal_each_trained_alone": 164,
-        "test_main_example_smoke": 156, "test_accelerator_entry_point_quick": 141,
-        "test_factored_and_exact_under": 209, "test_quickstart_learns_the_task": 77,
-        "test_kv_cache_decode_of_a_mixed_batch_equals_each_adapter_alone": 102,
-        "test_every_layout_computes_each_examples_own_adapter": 67,
-        "test_merge_equals_the_materialized_weight_and_unmerge_inverts_it": 60,
-        "test_flax_convolutions_are_factored": 57,
-        "test_nf4_round_trip_within_the_closed_form_bound": 56,
-        "test_sharded_example_trains": 55, "test_no_table_sized_array_in_the_train_step": 49,
-        "test_dora_in_scan_and_dense_general": 47,
-        "test_qlora_equals_lora_on_the_dequantized_base": 150,
-        "test_training_killed_mid_save_resumes_exactly": 43,
-        "test_two_processes_train_the_same_adapter_as_one": 35,
-        "test_random_programs_equal_the_merged_weights_or_are_refused": 130,
-        "test_batched_weight_products_compile_under_jit_grad": 70}
+#: Seconds per test (setup + call + teardown, under ``-n 2``) as pytest measured them in
+#: the last ``pytest -n 2 --record-durations`` run: pytest's own reports, written by
+#: ``pytest_sessionfinish`` below. A test not in the file counts as fast.
+DURATIONS = os.path.join(os.path.dirname(__file__), "durations.json")
+#: The quick loop (``pytest -m "not slow"``) keeps the fastest tests whose recorded
+#: seconds sum to at most this (two workers: about half of it in wall time); the
+#: rest are marked ``slow``.
+QUICK_BUDGET_S = 420.0
+_measured: dict = {}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--record-durations", action="store_true",
+                     help="write each test's measured seconds to tests/durations.json")
+
+
+def pytest_runtest_logreport(report):
+    _measured[report.nodeid] = _measured.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    config = session.config
+    if not config.getoption("--record-durations") or hasattr(config, "workerinput"):
+        return  # (under xdist the controller receives every worker's reports)
+    known = _recorded()
+    known.update({k: round(v, 2) for k, v in _measured.items()})
+    with open(DURATIONS, "w") as f:
+        json.dump(dict(sorted(known.items())), f, indent=0)
+        f.write("\n")
+
+
+def _recorded() -> dict:
+    if not os.path.exists(DURATIONS):
+        return {}
+    with open(DURATIONS) as f:
+        return json.load(f)
 
 
 def pytest_collection_modifyitems(config, items):
-    """The slow tests first, balanced between the two halves of the collection; each is
-    marked ``slow``, so ``pytest -m "not slow"`` is the quick loop for working on a change."""
-    name = lambda it: getattr(it, "originalname", it.name)
-    for it in items:
-        if name(it) in SLOW:
-            it.add_marker(pytest.mark.slow)
-    count = {}
-    for it in items:
-        count[name(it)] = count.get(name(it), 0) + 1
-    cost = lambda it: SLOW[name(it)] / count[name(it)]
-    slow = sorted((it for it in items if name(it) in SLOW), key=cost, reverse=True)
-    fast = [it for it in items if name(it) not in SLOW]
+    """Order by recorded duration: the slow tests first, balanced between the two halves
+    of the collection (``--dist worksteal`` hands one half to each worker first), so no
+    long test starts late; the tests beyond the quick loop's budget are marked ``slow``."""
+    seconds = _recorded()
+    cost = lambda it: seconds.get(it.nodeid, 0.0)
+    by_cost = sorted(items, key=cost)
+    total, quick = 0.0, set()
+    for it in by_cost:  # fastest first, until the budget is spent
+        total += cost(it)
+        if total > QUICK_BUDGET_S:
+            break
+        quick.add(it.nodeid)
+    slow = [it for it in reversed(by_cost) if it.nodeid not in quick]
+    for it in slow:
+        it.add_marker(pytest.mark.slow)
+    fast = [it for it in items if it.nodeid in quick]
     halves, load = ([], []), [0.0, 0.0]
     for it in slow:  # longest first, each to the lighter half
         k = load.index(min(load))
@@ -57,6 +77,8 @@ def pytest_collection_modifyitems(config, items):
         load[k] += cost(it)
     cut = max(0, len(items) // 2 - len(halves[0]))
     items[:] = halves[0] + fast[:cut] + halves[1] + fast[cut:]
+
+
 BF16 = dict(rtol=1e-2, atol=1e-2)
 
 

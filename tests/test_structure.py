@@ -14,7 +14,8 @@ import pytest
 
 import jlora
 
-ROOT = pathlib.Path(jlora.__file__).parent
+ROOT = pathlib.Path(jlora.__file__).parent  # the package under test (source or installed wheel)
+PYPROJECT = pathlib.Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 #: Bottom to top; a module may import its own layer or lower ones only.
 LAYERS = [
@@ -196,7 +197,7 @@ def test_runtime_dependencies_are_exactly_what_the_library_imports():
     import re
     import sys
     import tomllib
-    project = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
     dist_to_module = {"orbax-checkpoint": "orbax"}
     declared = {dist_to_module.get(n, n) for n in
                 (re.match(r"[A-Za-z0-9_.-]+", d).group(0) for d in project["dependencies"])}
@@ -208,7 +209,7 @@ def test_runtime_dependencies_are_exactly_what_the_library_imports():
 def test_the_package_says_it_is_typed_and_its_version():
     """``py.typed`` ships with the package, and ``__version__`` is pyproject's version."""
     import tomllib
-    project = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())
+    project = tomllib.loads(PYPROJECT.read_text())
     assert (ROOT / "py.typed").exists()
     assert "py.typed" in project["tool"]["setuptools"]["package-data"]["jlora"]
     assert jlora.__version__ == project["project"]["version"]

@@ -58,7 +58,7 @@ def init_eva(key, params: Params, cfg: LoraConfig, fn, batches, *, masks=None,
 
     Examples:
       >>> params = {"q": jnp.ones((4, 3))}
-      >>> x = jax.random.normal(jax.random.key(1), (64, 4)) * jnp.array([5.0, 0.1, 0.1, 0.1])
+      >>> x = jax.random.normal(jax.random.key(1), (64, 4)) * jnp.array([[5.0, 0.1, 0.1, 0.1]])
       >>> cfg = jlora.LoraConfig(rank=1, targets="q")
       >>> ad = jlora.init_eva(jax.random.key(0), params, cfg, lambda p, x: x @ p["q"], [x])
       >>> jnp.abs(ad["q"].a[:, 0]).round(1).tolist()  # the inputs' main direction

@@ -1,8 +1,8 @@
 """Names the docstring examples in jlora/ use (pytest --doctest-modules)."""
 
 import jax
-import optax
 import jax.numpy as jnp
+import optax
 import pytest
 
 import jlora

@@ -21,8 +21,9 @@ import jax
 import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-import jlora  # noqa: E402
 import llama  # noqa: E402
+
+import jlora  # noqa: E402
 
 LR = 2e-4
 

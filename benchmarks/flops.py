@@ -12,9 +12,10 @@ import jax
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-import jlora  # noqa: E402
 import llama  # noqa: E402
 from core import write_result  # noqa: E402
+
+import jlora  # noqa: E402
 
 RANK, BATCH, SEQ = 16, 2, 64
 

@@ -23,11 +23,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-import jlora  # noqa: E402
 import llama  # noqa: E402
 import tasks  # noqa: E402
 import train_tasks  # noqa: E402
 from core import write_result  # noqa: E402
+
+import jlora  # noqa: E402
 
 RANK, ALPHA = 16, 32.0
 TARGETS = jlora.config.ALL_LINEAR

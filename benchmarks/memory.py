@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-import jlora  # noqa: E402
 import llama  # noqa: E402
+
+import jlora  # noqa: E402
 from jlora import memory  # noqa: E402
 
 MB = 2 ** 20

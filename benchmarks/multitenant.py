@@ -27,9 +27,10 @@ import optax
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-import jlora  # noqa: E402
 import llama  # noqa: E402
 from core import timeit_interleaved, write_result  # noqa: E402
+
+import jlora  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 

@@ -3,11 +3,10 @@
 
 import jax
 import jax.numpy as jnp
+import llama
 import lorax
 import optax
-
 from peers import LR, RANK, TARGETS, base_params, batch, config, timed  # noqa: I001
-import llama
 
 
 def run(repeats: int) -> dict:

@@ -2,10 +2,9 @@
 
 import jax
 import jax.numpy as jnp
+import llama
 import optax
 from flax import nnx
-
-import llama
 from peers import LR, RANK, TARGETS, base_params, batch, config, timed
 
 

@@ -2,10 +2,9 @@
 
 import jax
 import jax.numpy as jnp
+import llama
 import optax
 import qwix
-
-import llama
 from peers import ALPHA, LR, RANK, TARGETS, base_params, batch, config, timed
 
 

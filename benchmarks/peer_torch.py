@@ -2,9 +2,8 @@
 
 import copy
 
-import torch
-
 import llama
+import torch
 from peers import ALL_LINEAR, ALPHA, LR, RANK, TARGETS, base_params, batch, config, timed
 
 

@@ -26,9 +26,10 @@ import jax
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-import jlora  # noqa: E402
 import llama  # noqa: E402
 from core import steps, write_result  # noqa: E402
+
+import jlora  # noqa: E402
 
 RANK, CALLS = 16, 5
 KINDS = ("base matmul", "attention", "low-rank matmul", "other")
@@ -101,8 +102,8 @@ def vjp_ab(model, params, ids, adapters: dict, frozen, repeats: int = 21) -> str
     floor, interleaved in one process."""
     import jax.numpy as jnp
     import optax
+    from core import timeit_interleaved, train_step
 
-    from core import train_step, timeit_interleaved
     from jlora.interpret import dot as factored
     x, y = ids[:, :-1], ids[:, 1:]
     loss = lambda ad, p: llama.loss_fn(jlora.apply(model.apply)(p, ad, x), y)

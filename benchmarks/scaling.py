@@ -16,9 +16,10 @@ import optax
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-import jlora  # noqa: E402
 import llama  # noqa: E402
 from core import timeit_interleaved, train_step  # noqa: E402
+
+import jlora  # noqa: E402
 
 RANKS, WIDTHS, BATCH, SEQ = (4, 8, 16, 32, 64, 128), (256, 512, 1024, 2048), 2, 128
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -28,9 +28,10 @@ import jax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 sys.path.insert(0, os.path.dirname(__file__))
-import jlora  # noqa: E402
 import llama  # noqa: E402
 from core import write_result  # noqa: E402
+
+import jlora  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 

@@ -20,10 +20,11 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 sys.path.insert(0, os.path.dirname(__file__))
-import jlora  # noqa: E402
 import llama  # noqa: E402
 import moe  # noqa: E402
 from core import timeit_interleaved, write_result  # noqa: E402
+
+import jlora  # noqa: E402
 
 
 class ConvNet(nn.Module):

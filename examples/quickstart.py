@@ -19,8 +19,9 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(__file__))
-import jlora  # noqa: E402
 import llama  # noqa: E402
+
+import jlora  # noqa: E402
 
 STEPS, BATCH, DIGITS, SEP = 300, 32, 8, 10  # tokens 0-9 are digits, 10 separates
 

@@ -23,11 +23,13 @@ if "jax" not in sys.modules:  # 8 CPU devices, unless the caller set XLA_FLAGS a
 
 import jax  # noqa: E402
 import optax  # noqa: E402
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import jlora  # noqa: E402
 import llama  # noqa: E402
+
+import jlora  # noqa: E402
 
 STEPS, BATCH, SEQ = 200, 16, 16
 

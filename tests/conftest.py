@@ -22,7 +22,7 @@ DURATIONS = os.path.join(os.path.dirname(__file__), "durations.json")
 #: The quick loop (``pytest -m "not slow"``) keeps the fastest tests whose recorded
 #: seconds sum to at most this (two workers: about half of it in wall time); the
 #: rest are marked ``slow``.
-QUICK_BUDGET_S = 420.0
+QUICK_BUDGET_S = 330.0
 _measured: dict = {}
 
 

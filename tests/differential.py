@@ -235,8 +235,9 @@ def build(seed: int) -> tuple[Case, Callable[[], None]]:
     params = {"w": (jax.random.normal(key, shape) / np.sqrt(shape[-2])).astype(dtype)}
     x = jax.random.normal(jax.random.fold_in(key, 1), xshape)
     cfg = jlora.LoraConfig(rank=int(rng.integers(1, 4)), targets=("w",), dora=bool(dora))
+    flags = f"{' dora' if dora else ''}{' learned' if learn else ''}{' mixed' if mixed else ''}"
     case = Case(seed, f"{store}{shape} {'+'.join(picked)} wrap={wrapper} {jnp.dtype(dtype).name}"
-                f"{' dora' if dora else ''}{' learned' if learn else ''}{' mixed' if mixed else ''}",
+                f"{flags}",
                 fn, params, None, (x,), grad=all(uses[n][1] for n in picked),
                 custom=any(n.startswith("custom") for n in picked))
     if dtype == jnp.bfloat16 or any("bf16" in n for n in picked):

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P, reshard
+from jax.sharding import NamedSharding, reshard
+from jax.sharding import PartitionSpec as P
 
 import jlora
 from conftest import randomize

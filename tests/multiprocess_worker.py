@@ -13,11 +13,13 @@ import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU needs a backend
 
 import numpy as np  # noqa: E402
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-import jlora  # noqa: E402
 import llama  # noqa: E402
+
+import jlora  # noqa: E402
 
 STEPS, BATCH = 3, 8
 

@@ -7,13 +7,14 @@ Mesh ``data x model = 2 x 4``; Megatron-style layout: q/k/v/gate/up column-paral
 import re
 
 import jax
+import llama
 import numpy as np
 import optax
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jlora
-import llama
 from conftest import randomize
 
 CFG = llama.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_heads=4,

@@ -1,10 +1,10 @@
 """The jlora command: inspect, merge and convert (memory is in test_memory.py)."""
 
 import jax
+import llama
 import numpy as np
 
 import jlora
-import llama
 from conftest import randomize
 from jlora.cli import load_base, main
 

@@ -7,9 +7,8 @@ A wrong number or any other exception fails. The long run is
 ``python tests/differential.py 0 1000``.
 """
 
-import pytest
-
 import differential
+import pytest
 
 CHUNK, CHUNKS = 8, 6  # 48 programs, about 3 s each on one core
 

@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_apply import Attn, Mlp, Scanned, X
 
 import jlora
 from conftest import BF16, F32, check_against_materialized, close, ref_merge
-from test_apply import X, Attn, Mlp, Scanned
 
 
 def _dora(adapter, key):

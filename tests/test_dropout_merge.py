@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_apply import Scanned, X
 
 import jlora
 from conftest import F32, close, randomize, ref_merge
-from test_apply import Scanned, X
 
 D, N, RATE = 32, 4096, 0.25
 

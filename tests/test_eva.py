@@ -3,11 +3,11 @@ checked against numpy's SVD of the same rows and PEFT's redistribution rule."""
 
 import jax
 import jax.numpy as jnp
+import llama
 import numpy as np
 import pytest
 
 import jlora
-import llama
 from conftest import F32
 
 

@@ -6,11 +6,11 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import llama
 import numpy as np
 import pytest
 
 import jlora
-import llama
 from conftest import randomize
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")

@@ -156,7 +156,7 @@ _KILLED_CHILD = textwrap.dedent("""
 
 
 def _setup():
-    from test_train import X, Scanned
+    from test_train import Scanned, X
     params = Scanned().init(jax.random.key(0), X)
     cfg = jlora.LoraConfig(rank=4, targets=("q_proj", "v_proj"), dropout=0.1)
     ad = jlora.init(jax.random.key(1), params, cfg)

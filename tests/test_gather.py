@@ -6,12 +6,12 @@ outputs and adapter gradients, fp32 1e-5)."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import llama
 import numpy as np
 import pytest
 from flax import nnx
 
 import jlora
-import llama
 from conftest import check_against_materialized, float_shapes, randomize, ref_merge
 from jlora.interpret.dot import TRANSPOSED_LEARNED
 

@@ -4,13 +4,13 @@ exact against each adapter run alone, gradients equal to the per-example path's.
 import jax
 import jax.extend
 import jax.numpy as jnp
+import llama
 import numpy as np
 import pytest
+from test_multi import _setup
 
 import jlora
-import llama
 from conftest import F32, randomize
-from test_multi import _setup
 
 
 def _prims(f, *args, **kw) -> set:

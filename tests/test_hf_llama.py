@@ -7,9 +7,8 @@ transformers = pytest.importorskip("transformers")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
 import llama  # noqa: E402
+import numpy as np  # noqa: E402
 from llama import Llama, config_from_hf, from_hf, hf_module, init_params  # noqa: E402
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import BF16, F32, check_against_materialized, randomize
 
 import jlora
+from conftest import BF16, F32, check_against_materialized, randomize
 from jlora.interpret.control import KEEPS_JVP, KEEPS_VJP
 
 X = jax.random.normal(jax.random.key(1), (5, 4))

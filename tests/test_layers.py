@@ -7,11 +7,11 @@ import dataclasses
 import jax
 import jax.extend
 import jax.numpy as jnp
+import llama
 import numpy as np
 import pytest
 
 import jlora
-import llama
 from conftest import F32, randomize, sub_jaxprs
 
 LAYERS = (0, 2)

@@ -2,10 +2,10 @@
 
 import jax
 import jax.numpy as jnp
+import llama
 import pytest
 
 import jlora
-import llama
 from jlora import memory
 from jlora.cli import main
 

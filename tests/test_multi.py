@@ -2,11 +2,11 @@
 
 import jax
 import jax.numpy as jnp
+import llama
 import numpy as np
 import pytest
 
 import jlora
-import llama
 from conftest import F32, float_shapes, randomize, scanned
 
 TARGETS = ("q_proj", "v_proj", "up_proj")

@@ -10,11 +10,11 @@ agree to fp32 rounding (2e-7 of the largest entry, measured over seeds 0-2; asse
 
 import jax
 import jax.numpy as jnp
+import llama
 import numpy as np
 import optax
 
 import jlora
-import llama
 from conftest import randomize
 
 CFG = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_heads=4,

@@ -15,8 +15,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-import jlora  # noqa: E402
 import llama  # noqa: E402
+
+import jlora  # noqa: E402
 from conftest import randomize  # noqa: E402
 
 HF = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

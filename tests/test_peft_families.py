@@ -10,7 +10,6 @@ and jlora's logits must equal PEFT's to 1e-4, both directions.
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -18,8 +17,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-import jlora  # noqa: E402
 import torch_models as tm  # noqa: E402
+
+import jlora  # noqa: E402
 from conftest import randomize  # noqa: E402
 
 TOL = dict(rtol=1e-4, atol=1e-4)

@@ -16,10 +16,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-import jlora  # noqa: E402
 import llama  # noqa: E402
-from conftest import randomize  # noqa: E402
 from test_peft import HF, TOL, _hf_base, _jlora_base, _torch_logits  # noqa: E402
+
+import jlora  # noqa: E402
+from conftest import randomize  # noqa: E402
 
 TOKENS = [3, 5, 7]
 EXTRA = dict(modules_to_save=["lm_head", "input_layernorm"],

@@ -3,13 +3,13 @@
 import jax
 import jax.extend
 import jax.numpy as jnp
+import llama
 import numpy as np
 import optax
 import pytest
 from scipy.stats import norm
 
 import jlora
-import llama
 from conftest import F32, float_shapes, randomize
 from jlora.numerics import quant
 from jlora.numerics.quant import NF4_CODE

@@ -3,9 +3,9 @@ expert einsums. Reference: the merged experts (outputs and gradients, fp32 1e-5)
 
 import jax
 import jax.numpy as jnp
+import moe
 
 import jlora
-import moe
 from conftest import check_against_materialized, randomize
 
 TARGETS = ("w_in", "w_out")

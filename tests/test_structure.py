@@ -196,6 +196,7 @@ def test_runtime_dependencies_are_exactly_what_the_library_imports():
     (flax, the example model's, is in the test and examples extras)."""
     import re
     import sys
+
     import tomllib
     project = tomllib.loads(PYPROJECT.read_text())["project"]
     dist_to_module = {"orbax-checkpoint": "orbax"}

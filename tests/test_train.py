@@ -7,16 +7,16 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
+import llama
 import numpy as np
 import optax
 import pytest
-
-import jlora
-import llama
-from jlora.adapter import adapter_nodes
-from conftest import randomize, scanned
 from test_apply import Scanned, X
 from test_faults import WATCH_AND_KILL
+
+import jlora
+from conftest import randomize, scanned
+from jlora.adapter import adapter_nodes
 
 GRAD = 0.5  # every gradient entry in the SGD checks
 

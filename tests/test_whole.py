@@ -7,12 +7,12 @@ in (outputs and gradients, fp32). PEFT itself: ``test_peft_whole.py``.
 
 import jax
 import jax.numpy as jnp
+import llama
 import numpy as np
 import optax
 import pytest
 
 import jlora
-import llama
 from conftest import float_shapes, randomize
 from jlora.adapter import FullNode, TokenNode
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -27,9 +28,10 @@ from jlora.nf4 import NF4
 from jlora.numerics.quant import DQ_BLOCK, DYNAMIC_CODE, NF4_CODE
 from jlora.targets import Params
 
-_STATE = ".weight.quant_state.bitsandbytes__"
-_PARTS = (".weight.absmax", ".weight.quant_map", ".weight.nested_absmax",
-          ".weight.nested_quant_map")
+_STATE = "weight.quant_state.bitsandbytes__"
+#: ``<module>.weight.<part>`` (or ``weight.<part>`` for a bare layer's state dict).
+_MODULE = re.compile(r"(?:(.*)\.)?weight\.(?:absmax|quant_map|nested_absmax|nested_quant_map|"
+                     r"quant_state\.bitsandbytes__\w+)")
 
 
 def load_bitsandbytes(source, *, compute_dtype=None) -> Params:
@@ -65,16 +67,19 @@ def load_bitsandbytes(source, *, compute_dtype=None) -> Params:
       (True, (2, 64))
     """
     tensors = _read(source)
-    modules = {k[:-len(_STATE) - 3] for k in tensors if _STATE in k}
-    modules |= {k[:-len(p)] for k in tensors for p in _PARTS if k.endswith(p)}
+    modules = {_prefix(m.group(1)) for m in map(_MODULE.fullmatch, tensors) if m is not None}
     out: dict = {}
     used: set = set()
     for module in sorted(modules):
-        _put(out, module + ".weight", _nf4(module, tensors, used, compute_dtype))
+        _put(out, module + "weight", _nf4(module, tensors, used, compute_dtype))
     for key, value in tensors.items():
         if key not in used:
             _put(out, key, jnp.asarray(value))
     return out
+
+
+def _prefix(module: str | None) -> str:
+    return "" if module is None else module + "."
 
 
 def _read(source) -> dict:
@@ -127,7 +132,7 @@ def _same(key: str, got, want: np.ndarray, what: str) -> None:
 
 
 def _nf4(module: str, tensors: dict, used: set, compute_dtype) -> NF4:
-    key = module + ".weight"
+    key = module + "weight"
     state = _state(module, tensors, used)
     shape, block = tuple(int(n) for n in state["shape"]), int(state["blocksize"])
     packed = np.asarray(_take(tensors, used, key), np.uint8).reshape(-1)

@@ -19,9 +19,10 @@ from jlora.io.checkpoint import save_adapter as save_adapter
 from jlora.io.resume import restore_checkpoint as restore_checkpoint
 from jlora.io.resume import save_checkpoint as save_checkpoint
 from jlora.nf4 import NF4 as NF4
-from jlora.numerics.quant import dequantize as dequantize
-from jlora.numerics.quant import quantize as quantize
+from jlora.numerics.quantize import dequantize as dequantize
+from jlora.numerics.quantize import quantize as quantize
 from jlora.optim import loraplus as loraplus
+from jlora.qnode import Quantized as Quantized
 from jlora.targets import Adapter as Adapter
 from jlora.targets import Params as Params
 from jlora.transforms.apply import apply as apply
@@ -43,7 +44,8 @@ from jlora.transforms.sharding import adapter_shardings as adapter_shardings
 __version__ = "0.1.0"
 
 __all__ = ["Adapter", "InitResult", "LoraConfig", "LoraError", "LoraNode", "MergeResult", "NF4",
-           "PRESETS", "Params", "adapter_shardings", "apply", "check", "combine_adapters",
+           "PRESETS", "Params", "Quantized", "adapter_shardings", "apply", "check",
+           "combine_adapters",
            "dequantize", "explain", "init", "init_eva", "init_with_base", "load_adapter",
            "load_bitsandbytes", "loraplus", "merge", "merge_with_norms", "peft", "quantize",
            "restore_checkpoint", "save_adapter", "save_checkpoint", "stack", "unmerge",

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.config import LoraError
-from jlora.nf4 import is_nf4
+from jlora.qnode import is_quantized
 from jlora.targets import flatten, path_str
 
 _meta = dict(static=True)
@@ -221,7 +221,7 @@ def _check_layers(path: str, node: LayersNode, leaf) -> None:
             0 <= i < node.length for i in node.layers):
         raise LoraError(f"adapter for {path!r}: layers {list(node.layers)} must be distinct, "
                         f"sorted and below the stack's {node.length}")
-    dtype = leaf.compute_dtype if is_nf4(leaf) else jnp.result_type(leaf)
+    dtype = leaf.compute_dtype if is_quantized(leaf) else jnp.result_type(leaf)
     check_node(path, node.node, jax.ShapeDtypeStruct(node.node.shape, dtype))
 
 
@@ -241,7 +241,7 @@ def check_node(path: str, node, leaf) -> None:
     want = {"a": stack + dims(node.in_axes) + (node.rank,),
             "b": stack + (node.rank,) + dims(node.out_axes),
             "magnitude": None if node.magnitude is None else stack + dims(node.out_axes)}
-    base_dtype = jnp.dtype(leaf.compute_dtype if is_nf4(leaf) else jnp.result_type(leaf))
+    base_dtype = jnp.dtype(leaf.compute_dtype if is_quantized(leaf) else jnp.result_type(leaf))
     for name, shape in want.items():
         value = getattr(node, name)
         if shape is None:
@@ -267,8 +267,8 @@ def check_node(path: str, node, leaf) -> None:
 def _check_whole(path: str, node, leaf) -> None:
     """A full leaf has the base leaf's shape; token rows fit the table and its row count."""
     shape = tuple(np.shape(leaf))
-    if is_nf4(leaf):
-        raise LoraError(f"{path!r} is NF4-quantized; a leaf trained in full or by token rows "
+    if is_quantized(leaf):
+        raise LoraError(f"{path!r} is quantized; a leaf trained in full or by token rows "
                         "must stay float: leave it out of jlora.quantize's targets")
     if isinstance(node, FullNode):
         want, have, name = shape, tuple(np.shape(node.weight)), "weight"

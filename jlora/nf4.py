@@ -7,21 +7,26 @@ key-path helpers treat it as one leaf, the interpreter as a lazily dequantized v
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
 
+from jlora.qnode import Quantized
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class NF4:
+class NF4(Quantized):
     """A weight stored in NF4: ``packed`` codes and per-block scales.
 
     ``packed`` is ``uint8 (ceil(n/2),)``. Without double quantization
     ``absmax`` is ``float32 (blocks,)`` and ``absmax2``/``offset`` are None;
     with it ``absmax`` holds ``uint8`` dynamic-map codes, ``absmax2`` the
     ``float32 (ceil(blocks/256),)`` scales and ``offset`` the subtracted mean.
+    Under a mesh whose shards hold whole blocks, ``packed`` and ``absmax`` keep the
+    weight's leading axes (``shape[:-1] + (shape[-1] // 2,)`` and ``shape[:-1] +
+    (shape[-1] // block_size,)``, the same bytes in the same order) so that they
+    shard as the weight does.
 
     Examples:
       >>> import numpy as np
@@ -38,22 +43,11 @@ class NF4:
     dtype: Any = dataclasses.field(metadata=dict(static=True))  # of the original weight
     block_size: int = dataclasses.field(metadata=dict(static=True))
     compute_dtype: Any = dataclasses.field(metadata=dict(static=True))
-    #: Under an explicit mesh: the original weight's partition spec (the codes are
-    #: stored replicated and each use reshards the dequantized weight to it).
+    #: Under an explicit mesh: the original weight's partition spec (each use
+    #: reshards the dequantized weight to it).
     spec: Any = dataclasses.field(default=None, metadata=dict(static=True))
 
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        parts = (self.packed, self.absmax, self.absmax2, self.offset)
-        return sum(int(p.size) * p.dtype.itemsize for p in parts if p is not None)
+    qtype = "nf4"
 
 
 def is_nf4(x) -> bool:

@@ -9,10 +9,10 @@ import jax
 import numpy as np
 
 from jlora.config import LAYER_PATTERNS, LoraConfig, LoraError
-from jlora.nf4 import is_nf4
+from jlora.qnode import is_quantized
 
 #: A model's parameter pytree: any pytree of arrays (nested dicts from Flax or Haiku, an
-#: Equinox module's array part, a penzai tree); NF4 leaves allowed. Never modified.
+#: Equinox module's array part, a penzai tree); quantized leaves allowed. Never modified.
 Params = Any
 #: An adapter: a pytree of the same structure as its base, with a ``LoraNode`` (or a stacked,
 #: layer-subset or whole-leaf node) at each adapted leaf and ``None`` elsewhere.
@@ -50,8 +50,9 @@ def path_str(path) -> str:
 
 
 def flatten(tree):
-    """``([(key_path, leaf), ...], treedef)`` with :class:`~jlora.nf4.NF4` nodes as leaves."""
-    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_nf4)
+    """``([(key_path, leaf), ...], treedef)``, a quantized node
+    (:class:`~jlora.qnode.Quantized`) as one leaf."""
+    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)
 
 
 def leaf_paths(tree) -> list[str]:

@@ -107,7 +107,7 @@ def test_quantize_tree_defaults_and_errors(key):
     params = llama.init_params(llama.LlamaConfig(), key)
     q = jlora.quantize(params)
     kinds = {p: type(l).__name__ for p, l in zip(jlora.targets.leaf_paths(q),
-                                                 jax.tree.leaves(q, is_leaf=quant.is_nf4))}
+                                                 jax.tree.leaves(q, is_leaf=jlora.nf4.is_nf4))}
     assert kinds["params/layers/self_attn/q_proj/kernel"] == "NF4"
     assert kinds["params/embed_tokens/embedding"] == "ArrayImpl"
     assert kinds["params/lm_head/kernel"] == "ArrayImpl"
@@ -154,7 +154,7 @@ def test_scanned_qlora_step_dequantizes_one_layer_at_a_time(key, dora):
     step = jax.grad(lambda a: llama.loss_fn(jlora.apply(model.apply)(q, a, ids[:, :-1]),
                                             ids[:, 1:]))
     shapes = list(float_shapes(jax.make_jaxpr(step)(ad).jaxpr))
-    stacked = [l.shape for l in jax.tree.leaves(q, is_leaf=quant.is_nf4) if quant.is_nf4(l)]
+    stacked = [l.shape for l in jax.tree.leaves(q, is_leaf=jlora.nf4.is_nf4) if jlora.nf4.is_nf4(l)]
     sizes = {np.prod(s) for s in stacked}
     assert not [s for s, _ in shapes if np.prod(s) in sizes]
     layer = {s[1:] for s in stacked}
@@ -166,7 +166,7 @@ def test_merge_on_an_nf4_base(key):
     q = jlora.quantize(params, compute_dtype=jnp.float32)
     ad = randomize(jlora.init(key, q, jlora.LoraConfig.preset("general")), key)
     merged = jlora.merge(q, ad)
-    assert not any(quant.is_nf4(l) for l in jax.tree.leaves(merged, is_leaf=quant.is_nf4))
+    assert not any(jlora.nf4.is_nf4(l) for l in jax.tree.leaves(merged, is_leaf=jlora.nf4.is_nf4))
     expected = jlora.merge(jlora.dequantize(q), ad)
     for m, e in zip(jax.tree.leaves(merged), jax.tree.leaves(expected)):
         np.testing.assert_allclose(m, e, **F32)
@@ -176,7 +176,7 @@ def test_merge_on_an_nf4_base(key):
         requant = jlora.merge(q, ad, requantize=True)
     path = ("params", "layers", "self_attn", "q_proj", "kernel")
     get = lambda t: t[path[0]][path[1]][path[2]][path[3]][path[4]]
-    assert quant.is_nf4(get(requant)) and get(requant).block_size == get(q).block_size
+    assert jlora.nf4.is_nf4(get(requant)) and get(requant).block_size == get(q).block_size
     np.testing.assert_allclose(jlora.dequantize(get(requant)),
                                jlora.dequantize(quant.quantize_array(
                                    get(expected), compute_dtype=jnp.float32)), **F32)

@@ -19,7 +19,7 @@ PYPROJECT = pathlib.Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 #: Bottom to top; a module may import its own layer or lower ones only.
 LAYERS = [
-    ("config and targets", ("jlora.config", "jlora.targets", "jlora.nf4")),
+    ("config and targets", ("jlora.config", "jlora.targets", "jlora.qnode", "jlora.nf4")),
     ("adapter nodes", ("jlora.adapter",)),
     ("numerics", ("jlora.numerics",)),
     ("interpreter", ("jlora.interpret",)),

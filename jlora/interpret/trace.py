@@ -16,20 +16,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.nf4 import is_nf4
 from jlora.numerics import mesh
 from jlora.numerics import qview as qv
+from jlora.qnode import is_quantized
 from jlora.targets import flatten, path_str
 
 
 def is_array(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or is_nf4(x)
+    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or is_quantized(x)
 
 
 def _spec(x) -> jax.ShapeDtypeStruct:
-    """What ``fn`` is traced with: an NF4 leaf looks like its dequantized weight; an
+    """What ``fn`` is traced with: a quantized leaf looks like its dequantized weight; an
     explicitly sharded array keeps its sharding."""
-    if is_nf4(x):
+    if is_quantized(x):
         return qv.QView.of(x).aval
     return mesh.struct(x, np.shape(x), jnp.result_type(x))
 
@@ -78,7 +78,7 @@ def _traced(fn, tree, flat, dyn, specs):
 def trace(fn, params, args, kwargs):
     """The jaxpr of ``fn(params, *args, **kwargs)`` over its array leaves (the others are
     static), the output tree, and those array leaves in order (params' leaves first)."""
-    flat, tree = jax.tree_util.tree_flatten((params, args, kwargs), is_leaf=is_nf4)
+    flat, tree = jax.tree_util.tree_flatten((params, args, kwargs), is_leaf=is_quantized)
     dyn = [i for i, x in enumerate(flat) if is_array(x)]
     specs = [_spec(flat[i]) for i in dyn]
     closed, out_tree = _traced(fn, tree, flat, dyn, specs)

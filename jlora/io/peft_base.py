@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from jlora.config import LoraError
-from jlora.nf4 import is_nf4
+from jlora.qnode import is_quantized
 
 
 def check(p: str, leaf, axes, modules: dict, tensors: dict, unused: set, key: str,
@@ -29,7 +29,7 @@ def check(p: str, leaf, axes, modules: dict, tensors: dict, unused: set, key: st
         if k not in tensors:
             continue
         unused.discard(k)
-        if is_nf4(leaf):  # quantized: no exact weight to compare (the factors still load)
+        if is_quantized(leaf):  # quantized: no exact weight to compare (the factors still load)
             continue
         first, second = (in_axes, out_axes) if table or fan_in_fan_out else (out_axes, in_axes)
         w = np.transpose(np.asarray(leaf, np.float32), list(stack_axes) + list(first)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
+import math
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +24,8 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from jlora.config import LoraError
-from jlora.nf4 import NF4, is_nf4
-from jlora.numerics import mesh
-from jlora.targets import _NOT_KERNELS, Params, flatten, matches, path_str
+from jlora.nf4 import NF4
+from jlora.numerics import formats, mesh
 
 #: bitsandbytes' NF4 code values: ``create_normal_map(offset=0.9677083, use_extra_value=True)``.
 NF4_CODE = np.array([
@@ -119,14 +118,33 @@ def quantize_array(w, *, block_size: int = 64, double_quant: bool = True,
         raise LoraError(f"block_size={block_size} must be a positive even number (64 is "
                         "bitsandbytes' default)")
     w = jnp.asarray(w)
-    spec = mesh.spec(w)
-    if spec is None or all(p is None for p in spec):
+    formats.check_finite(w, path)
+    sharding = formats.sharding_of(w)
+    if sharding is None:
         return _quantize(w, block_size, double_quant, compute_dtype)
-    # explicit mesh: the bitsandbytes blocks run along the flattened weight, across the
-    # shards, so the codes are stored replicated and each use reshards to ``spec``
-    whole = jax.sharding.reshard(w, PartitionSpec())
-    node = _quantize(whole, block_size, double_quant, compute_dtype)
-    return dataclasses.replace(node, spec=spec)
+    node = _quantize(formats.replicated(w), block_size, double_quant, compute_dtype)
+    return _lay_out(node, sharding)
+
+
+def _lay_out(node: NF4, sharding) -> NF4:
+    """Under a mesh: ``packed`` and ``absmax`` keep the weight's leading axes (the same
+    bytes), split as the weight is where each shard holds whole blocks. bitsandbytes'
+    blocks run along the flattened weight, so a weight whose rows are not whole blocks
+    keeps its codes whole on every device; each use reshards to the weight's spec."""
+    spec = formats.full_spec(sharding, node.ndim)
+    last, bs = node.shape[-1], node.block_size
+    explicit = spec if mesh.explicit(sharding) else None
+    if node.ndim < 2 or last % bs:
+        parts = formats.lay_out({"packed": node.packed, "absmax": node.absmax}, sharding, {})
+        return dataclasses.replace(node, **parts, spec=explicit)
+    if not formats.divides(sharding.mesh, spec[-1], last, bs):
+        spec = spec[:-1] + (None,)
+    rows = node.shape[:-1]
+    arrays = {"packed": node.packed.reshape(rows + (last // 2,)),
+              "absmax": node.absmax.reshape(rows + (last // bs,)),
+              "absmax2": node.absmax2, "offset": node.offset}
+    parts = formats.lay_out(arrays, sharding, {"packed": spec, "absmax": spec})
+    return dataclasses.replace(node, **parts, spec=explicit)
 
 
 def _scales(node: NF4, blocks):
@@ -161,82 +179,43 @@ def dequantize_range(node: NF4, start, size: int):
     return (code[nib] * _scales(node, idx // bs)).astype(node.compute_dtype)
 
 
-def dequantize_array(node: NF4):
-    """The whole weight, ``node.shape`` in ``node.compute_dtype``."""
-    return dequantize_range(node, 0, node.size).reshape(node.shape)
+def _decode_rows(node: NF4, arrays: dict, lead: tuple, start):
+    """Rows of a weight stored with its leading axes (under a mesh)."""
+    packed, absmax = arrays["packed"], arrays["absmax"]
+    last, bs = node.shape[-1], node.block_size
+    codes = jnp.stack([packed >> 4, packed & 15], axis=-1).reshape(lead + (last,))
+    values = jnp.asarray(NF4_CODE)[codes]
+    scales = absmax
+    if node.absmax2 is not None:
+        blocks = start // bs + jnp.arange(math.prod(absmax.shape)).reshape(absmax.shape)
+        second = node.absmax2[blocks // DQ_BLOCK]
+        spec = mesh.spec(absmax)
+        if spec is not None:  # the codes' layout, cut from a small replicated array
+            second = jax.sharding.reshard(second, PartitionSpec(*spec))
+        scales = jnp.asarray(DYNAMIC_CODE)[absmax] * second + node.offset
+    blocked = values.reshape(lead + (last // bs, bs)) * scales[..., None]
+    return blocked.reshape(lead + (last,)).astype(node.compute_dtype)
 
 
-def _default_targets(path: str, leaf) -> bool:
-    return (leaf.ndim >= 2 and path.split("/")[-1] not in _NOT_KERNELS
-            and re.search(r"embed|lm_head|norm", path) is None)
+def dequantize(node: NF4, start, region: tuple):
+    """The region of ``node`` (see :mod:`jlora.numerics.formats`)."""
+    if node.packed.ndim > 1:
+        return formats.slab_region(node, start, region, ("packed", "absmax"), node.ndim - 1,
+                                   _decode_rows)
+    start = 0 if start is None else start
+    return dequantize_range(node, start, math.prod(region)).reshape(region)
 
 
-def quantize(params: Params, targets=None, *, block_size: int = 64,
-             double_quant: bool = True, compute_dtype=jnp.bfloat16) -> Params:
-    """NF4-quantize the selected leaves of ``params``; the others are returned as they are.
-
-    Args:
-      params: the base pytree (not modified).
-      targets: a regex or tuple of module names, as in :class:`jlora.LoraConfig`;
-        default: every floating leaf of two or more dimensions except biases,
-        scales and paths matching ``embed|lm_head|norm``: the linear layers,
-        which is what bitsandbytes quantizes in transformers.
-      block_size: elements per absmax block (64).
-      double_quant: quantize the absmaxes too (about 4.127 bits per parameter
-        instead of 4.5).
-      compute_dtype: the dtype a weight is dequantized to where it is used.
-
-    Returns:
-      A tree of the same structure with :class:`NF4` nodes in place of the
-      selected leaves. ``jlora.apply`` and ``jlora.init`` accept it.
-
-    Raises:
-      LoraError: a target that matches nothing, an integer leaf, an odd or non-positive
-        ``block_size``.
-
-    Examples:
-      >>> q = jlora.quantize({"w": jnp.ones((4, 64)), "b": jnp.ones(4)})
-      >>> type(q["w"]).__name__, q["b"].shape
-      ('NF4', (4,))
-    """
-    flat, treedef = flatten(params)
-    out, hit = [], False
-    for kp, leaf in flat:
-        path = path_str(kp)
-        if is_nf4(leaf):
-            out.append(leaf)
-            continue
-        if targets is None:
-            chosen = _default_targets(path, leaf) and jnp.issubdtype(leaf.dtype, jnp.floating)
-        else:
-            chosen = matches(targets, path) and not (isinstance(targets, tuple) and (
-                leaf.ndim < 2 or path.split("/")[-1] in _NOT_KERNELS))
-        hit |= chosen
-        out.append(quantize_array(leaf, block_size=block_size, double_quant=double_quant,
-                                  compute_dtype=compute_dtype, path=path) if chosen else leaf)
-    if targets is not None and not hit:
-        some = [path_str(kp) for kp, leaf in flat if getattr(leaf, "ndim", 0) >= 2][:6]
-        raise LoraError(f"quantize targets={targets!r} matched no parameter; paths look like "
-                        f"{some}")
-    return jax.tree_util.tree_unflatten(treedef, out)
+def dequantize_array(node):
+    """The whole weight of any quantized node, ``node.shape`` in ``node.compute_dtype``."""
+    return formats.dequantize_region(node, None, tuple(node.shape))
 
 
-def dequantize(tree: Params) -> Params:
-    """Every :class:`NF4` node in ``tree`` (or ``tree`` itself) as an array in its compute dtype.
+def _settings(node: NF4) -> dict:
+    return dict(block_size=node.block_size, double_quant=node.absmax2 is not None)
 
-    Args:
-      tree: a pytree holding NF4 leaves, or one NF4 node.
 
-    Returns:
-      The same structure with each NF4 node dequantized (the other leaves as they are).
+formats.register("nf4", formats.Format(quantize_array, dequantize, _settings,
+                                       frozenset({"block_size", "double_quant"})))
 
-    Examples:
-      >>> w = jnp.linspace(-1.0, 1.0, 64).reshape(2, 32)
-      >>> back = jlora.dequantize(jlora.quantize({"w": w}, compute_dtype=jnp.float32))["w"]
-      >>> back.shape, back.dtype, bool(jnp.abs(back - w).max() < 0.15)  # NF4: 0.14 worst
-      ((2, 32), dtype('float32'), True)
-    """
-    if is_nf4(tree):
-        return dequantize_array(tree)
-    return jax.tree_util.tree_map(lambda x: dequantize_array(x) if is_nf4(x) else x, tree,
-                                  is_leaf=is_nf4)
+

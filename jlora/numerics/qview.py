@@ -1,6 +1,6 @@
 """A quantized weight as the interpreter sees it: dequantized only where it is used.
 
-``QView`` is a region of an :class:`~jlora.nf4.NF4` weight (a leading-axis
+``QView`` is a region of a quantized weight (any :class:`~jlora.qnode.Quantized`) (a leading-axis
 index such as one layer of a scanned stack: a flat ``start`` and a
 ``region`` shape) plus layout ops the model applied to it (transpose,
 convert, reshape, ...), deferred until the value is needed. How the
@@ -17,22 +17,22 @@ from typing import Any
 import jax
 from jax.sharding import PartitionSpec
 
-from jlora.nf4 import NF4, is_nf4
 from jlora.numerics import mesh
-from jlora.numerics.quant import dequantize_range
+from jlora.numerics.formats import dequantize_region
+from jlora.qnode import Quantized, is_quantized
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QView:
-    node: NF4
+    node: Quantized
     start: Any  # flat element offset of the region (None: 0), may be traced
     region: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     ops: tuple = dataclasses.field(default=(), metadata=dict(static=True))
     aval: Any = dataclasses.field(default=None, metadata=dict(static=True))
 
     @staticmethod
-    def of(node: NF4) -> "QView":
+    def of(node: Quantized) -> "QView":
         return QView(node, None, tuple(node.shape), (), _aval(node, tuple(node.shape)))
 
     @property
@@ -53,11 +53,10 @@ class QView:
 
     def value(self):
         """The dequantized region with the deferred ops applied."""
-        start = 0 if self.start is None else self.start
-        x = dequantize_range(self.node, start, math.prod(self.region)).reshape(self.region)
+        x = dequantize_region(self.node, self.start, self.region)
         spec = _region_spec(self.node, self.region)
-        if spec is not None:  # explicit mesh: this device's block of the replicated codes
-            x = jax.sharding.reshard(x, PartitionSpec(*spec))
+        if spec is not None and mesh.spec(x) != spec:  # explicit mesh: codes not split
+            x = jax.sharding.reshard(x, PartitionSpec(*spec))  # as the weight (a local cut)
         for prim, params in self.ops:
             x = prim.bind(x, **dict(params))
         return x
@@ -71,7 +70,7 @@ class QView:
         return QView(self.node, start, region, (), _aval(self.node, region))
 
 
-def _region_spec(node: NF4, region: tuple) -> tuple | None:
+def _region_spec(node: Quantized, region: tuple) -> tuple | None:
     """The spec of a leading-axis region of the weight (a narrowed axis is unsplit)."""
     if node.spec is None:
         return None
@@ -80,10 +79,10 @@ def _region_spec(node: NF4, region: tuple) -> tuple | None:
     return spec if region[:1] == tuple(node.shape[k:k + 1]) else (None,) + spec[1:]
 
 
-def _aval(node: NF4, region: tuple) -> jax.ShapeDtypeStruct:
+def _aval(node: Quantized, region: tuple) -> jax.ShapeDtypeStruct:
     """What the model sees of a region: its shape, compute dtype and (explicit) sharding."""
     spec = _region_spec(node, region)
-    sharding = None if spec is None else mesh.named(node.packed, spec)
+    sharding = None if spec is None else mesh.named(jax.tree.leaves(node)[0], spec)
     if sharding is None:
         return jax.ShapeDtypeStruct(region, node.compute_dtype)
     return jax.ShapeDtypeStruct(region, node.compute_dtype, sharding=sharding)
@@ -94,5 +93,5 @@ def is_view(x) -> bool:
 
 
 def wrap(leaf):
-    """A params leaf as the interpreter carries it: an NF4 leaf as a lazy view."""
-    return QView.of(leaf) if is_nf4(leaf) else leaf
+    """A params leaf as the interpreter carries it: a quantized leaf as a lazy view."""
+    return QView.of(leaf) if is_quantized(leaf) else leaf

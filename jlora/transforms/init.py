@@ -14,9 +14,9 @@ import jax.numpy as jnp
 from jlora.adapter import LayersNode, LoraNode, default_axes
 from jlora.config import BASE_CHANGING_INITS, LAYER_PATTERNS, LoraConfig, LoraError
 from jlora.interpret.probe import discover_axes
-from jlora.nf4 import is_nf4
 from jlora.numerics.dora import dora_norm
 from jlora.numerics.quant import dequantize_array
+from jlora.qnode import is_quantized
 from jlora.targets import Adapter, Params, flatten, layer_index, path_str, select, select_whole
 from jlora.transforms import factor_inits, whole_leaves
 from jlora.transforms.sharding import place
@@ -177,7 +177,7 @@ def _some_layers(cfg: LoraConfig, path: str) -> bool:
 def _make_layers_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
     """A node on ``cfg.layers_to_transform`` of a scanned stack (its first stacked axis)."""
     layers = tuple(sorted(set(cfg.layers_to_transform or ())))
-    if not axes[0] or is_nf4(w) or cfg.init == "loftq":
+    if not axes[0] or is_quantized(w) or cfg.init == "loftq":
         why = ("has no stacked axis" if not axes[0] else "would be NF4 in part (adapt all its "
                "layers, or quantize after init)")
         raise LoraError(f"layers_to_transform={list(layers)}: {path!r} {why}")
@@ -200,7 +200,7 @@ def _make_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
         raise LoraError(f"rank {rank} for {path!r} exceeds min(in={n_in}, out={n_out}) of its "
                         f"kernel {tuple(w.shape)}; lower the rank (rank_pattern can set it "
                         "per path)")
-    if cfg.init in BASE_CHANGING_INITS and is_nf4(w):
+    if cfg.init in BASE_CHANGING_INITS and is_quantized(w):
         then = ("it returns the quantized base" if cfg.init == "loftq" else
                 "then jlora.quantize the residual it returns")
         raise LoraError(f"init={cfg.init!r} changes the base, but {path!r} is already "
@@ -228,7 +228,7 @@ def _make_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
                     out_axes=tuple(out_axes))
     if cfg.dora:  # magnitude = ||W0 + s A B|| per output feature: the model is unchanged
         a_u, b_u, _ = node.unflat()
-        base = dequantize_array(res) if is_nf4(res) else res  # LoftQ: the quantized base
+        base = dequantize_array(res) if is_quantized(res) else res  # LoftQ: the quantized base
         norm = dora_norm(base, a_u, b_u, scale, stack_axes, in_axes, out_axes)
         node = dataclasses.replace(node, magnitude=norm.reshape(stack + (n_out,)).astype(dtype))
     return node, res

@@ -12,9 +12,10 @@ import numpy as np
 from jlora.adapter import match
 from jlora.config import LoraError
 from jlora.interpret import sym as sy
-from jlora.nf4 import is_nf4
-from jlora.numerics.quant import dequantize, quantize_array
+from jlora.numerics.quantize import dequantize
+from jlora.numerics.quantize import requantize as requantize_like
 from jlora.numerics.qview import wrap
+from jlora.qnode import is_quantized
 from jlora.targets import Adapter, Params, flatten, path_str
 from jlora.transforms import whole_leaves
 
@@ -46,17 +47,17 @@ def merge(params: Params, adapter: Adapter, *, return_norms: bool = False,
     """The adapted weights as plain arrays: no inference overhead.
 
     LoRA: ``W0 + s * A @ B``. DoRA: ``(m / n) * (W0 + s * A @ B)`` with ``n`` the
-    norm of ``W0 + s * A @ B`` per output feature. An NF4 base is dequantized
-    (every NF4 leaf, adapted or not, comes back in its compute dtype).
+    norm of ``W0 + s * A @ B`` per output feature. A quantized base is dequantized
+    (every quantized leaf, adapted or not, comes back in its compute dtype).
 
     Args:
-      params: the base (may hold NF4 leaves; not modified).
+      params: the base (may hold quantized leaves; not modified).
       adapter: the adapter to fold in.
       return_norms: deprecated (returns ``(merged, norms)``); use
         :func:`merge_with_norms`, which returns a :class:`MergeResult`.
-      requantize: quantize each merged NF4 leaf again with its own settings
-        (and leave the other NF4 leaves as they were). This rounds the merged
-        weight to NF4, so the model no longer equals base + adapter; a
+      requantize: quantize each merged quantized leaf again in its own format and
+        settings (and leave the other quantized leaves as they were). This rounds
+        the merged weight, so the model no longer equals base + adapter; a
         warning says so.
 
     Returns:
@@ -88,7 +89,7 @@ def merge_with_norms(params: Params, adapter: Adapter, *,
     it on the layer, jlora returns it.
 
     Args:
-      params: the base (may hold NF4 leaves; not modified).
+      params: the base (may hold quantized leaves; not modified).
       adapter: the adapter to fold in.
       requantize: as for :func:`merge`.
 
@@ -113,10 +114,10 @@ def merge_with_norms(params: Params, adapter: Adapter, *,
 
 def _merge(params, adapter, requantize: bool, want_norms: bool) -> MergeResult:
     flat, treedef = flatten(params)
-    out, changed, norms, rounded = [], [], {}, False
+    out, changed, norms, rounded = [], [], {}, ""
     for (kp, leaf), node in zip(flat, match(params, adapter)):
         if node is None:
-            out.append(leaf if requantize or not is_nf4(leaf) else dequantize(leaf))
+            out.append(leaf if requantize or not is_quantized(leaf) else dequantize(leaf))
             continue
         path = path_str(kp)
         if whole_leaves.is_whole(node):  # (the finite check covers these too)
@@ -128,15 +129,13 @@ def _merge(params, adapter, requantize: bool, want_norms: bool) -> MergeResult:
         changed.append((path, out[-1]))
         if want_norms and node.magnitude is not None:
             norms[path] = sy.node_norm(wrap(leaf), node)
-        if requantize and is_nf4(leaf):
-            rounded = True
-            out[-1] = quantize_array(out[-1], block_size=leaf.block_size,
-                                     double_quant=leaf.absmax2 is not None,
-                                     compute_dtype=leaf.compute_dtype, path=path)
+        if requantize and is_quantized(leaf):
+            rounded = leaf.qtype.upper()
+            out[-1] = requantize_like(leaf, out[-1], path)
     _check_finite(changed)
     if rounded:
-        warnings.warn("merge(requantize=True) rounds base + adapter to NF4: the merged model "
-                      "differs from base + adapter (as with PEFT's merge_and_unload on a 4-bit "
+        warnings.warn(f"merge(requantize=True) rounds base + adapter to {rounded}: the merged "
+                      "model differs from base + adapter (as with PEFT's merge_and_unload on a 4-bit "
                       "base); keep the adapter separate for exact outputs",
                       stacklevel=3)  # the caller of merge or merge_with_norms
     return MergeResult(jax.tree_util.tree_unflatten(treedef, out), norms)

@@ -21,14 +21,14 @@ import jax.numpy as jnp
 from jlora.adapter import FullNode, LayersNode, LoraNode, TokenNode
 from jlora.config import LoraError
 from jlora.interpret import sym as sy
-from jlora.nf4 import is_nf4
 from jlora.numerics import qview as qv
+from jlora.qnode import is_quantized
 
 
 def make(path: str, leaf, indices):
     """The node for a leaf that ``select_whole`` chose (``indices`` None: trained in full)."""
-    if is_nf4(leaf):
-        raise LoraError(f"{path!r} is NF4-quantized but modules_to_save / "
+    if is_quantized(leaf):
+        raise LoraError(f"{path!r} is quantized but modules_to_save / "
                         "trainable_token_indices train it in float; leave it out of "
                         "jlora.quantize's targets")
     if indices is None:  # a copy: donating the adapter must not free the caller's base

@@ -135,8 +135,8 @@ def _merge(params, adapter, requantize: bool, want_norms: bool) -> MergeResult:
     _check_finite(changed)
     if rounded:
         warnings.warn(f"merge(requantize=True) rounds base + adapter to {rounded}: the merged "
-                      "model differs from base + adapter (as with PEFT's merge_and_unload on a 4-bit "
-                      "base); keep the adapter separate for exact outputs",
+                      "model differs from base + adapter (as with PEFT's merge_and_unload on a "
+                      "4-bit base); keep the adapter separate for exact outputs",
                       stacklevel=3)  # the caller of merge or merge_with_norms
     return MergeResult(jax.tree_util.tree_unflatten(treedef, out), norms)
 

@@ -7,6 +7,7 @@ Mesh ``data x model = 2 x 4``; Megatron-style layout: q/k/v/gate/up column-paral
 import re
 
 import jax
+import jax.numpy as jnp
 import llama
 import numpy as np
 import optax
@@ -80,13 +81,20 @@ def test_adapter_shardings_follow_the_base(key, kind):
         == P(None, "model")
 
 
-@pytest.mark.parametrize("variant", ["lora", "dora", "qlora"])
+def quantize(params, variant):
+    """The QLoRA variants' bases: ``qlora`` is NF4, ``qlora-int4`` etc. the other formats."""
+    qtype = variant.partition("-")[2] or "nf4"
+    return jlora.quantize(params, qtype=qtype, group_size=32 if qtype == "int4" else None)
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora", "qlora", "qlora-int8", "qlora-int4",
+                                     "qlora-fp8"])
 def test_sharded_step_equals_one_device(key, variant, kind):
     lora = dict(dora=True) if variant == "dora" else {}
     params1, adapter1, ids1 = setup(key, **lora)
     params8, adapter8, ids8 = setup(key, mesh(kind=kind), **lora)
-    if variant == "qlora":
-        params1, params8 = jlora.quantize(params1), jlora.quantize(params8)
+    if variant.startswith("qlora"):
+        params1, params8 = quantize(params1, variant), quantize(params8, variant)
     new1, loss1 = jax.jit(sgd_step)(params1, adapter1, ids1)
     new8, loss8 = jax.jit(sgd_step)(params8, adapter8, ids8)
     np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
@@ -123,6 +131,34 @@ def test_factored_path_keeps_the_base_sharding(key, kind):
     assert len(fwd) == len(base)  # XLA folds the rank-r all-reduces into the base's
     print("collectives base forward:", sorted(base), "\nLoRA forward:", sorted(fwd),
           "\nLoRA step:", sorted(step))
+
+
+@pytest.mark.parametrize("qtype", ["nf4", "int8", "int4", "fp8"])
+def test_quantized_codes_are_split_like_the_weight(key, qtype, kind):
+    """Each device stores its shard's codes and scales (the weight split 4 ways along its
+    out axis), and a use yields the weight in its own spec."""
+    w = jax.device_put(jax.random.normal(key, (256, 512)),
+                       NamedSharding(mesh(kind=kind), P(None, "model")))
+    node = jlora.quantize({"w": w}, qtype=qtype, compute_dtype=jnp.float32)["w"]
+    per_device: dict = {}
+    for a in jax.tree.leaves(node):
+        for s in a.addressable_shards:
+            per_device[s.device] = per_device.get(s.device, 0) + s.data.nbytes
+    assert max(per_device.values()) <= 0.26 * node.nbytes, max(per_device.values())
+    got = jax.jit(jlora.dequantize)(node)
+    want = jlora.dequantize(jlora.quantize({"w": np.asarray(w)}, qtype=qtype,
+                                           compute_dtype=jnp.float32)["w"])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+    assert got.sharding.is_equivalent_to(w.sharding, 2)
+
+
+@pytest.mark.parametrize("variant", ["qlora", "qlora-int8", "qlora-int4", "qlora-fp8"])
+def test_quantized_step_gathers_no_weight(key, variant, kind):
+    params, adapter, ids = setup(key, mesh(kind=kind))
+    q = quantize(params, variant)
+    kernel = CFG.hidden_size * CFG.hidden_size
+    step = _collectives(sgd_step, q, adapter, ids)
+    assert [c for c in step if c[0] == "all-gather" and c[1] >= kernel] == [], step
 
 
 def test_checkpoint_restores_onto_another_mesh(key, tmp_path):

@@ -134,9 +134,10 @@ def lay_out(arrays: dict, sharding: NamedSharding, specs: dict) -> dict:
 
 def replicated(w):
     """``w`` whole on every device of its mesh (to quantize it in one piece)."""
+    whole = NamedSharding(w.sharding.mesh, PartitionSpec())
     if mesh.explicit(w.sharding):
-        return jax.sharding.reshard(w, PartitionSpec())
-    return jax.device_put(w, NamedSharding(w.sharding.mesh, PartitionSpec()))
+        return jax.sharding.reshard(w, whole)
+    return jax.device_put(w, whole)
 
 
 def divides(mesh, part, n: int, block: int) -> bool:

@@ -117,3 +117,14 @@ def vary(x, axes) -> jax.Array:
         return x
     pcast = getattr(jax.lax, "pcast", None)
     return pcast(x, axes, to="varying") if pcast is not None else jax.lax.pvary(x, axes)  # type: ignore[attr-defined]
+
+
+def lookup(table, idx):
+    """``table[idx]`` for a small table; under an explicit mesh the result takes ``idx``'s
+    sharding (each device looks up its own shard's codes)."""
+    table = jnp.asarray(table)
+    sharding = _sharding(idx)
+    if not explicit(sharding):
+        return table[idx]
+    table = jax.sharding.reshard(table, NamedSharding(sharding.mesh, PartitionSpec()))
+    return table.at[idx].get(out_sharding=sharding)

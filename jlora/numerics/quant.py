@@ -184,15 +184,15 @@ def _decode_rows(node: NF4, arrays: dict, lead: tuple, start):
     packed, absmax = arrays["packed"], arrays["absmax"]
     last, bs = node.shape[-1], node.block_size
     codes = jnp.stack([packed >> 4, packed & 15], axis=-1).reshape(lead + (last,))
-    values = jnp.asarray(NF4_CODE)[codes]
+    values = mesh.lookup(NF4_CODE, codes)
     scales = absmax
     if node.absmax2 is not None:
         blocks = start // bs + jnp.arange(math.prod(absmax.shape)).reshape(absmax.shape)
         second = node.absmax2[blocks // DQ_BLOCK]
         spec = mesh.spec(absmax)
         if spec is not None:  # the codes' layout, cut from a small replicated array
-            second = jax.sharding.reshard(second, PartitionSpec(*spec))
-        scales = jnp.asarray(DYNAMIC_CODE)[absmax] * second + node.offset
+            second = jax.sharding.reshard(second, mesh.named(absmax, spec))
+        scales = mesh.lookup(DYNAMIC_CODE, absmax) * second + node.offset
     blocked = values.reshape(lead + (last // bs, bs)) * scales[..., None]
     return blocked.reshape(lead + (last,)).astype(node.compute_dtype)
 

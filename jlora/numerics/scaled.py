@@ -121,10 +121,11 @@ def quantize_array(w, *, qtype: str, group_size=None, compute_dtype=jnp.bfloat16
 
 def _lay_out(node: Scaled, sharding) -> Scaled:
     """Codes and scales split as the weight is, the input axis only where shards hold
-    whole groups (and, for int4, whole bytes)."""
+    whole groups or there is one group (and, for int4, whole bytes)."""
     spec = formats.full_spec(sharding, node.ndim)
-    block = math.lcm(node.group_size, 2) if node.qtype == "int4" else node.group_size
-    if not formats.divides(sharding.mesh, spec[-2], node.shape[-2], block):
+    rows, g = node.shape[-2], node.group_size
+    block = (1 if g == rows else g) * (2 if node.qtype == "int4" else 1)
+    if not formats.divides(sharding.mesh, spec[-2], rows, block):
         spec = spec[:-2] + (None, spec[-1])
     parts = formats.lay_out({"codes": node.codes, "scales": node.scales}, sharding,
                             {"codes": spec, "scales": spec})
@@ -138,6 +139,8 @@ def _decode(node: Scaled, arrays: dict, lead: tuple, start=0):
     codes = arrays["codes"]
     values = (_unpack(codes, rows) if node.qtype == "int4" else codes).astype(jnp.float32)
     g = node.group_size
+    if g == rows:  # one group: the scales broadcast over the rows as they are
+        return (values * arrays["scales"]).astype(node.compute_dtype)
     grouped = values.reshape(lead + (rows // g, g, cols)) * arrays["scales"][..., None, :]
     return grouped.reshape(lead + (rows, cols)).astype(node.compute_dtype)
 

@@ -1,7 +1,8 @@
 """XLA's ``memory_analysis()`` of one training step vs ``jlora.memory``'s estimate.
 
 Steps (AdamW, adapter and optimizer state donated): full fine-tuning in fp32,
-LoRA on a bf16 base, QLoRA on an NF4 base (bf16 compute); LoRA r16 on q,k,v,o.
+LoRA on a bf16 base, QLoRA on an NF4, int8, int4 or fp8 base (bf16 compute); LoRA r16
+on q,k,v,o. Then the bytes each of 8 virtual devices stores of a sharded quantized kernel.
 Everything is abstract (``jax.eval_shape``), so even 7B shapes compile here
 without allocating. Run from the repo root: ``python benchmarks/memory.py``
 (writes ``benchmarks/results/memory.md``).
@@ -11,6 +12,7 @@ import argparse
 import dataclasses
 import math
 import os
+import subprocess
 import sys
 
 import jax
@@ -47,7 +49,8 @@ def measure(cfg: llama.LlamaConfig, batch: int, seq: int) -> dict:
     tx = optax.adamw(1e-4)
     out = {}
     for method, dtype in (("full-fp32", jnp.float32), ("lora", jnp.bfloat16),
-                          ("qlora", jnp.bfloat16)):
+                          ("qlora", jnp.bfloat16), ("qlora-int8", jnp.bfloat16),
+                          ("qlora-int4", jnp.bfloat16), ("qlora-fp8", jnp.bfloat16)):
         model = llama.Llama(dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype))
         params = jax.eval_shape(lambda: llama.init_params(model.config, key))
         loss = lambda p, ad, x: llama.loss_fn(
@@ -61,8 +64,9 @@ def measure(cfg: llama.LlamaConfig, batch: int, seq: int) -> dict:
             opt = jax.eval_shape(tx.init, params)
             out[method] = (_base_bytes(params),) + _analysis(step, ids, params, opt)
             continue
-        if method == "qlora":
-            params = jax.eval_shape(jlora.quantize, params)
+        if method.startswith("qlora"):
+            qtype = method.partition("-")[2] or "nf4"
+            params = jax.eval_shape(lambda p: jlora.quantize(p, qtype=qtype), params)
         lora_cfg = dataclasses.replace(LORA, dtype=jnp.float32)
         ad = jax.eval_shape(lambda p: jlora.init(key, p, lora_cfg), params)
         opt = jax.eval_shape(tx.init, ad)
@@ -77,6 +81,39 @@ def measure(cfg: llama.LlamaConfig, batch: int, seq: int) -> dict:
             out["bf16 forward only"] = (_base_bytes(params),) + _analysis(fwd, ids, params,
                                                                            donate=())
     return out
+
+
+def per_device() -> str:
+    """Bytes each device stores of a quantized 7B MLP kernel split 4 ways along its out
+    axis, on 8 virtual CPU devices (a child process: the device count is fixed at start)."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    code = ("import sys; sys.path.insert(0, {!r}); import memory; print(memory._per_device())"
+            .format(os.path.dirname(os.path.abspath(__file__))))
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def _per_device() -> str:
+    from jax.sharding import NamedSharding, PartitionSpec
+    m = jax.make_mesh((2, 4), ("data", "model"))
+    w = jax.device_put(jax.random.normal(jax.random.key(0), (4096, 11008), jnp.bfloat16),
+                       NamedSharding(m, PartitionSpec(None, "model")))
+    lines = ["Per device: a 7B `up_proj` kernel (4096 x 11008, bf16) split 4 ways along its "
+             "out axis on a 2 x 4 mesh of 8 virtual CPU devices (`jlora.quantize` of the "
+             "sharded array; bytes of each device's shards of the codes and scales)", "",
+             "| qtype | bytes / param | whole MB | largest per device MB | per device / whole |",
+             "|---|---|---|---|---|", f"| bf16 (no quantization) | 2.000 | {w.nbytes / MB:.1f} "
+             f"| {w.addressable_shards[0].data.nbytes / MB:.1f} | 0.250 |"]
+    for qtype in ("nf4", "int8", "int4", "fp8"):
+        node = jlora.quantize({"w": w}, qtype=qtype)["w"]
+        dev: dict = {}
+        for a in jax.tree.leaves(node):
+            for s in a.addressable_shards:
+                dev[s.device] = dev.get(s.device, 0) + s.data.nbytes
+        big = max(dev.values())
+        lines.append(f"| {qtype} | {node.nbytes / node.size:.3f} | {node.nbytes / MB:.1f} | "
+                     f"{big / MB:.1f} | {big / node.nbytes:.3f} |")
+    return "\n".join(lines)
 
 
 def main():
@@ -107,12 +144,18 @@ def main():
             ratio = base / res["lora"][0]
             row = (f"| {name} | {method} | {base / MB:.1f} | {ratio:.3f} | {arg / MB:.1f} "
                    f"| {temp / MB:.1f} | {(arg + temp) / MB:.1f} |")
-            if method in memory.METHODS:
-                est = memory.estimate(shape, method, batch=args.batch, seq=args.seq,
-                                      checkpointing=remat)["total"]
+            kind, _, qtype = method.partition("-")
+            if kind in memory.METHODS or method in memory.METHODS:
+                est = memory.estimate(shape, method if method in memory.METHODS else kind,
+                                      batch=args.batch, seq=args.seq, checkpointing=remat,
+                                      qtype=qtype if kind == "qlora" and qtype else "nf4"
+                                      )["total"]
                 row += f" {est / MB:.1f} | {est / (arg + temp):.2f} |"
-            lines.append(row + (" | |" if method not in memory.METHODS else ""))
+            else:
+                row += " | |"
+            lines.append(row)
         print("\n".join(lines[-len(res):]), flush=True)
+    lines += ["", per_device()]
     table = "\n".join(lines)
     print(table)
     with open(args.out, "w") as f:

@@ -9,7 +9,7 @@ from peers import ALPHA, LR, RANK, TARGETS, base_params, batch, config, timed
 
 
 def _is_lora(path) -> bool:
-    return str(path[-1].key).startswith("kernel_lora_")
+    return "kernel_lora_" in jax.tree_util.keystr(path)
 
 
 def _merged(tree):
@@ -68,4 +68,35 @@ def run(repeats: int) -> dict:
                  merged_forward=lambda: block(fwd(merged, x)),
                  lora_step=stepper("lora", lora_step, frozen),
                  full_step=stepper("full", full_step))
+    for qtype, tile in (("int8", None), ("int4", 128)):  # QLoRA: quantized frozen kernels
+        calls[f"qlora_{qtype}_step"] = _qlora_step(model, rule, qtype, tile, full_tree, x, y)
     return timed(calls, repeats)
+
+
+def _qlora_step(model, rule, qtype, tile, full_tree, x, y):
+    """qwix's LoRA with ``weight_qtype``: the same rule, the base kernels quantized."""
+    import dataclasses
+    qrule = dataclasses.replace(rule, weight_qtype=qtype, tile_size=tile)
+    qmodel = qwix.apply_lora_to_model(model, qwix.LoraProvider([qrule]))
+    tree = qmodel.init(jax.random.key(1), x)
+    ref = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(
+        full_tree)[0]}
+    tree = jax.tree_util.tree_map_with_path(  # the same weights where the paths agree
+        lambda k, v: ref.get(jax.tree_util.keystr(k), v), tree)
+    lora = jax.tree_util.tree_map_with_path(lambda k, v: v if _is_lora(k) else None, tree)
+    frozen = jax.tree_util.tree_map_with_path(lambda k, v: None if _is_lora(k) else v, tree)
+    join = lambda a, b: jax.tree.map(lambda u, v: v if u is None else u, a, b,
+                                     is_leaf=lambda z: z is None)
+    tx = optax.adamw(LR)
+    loss = lambda ad, fr: llama.loss_fn(qmodel.apply(join(ad, fr), x), y)
+
+    @jax.jit
+    def step(ad, opt, fr):
+        g = jax.grad(loss)(ad, fr)
+        u, opt = tx.update(g, opt, ad)
+        return optax.apply_updates(ad, u), opt
+    state = [lora, tx.init(lora)]
+
+    def go():
+        state[:] = jax.block_until_ready(step(*state, frozen))
+    return go

@@ -33,7 +33,8 @@ IMPLS = ("jlora", "merge_on_the_fly", "peft", "nnx", "qwix", "lorax")
 #: lorax needs JAX <= 0.4.23: its own venv (benchmarks/setup_lorax.sh) or $LORAX_PYTHON.
 LORAX_PYTHON = os.environ.get("LORAX_PYTHON", os.path.join(HERE, ".venv-lorax", "bin", "python"))
 ROWS = ("base_forward", "lora_forward", "merged_forward", "lora_step", "frozen_step",
-        "full_step", "all_linear_step", "dora_step", "qlora_step", "mixed_4_forward")
+        "full_step", "all_linear_step", "dora_step", "qlora_step", "qlora_int8_step",
+        "qlora_int4_step", "mixed_4_forward")
 RANK, ALPHA, TARGETS = 16, 32.0, ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_LINEAR = TARGETS + ("gate_proj", "up_proj", "down_proj")
 BATCH, SEQ, LR = 4, 256, 2e-4
@@ -102,6 +103,10 @@ def run_jax(impl: str, repeats: int) -> dict:
         nf4 = jlora.quantize(params, compute_dtype=jnp.float32)
         qa = make(nf4)
         rows["qlora_step"] = (step, (qa, optax_init(qa), nf4))
+        for qtype in ("int8", "int4"):  # qwix's weight_qtype, tile (group) 128 for int4
+            qp = jlora.quantize(params, qtype=qtype, compute_dtype=jnp.float32)
+            qa = make(qp)
+            rows[f"qlora_{qtype}_step"] = (step, (qa, optax_init(qa), qp))
         stacked = jlora.stack([make(params, i) for i in range(4)])
         mixed = jax.jit(lambda p, st, x, i: jlora.apply(model.apply)(p, st, x, adapter_ids=i))
         rows["mixed_4_forward"] = (mixed, (params, stacked, ids[:, :-1], jnp.arange(4)))

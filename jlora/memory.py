@@ -33,6 +33,9 @@ from jlora.config import LoraError
 
 GB = 1e9
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # with double quantization
+#: Bits per linear-layer parameter of each ``jlora.quantize`` format, less the int8/fp8
+#: per-output-feature scale (32 bits per input row: ``32 / hidden``, added in estimate).
+QBITS = {"nf4": NF4_BITS, "int8": 8.0, "int4": 4 + 32 / 128, "fp8": 8.0}
 METHODS = ("full-fp32", "full-fp16", "lora", "qlora")
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -99,7 +102,8 @@ LLAMA_7B = Shape(hidden=4096, intermediate=11008, layers=32, heads=32, vocab=320
 
 
 def estimate(shape: Shape, method: str, *, rank: int = 16, targets=LINEAR[:4],
-             batch: int = 1, seq: int = 512, checkpointing: bool = False) -> dict[str, float]:
+             batch: int = 1, seq: int = 512, checkpointing: bool = False,
+             qtype: str = "nf4") -> dict[str, float]:
     """Bytes of each part of one training step, and their ``total``.
 
     Args:
@@ -108,6 +112,13 @@ def estimate(shape: Shape, method: str, *, rank: int = 16, targets=LINEAR[:4],
       rank, targets: the adapter (lora/qlora); default r16 on q, k, v, o.
       batch, seq: tokens per step.
       checkpointing: keep only layer inputs for the backward pass.
+      qtype: qlora's base format (``"nf4"``, ``"int8"``, ``"int4"``, ``"fp8"``).
+
+    Returns:
+      ``{"weights", "gradients", "optimizer", "activations", "total"}`` in bytes.
+
+    Raises:
+      LoraError: an unknown ``method`` or ``qtype``.
 
     Examples:
       >>> from jlora.memory import LLAMA_7B, estimate
@@ -116,10 +127,13 @@ def estimate(shape: Shape, method: str, *, rank: int = 16, targets=LINEAR[:4],
     """
     if method not in METHODS:
         raise LoraError(f"method={method!r} is not one of {METHODS}")
+    if qtype not in QBITS:
+        raise LoraError(f"qtype={qtype!r} is not one of {sorted(QBITS)}")
+    bits = QBITS[qtype] + (32 / shape.hidden if qtype in ("int8", "fp8") else 0)
     n, lin = shape.params, shape.linear_params
     adapter = shape.lora_params(rank, targets) if method in ("lora", "qlora") else 0
     weights = {"full-fp32": 4 * n, "full-fp16": 2 * n, "lora": 2 * n,
-               "qlora": lin * NF4_BITS / 8 + 2 * (n - lin)}[method] + 4 * adapter
+               "qlora": lin * bits / 8 + 2 * (n - lin)}[method] + 4 * adapter
     trained = n if method.startswith("full") else adapter
     per = 2 if method == "full-fp16" else 4  # bytes per trained parameter
     act_bytes = 4 if method == "full-fp32" else 2

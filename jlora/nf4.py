@@ -43,8 +43,8 @@ class NF4(Quantized):
     dtype: Any = dataclasses.field(metadata=dict(static=True))  # of the original weight
     block_size: int = dataclasses.field(metadata=dict(static=True))
     compute_dtype: Any = dataclasses.field(metadata=dict(static=True))
-    #: Under an explicit mesh: the original weight's partition spec (each use
-    #: reshards the dequantized weight to it).
+    #: Under a mesh: the original weight's partition spec (under an explicit one each
+    #: use reshards the dequantized weight to it).
     spec: Any = dataclasses.field(default=None, metadata=dict(static=True))
 
     qtype = "nf4"

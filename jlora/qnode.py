@@ -20,8 +20,8 @@ class Quantized:
 
     A subclass is a frozen dataclass registered as a pytree whose arrays are the codes
     and scales and whose static fields include ``shape``, ``dtype`` (of the original
-    weight), ``compute_dtype`` (what a use dequantizes to) and ``spec`` (under an
-    explicit mesh, the original weight's partition spec; else None).
+    weight), ``compute_dtype`` (what a use dequantizes to) and ``spec`` (quantized on a
+    mesh: the original weight's partition spec; else None).
 
     Examples:
       >>> import numpy as np
@@ -43,6 +43,23 @@ class Quantized:
     @property
     def size(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def sharding(self):
+        """The weight's ``NamedSharding`` when its codes lie on a mesh (else None): what
+        ``adapter_shardings`` and ``init`` lay the adapter out after."""
+        first = jax.tree.leaves(self)[0]
+        try:
+            sharding = first.sharding
+        except Exception:  # a tracer, or an array with no sharding
+            return None
+        if not isinstance(sharding, jax.sharding.NamedSharding):
+            return None
+        spec = self.spec if self.spec is not None else (
+            tuple(sharding.spec) if first.ndim == self.ndim else None)
+        if spec is None:
+            return None
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
 
     @property
     def nbytes(self) -> int:

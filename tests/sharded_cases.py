@@ -157,6 +157,9 @@ def test_quantized_step_gathers_no_weight(key, variant, kind):
     params, adapter, ids = setup(key, mesh(kind=kind))
     q = quantize(params, variant)
     kernel = CFG.hidden_size * CFG.hidden_size
+    placed = jlora.init(key, q, jlora.LoraConfig.preset("complex", rank=8, alpha=16.0))
+    for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(adapter)):
+        assert a.sharding.is_equivalent_to(b.sharding, a.ndim)  # laid out as on the float base
     step = _collectives(sgd_step, q, adapter, ids)
     assert [c for c in step if c[0] == "all-gather" and c[1] >= kernel] == [], step
 

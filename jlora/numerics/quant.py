@@ -132,10 +132,10 @@ def _lay_out(node: NF4, sharding) -> NF4:
     keeps its codes whole on every device; each use reshards to the weight's spec."""
     spec = formats.full_spec(sharding, node.ndim)
     last, bs = node.shape[-1], node.block_size
-    explicit = spec if mesh.explicit(sharding) else None
+    whole = spec  # the weight's, kept on the node
     if node.ndim < 2 or last % bs:
         parts = formats.lay_out({"packed": node.packed, "absmax": node.absmax}, sharding, {})
-        return dataclasses.replace(node, **parts, spec=explicit)
+        return dataclasses.replace(node, **parts, spec=whole)
     if not formats.divides(sharding.mesh, spec[-1], last, bs):
         spec = spec[:-1] + (None,)
     rows = node.shape[:-1]
@@ -143,7 +143,7 @@ def _lay_out(node: NF4, sharding) -> NF4:
               "absmax": node.absmax.reshape(rows + (last // bs,)),
               "absmax2": node.absmax2, "offset": node.offset}
     parts = formats.lay_out(arrays, sharding, {"packed": spec, "absmax": spec})
-    return dataclasses.replace(node, **parts, spec=explicit)
+    return dataclasses.replace(node, **parts, spec=whole)
 
 
 def _scales(node: NF4, blocks):

@@ -55,7 +55,7 @@ class QView:
         """The dequantized region with the deferred ops applied."""
         x = dequantize_region(self.node, self.start, self.region)
         spec = _region_spec(self.node, self.region)
-        if spec is not None and mesh.spec(x) != spec:  # explicit mesh: codes not split
+        if spec is not None and mesh.spec(x) not in (None, spec):  # explicit, codes whole
             x = jax.sharding.reshard(x, PartitionSpec(*spec))  # as the weight (a local cut)
         for prim, params in self.ops:
             x = prim.bind(x, **dict(params))

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora.config import LoraError
-from jlora.numerics import formats, mesh
+from jlora.numerics import formats
 from jlora.qnode import Quantized
 
 QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}
@@ -128,9 +128,7 @@ def _lay_out(node: Scaled, sharding) -> Scaled:
         spec = spec[:-2] + (None, spec[-1])
     parts = formats.lay_out({"codes": node.codes, "scales": node.scales}, sharding,
                             {"codes": spec, "scales": spec})
-    keep = mesh.explicit(sharding)
-    return dataclasses.replace(node, **parts, spec=formats.full_spec(sharding, node.ndim)
-                               if keep else None)
+    return dataclasses.replace(node, **parts, spec=formats.full_spec(sharding, node.ndim))
 
 
 def _decode(node: Scaled, arrays: dict, lead: tuple, start=0):

@@ -5,7 +5,7 @@ along its input axis into groups of ``group_size`` rows; each group has one
 float32 scale per output column, ``absmax / qmax``, and each element the code
 ``round(w / scale)`` (``int8``: ``qmax`` 127; ``int4``: 7, two codes per byte,
 rows ``2i`` and ``2i + 1`` in the high and low nibble, offset by 8; ``fp8``:
-448, the cast to ``float8_e4m3fn`` rounds). ``int8`` and ``fp8`` use one group
+448, the cast to ``float8_e4m3fn`` rounds; its bits are stored as ``uint8``). ``int8`` and ``fp8`` use one group
 (one scale per output feature), ``int4`` groups of 128. A dequantized element
 is within half a quantization step of the weight: ``scale / 2`` for the
 integers, half the e4m3 spacing at ``w / scale`` times ``scale`` for fp8.
@@ -19,13 +19,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jlora.config import LoraError
 from jlora.numerics import formats
 from jlora.qnode import Quantized
 
 QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}
-CODE_DTYPE = {"int8": jnp.int8, "int4": jnp.uint8, "fp8": jnp.float8_e4m3fn}
+CODE_DTYPE = {"int8": jnp.int8, "int4": jnp.uint8, "fp8": jnp.uint8}
 DEFAULT_GROUP = {"int8": None, "int4": 128, "fp8": None}  # None: the whole input axis
 
 
@@ -34,8 +35,9 @@ DEFAULT_GROUP = {"int8": None, "int4": 128, "fp8": None}  # None: the whole inpu
 class Scaled(Quantized):
     """A weight stored as symmetric codes times one float32 scale per group and column.
 
-    ``codes`` is ``int8`` or ``float8_e4m3fn`` of the weight's shape, or for int4
-    ``uint8 (..., ceil(in / 2), out)``; ``scales`` is ``float32 (..., in // group_size,
+    ``codes`` is ``int8`` (int8) or ``uint8`` (fp8: the ``float8_e4m3fn`` bit patterns,
+    so that a backend without fp8 arithmetic widens one layer at a time, where it is
+    used) of the weight's shape, or for int4 ``uint8 (..., ceil(in / 2), out)``; ``scales`` is ``float32 (..., in // group_size,
     out)``. Under a mesh they are split as the weight is wherever the shards hold whole
     groups.
 
@@ -83,7 +85,10 @@ def _quantize(w, qtype: str, group: int):
     safe = jnp.where(scales > 0, scales, 1.0)[..., None, :]
     x = jnp.clip(jnp.where(scales[..., None, :] > 0, grouped / safe, 0.0), -qmax, qmax)
     x = x.reshape(shape)
-    codes = x.astype(CODE_DTYPE[qtype]) if qtype == "fp8" else jnp.round(x).astype(jnp.int8)
+    if qtype == "fp8":  # stored as the e4m3 bit patterns (see _decode)
+        codes = lax.bitcast_convert_type(x.astype(jnp.float8_e4m3fn), jnp.uint8)
+    else:
+        codes = jnp.round(x).astype(jnp.int8)
     underflow = ((absmax > 0) & ~(scales > 0)).any()
     return (_pack(codes) if qtype == "int4" else codes), scales, underflow
 
@@ -134,7 +139,11 @@ def _lay_out(node: Scaled, sharding) -> Scaled:
 def _decode(node: Scaled, arrays: dict, lead: tuple, start=0):
     rows, cols = node.shape[-2:]
     codes = arrays["codes"]
-    values = (_unpack(codes, rows) if node.qtype == "int4" else codes).astype(jnp.float32)
+    if node.qtype == "int4":
+        codes = _unpack(codes, rows)
+    elif node.qtype == "fp8":  # XLA's CPU backend widens a float8 array where it is made:
+        codes = lax.bitcast_convert_type(codes, jnp.float8_e4m3fn)  # here, one layer
+    values = codes.astype(jnp.float32)
     g = node.group_size
     if g == rows:  # one group: the scales broadcast over the rows as they are
         return (values * arrays["scales"]).astype(node.compute_dtype)

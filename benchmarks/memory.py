@@ -66,7 +66,9 @@ def measure(cfg: llama.LlamaConfig, batch: int, seq: int) -> dict:
             continue
         if method.startswith("qlora"):
             qtype = method.partition("-")[2] or "nf4"
-            params = jax.eval_shape(lambda p: jlora.quantize(p, qtype=qtype), params)
+            group = math.gcd(128, cfg.hidden_size, cfg.intermediate_size)  # 128 at 7B
+            params = jax.eval_shape(lambda p: jlora.quantize(
+                p, qtype=qtype, group_size=group if qtype == "int4" else None), params)
         lora_cfg = dataclasses.replace(LORA, dtype=jnp.float32)
         ad = jax.eval_shape(lambda p: jlora.init(key, p, lora_cfg), params)
         opt = jax.eval_shape(tx.init, ad)

@@ -5,8 +5,9 @@ along its input axis into groups of ``group_size`` rows; each group has one
 float32 scale per output column, ``absmax / qmax``, and each element the code
 ``round(w / scale)`` (``int8``: ``qmax`` 127; ``int4``: 7, two codes per byte,
 rows ``2i`` and ``2i + 1`` in the high and low nibble, offset by 8; ``fp8``:
-448, the cast to ``float8_e4m3fn`` rounds; its bits are stored as ``uint8``). ``int8`` and ``fp8`` use one group
-(one scale per output feature), ``int4`` groups of 128. A dequantized element
+448, the cast to ``float8_e4m3fn`` rounds; its bits are stored as ``uint8``).
+``int8`` and ``fp8`` use one group (one scale per output feature), ``int4``
+groups of 128. A dequantized element
 is within half a quantization step of the weight: ``scale / 2`` for the
 integers, half the e4m3 spacing at ``w / scale`` times ``scale`` for fp8.
 """
@@ -37,9 +38,9 @@ class Scaled(Quantized):
 
     ``codes`` is ``int8`` (int8) or ``uint8`` (fp8: the ``float8_e4m3fn`` bit patterns,
     so that a backend without fp8 arithmetic widens one layer at a time, where it is
-    used) of the weight's shape, or for int4 ``uint8 (..., ceil(in / 2), out)``; ``scales`` is ``float32 (..., in // group_size,
-    out)``. Under a mesh they are split as the weight is wherever the shards hold whole
-    groups.
+    used) of the weight's shape, or for int4 ``uint8 (..., ceil(in / 2), out)``;
+    ``scales`` is ``float32 (..., in // group_size, out)``. Under a mesh they are split
+    as the weight is wherever the shards hold whole groups.
 
     Examples:
       >>> import numpy as np

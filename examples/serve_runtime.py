@@ -3,11 +3,11 @@
 Run: python examples/serve_runtime.py   (uses the main example's cached base and
 adapters from examples/.cache, training them first if they are missing, ~2 min)
 
-A fixed number of adapter slots lives beside the base (a ``jlora.stack`` of slot
-adapters, every rank zero-padded to the slot rank, each scaling folded into its B so
-all slots share one static layout). Requests arrive tagged with a task name; a batch
-takes requests whose adapters fit in the slots, reads the missing ones from disk
-(jlora or PEFT format) into free or least-recently-used slots, and decodes greedily
+A fixed number of adapter slots lives beside the base (``jlora.Slots``: every rank
+zero-padded to the slot rank, each scaling folded into its B, so all slots share one
+static layout). Requests arrive tagged with a task name; a batch
+takes requests whose adapters fit in the slots; ``slots.batch`` reads the missing ones
+from disk (jlora or PEFT format) into free or least-recently-used slots, and decodes greedily
 with a KV cache, each row through its own slot (``adapter_ids``). Loading and
 evicting write arrays into the slots: nothing is traced again (the trace counts are
 printed). Each request's tokens are checked against its adapter run alone, at its own
@@ -35,64 +35,20 @@ N = train_tasks.LENGTH  # prompt letters; the model reads prompt + SEP, then ans
 TRACES = collections.Counter()
 
 
-def padded(adapter, rank: int):
-    """``adapter`` at ``rank`` with its scaling folded into B (scale 1): the layout of a slot."""
-    def pad(node):
-        if node.rank > rank:
-            raise jlora.LoraError(f"an adapter of rank {node.rank} does not fit slots of rank "
-                                  f"{rank}; start the server with --slot-rank {node.rank}")
-        extra = rank - node.rank
-        a = jnp.pad(node.a, [(0, 0)] * (node.a.ndim - 1) + [(0, extra)])
-        b = jnp.pad(node.b * node.scale, [(0, 0)] * (node.b.ndim - 2) + [(0, extra), (0, 0)])
-        return jlora.LoraNode(a=a, b=b, rank=rank, alpha=float(rank), scale=1.0,
-                              dropout=0.0, shape=node.shape, stack_axes=node.stack_axes,
-                              in_axes=node.in_axes, out_axes=node.out_axes,
-                              magnitude=node.magnitude)
-    return jax.tree.map(pad, adapter, is_leaf=lambda x: isinstance(x, jlora.LoraNode))
+def fmt(path) -> str:
+    return "PEFT" if os.path.isfile(os.path.join(path, "adapter_config.json")) else "jlora"
 
 
-@jax.jit
-def write(slots, i, adapter):
-    """``slots`` with slot ``i`` holding ``adapter`` (already ``padded``)."""
-    TRACES["write"] += 1
-    leaves = [s.at[i].set(x) for s, x in zip(jax.tree.leaves(slots), jax.tree.leaves(adapter))]
-    return jax.tree.unflatten(jax.tree.structure(slots), leaves)
-
-
-class Slots:
-    """``n`` resident adapters over one base, filled from disk and evicted LRU."""
-
-    def __init__(self, params, like, n: int, rank: int, paths: dict):
-        zero = jax.tree.map(jnp.zeros_like, padded(like, rank))
-        self.tree, self.rank, self.params, self.paths = jlora.stack([zero] * n), rank, params, paths
-        self.n = n
-        self.lru = collections.OrderedDict()  # name -> slot, least recently used first
-
-    def _read(self, name):
-        path = self.paths[name]
-        if os.path.isfile(os.path.join(path, "adapter_config.json")):
-            return jlora.peft.load(path, self.params), "PEFT"
-        return jlora.load_adapter(path, self.params), "jlora"
-
-    def ensure(self, names) -> tuple[dict, list]:
-        """Slots for ``names`` (at most ``n`` distinct), loading the missing ones."""
-        events = []
-        for name in dict.fromkeys(names):
-            if name in self.lru:
-                self.lru.move_to_end(name)
-                continue
-            free = sorted(set(range(self.n)) - set(self.lru.values()))
-            if free:
-                slot = free[0]
-            else:  # evict the least recently used adapter this batch does not need
-                old = next(k for k in self.lru if k not in names)
-                slot = self.lru.pop(old)
-                events.append(f"evicted {old} from slot {slot}")
-            adapter, fmt = self._read(name)
-            self.tree = write(self.tree, jnp.int32(slot), padded(adapter, self.rank))
-            self.lru[name] = slot
-            events.append(f"loaded {name} ({fmt}) into slot {slot}")
-        return {k: self.lru[k] for k in names}, events
+def take(slots, names, paths):
+    """``slots.batch(names)`` and what it loaded and evicted to get there."""
+    before = slots.resident
+    tree, ids = slots.batch(names)
+    after = slots.resident
+    events = [f"evicted {old} from slot {slot}" for old, slot in before.items()
+              if old not in after]
+    events += [f"loaded {name} ({fmt(paths[name])}) into slot {slot}"
+               for name, slot in after.items() if name not in before]
+    return tree, ids, events
 
 
 def decoder(model, params):
@@ -118,14 +74,14 @@ def decoder(model, params):
     return prefill, step
 
 
-def generate(dec, config, slots, prompts, slot_ids):
+def generate(dec, config, tree, prompts, slot_ids):
     """Greedy answers ``(batch, N)`` for prompts ``(batch, N + 1)`` (prompt + SEP)."""
     prefill, step = dec
     cache = llama.init_cache(config, prompts.shape[0], 2 * N + 1)
-    tok, cache = prefill(slots.tree, prompts, cache, slot_ids)
+    tok, cache = prefill(tree, prompts, cache, slot_ids)
     out = [tok]
     for t in range(N - 1):
-        tok, cache = step(slots.tree, tok[:, None], jnp.int32(N + 1 + t), cache, slot_ids)
+        tok, cache = step(tree, tok[:, None], jnp.int32(N + 1 + t), cache, slot_ids)
         out.append(tok)
     return jnp.stack(out, axis=1)
 
@@ -164,7 +120,8 @@ def main(argv=None):
     model, params, adapters = serve_many.load(args)
     paths = disk_copies(model, params, adapters, args.out)
     names, prompts = requests(list(adapters), args.requests)
-    slots = Slots(params, next(iter(adapters.values())), args.slots, args.slot_rank, paths)
+    slots = jlora.Slots(params, next(iter(adapters.values())), args.slots,
+                        rank=args.slot_rank, sources=paths)
     dec, alone = decoder(model, params), jax.jit(jlora.apply(model.apply))
     rows, queue, timed = [], list(range(len(names))), []  # (tokens, seconds) per batch
     while queue:
@@ -173,12 +130,12 @@ def main(argv=None):
             if len(batch) < args.batch and len({names[j] for j in batch + [i]}) <= args.slots:
                 batch.append(i)
                 queue.remove(i)
-        where, events = slots.ensure([names[i] for i in batch])
-        pad = args.batch - len(batch)  # fixed shapes: idle rows use the base alone (-1)
+        pad = args.batch - len(batch)  # fixed shapes: idle rows use the base alone (None)
+        tree, slot_ids, events = take(slots, [names[i] for i in batch] + [None] * pad, paths)
+        where = slots.resident
         ids = jnp.stack([prompts[i][:N + 1] for i in batch] + [prompts[batch[0]][:N + 1]] * pad)
-        slot_ids = jnp.array([where[names[i]] for i in batch] + [-1] * pad)
         t0 = time.perf_counter()
-        answers = jax.block_until_ready(generate(dec, model.config, slots, ids, slot_ids))
+        answers = jax.block_until_ready(generate(dec, model.config, tree, ids, slot_ids))
         timed.append((len(batch) * N, time.perf_counter() - t0))
         for row, i in enumerate(batch):
             ref = train_tasks.greedy_answers(
@@ -194,7 +151,7 @@ def main(argv=None):
         print(f"{i:2} {name:8} {slot:4} {answer:10} {'yes' if same else 'NO':8} {event}")
     print(f"\n{sum(r[-1] for r in rows)}/{len(rows)} requests equal their adapter run alone; "
           f"traced: prefill {TRACES['prefill']}, step {TRACES['step']}, slot write "
-          f"{TRACES['write']}")
+          f"{slots.traces}")
     later = timed[1:] or timed  # the first batch compiles
     print(f"{sum(t for t, _ in later) / sum(s for _, s in later):.0f} tokens/s after the "
           f"first batch ({sum(t for t, _ in timed) / sum(s for _, s in timed):.0f} with it)")

@@ -18,6 +18,7 @@ from jlora.io.checkpoint import load_adapter as load_adapter
 from jlora.io.checkpoint import save_adapter as save_adapter
 from jlora.io.resume import restore_checkpoint as restore_checkpoint
 from jlora.io.resume import save_checkpoint as save_checkpoint
+from jlora.io.slots import Slots as Slots
 from jlora.nf4 import NF4 as NF4
 from jlora.numerics.quantize import dequantize as dequantize
 from jlora.numerics.quantize import quantize as quantize
@@ -44,7 +45,7 @@ from jlora.transforms.sharding import adapter_shardings as adapter_shardings
 __version__ = "0.1.0"
 
 __all__ = ["Adapter", "InitResult", "LoraConfig", "LoraError", "LoraNode", "MergeResult", "NF4",
-           "PRESETS", "Params", "Quantized", "adapter_shardings", "apply", "check",
+           "PRESETS", "Params", "Quantized", "Slots", "adapter_shardings", "apply", "check",
            "combine_adapters",
            "dequantize", "explain", "init", "init_eva", "init_with_base", "load_adapter",
            "load_bitsandbytes", "loraplus", "merge", "merge_with_norms", "peft", "quantize",

@@ -268,8 +268,9 @@ def _check_whole(path: str, node, leaf) -> None:
     """A full leaf has the base leaf's shape; token rows fit the table and its row count."""
     shape = tuple(np.shape(leaf))
     if is_quantized(leaf):
-        raise LoraError(f"{path!r} is quantized; a leaf trained in full or by token rows "
-                        "must stay float: leave it out of jlora.quantize's targets")
+        raise LoraError(f"{path!r} is {leaf.qtype.upper()}-quantized; a leaf trained in "
+                        "full or by token rows must stay float: leave it out of "
+                        "jlora.quantize's targets")
     if isinstance(node, FullNode):
         want, have, name = shape, tuple(np.shape(node.weight)), "weight"
     else:

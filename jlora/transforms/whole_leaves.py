@@ -28,7 +28,7 @@ from jlora.qnode import is_quantized
 def make(path: str, leaf, indices):
     """The node for a leaf that ``select_whole`` chose (``indices`` None: trained in full)."""
     if is_quantized(leaf):
-        raise LoraError(f"{path!r} is quantized but modules_to_save / "
+        raise LoraError(f"{path!r} is {leaf.qtype.upper()}-quantized but modules_to_save / "
                         "trainable_token_indices train it in float; leave it out of "
                         "jlora.quantize's targets")
     if indices is None:  # a copy: donating the adapter must not free the caller's base

@@ -9,6 +9,8 @@ and decode (one token for each of 64 sequences, over a KV cache of 128 positions
   using adapter ``i % n``, in one call, each example gathering its factors;
 - ``grouped n``: the same, rows sorted by adapter through two ``ragged_dot``s
   (``jlora.apply(fn, mixed="grouped")``; on a CPU two masked dense products);
+- ``onehot n``: the same, every row against all n adapters' factors, keeping its own
+  by a one-hot weight (``mixed="onehot"``, sglang-jax's TPU form);
 - ``split n``: the same n adapters served one sub-batch each (n calls of the
   single-adapter function on batch 16/n);
 - ``switch``: the single-adapter call alternating between two adapters (same
@@ -56,8 +58,10 @@ def build(quick: bool, counts, decode: bool):
     extra = lambda c: (jnp.full((c[0].shape[1], 1), seq), None, c, at) if decode else ()
     axes = (0, 0, None, 1, None) if decode else None
     single = jax.jit(lambda p, ad, x, c: jlora.apply(model.apply)(p, ad, x, *extra(c)))
-    mixed, grouped = (jax.jit(lambda p, st, x, c, i, run=jlora.apply(model.apply, mixed=m): run(
-        p, st, x, *extra(c), adapter_ids=i, example_axes=axes)) for m in ("gather", "grouped"))
+    mixed, grouped, onehot = (jax.jit(
+        lambda p, st, x, c, i, run=jlora.apply(model.apply, mixed=m): run(
+            p, st, x, *extra(c), adapter_ids=i, example_axes=axes))
+        for m in ("gather", "grouped", "onehot"))
     calls = {"single": (single, (params, adapters[0], ids, cache)),
              "switch": (lambda p, x, c: [single(p, adapters[k % 2], x, c) for k in range(2)][-1],
                         (params, ids, cache))}
@@ -65,6 +69,7 @@ def build(quick: bool, counts, decode: bool):
         aid = jnp.arange(batch) % n
         calls[f"mixed {n}"] = (mixed, (params, jlora.stack(adapters[:n]), ids, cache, aid))
         calls[f"grouped {n}"] = (grouped, calls[f"mixed {n}"][1])
+        calls[f"onehot {n}"] = (onehot, calls[f"mixed {n}"][1])
         if batch % n == 0:
             sub = batch // n
             part = lambda c, k, sub=sub: None if c is None else tuple(

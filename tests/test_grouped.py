@@ -63,21 +63,25 @@ def test_llama_mixed_batch_and_gradients_match_the_gather_path(key, scan, form):
     model, params, ids, ads = _setup(key, scan)
     aid = jnp.array([2, 0, -1, 1, 0])
     st = jlora.stack(ads)
-    paths = {m: jlora.apply(model.apply, mixed=m) for m in ("gather", "grouped")}
+    paths = {m: jlora.apply(model.apply, mixed=m) for m in ("gather", "grouped", "onehot")}
     names = _prims(paths["grouped"], params, st, ids, adapter_ids=aid)
     assert _grouped(names) and _ragged(names) == (form == "ragged")
     assert not _grouped(_prims(paths["gather"], params, st, ids, adapter_ids=aid))
     out = {m: jax.jit(f)(params, st, ids, adapter_ids=aid) for m, f in paths.items()}
     np.testing.assert_allclose(out["grouped"], out["gather"], **F32)
+    np.testing.assert_allclose(out["onehot"], out["gather"], **F32)
     alone = jlora.apply(model.apply)(params, ads[1], ids[3:4])
     np.testing.assert_allclose(out["grouped"][3], alone[0], **F32)
+    np.testing.assert_allclose(out["onehot"][3], alone[0], **F32)
+    assert not _grouped(_prims(paths["onehot"], params, st, ids, adapter_ids=aid))  # no sort
 
     def loss(f):
         return lambda ad: jnp.mean(f(params, ad, ids, adapter_ids=aid) ** 2)
     grads = {m: jax.jit(jax.grad(loss(f)))(st) for m, f in paths.items()}
-    for g, h in zip(jax.tree.leaves(grads["grouped"]), jax.tree.leaves(grads["gather"])):
-        scale = float(jnp.max(jnp.abs(h)))
-        np.testing.assert_allclose(g / scale, h / scale, rtol=0, atol=1e-5)
+    for m in ("grouped", "onehot"):
+        for g, h in zip(jax.tree.leaves(grads[m]), jax.tree.leaves(grads["gather"])):
+            scale = float(jnp.max(jnp.abs(h)))
+            np.testing.assert_allclose(g / scale, h / scale, rtol=0, atol=1e-5)
 
 
 def test_dora_and_auto_on_cpu_take_the_gather_path(key):
@@ -100,13 +104,14 @@ def test_dora_and_auto_on_cpu_take_the_gather_path(key):
 def test_explain_names_the_path_of_a_mixed_batch(key):
     """``explain`` takes apply's mixed-batch arguments and says, per use, which path runs
     (gathered factors, or rows grouped by adapter)."""
-    from jlora.interpret.dot import GATHERED, GROUPED
+    from jlora.interpret.dot import GATHERED, GROUPED, ONEHOT
     model, params, ids, ads = _setup(key, True)
     aid, st = jnp.array([2, 0, -1, 1, 0]), jlora.stack(ads)
     said = lambda **kw: {u for uses in jlora.explain(model.apply, params, st, ids,
                                                       adapter_ids=aid, **kw).values()
                          for u in uses}
     assert said(mixed="grouped") == {"factored" + GROUPED}
+    assert said(mixed="onehot") == {"factored" + ONEHOT}
     assert said(mixed="gather") == said() == {"factored" + GATHERED}  # auto on a CPU
     assert jlora.explain(model.apply, params, ads[0], ids) == jlora.explain(
         model.apply, params, ads[0], ids, mixed="grouped")  # one adapter: no mixed path

@@ -36,6 +36,7 @@ TRANSPOSED_LEARNED = ("factored (transposed: the model contracts the adapter's o
 #: How a mixed-adapter batch serves a use, as ``explain`` says it after "factored".
 GATHERED = " (mixed batch: each example gathers its adapter's factors)"
 GROUPED = " (mixed batch: rows grouped by adapter)"
+ONEHOT = " (mixed batch: one-hot contraction over the adapters)"
 #: The two low-rank products (``benchmarks/profile_step.py`` swaps them for JAX's rule).
 _thin_product = thin
 
@@ -179,8 +180,10 @@ def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec, where=None,
     """
     ex_axis, ids = _example_ids(sym, x, dims[0], dims[2], where) if sym.ids is not None \
         else (0, None)
-    if grouped.applies(sym, mode, dims) and grouped.chosen(mixed, x, sym, ex_axis):
-        return grouped.low_rank(x, sym, sym_is_rhs, dims, ex_axis, ids, prec), None, GROUPED
+    path = grouped.chosen(mixed, x, sym, ex_axis) if grouped.applies(sym, mode, dims) else ""
+    if path in ("grouped", "onehot"):
+        y = grouped.low_rank(x, sym, sym_is_rhs, dims, ex_axis, ids, prec, path == "onehot")
+        return y, None, GROUPED if path == "grouped" else ONEHOT
     sp = _specs(x, sym, mode, sym_is_rhs, dims, ex_axis)
     first, second = (sym.a, sym.b) if mode == "i" else (sym.b, sym.a)
     g = sym.g

@@ -27,7 +27,7 @@ from jax import lax
 from jlora.interpret.sym import Sym
 from jlora.interpret.thin import thin
 
-MODES = ("auto", "gather", "grouped")
+MODES = ("auto", "gather", "grouped", "onehot")
 #: Platforms where :func:`ragged_low_rank` masks a dense product instead of ``ragged_dot``.
 DENSE_ON = ("cpu",)
 
@@ -49,7 +49,15 @@ def ragged_low_rank(x, a, b, sizes, scale: float, prec):
         t = t if scale == 1.0 else t * jnp.asarray(scale, t.dtype)
         return lax.ragged_dot(t, b, sizes, precision=prec)
     group = jnp.searchsorted(jnp.cumsum(sizes), jnp.arange(x.shape[0]), side="right")
-    keep = jax.nn.one_hot(group, a.shape[0], dtype=a.dtype) * jnp.asarray(scale, a.dtype)
+    return onehot_low_rank(x, a, b, group, scale, prec)
+
+
+def onehot_low_rank(x, a, b, row_ids, scale: float, prec):
+    """The one-hot contraction (sglang-jax's ``einsum("td,tX,Xld->tl")``): every row
+    ``x (T, K)`` against every adapter's ``a (n, K, r)``, each row keeping its own
+    adapter's ``r`` columns (a one-hot of ``row_ids``; id -1 keeps none), times all ``b``
+    stacked. No sort and no gather: dense products of ``n`` times the rank-``r`` FLOPs."""
+    keep = jax.nn.one_hot(row_ids, a.shape[0], dtype=a.dtype) * jnp.asarray(scale, a.dtype)
     t = thin("tk,gkr->tgr", prec, x, a) * keep[:, :, None]
     return thin("tgr,grn->tn", prec, t, b)
 
@@ -62,12 +70,13 @@ def applies(sym: Sym, mode: str, dims) -> bool:
             and sym.ids is not None)
 
 
-def chosen(choice: str, x, sym: Sym, ex_axis: int) -> bool:
-    """``choice`` ("auto"/"gather"/"grouped") resolved for this use."""
+def chosen(choice: str, x, sym: Sym, ex_axis: int) -> str:
+    """``choice`` resolved for this use: ``"gather"``, ``"grouped"`` or ``"onehot"``."""
     if choice != "auto":
-        return choice == "grouped"
+        return choice
     rows_per_example = x.size // x.shape[ex_axis] // math.prod(sym.a.shape[1:-1])
-    return jax.default_backend() != "cpu" and rows_per_example < sym.a.shape[-1]
+    decode = jax.default_backend() != "cpu" and rows_per_example < sym.a.shape[-1]
+    return "grouped" if decode else "gather"
 
 
 def in_rows(x, sym: Sym, xc, wc, first=None):
@@ -82,8 +91,11 @@ def in_rows(x, sym: Sym, xc, wc, first=None):
     return jnp.transpose(x, free + xc).reshape(-1, k), free
 
 
-def low_rank(x, sym: Sym, sym_is_rhs: bool, dims, ex_axis: int, ids, prec):
-    """``(x A) B`` per row's adapter, laid out like the dot's output (rows of id -1 zero).
+def low_rank(x, sym: Sym, sym_is_rhs: bool, dims, ex_axis: int, ids, prec,
+             onehot: bool = False):
+    """``(x A) B`` per row's adapter, laid out like the dot's output (rows of id -1 zero):
+    rows sorted by adapter (``ragged_low_rank``) or, ``onehot``, in place
+    (``onehot_low_rank``).
 
     ``ids`` gives the adapter of each index along ``x``'s axis ``ex_axis``."""
     xc, wc, _, _ = dims
@@ -91,14 +103,27 @@ def low_rank(x, sym: Sym, sym_is_rhs: bool, dims, ex_axis: int, ids, prec):
     free, rest = sorted(order), order[1:]
     n, r = sym.a.shape[0], sym.a.shape[-1]
     row_ids = jnp.repeat(ids, math.prod(x.shape[a] for a in rest))
-    used = row_ids >= 0
-    order = jnp.argsort(jnp.maximum(row_ids, 0), stable=True)
-    sizes = jnp.bincount(jnp.maximum(row_ids, 0), length=n).astype(jnp.int32)
     a = sym.a.reshape(n, -1, r)
     b = sym.b.reshape(n, r, -1)
-    y_sorted = ragged_low_rank(rows[order].astype(a.dtype), a, b, sizes, sym.scale, prec)
+    if onehot:
+        y = onehot_low_rank(rows.astype(a.dtype), a, b, row_ids, sym.scale, prec)
+    else:
+        y = _sorted(rows.astype(a.dtype), a, b, row_ids, sym.scale, prec)
+    return _lay_out(y, x, sym, sym_is_rhs, wc, ex_axis, free, rest)
+
+
+def _sorted(rows, a, b, row_ids, scale: float, prec):
+    """Rows sorted by adapter, the two products per group, the rows put back."""
+    used = row_ids >= 0
+    order = jnp.argsort(jnp.maximum(row_ids, 0), stable=True)
+    sizes = jnp.bincount(jnp.maximum(row_ids, 0), length=a.shape[0]).astype(jnp.int32)
+    y_sorted = ragged_low_rank(rows[order], a, b, sizes, scale, prec)
     back = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    y = jnp.where(used[:, None], y_sorted[back], jnp.zeros((), y_sorted.dtype))
+    return jnp.where(used[:, None], y_sorted[back], jnp.zeros((), y_sorted.dtype))
+
+
+def _lay_out(y, x, sym: Sym, sym_is_rhs: bool, wc, ex_axis: int, free, rest):
+    """``y (rows, out)`` laid out like the dot's output."""
     out_axes = [ax for ax in range(sym.base.ndim) if ax not in wc]  # the weight's free axes
     out_labels = sorted(out_axes, key=lambda ax: sym.labels[ax][1])
     y = y.reshape([x.shape[ex_axis]] + [x.shape[a] for a in rest]

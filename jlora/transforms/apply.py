@@ -63,15 +63,18 @@ def apply(fn: Callable, *, safe: bool = False, mixed: str = "auto") -> Callable:
     transposes, scans, ...) to each adapted weight; where it cannot, or where the
     model mixes examples before a weight, it raises a ``LoraError``. ``mixed`` picks
     how: ``"gather"`` (each example gathers its factors), ``"grouped"`` (rows sorted
-    by adapter, two ``ragged_dot``s, S-LoRA style; uses it cannot serve fall back to
-    gather) or ``"auto"`` (grouped only on GPU/TPU for decode-shaped inputs).
+    by adapter, two ``ragged_dot``s, S-LoRA style), ``"onehot"`` (every row against
+    every adapter's factors, keeping its own by a one-hot weight, sglang-jax's TPU
+    form; these two fall back to gather for uses they cannot serve) or ``"auto"``
+    (grouped only on GPU/TPU for decode-shaped inputs).
 
     Args:
       fn: the model's function, ``fn(params, *args, **kwargs)``; any pytree of params.
       safe: first check params, adapter and the array arguments for NaN/Inf and raise
         a ``LoraError`` naming the first bad one (under ``jit`` it raises when the call
         runs); it costs one reduction per array.
-      mixed: ``"auto"``, ``"gather"`` or ``"grouped"``: the mixed-batch path.
+      mixed: ``"auto"``, ``"gather"``, ``"grouped"`` or ``"onehot"``: the mixed-batch
+        path.
 
     Returns:
       ``f(params, adapter, *args, lora_rng=None, adapter_ids=None, example_axes=None,

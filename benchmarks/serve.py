@@ -110,8 +110,9 @@ def main():
             f"{cfg.vocab_size}, LoRA r16 a32 q,k,v,o, {args.repeats} interleaved rounds; "
             "'switch' is per call, alternating two adapters; 'mixed n': example i uses "
             "adapter i % n in one call (gathered factors); 'grouped n': the same sorted by "
-            "adapter (ragged_dot; on a CPU masked dense products); 'split n': one call per "
-            "adapter's sub-batch")
+            "adapter (ragged_dot; on a CPU masked dense products); 'onehot n': the same by "
+            "a one-hot contraction over the adapters; 'split n': one call per adapter's "
+            "sub-batch")
     out = "\n\n".join(parts)
     print(out + "\n\n" + note)
     if not args.quick:

@@ -95,16 +95,28 @@ def test_codes_are_the_closed_form():
     np.testing.assert_array_equal(np.asarray(f8.codes), want8.view(np.uint8))
 
 
+@pytest.mark.parametrize("on_mesh", [False, True])
 @pytest.mark.parametrize("qtype", QTYPES)
-@pytest.mark.parametrize("region", [(None, (3, 64, 96)), (64 * 96, (64, 96)),
-                                    (64 * 96 + 16 * 96, (32, 96)), (64 * 96, (2, 64, 96)),
-                                    (2 * 64 * 96 + 5 * 96 + 32, (64,))])
-def test_a_region_equals_the_same_cut_of_the_whole(qtype, region):
-    """What the interpreter narrows a stacked weight to, with the start traced under jit."""
+@pytest.mark.parametrize("region", [(None, (3, 64, 128)), (64 * 128, (64, 128)),
+                                    (64 * 128 + 16 * 128, (32, 128)),
+                                    (64 * 128, (2, 64, 128)),
+                                    (2 * 64 * 128 + 5 * 128 + 32, (64,))])
+def test_a_region_equals_the_same_cut_of_the_whole(qtype, region, on_mesh):
+    """What the interpreter narrows a stacked weight to, with the start traced under jit;
+    ``on_mesh``: quantized split over a one-device mesh, so the codes take the layout a
+    sharded weight's do (NF4: the weight's leading axes), checked against the flat one."""
     start, shape = region
-    w = jax.random.normal(jax.random.key(1), (3, 64, 96))
-    node = jlora.quantize({"w": w}, qtype=qtype, compute_dtype=jnp.float32)["w"]
-    whole = np.asarray(jlora.dequantize(node)).reshape(-1)
+    w = jax.random.normal(jax.random.key(1), (3, 64, 128))
+    flat = jlora.quantize({"w": w}, qtype=qtype, compute_dtype=jnp.float32)["w"]
+    node = flat
+    if on_mesh:
+        one = jax.make_mesh((1,), ("model",))
+        split = jax.device_put(w, jax.sharding.NamedSharding(one, jax.sharding.PartitionSpec(
+            None, None, "model")))
+        node = jlora.quantize({"w": split}, qtype=qtype, compute_dtype=jnp.float32)["w"]
+        if qtype == "nf4":
+            assert node.packed.shape == (3, 64, 64) and flat.packed.ndim == 1
+    whole = np.asarray(jlora.dequantize(flat)).reshape(-1)
     lo = 0 if start is None else start
     want = whole[lo:lo + int(np.prod(shape))].reshape(shape)
     got = jax.jit(lambda s: formats.dequantize_region(node, s, shape))(lo)

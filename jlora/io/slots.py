@@ -97,7 +97,7 @@ class Slots:
         self.rank = rank or max(getattr(nd, "rank", 0) for nd in nodes.values())
         self.params, self.fn, self.example_args = params, fn, tuple(example_args)
         self._template = template
-        self._like = {p: _fit(p, nd, nd, self.rank) for p, nd in nodes.items()}
+        self._like = nodes  # each slot node takes its template node's static settings
         zero = jax.tree.map(jnp.zeros_like, self._fit_all(template))
         self.tree = stack([zero] * n)
         self.n = n

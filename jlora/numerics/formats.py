@@ -76,6 +76,7 @@ def slab_region(node, start, region: tuple, fields: tuple[str, ...], unit: int,
         return decode(node, {f: getattr(node, f) for f in fields}, shape[:unit], 0)
     start = 0 if start is None else start
     idx = _index(start, shape, k)
+
     def sliced(a, upto: int, size: int | None):
         """``a`` at the indices of axes ``< upto`` (dropped) and, given ``size``, rows
         ``idx[upto] ..`` of axis ``upto``."""

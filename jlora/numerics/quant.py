@@ -158,14 +158,14 @@ def _codes(packed):
     return jnp.stack([packed >> 4, packed & 15], axis=-1).reshape(-1)
 
 
-def dequantize_range(node: NF4, start, size: int):
+def dequantize_range(node: NF4, start, size: int, aligned: bool):
     """Elements ``start .. start+size`` of the flattened weight, in ``node.compute_dtype``.
 
-    ``start`` may be traced; it must be a multiple of ``size`` (a leading-axis
-    index). Only that range is dequantized.
+    ``start`` may be traced; ``aligned`` says it is a multiple of the block size (then a
+    range of whole blocks slices the bytes). Only that range is dequantized.
     """
     bs, code = node.block_size, jnp.asarray(NF4_CODE)
-    if size % bs == 0:  # whole blocks: slice the bytes, gather their scales
+    if aligned and size % bs == 0:  # whole blocks: slice the bytes, gather their scales
         raw = lax.dynamic_slice_in_dim(node.packed, start // 2, size // 2)
         scales = _scales(node, start // bs + jnp.arange(size // bs))
         return (code[_codes(raw)].reshape(-1, bs) * scales[:, None]).reshape(-1).astype(
@@ -202,7 +202,11 @@ def dequantize(node: NF4, start, region: tuple):
         return formats.slab_region(node, start, region, ("packed", "absmax"), node.ndim - 1,
                                    _decode_rows)
     start = 0 if start is None else start
-    return dequantize_range(node, start, math.prod(region)).reshape(region)
+    # a region's start is a multiple of the stride of its first axis: of whole blocks
+    # when that stride is (a row of a stacked weight), else anywhere (part of a row)
+    stride = math.prod(node.shape[node.ndim - len(region) + 1:])
+    aligned = stride % node.block_size == 0 or (isinstance(start, int) and start == 0)
+    return dequantize_range(node, start, math.prod(region), aligned).reshape(region)
 
 
 def dequantize_array(node):

@@ -26,6 +26,7 @@ from jlora.optim import loraplus as loraplus
 from jlora.qnode import Quantized as Quantized
 from jlora.targets import Adapter as Adapter
 from jlora.targets import Params as Params
+from jlora.transforms.alora import alora_mask as alora_mask
 from jlora.transforms.apply import apply as apply
 from jlora.transforms.apply import explain as explain
 from jlora.transforms.check import check as check
@@ -45,7 +46,8 @@ from jlora.transforms.sharding import adapter_shardings as adapter_shardings
 __version__ = "0.1.0"
 
 __all__ = ["Adapter", "InitResult", "LoraConfig", "LoraError", "LoraNode", "MergeResult", "NF4",
-           "PRESETS", "Params", "Quantized", "Slots", "adapter_shardings", "apply", "check",
+           "PRESETS", "Params", "Quantized", "Slots", "adapter_shardings", "alora_mask", "apply",
+           "check",
            "combine_adapters",
            "dequantize", "explain", "init", "init_eva", "init_with_base", "load_adapter",
            "load_bitsandbytes", "loraplus", "merge", "merge_with_norms", "peft", "quantize",

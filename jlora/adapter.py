@@ -65,6 +65,9 @@ class LoraNode:
     out_axes: tuple[int, ...] = dataclasses.field(metadata=_meta)
     magnitude: Any = None  # DoRA: (*stack, out), the norm of each output feature
     axes_from: str = dataclasses.field(default="flax", metadata=_meta)
+    #: Activated LoRA: the invocation tokens (PEFT's ``alora_invocation_tokens``); the
+    #: update then acts only where ``apply``'s ``lora_mask`` says (``jlora.alora_mask``).
+    invocation: tuple[int, ...] | None = dataclasses.field(default=None, metadata=_meta)
 
     def labels(self) -> tuple[tuple[str, int], ...]:
         """Per kernel axis: ``('s'|'i'|'o', index within that group)``."""
@@ -98,6 +101,8 @@ class StackedNode:
     magnitude: Any = None
     alphas: tuple[float, ...] = dataclasses.field(metadata=_meta, default=())
     axes_from: str = dataclasses.field(default="flax", metadata=_meta)
+    #: Each adapter's ``LoraNode.invocation`` (None for a plain one); () when none is.
+    invocations: tuple = dataclasses.field(metadata=_meta, default=())
 
     @property
     def rank(self) -> int:

@@ -77,6 +77,9 @@ class LoraConfig:
       trainable_token_indices: rows of embedding tables trained in place: ``{module name:
         [indices]}``, or a list of indices for the one 2-D leaf whose path contains
         ``embed`` [``trainable_token_indices``].
+      alora_invocation_tokens: activated LoRA: the update acts only from the last
+        occurrence of these tokens on, gated by ``apply``'s ``lora_mask``
+        (``jlora.alora_mask``) [``alora_invocation_tokens``].
 
     Examples:
       >>> cfg = LoraConfig(rank=8, alpha=16.0, targets=("q_proj", "v_proj"))
@@ -100,6 +103,7 @@ class LoraConfig:
     layers_pattern: tuple[str, ...] | None = None
     modules_to_save: str | tuple[str, ...] = ()
     trainable_token_indices: Mapping[str, tuple[int, ...]] | tuple[int, ...] | None = None
+    alora_invocation_tokens: tuple[int, ...] | None = None
 
     def __post_init__(self):
         for name in ("targets", "exclude", "modules_to_save"):
@@ -113,6 +117,7 @@ class LoraConfig:
                 raise LoraError(f"{name}={spec!r} must be a regex string or a tuple of "
                                 "module names such as ('lm_head',)")
         _check_tokens(self)
+        _check_invocation(self)
         _check_rank("rank", self.rank)
         _check_alpha("alpha", self.alpha)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
@@ -160,6 +165,22 @@ class LoraConfig:
         if name not in PRESETS:
             raise LoraError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+def _check_invocation(cfg) -> None:
+    t = cfg.alora_invocation_tokens
+    if t is None:
+        return
+    if isinstance(t, list):
+        object.__setattr__(cfg, "alora_invocation_tokens", t := tuple(t))
+    if not (isinstance(t, tuple) and t and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in t)):
+        raise LoraError(f"alora_invocation_tokens={t!r} must be a non-empty tuple of token "
+                        "ids (the tokenized invocation string)")
+    if cfg.dora:
+        raise LoraError("alora_invocation_tokens with dora=True: an activated LoRA gates a "
+                        "low-rank term per token, and DoRA rescales the whole output (PEFT "
+                        "has no aLoRA DoRA either); choose one")
 
 
 def _check_rank(name, r):

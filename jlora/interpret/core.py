@@ -65,6 +65,10 @@ class Ctx:
     examples: dict | None = None
     mixed: str = "auto"  # a mixed batch's path: "auto", "gather" or "grouped"
     capture: Any = None  # capture mode (EVA): a capture.Capture collecting input statistics
+    #: ``lora_mask``: the per-token gate, and where each dot's operands carry its axes
+    #: (``token_axes.analyze``'s sites).
+    mask: Any = None
+    tokens: dict | None = None
 
     def record(self, path: str, what) -> None:
         self.records[path].append(what)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jlora.config import LoraError
-from jlora.interpret import capture, grouped, quantized
+from jlora.interpret import capture, grouped, quantized, token_gate
 from jlora.interpret import sym as sy
 from jlora.interpret.core import register
 from jlora.interpret.example_axis import Lost
@@ -37,6 +37,8 @@ TRANSPOSED_LEARNED = ("factored (transposed: the model contracts the adapter's o
 GATHERED = " (mixed batch: each example gathers its adapter's factors)"
 GROUPED = " (mixed batch: rows grouped by adapter)"
 ONEHOT = " (mixed batch: one-hot contraction over the adapters)"
+#: A use whose low-rank path ``lora_mask`` gates per token.
+GATED = " (gated by lora_mask)"
 #: The two low-rank products (``benchmarks/profile_step.py`` swaps them for JAX's rule).
 _thin_product = thin
 
@@ -55,10 +57,10 @@ def dot_general(eqn, invals, ctx):
         return _captured(eqn, lhs, rhs, ctx)
     if isinstance(rhs, Sym):
         return factored(lhs, rhs, True, eqn.params, ctx.key, ctx.record, _where(ctx, eqn, 0),
-                        ctx.mixed)
+                        ctx.mixed, _gate(ctx, eqn, 0))
     if isinstance(lhs, Sym):
         return factored(rhs, lhs, False, eqn.params, ctx.key, ctx.record, _where(ctx, eqn, 1),
-                        ctx.mixed)
+                        ctx.mixed, _gate(ctx, eqn, 1))
     view_is_rhs = qv.is_view(rhs)
     return quantized.dot(rhs if view_is_rhs else lhs, lhs if view_is_rhs else rhs,
                          view_is_rhs, eqn.params)
@@ -112,8 +114,16 @@ def _where(ctx, eqn, side: int):
     return None if site is None else site[1][side]
 
 
+def _gate(ctx, eqn, side: int):
+    """``lora_mask``: ``(mask, how operand side carries its axes)``, or None."""
+    if ctx.mask is None:
+        return None
+    site = (ctx.tokens or {}).get(id(eqn))
+    return ctx.mask, (frozenset() if site is None else site[1][side])
+
+
 def factored(x, sym: Sym, sym_is_rhs: bool, params: dict, key, record,
-             where=None, mixed: str = "auto") -> jax.Array:
+             where=None, mixed: str = "auto", gate=None) -> jax.Array:
     """``dot_general`` of an array with a symbolic weight, computed factored.
 
     LoRA: ``x W0 + s (drop(x) A) B``. DoRA (PEFT's formula): ``g (x W0 + s (x A) B)``,
@@ -138,9 +148,16 @@ def factored(x, sym: Sym, sym_is_rhs: bool, params: dict, key, record,
     if sym.g is not None and mode == "o":
         return bind(sy.materialize(sym, record, "DoRA weight contracted on its output axes"), x)
     x_d = _dropout(x, sym.dropout, key)
+    if gate is not None:
+        if sym.g is not None:
+            raise LoraError(f"lora_mask cannot gate {sym.path!r}: a DoRA adapter rescales the "
+                            "whole output, not a low-rank term (PEFT's aLoRA has no DoRA)")
+        free = [i for i in range(x.ndim) if i not in xc and i not in xb]
+        x_d = token_gate.gate(x_d, gate[1], gate[0], free, sym.path)
     y, g, how = _low_rank(x_d, sym, mode, sym_is_rhs, (xc, wc, xb, wb),
                           params.get("precision"), where, mixed)
-    record(sym.path, (_transposed(sym) if mode == "o" else "factored") + how)
+    record(sym.path, (_transposed(sym) if mode == "o" else "factored") + how
+           + ("" if gate is None else GATED))
     if g is None:
         return base_out + y.astype(base_out.dtype)
     if x_d is x:

@@ -25,7 +25,7 @@ from jlora.transforms.check import check, check_finite
 
 _FORMAT = "jlora-adapter/1"
 _SETTINGS = ("rank", "alpha", "scale", "dropout", "shape", "stack_axes", "in_axes", "out_axes",
-             "axes_from")  # (older checkpoints lack axes_from: the node's default)
+             "axes_from", "invocation")  # (older checkpoints lack the last two: defaults)
 
 
 def _manager(directory, max_to_keep: int | None = None, write: bool = True):

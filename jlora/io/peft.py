@@ -168,7 +168,7 @@ def _node(p, leaf, tensors, unused, config, module_fn, prefix, axes, dtype):
                     dropout=float(config.get("lora_dropout", 0.0)), shape=shape,
                     stack_axes=tuple(stack_axes), in_axes=tuple(in_axes),
                     out_axes=tuple(out_axes), magnitude=cast(mag) if mag else None,
-                    axes_from=origin)
+                    axes_from=origin, invocation=peft_config.invocation(config))
     return node if layers is None else LayersNode(node=node, layers=layers,
                                                   length=np.shape(leaf)[stack_axes[0]])
 

@@ -24,9 +24,7 @@ _UNSUPPORTED = {
     "layer_replication": "it builds extra layers by copying base layers, which a params tree "
                          "does not express; expand the base's layers yourself and load an "
                          "adapter saved without layer_replication",
-    "use_qalora": "QALoRA pools the input before lora_A, a different update from LoRA's",
-    "alora_invocation_tokens": "activated LoRA gates the update per token, which jlora.apply "
-                               "does not do yet"}
+    "use_qalora": "QALoRA pools the input before lora_A, a different update from LoRA's"}
 
 
 def config_of(modules: dict, base_model_name_or_path, parameters: dict | None = None) -> dict:
@@ -38,9 +36,12 @@ def config_of(modules: dict, base_model_name_or_path, parameters: dict | None = 
     nodes = list(both.values())
     rslora = {math.isclose(n.scale, n.alpha / math.sqrt(n.rank)) and n.rank > 1 for n in nodes}
     dora, dropout = {n.magnitude is not None for n in nodes}, {n.dropout for n in nodes}
-    if len(rslora) > 1 or len(dora) > 1 or len(dropout) > 1:
-        raise LoraError("a PEFT config has one use_rslora, use_dora and lora_dropout for all "
-                        "modules, but this adapter mixes them; save those parts separately")
+    alora = {n.invocation for n in nodes}
+    if len(rslora) > 1 or len(dora) > 1 or len(dropout) > 1 or len(alora) > 1:
+        raise LoraError("a PEFT config has one use_rslora, use_dora, lora_dropout and "
+                        "alora_invocation_tokens for all modules, but this adapter mixes "
+                        "them; save those parts separately")
+    invocation = alora.pop()
     r = Counter(n.rank for n in nodes).most_common(1)[0][0]
     alpha = Counter(n.alpha for n in nodes).most_common(1)[0][0]
     return {"peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": alpha,
@@ -50,7 +51,10 @@ def config_of(modules: dict, base_model_name_or_path, parameters: dict | None = 
             "alpha_pattern": {re.escape(m): n.alpha for m, n in both.items()
                               if n.alpha != alpha},
             "init_lora_weights": True, "inference_mode": True,
-            "base_model_name_or_path": base_model_name_or_path, **_DEFAULTS}
+            "base_model_name_or_path": base_model_name_or_path, **_DEFAULTS,
+            # PEFT accepts aLoRA for causal language models only
+            **({} if invocation is None else {"alora_invocation_tokens": list(invocation),
+                                              "task_type": "CAUSAL_LM"})}
 
 
 def read(path: str) -> dict:
@@ -75,6 +79,16 @@ def read(path: str) -> dict:
     if bad:
         raise LoraError(f"{path}: unsupported PEFT config fields: {', '.join(bad)}")
     return config
+
+
+def invocation(config: dict) -> tuple[int, ...] | None:
+    """Activated LoRA's invocation tokens (``alora_invocation_tokens``), or None."""
+    tokens = config.get("alora_invocation_tokens")
+    if not tokens:
+        return None
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise LoraError(f"alora_invocation_tokens={tokens!r} must be a list of token ids")
+    return tuple(tokens)
 
 
 def pattern(patterns: dict, module: str, default):

@@ -80,7 +80,8 @@ def load_node(p: str, leaf, tensors: dict, unused: set, config: dict, module_fn,
     return LoraNode(a=cast(a_all), b=cast(b_all), rank=rank, alpha=alpha, scale=scale,
                     dropout=float(config.get("lora_dropout", 0.0)), shape=shape,
                     stack_axes=tuple(stack_axes), in_axes=tuple(in_axes),
-                    out_axes=tuple(out_axes), axes_from=origin)
+                    out_axes=tuple(out_axes), axes_from=origin,
+                    invocation=peft_config.invocation(config))
 
 
 def _pick(p, module, param, tensors, prefix, dims, origin) -> str:

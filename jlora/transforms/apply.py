@@ -8,13 +8,15 @@ the interpreter (:mod:`jlora.interpret`) with each adapted kernel carried as
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
 from jlora.adapter import FullNode, match
-from jlora.interpret import grouped
+from jlora.interpret import grouped, token_axes
 from jlora.interpret.concat import by_path
 from jlora.interpret.core import Ctx, evaluate, materialized
 from jlora.interpret.example_axis import analyze
@@ -23,6 +25,7 @@ from jlora.interpret.trace import trace
 from jlora.numerics import qview as qv
 from jlora.targets import Adapter, Params, flatten, path_str
 from jlora.transforms import whole_leaves
+from jlora.transforms.alora import check_mask, ungated
 from jlora.transforms.check import check_finite
 from jlora.transforms.multi import check_ids, example_layout
 
@@ -31,17 +34,24 @@ def interpret_call(fn, params, adapter, args, kwargs, ctx: Ctx, adapter_ids=None
                    example_axes=None):
     nodes = match(params, adapter)
     ids = check_ids(nodes, adapter_ids)
+    check_mask(nodes, ctx.mask)
     closed, out_tree, dyn = trace(fn, params, args, kwargs)
     flat = flatten(params)[0]
     if ids is not None:  # follow each argument's example axis to every adapted dot
         layout = [None] * len(flat) + example_layout(args, kwargs, ids.shape[0], example_axes)
         ctx.examples = {}
         analyze(closed.jaxpr, layout, ctx.examples)
+    if ctx.mask is not None:  # follow the mask's axes (batch, seq) to every adapted dot
+        layout = [token_axes.NONE] * len(flat) + token_axes.layout(args, kwargs, ctx.mask.shape)
+        ctx.tokens = {}
+        token_axes.analyze(closed.jaxpr, layout, ctx.tokens)
     lowered = [whole_leaves.lower(leaf, node, exact=False) for (_, leaf), node in zip(flat, nodes)]
     syms = [from_node(qv.wrap(leaf), node, path_str(kp), ids=ids, active=whole_leaves.active(orig))
             for (kp, _), (leaf, node), orig in zip(flat, lowered, nodes)]
     vals = syms + dyn[len(syms):]
     outs = evaluate(closed.jaxpr, closed.consts, vals, ctx)
+    if ctx.mask is not None:
+        ungated(ctx.records)
     return jax.tree_util.tree_unflatten(out_tree, materialized(outs, ctx, "returned"))
 
 
@@ -97,7 +107,7 @@ def apply(fn: Callable, *, safe: bool = False, mixed: str = "auto") -> Callable:
 
     @functools.wraps(fn)
     def wrapped(params, adapter, *args, lora_rng=None, adapter_ids=None, example_axes=None,
-                **kwargs):
+                lora_mask=None, **kwargs):
         if safe:
             fix = ("find where it came from (jax.config.update('jax_debug_nans', True)); "
                    "safe=False turns these checks off")
@@ -105,12 +115,18 @@ def apply(fn: Callable, *, safe: bool = False, mixed: str = "auto") -> Callable:
                                ("kwargs", kwargs)):
                 check_finite(tree, what, fix)
         return interpret_call(fn, params, adapter, args, kwargs,
-                              Ctx(key=lora_rng, mixed=mixed), adapter_ids, example_axes)
+                              Ctx(key=lora_rng, mixed=mixed, mask=_as_mask(lora_mask)),
+                              adapter_ids, example_axes)
     return wrapped
 
 
+def _as_mask(mask):
+    return mask if mask is None or not hasattr(mask, "dtype") else jnp.asarray(mask)
+
+
 def explain(fn: Callable, params: Params, adapter: Adapter, *args, adapter_ids=None,
-            example_axes=None, mixed: str = "auto", **kwargs) -> dict[str, list[str]]:
+            example_axes=None, mixed: str = "auto", lora_mask=None,
+            **kwargs) -> dict[str, list[str]]:
     """How each adapted leaf is used by ``fn``: ``'factored'`` or ``'materialized (why)'``.
 
     Traces only (no computation). One entry per use site, in program order;
@@ -148,8 +164,9 @@ def explain(fn: Callable, params: Params, adapter: Adapter, *args, adapter_ids=N
     if mixed not in grouped.MODES:
         raise ValueError(f"explain(mixed={mixed!r}): expected one of {grouped.MODES}")
     ctx = Ctx(mixed=mixed)
-    jax.eval_shape(lambda p, ad, i: interpret_call(fn, p, ad, args, kwargs, ctx, i,
-                                                   example_axes), params, adapter, adapter_ids)
+    jax.eval_shape(lambda p, ad, i, m: interpret_call(
+        fn, p, ad, args, kwargs, dataclasses.replace(ctx, mask=_as_mask(m)), i, example_axes),
+        params, adapter, adapter_ids, lora_mask)
     adapted = [path_str(kp) for (kp, _), n in zip(flatten(params)[0], match(params, adapter))
                if n is not None and not isinstance(n, FullNode)]
     return by_path(ctx.records, adapted)

@@ -225,7 +225,7 @@ def _make_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
     node = LoraNode(a=a, b=b, rank=rank, alpha=float(alpha), scale=scale,
                     dropout=float(cfg.dropout), shape=tuple(w.shape),
                     stack_axes=tuple(stack_axes), in_axes=tuple(in_axes),
-                    out_axes=tuple(out_axes))
+                    out_axes=tuple(out_axes), invocation=cfg.alora_invocation_tokens)
     if cfg.dora:  # magnitude = ||W0 + s A B|| per output feature: the model is unchanged
         a_u, b_u, _ = node.unflat()
         base = dequantize_array(res) if is_quantized(res) else res  # LoftQ: the quantized base

@@ -65,7 +65,8 @@ def merge(params: Params, adapter: Adapter, *, return_norms: bool = False,
 
     Raises:
       LoraError: a merged leaf is not finite (checked when called outside ``jit``,
-        with one device-to-host transfer for all leaves).
+        with one device-to-host transfer for all leaves); an activated LoRA (it acts per
+        token, which no merged weight can).
 
     Examples:
       >>> params = {"q_proj": jnp.eye(3)}
@@ -116,6 +117,10 @@ def _merge(params, adapter, requantize: bool, want_norms: bool) -> MergeResult:
     flat, treedef = flatten(params)
     out, changed, norms, rounded = [], [], {}, ""
     for (kp, leaf), node in zip(flat, match(params, adapter)):
+        if getattr(getattr(node, "node", node), "invocation", None):
+            raise LoraError(f"{path_str(kp)!r} is an activated LoRA: it acts only from its "
+                            "invocation on, which a merged weight cannot express (PEFT does "
+                            "not merge aLoRA either); serve it with apply(..., lora_mask=)")
         if node is None:
             out.append(leaf if requantize or not is_quantized(leaf) else dequantize(leaf))
             continue

@@ -86,7 +86,9 @@ def _stack_nodes(path: str, nodes: list) -> StackedNode:
                        shape=first.shape, stack_axes=first.stack_axes, in_axes=first.in_axes,
                        out_axes=first.out_axes, magnitude=mag,
                        alphas=tuple(float(n.alpha) for n in nodes),
-                       axes_from=_origin(nodes))
+                       axes_from=_origin(nodes),
+                       invocations=tuple(n.invocation for n in nodes)
+                       if any(n.invocation for n in nodes) else ())
 
 
 def _origin(nodes) -> str:
@@ -132,6 +134,7 @@ def _one(node: StackedNode, i: int) -> LoraNode:
                     alpha=node.alphas[i], scale=node.scale[i], dropout=node.dropout,
                     shape=node.shape, stack_axes=node.stack_axes, in_axes=node.in_axes,
                     out_axes=node.out_axes, axes_from=node.axes_from,
+                    invocation=node.invocations[i] if node.invocations else None,
                     magnitude=None if node.magnitude is None else node.magnitude[i])
 
 

@@ -38,6 +38,11 @@ def test_main_example_smoke(tmp_path):
     assert "evicted" in runtime and "(PEFT) into slot" in runtime, runtime
 
 
+def test_alora_serving_shares_the_base_prefix_cache():
+    out = _run("alora_serve.py")
+    assert "all requests equal their adapter alone" in out, out
+
+
 def test_quickstart_learns_the_task():
     out = _run("quickstart.py")
     assert "merged == unmerged: True" in out

@@ -92,7 +92,10 @@ def test_bad_sources_are_refused_and_change_nothing():
     one = randomize(jlora.init(KEY, PARAMS, jlora.LoraConfig(rank=2, targets=("l1",))), KEY)
     dora = randomize(jlora.init(KEY, PARAMS, jlora.LoraConfig(rank=2, targets=("l1", "l2"),
                                                               dora=True)), KEY)
+    alora = jlora.init(KEY, PARAMS, jlora.LoraConfig(rank=2, targets=("l1", "l2"),
+                                                    alora_invocation_tokens=(3,)))
     cases = [(ADAPTERS["b"], "rank 8, more than the slot rank 4"),
+             (alora, "activated LoRA .* which slots do not serve yet"),
              (one, "targets differ from the slots' template: missing \\['l2/kernel'\\]"),
              (dora, "DoRA and plain LoRA adapters cannot share slots")]
     for source, match in cases:

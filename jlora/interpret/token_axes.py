@@ -13,7 +13,9 @@ positions, and the row that comes out is its query's. So a contraction or reduct
 over a component's axis drops that placement (the row keeps whatever others it has),
 while an op that shifts or reorders along it (a slice, a cache write, a cumsum) keeps
 the axis but forgets the mapping (``inner`` None), and an op this pass has no rule for
-loses the component altogether (``axis`` None). At an adapted use, each component
+loses the component altogether (``axis`` None). A scalar (a cache index, a branch
+index) has no rows, so what it was computed from does not matter: placements are
+about which token a row is, not which tokens it read. At an adapted use, each component
 must sit exactly once, with its mapping, on a free axis of the input; anything else
 is refused there (:func:`gate`), never guessed.
 """
@@ -108,10 +110,7 @@ def _keeps(eqn, ins):
     if eqn.primitive is lax.dynamic_update_slice_p:
         first |= _map(ins[1], lambda a: a if keep(eqn, a.axis)
                       else _blurred(a, eqn.primitive.name))
-        rest = ins[2:]
-    else:
-        rest = ins[1:]
-    return [first | _lost(frozenset().union(*rest), f"{eqn.primitive.name} index")]
+    return [first]  # start indices are scalars: they have no rows to place
 
 
 def _along(param: str, drop: bool):
@@ -132,7 +131,7 @@ def _reduce(eqn, ins):
 
 def _squeeze(eqn, ins):
     dims = eqn.params["dimensions"]
-    return [_map(ins[0], lambda a: At(a.comp, None, None, None, "squeeze") if a.axis in dims
+    return [_map(ins[0], lambda a: None if a.axis in dims  # size 1: no rows left to tell
                  else dataclasses.replace(a, axis=a.axis - sum(d < a.axis for d in dims)))]
 
 
@@ -226,7 +225,7 @@ def _hi(eqn, ins, sites):
 
 def _cond(eqn, ins, sites):
     outs = [analyze(b.jaxpr, ins[1:], sites) for b in eqn.params["branches"]]
-    return [frozenset().union(*o) | _lost(ins[0], "cond on the tokens") for o in zip(*outs)]
+    return [frozenset().union(*o) for o in zip(*outs)]  # the branch index is a scalar
 
 
 def _fixed_point(body, carry, sites):

@@ -43,6 +43,10 @@ def _fit(path: str, node, like: LoraNode, rank: int) -> LoraNode:
                             "and layout (peft.load with fn learns torch-layout axes)")
     if (node.magnitude is None) != (like.magnitude is None):
         raise LoraError(f"{path!r}: DoRA and plain LoRA adapters cannot share slots")
+    if node.invocation:  # its static tokens would change the slots' layout (a retrace)
+        raise LoraError(f"{path!r} is an activated LoRA (invocation tokens "
+                        f"{node.invocation}), which slots do not serve yet; serve it with "
+                        "jlora.stack and apply(..., lora_mask=jlora.alora_mask(...))")
     if node.rank > rank:
         raise LoraError(f"{path!r} has rank {node.rank}, more than the slot rank {rank}; "
                         f"make the slots with rank={node.rank}")
@@ -70,8 +74,9 @@ class Slots:
       rank: the slot rank (default: the template's largest); an adapter of a lower
         rank is zero-padded, which leaves its ``A @ B`` unchanged.
       sources: ``{name: source}`` to load on first use (see :meth:`load`).
-      fn, example_args: passed to ``jlora.peft.load`` for PEFT directories, which then
-        learns each target's axes from the model (needed for torch-layout weights).
+      fn: passed to ``jlora.peft.load`` for PEFT directories, which then learns each
+        target's axes from the model (needed for torch-layout weights).
+      example_args: ``fn``'s arguments after the params, for ``jlora.peft.load``.
 
     Raises:
       LoraError: ``n < 1``, or a template holding nodes other than LoRA's.

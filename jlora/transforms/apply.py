@@ -78,6 +78,13 @@ def apply(fn: Callable, *, safe: bool = False, mixed: str = "auto") -> Callable:
     form; these two fall back to gather for uses they cannot serve) or ``"auto"``
     (grouped only on GPU/TPU for decode-shaped inputs).
 
+    ``lora_mask`` (bool or float, e.g. ``(batch, seq)``; activated LoRA, see
+    :func:`jlora.alora_mask`) multiplies the low-rank path of every adapted use per
+    token: array arguments whose leading axes have the mask's shape carry its axes,
+    and jlora follows them to each use; where a row's token cannot be told, or a use
+    cannot be gated (materialized, a lookup, DoRA), it raises a ``LoraError``. An
+    adapter with invocation tokens requires it.
+
     Args:
       fn: the model's function, ``fn(params, *args, **kwargs)``; any pytree of params.
       safe: first check params, adapter and the array arguments for NaN/Inf and raise
@@ -88,7 +95,8 @@ def apply(fn: Callable, *, safe: bool = False, mixed: str = "auto") -> Callable:
 
     Returns:
       ``f(params, adapter, *args, lora_rng=None, adapter_ids=None, example_axes=None,
-      **kwargs)``, returning what ``fn`` returns. ``adapter`` may be ``None`` (the base).
+      lora_mask=None, **kwargs)``, returning what ``fn`` returns. ``adapter`` may be
+      ``None`` (the base).
 
     Raises:
       ValueError: an unknown ``mixed``.
@@ -144,6 +152,7 @@ def explain(fn: Callable, params: Params, adapter: Adapter, *args, adapter_ids=N
       adapter_ids: as for :func:`apply`, with a stacked adapter.
       example_axes: as for :func:`apply`.
       mixed: as for :func:`apply`.
+      lora_mask: as for :func:`apply`; each gated use says "(gated by lora_mask)".
       **kwargs: ``fn``'s keyword arguments.
 
     Returns:

@@ -14,7 +14,10 @@ and decode (one token for each of 64 sequences, over a KV cache of 128 positions
 - ``split n``: the same n adapters served one sub-batch each (n calls of the
   single-adapter function on batch 16/n);
 - ``switch``: the single-adapter call alternating between two adapters (same
-  compiled function; no retrace).
+  compiled function; no retrace);
+- ``ranks 8-64 padded`` / ``ranked``: four adapters of ranks 8, 16, 32 and 64 (example
+  i uses adapter i % 4), padded to rank 64 (``adapter_ids`` traced) or each rank
+  class at its own rank (``adapter_ids`` known when the call is traced).
 
 Run from the repo root: ``python benchmarks/serve.py`` (writes
 ``benchmarks/results/serve.md``; ``--quick`` for a tiny smoke run).
@@ -28,6 +31,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
@@ -37,6 +41,7 @@ from core import timeit_interleaved, write_result  # noqa: E402
 import jlora  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+RANKS = (8, 16, 32, 64)
 
 
 def build(quick: bool, counts, decode: bool):
@@ -79,7 +84,25 @@ def build(quick: bool, counts, decode: bool):
                 lambda p, x, n=n, sub=sub, parts=parts: [
                     single(p, adapters[k], x[k * sub:(k + 1) * sub], parts[k])
                     for k in range(n)], (params, ids))
+    mixed_ranks(calls, model, params, key, ids, cache, extra, axes)
     return calls, (cfg, batch, seq)
+
+
+def mixed_ranks(calls, model, params, key, ids, cache, extra, axes):
+    """Four adapters of ranks 8, 16, 32, 64 (example i uses adapter i % 4): padded to 64
+    (``adapter_ids`` traced) or each rank class at its own rank (ids known when traced)."""
+    ads = [jlora.init(jax.random.fold_in(key, r), params,
+                      jlora.LoraConfig(rank=r, alpha=2.0 * r, targets=TARGETS))
+           for r in RANKS]
+    st = jlora.stack([jax.tree.map(lambda v: v + 1e-3, ad) for ad in ads])
+    aid = jnp.arange(ids.shape[0]) % len(RANKS)
+    run = jlora.apply(model.apply)
+    padded = jax.jit(lambda p, st, x, c, i: run(p, st, x, *extra(c), adapter_ids=i,
+                                                  example_axes=axes))
+    ranked = jax.jit(lambda p, st, x, c: run(p, st, x, *extra(c), adapter_ids=np.asarray(aid),
+                                             example_axes=axes))
+    calls["ranks 8-64 padded"] = (padded, (params, st, ids, cache, aid))
+    calls["ranks 8-64 ranked"] = (ranked, (params, st, ids, cache))
 
 
 def table(calls, repeats: int) -> str:
@@ -112,7 +135,8 @@ def main():
             "adapter i % n in one call (gathered factors); 'grouped n': the same sorted by "
             "adapter (ragged_dot; on a CPU masked dense products); 'onehot n': the same by "
             "a one-hot contraction over the adapters; 'split n': one call per adapter's "
-            "sub-batch")
+            "sub-batch; 'ranks 8-64': four adapters of ranks 8-64, padded to 64 or each "
+            "rank class at its own rank")
     out = "\n\n".join(parts)
     print(out + "\n\n" + note)
     if not args.quick:

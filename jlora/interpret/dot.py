@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jlora.config import LoraError
-from jlora.interpret import capture, grouped, quantized, token_gate
+from jlora.interpret import capture, grouped, quantized, ranked, token_gate
 from jlora.interpret import sym as sy
 from jlora.interpret.core import register
 from jlora.interpret.example_axis import Lost
@@ -37,6 +37,7 @@ TRANSPOSED_LEARNED = ("factored (transposed: the model contracts the adapter's o
 GATHERED = " (mixed batch: each example gathers its adapter's factors)"
 GROUPED = " (mixed batch: rows grouped by adapter)"
 ONEHOT = " (mixed batch: one-hot contraction over the adapters)"
+RANKED = " (mixed batch: each rank class at its own rank)"
 #: A use whose low-rank path ``lora_mask`` gates per token.
 GATED = " (gated by lora_mask)"
 #: The two low-rank products (``benchmarks/profile_step.py`` swaps them for JAX's rule).
@@ -202,6 +203,10 @@ def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec, where=None,
         y = grouped.low_rank(x, sym, sym_is_rhs, dims, ex_axis, ids, prec, path == "onehot")
         return y, None, GROUPED if path == "grouped" else ONEHOT
     sp = _specs(x, sym, mode, sym_is_rhs, dims, ex_axis)
+    if sym.ranked is not None and path in ("", "gather"):  # concrete ids: each class at its rank
+        y = ranked.low_rank(x, sym, mode, sp, ex_axis, prec)
+        if y is not None:
+            return y, None, RANKED
     first, second = (sym.a, sym.b) if mode == "i" else (sym.b, sym.a)
     g = sym.g
     if sym.ids is not None:  # gather each example's factors (and g)

@@ -51,6 +51,10 @@ class Sym:
     #: The node's ``axes_from`` (``jlora.adapter.AXES_FROM``): whether a use that swaps the
     #: factors' roles is expected (learned, a tied table) or refused (``"assumed"``).
     axes_from: str = dataclasses.field(default="flax", metadata=dict(static=True))
+    #: A mixed batch of a stack with several ranks, its ``adapter_ids`` concrete: each
+    #: example's adapter and each adapter's rank, so each rank class runs at its own rank.
+    ranked: tuple[tuple[int, ...], tuple[int, ...]] | None = dataclasses.field(
+        default=None, metadata=dict(static=True))
 
     @property
     def lead(self) -> int:
@@ -110,12 +114,14 @@ def node_norm(leaf, node) -> jax.Array:
     return jax.vmap(norm)(a, b, jnp.asarray(node.scale, jnp.float32))
 
 
-def from_node(leaf, node, path: str, norm=None, ids=None, active=None) -> Sym | Any:
+def from_node(leaf, node, path: str, norm=None, ids=None, active=None,
+              rows=None) -> Sym | Any:
     """The symbolic weight for a base leaf and its adapter node (the leaf if none).
 
     ``norm`` overrides DoRA's norm (unmerge: the base is then the merged weight).
     A stacked node (``jlora.stack``) needs ``ids``, the adapter of each example;
-    each adapter's scaling is then folded into its ``b``.
+    each adapter's scaling is then folded into its ``b``. ``rows``: the same ids as a
+    tuple when they are concrete (a stack of several ranks then runs each at its own).
     """
     if node is None:
         return leaf
@@ -133,8 +139,10 @@ def from_node(leaf, node, path: str, norm=None, ids=None, active=None) -> Sym | 
     elif ids is not None:
         b = b * jnp.asarray(node.scale, b.dtype).reshape((-1,) + (1,) * (b.ndim - 1))
         scale = 1.0
+    ranks = getattr(node, "ranks", ())
+    ranked = (rows, ranks) if rows is not None and g is None and len(set(ranks)) > 1 else None
     return Sym(leaf, a, b, g, node.labels(), scale, node.dropout, path, ids, active,
-               node.axes_from)
+               node.axes_from, ranked)
 
 
 def on_base(base, prim, *operands, **params):

@@ -14,6 +14,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jlora.adapter import FullNode, match
 from jlora.interpret import grouped, token_axes
@@ -46,8 +47,10 @@ def interpret_call(fn, params, adapter, args, kwargs, ctx: Ctx, adapter_ids=None
         ctx.tokens = {}
         token_axes.analyze(closed.jaxpr, layout, ctx.tokens)
     lowered = [whole_leaves.lower(leaf, node, exact=False) for (_, leaf), node in zip(flat, nodes)]
-    syms = [from_node(qv.wrap(leaf), node, path_str(kp), ids=ids, active=whole_leaves.active(orig))
-            for (kp, _), (leaf, node), orig in zip(flat, lowered, nodes)]
+    rows = None if ids is None or isinstance(adapter_ids, jax.core.Tracer) else tuple(
+        np.asarray(adapter_ids).astype(int).tolist())  # known now: see interpret.ranked
+    syms = [from_node(qv.wrap(leaf), node, path_str(kp), ids=ids, active=whole_leaves.active(orig),
+                      rows=rows) for (kp, _), (leaf, node), orig in zip(flat, lowered, nodes)]
     vals = syms + dyn[len(syms):]
     outs = evaluate(closed.jaxpr, closed.consts, vals, ctx)
     if ctx.mask is not None:
@@ -173,9 +176,10 @@ def explain(fn: Callable, params: Params, adapter: Adapter, *args, adapter_ids=N
     if mixed not in grouped.MODES:
         raise ValueError(f"explain(mixed={mixed!r}): expected one of {grouped.MODES}")
     ctx = Ctx(mixed=mixed)
-    jax.eval_shape(lambda p, ad, i, m: interpret_call(
-        fn, p, ad, args, kwargs, dataclasses.replace(ctx, mask=_as_mask(m)), i, example_axes),
-        params, adapter, adapter_ids, lora_mask)
+    known = adapter_ids is None or not isinstance(adapter_ids, jax.ShapeDtypeStruct)
+    jax.eval_shape(lambda p, ad, i, m: interpret_call(  # known ids stay known: ranked paths
+        fn, p, ad, args, kwargs, dataclasses.replace(ctx, mask=_as_mask(m)),
+        adapter_ids if known else i, example_axes), params, adapter, adapter_ids, lora_mask)
     adapted = [path_str(kp) for (kp, _), n in zip(flatten(params)[0], match(params, adapter))
                if n is not None and not isinstance(n, FullNode)]
     return by_path(ctx.records, adapted)

@@ -22,7 +22,9 @@ from jlora.io.slots import Slots as Slots
 from jlora.nf4 import NF4 as NF4
 from jlora.numerics.quantize import dequantize as dequantize
 from jlora.numerics.quantize import quantize as quantize
+from jlora.optim import lorafa as lorafa
 from jlora.optim import loraplus as loraplus
+from jlora.optim import riemannian as riemannian
 from jlora.qnode import Quantized as Quantized
 from jlora.targets import Adapter as Adapter
 from jlora.targets import Params as Params
@@ -50,6 +52,6 @@ __all__ = ["Adapter", "InitResult", "LoraConfig", "LoraError", "LoraNode", "Merg
            "check",
            "combine_adapters",
            "dequantize", "explain", "init", "init_eva", "init_with_base", "load_adapter",
-           "load_bitsandbytes", "loraplus", "merge", "merge_with_norms", "peft", "quantize",
-           "restore_checkpoint", "save_adapter", "save_checkpoint", "stack", "unmerge",
-           "unstack"]
+           "load_bitsandbytes", "lorafa", "loraplus", "merge", "merge_with_norms", "peft",
+           "quantize", "restore_checkpoint", "riemannian", "save_adapter", "save_checkpoint",
+           "stack", "unmerge", "unstack"]

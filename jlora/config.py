@@ -7,9 +7,22 @@ import math
 import re
 from typing import Any, Mapping
 
-_INITS = ("kaiming", "gaussian", "pissa", "olora", "loftq")
-#: Inits that move part of the weight into the factors: ``init`` returns the residual base.
+_INITS = ("kaiming", "gaussian", "orthogonal", "pissa", "olora", "loftq")
+#: Inits that move part of the weight into the factors: ``init`` returns the residual base
+#: (and ``pissa_niter_<K>`` for any K).
 BASE_CHANGING_INITS = ("pissa", "olora", "loftq")
+_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+def changes_base(init: str) -> bool:
+    """Whether ``init`` moves part of each weight into the factors (PiSSA, OLoRA, LoftQ)."""
+    return init in BASE_CHANGING_INITS or _NITER.fullmatch(init) is not None
+
+
+def niter(init: str) -> int | None:
+    """``K`` of ``"pissa_niter_K"`` (randomized SVD's subspace iterations), else None."""
+    m = _NITER.fullmatch(init)
+    return None if m is None else int(m.group(1))
 #: Names of the segment that lists a model's layers (PEFT's ``COMMON_LAYERS_PATTERN``).
 LAYER_PATTERNS = ("layers", "layer", "h", "blocks", "block")
 
@@ -58,9 +71,12 @@ class LoraConfig:
       rank_pattern: ``{regex: rank}`` overriding ``rank`` for matching paths.
       alpha_pattern: ``{regex: alpha}`` overriding ``alpha`` likewise.
       init: ``"kaiming"`` (PEFT's default: A ~ U(+-1/sqrt(in))), ``"gaussian"``
-        (A ~ N(0, 1/r^2)), ``"pissa"`` (principal singular vectors), ``"olora"``
-        (the first r columns of the weight's QR factors) or ``"loftq"`` (an NF4 base and
-        the factors that best correct it) [``init_lora_weights``].
+        (A ~ N(0, 1/r^2)), ``"orthogonal"`` (A and B from orthogonal halves of a random
+        ``r x r`` rotation, so ``A B = 0``; even ranks), ``"pissa"`` (principal singular
+        vectors), ``"pissa_niter_<K>"`` (the same by randomized SVD with K subspace
+        iterations: fast at 7B sizes), ``"olora"`` (the first r columns of the weight's
+        QR factors) or ``"loftq"`` (an NF4 base and the factors that best correct it)
+        [``init_lora_weights``].
       dtype: dtype of the adapter arrays; ``None`` uses each base leaf's dtype.
       loftq_iter: LoftQ's alternations of quantization and SVD
         [``loftq_config["loftq_iter"]``].
@@ -143,8 +159,10 @@ class LoraConfig:
                 or self.loftq_iter < 1:
             raise LoraError(f"loftq_iter={self.loftq_iter!r} must be a positive int (PEFT's "
                             "default is 1; the LoftQ paper uses up to 5)")
-        if self.init not in _INITS:
-            raise LoraError(f"init={self.init!r} is not one of {_INITS}")
+        if self.init not in _INITS and niter(self.init) is None:
+            raise LoraError(f"init={self.init!r} is not one of {_INITS} or 'pissa_niter_<K>' "
+                            "(PiSSA by randomized SVD with K subspace iterations, e.g. "
+                            "'pissa_niter_4')")
 
     def scaling_for(self, rank: int, alpha: float) -> float:
         """The factor ``s`` in ``W0 + s * A @ B`` for one leaf."""

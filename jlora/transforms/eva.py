@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.adapter import LayersNode, LoraNode, match
-from jlora.config import BASE_CHANGING_INITS, LoraConfig, LoraError
+from jlora.config import LoraConfig, LoraError, changes_base
 from jlora.interpret.capture import Capture
 from jlora.interpret.core import Ctx
 from jlora.targets import Adapter, Params, flatten, path_str
@@ -64,7 +64,7 @@ def init_eva(key, params: Params, cfg: LoraConfig, fn, batches, *, masks=None,
       >>> jnp.abs(ad["q"].a[:, 0]).round(1).tolist()  # the inputs' main direction
       [1.0, 0.0, 0.0, 0.0]
     """
-    if cfg.init in BASE_CHANGING_INITS:
+    if changes_base(cfg.init):
         raise LoraError(f"init_eva computes its own factors; cfg.init={cfg.init!r} would also "
                         "change the base: use init='kaiming' or 'gaussian'")
     if not rho >= 1.0:

@@ -1,29 +1,68 @@
 """Inits that move part of each weight into the factors and return a changed base.
 
-PiSSA (the top-r singular directions), OLoRA (PEFT's ``olora_init``: QR of the
-torch-layout weight) and LoftQ (alternating NF4 quantization and a rank-r SVD of
-what quantization missed), each on every stacked ``(in, out)`` matrix in float32.
+PiSSA (the top-r singular directions, by a full or a randomized SVD), OLoRA (PEFT's
+``olora_init``: QR of the torch-layout weight) and LoftQ (alternating NF4 quantization
+and a rank-r SVD of what quantization missed), each on every stacked ``(in, out)``
+matrix in float32; and ``orthogonal`` (factors whose product is zero: the base stays).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
+import jax
 import jax.numpy as jnp
 
+from jlora.config import LoraError, niter
 from jlora.numerics.quant import dequantize_array, quantize_array
 
 
-def base_changing(cfg, w, axes, rank: int, scale: float, dtype):
+def base_changing(cfg, w, axes, rank: int, scale: float, dtype, key=None):
     """``(a, b, base)`` for ``cfg.init``: the factors and the base to train on."""
     if cfg.init == "loftq":
         return _loftq(w, axes, rank, scale, dtype, cfg.loftq_iter)
-    return _moved(w, axes, rank, scale, dtype, _FACTORS[cfg.init])
+    k = niter(cfg.init)
+    factors = _FACTORS[cfg.init] if k is None else functools.partial(
+        _pissa_niter, niter=k, key=jax.random.key(0) if key is None else key)
+    return _moved(w, axes, rank, scale, dtype, factors)
+
+
+def orthogonal(key, path: str, stack, n_in: int, n_out: int, rank: int, dtype):
+    """PEFT's ``orthogonal_init``: ``Q`` of a random ``r x r`` matrix's QR; ``A = G1 Q[0::2]
+    / 10``, ``B = Q[1::2]^T G2 / 10`` (``G`` Gaussian), so ``A B = G1 Q[0::2] Q[1::2]^T G2 /
+    100 = 0``: the model starts unchanged, each factor full rank."""
+    if rank % 2:
+        raise LoraError(f"init='orthogonal' splits a rotation's rows between A and B, so it "
+                        f"needs an even rank; {path!r} has rank {rank} (set an even rank, or "
+                        "rank_pattern for this path)")
+    k1, k2, k3 = jax.random.split(key, 3)
+    q, _ = jnp.linalg.qr(jax.random.normal(k1, stack + (rank, rank), jnp.float32))
+    g1 = jax.random.normal(k2, stack + (n_in, rank // 2), jnp.float32)
+    g2 = jax.random.normal(k3, stack + (rank // 2, n_out), jnp.float32)
+    a = g1 @ q[..., 0::2, :] / 10.0
+    b = jnp.swapaxes(q[..., 1::2, :], -1, -2) @ g2 / 10.0
+    return a.astype(dtype), b.astype(dtype)
 
 
 def _pissa(mat, rank: int, scale: float):
     """PiSSA: the top-``rank`` singular directions, split evenly between A and B."""
     return _top(mat, rank, scale)
+
+
+def _pissa_niter(mat, rank: int, scale: float, niter: int, key):
+    """PiSSA by randomized SVD (PEFT's ``pissa_niter_K``, torch's ``svd_lowrank``: Halko
+    et al.): a random ``rank``-column range of ``mat``, refined by ``niter`` subspace
+    iterations, then the SVD of ``mat`` projected onto it."""
+    omega = jax.random.normal(key, mat.shape[:-2] + (mat.shape[-1], rank), mat.dtype)
+    q, _ = jnp.linalg.qr(mat @ omega)
+    mt = jnp.swapaxes(mat, -1, -2)
+    for _ in range(niter):
+        q, _ = jnp.linalg.qr(mt @ q)
+        q, _ = jnp.linalg.qr(mat @ q)
+    u, s, vh = jnp.linalg.svd(jnp.swapaxes(q, -1, -2) @ mat, full_matrices=False)
+    root = jnp.sqrt(s[..., :rank] / scale)
+    return (q @ u[..., :, :rank]) * root[..., None, :], root[..., :, None] * vh[..., :rank, :]
 
 
 def _olora(mat, rank: int, scale: float):

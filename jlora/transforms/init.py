@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora.adapter import LayersNode, LoraNode, default_axes
-from jlora.config import BASE_CHANGING_INITS, LAYER_PATTERNS, LoraConfig, LoraError
+from jlora.config import LAYER_PATTERNS, LoraConfig, LoraError, changes_base
 from jlora.interpret.probe import discover_axes
 from jlora.numerics.dora import dora_norm
 from jlora.numerics.quant import dequantize_array
@@ -61,7 +61,7 @@ def init(key, params: Params, cfg: LoraConfig, fn=None, *args, **kwargs) -> Adap
       >>> ad["q_proj"]["kernel"].a.shape, ad["q_proj"]["kernel"].b.shape
       ((4, 2), (2, 6))
     """
-    if cfg.init in BASE_CHANGING_INITS:
+    if changes_base(cfg.init):
         warnings.warn(f"jlora.init with init={cfg.init!r} returning (adapter, base) is "
                       "deprecated and will be removed in 0.3: use adapter, base = "
                       "jlora.init_with_base(key, params, cfg, ...)", DeprecationWarning,
@@ -131,7 +131,7 @@ def init_with_base(key, params: Params, cfg: LoraConfig, fn=None, *args,
         residual.append(res)
     adapter = jax.tree_util.tree_unflatten(treedef, nodes)
     adapter = place(params, adapter)  # a sharded base gets an adapter sharded like it
-    if cfg.init in BASE_CHANGING_INITS:
+    if changes_base(cfg.init):
         return InitResult(adapter, jax.tree_util.tree_unflatten(treedef, residual))
     return InitResult(adapter, params)
 
@@ -187,7 +187,7 @@ def _make_layers_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, ax
                         f"(axis {ax}); use indices below {length}")
     ids = jnp.asarray(layers)
     node, res = _make_node(key, jnp.take(w, ids, axis=ax), path, cfg, rank, alpha, axes)
-    if cfg.init in BASE_CHANGING_INITS:  # the residual of the chosen layers, in place
+    if changes_base(cfg.init):  # the residual of the chosen layers, in place
         w = w.at[(slice(None),) * ax + (ids,)].set(res)
     return LayersNode(node=node, layers=layers, length=length), w
 
@@ -200,7 +200,7 @@ def _make_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
         raise LoraError(f"rank {rank} for {path!r} exceeds min(in={n_in}, out={n_out}) of its "
                         f"kernel {tuple(w.shape)}; lower the rank (rank_pattern can set it "
                         "per path)")
-    if cfg.init in BASE_CHANGING_INITS and is_quantized(w):
+    if changes_base(cfg.init) and is_quantized(w):
         then = ("it returns the quantized base" if cfg.init == "loftq" else
                 "then jlora.quantize the residual it returns")
         raise LoraError(f"init={cfg.init!r} changes the base, but {path!r} is already "
@@ -220,8 +220,10 @@ def _make_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
     elif cfg.init == "gaussian":
         a = (jax.random.normal(key, stack + (n_in, rank), jnp.float32) / rank).astype(dtype)
     b, res = jnp.zeros(stack + (rank, n_out), dtype), w
-    if cfg.init in BASE_CHANGING_INITS:
-        a, b, res = factor_inits.base_changing(cfg, w, axes, rank, scale, dtype)
+    if cfg.init == "orthogonal":
+        a, b = factor_inits.orthogonal(key, path, stack, n_in, n_out, rank, dtype)
+    if changes_base(cfg.init):
+        a, b, res = factor_inits.base_changing(cfg, w, axes, rank, scale, dtype, key)
     node = LoraNode(a=a, b=b, rank=rank, alpha=float(alpha), scale=scale,
                     dropout=float(cfg.dropout), shape=tuple(w.shape),
                     stack_axes=tuple(stack_axes), in_axes=tuple(in_axes),

@@ -159,10 +159,7 @@ class LoraConfig:
                 or self.loftq_iter < 1:
             raise LoraError(f"loftq_iter={self.loftq_iter!r} must be a positive int (PEFT's "
                             "default is 1; the LoftQ paper uses up to 5)")
-        if self.init not in _INITS and niter(self.init) is None:
-            raise LoraError(f"init={self.init!r} is not one of {_INITS} or 'pissa_niter_<K>' "
-                            "(PiSSA by randomized SVD with K subspace iterations, e.g. "
-                            "'pissa_niter_4')")
+        _check_init(self.init)
 
     def scaling_for(self, rank: int, alpha: float) -> float:
         """The factor ``s`` in ``W0 + s * A @ B`` for one leaf."""
@@ -183,6 +180,12 @@ class LoraConfig:
         if name not in PRESETS:
             raise LoraError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+def _check_init(init) -> None:
+    if init not in _INITS and niter(init) is None:
+        raise LoraError(f"init={init!r} is not one of {_INITS} or 'pissa_niter_<K>' (PiSSA "
+                        "by randomized SVD with K subspace iterations, e.g. 'pissa_niter_4')")
 
 
 def _check_invocation(cfg) -> None:

@@ -28,6 +28,19 @@ def base_changing(cfg, w, axes, rank: int, scale: float, dtype, key=None):
     return _moved(w, axes, rank, scale, dtype, factors)
 
 
+def fresh(init: str, key, path: str, stack, n_in: int, n_out: int, rank: int, dtype):
+    """``(a, b)`` of an init that leaves the base alone (B = 0 but for ``orthogonal``;
+    a base-changing init overwrites them)."""
+    if init == "orthogonal":
+        return orthogonal(key, path, stack, n_in, n_out, rank, dtype)
+    if init == "gaussian":
+        a = (jax.random.normal(key, stack + (n_in, rank), jnp.float32) / rank).astype(dtype)
+    else:  # kaiming: torch's kaiming_uniform_(a=sqrt(5)) on (r, in), bound 1/sqrt(in)
+        bound = 1.0 / math.sqrt(n_in)
+        a = jax.random.uniform(key, stack + (n_in, rank), dtype, -bound, bound)
+    return a, jnp.zeros(stack + (rank, n_out), dtype)
+
+
 def orthogonal(key, path: str, stack, n_in: int, n_out: int, rank: int, dtype):
     """PEFT's ``orthogonal_init``: ``Q`` of a random ``r x r`` matrix's QR; ``A = G1 Q[0::2]
     / 10``, ``B = Q[1::2]^T G2 / 10`` (``G`` Gaussian), so ``A B = G1 Q[0::2] Q[1::2]^T G2 /

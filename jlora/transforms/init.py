@@ -214,14 +214,7 @@ def _make_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
                         "jlora.quantize the base instead")
     stack = tuple(w.shape[ax] for ax in stack_axes)
     scale = cfg.scaling_for(rank, alpha)
-    if cfg.init == "kaiming":  # torch kaiming_uniform_(a=sqrt(5)) on (r, in): bound 1/sqrt(in)
-        bound = 1.0 / math.sqrt(n_in)
-        a = jax.random.uniform(key, stack + (n_in, rank), dtype, -bound, bound)
-    elif cfg.init == "gaussian":
-        a = (jax.random.normal(key, stack + (n_in, rank), jnp.float32) / rank).astype(dtype)
-    b, res = jnp.zeros(stack + (rank, n_out), dtype), w
-    if cfg.init == "orthogonal":
-        a, b = factor_inits.orthogonal(key, path, stack, n_in, n_out, rank, dtype)
+    (a, b), res = factor_inits.fresh(cfg.init, key, path, stack, n_in, n_out, rank, dtype), w
     if changes_base(cfg.init):
         a, b, res = factor_inits.base_changing(cfg, w, axes, rank, scale, dtype, key)
     node = LoraNode(a=a, b=b, rank=rank, alpha=float(alpha), scale=scale,

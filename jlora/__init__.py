@@ -32,6 +32,7 @@ from jlora.transforms.alora import alora_mask as alora_mask
 from jlora.transforms.apply import apply as apply
 from jlora.transforms.apply import explain as explain
 from jlora.transforms.check import check as check
+from jlora.transforms.data_inits import init_from_data as init_from_data
 from jlora.transforms.eva import init_eva as init_eva
 from jlora.transforms.init import InitResult as InitResult
 from jlora.transforms.init import init as init
@@ -49,9 +50,8 @@ __version__ = "0.1.0"
 
 __all__ = ["Adapter", "InitResult", "LoraConfig", "LoraError", "LoraNode", "MergeResult", "NF4",
            "PRESETS", "Params", "Quantized", "Slots", "adapter_shardings", "alora_mask", "apply",
-           "check",
-           "combine_adapters",
-           "dequantize", "explain", "init", "init_eva", "init_with_base", "load_adapter",
+           "check", "combine_adapters", "dequantize", "explain", "init", "init_eva",
+           "init_from_data", "init_with_base", "load_adapter",
            "load_bitsandbytes", "lorafa", "loraplus", "merge", "merge_with_norms", "peft",
            "quantize", "restore_checkpoint", "riemannian", "save_adapter", "save_checkpoint",
            "stack", "unmerge", "unstack"]

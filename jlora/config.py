@@ -7,7 +7,8 @@ import math
 import re
 from typing import Any, Mapping
 
-_INITS = ("kaiming", "gaussian", "orthogonal", "pissa", "olora", "loftq")
+_INITS = ("kaiming", "gaussian", "orthogonal", "pissa", "olora", "loftq", "lora_ga", "corda",
+          "eva")
 #: Inits that move part of the weight into the factors: ``init`` returns the residual base
 #: (and ``pissa_niter_<K>`` for any K).
 BASE_CHANGING_INITS = ("pissa", "olora", "loftq")
@@ -75,9 +76,15 @@ class LoraConfig:
         ``r x r`` rotation, so ``A B = 0``; even ranks), ``"pissa"`` (principal singular
         vectors), ``"pissa_niter_<K>"`` (the same by randomized SVD with K subspace
         iterations: fast at 7B sizes), ``"olora"`` (the first r columns of the weight's
-        QR factors) or ``"loftq"`` (an NF4 base and the factors that best correct it)
+        QR factors), ``"loftq"`` (an NF4 base and the factors that best correct it), or,
+        computed from data by ``jlora.init_from_data``, ``"lora_ga"`` (the averaged
+        gradient's singular directions), ``"corda"`` and ``"eva"``
         [``init_lora_weights``].
       dtype: dtype of the adapter arrays; ``None`` uses each base leaf's dtype.
+      corda_method: CorDA's ``"ipm"`` (adapt the directions the data uses most) or
+        ``"kpm"`` (the least, keeping knowledge) [``corda_config.corda_method``].
+      stable_gamma: LoRA-GA's ``B`` scale ``out^(1/4) / sqrt(stable_gamma)``
+        [``lora_ga_config.stable_gamma``].
       loftq_iter: LoftQ's alternations of quantization and SVD
         [``loftq_config["loftq_iter"]``].
       layers_to_transform: adapt only these layer indices (the segment after a
@@ -115,6 +122,8 @@ class LoraConfig:
     dtype: Any = None
     exclude: str | tuple[str, ...] = ()
     loftq_iter: int = 1
+    stable_gamma: float = 16.0
+    corda_method: str = "ipm"
     layers_to_transform: tuple[int, ...] | None = None
     layers_pattern: tuple[str, ...] | None = None
     modules_to_save: str | tuple[str, ...] = ()
@@ -159,7 +168,7 @@ class LoraConfig:
                 or self.loftq_iter < 1:
             raise LoraError(f"loftq_iter={self.loftq_iter!r} must be a positive int (PEFT's "
                             "default is 1; the LoftQ paper uses up to 5)")
-        _check_init(self.init)
+        _check_init(self.init, self.stable_gamma, self.corda_method)
 
     def scaling_for(self, rank: int, alpha: float) -> float:
         """The factor ``s`` in ``W0 + s * A @ B`` for one leaf."""
@@ -182,7 +191,11 @@ class LoraConfig:
         return cls(**{**PRESETS[name], **overrides})
 
 
-def _check_init(init) -> None:
+def _check_init(init, gamma, corda) -> None:
+    if corda not in ("ipm", "kpm"):
+        raise LoraError(f"corda_method={corda!r} must be 'ipm' or 'kpm' (PEFT's CorDA)")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
+        raise LoraError(f"stable_gamma={gamma!r} must be a positive number (PEFT's is 16)")
     if init not in _INITS and niter(init) is None:
         raise LoraError(f"init={init!r} is not one of {_INITS} or 'pissa_niter_<K>' (PiSSA "
                         "by randomized SVD with K subspace iterations, e.g. 'pissa_niter_4')")

@@ -3,7 +3,8 @@
 Run under a :class:`Capture`, the ``dot_general`` rule computes only the base product
 and adds the rows that met each adapted weight (every axis of the input it does not
 contract, flattened; the contracted ones in the adapter's in-axis order) to that
-weight's running ``(count, sum, gram)``. Inside a ``scan`` or ``checkpoint`` body the
+weight's running ``(count, sum, gram, top)`` (``top``: the largest entry, CorDA's
+normalizer). Inside a ``scan`` or ``checkpoint`` body the
 statistics leave as extra outputs (:func:`body_outputs`), so a scanned stack gets one
 set per layer, leading like the stack axis.
 """
@@ -19,12 +20,15 @@ from jax import lax
 from jlora.config import LoraError
 from jlora.interpret.grouped import in_rows
 
+#: Statistics per adapted path: ``(count, sum, gram, top)``.
+STATS = 4
+
 
 @dataclasses.dataclass
 class Capture:
     """``mask``: optional bool array shaped like the inputs' non-contracted axes (e.g.
     ``(batch, seq)``), False for rows to leave out (padding). ``stats``: path -> the
-    running ``(count, sum (K,), gram (K, K))`` in float32."""
+    running ``(count, sum (K,), gram (K, K), top ())`` in float32."""
 
     mask: Any = None
     stats: dict = dataclasses.field(default_factory=dict)
@@ -54,7 +58,8 @@ def add(cap: Capture, sym, x, xc, wc, xb, wb) -> None:
     kept = rows * keep[:, None]
     new = (keep.sum(), kept.sum(0),
            lax.dot_general(kept, rows, (((0,), (0,)), ((), ())),
-                           precision=lax.Precision.HIGHEST))
+                           precision=lax.Precision.HIGHEST),
+           jnp.max(jnp.where(keep[:, None] > 0, rows, -jnp.inf)))
     _accumulate(cap, sym.path, new)
 
 
@@ -71,9 +76,10 @@ def merge(cap: Capture | None, keys: list, extra) -> None:
     if cap is None:  # not in capture mode: no statistics (and no keys)
         return
     for i, k in enumerate(keys):
-        _accumulate(cap, k, tuple(extra[3 * i:3 * i + 3]))
+        _accumulate(cap, k, tuple(extra[STATS * i:STATS * (i + 1)]))
 
 
 def _accumulate(cap: Capture, path: str, new) -> None:
     old = cap.stats.get(path)
-    cap.stats[path] = new if old is None else tuple(o + n for o, n in zip(old, new))
+    cap.stats[path] = new if old is None else (
+        *(o + n for o, n in zip(old[:3], new[:3])), jnp.maximum(old[3], new[3]))

@@ -113,7 +113,7 @@ def _checkpointed(jaxpr, consts, invals, ctx, **remat_params) -> list:
         return materialized(outs, ctx, "remat") + capture.flat(inner, keys)
 
     outs = list(jax.checkpoint(body, **remat_params)(ctx.key, *invals))
-    n = len(outs) - 3 * len(keys)
+    n = len(outs) - capture.STATS * len(keys)
     capture.merge(ctx.capture, keys, outs[n:])
     return outs[:n]
 

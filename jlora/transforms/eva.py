@@ -64,6 +64,7 @@ def init_eva(key, params: Params, cfg: LoraConfig, fn, batches, *, masks=None,
       >>> jnp.abs(ad["q"].a[:, 0]).round(1).tolist()  # the inputs' main direction
       [1.0, 0.0, 0.0, 0.0]
     """
+    cfg = dataclasses.replace(cfg, init="kaiming") if cfg.init == "eva" else cfg
     if changes_base(cfg.init):
         raise LoraError(f"init_eva computes its own factors; cfg.init={cfg.init!r} would also "
                         "change the base: use init='kaiming' or 'gaussian'")
@@ -114,7 +115,7 @@ def _collect(fn, params, adapter, batches, masks) -> dict:
 
 def _pca(stat, max_k: int, path: str):
     """Per layer: ``(ratios (k,), components (K, k), singular values (k,))``, stacked."""
-    count, total, gram = stat
+    count, total, gram = stat[:3]
     stack = count.shape
     count, total = count.reshape(-1), total.reshape(count.size, -1)
     gram = gram.reshape(count.size, *gram.shape[-2:])

@@ -99,6 +99,9 @@ def init_with_base(key, params: Params, cfg: LoraConfig, fn=None, *args,
       >>> float(base["q_proj"][3, 3])  # the top singular value moved into the factors
       0.0
     """
+    if cfg.init in ("lora_ga", "corda", "eva"):
+        raise LoraError(f"init={cfg.init!r} is computed from data: use jlora.init_from_data("
+                        "key, params, cfg, fn, batches, loss=...)")
     chosen, whole = select(params, cfg), select_whole(params, cfg)
     both = sorted(set(chosen) & set(whole))
     if both:

@@ -104,7 +104,7 @@ def test_dora_and_auto_on_cpu_take_the_gather_path(key):
 def test_explain_names_the_path_of_a_mixed_batch(key):
     """``explain`` takes apply's mixed-batch arguments and says, per use, which path runs
     (gathered factors, or rows grouped by adapter)."""
-    from jlora.interpret.dot import GATHERED, GROUPED, ONEHOT
+    from jlora.interpret.dot import GATHERED, GROUPED, ONEHOT, RANKED
     model, params, ids, ads = _setup(key, True)
     aid, st = jnp.array([2, 0, -1, 1, 0]), jlora.stack(ads)
     said = lambda **kw: {u for uses in jlora.explain(model.apply, params, st, ids,
@@ -112,7 +112,11 @@ def test_explain_names_the_path_of_a_mixed_batch(key):
                          for u in uses}
     assert said(mixed="grouped") == {"factored" + GROUPED}
     assert said(mixed="onehot") == {"factored" + ONEHOT}
-    assert said(mixed="gather") == said() == {"factored" + GATHERED}  # auto on a CPU
+    # ids known when traced, adapters of several ranks: each rank class at its own rank
+    assert said(mixed="gather") == said() == {"factored" + RANKED}
+    traced = jax.ShapeDtypeStruct(aid.shape, aid.dtype)  # ids known only when it runs
+    assert {u for uses in jlora.explain(model.apply, params, st, ids, adapter_ids=traced)
+            .values() for u in uses} == {"factored" + GATHERED}  # auto on a CPU
     assert jlora.explain(model.apply, params, ads[0], ids) == jlora.explain(
         model.apply, params, ads[0], ids, mixed="grouped")  # one adapter: no mixed path
     dora_st = jlora.stack(_setup(key, True, dora=True)[3])

@@ -36,6 +36,7 @@ MODELS = {  # each keeps token (b, s)'s rows apart up to the weight, in a differ
     "plain": lambda p, x: x @ p["w"],
     "flattened": lambda p, x: (x.reshape(B * S, D) @ p["w"]).reshape(B, S, O),
     "seq-major": lambda p, x: jnp.swapaxes(jnp.swapaxes(x, 0, 1) @ p["w"], 0, 1),
+    "remat": jax.checkpoint(lambda p, x: (x.reshape(B * S, D) @ p["w"]).reshape(B, S, O)),
     "scanned": lambda p, x: jax.lax.scan(lambda c, _: (c + x @ p["w"], None),
                                          jnp.zeros((B, S, O)), None, length=2)[0] / 2,
 }

@@ -97,6 +97,7 @@ def test_corda_equals_peft(method):
                             corda_method=method)
     ad, base = jlora.init_from_data(jax.random.key(0), params, lcfg, model.apply,
                                     [jnp.asarray(b) for b in batches])
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(ad))
     _compare(ad, pm, True, align_b_alone=False)
     ids = jnp.asarray(batches[0])
     np.testing.assert_allclose(jlora.apply(model.apply)(base, ad, ids), model.apply(params, ids),
@@ -135,6 +136,11 @@ def test_bad_input_names_the_fix():
     with pytest.raises(jlora.LoraError, match="needs no data"):
         jlora.init_from_data(jax.random.key(0), params, jlora.LoraConfig(rank=1, targets="w"),
                              fn, [x])
+    table = {"embed": jnp.ones((8, 6))}
+    with pytest.raises(jlora.LoraError, match="corda.*no dot_general"):  # a lookup only
+        jlora.init_from_data(jax.random.key(0), table, jlora.LoraConfig(
+            rank=1, targets="embed", init="corda"), lambda p, i: p["embed"][i],
+            [jnp.zeros((3,), jnp.int32)])
     eva = jlora.LoraConfig(rank=1, targets="w", init="eva")
     ad, base = jlora.init_from_data(jax.random.key(0), params, eva, fn, [x * jnp.arange(6.0)[None]])
     assert base is params and ad["w"].a.shape == (6, 1)

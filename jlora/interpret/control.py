@@ -14,6 +14,7 @@ per step. Carries and outputs leave a body materialized.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import jax
@@ -70,14 +71,26 @@ for _name, _field in _CALL_NAMES.items():
     register(names=(_name,))(_inline(_field) if why is None else _custom(_field, why))
 
 
+_HI: collections.OrderedDict = collections.OrderedDict()  # id(eqn) -> (eqn, closed jaxpr)
+
+
 def hi_jaxpr(eqn):
-    """The primal computation of a ``call_hi_primitive`` equation, as a closed jaxpr."""
+    """The primal computation of a ``call_hi_primitive`` equation, as a closed jaxpr: the
+    same object each time for one equation, so the dataflow passes (``example_axis``,
+    ``token_axes``), which key their sites by equation, and the interpreter agree."""
+    got = _HI.get(id(eqn))
+    if got is not None and got[0] is eqn:
+        return got[1]
     hi = eqn.params["_prim"]
 
     def lo(*flat):
         return jax.tree.leaves(hi.expand(*jax.tree.unflatten(hi.in_tree, flat)))
 
-    return jax.make_jaxpr(lo)(*[mesh.struct(v.aval) for v in eqn.invars])
+    closed = jax.make_jaxpr(lo)(*[mesh.struct(v.aval) for v in eqn.invars])
+    _HI[id(eqn)] = (eqn, closed)
+    while len(_HI) > 256:
+        _HI.popitem(last=False)
+    return closed
 
 
 @register(names=("call_hi_primitive",))

@@ -17,8 +17,10 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jlora.config import LoraError
 from jlora.interpret.capture import Capture
 from jlora.interpret.core import Ctx
 from jlora.transforms import factor_inits
@@ -43,6 +45,10 @@ def covariances(fn, params, adapter, batches) -> dict:
 
 def factors(node, leaf, cov, method: str, path: str):
     """The node's CorDA factors and the base ``W0 - s A B``, each stacked matrix alone."""
+    if cov is None:
+        raise LoraError(f"init='corda' needs the inputs of {path!r}, but no dot_general with "
+                        "it received any (an embedding, a conv, a cond/while body); leave it "
+                        "out of the targets")
     axes = (node.stack_axes, node.in_axes, node.out_axes)
     w, back = factor_inits._matrices(leaf, axes)
     w = np.asarray(w, np.float64)
@@ -53,8 +59,8 @@ def factors(node, leaf, cov, method: str, path: str):
     a = np.stack([o[0] for o in out]).reshape(w.shape[:-1] + (r,))
     b = np.stack([o[1] for o in out]).reshape(w.shape[:-2] + (r, w.shape[-1]))
     base = back(np.asarray(w - node.scale * a @ b, np.float32))
-    return (dataclasses.replace(node, a=np.asarray(a, node.a.dtype).copy(),
-                                b=np.asarray(b, node.b.dtype).copy()),
+    return (dataclasses.replace(node, a=jnp.asarray(a, node.a.dtype),
+                                b=jnp.asarray(b, node.b.dtype)),
             base.astype(leaf.dtype))
 
 

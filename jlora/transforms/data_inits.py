@@ -82,7 +82,7 @@ def init_from_data(key, params: Params, cfg: LoraConfig, fn, batches, loss=None,
     if cfg.init == "corda":
         covs = corda.covariances(fn, params, adapter, batches)
         return _each_node(params, adapter, lambda p, node, leaf: corda.factors(
-            node, leaf, covs[p], cfg.corda_method, p), cfg.init)
+            node, leaf, covs.get(p), cfg.corda_method, p), cfg.init)
     return _each_node(params, adapter, lambda p, node, leaf: _factors(
         node, leaf, _mean_grad(params, p, fn, batches, loss), cfg.stable_gamma), cfg.init)
 

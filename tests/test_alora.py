@@ -70,6 +70,18 @@ def test_a_row_whose_token_cannot_be_told_is_refused(fn, match, key):
         jlora.apply(fn)(params, ad, x, lora_mask=mask)
 
 
+def test_a_square_mask_is_refused(key):
+    """Mask axes of one size: a (seq, batch, d) input leads with the mask's shape as well
+    as a (batch, seq, d) one, so which is which cannot be told; refused, not guessed."""
+    params, ad, _, _ = _linear(key)
+    x = jax.random.normal(key, (S, S, D))
+    with pytest.raises(jlora.LoraError, match="two axes of the same size"):
+        jlora.apply(MODELS["plain"])(params, ad, x, lora_mask=jnp.ones((S, S), bool))
+    one = jlora.apply(MODELS["plain"])(params, ad, x[:1, :1], lora_mask=jnp.ones((1, 1)))
+    np.testing.assert_allclose(one, _closed_form(params, ad["w"], x[:1, :1],
+                                                 jnp.ones((1, 1))), **F32)
+
+
 def test_uses_that_cannot_be_gated_are_refused(key):
     params, ad, x, mask = _linear(key)
     with pytest.raises(jlora.LoraError, match="used as .materialized .custom_vjp"):

@@ -30,6 +30,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
+from jlora.config import LoraError
 from jlora.interpret import example_axis as ea
 from jlora.interpret.control import hi_jaxpr
 from jlora.interpret.sym import reshape_groups
@@ -283,5 +284,12 @@ def layout(args, kwargs, mask_shape) -> list:
     k = len(mask_shape)
     leaves = [x for tree in (args, [kwargs[n] for n in sorted(kwargs)])
               for x in jax.tree.leaves(tree) if is_array(x)]
-    return [frozenset(At(c, c) for c in range(k))
-            if tuple(np.shape(x)[:k]) == tuple(mask_shape) else NONE for x in leaves]
+    out = [frozenset(At(c, c) for c in range(k))
+           if tuple(np.shape(x)[:k]) == tuple(mask_shape) else NONE for x in leaves]
+    sizes = [n for n in mask_shape if n > 1]
+    if len(set(sizes)) < len(sizes) and any(out):  # (n, n): a seq-major input fits too
+        raise LoraError(f"lora_mask of shape {tuple(mask_shape)} has two axes of the same "
+                        "size, so an argument leading with that shape could hold them in "
+                        "either order, and jlora would gate the wrong rows; pad one axis "
+                        "(e.g. the sequence) so that the sizes differ")
+    return out

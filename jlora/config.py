@@ -80,7 +80,9 @@ class LoraConfig:
         computed from data by ``jlora.init_from_data``, ``"lora_ga"`` (the averaged
         gradient's singular directions), ``"corda"`` and ``"eva"``
         [``init_lora_weights``].
-      dtype: dtype of the adapter arrays; ``None`` uses each base leaf's dtype.
+      dtype: dtype of the adapter arrays. ``None``: float32 on a base leaf of lower
+        precision (bf16, f16, fp8), as PEFT's ``autocast_adapter_dtype``, else the leaf's
+        own; ``"base"``: each base leaf's dtype (the default before 0.2).
       corda_method: CorDA's ``"ipm"`` (adapt the directions the data uses most) or
         ``"kpm"`` (the least, keeping knowledge) [``corda_config.corda_method``].
       stable_gamma: LoRA-GA's ``B`` scale ``out^(1/4) / sqrt(stable_gamma)``
@@ -129,6 +131,13 @@ class LoraConfig:
     modules_to_save: str | tuple[str, ...] = ()
     trainable_token_indices: Mapping[str, tuple[int, ...]] | tuple[int, ...] | None = None
     alora_invocation_tokens: tuple[int, ...] | None = None
+
+    def __new__(cls, *args, **kwargs):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in kwargs if k not in known]
+        if unknown:
+            raise TypeError(_unknown_fields(unknown, known))
+        return super().__new__(cls)
 
     def __post_init__(self):
         for name in ("targets", "exclude", "modules_to_save"):
@@ -189,6 +198,20 @@ class LoraConfig:
         if name not in PRESETS:
             raise LoraError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+#: PEFT's ``LoraConfig`` names of jlora's fields, for the error that names the right one.
+PEFT_NAMES = {"r": "rank", "lora_alpha": "alpha", "target_modules": "targets",
+              "lora_dropout": "dropout", "use_rslora": "rslora", "use_dora": "dora",
+              "init_lora_weights": "init", "exclude_modules": "exclude"}
+
+
+def _unknown_fields(unknown: list[str], known: set[str]) -> str:
+    said = [f"{k}= (PEFT's name for {PEFT_NAMES[k]}=)" if k in PEFT_NAMES else f"{k}="
+            for k in unknown]
+    return (f"LoraConfig got unknown fields {', '.join(said)}; jlora's fields are "
+            f"{', '.join(sorted(known))}. To load a PEFT adapter (its adapter_config.json "
+            "and weights), use jlora.peft.load(path, params)")
 
 
 def _check_init(init, gamma, corda) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Any, Mapping
 
@@ -84,6 +85,8 @@ def select(params, cfg: LoraConfig) -> dict[str, tuple[int, float]]:
         return {}
     flat = flatten(params)[0]
     paths = [path_str(p) for p, _ in flat]
+    for field in ("targets", "exclude"):
+        _check_names(field, getattr(cfg, field), paths)
     chosen = {}
     for path, (_, leaf) in zip(paths, flat):
         if not matches(cfg.targets, path) or (cfg.exclude and matches(cfg.exclude, path)) \
@@ -113,6 +116,22 @@ def select(params, cfg: LoraConfig) -> dict[str, tuple[int, float]]:
                 raise LoraError(f"{name} key {key!r} matches no targeted path; targeted "
                                 f"paths are {_examples(list(chosen))}")
     return chosen
+
+
+def _check_names(field: str, names, paths: list[str]) -> None:
+    """Every literal module name in a tuple spec names a segment of some path (a regex
+    spec is left alone): ``("q_porj", "v_proj")`` must not quietly adapt only ``v_proj``."""
+    if isinstance(names, str):
+        return
+    segments = {s for p in paths for s in p.split("/")}
+    missing = [n for n in names if n not in segments]
+    if not missing:
+        return
+    near = {n: difflib.get_close_matches(n, sorted(segments), n=3) for n in missing}
+    hints = "; ".join(f"{n!r}: did you mean {', '.join(map(repr, m))}?" if m
+                      else f"{n!r}: no similar name" for n, m in near.items())
+    raise LoraError(f"{field}={names!r}: {', '.join(map(repr, missing))} matched no "
+                    f"parameter ({hints}); paths look like {_examples(paths)}")
 
 
 def layer_index(path: str, patterns=LAYER_PATTERNS) -> int | str | None:
@@ -160,6 +179,7 @@ def select_whole(params, cfg: LoraConfig) -> dict[str, tuple[int, ...] | None]:
     flat = [(path_str(kp), leaf) for kp, leaf in flatten(params)[0]]
     out: dict[str, tuple[int, ...] | None] = {}
     if cfg.modules_to_save:
+        _check_names("modules_to_save", cfg.modules_to_save, [p for p, _ in flat])
         full = [p for p, leaf in flat if matches(cfg.modules_to_save, p) and _float(leaf)]
         if not full:
             raise LoraError(f"modules_to_save={cfg.modules_to_save!r} matched no float "

@@ -1,4 +1,4 @@
-"""The package's shape: layered imports with no circles, the rule table, short files.
+"""The package's shape: layered imports with no circles, the rule table, short functions.
 
 Parses every module under ``jlora/`` (no imports run), builds the graph of
 imports between jlora modules (function-level imports included) and checks it
@@ -30,7 +30,6 @@ LAYERS = [
 ]
 #: What the bottom layer may import from JAX: pytrees and dtypes, nothing that traces.
 BOTTOM_JAX = {"jax"}
-MAX_MODULE_LINES = 300
 MAX_FUNCTION_LINES = 40
 
 
@@ -153,10 +152,9 @@ def _function_lengths(path: pathlib.Path):
                 yield node.name, body[-1].end_lineno - body[0].lineno + 1
 
 
-def test_modules_and_functions_are_short():
-    long_modules = {m: n for m, p in MODULES.items()
-                    if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
-    assert not long_modules, f"modules over {MAX_MODULE_LINES} lines: {long_modules}"
+def test_functions_are_short():
+    # (no module line limit: STYLE.md judges a module by the one idea it holds, and a
+    # limit on lines produced files cut or packed to fit it)
     long_functions = {f"{m}.{f}": n for m, p in MODULES.items()
                       for f, n in _function_lengths(p) if n > MAX_FUNCTION_LINES}
     assert not long_functions, f"functions over {MAX_FUNCTION_LINES} lines: {long_functions}"

@@ -199,10 +199,10 @@ def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec, where=None,
     ex_axis, ids = _example_ids(sym, x, dims[0], dims[2], where) if sym.ids is not None \
         else (0, None)
     path = grouped.chosen(mixed, x, sym, ex_axis) if grouped.applies(sym, mode, dims) else ""
+    sp = _specs(x, sym, mode, sym_is_rhs, dims, ex_axis)
     if path in ("grouped", "onehot"):
         y = grouped.low_rank(x, sym, sym_is_rhs, dims, ex_axis, ids, prec, path == "onehot")
-        return y, None, GROUPED if path == "grouped" else ONEHOT
-    sp = _specs(x, sym, mode, sym_is_rhs, dims, ex_axis)
+        return _out_of_range(y, ids, sym, sp), None, GROUPED if path == "grouped" else ONEHOT
     if sym.ranked is not None and path in ("", "gather"):  # concrete ids: each class at its rank
         y = ranked.low_rank(x, sym, mode, sp, ex_axis, prec)
         if y is not None:
@@ -221,9 +221,17 @@ def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec, where=None,
     if sym.ids is not None:
         assert ids is not None
         used = sy.broadcast(ids >= 0, sp["ex"], sp["out"])
-        y = jnp.where(used, y, jnp.zeros((), y.dtype))
+        y = _out_of_range(jnp.where(used, y, jnp.zeros((), y.dtype)), ids, sym, sp)
         g = None if g is None else jnp.where(used, g, jnp.ones((), g.dtype))
     return y, g, "" if sym.ids is None else GATHERED
+
+
+def _out_of_range(y, ids, sym: Sym, sp: dict):
+    """NaN in the rows whose adapter id is outside ``-1 .. n-1``: traced ids cannot be
+    checked on the host (``check_ids`` checks concrete ones), and no row may silently get
+    another adapter's output (``take``'s clipping) or the base's."""
+    bad = (ids < -1) | (ids >= sym.a.shape[0])
+    return jnp.where(sy.broadcast(bad, sp["ex"], sp["out"]), jnp.array(jnp.nan, y.dtype), y)
 
 
 def _example_ids(sym: Sym, x, xc, xb, where):

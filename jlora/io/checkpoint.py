@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 
 from jlora.adapter import FullNode, LayersNode, LoraNode, TokenNode, adapter_nodes
 from jlora.config import LoraError
+from jlora.io.peft_config import CONFIG
 from jlora.targets import Adapter, Params, flatten, path_str
 from jlora.transforms.check import check, check_finite
 
@@ -77,6 +78,9 @@ def _reading(directory, what: str):
 @contextlib.contextmanager
 def _writing(directory):
     """A failed save (full disk, no permission) says the previous checkpoint is intact."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise LoraError(f"{os.fspath(directory)!r} is a file, not a directory: jlora saves a "
+                        "directory there; pass a new path (or remove the file)")
     try:
         yield
     except Exception as e:  # OSError, or tensorstore's ValueError for a failed write
@@ -227,6 +231,9 @@ def load_adapter(path, params: Params = None) -> Adapter:
     if not os.path.isdir(path):
         raise LoraError(f"no adapter directory at {os.fspath(path)!r}; write one with "
                         "jlora.save_adapter (PEFT directories load with jlora.peft.load)")
+    if os.path.isfile(os.path.join(path, CONFIG)):
+        raise LoraError(f"{os.fspath(path)!r} is a PEFT adapter directory (it has {CONFIG}); "
+                        "load it with jlora.peft.load(path, params)")
     with _reading(path, "adapter"), _manager(path, write=False) as m:
         step = _latest(m, path, "save_adapter")
         meta = m.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

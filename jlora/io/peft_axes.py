@@ -147,6 +147,10 @@ def misfit(p, m, shape, la, lb, want, origin) -> LoraError:
     rank, n_in, n_out = want
     msg = (f"{p!r}: {m} has lora_A {la} and lora_B {lb}, but the kernel {shape} needs "
            f"({rank}, {n_in}) and ({n_out}, {rank})")
+    if sorted((la[1], lb[0])) != sorted((n_in, n_out)):  # not a layout: another model
+        return LoraError(f"{msg}: the file's factors are for a {lb[0]} x {la[1]} weight, so "
+                         "the adapter was trained on a model of another size (or another "
+                         "model); load it onto the base it was trained for")
     if origin != "assumed":
         return LoraError(msg)
     turned = " (they fit it transposed: torch's (out, in) layout)" if (

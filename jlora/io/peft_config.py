@@ -1,6 +1,8 @@
 """PEFT's ``adapter_config.json``: written from jlora nodes, read and checked.
 
-Every field jlora cannot honour is refused on reading, by name.
+On reading, every field outside those jlora understands (:data:`UNDERSTOOD`) whose value
+is not PEFT's default (or null) is refused by name: a file of a variant jlora does not
+implement never loads as plain LoRA.
 """
 
 from __future__ import annotations
@@ -19,12 +21,43 @@ CONFIG = "adapter_config.json"
 _DEFAULTS = {"bias": "none", "fan_in_fan_out": False, "lora_bias": False,
              "target_parameters": None, "layer_replication": None, "use_qalora": False,
              "alora_invocation_tokens": None}
-#: Config fields whose non-default values jlora cannot honour, with the reason.
-_UNSUPPORTED = {
+#: The fields jlora understands, at any value: it reads them (the rank, alpha and variant,
+#: what is adapted and how), checks them (``bias``, ``init_lora_weights``), or they do not
+#: change what the file computes (metadata; how the factors were first initialized, the
+#: file holding the factors as trained; which modules were adapted, the keys saying so).
+UNDERSTOOD = frozenset({
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
+    "auto_mapping", "peft_version", "r", "lora_alpha", "lora_dropout", "use_rslora",
+    "use_dora", "target_modules", "exclude_modules", "rank_pattern", "alpha_pattern",
+    "init_lora_weights", "modules_to_save", "layers_to_transform", "layers_pattern", "bias",
+    "lora_bias", "fan_in_fan_out", "target_parameters", "trainable_token_indices",
+    "alora_invocation_tokens", "ensure_weight_tying", "loftq_config", "eva_config",
+    "corda_config", "lora_ga_config"})
+#: PEFT's defaults (0.21) of the fields jlora does not understand: a file that sets one
+#: otherwise (or a field a later PEFT added, to anything but null) is refused by name.
+PEFT_DEFAULTS = {"layer_replication": None, "use_qalora": False, "qalora_group_size": 16,
+                 "megatron_config": None, "megatron_core": "megatron.core",
+                 "kasa_config": None, "arrow_config": None, "use_bdlora": None,
+                 "monteclora_config": None, "velora_config": None}
+#: Why some of those cannot be honoured (the rest: a variant jlora does not implement).
+_WHY = {
     "layer_replication": "it builds extra layers by copying base layers, which a params tree "
                          "does not express; expand the base's layers yourself and load an "
                          "adapter saved without layer_replication",
     "use_qalora": "QALoRA pools the input before lora_A, a different update from LoRA's"}
+
+
+def _not_understood(config: dict) -> list[str]:
+    """``field=value (why)`` for each field outside :data:`UNDERSTOOD` whose value is
+    neither PEFT's default nor null."""
+    bad = []
+    for k, v in sorted(config.items()):
+        if k in UNDERSTOOD or v is None or (k in PEFT_DEFAULTS and v == PEFT_DEFAULTS[k]):
+            continue
+        why = _WHY.get(k, "a LoRA variant jlora does not implement" if k in PEFT_DEFAULTS
+                       else "a field jlora does not know, perhaps from a later PEFT")
+        bad.append(f"{k}={v!r} ({why})")
+    return bad
 
 
 def config_of(modules: dict, base_model_name_or_path, parameters: dict | None = None) -> dict:
@@ -65,9 +98,7 @@ def read(path: str) -> dict:
         raise LoraError(f"cannot read {os.path.join(path, CONFIG)}: {e}") from None
     if config.get("peft_type", "LORA") != "LORA":
         raise LoraError(f"{path}: peft_type {config['peft_type']!r} is not LORA")
-    bad = [f"{k}={config[k]!r} ({why})" for k, why in _UNSUPPORTED.items()
-           if config.get(k, _DEFAULTS[k]) != _DEFAULTS[k]
-           and config.get(k) not in (None, [], {})]
+    bad = _not_understood(config)
     if config.get("bias", "none") not in ("none", "all", "lora_only"):
         bad.append(f"bias={config['bias']!r} (PEFT's values are 'none', 'all', 'lora_only')")
     init = config.get("init_lora_weights", True)

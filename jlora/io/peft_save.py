@@ -101,7 +101,7 @@ def save(path: str, adapter: Adapter, *, module_fn=default_module, prefix: str =
 def _lora_tensors(nodes: dict, parameters, module_fn, prefix: str, embeddings: str, convs):
     """``(tensors, {module: node})`` for the LoRA nodes of modules (one module per stack
     index; a conv in PEFT's conv layout, a table under the embedding keys)."""
-    tensors, modules = {}, {}
+    tensors, modules, owner = {}, {}, {}
     for p, node in nodes.items():
         if isinstance(node, (FullNode, TokenNode)) or p.split("/")[-1] in parameters:
             continue
@@ -109,6 +109,7 @@ def _lora_tensors(nodes: dict, parameters, module_fn, prefix: str, embeddings: s
         layers, node = (node.layers, node.node) if isinstance(node, LayersNode) else (None, node)
         if not isinstance(node, LoraNode):
             raise LoraError(f"{p!r} holds a stacked adapter; save each adapter on its own")
+        _check_layout_known(p, node)
         a, b = np.asarray(node.a), np.asarray(node.b)
         mag = None if node.magnitude is None else np.asarray(node.magnitude)
         conv = convs is not None and re.search(convs, p) and len(node.in_axes) > 1
@@ -119,8 +120,26 @@ def _lora_tensors(nodes: dict, parameters, module_fn, prefix: str, embeddings: s
             m = None if mag is None else mag[idx]
             la, lb, m = (torch_conv.to_torch(p, node, a[idx], b[idx], m) if conv
                          else (a[idx].T, b[idx].T, m))
+            at = f" (stack index {idx})" if idx else ""
+            if module in owner:
+                raise LoraError(f"{owner[module]} and {p!r}{at} both map to the PEFT module "
+                                f" {module!r}, so one would overwrite the other;"
+                                " pass a module_fn that names each target's own module")
+            owner[module] = f"{p!r}{at}"
             tensors[key + part_a], tensors[key + part_b] = la, lb
             if m is not None:
                 tensors[key + ".lora_magnitude_vector"] = m
             modules[module] = node
     return tensors, modules
+
+
+def _check_layout_known(path: str, node: LoraNode) -> None:
+    """A leaf named ``weight`` (torch's and Equinox's ``(out, in)`` matrix) whose axes were
+    assumed, not learned (``init`` without ``fn``): its A and B may play swapped roles, and
+    PEFT would read a square weight's update transposed without an error."""
+    if node.axes_from == "flax" and path.split("/")[-1] == "weight" and len(node.shape) == 2:
+        raise LoraError(f"{path!r} is a 'weight' (torch's and Equinox's (out, in) layout), "
+                        "but its adapter was made without fn, so its in and out axes were "
+                        "assumed to be Flax's (in, out); PEFT could read its update "
+                        "transposed. Pass fn to init: jlora.init(key, params, cfg, fn, "
+                        "*example_args)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jlora.config import LoraError
@@ -49,8 +50,33 @@ def save_checkpoint(directory, step: int, state, *, data_position=None,
             raise LoraError(f"step {int(step)} is already saved in {os.fspath(directory)!r}; "
                             "save under a new step number (or delete that step's folder)")
         m.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   meta=ocp.args.JsonSave(meta)))
+                                                   meta=ocp.args.JsonSave(meta),
+                                                   structure=ocp.args.JsonSave(_leaves(state))))
         m.wait_until_finished()
+
+
+def _leaves(tree) -> list:
+    """``[path, shape, dtype]`` of each leaf: what ``restore_checkpoint`` compares ``like``
+    with before orbax reads anything."""
+    return [[jax.tree_util.keystr(kp), list(np.shape(x)), str(np.dtype(x.dtype))]
+            for kp, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _check_like(saved: list, like, directory, step: int) -> None:
+    """The first leaf where ``like`` differs from the saved state, as a LoraError."""
+    mine = _leaves(like)
+    for i, (a, b) in enumerate(zip(saved + [None] * len(mine), mine + [None] * len(saved))):
+        if a == b or (a and b and a[:2] == b[:2]):  # another dtype: orbax casts to like's
+            continue
+        if a is None or b is None or a[0] != b[0]:
+            show = lambda x: "nothing" if x is None else x[0]
+            what = f"the checkpoint has {show(a)} where like has {show(b)}"
+        else:
+            what = f"{a[0]} has shape {a[1]} in the checkpoint but {b[1]} in like"
+        raise LoraError(f"step {step} in {os.fspath(directory)!r} was saved with another "
+                        f"structure than like ({len(saved)} leaves against {len(mine)}): at "
+                        f"leaf {i}, {what}; pass as like a state built the way it was saved "
+                        "(the same optimizer and adapter settings)")
 
 
 def restore_checkpoint(directory, like, step: int | None = None):
@@ -66,13 +92,18 @@ def restore_checkpoint(directory, like, step: int | None = None):
       ``(state, meta)``: the restored state and ``{"step": ..., "data_position": ...}``.
 
     Raises:
-      LoraError: no complete checkpoint in ``directory``, or a damaged one.
+      LoraError: no complete checkpoint in ``directory``, a damaged one, or a ``like``
+        whose structure, shapes or dtypes differ from the saved state (naming the first
+        leaf that does).
 
     Examples:
       See :func:`save_checkpoint`'s.
     """
     with _reading(directory, "training checkpoint"), _manager(directory, write=False) as m:
         step = _latest(m, directory, "save_checkpoint") if step is None else step
+        if "structure" in m.item_metadata(step).keys():  # (older checkpoints lack it)
+            saved = m.restore(step, args=ocp.args.Composite(structure=ocp.args.JsonRestore()))
+            _check_like(saved["structure"], like, directory, step)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         out = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                       meta=ocp.args.JsonRestore()))

@@ -17,7 +17,7 @@ import threading
 import jax
 import jax.numpy as jnp
 
-from jlora.adapter import LoraNode, adapter_nodes, is_node
+from jlora.adapter import LoraNode, adapter_nodes, is_node, match
 from jlora.config import LoraError
 from jlora.io import peft
 from jlora.io.checkpoint import load_adapter
@@ -77,6 +77,10 @@ class Slots:
       fn: passed to ``jlora.peft.load`` for PEFT directories, which then learns each
         target's axes from the model (needed for torch-layout weights).
       example_args: ``fn``'s arguments after the params, for ``jlora.peft.load``.
+      module_fn: ``(jlora_path, stack_index) -> torch module path`` for PEFT directories
+        whose modules are named otherwise than jlora's default (a Hugging Face model's
+        ``model.layers.0.self_attn.q_proj``), as ``jlora.peft.load`` takes it.
+      prefix: put before each PEFT module name, as ``jlora.peft.load`` takes it.
 
     Raises:
       LoraError: ``n < 1``, or a template holding nodes other than LoRA's.
@@ -95,12 +99,15 @@ class Slots:
     """
 
     def __init__(self, params, template, n: int, *, rank: int | None = None,
-                 sources: dict | None = None, fn=None, example_args: tuple = ()):
+                 sources: dict | None = None, fn=None, example_args: tuple = (),
+                 module_fn=None, prefix: str | None = None):
         if n < 1:
             raise LoraError(f"n={n}: slots need at least one slot")
         nodes = adapter_nodes(template)
         self.rank = rank or max(getattr(nd, "rank", 0) for nd in nodes.values())
         self.params, self.fn, self.example_args = params, fn, tuple(example_args)
+        self._naming = {k: v for k, v in (("module_fn", module_fn), ("prefix", prefix))
+                        if v is not None}  # peft.load's own defaults otherwise
         self._template = template
         self._like = nodes  # each slot node takes its template node's static settings
         zero = jax.tree.map(jnp.zeros_like, self._fit_all(template))
@@ -110,8 +117,12 @@ class Slots:
         self._sources: dict = dict(sources or {})
         self._pinned: set = set()
         self._lock = threading.RLock()
-        # a function of this Slots' own, so that its jit cache (the trace count) is too
-        self._write = jax.jit(lambda tree, i, adapter: _write(tree, i, adapter))
+        self._traces = 0
+        self._write = jax.jit(self._counted_write)
+
+    def _counted_write(self, tree, i, adapter):
+        self._traces += 1  # Python runs only when jax traces, not on cached calls
+        return _write(tree, i, adapter)
 
     def _fit_all(self, adapter):
         nodes = adapter_nodes(adapter)
@@ -121,6 +132,7 @@ class Slots:
             raise LoraError(f"the adapter's targets differ from the slots' template: missing "
                             f"{missing[:4]}, extra {extra[:4]}; slots hold adapters of one "
                             "set of targets")
+        match(self.params, adapter)  # each node's arrays fit its declared shape and rank
         fitted = {p: _fit(p, nd, self._like[p], self.rank) for p, nd in nodes.items()}
         flat, treedef = jax.tree_util.tree_flatten_with_path(self._template, is_leaf=is_node)
         return jax.tree_util.tree_unflatten(treedef, [fitted[path_str(kp)] for kp, _ in flat])
@@ -129,18 +141,20 @@ class Slots:
         if not isinstance(source, (str, os.PathLike)):
             return source
         if os.path.isfile(os.path.join(source, "adapter_config.json")):
-            return peft.load(os.fspath(source), self.params, self.fn, *self.example_args)
+            return peft.load(os.fspath(source), self.params, self.fn, *self.example_args,
+                             **self._naming)
         return load_adapter(source, self.params)
 
-    def _free_slot(self, keep) -> int:
-        """A free slot, or the least recently used one that is not pinned or in ``keep``."""
+    def _free_slot(self, keep) -> tuple[int, str | None]:
+        """``(slot, name evicted from it)``: a free slot (no name), or the least recently
+        used one that is not pinned or in ``keep``; nothing changes until the write."""
         used = set(self._lru.values())
         free = [i for i in range(self.n) if i not in used]
         if free:
-            return free[0]
+            return free[0], None
         for name in self._lru:
             if name not in self._pinned and name not in keep:
-                return self._lru.pop(name)
+                return self._lru[name], name
         raise LoraError(f"all {self.n} slots are pinned or used by this batch; unpin one "
                         "or make more slots")
 
@@ -163,8 +177,11 @@ class Slots:
         """
         fitted = self._fit_all(self._read(source))  # read and check before any change
         with self._lock:
-            slot = self._lru.pop(name) if name in self._lru else self._free_slot(set(keep))
+            slot, evicted = ((self._lru[name], name) if name in self._lru
+                             else self._free_slot(set(keep)))
             self.tree = self._write(self.tree, jnp.int32(slot), fitted)
+            self._lru.pop(evicted, None)
+            self._lru.pop(name, None)
             self._lru[name] = slot
             self._sources[name] = source
             return slot
@@ -217,7 +234,7 @@ class Slots:
     @property
     def traces(self) -> int:
         """How many times the slot write has been traced (1 once anything was loaded)."""
-        return self._write._cache_size()  # type: ignore[attr-defined]
+        return self._traces
 
     @property
     def resident(self) -> dict:

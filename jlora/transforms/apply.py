@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
+import warnings
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.adapter import FullNode, match
+from jlora.adapter import FullNode, adapter_nodes, match
+from jlora.config import LoraError
 from jlora.interpret import grouped, token_axes
 from jlora.interpret.concat import by_path
 from jlora.interpret.core import Ctx, evaluate, materialized
+from jlora.interpret.dot import TRANSPOSED
 from jlora.interpret.example_axis import analyze
 from jlora.interpret.sym import from_node
 from jlora.interpret.trace import trace
@@ -81,6 +85,14 @@ def apply(fn: Callable, *, safe: bool = False, mixed: str = "auto") -> Callable:
     form; these two fall back to gather for uses they cannot serve) or ``"auto"``
     (grouped only on GPU/TPU for decode-shaped inputs).
 
+    An adapter with ``dropout > 0`` needs ``lora_rng`` (training) or ``deterministic=True``
+    (evaluation): with neither, the call raises a ``LoraError`` rather than silently
+    running without dropout, as Flax's and Equinox's dropout do. ``deterministic`` is
+    also passed on to ``fn`` when ``fn`` accepts it (a named parameter or ``**kwargs``,
+    as Flax's ``Module.apply``), so the model's own dropout follows; for a model whose
+    ``**kwargs`` does not take it, wrap it: ``jlora.apply(lambda p, x, deterministic:
+    model.apply(p, x))``.
+
     ``lora_mask`` (bool or float, e.g. ``(batch, seq)``; activated LoRA, see
     :func:`jlora.alora_mask`) multiplies the low-rank path of every adapted use per
     token: array arguments whose leading axes have the mask's shape carry its axes,
@@ -98,12 +110,13 @@ def apply(fn: Callable, *, safe: bool = False, mixed: str = "auto") -> Callable:
 
     Returns:
       ``f(params, adapter, *args, lora_rng=None, adapter_ids=None, example_axes=None,
-      lora_mask=None, **kwargs)``, returning what ``fn`` returns. ``adapter`` may be
+      lora_mask=None, deterministic=None, **kwargs)``, returning what ``fn`` returns. ``adapter`` may be
       ``None`` (the base).
 
     Raises:
       ValueError: an unknown ``mixed``.
-      LoraError: (when ``f`` is called) an adapter that does not fit ``params``, a use
+      LoraError: (when ``f`` is called) an adapter that does not fit ``params``, dropout
+        with neither ``lora_rng`` nor ``deterministic``, a use
         that contradicts the adapter's axes, a mixed batch whose example axis is lost.
 
     Examples:
@@ -116,19 +129,71 @@ def apply(fn: Callable, *, safe: bool = False, mixed: str = "auto") -> Callable:
     if mixed not in grouped.MODES:
         raise ValueError(f"apply(mixed={mixed!r}): expected one of {grouped.MODES}")
 
+    forwards = _takes_deterministic(fn)
+
     @functools.wraps(fn)
     def wrapped(params, adapter, *args, lora_rng=None, adapter_ids=None, example_axes=None,
-                lora_mask=None, **kwargs):
+                lora_mask=None, deterministic=None, **kwargs):
         if safe:
             fix = ("find where it came from (jax.config.update('jax_debug_nans', True)); "
                    "safe=False turns these checks off")
             for what, tree in (("params", params), ("adapter", adapter), ("args", args),
                                ("kwargs", kwargs)):
                 check_finite(tree, what, fix)
-        return interpret_call(fn, params, adapter, args, kwargs,
-                              Ctx(key=lora_rng, mixed=mixed, mask=_as_mask(lora_mask)),
-                              adapter_ids, example_axes)
+        if deterministic is not None:
+            _check_flag(deterministic)
+            if forwards:  # the model's own flag too (Flax's and Equinox's convention)
+                kwargs["deterministic"] = deterministic
+        elif lora_rng is None:
+            _check_no_dropout(adapter)
+        ctx = Ctx(key=None if deterministic else lora_rng, mixed=mixed,
+                  mask=_as_mask(lora_mask))
+        out = interpret_call(fn, params, adapter, args, kwargs, ctx, adapter_ids, example_axes)
+        _warn_transposed(ctx.records)
+        return out
     return wrapped
+
+
+def _takes_deterministic(fn: Callable) -> bool:
+    """Whether ``fn`` accepts a ``deterministic`` keyword (by name or ``**kwargs``)."""
+    try:
+        ps = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some builtins): do not pass it
+        return False
+    return any(p.kind == p.VAR_KEYWORD or (p.name == "deterministic" and p.kind in (
+        p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)) for p in ps)
+
+
+def _check_flag(deterministic) -> None:
+    if not isinstance(deterministic, (bool, np.bool_)):
+        raise TypeError(f"deterministic={deterministic!r} must be a Python bool (under "
+                        "jax.jit, mark it static: static_argnames='deterministic')")
+
+
+def _check_no_dropout(adapter) -> None:
+    """Dropout with no ``lora_rng`` and no ``deterministic``: which one was meant?"""
+    if adapter is None:
+        return
+    for path, node in adapter_nodes(adapter).items():
+        rate = getattr(node, "dropout", 0.0)  # whole leaves and token rows have none
+        if rate > 0:
+            raise LoraError(
+                f"adapter at {path!r} has dropout={rate:g} but no lora_rng was given: pass "
+                "lora_rng=key to train with dropout, or deterministic=True to run without "
+                "it (evaluation, serving)")
+
+
+def _warn_transposed(records) -> None:
+    """A weight used transposed by factors whose axes were never learned (init without fn):
+    right for a tied table's ``x @ E.T``, a swapped LoRA for a torch-layout ``(out, in)``
+    weight (Equinox, torch ports)."""
+    paths = [p for p, uses in records.items() if any(u.startswith(TRANSPOSED) for u in uses)]
+    if paths:
+        warnings.warn(
+            f"{', '.join(map(repr, paths))}: the model contracts the adapter's out axes "
+            "(x @ W.T), and the adapter was made without fn, so A and B play swapped roles. "
+            "Right for a tied embedding; for an (out, in) weight (Equinox, torch ports) pass "
+            "fn to init: jlora.init(key, params, cfg, fn, *example_args)", stacklevel=3)
 
 
 def _as_mask(mask):

@@ -102,6 +102,7 @@ def init_with_base(key, params: Params, cfg: LoraConfig, fn=None, *args,
     if cfg.init in ("lora_ga", "corda", "eva"):
         raise LoraError(f"init={cfg.init!r} is computed from data: use jlora.init_from_data("
                         "key, params, cfg, fn, batches, loss=...)")
+    _check_key(key, params, cfg)
     chosen, whole = select(params, cfg), select_whole(params, cfg)
     both = sorted(set(chosen) & set(whole))
     if both:
@@ -137,6 +138,26 @@ def init_with_base(key, params: Params, cfg: LoraConfig, fn=None, *args,
     if changes_base(cfg.init):
         return InitResult(adapter, jax.tree_util.tree_unflatten(treedef, residual))
     return InitResult(adapter, params)
+
+
+def _is_key(x) -> bool:
+    """A ``jax.random.key`` or a legacy ``PRNGKey`` (uint32 of shape ``(2,)``)."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        return False
+    return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or (
+        dtype == jnp.uint32 and tuple(jnp.shape(x)) == (2,))
+
+
+def _check_key(key, params, cfg) -> None:
+    if _is_key(key):
+        return
+    if _is_key(params) or isinstance(key, LoraConfig):
+        raise LoraError("init's arguments are in the wrong order: the random key comes first, "
+                        "jlora.init(key, params, cfg, ...), e.g. jlora.init(jax.random.key(0), "
+                        "params, cfg)")
+    raise LoraError(f"init's first argument must be a jax.random key (jax.random.key(0)), "
+                    f"not {type(key).__name__}: jlora.init(key, params, cfg, ...)")
 
 
 def _scan_stacked(path: str, leaf, flat) -> bool:
@@ -195,6 +216,18 @@ def _make_layers_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, ax
     return LayersNode(node=node, layers=layers, length=length), w
 
 
+def factor_dtype(dtype, base_dtype) -> jnp.dtype:
+    """The factors' dtype: ``dtype``; for None, float32 on a base of lower precision (bf16,
+    f16, fp8: PEFT's ``autocast_adapter_dtype``), else the base's; ``"base"``: the base's."""
+    if isinstance(dtype, str) and dtype == "base":
+        return jnp.dtype(base_dtype)
+    if dtype is not None:
+        return jnp.dtype(dtype)
+    base = jnp.dtype(base_dtype)
+    low = jnp.issubdtype(base, jnp.floating) and jnp.finfo(base).bits < 32
+    return jnp.dtype(jnp.float32) if low else base
+
+
 def _make_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
     stack_axes, in_axes, out_axes = axes
     size = lambda group: math.prod(w.shape[ax] for ax in group)
@@ -208,13 +241,13 @@ def _make_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
                 "then jlora.quantize the residual it returns")
         raise LoraError(f"init={cfg.init!r} changes the base, but {path!r} is already "
                         f"quantized; run jlora.init with {cfg.init} on the float base ({then})")
-    dtype = jnp.dtype(cfg.dtype) if cfg.dtype is not None else jnp.dtype(w.dtype)
+    dtype = factor_dtype(cfg.dtype, w.dtype)
     if not jnp.issubdtype(dtype, jnp.floating) or (
             jnp.finfo(dtype).nmant < jnp.finfo(w.dtype).nmant):
         raise LoraError(f"dtype={cfg.dtype!r} for {path!r}: factors in {dtype} on a {w.dtype} "
                         f"weight would silently round every update to {dtype}; use dtype=None "
-                        "(the base's dtype) or a wider float; to save memory, cast or "
-                        "jlora.quantize the base instead")
+                        "(float32, or the base's dtype if wider) or a wider float; to save "
+                        "memory, cast or jlora.quantize the base instead")
     stack = tuple(w.shape[ax] for ax in stack_axes)
     scale = cfg.scaling_for(rank, alpha)
     (a, b), res = factor_inits.fresh(cfg.init, key, path, stack, n_in, n_out, rank, dtype), w

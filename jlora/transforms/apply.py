@@ -110,14 +110,14 @@ def apply(fn: Callable, *, safe: bool = False, mixed: str = "auto") -> Callable:
 
     Returns:
       ``f(params, adapter, *args, lora_rng=None, adapter_ids=None, example_axes=None,
-      lora_mask=None, deterministic=None, **kwargs)``, returning what ``fn`` returns. ``adapter`` may be
-      ``None`` (the base).
+      lora_mask=None, deterministic=None, **kwargs)``, returning what ``fn`` returns.
+      ``adapter`` may be ``None`` (the base).
 
     Raises:
       ValueError: an unknown ``mixed``.
       LoraError: (when ``f`` is called) an adapter that does not fit ``params``, dropout
-        with neither ``lora_rng`` nor ``deterministic``, a use
-        that contradicts the adapter's axes, a mixed batch whose example axis is lost.
+        with neither ``lora_rng`` nor ``deterministic``, a use that contradicts the
+        adapter's axes, a mixed batch whose example axis is lost.
 
     Examples:
       >>> w = {"q_proj": {"kernel": jnp.ones((4, 6))}}
@@ -151,6 +151,7 @@ def apply(fn: Callable, *, safe: bool = False, mixed: str = "auto") -> Callable:
         out = interpret_call(fn, params, adapter, args, kwargs, ctx, adapter_ids, example_axes)
         _warn_transposed(ctx.records)
         return out
+    del wrapped.__wrapped__  # its own signature (jax.jit's static_argnames reads it), fn's name
     return wrapped
 
 

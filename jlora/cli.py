@@ -1,22 +1,30 @@
-"""The ``jlora`` command: ``memory``, ``inspect``, ``merge`` and ``convert``.
+"""The ``jlora`` command's subcommands: ``memory``, ``inspect``, ``merge`` and ``convert``.
 
+:mod:`jlora_cli` parses the command line (without importing JAX) and calls these.
 Base checkpoints are ``.npz`` files keyed by ``jax.tree_util.keystr`` of a
 nested-dict params tree (what the main example caches, e.g.
-``"['params']['layers']['self_attn']['q_proj']['kernel']"``); adapters are
-jlora adapter directories (``save_adapter``) or PEFT adapter directories.
+``"['params']['layers']['self_attn']['q_proj']['kernel']"``), or, for ``convert``, a
+torch model's ``model.safetensors``; adapters are jlora adapter directories
+(``save_adapter``) or PEFT adapter directories.
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib
+import importlib.util
 import json
 import os
 import re
 import sys
+import tempfile
 
 import numpy as np
 
 from jlora import memory
+from jlora.config import LoraError
+
+#: The errors a command reports in one line: a user's mistake, a missing file.
+EXPECTED = (ValueError, TypeError, OSError)
 
 
 def _memory(args) -> str:
@@ -64,7 +72,8 @@ def _load_adapter(path: str, params=None):
     import jlora
     if _is_peft(path):
         if params is None:
-            raise SystemExit(f"{path} is a PEFT adapter: pass --base BASE.npz for its shapes")
+            raise LoraError(f"{path} is a PEFT adapter: pass --base BASE.npz (or the torch "
+                            "model's model.safetensors) for its shapes")
         return jlora.peft.load(path, params)
     return jlora.load_adapter(path, params)
 
@@ -120,46 +129,170 @@ def _merge(args) -> str:
 
 def _convert(args) -> str:
     import jlora
-    params = load_base(args.base) if args.base else None
-    adapter = _load_adapter(args.src, params)
+    kw = {"module_fn": import_spec(args.module_fn)} if args.module_fn else {}
+    if args.prefix is not None:
+        kw["prefix"] = args.prefix
+    torch_files = torch_base_files(args.base) if args.base else None
+    npz = load_base(args.base) if args.base and not torch_files else None
     if _is_peft(args.src):
-        jlora.save_adapter(args.dst, adapter)
+        params = npz
+        if torch_files:  # read in torch's layout: each Linear weight is (out, in)
+            params = torch_tree(torch_files)
+            kw["axes"] = torch_linear_axes(params)
+        jlora.save_adapter(args.dst, _peft_adapter(args.src, params, kw))
         return f"{args.src} (PEFT) -> {args.dst} (jlora)"
-    jlora.peft.save(args.dst, adapter)
-    return f"{args.src} (jlora) -> {args.dst} (PEFT)"
+    adapter = _load_adapter(args.src, npz)
+    modules = _save_peft(args.dst, adapter, kw, torch_files)
+    shown = ", ".join(modules[:4]) + (", ..." if len(modules) > 4 else "")
+    return (f"{args.src} (jlora) -> {args.dst} (PEFT): {len(modules)} modules, {shown}")
+
+
+def _peft_adapter(path: str, params, kw: dict):
+    import jlora
+    if params is None:
+        raise LoraError(f"{path} is a PEFT adapter: pass --base BASE.npz (or the torch "
+                        "model's model.safetensors) for its shapes")
+    return jlora.peft.load(path, params, **kw)
+
+
+def _save_peft(dst: str, adapter, kw: dict, torch_files) -> list[str]:
+    """Writes ``adapter`` to ``dst`` as PEFT, after checking its modules against the base.
+
+    Returns:
+      The torch module names written, sorted.
+    """
+    import jlora
+    from jlora.io import atomic
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out")
+        jlora.peft.save(out, adapter, **kw)
+        files = {}
+        for name in os.listdir(out):
+            with open(os.path.join(out, name), "rb") as f:
+                files[name] = f.read()
+        modules = written_modules(os.path.join(out, jlora.peft.WEIGHTS))
+    if torch_files:
+        check_modules(modules, torch_keys(torch_files))
+    atomic.write_dir(dst, files)  # a previous dst stays until this succeeds
+    return modules
+
+
+#: Key segments that end a torch module's name in a PEFT file.
+_PEFT_LEAVES = re.compile(r"^(lora_\w+|modules_to_save|trainable_tokens_\w+)$")
+_PEFT_ROOT = "base_model.model."
+
+
+def written_modules(weights: str) -> list[str]:
+    """The torch module names an ``adapter_model.safetensors`` holds, sorted."""
+    import safetensors
+    with safetensors.safe_open(weights, "numpy") as f:
+        keys = list(f.keys())
+    modules = set()
+    for key in keys:
+        parts = key.removeprefix(_PEFT_ROOT).split(".")
+        cut = next((i for i, s in enumerate(parts) if _PEFT_LEAVES.match(s)), len(parts) - 1)
+        modules.add(".".join(parts[:cut]))
+    return sorted(modules)
+
+
+def check_modules(modules: list[str], base_keys: list[str]) -> None:
+    """Refuses module names that the torch model does not have, naming the likely prefix."""
+    have = {".".join(k.split(".")[:i]) for k in base_keys for i in range(1, k.count(".") + 2)}
+    missing = [m for m in modules if m not in have]
+    if not missing:
+        return
+    hint = "pass --prefix or --module-fn so that the names match the torch model's"
+    like = sorted(h for h in have if h.endswith("." + missing[0]))
+    if like:
+        lead = like[0][: -len(missing[0])]
+        hint = (f"the base has {like[0]!r}: pass --prefix {_PEFT_ROOT}{lead} (or a "
+                "--module-fn)")
+    raise LoraError(f"{len(missing)} of the {len(modules)} modules written are not in the "
+                    f"torch base, e.g. {missing[:3]}; PEFT would load the file as the base "
+                    f"model without them; {hint}")
+
+
+def torch_base_files(path: str) -> list[str] | None:
+    """The safetensors files of a torch model (file or directory); None for a jlora ``.npz``."""
+    if path.endswith(".npz"):
+        return None
+    if os.path.isfile(path):
+        return [path]
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, n) for n in names]
+    files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    if not files:
+        raise LoraError(f"--base {path}: no .npz, .safetensors file or model.safetensors in it")
+    return [os.path.join(path, n) for n in files]
+
+
+def torch_keys(files: list[str]) -> list[str]:
+    import safetensors
+    keys: list[str] = []
+    for name in files:
+        with safetensors.safe_open(name, "numpy") as f:
+            keys += list(f.keys())
+    return keys
+
+
+def torch_tree(files: list[str]) -> dict:
+    """A torch state dict as a nested dict by its dotted names (torch's layout kept)."""
+    import safetensors
+    tree: dict = {}
+    for name in files:
+        with safetensors.safe_open(name, "flax") as f:
+            for key in f.keys():
+                *parents, leaf = key.split(".")
+                node = tree
+                for k in parents:
+                    node = node.setdefault(k, {})
+                node[leaf] = f.get_tensor(key)
+    return tree
+
+
+def torch_linear_axes(params: dict) -> dict:
+    """``peft.load``'s ``axes`` for a torch tree: each ``nn.Linear`` weight is ``(out, in)``."""
+    from jlora.targets import flatten, path_str
+    return {path_str(kp): ((), (1,), (0,)) for kp, leaf in flatten(params)[0]
+            if path_str(kp).endswith("/weight") and np.ndim(leaf) == 2
+            and not re.search("embed", path_str(kp))}
+
+
+def import_spec(spec: str):
+    """The function an import spec names: ``package.module:function`` or ``file.py:function``.
+
+    The current directory is importable, as with ``python -m``; a file's own directory
+    too, so that it can import its neighbours.
+    """
+    module, sep, attr = spec.rpartition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"--module-fn {spec!r}: expected MODULE:FUNCTION, e.g. "
+                         "llama:hf_module or examples/llama.py:hf_module")
+    if module.endswith(".py"):
+        folder = os.path.dirname(os.path.abspath(module))
+        sys.path.insert(0, folder)
+        found = importlib.util.spec_from_file_location(
+            os.path.basename(module)[:-3], module)
+        if found is None or found.loader is None or not os.path.isfile(module):
+            raise ValueError(f"--module-fn {spec!r}: no file {module}")
+        mod = importlib.util.module_from_spec(found)
+        found.loader.exec_module(mod)
+    else:
+        sys.path.insert(0, os.getcwd())
+        mod = importlib.import_module(module)
+    fn = getattr(mod, attr, None)
+    if not callable(fn):
+        raise ValueError(f"--module-fn {spec!r}: {module} has no function {attr!r}")
+    return fn
+
+
+COMMANDS = {"memory": _memory, "inspect": _inspect, "merge": _merge, "convert": _convert}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="jlora", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    mem = sub.add_parser("memory", help="estimate training memory per method",
-                         description=memory.__doc__.split("\n\n")[0])
-    src = mem.add_mutually_exclusive_group()
-    src.add_argument("--params", type=float, default=7e9,
-                     help="parameter count; Llama proportions are assumed (default 7e9)")
-    src.add_argument("--config", help="a Hugging Face config.json (or the example model's)")
-    mem.add_argument("--batch", type=int, default=1)
-    mem.add_argument("--seq", type=int, default=512)
-    mem.add_argument("--rank", type=int, default=16)
-    mem.add_argument("--targets", nargs="+", default=list(memory.LINEAR[:4]))
-    mem.add_argument("--checkpointing", action="store_true")
-    mem.add_argument("--article", action="store_true",
-                     help="the source article's 7B table, with the settings that reproduce it")
-    ins = sub.add_parser("inspect", help="targets, ranks, parameters and size of an adapter")
-    ins.add_argument("adapter")
-    ins.add_argument("--base", help="base .npz (needed for PEFT adapters)")
-    mrg = sub.add_parser("merge", help="fold an adapter into a base .npz")
-    for name in ("base", "adapter", "out"):
-        mrg.add_argument(name)
-    cnv = sub.add_parser("convert", help="PEFT <-> jlora adapter directories")
-    cnv.add_argument("src")
-    cnv.add_argument("dst")
-    cnv.add_argument("--base", help="base .npz (needed to read a PEFT adapter)")
-    args = parser.parse_args(argv)
-    run = {"memory": _memory, "inspect": _inspect, "merge": _merge, "convert": _convert}
-    print(run[args.command](args))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    """``jlora ARGS`` (the console script is :func:`jlora_cli.main`, which this calls)."""
+    from jlora_cli import main as run
+    return run(argv)

@@ -57,6 +57,38 @@ def test_outputs_and_gradients_are_the_closed_form(name, key):
         "factored (gated by lora_mask)"}
 
 
+def _attend(q, k):
+    return jax.nn.softmax(q @ jnp.swapaxes(k, -1, -2), -1) @ k
+
+
+#: Single-request code squeezes the size-1 axes of the mask's shape away: ``(x, mask)``
+#: shapes, the model, and its closed form given the gated projection ``proj(x)``.
+SQUEEZING = {
+    "batch squeezed": ((1, S, D), lambda p, x: (jnp.squeeze(x, 0) @ p["w"])[None],
+                       lambda proj, x: proj(x)),
+    "token squeezed (decoding)": ((B, 1, D), lambda p, x: (x[:, 0] @ p["w"])[:, None],
+                                  lambda proj, x: proj(x)),
+    "both squeezed": ((1, 1, D), lambda p, x: (x[0, 0] @ p["w"])[None, None],
+                      lambda proj, x: proj(x)),
+    "attention, batch squeezed": (
+        (1, S, D), lambda p, x: _attend(x[0] @ p["w"], x[0] @ p["w"])[None],
+        lambda proj, x: _attend(proj(x), proj(x))),
+}
+
+
+@pytest.mark.parametrize("name", list(SQUEEZING))
+def test_size_1_mask_axes_squeezed_away_are_fine(name, key):
+    """One request (mask (1, S)) or one decoded token ((B, 1), (1, 1)): a model that
+    squeezes that axis away is gated right (every row is entry 0 along it)."""
+    shape, fn, closed = SQUEEZING[name]
+    params, ad, _, _ = _linear(key)
+    x = jax.random.normal(jax.random.fold_in(key, 3), shape)
+    mask = jax.random.uniform(jax.random.fold_in(key, 4), shape[:2])
+    want = closed(lambda x: _closed_form(params, ad["w"], x, mask), x)
+    np.testing.assert_allclose(jax.jit(jlora.apply(fn))(params, ad, x, lora_mask=mask), want,
+                               **F32)
+
+
 @pytest.mark.parametrize("fn, match", [
     (lambda p, x: jnp.flip(x, 1) @ p["w"], "order was lost"),
     (lambda p, x: x.mean(1) @ p["w"], "do not depend on that axis"),
@@ -149,20 +181,22 @@ def test_each_row_of_a_mixed_batch_equals_its_adapter_alone(key):
         np.testing.assert_allclose(got[row:row + 1], want, **F32)
 
 
+@pytest.mark.parametrize("batch", [2, 1])
 @pytest.mark.parametrize("scan", [True, False])
-def test_decoding_with_a_cache_continues_the_prompt(scan, key):
+def test_decoding_with_a_cache_continues_the_prompt(scan, batch, key):
     """Prefill, then one token at a time with ``mask[:, -1:]``: the logits of the whole
-    sequence run at once."""
+    sequence run at once; one request (batch 1, masks (1, S) then (1, 1)) as two."""
     model, params, cfg = _tiny(scan)
     ad = _alora(params, key, (3, 4))
     ids = np.array(jax.random.randint(key, (2, 10), 6, 32))
     ids[0, 3:5] = (3, 4)  # row 1 never invokes: the base throughout
+    ids = ids[:batch]
     prompt, n = 6, 10
     f = jax.jit(jlora.apply(model.apply))
     want = f(params, ad, jnp.asarray(ids), lora_mask=jlora.alora_mask(ids, ad))
-    pos = lambda a, b: jnp.broadcast_to(jnp.arange(a, b)[None], (2, b - a))
+    pos = lambda a, b: jnp.broadcast_to(jnp.arange(a, b)[None], (batch, b - a))
     mask = jlora.alora_mask(ids[:, :prompt], ad)
-    cache = llama.init_cache(cfg, 2, n)
+    cache = llama.init_cache(cfg, batch, n)
     logits, cache = f(params, ad, jnp.asarray(ids[:, :prompt]), pos(0, prompt), cache=cache,
                       lora_mask=mask)
     got = [logits]
@@ -172,7 +206,9 @@ def test_decoding_with_a_cache_continues_the_prompt(scan, key):
         got.append(logits)
     np.testing.assert_allclose(jnp.concatenate(got, 1), want, **F32)
     base = jax.jit(model.apply)(params, jnp.asarray(ids))
-    np.testing.assert_array_equal(want[1], base[1])
+    assert not np.allclose(want[0], base[0])  # row 0 invokes the adapter
+    if batch == 2:
+        np.testing.assert_array_equal(want[1], base[1])
 
 
 def test_invocation_survives_checkpoints_stack_and_unstack(tmp_path, key):

@@ -71,10 +71,13 @@ def test_linen_dense(key, jit):
     check_against_materialized(Mlp().apply, params, adapter, X, jit=jit)
 
 
-def test_linen_dense_bf16(key):
+@pytest.mark.parametrize("dtype, factors", [(None, jnp.float32), ("base", jnp.bfloat16)])
+def test_linen_dense_bf16(key, dtype, factors):
+    """A bf16 base: float32 factors by default (PEFT's autocast_adapter_dtype), its own
+    dtype with dtype="base"; either way the merged weight's numbers."""
     model = Mlp(dtype=jnp.bfloat16)
-    params, adapter = _setup(model, ("up_proj", "down_proj"), key, with_fn=False)
-    assert jax.tree.leaves(adapter)[0].dtype == jnp.bfloat16
+    params, adapter = _setup(model, ("up_proj", "down_proj"), key, with_fn=False, dtype=dtype)
+    assert {leaf.dtype for leaf in jax.tree.leaves(adapter)} == {jnp.dtype(factors)}
     check_against_materialized(model.apply, params, adapter, X.astype(jnp.bfloat16), tol=BF16)
 
 

@@ -158,3 +158,30 @@ def test_a_table_broadcast_before_an_add_is_built_at_its_own_size(key):
     dots = [e.outvars[0].aval.shape for e in jaxpr.eqns if e.primitive.name == "dot_general"]
     assert dots == [(10, 16)]  # A[:10] @ B: the slice, before the broadcast
     check_against_materialized(fn, params, adapter, ids)
+
+
+def test_init_maps_an_axis_split_by_a_reshape_back_to_one_weight_axis(key):
+    """Both parts of a split axis contracted: that one axis is "in" (not (1, 1)), and the
+    adapter's outputs and gradients equal the materialized weight's."""
+    params = {"w": jax.random.normal(key, (3, 4))}
+
+    def fn(p, x):  # x: (2, 2, 1, 2, 5, 7)
+        w = p["w"].reshape((3, 2, 2))  # the weight's axis 1 split in two
+        x = x.reshape((2, 2, 2, 5, 7))[..., 0]
+        return jnp.einsum("cbde,abc->da", x, w)
+
+    x = jax.random.normal(jax.random.key(1), (2, 2, 1, 2, 5, 7))
+    ad = jlora.init(key, params, jlora.LoraConfig(rank=2, targets=("w",)), fn, x)
+    node = ad["w"]
+    assert (node.stack_axes, node.in_axes, node.out_axes) == ((), (1,), (0,))
+    ad = randomize(ad, key)
+    check_against_materialized(fn, params, ad, x)
+    assert jlora.explain(fn, params, ad, x) == {"w": ["factored"]}
+
+
+def test_init_refuses_an_axis_split_into_a_contracted_and_a_kept_part(key):
+    params = {"w": jax.random.normal(key, (3, 4))}
+    fn = lambda p, x: jnp.einsum("dc,abc->dab", x, p["w"].reshape((3, 2, 2)))
+    with pytest.raises(jlora.LoraError, match="'w': fn splits axis 1 of the weight"):
+        jlora.init(key, params, jlora.LoraConfig(rank=2, targets=("w",)), fn,
+                   jnp.ones((5, 2)))

@@ -177,7 +177,7 @@ def test_bf16_adapters_round_trip_through_safetensors(tmp_path, key):
     """The safetensors package writes and reads bf16 as stored (no float32 detour)."""
     _, params = _jlora_base(_hf_base())
     params = jax.tree.map(lambda w: w.astype(jnp.bfloat16), params)
-    cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets=tuple(TARGETS))
+    cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets=tuple(TARGETS), dtype="base")
     ad = randomize(jlora.init(key, params, cfg), key)
     jlora.peft.save(str(tmp_path), ad, module_fn=llama.hf_module)
     back = jlora.peft.load(str(tmp_path), params, module_fn=llama.hf_module)
@@ -206,3 +206,18 @@ def test_peft_layers_to_transform_both_directions(tmp_path, key):
     back = peft.PeftModel.from_pretrained(_hf_base(), str(tmp_path / "jlora")).eval()
     np.testing.assert_allclose(_torch_logits(back, ids),
                                jlora.apply(model.apply)(params, ad, jnp.asarray(ids)), **TOL)
+
+
+def test_two_targets_on_one_module_name_are_refused(tmp_path):
+    """Top-level leaves {"q": W, "v": W} both map to module '' by default: an error naming
+    both, not a file holding one target's factors; a module_fn that tells them apart works."""
+    w = jnp.ones((4, 6))
+    params = {"q": w, "v": w}
+    ad = jlora.init(jax.random.key(0), params, jlora.LoraConfig(rank=2, targets=("q", "v")))
+    with pytest.raises(jlora.LoraError, match="'q' and 'v'.*module_fn"):
+        jlora.peft.save(str(tmp_path / "p"), ad)
+    assert not (tmp_path / "p").exists()
+    jlora.peft.save(str(tmp_path / "p"), ad, module_fn=lambda path, index: path)
+    back = jlora.peft.load(str(tmp_path / "p"), params, module_fn=lambda path, index: path)
+    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(ad)):
+        np.testing.assert_array_equal(got, want)

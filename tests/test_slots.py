@@ -1,6 +1,7 @@
 """``jlora.Slots``: adapters loaded and evicted at run time over one base, every row equal
 to its adapter run alone, nothing traced again, LRU and pinning, bad sources refused."""
 
+import dataclasses
 import threading
 
 import jax
@@ -127,3 +128,31 @@ def test_threads_share_the_slots():
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_arrays_that_contradict_their_node_change_nothing():
+    """Checked before any eviction or write: the residency, the tree and the traces stay."""
+    slots = jlora.Slots(PARAMS, ADAPTERS["a"], 2, rank=4)
+    slots.load("a", ADAPTERS["a"]), slots.load("c", ADAPTERS["c"])
+    tree, resident, traces = slots.tree, slots.resident, slots.traces
+    node = ADAPTERS["c"]["l1"]["kernel"]
+    bad = {"l1": {"kernel": dataclasses.replace(node, a=node.a[:, :3])},  # rank 4 declared
+           "l2": ADAPTERS["c"]["l2"]}
+    with pytest.raises(jlora.LoraError, match="l1/kernel"):
+        slots.load("x", bad)
+    assert slots.resident == resident and slots.tree is tree and slots.traces == traces
+    check_rows(slots, ["a", "c"])
+
+
+def test_peft_sources_named_by_module_fn(tmp_path):
+    """Slots take module_fn (and prefix) for PEFT directories named another way."""
+    hf = lambda path, index: "model." + jlora.peft.default_module(path, index)
+    jlora.peft.save(str(tmp_path / "b"), ADAPTERS["b"], module_fn=hf)
+    with pytest.raises(jlora.LoraError, match="pass a module_fn"):
+        jlora.Slots(PARAMS, ADAPTERS["a"], 2, rank=8).load("b", str(tmp_path / "b"))
+    slots = jlora.Slots(PARAMS, ADAPTERS["a"], 2, rank=8, module_fn=hf,
+                        sources={"a": ADAPTERS["a"], "b": str(tmp_path / "b")})
+    check_rows(slots, ["b", "a"])
+    prefixed = jlora.Slots(PARAMS, ADAPTERS["a"], 2, rank=8, prefix="base_model.model.model.",
+                           sources={"b": str(tmp_path / "b")})
+    check_rows(prefixed, ["b"])

@@ -142,8 +142,9 @@ def factored(x, sym: Sym, sym_is_rhs: bool, params: dict, key, record,
 
     base_out = bind(sym.base, x)
     if sym.probe:
-        record(sym.path, ("dot", tuple(sym.labels[a][1] for a in wc),
-                          tuple(sym.labels[a][1] for a in wb)))
+        free = [a for a in range(len(sym.labels)) if a not in wc and a not in wb]
+        record(sym.path, ("dot", *(tuple(sym.labels[a][1] for a in axes)
+                                   for axes in (wc, wb, free))))
         return base_out
     mode = _mode(sym, wc, wb)
     if sym.g is not None and mode == "o":

@@ -65,6 +65,7 @@ def discover_axes(fn, params, paths: set[str], args, kwargs) -> dict[str, tuple]
         else:  # whole slices picked and never contracted: rows of a 3+-D table
             ins = tuple(sorted(picks))
         _check_disjoint(path, stack, ins, events)
+        _check_whole(path, dots)
         outs = tuple(ax for ax in range(ndims[path]) if ax not in stack and ax not in ins)
         if ins and outs:
             found[path] = (tuple(sorted(stack)), ins, outs)
@@ -72,22 +73,37 @@ def discover_axes(fn, params, paths: set[str], args, kwargs) -> dict[str, tuple]
 
 
 def _axes(x) -> tuple[int, ...]:
-    """Original axes from recorded labels: ints, or tuples of them (merged by a reshape)."""
+    """Original axes from recorded labels: ints, or tuples of them (merged by a reshape),
+    each once (the parts of an axis split by a reshape all hold that one axis)."""
     items = x if isinstance(x, tuple) else (x,)
-    return tuple(a for v in items for a in (_axes(v) if isinstance(v, tuple) else (v,)))
+    found = (a for v in items for a in (_axes(v) if isinstance(v, tuple) else (v,)))
+    return tuple(dict.fromkeys(found))
 
 
 def _flat(events: list) -> list:
     """Events with each recorded axis an original axis (a merged axis's all of them)."""
     out: list = []
     for e in events:
-        if e[0] == "dot":
-            out.append(("dot", _axes(e[1]), _axes(e[2])))
+        if e[0] == "dot":  # (contracted, batched[, kept]): conv and ragged keep no axes
+            out.append(("dot", *map(_axes, e[1:])))
         elif e[0] == "gather":
             out.append(("gather", _axes(e[1])))
         else:  # "index", "pick": one event per original axis
             out += [(e[0], ax) for ax in _axes(e[1])]
     return out
+
+
+def _check_whole(path: str, dots: list) -> None:
+    """Raise if a dot contracts part of a weight axis (split by a reshape) and keeps the
+    rest: a LoRA factor contracts whole axes of the weight."""
+    for e in dots:
+        part = sorted(set(e[1]) & set(e[3] if len(e) > 3 else ()))
+        if part:
+            raise LoraError(
+                f"{path!r}: fn splits axis {part[0]} of the weight with a reshape, then "
+                "contracts one part and keeps the other, so that axis is neither wholly in "
+                "nor wholly out; LoRA's factors map whole axes: adapt this weight as fn sees "
+                "it (reshape it in params) or leave it out of targets")
 
 
 _USES = {"dot": "contracted by a dot_general", "gather": "looked up by a gather",

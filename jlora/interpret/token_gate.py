@@ -14,9 +14,13 @@ from jlora.config import LoraError
 def gate(x, ats, mask, free, path: str):
     """``x`` with each row multiplied by its entry of ``mask`` (``free``: x's axes the
     adapted dot neither contracts nor batches); a row whose entry cannot be told is a
-    ``LoraError``."""
+    ``LoraError``. A mask axis of size 1 (one request, one decoded token) needs no
+    placement: every row is its entry 0, even where the model squeezed that axis away."""
     index = []
     for c, size in enumerate(mask.shape):
+        if size == 1:  # every row is entry 0 along this axis, wherever (if) it lies
+            index.append(jnp.zeros((1,) * x.ndim, jnp.int32))
+            continue
         found = [a for a in ats if a.comp == c]
         a = found[0] if len(found) == 1 else None
         ok = (a is not None and a.axis in free and a.inner is not None

@@ -101,7 +101,9 @@ def save(path: str, adapter: Adapter, *, module_fn=default_module, prefix: str =
 def _lora_tensors(nodes: dict, parameters, module_fn, prefix: str, embeddings: str, convs):
     """``(tensors, {module: node})`` for the LoRA nodes of modules (one module per stack
     index; a conv in PEFT's conv layout, a table under the embedding keys)."""
-    tensors, modules, owner = {}, {}, {}
+    tensors: dict = {}
+    modules: dict = {}
+    owner: dict[str, str] = {}  # module -> the path that took it
     for p, node in nodes.items():
         if isinstance(node, (FullNode, TokenNode)) or p.split("/")[-1] in parameters:
             continue

@@ -91,7 +91,8 @@ class LoraConfig:
         [``loftq_config["loftq_iter"]``].
       layers_to_transform: adapt only these layer indices (the segment after a
         ``layers_pattern`` name: ``layers_3`` or ``layers/3``) [``layers_to_transform``];
-        a scanned stack (all layers in one array) is refused.
+        on a scanned stack (all layers in one array) the node's factors cover only
+        those layers, and the other layers run the base alone.
       layers_pattern: the names of the layer-list segment; default ``LAYER_PATTERNS``
         [``layers_pattern``].
       exclude: paths left out even where ``targets`` match, in the same syntax (a regex,

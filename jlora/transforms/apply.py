@@ -69,14 +69,21 @@ def apply(fn: Callable, *, safe: bool = False, mixed: str = "auto") -> Callable:
     Adapted kernels are computed factored: ``x @ W0 + s * (dropout(x) @ A) @ B``,
     never forming the full-size weight or its gradient. Dropout (the adapter's
     rate, on the LoRA input only) runs only when ``lora_rng`` is given, with a
-    different mask at every site and every loop step. Wrap the result in
+    different mask at every site and every loop step. A weight the model uses
+    transposed (``x @ W.T``) by an adapter made without ``fn`` gives a
+    ``UserWarning`` once per adapter: pass ``fn`` to ``init`` so that "in" and "out"
+    are the model's (the numbers are right either way, the init's fan and a PEFT
+    export are not). Wrap the result in
     ``jax.jit``: ``fn`` is traced once per input shape.
 
     With a stacked adapter (``jlora.stack``), ``adapter_ids[i]`` picks the adapter
     of example ``i`` (``-1``: the base alone), in one batched pass. The examples
     lie along axis 0 of every array argument, or where ``example_axes`` says (as
     ``jax.vmap``'s ``in_axes`` over the positional arguments; None for an argument
-    shared by all examples). jlora follows that axis through the model (reshapes,
+    shared by all examples). An id outside ``-1 .. n-1`` makes that example's outputs
+    NaN (under ``jit`` it cannot raise; it never gets another adapter's output);
+    outside ``jit``, and in ``jlora.Slots.batch``, it is a ``LoraError`` before the
+    call. jlora follows the example axis through the model (reshapes,
     transposes, scans, ...) to each adapted weight; where it cannot, or where the
     model mixes examples before a weight, it raises a ``LoraError``. ``mixed`` picks
     how: ``"gather"`` (each example gathers its factors), ``"grouped"`` (rows sorted

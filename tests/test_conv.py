@@ -68,7 +68,7 @@ def test_grouped_convs_are_factored(key, groups, dora):
     fn = net.apply if net else lambda p, x: jax.lax.conv_general_dilated(
         x, p["w"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=4)
-    cfg = jlora.LoraConfig(rank=2, targets=("c2", "w"), dora=dora)
+    cfg = jlora.LoraConfig(rank=2, targets=("c2",) if net else ("w",), dora=dora)
     adapter = randomize(jlora.init(key, params, cfg, fn, X), key)
     assert set(sum(jlora.explain(fn, params, adapter, X).values(), [])) == {"factored"}
     check_against_materialized(fn, params, adapter, X)
@@ -132,7 +132,7 @@ def test_dora_conv_dropout_branch(key):
     adapter = randomize(jlora.init(key, params, cfg, Net().apply, X), key)
     f = jlora.apply(Net().apply)
     np.testing.assert_allclose(f(params, adapter, X, lora_rng=jax.random.key(1)),
-                               f(params, adapter, X), rtol=1e-5, atol=1e-5)
+                               f(params, adapter, X, deterministic=True), rtol=1e-5, atol=1e-5)
 
 
 # The convolutions Keras 3 writes, in lax (no keras dependency): HWIO kernels, NHWC inputs.

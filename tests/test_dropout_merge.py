@@ -55,11 +55,16 @@ def test_dropout_masks_differ_per_site_and_per_scan_step(key):
     assert not np.array_equal(ys[0] != 0, ys[1] != 0)
 
 
-def test_no_rng_means_no_dropout(key):
+def test_deterministic_means_no_dropout_and_no_rng_without_it_is_refused(key):
+    """As Flax's and Equinox's dropout: no key and no deterministic=True is an error (it
+    used to run without dropout silently); deterministic=True runs without dropout."""
     params = {"w1": jnp.zeros((D, D)), "w2": jnp.zeros((D, D))}
     ad = _identity_adapter(params, key, rate=0.5)
     x = jnp.ones((8, D))
-    np.testing.assert_array_equal(jlora.apply(_two_sites)(params, ad, x)[0], x)
+    np.testing.assert_array_equal(
+        jlora.apply(_two_sites)(params, ad, x, deterministic=True)[0], x)
+    with pytest.raises(jlora.LoraError, match="'w1' has dropout=0.5 but no lora_rng"):
+        jlora.apply(_two_sites)(params, ad, x)
 
 
 def test_merge_matches_reference_and_merged_forward_matches_unmerged(key):

@@ -8,6 +8,7 @@ import json
 import os
 import warnings
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,9 +92,28 @@ def test_deterministic_reaches_a_model_that_takes_it():
         return _fn(params, x)
 
     jlora.apply(fn)(p, ad, x, deterministic=True)
+    assert seen == [True]
     jlora.apply(lambda params, x, **kw: fn(params, x, **kw))(p, ad, x, deterministic=True)
-    assert seen == [True, True]
+    assert seen == [True, False]  # a bare **kwargs does not get it
     jlora.apply(_fn)(p, ad, x, deterministic=True)  # _fn takes no such keyword: not passed
+
+    class Dropping(nn.Module):  # Flax Linen: model.apply's **kwargs reach __call__
+        @nn.compact
+        def __call__(self, x, deterministic=False):
+            seen.append(deterministic)
+            return nn.Dense(4, name="q_proj")(x)
+
+    class Plain(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4, name="q_proj")(x)
+
+    for model in (Dropping(), Plain()):
+        variables = model.init(KEY, x)
+        lin = jlora.init(KEY, variables, jlora.LoraConfig(rank=2, targets=("q_proj",),
+                                                          dropout=0.1))
+        jlora.apply(model.apply)(variables, lin, x, deterministic=True)
+    assert seen[-1] is True and len(seen) == 4  # init's call, then apply's
 
 
 # --- 3. a bf16 base gives float32 factors ---------------------------------------------------

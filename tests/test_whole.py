@@ -105,8 +105,11 @@ def test_bad_inputs_name_the_field_and_path(key):
         init(trainable_token_indices={"layers": [1]})
     with pytest.raises(jlora.LoraError, match="distinct non-negative"):
         jlora.LoraConfig(trainable_token_indices=[1, 1])
-    with pytest.raises(jlora.LoraError, match="modules_to_save=.*matched no float"):
+    with pytest.raises(jlora.LoraError, match="modules_to_save=.*'nothing_here' matched no "
+                       "parameter"):
         init(modules_to_save=("nothing_here",))
+    with pytest.raises(jlora.LoraError, match="modules_to_save=.*matched no float"):
+        init(modules_to_save=r"nothing_here")  # a regex: matched as given, then checked
     adapter = init(targets=("q_proj",), modules_to_save=("lm_head",),
                    trainable_token_indices=[1, 2])
     merged = jlora.merge(params, adapter)

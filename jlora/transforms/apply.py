@@ -95,10 +95,10 @@ def apply(fn: Callable, *, safe: bool = False, mixed: str = "auto") -> Callable:
     An adapter with ``dropout > 0`` needs ``lora_rng`` (training) or ``deterministic=True``
     (evaluation): with neither, the call raises a ``LoraError`` rather than silently
     running without dropout, as Flax's and Equinox's dropout do. ``deterministic`` is
-    also passed on to ``fn`` when ``fn`` accepts it (a named parameter or ``**kwargs``,
-    as Flax's ``Module.apply``), so the model's own dropout follows; for a model whose
-    ``**kwargs`` does not take it, wrap it: ``jlora.apply(lambda p, x, deterministic:
-    model.apply(p, x))``.
+    also passed on to ``fn`` when ``fn`` names a ``deterministic`` parameter, or is a
+    Flax Linen ``model.apply`` whose ``__call__`` names one, so the model's own dropout
+    follows; a model behind a bare ``**kwargs`` does not get it (wrap it to pass it on:
+    ``jlora.apply(lambda p, x, deterministic: model(p, x, deterministic=deterministic))``).
 
     ``lora_mask`` (bool or float, e.g. ``(batch, seq)``; activated LoRA, see
     :func:`jlora.alora_mask`) multiplies the low-rank path of every adapted use per
@@ -163,13 +163,20 @@ def apply(fn: Callable, *, safe: bool = False, mixed: str = "auto") -> Callable:
 
 
 def _takes_deterministic(fn: Callable) -> bool:
-    """Whether ``fn`` accepts a ``deterministic`` keyword (by name or ``**kwargs``)."""
+    """Whether ``fn`` names a ``deterministic`` parameter, or is a bound ``apply`` (Flax
+    Linen's ``model.apply``) whose object's ``__call__`` names one. ``**kwargs`` alone
+    does not count: most models behind a ``**kwargs`` do not take it."""
+    return any(_names_deterministic(f) for f in
+               (fn, getattr(getattr(fn, "__self__", None), "__call__", None)) if f is not None)
+
+
+def _names_deterministic(fn: Callable) -> bool:
     try:
         ps = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):  # no signature to read (some builtins): do not pass it
         return False
-    return any(p.kind == p.VAR_KEYWORD or (p.name == "deterministic" and p.kind in (
-        p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)) for p in ps)
+    return any(p.name == "deterministic" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+               for p in ps)
 
 
 def _check_flag(deterministic) -> None:

@@ -23,14 +23,28 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def runs(quick: bool, out: str) -> dict:
     """``{title: argv}`` of the three tables."""
     if quick:
-        return {"core": ["core.py", "--quick", "--repeats", "1", "--out", out],
-                "serve": ["serve.py", "--quick", "--repeats", "1", "--counts", "4"],
-                "memory": ["memory.py", "--sizes", "tiny", "--batch", "1", "--seq", "16",
-                           "--remat", "only", "--out", os.path.join(out, "memory.md")]}
-    return {"core": ["core.py", "--repeats", "5", "--out", out],
-            "serve": ["serve.py", "--repeats", "5"],
-            "memory": ["memory.py", "--remat", "also", "--out",
-                       os.path.join(out, "memory.md")]}
+        return {
+            "core": ["core.py", "--quick", "--repeats", "1", "--out", out],
+            "serve": ["serve.py", "--quick", "--repeats", "1", "--counts", "4"],
+            "memory": [
+                "memory.py",
+                "--sizes",
+                "tiny",
+                "--batch",
+                "1",
+                "--seq",
+                "16",
+                "--remat",
+                "only",
+                "--out",
+                os.path.join(out, "memory.md"),
+            ],
+        }
+    return {
+        "core": ["core.py", "--repeats", "5", "--out", out],
+        "serve": ["serve.py", "--repeats", "5"],
+        "memory": ["memory.py", "--remat", "also", "--out", os.path.join(out, "memory.md")],
+    }
 
 
 def _shown(cmd) -> str:
@@ -41,8 +55,9 @@ def _shown(cmd) -> str:
 
 def device_line() -> str:
     import jax
+
     d = jax.devices()
-    return (f"{len(d)} x {d[0].device_kind} ({d[0].platform}), jax {jax.__version__}")
+    return f"{len(d)} x {d[0].device_kind} ({d[0].platform}), jax {jax.__version__}"
 
 
 def main(argv=None):
@@ -54,17 +69,21 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as out:
         for title, cmd in runs(args.quick, out).items():
             t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, *cmd], cwd=HERE, capture_output=True,
-                                  text=True)
+            proc = subprocess.run([sys.executable, *cmd], cwd=HERE, capture_output=True, text=True)
             if proc.returncode:
                 raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-            parts += [f"## {title}: `python benchmarks/{_shown(cmd)}` "
-                      f"({time.perf_counter() - t0:.0f} s)", "", proc.stdout.strip(), ""]
+            parts += [
+                f"## {title}: `python benchmarks/{_shown(cmd)}` ({time.perf_counter() - t0:.0f} s)",
+                "",
+                proc.stdout.strip(),
+                "",
+            ]
             print(f"{title}: done in {time.perf_counter() - t0:.0f} s", flush=True)
     text = "\n".join(parts)
     print(text)
     if not args.quick:
         import jax
+
         name = f"accelerator_{jax.devices()[0].platform}.md"
         with open(os.path.join(HERE, "results", name), "w") as f:
             f.write(text + "\n")

@@ -33,8 +33,9 @@ def main():
     fs = {"plain (used)": jax.jit(plain), "barrier + transpose": jax.jit(barrier)}
     for f in fs.values():
         f(x, dt).block_until_ready()
-    np.testing.assert_allclose(fs["plain (used)"](x, dt), fs["barrier + transpose"](x, dt),
-                               rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(
+        fs["plain (used)"](x, dt), fs["barrier + transpose"](x, dt), rtol=1e-4, atol=1e-3
+    )
     times = {k: [] for k in fs}
     order = np.random.default_rng(0)
     for _ in range(ROUNDS):

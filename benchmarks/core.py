@@ -63,8 +63,9 @@ def build(quick: bool):
     ids = jax.random.randint(key, (batch, seq + 1), 0, cfg.vocab_size)
     adapters = {}
     for dora in (False, True):
-        lcfg = jlora.LoraConfig(rank=16, alpha=32.0, targets=("q_proj", "k_proj", "v_proj",
-                                                              "o_proj"), dora=dora)
+        lcfg = jlora.LoraConfig(
+            rank=16, alpha=32.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"), dora=dora
+        )
         adapter = jlora.init(key, params, lcfg)
         adapters[dora] = jax.tree.map(lambda v: v + 1e-3, adapter)  # B != 0, as after training
     return cfg, model, params, adapters, ids
@@ -72,10 +73,12 @@ def build(quick: bool):
 
 def train_step(loss, tx):
     """``jit(step)(trainable, opt_state, *frozen)``: one optimizer step on ``loss``."""
+
     def step(trainable, opt_state, *frozen):
         grads = jax.grad(loss)(trainable, *frozen)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state
+
     return jax.jit(step)
 
 
@@ -126,22 +129,30 @@ def main():
     for name, (f, call_args) in calls.items():
         t = times[name]
         flops = f.lower(*call_args).compile().cost_analysis()["flops"]
-        rows[name] = dict(median_ms=statistics.median(t), min_ms=min(t), max_ms=max(t),
-                          gflop=flops / 1e9)
+        rows[name] = dict(
+            median_ms=statistics.median(t), min_ms=min(t), max_ms=max(t), gflop=flops / 1e9
+        )
     base, full = rows["base_forward"]["median_ms"], rows["full_step"]["median_ms"]
     full_gflop = rows["full_step"]["gflop"]
-    lines = ["| measurement | median ms (min-max) | / base forward | / full step "
-             "| XLA GFLOP | FLOPs / full step |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| measurement | median ms (min-max) | / base forward | / full step "
+        "| XLA GFLOP | FLOPs / full step |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['median_ms']:.1f} ({r['min_ms']:.1f}-{r['max_ms']:.1f}) "
-                     f"| {r['median_ms'] / base:.2f} | {r['median_ms'] / full:.2f} "
-                     f"| {r['gflop']:.1f} | {r['gflop'] / full_gflop:.2f} |")
-    env = (f"jax {jax.__version__}, {platform.processor() or platform.machine()}, "
-           f"{os.cpu_count()} cores, {jax.devices()[0].platform}; model h{cfg.hidden_size} "
-           f"L{cfg.num_layers} vocab {cfg.vocab_size}, batch x seq = {ids.shape[0]}x"
-           f"{ids.shape[1] - 1}, LoRA and DoRA r16 a32 q,k,v,o, fp32, {args.repeats} runs. XLA's "
-           "cost_analysis counts the scanned layer body once, so GFLOP columns compare rows; "
-           "tests/test_flops.py checks the unscanned totals too")
+        lines.append(
+            f"| {name} | {r['median_ms']:.1f} ({r['min_ms']:.1f}-{r['max_ms']:.1f}) "
+            f"| {r['median_ms'] / base:.2f} | {r['median_ms'] / full:.2f} "
+            f"| {r['gflop']:.1f} | {r['gflop'] / full_gflop:.2f} |"
+        )
+    env = (
+        f"jax {jax.__version__}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, {jax.devices()[0].platform}; model h{cfg.hidden_size} "
+        f"L{cfg.num_layers} vocab {cfg.vocab_size}, batch x seq = {ids.shape[0]}x"
+        f"{ids.shape[1] - 1}, LoRA and DoRA r16 a32 q,k,v,o, fp32, {args.repeats} runs. XLA's "
+        "cost_analysis counts the scanned layer body once, so GFLOP columns compare rows; "
+        "tests/test_flops.py checks the unscanned totals too"
+    )
     dora_ratio = rows["dora_step"]["median_ms"] / rows["lora_step"]["median_ms"]
     lines.append(f"\nDoRA step / LoRA step: {dora_ratio:.2f}")
     table = "\n".join(lines)
@@ -151,8 +162,9 @@ def main():
     with open(stem + ".json", "w") as f:
         json.dump(dict(env=env, rows=rows), f, indent=2)
     with open(stem + ".md", "w") as f:
-        f.write(f"`python benchmarks/core.py{' --quick' if args.quick else ''}`\n\n"
-                f"{table}\n\n{env}\n")
+        f.write(
+            f"`python benchmarks/core.py{' --quick' if args.quick else ''}`\n\n{table}\n\n{env}\n"
+        )
 
 
 if __name__ == "__main__":

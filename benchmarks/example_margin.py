@@ -30,14 +30,25 @@ RESULTS = os.path.join(HERE, "results")
 
 def run(seed: int, threads: str, extra: list, out: str) -> dict:
     """Runs the example once; returns {task: (adapter accuracy, exact match)} in %."""
-    cmd = ["taskset", "-c", CORES[threads], sys.executable, EXAMPLE, "--seed", str(seed),
-           "--out", os.path.join(out, f"seed{seed}-threads{threads}")] + extra
+    cmd = [
+        "taskset",
+        "-c",
+        CORES[threads],
+        sys.executable,
+        EXAMPLE,
+        "--seed",
+        str(seed),
+        "--out",
+        os.path.join(out, f"seed{seed}-threads{threads}"),
+    ] + extra
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    rows = {m[1]: (float(m[3]), float(m[4]))
-            for m in map(ROW.match, proc.stdout.splitlines()) if m}
-    print(f"seed {seed} threads {threads}: {rows} ({time.perf_counter() - t0:.0f} s, "
-          f"exit {proc.returncode})", flush=True)
+    rows = {m[1]: (float(m[3]), float(m[4])) for m in map(ROW.match, proc.stdout.splitlines()) if m}
+    print(
+        f"seed {seed} threads {threads}: {rows} ({time.perf_counter() - t0:.0f} s, "
+        f"exit {proc.returncode})",
+        flush=True,
+    )
     if not rows:
         sys.exit(f"no result table in the output of {' '.join(cmd)}:\n{proc.stderr[-2000:]}")
     return rows
@@ -46,13 +57,17 @@ def run(seed: int, threads: str, extra: list, out: str) -> dict:
 def table(results: list) -> str:
     """Markdown: min and median adapter accuracy and exact match per task."""
     tasks = list(results[0][2])
-    lines = ["| task | accuracy min | accuracy median | exact match min | exact match median |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| task | accuracy min | accuracy median | exact match min | exact match median |",
+        "|---|---|---|---|---|",
+    ]
     for t in tasks:
         acc = [r[2][t][0] for r in results]
         exact = [r[2][t][1] for r in results]
-        lines.append(f"| {t} | {min(acc):.1f}% | {statistics.median(acc):.1f}% | "
-                     f"{min(exact):.1f}% | {statistics.median(exact):.1f}% |")
+        lines.append(
+            f"| {t} | {min(acc):.1f}% | {statistics.median(acc):.1f}% | "
+            f"{min(exact):.1f}% | {statistics.median(exact):.1f}% |"
+        )
     return "\n".join(lines)
 
 
@@ -66,11 +81,14 @@ def main() -> None:
     args, extra = p.parse_known_args()  # the rest goes to the example (--steps, --tasks...)
     grid = [(s, t) for s in range(args.seeds) for t in args.threads.split(",")]
     from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(args.jobs) as pool:
         found = list(pool.map(lambda st: run(*st, extra, args.out), grid))
     results = [(s, t, r) for (s, t), r in zip(grid, found)]
-    print(f"\nexample settings: {' '.join(extra) or 'as shipped'}; seeds 0-{args.seeds - 1}, "
-          f"threads {args.threads} ({len(results)} runs)\n")
+    print(
+        f"\nexample settings: {' '.join(extra) or 'as shipped'}; seeds 0-{args.seeds - 1}, "
+        f"threads {args.threads} ({len(results)} runs)\n"
+    )
     print(table(results))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

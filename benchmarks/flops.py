@@ -31,31 +31,41 @@ def flop_ratios(scan: bool, dora: bool) -> dict:
     key = jax.random.key(0)
     ids = jax.random.randint(key, (BATCH, SEQ + 1), 0, cfg.vocab_size)
     params = llama.init_params(cfg, key)
-    adapter = jlora.init(key, params, jlora.LoraConfig.preset("complex", rank=RANK,
-                                                              alpha=2.0 * RANK, dora=dora))
+    adapter = jlora.init(
+        key, params, jlora.LoraConfig.preset("complex", rank=RANK, alpha=2.0 * RANK, dora=dora)
+    )
     full = lambda p: llama.loss_fn(model.apply(p, ids[:, :-1]), ids[:, 1:])
-    lora = lambda ad: llama.loss_fn(jlora.apply(model.apply)(params, ad, ids[:, :-1]),
-                                    ids[:, 1:])
+    lora = lambda ad: llama.loss_fn(jlora.apply(model.apply)(params, ad, ids[:, :-1]), ids[:, 1:])
     full_flops = _flops(jax.grad(full), params)
     uses = set(sum(jlora.explain(model.apply, params, adapter, ids).values(), []))
-    return dict(uses=uses, lora=_flops(jax.grad(lora), adapter) / full_flops,
-                merge_on_the_fly=_flops(jax.grad(lambda ad: full(jlora.merge(params, ad))),
-                                        adapter) / full_flops)
+    return dict(
+        uses=uses,
+        lora=_flops(jax.grad(lora), adapter) / full_flops,
+        merge_on_the_fly=_flops(jax.grad(lambda ad: full(jlora.merge(params, ad))), adapter)
+        / full_flops,
+    )
 
 
 def main():
-    lines = ["| layers | adapter | adapter step / full | merge-on-the-fly step / full |",
-             "|---|---|---|---|"]
+    lines = [
+        "| layers | adapter | adapter step / full | merge-on-the-fly step / full |",
+        "|---|---|---|---|",
+    ]
     for scan in (True, False):
         for dora in (False, True):
             r = flop_ratios(scan, dora)
-            lines.append(f"| {'scanned' if scan else 'unscanned'} | {'DoRA' if dora else 'LoRA'}"
-                         f" | {r['lora']:.3f} | {r['merge_on_the_fly']:.3f} |")
+            lines.append(
+                f"| {'scanned' if scan else 'unscanned'} | {'DoRA' if dora else 'LoRA'}"
+                f" | {r['lora']:.3f} | {r['merge_on_the_fly']:.3f} |"
+            )
     table = "\n".join(lines)
     print(table)
-    write_result("flops", "python benchmarks/flops.py", table,
-                 f" (jax {jax.__version__}; batch {BATCH} x seq {SEQ}, r{RANK}, "
-                 "q,k,v,o,gate,up,down)")
+    write_result(
+        "flops",
+        "python benchmarks/flops.py",
+        table,
+        f" (jax {jax.__version__}; batch {BATCH} x seq {SEQ}, r{RANK}, q,k,v,o,gate,up,down)",
+    )
 
 
 if __name__ == "__main__":

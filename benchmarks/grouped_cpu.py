@@ -40,23 +40,34 @@ def main(repeats: int = 7):
     rows = jnp.repeat(example, SEQ)
     sizes = jnp.bincount(rows, length=N).astype(jnp.int32)
     grouped = jax.jit(lambda x, a, b, s: jax.lax.ragged_dot(jax.lax.ragged_dot(x, a, s), b, s))
-    gather = jax.jit(lambda x, a, b, e: jnp.einsum(
-        "etr,ero->eto", jnp.einsum("etk,ekr->etr", x.reshape(-1, SEQ, K), a[e]), b[e]))
+    gather = jax.jit(
+        lambda x, a, b, e: jnp.einsum(
+            "etr,ero->eto", jnp.einsum("etk,ekr->etr", x.reshape(-1, SEQ, K), a[e]), b[e]
+        )
+    )
     base = jax.jit(lambda x, w: x @ w)
     flat = lambda v: v.reshape(T, OUT)
-    assert jnp.allclose(flat(grouped(x, a, b, sizes)), flat(gather(x, a, b, example)),
-                        rtol=1e-4, atol=1e-2)
+    assert jnp.allclose(
+        flat(grouped(x, a, b, sizes)), flat(gather(x, a, b, example)), rtol=1e-4, atol=1e-2
+    )
     masked = jax.jit(lambda x, a, b, s: jl_grouped.ragged_low_rank(x, a, b, s, 1.0, None))
     assert jax.default_backend() not in jl_grouped.DENSE_ON or jnp.allclose(
-        masked(x, a, b, sizes), grouped(x, a, b, sizes), rtol=1e-4, atol=1e-2)
-    calls = {"grouped": (grouped, (x, a, b, sizes)), "grouped, masked": (masked, (x, a, b, sizes)),
-             "gather": (gather, (x, a, b, example)), "base": (base, (x, w))}
+        masked(x, a, b, sizes), grouped(x, a, b, sizes), rtol=1e-4, atol=1e-2
+    )
+    calls = {
+        "grouped": (grouped, (x, a, b, sizes)),
+        "grouped, masked": (masked, (x, a, b, sizes)),
+        "gather": (gather, (x, a, b, example)),
+        "base": (base, (x, w)),
+    }
     times = timeit_interleaved(calls, repeats)
     print("| path | median ms (min-max) |\n|---|---|")
     for k, ts in times.items():
         print(f"| {k} | {statistics.median(ts):.1f} ({min(ts):.1f}-{max(ts):.1f}) |")
-    print(f"\njax {jax.__version__}, {jax.devices()[0].platform}; {T} rows ({T // SEQ} "
-          f"sequences of {SEQ}), in {K}, rank {R}, out {OUT}, {N} adapters, {repeats} rounds")
+    print(
+        f"\njax {jax.__version__}, {jax.devices()[0].platform}; {T} rows ({T // SEQ} "
+        f"sequences of {SEQ}), in {K}, rank {R}, out {OUT}, {N} adapters, {repeats} rounds"
+    )
 
 
 if __name__ == "__main__":

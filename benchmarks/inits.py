@@ -59,26 +59,31 @@ def main():
     times = {k: [] for k in INITS}
     resid = {}
     for r in range(rounds):
-        for init in INITS[r % len(INITS):] + INITS[:r % len(INITS)]:  # rotate the order
+        for init in INITS[r % len(INITS) :] + INITS[: r % len(INITS)]:  # rotate the order
             t, resid[init] = run(params, init)
             times[init].append(t)
     full = statistics.median(times["pissa"])
-    lines = ["| init | seconds, median (min-max) | time / full | residual / best rank-16 |",
-             "|---|---|---|---|"]
+    lines = [
+        "| init | seconds, median (min-max) | time / full | residual / best rank-16 |",
+        "|---|---|---|---|",
+    ]
     for init in INITS:
         ts = times[init]
-        lines.append(f"| {init} | {statistics.median(ts):.2f} ({min(ts):.2f}-{max(ts):.2f}) "
-                     f"| {statistics.median(ts) / full:.3f} | {resid[init] / best:.4f} |")
-    note = (f"jax {jax.__version__}, {platform.machine()}, {os.cpu_count()} cores, "
-            f"{jax.devices()[0].platform}; a {n} x {n} weight (Gaussian N(0, 1/{n}) plus a "
-            f"rank-64 part with singular values 8/k), rank {RANK}, alpha {ALPHA:g}, "
-            f"{rounds} rounds in rotating order; full PiSSA's residual is the best rank-{RANK} "
-            "one")
+        lines.append(
+            f"| {init} | {statistics.median(ts):.2f} ({min(ts):.2f}-{max(ts):.2f}) "
+            f"| {statistics.median(ts) / full:.3f} | {resid[init] / best:.4f} |"
+        )
+    note = (
+        f"jax {jax.__version__}, {platform.machine()}, {os.cpu_count()} cores, "
+        f"{jax.devices()[0].platform}; a {n} x {n} weight (Gaussian N(0, 1/{n}) plus a "
+        f"rank-64 part with singular values 8/k), rank {RANK}, alpha {ALPHA:g}, "
+        f"{rounds} rounds in rotating order; full PiSSA's residual is the best rank-{RANK} "
+        "one"
+    )
     out = "\n".join(lines)
     print(out + "\n\n" + note)
     if not args.quick:
-        write_result("inits", f"python benchmarks/inits.py --rounds {rounds}",
-                     f"{out}\n\n{note}")
+        write_result("inits", f"python benchmarks/inits.py --rounds {rounds}", f"{out}\n\n{note}")
 
 
 if __name__ == "__main__":

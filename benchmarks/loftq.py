@@ -39,16 +39,20 @@ def _error(params, qbase, adapter) -> float:
     merged = jlora.merge(qbase, adapter)
     paths = jlora.adapter.adapter_nodes(adapter)
     sq = 0.0
-    for (kp, w), (_, m) in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                               jax.tree_util.tree_flatten_with_path(merged)[0]):
+    for (kp, w), (_, m) in zip(
+        jax.tree_util.tree_flatten_with_path(params)[0],
+        jax.tree_util.tree_flatten_with_path(merged)[0],
+    ):
         if jlora.targets.path_str(kp) in paths:
             sq += float(jnp.sum((w.astype(jnp.float32) - m.astype(jnp.float32)) ** 2))
     return float(np.sqrt(sq))
 
 
 def _held_out():
-    return [tasks.base_batch(jax.random.fold_in(jax.random.key(2), i), 256, train_tasks.LENGTH)
-            for i in range(4)]
+    return [
+        tasks.base_batch(jax.random.fold_in(jax.random.key(2), i), 256, train_tasks.LENGTH)
+        for i in range(4)
+    ]
 
 
 def _start(model, params, qbase, adapter) -> tuple[float, float]:
@@ -74,16 +78,20 @@ def main():
     plain = jlora.init(key, plain_q, jlora.LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS))
     rows["plain QLoRA (NF4, B = 0)"] = (plain_q, plain)
     for iters in (1, 5):
-        cfg = jlora.LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS, init="loftq",
-                               loftq_iter=iters)
+        cfg = jlora.LoraConfig(
+            rank=RANK, alpha=ALPHA, targets=TARGETS, init="loftq", loftq_iter=iters
+        )
         adapter, qbase = jlora.init_with_base(key, params, cfg)
         rows[f"LoftQ, {iters} iteration(s)"] = (qbase, adapter)
     zero = jax.tree.map(jnp.zeros_like, plain)
     float_loss, _ = _start(model, params, params, zero)
     plain_err = _error(params, plain_q, plain)
-    lines = ["| init | weight error (Frobenius) | / plain NF4 | loss at step 0 | "
-             "KL from the float base at step 0 (nats/token) |", "|---|---|---|---|---|",
-             f"| float base (no quantization) | 0 | - | {float_loss:.5f} | 0 |"]
+    lines = [
+        "| init | weight error (Frobenius) | / plain NF4 | loss at step 0 | "
+        "KL from the float base at step 0 (nats/token) |",
+        "|---|---|---|---|---|",
+        f"| float base (no quantization) | 0 | - | {float_loss:.5f} | 0 |",
+    ]
     for name, (qbase, adapter) in rows.items():
         err = _error(params, qbase, adapter)
         loss, kl = _start(model, params, qbase, adapter)
@@ -91,7 +99,8 @@ def main():
     table = "\n".join(lines) + (
         f"\n\nthe main example's base (hidden {model.config.hidden_size}, "
         f"{model.config.num_layers} layers), rank {RANK}, alpha {ALPHA:g}, all linear layers "
-        "NF4 (block 64, double quantization); 4 held-out batches of 256 of its own task")
+        "NF4 (block 64, double quantization); 4 held-out batches of 256 of its own task"
+    )
     print(table)
     write_result("loftq", "python benchmarks/loftq.py", table, f" (jax {jax.__version__}, CPU)")
 

@@ -25,12 +25,20 @@ import llama  # noqa: E402
 import jlora  # noqa: E402
 from jlora import memory  # noqa: E402
 
-MB = 2 ** 20
+MB = 2**20
 LORA = jlora.LoraConfig(rank=16, alpha=32.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
-SIZES = {"tiny": llama.LlamaConfig.named("tiny"), "bench": llama.LlamaConfig.named("bench"),
-         "llama-7b": llama.LlamaConfig(vocab_size=32000, hidden_size=4096,
-                                       intermediate_size=11008, num_layers=32, num_heads=32,
-                                       max_seq_len=512)}
+SIZES = {
+    "tiny": llama.LlamaConfig.named("tiny"),
+    "bench": llama.LlamaConfig.named("bench"),
+    "llama-7b": llama.LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_layers=32,
+        num_heads=32,
+        max_seq_len=512,
+    ),
+}
 
 
 def _analysis(step, *args, donate=(1, 2)):
@@ -48,27 +56,43 @@ def measure(cfg: llama.LlamaConfig, batch: int, seq: int) -> dict:
     ids = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
     tx = optax.adamw(1e-4)
     out = {}
-    for method, dtype in (("full-fp32", jnp.float32), ("lora", jnp.bfloat16),
-                          ("qlora", jnp.bfloat16), ("qlora-int8", jnp.bfloat16),
-                          ("qlora-int4", jnp.bfloat16), ("qlora-fp8", jnp.bfloat16)):
+    for method, dtype in (
+        ("full-fp32", jnp.float32),
+        ("lora", jnp.bfloat16),
+        ("qlora", jnp.bfloat16),
+        ("qlora-int8", jnp.bfloat16),
+        ("qlora-int4", jnp.bfloat16),
+        ("qlora-fp8", jnp.bfloat16),
+    ):
         model = llama.Llama(dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype))
         params = jax.eval_shape(lambda: llama.init_params(model.config, key))
         loss = lambda p, ad, x: llama.loss_fn(
-            (model.apply(p, x[:, :-1]) if ad is None else
-             jlora.apply(model.apply)(p, ad, x[:, :-1])).astype(jnp.float32), x[:, 1:])
+            (
+                model.apply(p, x[:, :-1])
+                if ad is None
+                else jlora.apply(model.apply)(p, ad, x[:, :-1])
+            ).astype(jnp.float32),
+            x[:, 1:],
+        )
         if method == "full-fp32":
+
             def step(x, p, opt):
                 g = jax.grad(lambda q: loss(q, None, x))(p)
                 u, opt = tx.update(g, opt, p)
                 return optax.apply_updates(p, u), opt
+
             opt = jax.eval_shape(tx.init, params)
             out[method] = (_base_bytes(params),) + _analysis(step, ids, params, opt)
             continue
         if method.startswith("qlora"):
             qtype = method.partition("-")[2] or "nf4"
             group = math.gcd(128, cfg.hidden_size, cfg.intermediate_size)  # 128 at 7B
-            params = jax.eval_shape(lambda p: jlora.quantize(
-                p, qtype=qtype, group_size=group if qtype == "int4" else None), params)
+            params = jax.eval_shape(
+                lambda p: jlora.quantize(
+                    p, qtype=qtype, group_size=group if qtype == "int4" else None
+                ),
+                params,
+            )
         lora_cfg = dataclasses.replace(LORA, dtype=jnp.float32)
         ad = jax.eval_shape(lambda p: jlora.init(key, p, lora_cfg), params)
         opt = jax.eval_shape(tx.init, ad)
@@ -77,11 +101,13 @@ def measure(cfg: llama.LlamaConfig, batch: int, seq: int) -> dict:
             g = jax.grad(lambda a: loss(p, a, x))(ad)
             u, opt = tx.update(g, opt, ad)
             return optax.apply_updates(ad, u), opt
+
         out[method] = (_base_bytes(params),) + _analysis(step, ids, ad, opt, params)
         if method == "lora":  # context: the bf16 base's forward alone, no adapter
             fwd = lambda x, p: model.apply(p, x[:, :-1])
-            out["bf16 forward only"] = (_base_bytes(params),) + _analysis(fwd, ids, params,
-                                                                           donate=())
+            out["bf16 forward only"] = (_base_bytes(params),) + _analysis(
+                fwd, ids, params, donate=()
+            )
     return out
 
 
@@ -89,23 +115,34 @@ def per_device() -> str:
     """Bytes each device stores of a quantized 7B MLP kernel split 4 ways along its out
     axis, on 8 virtual CPU devices (a child process: the device count is fixed at start)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    code = ("import sys; sys.path.insert(0, {!r}); import memory; print(memory._per_device())"
-            .format(os.path.dirname(os.path.abspath(__file__))))
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, check=True).stdout.strip()
+    code = (
+        "import sys; sys.path.insert(0, {!r}); import memory; print(memory._per_device())".format(
+            os.path.dirname(os.path.abspath(__file__))
+        )
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def _per_device() -> str:
     from jax.sharding import NamedSharding, PartitionSpec
+
     m = jax.make_mesh((2, 4), ("data", "model"))
-    w = jax.device_put(jax.random.normal(jax.random.key(0), (4096, 11008), jnp.bfloat16),
-                       NamedSharding(m, PartitionSpec(None, "model")))
-    lines = ["Per device: a 7B `up_proj` kernel (4096 x 11008, bf16) split 4 ways along its "
-             "out axis on a 2 x 4 mesh of 8 virtual CPU devices (`jlora.quantize` of the "
-             "sharded array; bytes of each device's shards of the codes and scales)", "",
-             "| qtype | bytes / param | whole MB | largest per device MB | per device / whole |",
-             "|---|---|---|---|---|", f"| bf16 (no quantization) | 2.000 | {w.nbytes / MB:.1f} "
-             f"| {w.addressable_shards[0].data.nbytes / MB:.1f} | 0.250 |"]
+    w = jax.device_put(
+        jax.random.normal(jax.random.key(0), (4096, 11008), jnp.bfloat16),
+        NamedSharding(m, PartitionSpec(None, "model")),
+    )
+    lines = [
+        "Per device: a 7B `up_proj` kernel (4096 x 11008, bf16) split 4 ways along its "
+        "out axis on a 2 x 4 mesh of 8 virtual CPU devices (`jlora.quantize` of the "
+        "sharded array; bytes of each device's shards of the codes and scales)",
+        "",
+        "| qtype | bytes / param | whole MB | largest per device MB | per device / whole |",
+        "|---|---|---|---|---|",
+        f"| bf16 (no quantization) | 2.000 | {w.nbytes / MB:.1f} "
+        f"| {w.addressable_shards[0].data.nbytes / MB:.1f} | 0.250 |",
+    ]
     for qtype in ("nf4", "int8", "int4", "fp8"):
         node = jlora.quantize({"w": w}, qtype=qtype)["w"]
         dev: dict = {}
@@ -113,8 +150,10 @@ def _per_device() -> str:
             for s in a.addressable_shards:
                 dev[s.device] = dev.get(s.device, 0) + s.data.nbytes
         big = max(dev.values())
-        lines.append(f"| {qtype} | {node.nbytes / node.size:.3f} | {node.nbytes / MB:.1f} | "
-                     f"{big / MB:.1f} | {big / node.nbytes:.3f} |")
+        lines.append(
+            f"| {qtype} | {node.nbytes / node.size:.3f} | {node.nbytes / MB:.1f} | "
+            f"{big / MB:.1f} | {big / node.nbytes:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -123,20 +162,30 @@ def main():
     parser.add_argument("--sizes", nargs="+", default=["bench", "llama-7b"])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--remat", choices=("off", "also", "only"), default="off",
-                        help="rows with activation checkpointing (remat per layer)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                      "memory.md"))
+    parser.add_argument(
+        "--remat",
+        choices=("off", "also", "only"),
+        default="off",
+        help="rows with activation checkpointing (remat per layer)",
+    )
+    parser.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "results", "memory.md")
+    )
     args = parser.parse_args()
     backend = jax.devices()[0]
-    lines = [f"`python benchmarks/memory.py` (jax {jax.__version__}, XLA "
-             f"{backend.platform.upper()} ({backend.device_kind}) "
-             f"`memory_analysis()`; batch {args.batch} x seq {args.seq}, AdamW, LoRA r16 on "
-             "q,k,v,o; estimate: `jlora.memory.estimate`, checkpointing as the row says)", "",
-             "| model | method | base MB | base / bf16 | arguments MB | temp MB | XLA total MB "
-             "| estimate MB | estimate / XLA |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"`python benchmarks/memory.py` (jax {jax.__version__}, XLA "
+        f"{backend.platform.upper()} ({backend.device_kind}) "
+        f"`memory_analysis()`; batch {args.batch} x seq {args.seq}, AdamW, LoRA r16 on "
+        "q,k,v,o; estimate: `jlora.memory.estimate`, checkpointing as the row says)",
+        "",
+        "| model | method | base MB | base / bf16 | arguments MB | temp MB | XLA total MB "
+        "| estimate MB | estimate / XLA |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     sizes = [(n, False) for n in args.sizes if args.remat != "only"] + [
-        (n, True) for n in args.sizes if args.remat != "off"]
+        (n, True) for n in args.sizes if args.remat != "off"
+    ]
     for name, remat in sizes:
         cfg = dataclasses.replace(SIZES[name], remat=remat)
         res = measure(cfg, args.batch, args.seq)
@@ -144,19 +193,25 @@ def main():
         shape = memory.Shape.from_config(vars(cfg))
         for method, (base, arg, temp) in res.items():
             ratio = base / res["lora"][0]
-            row = (f"| {name} | {method} | {base / MB:.1f} | {ratio:.3f} | {arg / MB:.1f} "
-                   f"| {temp / MB:.1f} | {(arg + temp) / MB:.1f} |")
+            row = (
+                f"| {name} | {method} | {base / MB:.1f} | {ratio:.3f} | {arg / MB:.1f} "
+                f"| {temp / MB:.1f} | {(arg + temp) / MB:.1f} |"
+            )
             kind, _, qtype = method.partition("-")
             if kind in memory.METHODS or method in memory.METHODS:
-                est = memory.estimate(shape, method if method in memory.METHODS else kind,
-                                      batch=args.batch, seq=args.seq, checkpointing=remat,
-                                      qtype=qtype if kind == "qlora" and qtype else "nf4"
-                                      )["total"]
+                est = memory.estimate(
+                    shape,
+                    method if method in memory.METHODS else kind,
+                    batch=args.batch,
+                    seq=args.seq,
+                    checkpointing=remat,
+                    qtype=qtype if kind == "qlora" and qtype else "nf4",
+                )["total"]
                 row += f" {est / MB:.1f} | {est / (arg + temp):.2f} |"
             else:
                 row += " | |"
             lines.append(row)
-        print("\n".join(lines[-len(res):]), flush=True)
+        print("\n".join(lines[-len(res) :]), flush=True)
     lines += ["", per_device()]
     table = "\n".join(lines)
     print(table)

@@ -47,6 +47,7 @@ def _step(model, params, tx, n, ids=None):
         grads = jax.grad(loss)(ad, batch)
         updates, state = tx.update(grads, state, ad)
         return optax.apply_updates(ad, updates), state
+
     return step
 
 
@@ -57,16 +58,24 @@ def build(quick: bool, n: int):
     params = llama.init_params(cfg, key)
     batch = jax.random.randint(key, (n * per, seq + 1), 0, cfg.vocab_size)
     lcfg = jlora.LoraConfig(rank=16, alpha=32.0, targets=TARGETS)
-    ads = [jax.tree.map(lambda v, i=i: v + 1e-3 * (i + 1),
-                        jlora.init(jax.random.fold_in(key, i), params, lcfg)) for i in range(n)]
+    ads = [
+        jax.tree.map(
+            lambda v, i=i: v + 1e-3 * (i + 1), jlora.init(jax.random.fold_in(key, i), params, lcfg)
+        )
+        for i in range(n)
+    ]
     tx = jlora.loraplus(optax.adamw, learning_rate=1e-4, weight_decay=0.01)
     stacked, states = jlora.stack(ads), [tx.init(ad) for ad in ads]
     together = _step(model, params, tx, n, jnp.arange(n * per) % n)
     alone = _step(model, params, tx, n)
-    rows = {f"together {n}": (together, (stacked, tx.init(stacked), batch)),
-            f"sequential {n}": (lambda b: [alone(ads[i], states[i], b[i::n])
-                                           for i in range(n)][-1], (batch,)),
-            "one adapter": (alone, (ads[0], states[0], batch))}
+    rows = {
+        f"together {n}": (together, (stacked, tx.init(stacked), batch)),
+        f"sequential {n}": (
+            lambda b: [alone(ads[i], states[i], b[i::n]) for i in range(n)][-1],
+            (batch,),
+        ),
+        "one adapter": (alone, (ads[0], states[0], batch)),
+    }
     return rows, (cfg, per, seq)
 
 
@@ -82,17 +91,24 @@ def main():
     seq_row = f"sequential {args.n}"
     lines = ["| row | median ms (min-max) | time / sequential |", "|---|---|---|"]
     for name, ts in times.items():
-        lines.append(f"| {name} | {med[name]:.1f} ({min(ts):.1f}-{max(ts):.1f}) | "
-                     f"{med[name] / med[seq_row]:.2f} |")
+        lines.append(
+            f"| {name} | {med[name]:.1f} ({min(ts):.1f}-{max(ts):.1f}) | "
+            f"{med[name] / med[seq_row]:.2f} |"
+        )
     table = "\n".join(lines)
-    note = (f"jax {jax.__version__}, {platform.machine()}, {os.cpu_count()} cores, "
-            f"{jax.devices()[0].platform}; model h{cfg.hidden_size} L{cfg.num_layers} vocab "
-            f"{cfg.vocab_size}; {args.n} adapters x {per} sequences of {seq} tokens per row; "
-            f"LoRA r16 a32 q,k,v,o, LoRA+ AdamW; {args.repeats} interleaved rounds")
+    note = (
+        f"jax {jax.__version__}, {platform.machine()}, {os.cpu_count()} cores, "
+        f"{jax.devices()[0].platform}; model h{cfg.hidden_size} L{cfg.num_layers} vocab "
+        f"{cfg.vocab_size}; {args.n} adapters x {per} sequences of {seq} tokens per row; "
+        f"LoRA r16 a32 q,k,v,o, LoRA+ AdamW; {args.repeats} interleaved rounds"
+    )
     print(table + "\n\n" + note)
     if not args.quick:
-        write_result("multitenant", f"python benchmarks/multitenant.py --repeats "
-                     f"{args.repeats}", f"{table}\n\n{note}")
+        write_result(
+            "multitenant",
+            f"python benchmarks/multitenant.py --repeats {args.repeats}",
+            f"{table}\n\n{note}",
+        )
 
 
 if __name__ == "__main__":

@@ -15,8 +15,11 @@ def run(repeats: int) -> dict:
     ids = jnp.asarray(batch())
     x, y = ids[:, :-1], ids[:, 1:]
     target = lambda path: path.split("/")[-2] in TARGETS  # lorax passes "a/b/c" strings
-    spec = lorax.simple_spec(params, decision_fn=lambda path, arr: RANK if target(path)
-                             else lorax.LORA_FREEZE, tune_vectors=False)
+    spec = lorax.simple_spec(
+        params,
+        decision_fn=lambda path, arr: RANK if target(path) else lorax.LORA_FREEZE,
+        tune_vectors=False,
+    )
     frozen, tune = lorax.init_lora(params, spec, jax.random.PRNGKey(1))
     lora_apply = lorax.lora(model.apply)
     tx, full_tx = optax.adamw(LR), optax.adamw(LR)
@@ -38,13 +41,17 @@ def run(repeats: int) -> dict:
     def stepper(name, f, *rest):
         def go():
             state[name] = jax.block_until_ready(f(*state[name], *rest))
+
         return go
+
     fwd, lfwd = jax.jit(model.apply), jax.jit(lora_apply)
     merged = lorax.merge_params(frozen, tune, destructive=False)
     block = jax.block_until_ready
-    calls = dict(base_forward=lambda: block(fwd(params, x)),
-                 lora_forward=lambda: block(lfwd((frozen, tune), x)),
-                 merged_forward=lambda: block(fwd(merged, x)),
-                 lora_step=stepper("lora", lora_step, frozen),
-                 full_step=stepper("full", full_step))
+    calls = dict(
+        base_forward=lambda: block(fwd(params, x)),
+        lora_forward=lambda: block(lfwd((frozen, tune), x)),
+        merged_forward=lambda: block(fwd(merged, x)),
+        lora_step=stepper("lora", lora_step, frozen),
+        full_step=stepper("full", full_step),
+    )
     return timed(calls, repeats)

@@ -19,10 +19,12 @@ class Layer(nnx.Module):
                 m = nnx.Linear(*kernel.shape, use_bias=False, rngs=rngs)
             m.kernel.value = kernel
             return m
+
         self.cfg = cfg
         self.q, self.k, self.v, self.o = (linear("self_attn", n) for n in TARGETS)
-        self.gate, self.up, self.down = (linear("mlp", n) for n in
-                                         ("gate_proj", "up_proj", "down_proj"))
+        self.gate, self.up, self.down = (
+            linear("mlp", n) for n in ("gate_proj", "up_proj", "down_proj")
+        )
         self.n1 = nnx.Param(w["input_layernorm"]["weight"])
         self.n2 = nnx.Param(w["post_attention_layernorm"]["weight"])
 
@@ -31,7 +33,7 @@ class Layer(nnx.Module):
         h = norm(x, self.n1.value, cfg.rms_norm_eps)
         split = lambda t: t.reshape(b, s, cfg.num_heads, cfg.head_dim)
         q, k = (llama.apply_rope(split(f(h)), *rope) for f in (self.q, self.k))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * cfg.head_dim ** -0.5
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * cfg.head_dim**-0.5
         probs = jax.nn.softmax(jnp.where(mask, scores, llama.MASK_VALUE), axis=-1)
         x = x + self.o(jnp.einsum("bhqk,bkhd->bqhd", probs, split(self.v(h))).reshape(b, s, -1))
         h = norm(x, self.n2.value, cfg.rms_norm_eps)
@@ -47,14 +49,16 @@ class Model(nnx.Module):
         cfg, p = config(), base_params()["params"]
         rngs = nnx.Rngs(0)
         self.cfg, self.embed = cfg, nnx.Param(p["embed_tokens"]["embedding"])
-        self.layers = nnx.List([Layer(p[f"layers_{i}"], cfg, lora, rngs)
-                                for i in range(cfg.num_layers)])
+        self.layers = nnx.List(
+            [Layer(p[f"layers_{i}"], cfg, lora, rngs) for i in range(cfg.num_layers)]
+        )
         self.norm, self.head = nnx.Param(p["norm"]["weight"]), nnx.Param(p["lm_head"]["kernel"])
 
     def __call__(self, ids):
         b, s = ids.shape
-        rope = llama.rope_tables(jnp.broadcast_to(jnp.arange(s), (b, s)), self.cfg.head_dim,
-                                 self.cfg.rope_theta)
+        rope = llama.rope_tables(
+            jnp.broadcast_to(jnp.arange(s), (b, s)), self.cfg.head_dim, self.cfg.rope_theta
+        )
         mask = jnp.tril(jnp.ones((s, s), bool))[None, None]
         x = self.embed.value[ids]
         for layer in self.layers:
@@ -83,6 +87,7 @@ def _step(model, wrt):
 
     def run(ids):
         state[:] = jax.block_until_ready(step(state[0], state[1], frozen, ids))
+
     return run
 
 
@@ -93,11 +98,16 @@ def run(repeats: int) -> dict:
     for ml, mm in zip(lora.layers, merged.layers):
         for name in ("q", "k", "v", "o"):
             src = getattr(ml, name)
-            getattr(mm, name).kernel.value = src.kernel.value + src.lora.lora_a.value @ \
-                src.lora.lora_b.value
+            getattr(mm, name).kernel.value = (
+                src.kernel.value + src.lora.lora_a.value @ src.lora.lora_b.value
+            )
     fwd = {k: _forward(m) for k, m in (("base", base), ("lora", lora), ("merged", merged))}
     lora_step, full_step = _step(lora, nnx.LoRAParam), _step(Model(False), nnx.Param)
-    calls = dict(base_forward=lambda: fwd["base"](x), lora_forward=lambda: fwd["lora"](x),
-                 merged_forward=lambda: fwd["merged"](x), lora_step=lambda: lora_step(ids),
-                 full_step=lambda: full_step(ids))
+    calls = dict(
+        base_forward=lambda: fwd["base"](x),
+        lora_forward=lambda: fwd["lora"](x),
+        merged_forward=lambda: fwd["merged"](x),
+        lora_step=lambda: lora_step(ids),
+        full_step=lambda: full_step(ids),
+    )
     return timed(calls, repeats)

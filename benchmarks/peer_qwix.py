@@ -18,8 +18,9 @@ def _merged(tree):
         return tree
     out = {k: _merged(v) for k, v in tree.items() if not k.startswith("kernel_lora_")}
     if "kernel_lora_a" in tree:
-        out["kernel"] = tree["kernel"] + (ALPHA / RANK) * tree["kernel_lora_a"] @ tree[
-            "kernel_lora_b"]
+        out["kernel"] = (
+            tree["kernel"] + (ALPHA / RANK) * tree["kernel_lora_a"] @ tree["kernel_lora_b"]
+        )
     return out
 
 
@@ -32,15 +33,17 @@ def run(repeats: int) -> dict:
     x, y = ids[:, :-1], ids[:, 1:]
     fresh = lora_model.init(jax.random.key(1), x)
     # the base's weights, qwix's A and B (B != 0, as after training)
-    base = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(
-        params)[0]}
+    base = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
     full_tree = jax.tree_util.tree_map_with_path(
-        lambda k, v: v + 1e-3 if _is_lora(k) else base[jax.tree_util.keystr(k)], fresh)
+        lambda k, v: v + 1e-3 if _is_lora(k) else base[jax.tree_util.keystr(k)], fresh
+    )
     split = lambda t, want: jax.tree_util.tree_map_with_path(
-        lambda k, v: v if _is_lora(k) == want else None, t)
+        lambda k, v: v if _is_lora(k) == want else None, t
+    )
     lora, frozen = split(full_tree, True), split(full_tree, False)
-    join = lambda a, b: jax.tree.map(lambda u, v: v if u is None else u, a, b,
-                                     is_leaf=lambda z: z is None)
+    join = lambda a, b: jax.tree.map(
+        lambda u, v: v if u is None else u, a, b, is_leaf=lambda z: z is None
+    )
     merged = _merged(full_tree)
     tx = optax.adamw(LR)
 
@@ -50,6 +53,7 @@ def run(repeats: int) -> dict:
             g = jax.grad(loss)(trained, *rest)
             u, opt = tx.update(g, opt, trained)
             return optax.apply_updates(trained, u), opt
+
         return step
 
     lora_loss = lambda ad, fr: llama.loss_fn(lora_model.apply(join(ad, fr), x), y)
@@ -60,14 +64,18 @@ def run(repeats: int) -> dict:
     def stepper(name, f, *rest):
         def go():
             state[name] = jax.block_until_ready(f(*state[name], *rest))
+
         return go
+
     fwd, lfwd = jax.jit(model.apply), jax.jit(lora_model.apply)
     block = jax.block_until_ready
-    calls = dict(base_forward=lambda: block(fwd(params, x)),
-                 lora_forward=lambda: block(lfwd(full_tree, x)),
-                 merged_forward=lambda: block(fwd(merged, x)),
-                 lora_step=stepper("lora", lora_step, frozen),
-                 full_step=stepper("full", full_step))
+    calls = dict(
+        base_forward=lambda: block(fwd(params, x)),
+        lora_forward=lambda: block(lfwd(full_tree, x)),
+        merged_forward=lambda: block(fwd(merged, x)),
+        lora_step=stepper("lora", lora_step, frozen),
+        full_step=stepper("full", full_step),
+    )
     for qtype, tile in (("int8", None), ("int4", 128)):  # QLoRA: quantized frozen kernels
         calls[f"qlora_{qtype}_step"] = _qlora_step(model, rule, qtype, tile, full_tree, x, y)
     return timed(calls, repeats)
@@ -76,17 +84,21 @@ def run(repeats: int) -> dict:
 def _qlora_step(model, rule, qtype, tile, full_tree, x, y):
     """qwix's LoRA with ``weight_qtype``: the same rule, the base kernels quantized."""
     import dataclasses
+
     qrule = dataclasses.replace(rule, weight_qtype=qtype, tile_size=tile)
     qmodel = qwix.apply_lora_to_model(model, qwix.LoraProvider([qrule]))
     tree = qmodel.init(jax.random.key(1), x)
-    ref = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(
-        full_tree)[0]}
+    ref = {
+        jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(full_tree)[0]
+    }
     tree = jax.tree_util.tree_map_with_path(  # the same weights where the paths agree
-        lambda k, v: ref.get(jax.tree_util.keystr(k), v), tree)
+        lambda k, v: ref.get(jax.tree_util.keystr(k), v), tree
+    )
     lora = jax.tree_util.tree_map_with_path(lambda k, v: v if _is_lora(k) else None, tree)
     frozen = jax.tree_util.tree_map_with_path(lambda k, v: None if _is_lora(k) else v, tree)
-    join = lambda a, b: jax.tree.map(lambda u, v: v if u is None else u, a, b,
-                                     is_leaf=lambda z: z is None)
+    join = lambda a, b: jax.tree.map(
+        lambda u, v: v if u is None else u, a, b, is_leaf=lambda z: z is None
+    )
     tx = optax.adamw(LR)
     loss = lambda ad, fr: llama.loss_fn(qmodel.apply(join(ad, fr), x), y)
 
@@ -95,8 +107,10 @@ def _qlora_step(model, rule, qtype, tile, full_tree, x, y):
         g = jax.grad(loss)(ad, fr)
         u, opt = tx.update(g, opt, ad)
         return optax.apply_updates(ad, u), opt
+
     state = [lora, tx.init(lora)]
 
     def go():
         state[:] = jax.block_until_ready(step(*state, frozen))
+
     return go

@@ -32,9 +32,20 @@ sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 IMPLS = ("jlora", "merge_on_the_fly", "peft", "nnx", "qwix", "lorax")
 #: lorax needs JAX <= 0.4.23: its own venv (benchmarks/setup_lorax.sh) or $LORAX_PYTHON.
 LORAX_PYTHON = os.environ.get("LORAX_PYTHON", os.path.join(HERE, ".venv-lorax", "bin", "python"))
-ROWS = ("base_forward", "lora_forward", "merged_forward", "lora_step", "frozen_step",
-        "full_step", "all_linear_step", "dora_step", "qlora_step", "qlora_int8_step",
-        "qlora_int4_step", "mixed_4_forward")
+ROWS = (
+    "base_forward",
+    "lora_forward",
+    "merged_forward",
+    "lora_step",
+    "frozen_step",
+    "full_step",
+    "all_linear_step",
+    "dora_step",
+    "qlora_step",
+    "qlora_int8_step",
+    "qlora_int4_step",
+    "mixed_4_forward",
+)
 RANK, ALPHA, TARGETS = 16, 32.0, ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_LINEAR = TARGETS + ("gate_proj", "up_proj", "down_proj")
 BATCH, SEQ, LR = 4, 256, 2e-4
@@ -42,17 +53,20 @@ BATCH, SEQ, LR = 4, 256, 2e-4
 
 def config():
     import llama
+
     return llama.LlamaConfig.named("bench", scan_layers=False)
 
 
 def base_params():
     import jax
     import llama
+
     return llama.init_params(config(), jax.random.key(0))
 
 
 def batch():
     import numpy as np
+
     return np.random.default_rng(0).integers(0, config().vocab_size, (BATCH, SEQ + 1))
 
 
@@ -80,20 +94,27 @@ def run_jax(impl: str, repeats: int) -> dict:
     import llama
 
     import jlora
+
     sys.path.insert(0, HERE)
     from core import steps
 
     model, params = llama.Llama(config()), base_params()
     ids = jnp.asarray(batch())
     make = lambda p, i=1, targets=TARGETS, **kw: jax.tree.map(  # B != 0, as after training
-        lambda v: v + 1e-3, jlora.init(jax.random.key(i), p, jlora.LoraConfig(
-            rank=RANK, alpha=ALPHA, targets=targets, **kw)))
+        lambda v: v + 1e-3,
+        jlora.init(
+            jax.random.key(i), p, jlora.LoraConfig(rank=RANK, alpha=ALPHA, targets=targets, **kw)
+        ),
+    )
     adapter = make(params)
     rows = steps(model, params, ids, {False: adapter, True: make(params, dora=True)})
     if impl == "merge_on_the_fly":
         mof = jax.jit(lambda p, ad, x: model.apply(jlora.merge(p, ad), x))
-        rows = dict(rows, lora_forward=(mof, rows["lora_forward"][1]),
-                    lora_step=rows["merge_on_the_fly_step"])
+        rows = dict(
+            rows,
+            lora_forward=(mof, rows["lora_forward"][1]),
+            lora_step=rows["merge_on_the_fly_step"],
+        )
         rows.pop("dora_step")
         rows.pop("frozen_step")
     else:  # extra rows: all seven linear layers, an NF4 base (fp32 compute), 4 adapters
@@ -110,13 +131,17 @@ def run_jax(impl: str, repeats: int) -> dict:
         stacked = jlora.stack([make(params, i) for i in range(4)])
         mixed = jax.jit(lambda p, st, x, i: jlora.apply(model.apply)(p, st, x, adapter_ids=i))
         rows["mixed_4_forward"] = (mixed, (params, stacked, ids[:, :-1], jnp.arange(4)))
-    calls = {k: (lambda f=f, a=a: jax.block_until_ready(f(*a))) for k, (f, a) in rows.items()
-             if k in ROWS}
+    calls = {
+        k: (lambda f=f, a=a: jax.block_until_ready(f(*a)))
+        for k, (f, a) in rows.items()
+        if k in ROWS
+    }
     return timed(calls, repeats)
 
 
 def optax_init(tree):
     import optax
+
     return optax.adamw(LR).init(tree)  # the same optimizer as core.steps
 
 
@@ -129,15 +154,19 @@ def child(impl: str, repeats: int) -> None:
         times = run_jax(impl, repeats)
     elif impl == "peft":
         from peer_torch import run
+
         times = run(repeats)
     elif impl == "lorax":
         from peer_lorax import run
+
         times = run(repeats)
     elif impl == "nnx":
         from peer_nnx import run
+
         times = run(repeats)
     else:
         from peer_qwix import run
+
         times = run(repeats)
     print(json.dumps(dict(times=times, rss_mb=peak_rss_mb())))
 
@@ -161,15 +190,18 @@ def main():
     only = "" if args.only == list(IMPLS) else " --only " + " ".join(args.only)
     name = "peers" + only.replace(" --only ", "_").replace(" ", "_")
     with open(os.path.join(HERE, "results", name + ".md"), "w") as f:
-        f.write(f"`python benchmarks/peers.py{only} --repeats {args.repeats} "
-                f"--passes {args.passes}` "
-                f"({platform.machine()}, {os.cpu_count()} cores, CPU; torch "
-                f"{_version('torch')}, peft {_version('peft')}, jax {_version('jax')}, flax "
-                f"{_version('flax')})\n\n{text}\n")
+        f.write(
+            f"`python benchmarks/peers.py{only} --repeats {args.repeats} "
+            f"--passes {args.passes}` "
+            f"({platform.machine()}, {os.cpu_count()} cores, CPU; torch "
+            f"{_version('torch')}, peft {_version('peft')}, jax {_version('jax')}, flax "
+            f"{_version('flax')})\n\n{text}\n"
+        )
 
 
 def _version(name: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version(name)
     except PackageNotFoundError:
@@ -180,8 +212,12 @@ def _child_run(impl: str, repeats: int):
     python = LORAX_PYTHON if impl == "lorax" else sys.executable
     if not os.path.exists(python):
         return "not run: no venv with JAX 0.4.23 (run benchmarks/setup_lorax.sh)"
-    proc = subprocess.run([python, __file__, "--impl", impl, "--repeats", str(repeats)],
-                          capture_output=True, text=True, cwd=HERE)
+    proc = subprocess.run(
+        [python, __file__, "--impl", impl, "--repeats", str(repeats)],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+    )
     if proc.returncode:
         return f"failed: {proc.stderr.strip().splitlines()[-1][:120]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -203,25 +239,44 @@ def table(results: dict, repeats: int) -> str:
     head = "| row | " + " | ".join(ok) + " |"
     lines = [head, "|---" * (len(ok) + 1) + "|"]
     for row in ROWS:
-        cells = [f"{med[k][row]:.0f} ({min(ok[k]['times'][row]):.0f}-"
-                 f"{max(ok[k]['times'][row]):.0f})" if row in med[k] else "-" for k in ok]
+        cells = [
+            f"{med[k][row]:.0f} ({min(ok[k]['times'][row]):.0f}-{max(ok[k]['times'][row]):.0f})"
+            if row in med[k]
+            else "-"
+            for k in ok
+        ]
         lines.append(f"| {row} ms | " + " | ".join(cells) + " |")
     ratio = lambda k, a, b: f"{med[k][a] / med[k][b]:.2f}"
-    lines.append("| LoRA fwd / base fwd | " + " | ".join(ratio(k, "lora_forward",
-                                                          "base_forward") for k in ok) + " |")
-    lines.append("| LoRA step / base fwd | " + " | ".join(ratio(k, "lora_step",
-                                                           "base_forward") for k in ok) + " |")
-    lines.append("| LoRA step / frozen step | " + " | ".join(
-        ratio(k, "lora_step", "frozen_step") if "frozen_step" in med[k] else "-"
-        for k in ok) + " |")
+    lines.append(
+        "| LoRA fwd / base fwd | "
+        + " | ".join(ratio(k, "lora_forward", "base_forward") for k in ok)
+        + " |"
+    )
+    lines.append(
+        "| LoRA step / base fwd | "
+        + " | ".join(ratio(k, "lora_step", "base_forward") for k in ok)
+        + " |"
+    )
+    lines.append(
+        "| LoRA step / frozen step | "
+        + " | ".join(
+            ratio(k, "lora_step", "frozen_step") if "frozen_step" in med[k] else "-" for k in ok
+        )
+        + " |"
+    )
     if "jlora" in med:
-        lines.append("| LoRA step / jlora's | " + " | ".join(
-            f"{med[k]['lora_step'] / med['jlora']['lora_step']:.2f}" for k in ok) + " |")
+        lines.append(
+            "| LoRA step / jlora's | "
+            + " | ".join(f"{med[k]['lora_step'] / med['jlora']['lora_step']:.2f}" for k in ok)
+            + " |"
+        )
     lines.append("| peak RSS MB | " + " | ".join(f"{ok[k]['rss_mb']:.0f}" for k in ok) + " |")
     failed = [f"{k}: {v}" for k, v in results.items() if not isinstance(v, dict)]
-    note = (f"\n\nmedians (min-max) of {repeats} timed calls per row and implementation, "
-            "rows interleaved within a process, each implementation in its own process, "
-            f"the implementations run in turn, pass after pass; {os.cpu_count()} cores")
+    note = (
+        f"\n\nmedians (min-max) of {repeats} timed calls per row and implementation, "
+        "rows interleaved within a process, each implementation in its own process, "
+        f"the implementations run in turn, pass after pass; {os.cpu_count()} cores"
+    )
     return "\n".join(lines) + note + ("\n" + "\n".join(failed) if failed else "")
 
 

@@ -55,16 +55,21 @@ def op_kinds(hlo: str) -> dict:
                     found += dots(bodies[callee], seen + (callee,))
         return found
 
-    shape = {m.group(1): tuple(int(d) for d in m.group(2).split(",") if d)
-             for m in re.finditer(r"%([\w.\-]+) = \w+\[([\d,]*)\]", hlo)}
+    shape = {
+        m.group(1): tuple(int(d) for d in m.group(2).split(",") if d)
+        for m in re.finditer(r"%([\w.\-]+) = \w+\[([\d,]*)\]", hlo)
+    }
     kinds = {}
     for line in bodies["ENTRY"]:
         m = re.match(r"\s*(?:ROOT )?%(\S+) = ", line)
         if not m:
             continue
         found = dots([line])
-        shapes = [shape.get(n, ()) for d in found
-                  for n in re.findall(r"%([\w.\-]+)", d.split(" dot(", 1)[1].split(")")[0])]
+        shapes = [
+            shape.get(n, ())
+            for d in found
+            for n in re.findall(r"%([\w.\-]+)", d.split(" dot(", 1)[1].split(")")[0])
+        ]
         if not found:
             kinds[m.group(1)] = "other"
         elif any("lhs_batch_dims" in d for d in found):
@@ -85,8 +90,9 @@ def profile(f, args) -> dict:
         for i in range(CALLS):
             with jax.profiler.trace(os.path.join(tmp, str(i)), create_perfetto_trace=True):
                 jax.block_until_ready(f(*args))
-            path = glob.glob(os.path.join(tmp, str(i), "**", "*perfetto_trace.json.gz"),
-                             recursive=True)[0]
+            path = glob.glob(
+                os.path.join(tmp, str(i), "**", "*perfetto_trace.json.gz"), recursive=True
+            )[0]
             events = json.load(gzip.open(path))["traceEvents"]
             ms = dict.fromkeys(KINDS, 0.0)
             for e in events:
@@ -105,14 +111,16 @@ def vjp_ab(model, params, ids, adapters: dict, frozen, repeats: int = 21) -> str
     from core import timeit_interleaved, train_step
 
     from jlora.interpret import dot as factored
+
     x, y = ids[:, :-1], ids[:, 1:]
     loss = lambda ad, p: llama.loss_fn(jlora.apply(model.apply)(p, ad, x), y)
     tx, calls, ours = optax.adamw(2e-4), {"frozen": frozen}, factored._thin_product
     try:
         for variant in ("jlora's VJP", "JAX's VJP"):
             if variant == "JAX's VJP":  # the plain einsums, differentiated by JAX
-                factored._thin_product = lambda spec, prec, t, f: jnp.einsum(spec, t, f,
-                                                                            precision=prec)
+                factored._thin_product = lambda spec, prec, t, f: jnp.einsum(
+                    spec, t, f, precision=prec
+                )
             for name, ad in adapters.items():
                 step, args = train_step(loss, tx), (ad, tx.init(ad), params)
                 jax.block_until_ready(step(*args))  # traced now, with this variant
@@ -123,49 +131,69 @@ def vjp_ab(model, params, ids, adapters: dict, frozen, repeats: int = 21) -> str
     times = timeit_interleaved(calls, repeats)
     med = {k: statistics.median(v) for k, v in times.items()}
     cell = lambda k: f"{med[k]:.0f} ({min(times[k]):.0f}-{max(times[k]):.0f})"
-    lines = ["| targets | jlora's VJP ms | JAX's VJP ms | ratio | jlora / frozen floor | "
-             "JAX's / frozen floor | jlora's XLA FLOPs / floor's |", "|---" * 7 + "|"]
+    lines = [
+        "| targets | jlora's VJP ms | JAX's VJP ms | ratio | jlora / frozen floor | "
+        "JAX's / frozen floor | jlora's XLA FLOPs / floor's |",
+        "|---" * 7 + "|",
+    ]
     for name in adapters:
         a, b = (name, "jlora's VJP"), (name, "JAX's VJP")
-        lines.append(f"| {name} | {cell(a)} | {cell(b)} | {med[a] / med[b]:.2f} | "
-                     f"{med[a] / med['frozen']:.3f} | {med[b] / med['frozen']:.3f} | "
-                     f"{flops[a] / flops['frozen']:.3f} |")
-    return "\n".join(lines) + (f"\n\nLoRA steps and the frozen floor ({cell('frozen')} ms), "
-                               f"medians (min-max) of {repeats} interleaved rounds")
+        lines.append(
+            f"| {name} | {cell(a)} | {cell(b)} | {med[a] / med[b]:.2f} | "
+            f"{med[a] / med['frozen']:.3f} | {med[b] / med['frozen']:.3f} | "
+            f"{flops[a] / flops['frozen']:.3f} |"
+        )
+    return "\n".join(lines) + (
+        f"\n\nLoRA steps and the frozen floor ({cell('frozen')} ms), "
+        f"medians (min-max) of {repeats} interleaved rounds"
+    )
 
 
 def main():
     cfg = llama.LlamaConfig.named("bench", scan_layers=False)
     model, params = llama.Llama(cfg), llama.init_params(cfg, jax.random.key(0))
     ids = jax.random.randint(jax.random.key(1), (4, 257), 0, cfg.vocab_size)
-    lcfg = jlora.LoraConfig(rank=RANK, alpha=32.0, targets=("q_proj", "k_proj", "v_proj",
-                                                            "o_proj"))
+    lcfg = jlora.LoraConfig(rank=RANK, alpha=32.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
     ad = jax.tree.map(lambda v: v + 1e-3, jlora.init(jax.random.key(2), params, lcfg))
     wide_t = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    wide = jax.tree.map(lambda v: v + 1e-3, jlora.init(
-        jax.random.key(2), params, dataclasses.replace(lcfg, targets=wide_t)))
+    wide = jax.tree.map(
+        lambda v: v + 1e-3,
+        jlora.init(jax.random.key(2), params, dataclasses.replace(lcfg, targets=wide_t)),
+    )
     # rank 1: the same passes over full-size activations, almost none of the FLOPs; what
     # it costs over the floor no faster thin-matmul kernel can remove
-    thin = jax.tree.map(lambda v: v + 1e-3, jlora.init(jax.random.key(2), params,
-                                                       dataclasses.replace(lcfg, rank=1,
-                                                                           alpha=2.0,
-                                                                           targets=wide_t)))
+    thin = jax.tree.map(
+        lambda v: v + 1e-3,
+        jlora.init(
+            jax.random.key(2), params, dataclasses.replace(lcfg, rank=1, alpha=2.0, targets=wide_t)
+        ),
+    )
     rows = steps(model, params, ids, {False: ad, True: wide})  # dora_step: all linear, LoRA
     rows["all_linear_step"] = rows.pop("dora_step")
-    out = {name: profile(*rows[name]) for name in ("lora_step", "all_linear_step",
-                                                   "frozen_step")}
-    ab = vjp_ab(model, params, ids, {"q,k,v,o": ad, "all linear": wide,
-                                          "all linear, rank 1": thin}, rows["frozen_step"])
-    lines = ["| op kind | lora_step (q,k,v,o) ms | all_linear_step ms | frozen_step ms |",
-             "|---|---|---|---|"]
+    out = {name: profile(*rows[name]) for name in ("lora_step", "all_linear_step", "frozen_step")}
+    ab = vjp_ab(
+        model,
+        params,
+        ids,
+        {"q,k,v,o": ad, "all linear": wide, "all linear, rank 1": thin},
+        rows["frozen_step"],
+    )
+    lines = [
+        "| op kind | lora_step (q,k,v,o) ms | all_linear_step ms | frozen_step ms |",
+        "|---|---|---|---|",
+    ]
     for k in KINDS + ("sum",):
         a, w, b = (sum(out[s].values()) if k == "sum" else out[s][k] for s in out)
         lines.append(f"| {k} | {a:.0f} ({a - b:+.0f}) | {w:.0f} ({w - b:+.0f}) | {b:.0f} |")
     table = "\n".join(lines) + "\n\n" + ab
     print(table)
-    write_result("profile_step", "python benchmarks/profile_step.py", table,
-                 f" (jax {jax.__version__}, {os.cpu_count()} cores, CPU; op time summed "
-                 f"over both cores' threads, medians of {CALLS} profiled calls)")
+    write_result(
+        "profile_step",
+        "python benchmarks/profile_step.py",
+        table,
+        f" (jax {jax.__version__}, {os.cpu_count()} cores, CPU; op time summed "
+        f"over both cores' threads, medians of {CALLS} profiled calls)",
+    )
 
 
 if __name__ == "__main__":

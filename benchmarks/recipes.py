@@ -68,8 +68,10 @@ def start(model, params, init: str, key, task: str):
     cfg = jlora.LoraConfig.preset(tt.PRESET, init=init)
     if init not in DATA_INITS:
         return tuple(jlora.init_with_base(key, params, cfg))
-    batches = [tasks.task_batch(jax.random.fold_in(key, 100 + i), task, tt.BATCH, tt.LENGTH)
-               for i in range(4)]
+    batches = [
+        tasks.task_batch(jax.random.fold_in(key, 100 + i), task, tt.BATCH, tt.LENGTH)
+        for i in range(4)
+    ]
     fn = lambda p, ids, mask: (model.apply(p, ids[:, :-1]), ids, mask)
     loss = lambda out: tt.next_token_loss(*out)
     extra = {"rho": 1.0} if init == "eva" else {}  # a scanned stack: one rank per leaf
@@ -88,16 +90,22 @@ def train(model, params, recipe, task: str, seed: int, steps: int, lr: float):
         ids, mask = batch_of(jax.random.fold_in(key, i), task, tt.BATCH, tt.LENGTH)
         state, loss = step(base, state, ids, mask)
         losses.append(float(loss))
-    ids, mask = tasks.task_batch(jax.random.fold_in(jax.random.key(99), zlib.crc32(task.encode())),
-                                 task, tt.EVAL_BATCH, tt.LENGTH)
+    ids, mask = tasks.task_batch(
+        jax.random.fold_in(jax.random.key(99), zlib.crc32(task.encode())),
+        task,
+        tt.EVAL_BATCH,
+        tt.LENGTH,
+    )
     logits = jax.jit(jlora.apply(model.apply))(base, state[0], ids[:, :-1])
     hits = (logits.argmax(-1) == ids[:, 1:]) * mask
     return statistics.mean(losses[-10:]), float(hits.sum() / mask.sum())
 
 
 def cell(values, fmt: str) -> str:
-    return (f"{format(statistics.median(values), fmt)} "
-            f"({format(min(values), fmt)}-{format(max(values), fmt)})")
+    return (
+        f"{format(statistics.median(values), fmt)} "
+        f"({format(min(values), fmt)}-{format(max(values), fmt)})"
+    )
 
 
 def main():
@@ -113,8 +121,10 @@ def main():
     base_args = tt.parse_args(["--smoke"] if args.quick else [])
     params, _ = tt.cached_base(model, base_args)
     task_list = args.tasks.split(",")
-    lines = ["| recipe | " + " | ".join(f"{t} loss | {t} accuracy" for t in task_list) + " |",
-             "|---|" + "---|---|" * len(task_list)]
+    lines = [
+        "| recipe | " + " | ".join(f"{t} loss | {t} accuracy" for t in task_list) + " |",
+        "|---|" + "---|---|" * len(task_list),
+    ]
     for name, recipe in RECIPES.items():
         row = [name]
         for task in task_list:
@@ -122,16 +132,21 @@ def main():
             row += [cell([g[0] for g in got], ".4f"), cell([100 * g[1] for g in got], ".1f")]
         lines.append("| " + " | ".join(row) + " |")
         print(lines[-1], flush=True)
-    note = (f"jax {jax.__version__}, {platform.machine()}, {os.cpu_count()} cores; the main "
-            f"example's base (hidden 128, 2 layers), preset {tt.PRESET} (r16, alpha 32, "
-            f"q,k,v,o), {steps} steps of batch {tt.BATCH}, peak lr {args.lr:g} (LoRA+: A's; "
-            f"B at 16x), {seeds} seeds; loss: mean of the last 10 steps; accuracy: held-out "
-            "answer tokens, teacher forced, %; medians (min-max) over the seeds")
+    note = (
+        f"jax {jax.__version__}, {platform.machine()}, {os.cpu_count()} cores; the main "
+        f"example's base (hidden 128, 2 layers), preset {tt.PRESET} (r16, alpha 32, "
+        f"q,k,v,o), {steps} steps of batch {tt.BATCH}, peak lr {args.lr:g} (LoRA+: A's; "
+        f"B at 16x), {seeds} seeds; loss: mean of the last 10 steps; accuracy: held-out "
+        "answer tokens, teacher forced, %; medians (min-max) over the seeds"
+    )
     out = "\n".join(lines)
     print("\n" + out + "\n\n" + note)
     if not args.quick:
-        write_result("recipes", f"python benchmarks/recipes.py --steps {steps} --seeds "
-                     f"{seeds} --tasks {args.tasks}", f"{out}\n\n{note}")
+        write_result(
+            "recipes",
+            f"python benchmarks/recipes.py --steps {steps} --seeds {seeds} --tasks {args.tasks}",
+            f"{out}\n\n{note}",
+        )
 
 
 if __name__ == "__main__":

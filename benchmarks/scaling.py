@@ -26,9 +26,12 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def steps(hidden: int, rank: int):
-    cfg = llama.LlamaConfig.named("bench", hidden_size=hidden,
-                                  intermediate_size=int(hidden * 2.75) // 64 * 64,
-                                  num_heads=max(hidden // 64, 1))
+    cfg = llama.LlamaConfig.named(
+        "bench",
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.75) // 64 * 64,
+        num_heads=max(hidden // 64, 1),
+    )
     model, key = llama.Llama(cfg), jax.random.key(0)
     params = llama.init_params(cfg, key)
     ids = jax.random.randint(key, (BATCH, SEQ + 1), 0, cfg.vocab_size)
@@ -36,8 +39,10 @@ def steps(hidden: int, rank: int):
     tx = optax.adamw(1e-4)
     lora = lambda a, p: llama.loss_fn(jlora.apply(model.apply)(p, a, ids[:, :-1]), ids[:, 1:])
     full = lambda p: llama.loss_fn(model.apply(p, ids[:, :-1]), ids[:, 1:])
-    return {"lora": (train_step(lora, tx), (ad, tx.init(ad), params)),
-            "full": (train_step(full, tx), (params, tx.init(params)))}
+    return {
+        "lora": (train_step(lora, tx), (ad, tx.init(ad), params)),
+        "full": (train_step(full, tx), (params, tx.init(params))),
+    }
 
 
 def measure(hidden, rank, repeats):
@@ -53,31 +58,41 @@ def main():
     args = ap.parse_args()
     by_rank = {r: measure(512, r, args.repeats) for r in RANKS}
     by_width = {h: measure(h, 16, args.repeats) for h in WIDTHS}
-    lines = ["| sweep | value | LoRA step ms | full step ms | time ratio | FLOPs ratio |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| sweep | value | LoRA step ms | full step ms | time ratio | FLOPs ratio |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, sweep in (("rank (h512)", by_rank), ("hidden (r16)", by_width)):
         for v, m in sweep.items():
-            lines.append(f"| {name} | {v} | {m['lora'][0]:.0f} | {m['full'][0]:.0f} | "
-                         f"{m['lora'][0] / m['full'][0]:.2f} | "
-                         f"{m['lora'][1] / m['full'][1]:.2f} |")
+            lines.append(
+                f"| {name} | {v} | {m['lora'][0]:.0f} | {m['full'][0]:.0f} | "
+                f"{m['lora'][0] / m['full'][0]:.2f} | "
+                f"{m['lora'][1] / m['full'][1]:.2f} |"
+            )
     table = "\n".join(lines)
     print(table)
     out = os.path.join(os.path.dirname(__file__), "results")
     with open(os.path.join(out, "scaling.md"), "w") as f:
-        f.write(f"`python benchmarks/scaling.py --repeats {args.repeats}` (jax {jax.__version__}"
-                f", {os.cpu_count()} CPU cores; batch {BATCH} x seq {SEQ}, 4 layers, vocab 8000,"
-                f" LoRA on q,k,v,o; FLOPs from XLA cost_analysis, scanned body counted once)"
-                f"\n\n{table}\n")
+        f.write(
+            f"`python benchmarks/scaling.py --repeats {args.repeats}` (jax {jax.__version__}"
+            f", {os.cpu_count()} CPU cores; batch {BATCH} x seq {SEQ}, 4 layers, vocab 8000,"
+            f" LoRA on q,k,v,o; FLOPs from XLA cost_analysis, scanned body counted once)"
+            f"\n\n{table}\n"
+        )
     plot(by_rank, by_width, os.path.join(out, "scaling.png"))
 
 
 def plot(by_rank, by_width, path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, sweep, label in ((axes[0], by_rank, "rank (hidden 512)"),
-                             (axes[1], by_width, "hidden size (rank 16)")):
+    for ax, sweep, label in (
+        (axes[0], by_rank, "rank (hidden 512)"),
+        (axes[1], by_width, "hidden size (rank 16)"),
+    ):
         xs = list(sweep)
         for kind, style in (("lora", "o-"), ("full", "s--")):
             ax.plot(xs, [sweep[x][kind][0] for x in xs], style, label=f"{kind} step time")
@@ -85,8 +100,12 @@ def plot(by_rank, by_width, path):
         ax.set_xlabel(label)
         ax.set_ylabel("ms per step")
         twin = ax.twinx()
-        twin.plot(xs, [sweep[x]["lora"][1] / sweep[x]["full"][1] for x in xs], "g:",
-                  label="LoRA / full FLOPs")
+        twin.plot(
+            xs,
+            [sweep[x]["lora"][1] / sweep[x]["full"][1] for x in xs],
+            "g:",
+            label="LoRA / full FLOPs",
+        )
         twin.set_ylabel("LoRA / full FLOPs")
         twin.set_ylim(0, 1.2)
         ax.legend(loc="upper left", fontsize=8)

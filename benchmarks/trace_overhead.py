@@ -47,6 +47,7 @@ def build(layers: int):
 
 def rows(model, params, adapter, x, y):
     """``{row: (make a new function, its arguments)}``; new functions defeat JAX's caches."""
+
     def base_fwd():
         return lambda p, x: model.apply(p, x)
 
@@ -60,8 +61,10 @@ def rows(model, params, adapter, x, y):
         f = jlora.apply(lambda p, x: model.apply(p, x))
         return jax.grad(lambda ad, p, x: llama.loss_fn(f(p, ad, x), y))
 
-    return dict(forward=((base_fwd, (params, x)), (lora_fwd, (params, adapter, x))),
-                grad=((base_grad, (params, x)), (lora_grad, (adapter, params, x))))
+    return dict(
+        forward=((base_fwd, (params, x)), (lora_fwd, (params, adapter, x))),
+        grad=((base_grad, (params, x)), (lora_grad, (adapter, params, x))),
+    )
 
 
 def measure(make, args) -> dict:
@@ -103,24 +106,31 @@ def main():
             if r:
                 times[row, "base"].append(b)
                 times[row, "lora"].append(lo)
-    lines = ["| row | what | base s | jlora s | jlora / base (median of per-round ratios) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| row | what | base s | jlora s | jlora / base (median of per-round ratios) |",
+        "|---|---|---|---|---|",
+    ]
     for row in cases:
         for what in ("lower", "compile", "both", "eager", "eager2"):
             b = [t[what] for t in times[row, "base"]]
             lo = [t[what] for t in times[row, "lora"]]
             ratio = statistics.median(l / x for l, x in zip(lo, b))
             lines.append(f"| {row} | {what} | {fmt(b)} | {fmt(lo)} | {ratio:.2f} |")
-    env = (f"jax {jax.__version__}, {platform.processor() or platform.machine()}, "
-           f"{os.cpu_count()} cores; Llama tiny (h128) x {layers} unscanned layers, batch 2 x "
-           f"seq 64, LoRA r16 q,k,v,o; {rounds} interleaved rounds; 'both' = lower + compile, "
-           "'eager' = one un-jitted call of a new function, 'eager2' = its second call")
+    env = (
+        f"jax {jax.__version__}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores; Llama tiny (h128) x {layers} unscanned layers, batch 2 x "
+        f"seq 64, LoRA r16 q,k,v,o; {rounds} interleaved rounds; 'both' = lower + compile, "
+        "'eager' = one un-jitted call of a new function, 'eager2' = its second call"
+    )
     table = "\n".join(lines)
     print(table + "\n\n" + env)
     if not args.quick:
-        write_result("trace_overhead", f"python benchmarks/trace_overhead.py --rounds {rounds}",
-                     table,
-                     "\n\n" + env)
+        write_result(
+            "trace_overhead",
+            f"python benchmarks/trace_overhead.py --rounds {rounds}",
+            table,
+            "\n\n" + env,
+        )
 
 
 if __name__ == "__main__":

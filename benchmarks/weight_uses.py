@@ -29,13 +29,15 @@ import jlora  # noqa: E402
 
 class ConvNet(nn.Module):
     """ResNet-style: 3x3 convs (a residual pair, a strided one), global pool, a head."""
+
     width: int = 128
 
     @nn.compact
     def __call__(self, x):
         x = nn.relu(nn.Conv(self.width, (3, 3), name="stem")(x))
-        r = nn.Conv(self.width, (3, 3), name="res")(nn.relu(nn.Conv(self.width, (3, 3),
-                                                                    name="mid")(x)))
+        r = nn.Conv(self.width, (3, 3), name="res")(
+            nn.relu(nn.Conv(self.width, (3, 3), name="mid")(x))
+        )
         x = nn.relu(nn.Conv(2 * self.width, (3, 3), strides=2, name="down")(x + r))
         return nn.Dense(10, name="head")(jnp.mean(x, axis=(1, 2)))
 
@@ -49,15 +51,25 @@ def conv_case(quick):
 
 
 def embed_case(quick):
-    cfg = llama.LlamaConfig(vocab_size=4000 if quick else 32000, hidden_size=128,
-                            intermediate_size=256, num_heads=4, num_layers=2)
+    cfg = llama.LlamaConfig(
+        vocab_size=4000 if quick else 32000,
+        hidden_size=128,
+        intermediate_size=256,
+        num_heads=4,
+        num_layers=2,
+    )
     model, key = llama.Llama(cfg), jax.random.key(0)
     params = llama.init_params(cfg, key)
     ids = jax.random.randint(key, (2, 33), 0, cfg.vocab_size)
     lcfg = jlora.LoraConfig(rank=16, targets=("embed_tokens", "lm_head"))
     head = lambda logits: llama.loss_fn(logits, ids[:, 1:])
-    return params, jlora.init(key, params, lcfg, model.apply, ids[:, :-1]), head, \
-        model.apply, (ids[:, :-1],)
+    return (
+        params,
+        jlora.init(key, params, lcfg, model.apply, ids[:, :-1]),
+        head,
+        model.apply,
+        (ids[:, :-1],),
+    )
 
 
 def moe_case(quick):
@@ -83,11 +95,14 @@ def steps(case, ragged_row=False):
     lora = lambda ad, p: head(jlora.apply(fn)(p, ad, *args))
     merged = lambda ad, p: head(fn(jlora.merge(p, ad), *args))
     full = lambda p: head(fn(p, *args))
-    out = {"LoRA (factored)": (jax.jit(jax.grad(lora)), (adapter, params)),
-           "merge on the fly": (jax.jit(jax.grad(merged)), (adapter, params)),
-           "full fine-tuning": (jax.jit(jax.grad(full)), (params,))}
+    out = {
+        "LoRA (factored)": (jax.jit(jax.grad(lora)), (adapter, params)),
+        "merge on the fly": (jax.jit(jax.grad(merged)), (adapter, params)),
+        "full fine-tuning": (jax.jit(jax.grad(full)), (params,)),
+    }
     if ragged_row:
         from jlora.interpret import grouped
+
         saved, grouped.DENSE_ON = grouped.DENSE_ON, ()
         try:  # traced and compiled now, while the switch holds
             step = jax.jit(jax.grad(lora)).lower(adapter, params).compile()
@@ -104,28 +119,39 @@ def main():
     ap.add_argument("--rounds", type=int, default=None)
     opts = ap.parse_args()
     rounds = opts.rounds or (3 if opts.quick else 7)
-    lines = ["| model | step | median ms (min-max) | ratio to full | XLA GFLOPs |",
-             "|---|---|---|---|---|"]
-    for name, make in (("conv net", conv_case), ("Llama, embed + lm_head", embed_case),
-                       ("MoE (ragged_dot)", moe_case)):
+    lines = [
+        "| model | step | median ms (min-max) | ratio to full | XLA GFLOPs |",
+        "|---|---|---|---|---|",
+    ]
+    for name, make in (
+        ("conv net", conv_case),
+        ("Llama, embed + lm_head", embed_case),
+        ("MoE (ragged_dot)", moe_case),
+    ):
         calls, uses = steps(make(opts.quick), ragged_row=make is moe_case)
         times = timeit_interleaved(calls, rounds)
         compiled = lambda f, a: f if hasattr(f, "cost_analysis") else f.lower(*a).compile()
-        flops = {k: compiled(f, a).cost_analysis()["flops"] / 1e9
-                 for k, (f, a) in calls.items()}
+        flops = {k: compiled(f, a).cost_analysis()["flops"] / 1e9 for k, (f, a) in calls.items()}
         full = statistics.median(times["full fine-tuning"])
         for row, ts in times.items():
             med = statistics.median(ts)
-            lines.append(f"| {name} | {row} | {med:.1f} ({min(ts):.1f}-{max(ts):.1f}) | "
-                         f"{med / full:.2f} | {flops[row]:.3f} |")
+            lines.append(
+                f"| {name} | {row} | {med:.1f} ({min(ts):.1f}-{max(ts):.1f}) | "
+                f"{med / full:.2f} | {flops[row]:.3f} |"
+            )
         print(name, "uses:", sorted(uses))
     table = "\n".join(lines)
     print(table)
-    note = (f"\n\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"jax {jax.__version__}, {rounds} interleaved rounds")
-    write_result("weight_uses" + ("_quick" if opts.quick else ""),
-                 "python benchmarks/weight_uses.py" + (" --quick" if opts.quick else ""),
-                 table, note)
+    note = (
+        f"\n\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"jax {jax.__version__}, {rounds} interleaved rounds"
+    )
+    write_result(
+        "weight_uses" + ("_quick" if opts.quick else ""),
+        "python benchmarks/weight_uses.py" + (" --quick" if opts.quick else ""),
+        table,
+        note,
+    )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,14 @@ MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 # Named model sizes, as overrides of the LlamaConfig defaults.
 CONFIGS = {
     "tiny": {},
-    "bench": dict(vocab_size=8000, hidden_size=512, intermediate_size=1408,
-                  num_layers=4, num_heads=8, max_seq_len=256),
+    "bench": dict(
+        vocab_size=8000,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_layers=4,
+        num_heads=8,
+        max_seq_len=256,
+    ),
 }
 
 
@@ -52,8 +58,9 @@ class LlamaConfig:
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads or self.num_heads % self.kv_heads:
-            raise ValueError("num_heads must divide hidden_size, and "
-                             "num_kv_heads must divide num_heads.")
+            raise ValueError(
+                "num_heads must divide hidden_size, and num_kv_heads must divide num_heads."
+            )
 
     @property
     def kv_heads(self) -> int:
@@ -89,15 +96,26 @@ def _dot(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=Non
     if spec is not None and any(spec[ax] is not None for ax in lc):
         free = [spec[ax] for ax in range(lhs.ndim) if ax not in lc]
         out = jax.sharding.PartitionSpec(*free, *([None] * (rhs.ndim - len(lc))))
-    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                               preferred_element_type=preferred_element_type,
-                               out_sharding=out)
+    return jax.lax.dot_general(
+        lhs,
+        rhs,
+        dimension_numbers,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        out_sharding=out,
+    )
 
 
 def _dense(config: LlamaConfig, features: int, name: str) -> nn.Dense:
-    return nn.Dense(features, use_bias=False, dtype=config.dtype,
-                    param_dtype=config.param_dtype, dot_general=_dot,
-                    kernel_init=nn.initializers.normal(INIT_STD), name=name)
+    return nn.Dense(
+        features,
+        use_bias=False,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        dot_general=_dot,
+        kernel_init=nn.initializers.normal(INIT_STD),
+        name=name,
+    )
 
 
 class Embed(nn.Embed):
@@ -136,8 +154,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],),
-                            self.param_dtype)
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
         normed = (x32 * jax.lax.rsqrt(variance + self.eps)).astype(self.dtype)
@@ -146,8 +163,7 @@ class RMSNorm(nn.Module):
 
 
 def _norm(config: LlamaConfig, name: str) -> RMSNorm:
-    return RMSNorm(config.rms_norm_eps, config.dtype, config.param_dtype,
-                   name=name)
+    return RMSNorm(config.rms_norm_eps, config.dtype, config.param_dtype, name=name)
 
 
 class Attention(nn.Module):
@@ -167,14 +183,15 @@ class Attention(nn.Module):
         k = apply_rope(k.reshape(batch, seq, kv_heads, head_dim), *rope)
         v = v.reshape(batch, seq, kv_heads, head_dim)
         if cache is not None:  # write this chunk at `index`, attend over the whole cache
-            k, v = (jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), index, axis=1)
-                    for c, new in zip(cache, (k, v)))
+            k, v = (
+                jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), index, axis=1)
+                for c, new in zip(cache, (k, v))
+            )
             cache = (k, v)
         if kv_heads != heads:  # Same head grouping as HF's repeat_kv.
             k = jnp.repeat(k, heads // kv_heads, axis=2)
             v = jnp.repeat(v, heads // kv_heads, axis=2)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k,
-                            preferred_element_type=jnp.float32)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         scores = jnp.where(mask, scores * head_dim**-0.5, MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
@@ -216,8 +233,9 @@ class Llama(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, input_ids, positions=None, attention_mask=None, cache=None,
-                 cache_index=None):
+    def __call__(
+        self, input_ids, positions=None, attention_mask=None, cache=None, cache_index=None
+    ):
         """Returns float32 logits (batch, seq, vocab_size); with ``cache``, the pair
         (logits, updated cache).
 
@@ -246,19 +264,26 @@ class Llama(nn.Module):
             mask = keys[None, None, None, :] <= positions[:, None, :, None]
         if attention_mask is not None:
             mask = mask & attention_mask.astype(bool)[:, None, None, :]
-        embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
-                         param_dtype=cfg.param_dtype,
-                         embedding_init=nn.initializers.normal(INIT_STD),
-                         name="embed_tokens")
+        embed = Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            embedding_init=nn.initializers.normal(INIT_STD),
+            name="embed_tokens",
+        )
         x = embed(input_ids)
         layer_cls = DecoderLayer
         if cfg.remat:
             layer_cls = nn.remat(layer_cls, prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
-            layers = nn.scan(layer_cls, variable_axes={"params": 0},
-                             split_rngs={"params": True},
-                             in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
-                             length=cfg.num_layers)
+            layers = nn.scan(
+                layer_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                length=cfg.num_layers,
+            )
             x, cache = layers(cfg, name="layers")(x, rope, mask, cache, index)
         else:
             new = []
@@ -283,8 +308,7 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int) -> tuple:
     return jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype)
 
 
-def init_params(config: LlamaConfig, key: jax.Array, batch: int = 1,
-                seq: int = 8) -> dict:
+def init_params(config: LlamaConfig, key: jax.Array, batch: int = 1, seq: int = 8) -> dict:
     """Initialises the model; returns the variables dict {'params': ...}."""
     return jax.jit(Llama(config).init)(key, jnp.zeros((batch, seq), jnp.int32))
 
@@ -294,8 +318,7 @@ def count_params(params) -> int:
     return sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
 
 
-def loss_fn(logits: jax.Array, targets: jax.Array,
-            mask: Optional[jax.Array] = None) -> jax.Array:
+def loss_fn(logits: jax.Array, targets: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
     """Mean next-token cross-entropy, weighted by an optional 0/1 mask.
 
     Logits (batch, seq, vocab) and int targets (batch, seq) are already
@@ -325,20 +348,29 @@ def config_from_hf(hf_config, **overrides) -> LlamaConfig:
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     heads, hidden = d["num_attention_heads"], d["hidden_size"]
-    if (rope_type != "default" or d.get("hidden_act", "silu") != "silu"
-            or d.get("attention_bias") or d.get("mlp_bias")
-            or (d.get("head_dim") or hidden // heads) != hidden // heads):
-        raise ValueError("Unsupported HF Llama config: needs default RoPE, "
-                         "silu, no biases and head_dim == hidden/heads.")
+    if (
+        rope_type != "default"
+        or d.get("hidden_act", "silu") != "silu"
+        or d.get("attention_bias")
+        or d.get("mlp_bias")
+        or (d.get("head_dim") or hidden // heads) != hidden // heads
+    ):
+        raise ValueError(
+            "Unsupported HF Llama config: needs default RoPE, "
+            "silu, no biases and head_dim == hidden/heads."
+        )
     fields = dict(
-        vocab_size=d["vocab_size"], hidden_size=hidden,
+        vocab_size=d["vocab_size"],
+        hidden_size=hidden,
         intermediate_size=d["intermediate_size"],
-        num_layers=d["num_hidden_layers"], num_heads=heads,
+        num_layers=d["num_hidden_layers"],
+        num_heads=heads,
         num_kv_heads=d.get("num_key_value_heads") or heads,
         max_seq_len=d.get("max_position_embeddings", 2048),
         rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 1e4))),
         rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-        tie_embeddings=bool(d.get("tie_word_embeddings", False)))
+        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+    )
     return LlamaConfig(**{**fields, **overrides})
 
 
@@ -356,8 +388,7 @@ def hf_module(path: str, index: tuple = ()) -> str:
     unscanned = re.fullmatch(r"layers_(\d+)", head)
     scanned = head == "layers"
     if len(index) != int(scanned):
-        raise ValueError(f"{path!r} needs {int(scanned)} stack indices, "
-                         f"got {index!r}.")
+        raise ValueError(f"{path!r} needs {int(scanned)} stack indices, got {index!r}.")
     if scanned or unscanned:
         layer = int(index[0] if scanned else unscanned.group(1))
         parts = ["layers", str(layer)] + parts[1:]
@@ -392,8 +423,7 @@ def _hf_leaf(state_dict, names: list, path: str, shape: tuple) -> np.ndarray:
         arrays = [a.T for a in arrays]
     value = np.stack(arrays) if _scanned(path) else arrays[0]
     if value.shape != shape:
-        raise ValueError(f"{names} have shape {value.shape}; {path} needs "
-                         f"{shape}.")
+        raise ValueError(f"{names} have shape {value.shape}; {path} needs {shape}.")
     return value
 
 
@@ -406,8 +436,7 @@ def from_hf(state_dict: Mapping[str, Any], config: LlamaConfig) -> dict:
     mis-shaped tensors. E.g. ``from_hf(model.state_dict(),
     config_from_hf(model.config))``.
     """
-    like = jax.eval_shape(Llama(config).init, jax.random.key(0),
-                          jnp.zeros((1, 1), jnp.int32))
+    like = jax.eval_shape(Llama(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
     flat, treedef = jax.tree_util.tree_flatten_with_path(like)
     paths = ["/".join(str(k.key) for k in p) for p, _ in flat]
     wanted = {p: _hf_names(p, config) for p in paths}
@@ -416,11 +445,15 @@ def from_hf(state_dict: Mapping[str, Any], config: LlamaConfig) -> dict:
     if config.tie_embeddings:  # Tied models may still list lm_head.weight.
         given.discard("lm_head.weight")
     if needed != given:
-        raise ValueError(f"HF state dict does not match the model: missing "
-                         f"{sorted(needed - given)}, unexpected "
-                         f"{sorted(given - needed)}.")
-    leaves = [jnp.asarray(_hf_leaf(state_dict, wanted[p], p, leaf.shape),
-                          config.param_dtype) for p, (_, leaf) in zip(paths, flat)]
+        raise ValueError(
+            f"HF state dict does not match the model: missing "
+            f"{sorted(needed - given)}, unexpected "
+            f"{sorted(given - needed)}."
+        )
+    leaves = [
+        jnp.asarray(_hf_leaf(state_dict, wanted[p], p, leaf.shape), config.param_dtype)
+        for p, (_, leaf) in zip(paths, flat)
+    ]
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 

@@ -23,9 +23,13 @@ EXPERTS, TOP_K, DIM, HIDDEN = 8, 2, 32, 64
 
 def init_params(key, experts=EXPERTS, dim=DIM, hidden=HIDDEN):
     k1, k2, k3 = jax.random.split(key, 3)
-    return {"router": jax.random.normal(k1, (dim, experts)) / dim**0.5,
-            "experts": {"w_in": jax.random.normal(k2, (experts, dim, hidden)) / dim**0.5,
-                        "w_out": jax.random.normal(k3, (experts, hidden, dim)) / hidden**0.5}}
+    return {
+        "router": jax.random.normal(k1, (dim, experts)) / dim**0.5,
+        "experts": {
+            "w_in": jax.random.normal(k2, (experts, dim, hidden)) / dim**0.5,
+            "w_out": jax.random.normal(k3, (experts, hidden, dim)) / hidden**0.5,
+        },
+    }
 
 
 def moe(params, x, top_k=TOP_K):
@@ -49,8 +53,9 @@ def main(steps=150):
     params = init_params(key)
     x = jax.random.normal(jax.random.fold_in(key, 1), (256, DIM))
     cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets=("w_in", "w_out"))
-    teacher = jax.tree.map(lambda a: a + 0.05, jlora.init(jax.random.fold_in(key, 2), params,
-                                                          cfg, moe, x))
+    teacher = jax.tree.map(
+        lambda a: a + 0.05, jlora.init(jax.random.fold_in(key, 2), params, cfg, moe, x)
+    )
     target = jlora.apply(moe)(params, teacher, x)
     adapter = jlora.init(key, params, cfg, moe, x)
     print("uses:", jlora.explain(moe, params, adapter, x))

@@ -43,8 +43,13 @@ def main():
     adapter = jlora.init(jax.random.fold_in(key, 1), params, lora_cfg)
     n_base, n_lora = llama.count_params(params), llama.count_params(adapter)
     print(f"trainable: {n_lora:,} of {n_base:,} parameters ({100 * n_lora / n_base:.2f}%)")
-    print("uses:", {k.split("/")[-2]: v for k, v in
-                    jlora.explain(model.apply, params, adapter, batch(key)[0]).items()})
+    print(
+        "uses:",
+        {
+            k.split("/")[-2]: v
+            for k, v in jlora.explain(model.apply, params, adapter, batch(key)[0]).items()
+        },
+    )
 
     lora_apply = jlora.apply(model.apply)
     tx = optax.adamw(3e-3)
@@ -74,8 +79,10 @@ def main():
     merged_logits = jax.jit(model.apply)(merged, ids[:, :-1])
     acc = lambda logits: float(((logits.argmax(-1) == ids[:, 1:]) * mask).sum() / mask.sum())
     base_acc = acc(model.apply(params, ids[:, :-1]))
-    print(f"held-out loss {float(start):.3f} -> {float(end):.3f}; "
-          f"answer accuracy {acc(merged_logits):.1%} (base {base_acc:.1%})")
+    print(
+        f"held-out loss {float(start):.3f} -> {float(end):.3f}; "
+        f"answer accuracy {acc(merged_logits):.1%} (base {base_acc:.1%})"
+    )
     print("merged == unmerged:", bool(np.allclose(merged_logits, unmerged_logits, atol=1e-4)))
 
 

@@ -62,17 +62,23 @@ def main(argv=None):
     logits_of = lambda x: serve(params, stacked, x, adapter_ids=adapter_ids)
     answers = train_tasks.greedy_answers(logits_of, ids)
     n = train_tasks.LENGTH
-    print(f"one batch of {len(asks)} requests over {len(names)} stacked adapters "
-          f"(ranks {stacked_ranks(stacked)}), one jitted call per generated token:\n")
+    print(
+        f"one batch of {len(asks)} requests over {len(names)} stacked adapters "
+        f"(ranks {stacked_ranks(stacked)}), one jitted call per generated token:\n"
+    )
     print(f"{'#':>2} {'adapter':8} {'prompt':10} {'answer':10} {'expected':10}")
     right = 0
     for i, task in enumerate(asks):
-        got, exp = tasks.decode(answers[i]), tasks.decode(ids[i, n + 1:])
+        got, exp = tasks.decode(answers[i]), tasks.decode(ids[i, n + 1 :])
         right += got == exp
-        print(f"{i:2} {task:8} {tasks.decode(ids[i, :n]):10} {got:10} {exp:10} "
-              f"{'ok' if got == exp else 'x'}")
-    print(f"\n{right}/{len(asks)} answers exact (the base alone, id -1, copies: what it "
-          "was pretrained to do)")
+        print(
+            f"{i:2} {task:8} {tasks.decode(ids[i, :n]):10} {got:10} {exp:10} "
+            f"{'ok' if got == exp else 'x'}"
+        )
+    print(
+        f"\n{right}/{len(asks)} answers exact (the base alone, id -1, copies: what it "
+        "was pretrained to do)"
+    )
     return 0
 
 

@@ -44,10 +44,12 @@ def take(slots, names, paths):
     before = slots.resident
     tree, ids = slots.batch(names)
     after = slots.resident
-    events = [f"evicted {old} from slot {slot}" for old, slot in before.items()
-              if old not in after]
-    events += [f"loaded {name} ({fmt(paths[name])}) into slot {slot}"
-               for name, slot in after.items() if name not in before]
+    events = [f"evicted {old} from slot {slot}" for old, slot in before.items() if old not in after]
+    events += [
+        f"loaded {name} ({fmt(paths[name])}) into slot {slot}"
+        for name, slot in after.items()
+        if name not in before
+    ]
     return tree, ids, events
 
 
@@ -60,17 +62,28 @@ def decoder(model, params):
     def prefill(slots, ids, cache, slot_ids):
         TRACES["prefill"] += 1
         pos = jnp.broadcast_to(jnp.arange(ids.shape[1])[None], ids.shape)
-        logits, cache = run(params, slots, ids, pos, None, cache, jnp.int32(0),
-                            adapter_ids=slot_ids, example_axes=axes)
+        logits, cache = run(
+            params,
+            slots,
+            ids,
+            pos,
+            None,
+            cache,
+            jnp.int32(0),
+            adapter_ids=slot_ids,
+            example_axes=axes,
+        )
         return logits[:, -1].argmax(-1), cache
 
     @jax.jit
     def step(slots, tok, at, cache, slot_ids):
         TRACES["step"] += 1
         pos = jnp.full(tok.shape, at, jnp.int32)
-        logits, cache = run(params, slots, tok, pos, None, cache, at,
-                            adapter_ids=slot_ids, example_axes=axes)
+        logits, cache = run(
+            params, slots, tok, pos, None, cache, at, adapter_ids=slot_ids, example_axes=axes
+        )
         return logits[:, -1].argmax(-1), cache
+
     return prefill, step
 
 
@@ -90,8 +103,9 @@ def requests(names, count: int):
     """``count`` requests cycling over the tasks in an uneven order, with their prompts."""
     order = [names[(i * 3 + i // 4) % len(names)] for i in range(count)]
     key = jax.random.key(11)
-    prompts = [tasks.task_batch(jax.random.fold_in(key, i), t, 1, N)[0][0]
-               for i, t in enumerate(order)]
+    prompts = [
+        tasks.task_batch(jax.random.fold_in(key, i), t, 1, N)[0][0] for i, t in enumerate(order)
+    ]
     return order, prompts
 
 
@@ -120,8 +134,9 @@ def main(argv=None):
     model, params, adapters = serve_many.load(args)
     paths = disk_copies(model, params, adapters, args.out)
     names, prompts = requests(list(adapters), args.requests)
-    slots = jlora.Slots(params, next(iter(adapters.values())), args.slots,
-                        rank=args.slot_rank, sources=paths)
+    slots = jlora.Slots(
+        params, next(iter(adapters.values())), args.slots, rank=args.slot_rank, sources=paths
+    )
     dec, alone = decoder(model, params), jax.jit(jlora.apply(model.apply))
     rows, queue, timed = [], list(range(len(names))), []  # (tokens, seconds) per batch
     while queue:
@@ -133,28 +148,45 @@ def main(argv=None):
         pad = args.batch - len(batch)  # fixed shapes: idle rows use the base alone (None)
         tree, slot_ids, events = take(slots, [names[i] for i in batch] + [None] * pad, paths)
         where = slots.resident
-        ids = jnp.stack([prompts[i][:N + 1] for i in batch] + [prompts[batch[0]][:N + 1]] * pad)
+        ids = jnp.stack([prompts[i][: N + 1] for i in batch] + [prompts[batch[0]][: N + 1]] * pad)
         t0 = time.perf_counter()
         answers = jax.block_until_ready(generate(dec, model.config, tree, ids, slot_ids))
         timed.append((len(batch) * N, time.perf_counter() - t0))
         for row, i in enumerate(batch):
             ref = train_tasks.greedy_answers(
-                lambda x, i=i: alone(params, adapters[names[i]], x), prompts[i][None])[0]
-            rows.append((i, names[i], where[names[i]], "; ".join(events) or "resident",
-                         tasks.decode(answers[row]), bool((answers[row] == ref).all())))
+                lambda x, i=i: alone(params, adapters[names[i]], x), prompts[i][None]
+            )[0]
+            rows.append(
+                (
+                    i,
+                    names[i],
+                    where[names[i]],
+                    "; ".join(events) or "resident",
+                    tasks.decode(answers[row]),
+                    bool((answers[row] == ref).all()),
+                )
+            )
             events = []
-    print(f"{len(names)} requests over {len(adapters)} adapters, {args.slots} slots of rank "
-          f"{args.slot_rank}, batches of {args.batch}, greedy decode with a KV cache:\n")
-    print(f"{'#':>2} {'adapter':8} {'slot':>4} {'answer':10} {'= alone':8} "
-          "slots (at the first request of each batch)")
+    print(
+        f"{len(names)} requests over {len(adapters)} adapters, {args.slots} slots of rank "
+        f"{args.slot_rank}, batches of {args.batch}, greedy decode with a KV cache:\n"
+    )
+    print(
+        f"{'#':>2} {'adapter':8} {'slot':>4} {'answer':10} {'= alone':8} "
+        "slots (at the first request of each batch)"
+    )
     for i, name, slot, event, answer, same in sorted(rows):
         print(f"{i:2} {name:8} {slot:4} {answer:10} {'yes' if same else 'NO':8} {event}")
-    print(f"\n{sum(r[-1] for r in rows)}/{len(rows)} requests equal their adapter run alone; "
-          f"traced: prefill {TRACES['prefill']}, step {TRACES['step']}, slot write "
-          f"{slots.traces}")
+    print(
+        f"\n{sum(r[-1] for r in rows)}/{len(rows)} requests equal their adapter run alone; "
+        f"traced: prefill {TRACES['prefill']}, step {TRACES['step']}, slot write "
+        f"{slots.traces}"
+    )
     later = timed[1:] or timed  # the first batch compiles
-    print(f"{sum(t for t, _ in later) / sum(s for _, s in later):.0f} tokens/s after the "
-          f"first batch ({sum(t for t, _ in timed) / sum(s for _, s in timed):.0f} with it)")
+    print(
+        f"{sum(t for t, _ in later) / sum(s for _, s in later):.0f} tokens/s after the "
+        f"first batch ({sum(t for t, _ in timed) / sum(s for _, s in timed):.0f} with it)"
+    )
     return 0
 
 

@@ -38,8 +38,7 @@ def main(auto: bool = False):
     n = jax.device_count()
     model_axis = 4 if n % 4 == 0 else 1
     kind = AxisType.Auto if auto else AxisType.Explicit
-    mesh = jax.make_mesh((n // model_axis, model_axis), ("data", "model"),
-                         axis_types=(kind,) * 2)
+    mesh = jax.make_mesh((n // model_axis, model_axis), ("data", "model"), axis_types=(kind,) * 2)
     with jax.set_mesh(mesh):
         return train(mesh)
 
@@ -49,18 +48,25 @@ def train(mesh):
     cfg = llama.LlamaConfig(vocab_size=16)
     model, key = llama.Llama(cfg), jax.random.key(0)
     params = jax.tree_util.tree_map_with_path(
-        lambda kp, x: jax.device_put(x, NamedSharding(mesh, llama.megatron_spec(
-            jlora.targets.path_str(kp), x.ndim))), llama.init_params(cfg, key))
+        lambda kp, x: jax.device_put(
+            x, NamedSharding(mesh, llama.megatron_spec(jlora.targets.path_str(kp), x.ndim))
+        ),
+        llama.init_params(cfg, key),
+    )
     adapter = jlora.init(key, params, jlora.LoraConfig.preset("complex"))  # placed like the base
     tx = jlora.loraplus(optax.adamw, learning_rate=5e-4)
     opt_state = tx.init(adapter)
-    print(f"mesh {dict(mesh.shape)} on {n} {jax.devices()[0].platform} devices, "
-          f"{mesh.axis_types[0].name} axes")
+    print(
+        f"mesh {dict(mesh.shape)} on {n} {jax.devices()[0].platform} devices, "
+        f"{mesh.axis_types[0].name} axes"
+    )
     for name, kind in (("q_proj", "column"), ("o_proj", "row")):
         w = params["params"]["layers"]["self_attn"][name]["kernel"]
         node = adapter["params"]["layers"]["self_attn"][name]["kernel"]
-        print(f"{name} ({kind}-parallel): kernel {w.sharding.spec}, a {node.a.sharding.spec}, "
-              f"b {node.b.sharding.spec}")
+        print(
+            f"{name} ({kind}-parallel): kernel {w.sharding.spec}, a {node.a.sharding.spec}, "
+            f"b {node.b.sharding.spec}"
+        )
 
     def batch(i):
         """Digits then the same digits reversed; the batch is sharded over "data"."""
@@ -70,8 +76,9 @@ def train(mesh):
 
     @jax.jit
     def step(adapter, opt_state, ids):
-        loss = lambda ad: llama.loss_fn(jlora.apply(model.apply)(params, ad, ids[:, :-1])
-                                        [:, SEQ // 2:], ids[:, SEQ // 2 + 1:])
+        loss = lambda ad: llama.loss_fn(
+            jlora.apply(model.apply)(params, ad, ids[:, :-1])[:, SEQ // 2 :], ids[:, SEQ // 2 + 1 :]
+        )
         value, grads = jax.value_and_grad(loss)(adapter)
         updates, opt_state = tx.update(grads, opt_state, adapter)
         return optax.apply_updates(adapter, updates), opt_state, value
@@ -82,8 +89,9 @@ def train(mesh):
         if i % 40 == 0 or i == STEPS - 1:
             print(f"step {i:3d}  loss {float(value):.3f}")
     q = adapter["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
-    print(f"after training b keeps its layout: {q.b.sharding.spec}; "
-          f"{time.perf_counter() - t0:.1f} s")
+    print(
+        f"after training b keeps its layout: {q.b.sharding.spec}; {time.perf_counter() - t0:.1f} s"
+    )
     return 0
 
 

@@ -38,8 +38,14 @@ from train_utils import plot_losses, run_steps, shown
 import jlora
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODEL = {"vocab_size": tasks.VOCAB, "hidden_size": 128, "intermediate_size": 352,
-         "num_layers": 2, "num_heads": 4, "scan_layers": True}
+MODEL = {
+    "vocab_size": tasks.VOCAB,
+    "hidden_size": 128,
+    "intermediate_size": 352,
+    "num_layers": 2,
+    "num_heads": 4,
+    "scan_layers": True,
+}
 LENGTH = 8  # Letters per prompt (and per answer).
 BATCH = 64
 EVAL_BATCH = 512
@@ -61,8 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--pretrain-steps", type=int, default=PRETRAIN_STEPS)
     p.add_argument("--preset", default=PRESET, choices=sorted(jlora.PRESETS))
     p.add_argument("--lr", type=float, default=LR, help="A's peak learning rate (B: x ratio)")
-    p.add_argument("--tasks", default=DEFAULT_TASKS,
-                   help=f"comma-separated, of {list(tasks.TASKS)}")
+    p.add_argument(
+        "--tasks", default=DEFAULT_TASKS, help=f"comma-separated, of {list(tasks.TASKS)}"
+    )
     p.add_argument("--out", default=os.path.join(HERE, ".cache"), help="cache and output dir")
     p.add_argument("--fresh", action="store_true", help="ignore the cached pretrained base")
     p.add_argument("--seed", type=int, default=0)
@@ -90,6 +97,7 @@ def next_token_loss(logits, ids, mask):
 
 # --- 1. the base: full fine-tuning on copy, cached --------------------------------------
 
+
 def pretrain(model, key, steps: int):
     """Trains every base parameter on `tasks.base_batch`; returns (params, losses, times)."""
     tx = optax.adamw(schedule(PRETRAIN_LR, steps), weight_decay=WEIGHT_DECAY)
@@ -114,11 +122,21 @@ def cached_base(model, args):
     Returns:
       (params, pretraining losses).
     """
-    tag = repr((model.config, args.pretrain_steps, args.seed, LENGTH, BATCH, PRETRAIN_LR,
-                WARMUP_FRACTION, WEIGHT_DECAY, tasks.DATA_VERSION))
+    tag = repr(
+        (
+            model.config,
+            args.pretrain_steps,
+            args.seed,
+            LENGTH,
+            BATCH,
+            PRETRAIN_LR,
+            WARMUP_FRACTION,
+            WEIGHT_DECAY,
+            tasks.DATA_VERSION,
+        )
+    )
     path = os.path.join(args.out, f"base-{hashlib.sha1(tag.encode()).hexdigest()[:12]}.npz")
-    template = jax.eval_shape(functools.partial(llama.init_params, model.config),
-                              jax.random.key(0))
+    template = jax.eval_shape(functools.partial(llama.init_params, model.config), jax.random.key(0))
     flat, treedef = jax.tree_util.tree_flatten_with_path(template)
     names = [jax.tree_util.keystr(kp) for kp, _ in flat]
     if os.path.exists(path) and not args.fresh:
@@ -131,12 +149,15 @@ def cached_base(model, args):
     os.makedirs(args.out, exist_ok=True)
     arrays = dict(zip(names, map(np.asarray, jax.tree.leaves(params))))
     np.savez(path, **arrays, **{LOSSES: np.asarray(losses)})
-    print(f"base: {args.pretrain_steps} steps of full fine-tuning, median "
-          f"{median_ms(times[1:] or times):.1f} ms/step; saved {shown(path)}")
+    print(
+        f"base: {args.pretrain_steps} steps of full fine-tuning, median "
+        f"{median_ms(times[1:] or times):.1f} ms/step; saved {shown(path)}"
+    )
     return params, losses
 
 
 # --- 2. one adapter per task over the same frozen base ----------------------------------
+
 
 def make_lora_step(model, tx):
     """One jitted step for every adapter: the task's batch is an argument."""
@@ -155,8 +176,12 @@ def make_lora_step(model, tx):
 
 def train_adapters(model, params, args, lora_cfg):
     """Trains, saves and reloads one adapter per task; returns (adapters, losses, times)."""
-    tx = jlora.loraplus(optax.adamw, learning_rate=schedule(args.lr, args.steps),
-                        ratio=LORAPLUS_RATIO, weight_decay=WEIGHT_DECAY)
+    tx = jlora.loraplus(
+        optax.adamw,
+        learning_rate=schedule(args.lr, args.steps),
+        ratio=LORAPLUS_RATIO,
+        weight_decay=WEIGHT_DECAY,
+    )
     step = make_lora_step(model, tx)
     batch_of = jax.jit(tasks.task_batch, static_argnums=(1, 2, 3))
     seed_key = jax.random.fold_in(jax.random.key(args.seed), ADAPTER_KEY)
@@ -170,7 +195,8 @@ def train_adapters(model, params, args, lora_cfg):
             return step(params, state, ids, mask)
 
         (adapter, _), losses[task], t_steps = run_steps(
-            lora_step, (adapter, tx.init(adapter)), args.steps, f"adapter {task}")
+            lora_step, (adapter, tx.init(adapter)), args.steps, f"adapter {task}"
+        )
         times += t_steps[1:]  # a task's first step compiles
         path = os.path.join(args.out, "adapters", task)
         jlora.save_adapter(path, adapter)
@@ -181,20 +207,21 @@ def train_adapters(model, params, args, lora_cfg):
 
 # --- 3. evaluation: one jitted function, every adapter ----------------------------------
 
+
 def greedy_answers(logits_of, ids):
     """Generates the answer token by token from the prompt; returns (batch, LENGTH)."""
-    ids = ids.at[:, LENGTH + 1:].set(tasks.SEP)  # hide the answer
+    ids = ids.at[:, LENGTH + 1 :].set(tasks.SEP)  # hide the answer
     for t in range(LENGTH):  # causal: later positions do not affect position LENGTH + t
         nxt = logits_of(ids[:, :-1])[:, LENGTH + t].argmax(-1)
         ids = ids.at[:, LENGTH + 1 + t].set(nxt)
-    return ids[:, LENGTH + 1:]
+    return ids[:, LENGTH + 1 :]
 
 
 def scores(logits_of, ids, mask):
     """Returns (teacher-forced answer-token accuracy, greedy exact match, one sample)."""
     hits = (logits_of(ids[:, :-1]).argmax(-1) == ids[:, 1:]) * mask
     answers = greedy_answers(logits_of, ids)
-    exact = (answers == ids[:, LENGTH + 1:]).all(axis=1).mean()
+    exact = (answers == ids[:, LENGTH + 1 :]).all(axis=1).mean()
     return float(hits.sum() / mask.sum()), float(exact), tasks.decode(answers[0])
 
 
@@ -219,8 +246,10 @@ def evaluate(model, params, adapters, args):
         tuned = scores(lambda x, ad=adapter: lora_eval(params, ad, x), ids, mask)
         rows.append((task, tasks.decode(ids[0, :LENGTH]), base, tuned))
     calls = len(adapters) * (LENGTH + 1)
-    print(f"eval: {calls} calls of one jax.jit(jlora.apply(model.apply)) with "
-          f"{len(adapters)} adapter(s): traced {len(traces)} time(s)")
+    print(
+        f"eval: {calls} calls of one jax.jit(jlora.apply(model.apply)) with "
+        f"{len(adapters)} adapter(s): traced {len(traces)} time(s)"
+    )
     return rows, lora_eval, base_eval
 
 
@@ -230,8 +259,10 @@ def check_merge(params, adapter, lora_eval, base_eval, args):
     x = tasks.task_batch(jax.random.key(args.seed), task, EVAL_BATCH, LENGTH)[0][:, :-1]
     merged = jlora.merge(params, adapter)  # the base's own apply, no LoRA at all
     diff = jnp.abs(base_eval(merged, x) - lora_eval(params, adapter, x)).max()
-    print(f"merge: {task} adapter merged into the base; "
-          f"max |merged - unmerged| logits = {float(diff):.1e}")
+    print(
+        f"merge: {task} adapter merged into the base; "
+        f"max |merged - unmerged| logits = {float(diff):.1e}"
+    )
 
 
 def median_ms(seconds) -> float:
@@ -246,21 +277,27 @@ def dir_kb(path: str) -> float:
 
 def report(rows, params, adapter, times, args):
     """Prints the task table and the adapter facts; returns True if every adapter wins."""
-    print(f"\n{'task':8} {'base acc':>9} {'adapter acc':>12} {'exact match':>12}   "
-          f"example: prompt -> base | adapter")
+    print(
+        f"\n{'task':8} {'base acc':>9} {'adapter acc':>12} {'exact match':>12}   "
+        f"example: prompt -> base | adapter"
+    )
     ok = True
     for task, prompt, (b_acc, _, b_out), (a_acc, a_exact, a_out) in rows:
         ok &= b_acc < BASE_MAX_ACC and a_acc > ADAPTER_MIN_ACC
-        print(f"{task:8} {b_acc:9.1%} {a_acc:12.1%} {a_exact:12.1%}   "
-              f"{prompt} -> {b_out} | {a_out}")
-    print("(acc: answer letters right, teacher-forced; exact match: whole answer right "
-          "when generated greedily)")
+        print(
+            f"{task:8} {b_acc:9.1%} {a_acc:12.1%} {a_exact:12.1%}   {prompt} -> {b_out} | {a_out}"
+        )
+    print(
+        "(acc: answer letters right, teacher-forced; exact match: whole answer right "
+        "when generated greedily)"
+    )
     n_base, n_lora = llama.count_params(params), llama.count_params(adapter)
     size = dir_kb(os.path.join(args.out, "adapters", args.tasks[0]))
-    print(f"\ntrainable: {n_lora:,} of {n_base:,} base parameters ({n_lora / n_base:.2%}) "
-          f"per adapter; {size:.0f} KB on disk each")
-    print(f"median train step: {median_ms(times):.1f} ms (batch {BATCH}, "
-          f"{2 * LENGTH} tokens)")
+    print(
+        f"\ntrainable: {n_lora:,} of {n_base:,} base parameters ({n_lora / n_base:.2%}) "
+        f"per adapter; {size:.0f} KB on disk each"
+    )
+    print(f"median train step: {median_ms(times):.1f} ms (batch {BATCH}, {2 * LENGTH} tokens)")
     return ok
 
 
@@ -270,8 +307,10 @@ def main(argv=None):
     model = llama.Llama(llama.LlamaConfig(**MODEL))
     params, base_losses = cached_base(model, args)
     lora_cfg = jlora.LoraConfig.preset(args.preset)
-    print(f"adapters: preset {args.preset!r} (rank {lora_cfg.rank}, alpha {lora_cfg.alpha:g}, "
-          f"{', '.join(lora_cfg.targets)}); LoRA+ ratio {LORAPLUS_RATIO:g}, lr {args.lr:g}")
+    print(
+        f"adapters: preset {args.preset!r} (rank {lora_cfg.rank}, alpha {lora_cfg.alpha:g}, "
+        f"{', '.join(lora_cfg.targets)}); LoRA+ ratio {LORAPLUS_RATIO:g}, lr {args.lr:g}"
+    )
     adapters, losses, times = train_adapters(model, params, args, lora_cfg)
     rows, lora_eval, base_eval = evaluate(model, params, adapters, args)
     check_merge(params, adapters[args.tasks[0]], lora_eval, base_eval, args)
@@ -280,8 +319,10 @@ def main(argv=None):
     print(f"total {time.perf_counter() - t0:.0f} s")
     if not args.smoke:
         verdict = "yes" if ok else "NO"
-        print(f"every adapter beats the base (base < {BASE_MAX_ACC:.0%}, adapter > "
-              f"{ADAPTER_MIN_ACC:.0%} answer accuracy): {verdict}")
+        print(
+            f"every adapter beats the base (base < {BASE_MAX_ACC:.0%}, adapter > "
+            f"{ADAPTER_MIN_ACC:.0%} answer accuracy): {verdict}"
+        )
         return 0 if ok else 1
     return 0
 

@@ -29,8 +29,14 @@ def run_steps(step, state, steps: int, label: str):
             Progress,
             TimeRemainingColumn,
         )
-        with Progress("{task.description}", BarColumn(), MofNCompleteColumn(),
-                      TimeRemainingColumn(), "{task.fields[loss]}") as bar:
+
+        with Progress(
+            "{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            "{task.fields[loss]}",
+        ) as bar:
             job = bar.add_task(f"{label:16}", total=steps, loss="")
             for i in range(steps):
                 state = _timed(step, state, i, losses, times)
@@ -56,6 +62,7 @@ def plot_losses(base_losses, adapter_losses: dict, path: str):
     """Writes base and per-adapter loss curves to `path` (skipped without matplotlib)."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:

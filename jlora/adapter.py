@@ -156,7 +156,7 @@ class LayersNode:
     def shape(self) -> tuple[int, ...]:
         """The whole kernel's shape."""
         ax = self.node.stack_axes[0]
-        return self.node.shape[:ax] + (self.length,) + self.node.shape[ax + 1:]
+        return self.node.shape[:ax] + (self.length,) + self.node.shape[ax + 1 :]
 
     def __getattr__(self, name):  # rank, alpha, scale, axes, a, b, magnitude: the node's
         if name.startswith("__"):
@@ -165,8 +165,11 @@ class LayersNode:
 
 
 def _labels(node) -> tuple[tuple[str, int], ...]:
-    kinds = {**{ax: "s" for ax in node.stack_axes}, **{ax: "i" for ax in node.in_axes},
-             **{ax: "o" for ax in node.out_axes}}
+    kinds = {
+        **{ax: "s" for ax in node.stack_axes},
+        **{ax: "i" for ax in node.in_axes},
+        **{ax: "o" for ax in node.out_axes},
+    }
     groups = {"s": node.stack_axes, "i": node.in_axes, "o": node.out_axes}
     return tuple((kinds[ax], groups[kinds[ax]].index(ax)) for ax in range(len(node.shape)))
 
@@ -174,10 +177,12 @@ def _labels(node) -> tuple[tuple[str, int], ...]:
 def _unflat(node, lead: tuple[int, ...]):
     dims = lambda axes: tuple(node.shape[ax] for ax in axes)
     stack = lead + dims(node.stack_axes)
-    mag = None if node.magnitude is None else node.magnitude.reshape(
-        stack + dims(node.out_axes))
-    return (node.a.reshape(stack + dims(node.in_axes) + (node.rank,)),
-            node.b.reshape(stack + (node.rank,) + dims(node.out_axes)), mag)
+    mag = None if node.magnitude is None else node.magnitude.reshape(stack + dims(node.out_axes))
+    return (
+        node.a.reshape(stack + dims(node.in_axes) + (node.rank,)),
+        node.b.reshape(stack + (node.rank,) + dims(node.out_axes)),
+        mag,
+    )
 
 
 def is_node(x) -> bool:
@@ -194,8 +199,10 @@ def adapter_nodes(adapter) -> dict[str, Any]:
     found = {}
     for kp, leaf in jax.tree_util.tree_flatten_with_path(adapter, is_leaf=is_node)[0]:
         if not is_node(leaf):
-            raise LoraError(f"adapter entry at {path_str(kp)!r} is {type(leaf).__name__}; "
-                            "expected a jlora node (build adapters with jlora.init)")
+            raise LoraError(
+                f"adapter entry at {path_str(kp)!r} is {type(leaf).__name__}; "
+                "expected a jlora node (build adapters with jlora.init)"
+            )
         found[path_str(kp)] = leaf
     return found
 
@@ -211,21 +218,28 @@ def match(params, adapter) -> list:
         out.append(node)
     if nodes:
         some = [path_str(kp) for kp, _ in flatten(params)[0][:3]]
-        raise LoraError(f"adapter has entries for {sorted(nodes)[:3]} that are not in params "
-                        f"(an adapter for another model?); params paths look like {some}")
+        raise LoraError(
+            f"adapter has entries for {sorted(nodes)[:3]} that are not in params "
+            f"(an adapter for another model?); params paths look like {some}"
+        )
     return out
 
 
 def _check_layers(path: str, node: LayersNode, leaf) -> None:
     """The node covers distinct layers of ``leaf``'s stack, and fits those layers."""
     if not node.node.stack_axes or tuple(node.shape) != tuple(np.shape(leaf)):
-        raise LoraError(f"adapter for {path!r} adapts layers {list(node.layers)} of a stack "
-                        f"of shape {tuple(node.shape)}, but params has "
-                        f"{tuple(np.shape(leaf))}; re-create it with jlora.init")
+        raise LoraError(
+            f"adapter for {path!r} adapts layers {list(node.layers)} of a stack "
+            f"of shape {tuple(node.shape)}, but params has "
+            f"{tuple(np.shape(leaf))}; re-create it with jlora.init"
+        )
     if sorted(set(node.layers)) != list(node.layers) or not all(
-            0 <= i < node.length for i in node.layers):
-        raise LoraError(f"adapter for {path!r}: layers {list(node.layers)} must be distinct, "
-                        f"sorted and below the stack's {node.length}")
+        0 <= i < node.length for i in node.layers
+    ):
+        raise LoraError(
+            f"adapter for {path!r}: layers {list(node.layers)} must be distinct, "
+            f"sorted and below the stack's {node.length}"
+        )
     dtype = leaf.compute_dtype if is_quantized(leaf) else jnp.result_type(leaf)
     check_node(path, node.node, jax.ShapeDtypeStruct(node.node.shape, dtype))
 
@@ -237,62 +251,82 @@ def check_node(path: str, node, leaf) -> None:
     if isinstance(node, LayersNode):
         return _check_layers(path, node, leaf)
     if tuple(node.shape) != tuple(np.shape(leaf)):
-        raise LoraError(f"adapter for {path!r} was made for shape {tuple(node.shape)} but "
-                        f"params has {tuple(np.shape(leaf))}; re-create it with jlora.init "
-                        "for these params")
+        raise LoraError(
+            f"adapter for {path!r} was made for shape {tuple(node.shape)} but "
+            f"params has {tuple(np.shape(leaf))}; re-create it with jlora.init "
+            "for these params"
+        )
     lead = (len(node.ranks),) if isinstance(node, StackedNode) else ()
     dims = lambda axes: (math.prod(node.shape[ax] for ax in axes),)
     stack = lead + tuple(node.shape[ax] for ax in node.stack_axes)
-    want = {"a": stack + dims(node.in_axes) + (node.rank,),
-            "b": stack + (node.rank,) + dims(node.out_axes),
-            "magnitude": None if node.magnitude is None else stack + dims(node.out_axes)}
+    want = {
+        "a": stack + dims(node.in_axes) + (node.rank,),
+        "b": stack + (node.rank,) + dims(node.out_axes),
+        "magnitude": None if node.magnitude is None else stack + dims(node.out_axes),
+    }
     base_dtype = jnp.dtype(leaf.compute_dtype if is_quantized(leaf) else jnp.result_type(leaf))
     for name, shape in want.items():
         value = getattr(node, name)
         if shape is None:
             continue
         if tuple(np.shape(value)) != shape:
-            raise LoraError(f"adapter for {path!r} has {name} of shape {tuple(np.shape(value))}"
-                            f", but rank {node.rank} and kernel {tuple(node.shape)} need {shape}"
-                            "; re-create it with jlora.init (or load it with the settings it "
-                            "was saved with)")
+            raise LoraError(
+                f"adapter for {path!r} has {name} of shape {tuple(np.shape(value))}"
+                f", but rank {node.rank} and kernel {tuple(node.shape)} need {shape}"
+                "; re-create it with jlora.init (or load it with the settings it "
+                "was saved with)"
+            )
         dtype = jnp.dtype(jnp.result_type(value))
         if not jnp.issubdtype(dtype, jnp.floating):
-            raise LoraError(f"adapter for {path!r} has {name} of dtype {dtype}, not floating "
-                            "point; LoRA factors must be floats (jlora.init makes them so)")
-        if jnp.issubdtype(base_dtype, jnp.floating) and \
-                jnp.finfo(dtype).nmant < jnp.finfo(base_dtype).nmant:
+            raise LoraError(
+                f"adapter for {path!r} has {name} of dtype {dtype}, not floating "
+                "point; LoRA factors must be floats (jlora.init makes them so)"
+            )
+        if (
+            jnp.issubdtype(base_dtype, jnp.floating)
+            and jnp.finfo(dtype).nmant < jnp.finfo(base_dtype).nmant
+        ):
             raise LoraError(
                 f"adapter for {path!r} has {name} in {dtype} but the weight is {base_dtype}: "
                 f"the low-rank update would be silently rounded to {dtype}; keep factors at "
                 f"least as precise as the weight: jax.tree.map(lambda v: v.astype(jnp."
-                f"{base_dtype}), adapter)")
+                f"{base_dtype}), adapter)"
+            )
 
 
 def _check_whole(path: str, node, leaf) -> None:
     """A full leaf has the base leaf's shape; token rows fit the table and its row count."""
     shape = tuple(np.shape(leaf))
     if is_quantized(leaf):
-        raise LoraError(f"{path!r} is {leaf.qtype.upper()}-quantized; a leaf trained in "
-                        "full or by token rows must stay float: leave it out of "
-                        "jlora.quantize's targets")
+        raise LoraError(
+            f"{path!r} is {leaf.qtype.upper()}-quantized; a leaf trained in "
+            "full or by token rows must stay float: leave it out of "
+            "jlora.quantize's targets"
+        )
     if isinstance(node, FullNode):
         want, have, name = shape, tuple(np.shape(node.weight)), "weight"
     else:
         want = (len(node.indices),) + shape[1:]
         have, name = tuple(np.shape(node.rows)), "rows"
         if tuple(node.shape) != shape or max(node.indices) >= shape[0]:
-            raise LoraError(f"token rows for {path!r} were made for a table of shape "
-                            f"{tuple(node.shape)} but params has {shape}; re-create them")
+            raise LoraError(
+                f"token rows for {path!r} were made for a table of shape "
+                f"{tuple(node.shape)} but params has {shape}; re-create them"
+            )
     if have != want:
-        raise LoraError(f"adapter for {path!r} has {name} of shape {have}, params need {want}; "
-                        "re-create it with jlora.init for these params")
+        raise LoraError(
+            f"adapter for {path!r} has {name} of shape {have}, params need {want}; "
+            "re-create it with jlora.init for these params"
+        )
     value = getattr(node, name)
     dtype = jnp.dtype(jnp.result_type(value))
     if not jnp.issubdtype(dtype, jnp.floating) or (
-            jnp.finfo(dtype).nmant < jnp.finfo(jnp.result_type(leaf)).nmant):
-        raise LoraError(f"adapter for {path!r} has {name} in {dtype} but the weight is "
-                        f"{jnp.result_type(leaf)}; keep it in the weight's dtype")
+        jnp.finfo(dtype).nmant < jnp.finfo(jnp.result_type(leaf)).nmant
+    ):
+        raise LoraError(
+            f"adapter for {path!r} has {name} in {dtype} but the weight is "
+            f"{jnp.result_type(leaf)}; keep it in the weight's dtype"
+        )
 
 
 def default_axes(ndim: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:

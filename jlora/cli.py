@@ -35,17 +35,28 @@ def _memory(args) -> str:
         shape = memory.Shape.from_params(args.params)
     what = f"{shape.params / 1e9:.2f}B parameters ({shape})"
     if args.article:
-        rows = [(f"{m} (article: ~{ref} GB{', checkpointed' if kw['checkpointing'] else ''})",
-                 m, kw) for m, (ref, kw) in memory.ARTICLE.items()]
-        return (f"{what}, batch {memory.ARTICLE_TOKENS['batch']} x seq "
-                f"{memory.ARTICLE_TOKENS['seq']}, r16 q,k,v,o:\n\n"
-                + memory.table(shape, rows, **memory.ARTICLE_TOKENS))
+        rows = [
+            (f"{m} (article: ~{ref} GB{', checkpointed' if kw['checkpointing'] else ''})", m, kw)
+            for m, (ref, kw) in memory.ARTICLE.items()
+        ]
+        return (
+            f"{what}, batch {memory.ARTICLE_TOKENS['batch']} x seq "
+            f"{memory.ARTICLE_TOKENS['seq']}, r16 q,k,v,o:\n\n"
+            + memory.table(shape, rows, **memory.ARTICLE_TOKENS)
+        )
     rows = [(m, m, {}) for m in memory.METHODS]
-    settings = dict(rank=args.rank, targets=tuple(args.targets), batch=args.batch,
-                    seq=args.seq, checkpointing=args.checkpointing)
-    return (f"{what}, batch {args.batch} x seq {args.seq}, r{args.rank} on "
-            f"{','.join(args.targets)}, checkpointing {'on' if args.checkpointing else 'off'}:"
-            "\n\n" + memory.table(shape, rows, **settings))
+    settings = dict(
+        rank=args.rank,
+        targets=tuple(args.targets),
+        batch=args.batch,
+        seq=args.seq,
+        checkpointing=args.checkpointing,
+    )
+    return (
+        f"{what}, batch {args.batch} x seq {args.seq}, r{args.rank} on "
+        f"{','.join(args.targets)}, checkpointing {'on' if args.checkpointing else 'off'}:"
+        "\n\n" + memory.table(shape, rows, **settings)
+    )
 
 
 def load_base(path: str) -> dict:
@@ -65,15 +76,19 @@ def load_base(path: str) -> dict:
 
 def _is_peft(path: str) -> bool:
     from jlora.io.peft import CONFIG
+
     return os.path.isfile(os.path.join(path, CONFIG))
 
 
 def _load_adapter(path: str, params=None):
     import jlora
+
     if _is_peft(path):
         if params is None:
-            raise LoraError(f"{path} is a PEFT adapter: pass --base BASE.npz (or the torch "
-                            "model's model.safetensors) for its shapes")
+            raise LoraError(
+                f"{path} is a PEFT adapter: pass --base BASE.npz (or the torch "
+                "model's model.safetensors) for its shapes"
+            )
         return jlora.peft.load(path, params)
     return jlora.load_adapter(path, params)
 
@@ -86,12 +101,16 @@ def _inspect(args) -> str:
     import jax
 
     from jlora.adapter import adapter_nodes
+
     params = load_base(args.base) if args.base else None
     nodes = adapter_nodes(_load_adapter(args.adapter, params))
-    lines = [f"{args.adapter}: {'PEFT' if _is_peft(args.adapter) else 'jlora'} adapter, "
-             f"{len(nodes)} adapted leaves", "",
-             "| path | shape | rank | alpha | scale | variant | parameters |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{args.adapter}: {'PEFT' if _is_peft(args.adapter) else 'jlora'} adapter, "
+        f"{len(nodes)} adapted leaves",
+        "",
+        "| path | shape | rank | alpha | scale | variant | parameters |",
+        "|---|---|---|---|---|---|---|",
+    ]
     total = 0
     for p, n in nodes.items():
         count = sum(int(np.size(x)) for x in jax.tree.leaves(n))
@@ -104,6 +123,7 @@ def _inspect(args) -> str:
 def _row(n) -> str:
     """rank | alpha | scale | variant, for any node kind."""
     from jlora.adapter import FullNode, LayersNode, TokenNode
+
     if isinstance(n, FullNode):
         return "- | - | - | trained in full (modules_to_save)"
     if isinstance(n, TokenNode):
@@ -119,6 +139,7 @@ def _merge(args) -> str:
     import jax
 
     import jlora
+
     params = load_base(args.base)
     merged = jlora.merge(params, _load_adapter(args.adapter, params))
     flat = jax.tree_util.tree_flatten_with_path(merged)[0]
@@ -129,6 +150,7 @@ def _merge(args) -> str:
 
 def _convert(args) -> str:
     import jlora
+
     kw = {"module_fn": import_spec(args.module_fn)} if args.module_fn else {}
     if args.prefix is not None:
         kw["prefix"] = args.prefix
@@ -144,14 +166,17 @@ def _convert(args) -> str:
     adapter = _load_adapter(args.src, npz)
     modules = _save_peft(args.dst, adapter, kw, torch_files)
     shown = ", ".join(modules[:4]) + (", ..." if len(modules) > 4 else "")
-    return (f"{args.src} (jlora) -> {args.dst} (PEFT): {len(modules)} modules, {shown}")
+    return f"{args.src} (jlora) -> {args.dst} (PEFT): {len(modules)} modules, {shown}"
 
 
 def _peft_adapter(path: str, params, kw: dict):
     import jlora
+
     if params is None:
-        raise LoraError(f"{path} is a PEFT adapter: pass --base BASE.npz (or the torch "
-                        "model's model.safetensors) for its shapes")
+        raise LoraError(
+            f"{path} is a PEFT adapter: pass --base BASE.npz (or the torch "
+            "model's model.safetensors) for its shapes"
+        )
     return jlora.peft.load(path, params, **kw)
 
 
@@ -163,6 +188,7 @@ def _save_peft(dst: str, adapter, kw: dict, torch_files) -> list[str]:
     """
     import jlora
     from jlora.io import atomic
+
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out")
         jlora.peft.save(out, adapter, **kw)
@@ -185,6 +211,7 @@ _PEFT_ROOT = "base_model.model."
 def written_modules(weights: str) -> list[str]:
     """The torch module names an ``adapter_model.safetensors`` holds, sorted."""
     import safetensors
+
     with safetensors.safe_open(weights, "numpy") as f:
         keys = list(f.keys())
     modules = set()
@@ -205,11 +232,12 @@ def check_modules(modules: list[str], base_keys: list[str]) -> None:
     like = sorted(h for h in have if h.endswith("." + missing[0]))
     if like:
         lead = like[0][: -len(missing[0])]
-        hint = (f"the base has {like[0]!r}: pass --prefix {_PEFT_ROOT}{lead} (or a "
-                "--module-fn)")
-    raise LoraError(f"{len(missing)} of the {len(modules)} modules written are not in the "
-                    f"torch base, e.g. {missing[:3]}; PEFT would load the file as the base "
-                    f"model without them; {hint}")
+        hint = f"the base has {like[0]!r}: pass --prefix {_PEFT_ROOT}{lead} (or a --module-fn)"
+    raise LoraError(
+        f"{len(missing)} of the {len(modules)} modules written are not in the "
+        f"torch base, e.g. {missing[:3]}; PEFT would load the file as the base "
+        f"model without them; {hint}"
+    )
 
 
 def torch_base_files(path: str) -> list[str] | None:
@@ -231,6 +259,7 @@ def torch_base_files(path: str) -> list[str] | None:
 
 def torch_keys(files: list[str]) -> list[str]:
     import safetensors
+
     keys: list[str] = []
     for name in files:
         with safetensors.safe_open(name, "numpy") as f:
@@ -241,6 +270,7 @@ def torch_keys(files: list[str]) -> list[str]:
 def torch_tree(files: list[str]) -> dict:
     """A torch state dict as a nested dict by its dotted names (torch's layout kept)."""
     import safetensors
+
     tree: dict = {}
     for name in files:
         with safetensors.safe_open(name, "flax") as f:
@@ -256,9 +286,14 @@ def torch_tree(files: list[str]) -> dict:
 def torch_linear_axes(params: dict) -> dict:
     """``peft.load``'s ``axes`` for a torch tree: each ``nn.Linear`` weight is ``(out, in)``."""
     from jlora.targets import flatten, path_str
-    return {path_str(kp): ((), (1,), (0,)) for kp, leaf in flatten(params)[0]
-            if path_str(kp).endswith("/weight") and np.ndim(leaf) == 2
-            and not re.search("embed", path_str(kp))}
+
+    return {
+        path_str(kp): ((), (1,), (0,))
+        for kp, leaf in flatten(params)[0]
+        if path_str(kp).endswith("/weight")
+        and np.ndim(leaf) == 2
+        and not re.search("embed", path_str(kp))
+    }
 
 
 def import_spec(spec: str):
@@ -269,13 +304,14 @@ def import_spec(spec: str):
     """
     module, sep, attr = spec.rpartition(":")
     if not sep or not module or not attr:
-        raise ValueError(f"--module-fn {spec!r}: expected MODULE:FUNCTION, e.g. "
-                         "llama:hf_module or examples/llama.py:hf_module")
+        raise ValueError(
+            f"--module-fn {spec!r}: expected MODULE:FUNCTION, e.g. "
+            "llama:hf_module or examples/llama.py:hf_module"
+        )
     if module.endswith(".py"):
         folder = os.path.dirname(os.path.abspath(module))
         sys.path.insert(0, folder)
-        found = importlib.util.spec_from_file_location(
-            os.path.basename(module)[:-3], module)
+        found = importlib.util.spec_from_file_location(os.path.basename(module)[:-3], module)
         if found is None or found.loader is None or not os.path.isfile(module):
             raise ValueError(f"--module-fn {spec!r}: no file {module}")
         mod = importlib.util.module_from_spec(found)
@@ -295,4 +331,5 @@ COMMANDS = {"memory": _memory, "inspect": _inspect, "merge": _merge, "convert": 
 def main(argv=None) -> int:
     """``jlora ARGS`` (the console script is :func:`jlora_cli.main`, which this calls)."""
     from jlora_cli import main as run
+
     return run(argv)

@@ -7,8 +7,7 @@ import math
 import re
 from typing import Any, Mapping
 
-_INITS = ("kaiming", "gaussian", "orthogonal", "pissa", "olora", "loftq", "lora_ga", "corda",
-          "eva")
+_INITS = ("kaiming", "gaussian", "orthogonal", "pissa", "olora", "loftq", "lora_ga", "corda", "eva")
 #: Inits that move part of the weight into the factors: ``init`` returns the residual base
 #: (and ``pissa_niter_<K>`` for any K).
 BASE_CHANGING_INITS = ("pissa", "olora", "loftq")
@@ -24,6 +23,8 @@ def niter(init: str) -> int | None:
     """``K`` of ``"pissa_niter_K"`` (randomized SVD's subspace iterations), else None."""
     m = _NITER.fullmatch(init)
     return None if m is None else int(m.group(1))
+
+
 #: Names of the segment that lists a model's layers (PEFT's ``COMMON_LAYERS_PATTERN``).
 LAYER_PATTERNS = ("layers", "layer", "h", "blocks", "block")
 
@@ -51,8 +52,10 @@ def _check_regex(name: str, pattern: str) -> None:
     try:
         re.compile(pattern)
     except re.error as e:
-        raise LoraError(f"{name}={pattern!r} is not a valid regular expression ({e}); "
-                        "pass a valid regex or a tuple of module names") from None
+        raise LoraError(
+            f"{name}={pattern!r} is not a valid regular expression ({e}); "
+            "pass a valid regex or a tuple of module names"
+        ) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,24 +152,34 @@ class LoraConfig:
             if isinstance(spec, str):
                 _check_regex(name, spec)
             elif not (isinstance(spec, tuple) and all(isinstance(t, str) and t for t in spec)):
-                raise LoraError(f"{name}={spec!r} must be a regex string or a tuple of "
-                                "module names such as ('lm_head',)")
+                raise LoraError(
+                    f"{name}={spec!r} must be a regex string or a tuple of "
+                    "module names such as ('lm_head',)"
+                )
         _check_tokens(self)
         _check_invocation(self)
         _check_rank("rank", self.rank)
         _check_alpha("alpha", self.alpha)
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0.0 <= self.dropout < 1.0:
-            raise LoraError(f"dropout={self.dropout!r} must be a float in [0, 1); "
-                            "common values are 0.05-0.1")
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0.0 <= self.dropout < 1.0
+        ):
+            raise LoraError(
+                f"dropout={self.dropout!r} must be a float in [0, 1); common values are 0.05-0.1"
+            )
         if isinstance(self.targets, str):
             _check_regex("targets", self.targets)
-        elif not (isinstance(self.targets, tuple) and (self.targets or self.modules_to_save
-                                                       or self.trainable_token_indices)
-                  and all(isinstance(t, str) and t for t in self.targets)):
-            raise LoraError(f"targets={self.targets!r} must be a regex string or a non-empty "
-                            "tuple of module names such as ('q_proj', 'v_proj') (empty only "
-                            "with modules_to_save or trainable_token_indices)")
+        elif not (
+            isinstance(self.targets, tuple)
+            and (self.targets or self.modules_to_save or self.trainable_token_indices)
+            and all(isinstance(t, str) and t for t in self.targets)
+        ):
+            raise LoraError(
+                f"targets={self.targets!r} must be a regex string or a non-empty "
+                "tuple of module names such as ('q_proj', 'v_proj') (empty only "
+                "with modules_to_save or trainable_token_indices)"
+            )
         for key, r in dict(self.rank_pattern).items():
             _check_regex(f"rank_pattern key {key!r}", key)
             _check_rank(f"rank_pattern[{key!r}]", r)
@@ -174,10 +187,15 @@ class LoraConfig:
             _check_regex(f"alpha_pattern key {key!r}", key)
             _check_alpha(f"alpha_pattern[{key!r}]", a)
         _check_layers(self)
-        if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int) \
-                or self.loftq_iter < 1:
-            raise LoraError(f"loftq_iter={self.loftq_iter!r} must be a positive int (PEFT's "
-                            "default is 1; the LoftQ paper uses up to 5)")
+        if (
+            isinstance(self.loftq_iter, bool)
+            or not isinstance(self.loftq_iter, int)
+            or self.loftq_iter < 1
+        ):
+            raise LoraError(
+                f"loftq_iter={self.loftq_iter!r} must be a positive int (PEFT's "
+                "default is 1; the LoftQ paper uses up to 5)"
+            )
         _check_init(self.init, self.stable_gamma, self.corda_method)
 
     def scaling_for(self, rank: int, alpha: float) -> float:
@@ -202,17 +220,27 @@ class LoraConfig:
 
 
 #: PEFT's ``LoraConfig`` names of jlora's fields, for the error that names the right one.
-PEFT_NAMES = {"r": "rank", "lora_alpha": "alpha", "target_modules": "targets",
-              "lora_dropout": "dropout", "use_rslora": "rslora", "use_dora": "dora",
-              "init_lora_weights": "init", "exclude_modules": "exclude"}
+PEFT_NAMES = {
+    "r": "rank",
+    "lora_alpha": "alpha",
+    "target_modules": "targets",
+    "lora_dropout": "dropout",
+    "use_rslora": "rslora",
+    "use_dora": "dora",
+    "init_lora_weights": "init",
+    "exclude_modules": "exclude",
+}
 
 
 def _unknown_fields(unknown: list[str], known: set[str]) -> str:
-    said = [f"{k}= (PEFT's name for {PEFT_NAMES[k]}=)" if k in PEFT_NAMES else f"{k}="
-            for k in unknown]
-    return (f"LoraConfig got unknown fields {', '.join(said)}; jlora's fields are "
-            f"{', '.join(sorted(known))}. To load a PEFT adapter (its adapter_config.json "
-            "and weights), use jlora.peft.load(path, params)")
+    said = [
+        f"{k}= (PEFT's name for {PEFT_NAMES[k]}=)" if k in PEFT_NAMES else f"{k}=" for k in unknown
+    ]
+    return (
+        f"LoraConfig got unknown fields {', '.join(said)}; jlora's fields are "
+        f"{', '.join(sorted(known))}. To load a PEFT adapter (its adapter_config.json "
+        "and weights), use jlora.peft.load(path, params)"
+    )
 
 
 def _check_init(init, gamma, corda) -> None:
@@ -221,8 +249,10 @@ def _check_init(init, gamma, corda) -> None:
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
         raise LoraError(f"stable_gamma={gamma!r} must be a positive number (PEFT's is 16)")
     if init not in _INITS and niter(init) is None:
-        raise LoraError(f"init={init!r} is not one of {_INITS} or 'pissa_niter_<K>' (PiSSA "
-                        "by randomized SVD with K subspace iterations, e.g. 'pissa_niter_4')")
+        raise LoraError(
+            f"init={init!r} is not one of {_INITS} or 'pissa_niter_<K>' (PiSSA "
+            "by randomized SVD with K subspace iterations, e.g. 'pissa_niter_4')"
+        )
 
 
 def _check_invocation(cfg) -> None:
@@ -231,14 +261,21 @@ def _check_invocation(cfg) -> None:
         return
     if isinstance(t, list):
         object.__setattr__(cfg, "alora_invocation_tokens", t := tuple(t))
-    if not (isinstance(t, tuple) and t and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in t)):
-        raise LoraError(f"alora_invocation_tokens={t!r} must be a non-empty tuple of token "
-                        "ids (the tokenized invocation string)")
+    if not (
+        isinstance(t, tuple)
+        and t
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in t)
+    ):
+        raise LoraError(
+            f"alora_invocation_tokens={t!r} must be a non-empty tuple of token "
+            "ids (the tokenized invocation string)"
+        )
     if cfg.dora:
-        raise LoraError("alora_invocation_tokens with dora=True: an activated LoRA gates a "
-                        "low-rank term per token, and DoRA rescales the whole output (PEFT "
-                        "has no aLoRA DoRA either); choose one")
+        raise LoraError(
+            "alora_invocation_tokens with dora=True: an activated LoRA gates a "
+            "low-rank term per token, and DoRA rescales the whole output (PEFT "
+            "has no aLoRA DoRA either); choose one"
+        )
 
 
 def _check_rank(name, r):
@@ -247,10 +284,10 @@ def _check_rank(name, r):
 
 
 def _check_alpha(name, a):
-    if isinstance(a, bool) or not isinstance(a, (int, float)) or not a > 0 \
-            or not math.isfinite(a):
-        raise LoraError(f"{name}={a!r} must be a positive finite number (alpha = 2*rank "
-                        "is a good start)")
+    if isinstance(a, bool) or not isinstance(a, (int, float)) or not a > 0 or not math.isfinite(a):
+        raise LoraError(
+            f"{name}={a!r} must be a positive finite number (alpha = 2*rank is a good start)"
+        )
 
 
 #: The source article's table (section 4.8), as keyword arguments of LoraConfig.
@@ -269,16 +306,26 @@ def _check_layers(cfg) -> None:
         layers = (layers,)
     if layers is not None:
         layers = tuple(layers) if isinstance(layers, (list, tuple)) else layers
-        if not (isinstance(layers, tuple) and layers and all(
-                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
-            raise LoraError(f"layers_to_transform={cfg.layers_to_transform!r} must be a "
-                            "non-negative int or a non-empty list of them, e.g. [0, 1]")
+        if not (
+            isinstance(layers, tuple)
+            and layers
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)
+        ):
+            raise LoraError(
+                f"layers_to_transform={cfg.layers_to_transform!r} must be a "
+                "non-negative int or a non-empty list of them, e.g. [0, 1]"
+            )
     if isinstance(pattern, str):
         pattern = (pattern,)
-    if pattern is not None and not (isinstance(pattern, (list, tuple)) and pattern and all(
-            isinstance(p, str) and p for p in pattern)):
-        raise LoraError(f"layers_pattern={cfg.layers_pattern!r} must be a segment name such "
-                        "as 'layers' or a list of them")
+    if pattern is not None and not (
+        isinstance(pattern, (list, tuple))
+        and pattern
+        and all(isinstance(p, str) and p for p in pattern)
+    ):
+        raise LoraError(
+            f"layers_pattern={cfg.layers_pattern!r} must be a segment name such "
+            "as 'layers' or a list of them"
+        )
     object.__setattr__(cfg, "layers_to_transform", layers)
     object.__setattr__(cfg, "layers_pattern", None if pattern is None else tuple(pattern))
 
@@ -292,11 +339,17 @@ def _check_tokens(cfg) -> None:
     out = {}
     for name, idx in items:
         idx = tuple(idx) if isinstance(idx, (list, tuple)) else idx
-        ok = isinstance(name, str) and isinstance(idx, tuple) and idx and all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in idx)
+        ok = (
+            isinstance(name, str)
+            and isinstance(idx, tuple)
+            and idx
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in idx)
+        )
         if not ok or len(set(idx)) != len(idx):
-            raise LoraError(f"trainable_token_indices={spec!r}: give a list of distinct "
-                            "non-negative token ids, or {module name: [ids]}, e.g. "
-                            "{'embed_tokens': [32000, 32001]}")
+            raise LoraError(
+                f"trainable_token_indices={spec!r}: give a list of distinct "
+                "non-negative token ids, or {module name: [ids]}, e.g. "
+                "{'embed_tokens': [32000, 32001]}"
+            )
         out[name] = idx
     object.__setattr__(cfg, "trainable_token_indices", out)

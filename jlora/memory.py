@@ -56,8 +56,15 @@ class Shape:
         """``(in, out)`` of each linear layer in one decoder layer."""
         h, i = self.hidden, self.intermediate
         kv = h * (self.kv_heads or self.heads) // self.heads
-        return dict(q_proj=(h, h), k_proj=(h, kv), v_proj=(h, kv), o_proj=(h, h),
-                    gate_proj=(h, i), up_proj=(h, i), down_proj=(i, h))
+        return dict(
+            q_proj=(h, h),
+            k_proj=(h, kv),
+            v_proj=(h, kv),
+            o_proj=(h, h),
+            gate_proj=(h, i),
+            up_proj=(h, i),
+            down_proj=(i, h),
+        )
 
     @property
     def linear_params(self) -> int:
@@ -69,23 +76,32 @@ class Shape:
         return self.linear_params + embed + (2 * self.layers + 1) * self.hidden
 
     def lora_params(self, rank: int, targets) -> int:
-        return self.layers * sum(rank * (a + b) for name, (a, b) in self.linear_shapes().items()
-                                 if name in targets)
+        return self.layers * sum(
+            rank * (a + b) for name, (a, b) in self.linear_shapes().items() if name in targets
+        )
 
     @staticmethod
     def from_config(cfg: dict) -> "Shape":
         """From a Hugging Face ``config.json`` dict (or the example LlamaConfig's field names)."""
         pick = lambda *keys: next((cfg[k] for k in keys if cfg.get(k) is not None), None)
         fields: dict[str, Any] = dict(
-            hidden=pick("hidden_size"), intermediate=pick("intermediate_size"),
+            hidden=pick("hidden_size"),
+            intermediate=pick("intermediate_size"),
             layers=pick("num_hidden_layers", "num_layers"),
-            heads=pick("num_attention_heads", "num_heads"), vocab=pick("vocab_size"))
+            heads=pick("num_attention_heads", "num_heads"),
+            vocab=pick("vocab_size"),
+        )
         missing = [k for k, v in fields.items() if v is None]
         if missing:
-            raise LoraError(f"config lacks {missing}; it needs hidden_size, intermediate_size, "
-                            "num_hidden_layers, num_attention_heads and vocab_size")
-        return Shape(**fields, kv_heads=pick("num_key_value_heads", "num_kv_heads"),
-                     tied=bool(pick("tie_word_embeddings", "tie_embeddings")))
+            raise LoraError(
+                f"config lacks {missing}; it needs hidden_size, intermediate_size, "
+                "num_hidden_layers, num_attention_heads and vocab_size"
+            )
+        return Shape(
+            **fields,
+            kv_heads=pick("num_key_value_heads", "num_kv_heads"),
+            tied=bool(pick("tie_word_embeddings", "tie_embeddings")),
+        )
 
     @staticmethod
     def from_params(n: float) -> "Shape":
@@ -93,17 +109,30 @@ class Shape:
         if n <= 0:
             raise LoraError(f"params={n} must be positive, e.g. 7e9")
         h = 512 * max(1, round((n * 128 / 12) ** (1 / 3) / 512))
-        return Shape(hidden=h, intermediate=int(round(h * 8 / 3 / 256)) * 256, layers=h // 128,
-                     heads=h // 128, vocab=32000)
+        return Shape(
+            hidden=h,
+            intermediate=int(round(h * 8 / 3 / 256)) * 256,
+            layers=h // 128,
+            heads=h // 128,
+            vocab=32000,
+        )
 
 
 #: Llama-2 7B, the article's example.
 LLAMA_7B = Shape(hidden=4096, intermediate=11008, layers=32, heads=32, vocab=32000)
 
 
-def estimate(shape: Shape, method: str, *, rank: int = 16, targets=LINEAR[:4],
-             batch: int = 1, seq: int = 512, checkpointing: bool = False,
-             qtype: str = "nf4") -> dict[str, float]:
+def estimate(
+    shape: Shape,
+    method: str,
+    *,
+    rank: int = 16,
+    targets=LINEAR[:4],
+    batch: int = 1,
+    seq: int = 512,
+    checkpointing: bool = False,
+    qtype: str = "nf4",
+) -> dict[str, float]:
     """Bytes of each part of one training step, and their ``total``.
 
     Args:
@@ -132,26 +161,39 @@ def estimate(shape: Shape, method: str, *, rank: int = 16, targets=LINEAR[:4],
     bits = QBITS[qtype] + (32 / shape.hidden if qtype in ("int8", "fp8") else 0)
     n, lin = shape.params, shape.linear_params
     adapter = shape.lora_params(rank, targets) if method in ("lora", "qlora") else 0
-    weights = {"full-fp32": 4 * n, "full-fp16": 2 * n, "lora": 2 * n,
-               "qlora": lin * bits / 8 + 2 * (n - lin)}[method] + 4 * adapter
+    weights = {
+        "full-fp32": 4 * n,
+        "full-fp16": 2 * n,
+        "lora": 2 * n,
+        "qlora": lin * bits / 8 + 2 * (n - lin),
+    }[method] + 4 * adapter
     trained = n if method.startswith("full") else adapter
     per = 2 if method == "full-fp16" else 4  # bytes per trained parameter
     act_bytes = 4 if method == "full-fp32" else 2
     tokens = batch * seq
     layer = tokens * act_bytes * (10 * shape.hidden + 4 * shape.intermediate + shape.heads * seq)
-    kept = (shape.layers * tokens * act_bytes * shape.hidden + layer if checkpointing
-            else shape.layers * layer)
-    parts = dict(weights=weights, gradients=per * trained, optimizer=2 * per * trained,
-                 activations=kept + 8 * shape.vocab * tokens)
+    kept = (
+        shape.layers * tokens * act_bytes * shape.hidden + layer
+        if checkpointing
+        else shape.layers * layer
+    )
+    parts = dict(
+        weights=weights,
+        gradients=per * trained,
+        optimizer=2 * per * trained,
+        activations=kept + 8 * shape.vocab * tokens,
+    )
     parts["total"] = sum(parts.values())
     return parts
 
 
 #: The article's 7B table, and the settings under which the estimate reproduces it.
-ARTICLE = {"full-fp32": (112, dict(checkpointing=True)),
-           "full-fp16": (56, dict(checkpointing=True)),
-           "lora": (28, dict(checkpointing=False)),
-           "qlora": (6, dict(checkpointing=True))}
+ARTICLE = {
+    "full-fp32": (112, dict(checkpointing=True)),
+    "full-fp16": (56, dict(checkpointing=True)),
+    "lora": (28, dict(checkpointing=False)),
+    "qlora": (6, dict(checkpointing=True)),
+}
 ARTICLE_TOKENS = dict(batch=4, seq=512)
 
 
@@ -159,11 +201,16 @@ def table(shape: Shape, rows, **kw) -> str:
     """A markdown table of ``estimate`` for each ``(label, method, settings)`` row, in GB
     (MB when every total is under 1 GB)."""
     results = [(label, estimate(shape, method, **{**kw, **extra})) for label, method, extra in rows]
-    unit, size = ("GB", GB) if max(e["total"] for _, e in results) >= GB else ("MB", 2 ** 20)
-    lines = [f"| method | weights {unit} | gradients {unit} | Adam {unit} | activations {unit} "
-             f"| total {unit} |", "|---|---|---|---|---|---|"]
+    unit, size = ("GB", GB) if max(e["total"] for _, e in results) >= GB else ("MB", 2**20)
+    lines = [
+        f"| method | weights {unit} | gradients {unit} | Adam {unit} | activations {unit} "
+        f"| total {unit} |",
+        "|---|---|---|---|---|---|",
+    ]
     for label, e in results:
-        cells = " | ".join(f"{e[k] / size:.2f}" for k in
-                           ("weights", "gradients", "optimizer", "activations", "total"))
+        cells = " | ".join(
+            f"{e[k] / size:.2f}"
+            for k in ("weights", "gradients", "optimizer", "activations", "total")
+        )
         lines.append(f"| {label} | {cells} |")
     return "\n".join(lines)

@@ -29,6 +29,7 @@ def labels(adapter, embedding_pattern: str = r"embed"):
     puts their 1-D parameters (biases, norm scales) with B at 16x the rate, which is
     LoRA+'s rule for B factors, not a choice made for them.
     """
+
     def label(kp, leaf):
         path = path_str(kp)
         if path.split("/")[-1] in ("weight", "rows"):  # FullNode / TokenNode: A's rate
@@ -36,6 +37,7 @@ def labels(adapter, embedding_pattern: str = r"embed"):
         if re.search(embedding_pattern, path):
             return EMBEDDING
         return B if path.split("/")[-1] in ("b", "magnitude") or leaf.ndim <= 1 else A
+
     return jax.tree_util.tree_map_with_path(label, adapter)
 
 
@@ -45,9 +47,14 @@ def _times(learning_rate, ratio: float):
     return ratio * learning_rate
 
 
-def loraplus(make_tx: Callable[..., optax.GradientTransformation], learning_rate,
-             ratio: float = 16.0, embedding_lr=1e-6, embedding_pattern: str = r"embed",
-             **tx_kwargs) -> optax.GradientTransformation:
+def loraplus(
+    make_tx: Callable[..., optax.GradientTransformation],
+    learning_rate,
+    ratio: float = 16.0,
+    embedding_lr=1e-6,
+    embedding_pattern: str = r"embed",
+    **tx_kwargs,
+) -> optax.GradientTransformation:
     """LoRA+: the same optimizer with ``ratio x`` the learning rate on B.
 
     Args:
@@ -76,9 +83,11 @@ def loraplus(make_tx: Callable[..., optax.GradientTransformation], learning_rate
     """
     if not ratio > 0:
         raise ValueError(f"ratio={ratio!r} must be positive (LoRA+ uses 16)")
-    transforms = {A: make_tx(learning_rate, **tx_kwargs),
-                  B: make_tx(_times(learning_rate, ratio), **tx_kwargs),
-                  EMBEDDING: make_tx(embedding_lr, **tx_kwargs)}
+    transforms = {
+        A: make_tx(learning_rate, **tx_kwargs),
+        B: make_tx(_times(learning_rate, ratio), **tx_kwargs),
+        EMBEDDING: make_tx(embedding_lr, **tx_kwargs),
+    }
     return optax.multi_transform(transforms, lambda tree: labels(tree, embedding_pattern))
 
 
@@ -96,19 +105,30 @@ def _damped_solve(gram, g, delta: float, left: bool):
     """``(gram + delta I)^-1 g`` (``left``) or ``g (gram + delta I)^-1``, in g's dtype."""
     m = gram + delta * jnp.broadcast_to(jnp.eye(gram.shape[-1], dtype=gram.dtype), gram.shape)
     g32 = g.astype(jnp.float32)
-    out = jnp.linalg.solve(m, g32) if left else jnp.swapaxes(
-        jnp.linalg.solve(m, jnp.swapaxes(g32, -1, -2)), -1, -2)
+    out = (
+        jnp.linalg.solve(m, g32)
+        if left
+        else jnp.swapaxes(jnp.linalg.solve(m, jnp.swapaxes(g32, -1, -2)), -1, -2)
+    )
     return out.astype(g.dtype)
 
 
 def _preconditioner(name: str, fn) -> optax.GradientTransformationExtraArgs:
     """Rewrite each LoRA node's gradients with ``fn(update_node, param_node)``."""
+
     def update(updates, state, params=None, **extra):
         if params is None:
-            raise ValueError(f"{name} preconditions with the current factors: call "
-                             "tx.update(grads, state, params)")
-        return jax.tree.map(lambda u, p: fn(u, p) if _lora(p) and u is not None else u,
-                            updates, params, is_leaf=_lora), state
+            raise ValueError(
+                f"{name} preconditions with the current factors: call "
+                "tx.update(grads, state, params)"
+            )
+        return jax.tree.map(
+            lambda u, p: fn(u, p) if _lora(p) and u is not None else u,
+            updates,
+            params,
+            is_leaf=_lora,
+        ), state
+
     return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
 
@@ -117,8 +137,12 @@ def _scales(node):
     return s.reshape((-1,) + (1,) * (node.b.ndim - 1)) if s.ndim else s
 
 
-def lorafa(make_tx: Callable[..., optax.GradientTransformation], learning_rate,
-           delta: float = 1e-8, **tx_kwargs) -> optax.GradientTransformation:
+def lorafa(
+    make_tx: Callable[..., optax.GradientTransformation],
+    learning_rate,
+    delta: float = 1e-8,
+    **tx_kwargs,
+) -> optax.GradientTransformation:
     """LoRA-FA (PEFT's ``create_lorafa_optimizer``): A frozen at its init, B trained on
     its gradient projected as full fine-tuning's would be, ``(A^T A + delta I)^-1 g_B / s^2``
     (``s`` each node's scaling).
@@ -147,17 +171,28 @@ def lorafa(make_tx: Callable[..., optax.GradientTransformation], learning_rate,
       >>> float(jnp.abs(upd["q"].a).max()), upd["q"].b.shape
       (0.0, (2, 3))
     """
+
     def project(u, p):
         b = _damped_solve(_gram(p.a, True), u.b, delta, left=True) / _scales(p) ** 2
         return dataclasses.replace(u, b=b.astype(u.b.dtype))
+
     frozen = lambda tree: jax.tree_util.tree_map_with_path(
-        lambda kp, _: "frozen" if path_str(kp).split("/")[-1] == "a" else "train", tree)
-    return optax.chain(_preconditioner("lorafa", project), optax.multi_transform(
-        {"frozen": optax.set_to_zero(), "train": make_tx(learning_rate, **tx_kwargs)}, frozen))
+        lambda kp, _: "frozen" if path_str(kp).split("/")[-1] == "a" else "train", tree
+    )
+    return optax.chain(
+        _preconditioner("lorafa", project),
+        optax.multi_transform(
+            {"frozen": optax.set_to_zero(), "train": make_tx(learning_rate, **tx_kwargs)}, frozen
+        ),
+    )
 
 
-def riemannian(make_tx: Callable[..., optax.GradientTransformation], learning_rate,
-               delta: float = 1e-2, **tx_kwargs) -> optax.GradientTransformation:
+def riemannian(
+    make_tx: Callable[..., optax.GradientTransformation],
+    learning_rate,
+    delta: float = 1e-2,
+    **tx_kwargs,
+) -> optax.GradientTransformation:
     """Riemannian preconditioned LoRA (PEFT's ``create_riemannian_optimizer``): A's
     gradient times ``(B B^T + delta I)^-1``, B's by ``(A^T A + delta I)^-1``, then
     ``make_tx``.
@@ -186,9 +221,12 @@ def riemannian(make_tx: Callable[..., optax.GradientTransformation], learning_ra
       >>> round(float(upd["q"].a[0, 0]), 1)  # B is zero: A's gradient over delta
       -10.0
     """
+
     def precondition(u, p):
         a = _damped_solve(_gram(p.b, False), u.a, delta, left=False)
         b = _damped_solve(_gram(p.a, True), u.b, delta, left=True)
         return dataclasses.replace(u, a=a, b=b)
-    return optax.chain(_preconditioner("riemannian", precondition),
-                       make_tx(learning_rate, **tx_kwargs))
+
+    return optax.chain(
+        _preconditioner("riemannian", precondition), make_tx(learning_rate, **tx_kwargs)
+    )

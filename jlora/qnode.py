@@ -55,8 +55,11 @@ class Quantized:
             return None
         if not isinstance(sharding, jax.sharding.NamedSharding):
             return None
-        spec = self.spec if self.spec is not None else (
-            tuple(sharding.spec) if first.ndim == self.ndim else None)
+        spec = (
+            self.spec
+            if self.spec is not None
+            else (tuple(sharding.spec) if first.ndim == self.ndim else None)
+        )
         if spec is None:
             return None
         return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))

@@ -89,32 +89,45 @@ def select(params, cfg: LoraConfig) -> dict[str, tuple[int, float]]:
         _check_names(field, getattr(cfg, field), paths)
     chosen = {}
     for path, (_, leaf) in zip(paths, flat):
-        if not matches(cfg.targets, path) or (cfg.exclude and matches(cfg.exclude, path)) \
-                or not _in_layers(cfg, path):
+        if (
+            not matches(cfg.targets, path)
+            or (cfg.exclude and matches(cfg.exclude, path))
+            or not _in_layers(cfg, path)
+        ):
             continue
         ndim = getattr(leaf, "ndim", 0)
         if isinstance(cfg.targets, tuple) and (ndim < 2 or path.split("/")[-1] in _NOT_KERNELS):
             continue  # a module name also selects its bias and norms; only kernels adapt
         if ndim < 2:
-            raise LoraError(f"targets={cfg.targets!r} matched {path!r} of shape "
-                            f"{getattr(leaf, 'shape', ())}, which is not a matrix; narrow "
-                            "the regex to kernels, e.g. 'q_proj/kernel'")
+            raise LoraError(
+                f"targets={cfg.targets!r} matched {path!r} of shape "
+                f"{getattr(leaf, 'shape', ())}, which is not a matrix; narrow "
+                "the regex to kernels, e.g. 'q_proj/kernel'"
+            )
         dtype = getattr(leaf, "dtype", None)
         if dtype is None or not jax.dtypes.issubdtype(dtype, np.floating):
-            raise LoraError(f"targets={cfg.targets!r} matched {path!r} of dtype {dtype}, not a "
-                            "floating point weight; narrow the targets to float kernels")
-        chosen[path] = (_pattern_value(cfg.rank_pattern, path, cfg.rank),
-                        _pattern_value(cfg.alpha_pattern, path, cfg.alpha))
+            raise LoraError(
+                f"targets={cfg.targets!r} matched {path!r} of dtype {dtype}, not a "
+                "floating point weight; narrow the targets to float kernels"
+            )
+        chosen[path] = (
+            _pattern_value(cfg.rank_pattern, path, cfg.rank),
+            _pattern_value(cfg.alpha_pattern, path, cfg.alpha),
+        )
     if not chosen:
         kernels = [p for p, (_, x) in zip(paths, flat) if getattr(x, "ndim", 0) >= 2]
         left = f" outside exclude={cfg.exclude!r}" if cfg.exclude else ""
-        raise LoraError(f"targets={cfg.targets!r} matched no parameter{left}; paths look "
-                        f"like {_examples(kernels or paths)}")
+        raise LoraError(
+            f"targets={cfg.targets!r} matched no parameter{left}; paths look "
+            f"like {_examples(kernels or paths)}"
+        )
     for name, pat in (("rank_pattern", cfg.rank_pattern), ("alpha_pattern", cfg.alpha_pattern)):
         for key in pat:
             if not any(re.search(key, p) for p in chosen):
-                raise LoraError(f"{name} key {key!r} matches no targeted path; targeted "
-                                f"paths are {_examples(list(chosen))}")
+                raise LoraError(
+                    f"{name} key {key!r} matches no targeted path; targeted "
+                    f"paths are {_examples(list(chosen))}"
+                )
     return chosen
 
 
@@ -128,10 +141,14 @@ def _check_names(field: str, names, paths: list[str]) -> None:
     if not missing:
         return
     near = {n: difflib.get_close_matches(n, sorted(segments), n=3) for n in missing}
-    hints = "; ".join(f"{n!r}: did you mean {', '.join(map(repr, m))}?" if m
-                      else f"{n!r}: no similar name" for n, m in near.items())
-    raise LoraError(f"{field}={names!r}: {', '.join(map(repr, missing))} matched no "
-                    f"parameter ({hints}); paths look like {_examples(paths)}")
+    hints = "; ".join(
+        f"{n!r}: did you mean {', '.join(map(repr, m))}?" if m else f"{n!r}: no similar name"
+        for n, m in near.items()
+    )
+    raise LoraError(
+        f"{field}={names!r}: {', '.join(map(repr, missing))} matched no "
+        f"parameter ({hints}); paths look like {_examples(paths)}"
+    )
 
 
 def layer_index(path: str, patterns=LAYER_PATTERNS) -> int | str | None:
@@ -182,26 +199,39 @@ def select_whole(params, cfg: LoraConfig) -> dict[str, tuple[int, ...] | None]:
         _check_names("modules_to_save", cfg.modules_to_save, [p for p, _ in flat])
         full = [p for p, leaf in flat if matches(cfg.modules_to_save, p) and _float(leaf)]
         if not full:
-            raise LoraError(f"modules_to_save={cfg.modules_to_save!r} matched no float "
-                            f"parameter; paths look like {_examples([p for p, _ in flat])}")
+            raise LoraError(
+                f"modules_to_save={cfg.modules_to_save!r} matched no float "
+                f"parameter; paths look like {_examples([p for p, _ in flat])}"
+            )
         out.update(dict.fromkeys(full))
     tokens = cfg.trainable_token_indices or {}  # a mapping after LoraConfig.__post_init__
     for name, idx in tokens.items():  # type: ignore[union-attr]
         spec = name or "embed"  # the list form: the one table whose path says embed
-        tables = [(p, leaf) for p, leaf in flat if matches(spec if not name else (name,), p)
-                  and _float(leaf) and getattr(leaf, "ndim", 0) >= 2]
+        tables = [
+            (p, leaf)
+            for p, leaf in flat
+            if matches(spec if not name else (name,), p)
+            and _float(leaf)
+            and getattr(leaf, "ndim", 0) >= 2
+        ]
         if len(tables) != 1:
-            raise LoraError(f"trainable_token_indices for {spec!r} must name exactly one "
-                            f"embedding table, but it matches {len(tables)}: "
-                            f"{_examples([p for p, _ in tables] or [p for p, _ in flat])}; "
-                            "pass {module name: [ids]}")
-        (path, leaf), = tables
+            raise LoraError(
+                f"trainable_token_indices for {spec!r} must name exactly one "
+                f"embedding table, but it matches {len(tables)}: "
+                f"{_examples([p for p, _ in tables] or [p for p, _ in flat])}; "
+                "pass {module name: [ids]}"
+            )
+        ((path, leaf),) = tables
         if path.split("/")[-1] in _VOCAB_LAST:  # rows of axis 0 would be features, silently
-            raise LoraError(f"trainable_token_indices: {path!r} is a dense kernel (in, out), "
-                            "whose tokens are its last axis, not its rows; train token rows of "
-                            "the embedding table (vocab, d), which a tied head reads too")
+            raise LoraError(
+                f"trainable_token_indices: {path!r} is a dense kernel (in, out), "
+                "whose tokens are its last axis, not its rows; train token rows of "
+                "the embedding table (vocab, d), which a tied head reads too"
+            )
         if max(idx) >= leaf.shape[0]:
-            raise LoraError(f"trainable_token_indices: token {max(idx)} is past the "
-                            f"{leaf.shape[0]} rows of {path!r}; resize the table first")
+            raise LoraError(
+                f"trainable_token_indices: token {max(idx)} is past the "
+                f"{leaf.shape[0]} rows of {path!r}; resize the table first"
+            )
         out[path] = idx
     return out

@@ -35,42 +35,63 @@ read in torch's layout); --module-fn and --prefix map the paths as above."""
 
 def parser() -> argparse.ArgumentParser:
     """The command line, every subcommand and option (nothing heavy is imported)."""
-    p = argparse.ArgumentParser(prog="jlora", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="jlora", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    mem = sub.add_parser("memory", help="estimate training memory per method",
-                         description="Training memory per method: weights, gradients, "
-                         "optimizer states and activations (jlora.memory.estimate).")
+    mem = sub.add_parser(
+        "memory",
+        help="estimate training memory per method",
+        description="Training memory per method: weights, gradients, "
+        "optimizer states and activations (jlora.memory.estimate).",
+    )
     src = mem.add_mutually_exclusive_group()
-    src.add_argument("--params", type=float, default=7e9,
-                     help="parameter count; Llama proportions are assumed (default 7e9)")
+    src.add_argument(
+        "--params",
+        type=float,
+        default=7e9,
+        help="parameter count; Llama proportions are assumed (default 7e9)",
+    )
     src.add_argument("--config", help="a Hugging Face config.json (or the example model's)")
     mem.add_argument("--batch", type=int, default=1)
     mem.add_argument("--seq", type=int, default=512)
     mem.add_argument("--rank", type=int, default=16)
     mem.add_argument("--targets", nargs="+", default=list(MEMORY_TARGETS))
     mem.add_argument("--checkpointing", action="store_true")
-    mem.add_argument("--article", action="store_true",
-                     help="the source article's 7B table, with the settings that reproduce it")
+    mem.add_argument(
+        "--article",
+        action="store_true",
+        help="the source article's 7B table, with the settings that reproduce it",
+    )
     ins = sub.add_parser("inspect", help="targets, ranks, parameters and size of an adapter")
     ins.add_argument("adapter")
     ins.add_argument("--base", help="base .npz (needed for PEFT adapters)")
     mrg = sub.add_parser("merge", help="fold an adapter into a base .npz")
     for name in ("base", "adapter", "out"):
         mrg.add_argument(name)
-    cnv = sub.add_parser("convert", help="PEFT <-> jlora adapter directories",
-                         description=CONVERT,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    cnv = sub.add_parser(
+        "convert",
+        help="PEFT <-> jlora adapter directories",
+        description=CONVERT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     cnv.add_argument("src")
     cnv.add_argument("dst")
-    cnv.add_argument("--base", help="a base .npz, or the torch model's model.safetensors "
-                     "(file or directory): shapes for a PEFT source; the modules a PEFT "
-                     "destination must name")
-    cnv.add_argument("--module-fn", metavar="MODULE:FUNCTION",
-                     help="(jlora_path, stack_index) -> torch module name, as an import "
-                     "spec: package.module:function or path/to/file.py:function")
-    cnv.add_argument("--prefix", help="put before each module name in the PEFT keys "
-                     "(default base_model.model.)")
+    cnv.add_argument(
+        "--base",
+        help="a base .npz, or the torch model's model.safetensors "
+        "(file or directory): shapes for a PEFT source; the modules a PEFT "
+        "destination must name",
+    )
+    cnv.add_argument(
+        "--module-fn",
+        metavar="MODULE:FUNCTION",
+        help="(jlora_path, stack_index) -> torch module name, as an import "
+        "spec: package.module:function or path/to/file.py:function",
+    )
+    cnv.add_argument(
+        "--prefix", help="put before each module name in the PEFT keys (default base_model.model.)"
+    )
     return p
 
 
@@ -78,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     """Runs ``jlora ARGS``; returns the exit status (0, or 1 after a one-line error)."""
     args = parser().parse_args(argv)
     from jlora import cli  # JAX loads here, once a command runs
+
     try:
         print(cli.COMMANDS[args.command](args))
     except cli.EXPECTED as e:

@@ -27,8 +27,11 @@ _measured: dict = {}
 
 
 def pytest_addoption(parser):
-    parser.addoption("--record-durations", action="store_true",
-                     help="write each test's measured seconds to tests/durations.json")
+    parser.addoption(
+        "--record-durations",
+        action="store_true",
+        help="write each test's measured seconds to tests/durations.json",
+    )
 
 
 def pytest_runtest_logreport(report):
@@ -86,6 +89,7 @@ def scanned(*paths):
     """``fn`` for ``jlora.init`` that runs a ``lax.scan`` over the layers of each
     ``(layers, in, out)`` leaf at ``paths`` (key tuples), so init learns that axis 0 is
     stacked: without ``fn`` the layout of a 3-D leaf outside a Flax scan is refused."""
+
     def fn(p):
         outs = []
         for path in paths:
@@ -95,14 +99,17 @@ def scanned(*paths):
             x = jnp.ones((1, w.shape[1]), w.dtype)
             outs.append(jax.lax.scan(lambda c, layer: (c, x @ layer), 0.0, w)[1])
         return outs
+
     return fn
 
 
 def randomize(adapter, key, scale=0.1):
     """Give every adapter array random values (B is zero at init, which tests nothing)."""
     leaves, tree = jax.tree.flatten(adapter)
-    new = [scale * jax.random.normal(jax.random.fold_in(key, i), l.shape, l.dtype)
-           for i, l in enumerate(leaves)]
+    new = [
+        scale * jax.random.normal(jax.random.fold_in(key, i), l.shape, l.dtype)
+        for i, l in enumerate(leaves)
+    ]
     return jax.tree.unflatten(tree, new)
 
 
@@ -119,7 +126,7 @@ def ref_weight(w, node):
     merged = w + node.scale * d
     if node.magnitude is None:
         return merged
-    norm = np.sqrt((merged ** 2).sum(axis=tuple(node.in_axes), keepdims=True))
+    norm = np.sqrt((merged**2).sum(axis=tuple(node.in_axes), keepdims=True))
     return _magnitude_like(np.asarray(node.magnitude, np.float64), node, w) / norm * merged
 
 
@@ -136,8 +143,9 @@ def ref_merge(params, adapter):
     """Independent reference merge: numpy, float64, then back to each leaf's dtype."""
     leaves, tree = jax.tree.flatten(params)
     nodes = tree.flatten_up_to(adapter)
-    out = [l if n is None else jnp.asarray(ref_weight(l, n), l.dtype)
-           for l, n in zip(leaves, nodes)]
+    out = [
+        l if n is None else jnp.asarray(ref_weight(l, n), l.dtype) for l, n in zip(leaves, nodes)
+    ]
     return jax.tree.unflatten(tree, out)
 
 
@@ -151,6 +159,7 @@ def form(request, monkeypatch):
     """Rows grouped by expert or adapter (``grouped.ragged_low_rank``) as this CPU runs
     them (a masked dense product) and as an accelerator does (``ragged_dot``)."""
     from jlora.interpret import grouped
+
     if request.param == "ragged":
         monkeypatch.setattr(grouped, "DENSE_ON", ())
     return request.param
@@ -166,16 +175,19 @@ def ref_merge_jnp(params, adapter):
             out.append(w)
             continue
         sizes = lambda axes: [w.shape[ax] for ax in axes]
-        d = jnp.matmul(n.a, n.b).reshape(sizes(n.stack_axes) + sizes(n.in_axes)
-                                         + sizes(n.out_axes))
+        d = jnp.matmul(n.a, n.b).reshape(sizes(n.stack_axes) + sizes(n.in_axes) + sizes(n.out_axes))
         order = list(n.stack_axes) + list(n.in_axes) + list(n.out_axes)
         d = jnp.transpose(d, [order.index(ax) for ax in range(w.ndim)])
         merged = w + (n.scale * d).astype(w.dtype)
         if n.magnitude is not None:  # DoRA: the norm is a constant for the gradient
-            norm = jnp.sqrt(jnp.sum(jnp.square(merged.astype(jnp.float32)),
-                                    axis=tuple(n.in_axes), keepdims=True))
-            merged = (_magnitude_like(n.magnitude, n, w) / jax.lax.stop_gradient(norm)
-                      * merged).astype(w.dtype)
+            norm = jnp.sqrt(
+                jnp.sum(
+                    jnp.square(merged.astype(jnp.float32)), axis=tuple(n.in_axes), keepdims=True
+                )
+            )
+            merged = (
+                _magnitude_like(n.magnitude, n, w) / jax.lax.stop_gradient(norm) * merged
+            ).astype(w.dtype)
         out.append(merged)
     return jax.tree.unflatten(tree, out)
 

@@ -57,17 +57,22 @@ class Case:
 
 # --- the weight as the model reads it: x (..., I) times the logical (I, O) weight ---
 
+
 def _mm(store):
-    return {"io": lambda w, x: x @ w, "oi": lambda w, x: x @ w.T,
-            "table": lambda w, x: x @ w.T}[store]
+    return {"io": lambda w, x: x @ w, "oi": lambda w, x: x @ w.T, "table": lambda w, x: x @ w.T}[
+        store
+    ]
 
 
 def _scaled_mm():
     @jax.custom_vjp
     def f(w, x):
         return x @ w
-    f.defvjp(lambda w, x: (x @ w, (w, x)),
-             lambda r, g: (0.5 * jnp.einsum("...i,...o->io", r[1], g), 0.5 * g @ r[0].T))
+
+    f.defvjp(
+        lambda w, x: (x @ w, (w, x)),
+        lambda r, g: (0.5 * jnp.einsum("...i,...o->io", r[1], g), 0.5 * g @ r[0].T),
+    )
     return f
 
 
@@ -79,17 +84,22 @@ def _ste():
 
 def _clip_grad():
     """custom_vjp on the weight alone: the backward clips the cotangent."""
+
     @jax.custom_vjp
     def f(w):
         return w
+
     f.defvjp(lambda w: (w, None), lambda _, g: (jnp.clip(g, -0.05, 0.05),))
     return f
 
 
-POLICIES = {"none": None, "dots": jax.checkpoint_policies.dots_saveable,
-            "nothing": jax.checkpoint_policies.nothing_saveable,
-            "names": jax.checkpoint_policies.save_only_these_names("h"),
-            "nobatch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+    "names": jax.checkpoint_policies.save_only_these_names("h"),
+    "nobatch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def _matrix_uses(store, I, O):
@@ -98,48 +108,61 @@ def _matrix_uses(store, I, O):
     io = (lambda w: w) if store == "io" else (lambda w: w.T)  # the (I, O) view
     u = {
         "dot": lambda w, x: mm(w, x),
-        "einsum_seq": lambda w, x: jnp.einsum("bsi,io->bso", x[:, None, :] * jnp.ones((1, 2, 1)),
-                                              io(w)),
+        "einsum_seq": lambda w, x: jnp.einsum(
+            "bsi,io->bso", x[:, None, :] * jnp.ones((1, 2, 1)), io(w)
+        ),
         "transpose_twice": lambda w, x: x @ io(w).T.T,
         "slice": lambda w, x: x @ io(w)[:, : O - 1],
         "slice_in": lambda w, x: x[:, 1:] @ io(w)[1:],
         "concat": lambda w, x: x @ jnp.concatenate([io(w), 2.0 * io(w)], axis=1),
         "scale": lambda w, x: x @ (io(w) * 0.5),
-        "bf16_round_trip": lambda w, x: (x.astype(jnp.bfloat16) @ io(w).astype(jnp.bfloat16)
-                                         ).astype(jnp.float32),
+        "bf16_round_trip": lambda w, x: (
+            x.astype(jnp.bfloat16) @ io(w).astype(jnp.bfloat16)
+        ).astype(jnp.float32),
         "rows": lambda w, x: io(w)[jnp.array([0, I - 1, 1])],
         "index_row": lambda w, x: io(w)[1][None, :] + 0 * x[:, :1],
         "elementwise": lambda w, x: jnp.tanh(io(w)).sum(0)[None, :] + 0 * x[:, :1],
         "vmap": lambda w, x: jax.vmap(lambda xi: mm(w, xi))(x),
         "vmap_weight_in": lambda w, x: jax.vmap(lambda xi, ww: xi @ io(ww), (0, None))(x, w),
         "nested_jit": lambda w, x: jax.jit(lambda w, x: jnp.tanh(mm(w, x)))(w, x),
-        "cond": lambda w, x: lax.cond(jnp.sum(x) > 0, lambda: mm(w, x), lambda: -mm(w, x) ** 2),
-        "scan_seq": lambda w, x: lax.scan(lambda c, xt: (c + jnp.tanh(mm(w, xt)), mm(w, xt)),
-                                          jnp.zeros((O,)), x)[1],
-        "fori": lambda w, x: lax.fori_loop(0, 2, lambda i, h: h + jnp.tanh(mm(w, x) * h),
-                                           jnp.ones((x.shape[0], O))),
+        "cond": lambda w, x: lax.cond(jnp.sum(x) > 0, lambda: mm(w, x), lambda: -(mm(w, x) ** 2)),
+        "scan_seq": lambda w, x: lax.scan(
+            lambda c, xt: (c + jnp.tanh(mm(w, xt)), mm(w, xt)), jnp.zeros((O,)), x
+        )[1],
+        "fori": lambda w, x: lax.fori_loop(
+            0, 2, lambda i, h: h + jnp.tanh(mm(w, x) * h), jnp.ones((x.shape[0], O))
+        ),
         "custom_vjp": lambda w, x: _scaled_mm()(io(w), x),
         "custom_jvp_ste": lambda w, x: x @ _ste()(io(w)),
         "custom_vjp_clip": lambda w, x: x @ _clip_grad()(io(w)),
     }
     for name, pol in POLICIES.items():
         u[f"remat_{name}"] = lambda w, x, pol=pol: jax.checkpoint(
-            lambda w, x: jnp.tanh(checkpoint_name(mm(w, x), "h")) @ io(w).T,
-            policy=pol)(w, x)
+            lambda w, x: jnp.tanh(checkpoint_name(mm(w, x), "h")) @ io(w).T, policy=pol
+        )(w, x)
     out = {k: (f, True) for k, f in u.items()}
     if I == O:
-        out["while"] = (lambda w, x: lax.while_loop(
-            lambda c: c[1] < 2, lambda c: (jnp.tanh(mm(w, c[0])), c[1] + 1), (x, 0))[0], False)
+        out["while"] = (
+            lambda w, x: lax.while_loop(
+                lambda c: c[1] < 2, lambda c: (jnp.tanh(mm(w, c[0])), c[1] + 1), (x, 0)
+            )[0],
+            False,
+        )
     if I == O:
         out["chain"] = (lambda w, x: mm(w, jnp.tanh(mm(w, x))), True)
     if O % 2 == 0:
-        out["dense_general"] = (lambda w, x: jnp.einsum(
-            "bi,ijk->bjk", x, io(w).reshape(I, O // 2, 2)).reshape(x.shape[0], O), True)
+        out["dense_general"] = (
+            lambda w, x: jnp.einsum("bi,ijk->bjk", x, io(w).reshape(I, O // 2, 2)).reshape(
+                x.shape[0], O
+            ),
+            True,
+        )
     return out
 
 
 def _stacked_uses(L, I, O):
     """Uses of an ``(L, I, O)`` stack of layers or experts."""
+
     def scan_layers(w, x):
         body = lambda h, wl: (h + jnp.tanh(x @ wl).sum(-1, keepdims=True), x @ wl)
         return lax.scan(body, jnp.zeros((x.shape[0], 1)), w)[1]
@@ -147,34 +170,45 @@ def _stacked_uses(L, I, O):
     sizes = jnp.array([1] + [0] * (L - 2) + [2], jnp.int32)  # groups of B = 3 rows
     return {
         "scan_layers": (scan_layers, True),
-        "scan_layers_reverse": (lambda w, x: lax.scan(
-            lambda c, wl: (c, x @ wl), 0.0, w, reverse=True)[1], True),
+        "scan_layers_reverse": (
+            lambda w, x: lax.scan(lambda c, wl: (c, x @ wl), 0.0, w, reverse=True)[1],
+            True,
+        ),
         "index_layer": (lambda w, x: x @ w[1], True),
-        "dynamic_index": (lambda w, x: x @ lax.dynamic_index_in_dim(
-            w, jnp.argmax(x[0]) % L, keepdims=False), True),
+        "dynamic_index": (
+            lambda w, x: x @ lax.dynamic_index_in_dim(w, jnp.argmax(x[0]) % L, keepdims=False),
+            True,
+        ),
         "batched": (lambda w, x: jnp.einsum("lbi,lio->lbo", jnp.stack([x] * L), w), True),
         "ragged_dot": (lambda w, x: lax.ragged_dot(x, w, sizes), True),
-        "remat_scan": (lambda w, x: jax.checkpoint(scan_layers, policy=POLICIES["dots"])(w, x),
-                       True),
+        "remat_scan": (
+            lambda w, x: jax.checkpoint(scan_layers, policy=POLICIES["dots"])(w, x),
+            True,
+        ),
     }
 
 
 def _conv_uses():
     dn = ("NHWC", "HWIO", "NHWC")
     conv = lambda w, x, **kw: lax.conv_general_dilated(
-        x, w, kw.pop("strides", (1, 1)), kw.pop("padding", "SAME"), dimension_numbers=dn, **kw)
-    return {"conv": (lambda w, x: conv(w, x), True),
-            "conv_strided": (lambda w, x: conv(w, x, strides=(2, 1), padding="VALID"), True),
-            "conv_dilated": (lambda w, x: conv(w, x, rhs_dilation=(2, 1)), True),
-            "conv_remat": (lambda w, x: jax.checkpoint(conv)(w, x), True)}
+        x, w, kw.pop("strides", (1, 1)), kw.pop("padding", "SAME"), dimension_numbers=dn, **kw
+    )
+    return {
+        "conv": (lambda w, x: conv(w, x), True),
+        "conv_strided": (lambda w, x: conv(w, x, strides=(2, 1), padding="VALID"), True),
+        "conv_dilated": (lambda w, x: conv(w, x, rhs_dilation=(2, 1)), True),
+        "conv_remat": (lambda w, x: jax.checkpoint(conv)(w, x), True),
+    }
 
 
 def _table_uses():
     ids = jnp.array([[0, 3, 1], [2, 2, 4], [1, 0, 0]])
-    return {"lookup": (lambda w, x: w[ids], True),
-            "take": (lambda w, x: jnp.take(w, ids, axis=0), True),
-            "tied": (lambda w, x: x @ w.T, True),
-            "one_hot": (lambda w, x: jax.nn.one_hot(ids, w.shape[0]) @ w, True)}
+    return {
+        "lookup": (lambda w, x: w[ids], True),
+        "take": (lambda w, x: jnp.take(w, ids, axis=0), True),
+        "tied": (lambda w, x: x @ w.T, True),
+        "one_hot": (lambda w, x: jax.nn.one_hot(ids, w.shape[0]) @ w, True),
+    }
 
 
 WRAPPERS = ("none", "jit", "remat", "vmap", "cond")  # the first three keep examples apart
@@ -190,8 +224,9 @@ def _wrap(name, fn):
     if name == "vmap":  # over a leading copy axis of x
         return lambda p, x: jax.vmap(fn, (None, 0))(p, jnp.stack([x, -x]))
     if name == "cond":
-        return lambda p, x: lax.cond(x.reshape(-1)[0] > -100.0, fn, lambda p, x: jax.tree.map(
-            jnp.zeros_like, fn(p, x)), p, x)
+        return lambda p, x: lax.cond(
+            x.reshape(-1)[0] > -100.0, fn, lambda p, x: jax.tree.map(jnp.zeros_like, fn(p, x)), p, x
+        )
     return fn
 
 
@@ -218,8 +253,7 @@ def build(seed: int) -> tuple[Case, Callable[[], None]]:
     store, shape, xshape, uses = _store(rng)
     mixed = rng.random() < 0.2 and store in ("io", "oi")
     names = sorted(n for n in uses if not mixed or n not in MIXES_EXAMPLES)
-    picked = [names[i] for i in rng.choice(len(names), size=int(rng.integers(1, 4)),
-                                           replace=False)]
+    picked = [names[i] for i in rng.choice(len(names), size=int(rng.integers(1, 4)), replace=False)]
     wrappers = WRAPPERS[:3] if mixed or "ragged_dot" in picked else WRAPPERS  # JAX: no vmap
     wrapper = str(rng.choice(wrappers))
     dtype = jnp.bfloat16 if rng.random() < 0.15 else jnp.float32
@@ -236,10 +270,16 @@ def build(seed: int) -> tuple[Case, Callable[[], None]]:
     x = jax.random.normal(jax.random.fold_in(key, 1), xshape)
     cfg = jlora.LoraConfig(rank=int(rng.integers(1, 4)), targets=("w",), dora=bool(dora))
     flags = f"{' dora' if dora else ''}{' learned' if learn else ''}{' mixed' if mixed else ''}"
-    case = Case(seed, f"{store}{shape} {'+'.join(picked)} wrap={wrapper} {jnp.dtype(dtype).name}"
-                f"{flags}",
-                fn, params, None, (x,), grad=all(uses[n][1] for n in picked),
-                custom=any(n.startswith("custom") for n in picked))
+    case = Case(
+        seed,
+        f"{store}{shape} {'+'.join(picked)} wrap={wrapper} {jnp.dtype(dtype).name}{flags}",
+        fn,
+        params,
+        None,
+        (x,),
+        grad=all(uses[n][1] for n in picked),
+        custom=any(n.startswith("custom") for n in picked),
+    )
     if dtype == jnp.bfloat16 or any("bf16" in n for n in picked):
         case.tol = dict(LOOSE)
     ids = jnp.asarray(rng.integers(-1, 2, size=B), jnp.int32) if mixed else None
@@ -249,29 +289,32 @@ def build(seed: int) -> tuple[Case, Callable[[], None]]:
 def _adapt(case: Case, cfg, learn: bool, ids) -> None:
     """Give ``case`` its adapter (random factors; two stacked ones with ``ids``)."""
     (x,), key = case.args, jax.random.key(case.seed)
-    init = lambda k: _random(jlora.init(k, case.params, cfg, *((case.fn, x) if learn else ())),
-                             k)
+    init = lambda k: _random(jlora.init(k, case.params, cfg, *((case.fn, x) if learn else ())), k)
     if ids is None:
         case.adapter = init(jax.random.fold_in(key, 2))
     else:
-        case.adapter = jlora.stack([init(jax.random.fold_in(key, 2)),
-                                    init(jax.random.fold_in(key, 3))])
+        case.adapter = jlora.stack(
+            [init(jax.random.fold_in(key, 2)), init(jax.random.fold_in(key, 3))]
+        )
         case.ids = ids
 
 
 def _random(adapter, key):
     leaves, tree = jax.tree.flatten(adapter)
-    return jax.tree.unflatten(tree, [  # B is zero at init, which would test nothing
-        v + (0.3 * jax.random.normal(jax.random.fold_in(key, i), v.shape)).astype(v.dtype)
-        for i, v in enumerate(leaves)])
+    return jax.tree.unflatten(
+        tree,
+        [  # B is zero at init, which would test nothing
+            v + (0.3 * jax.random.normal(jax.random.fold_in(key, i), v.shape)).astype(v.dtype)
+            for i, v in enumerate(leaves)
+        ],
+    )
 
 
 def _close(got, want, tol, what):
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
         scale = max(1.0, float(np.abs(w).max()))
-        np.testing.assert_allclose(g, w, rtol=tol["rtol"], atol=tol["atol"] * scale,
-                                   err_msg=what)
+        np.testing.assert_allclose(g, w, rtol=tol["rtol"], atol=tol["atol"] * scale, err_msg=what)
 
 
 def _reference(case: Case):
@@ -282,9 +325,12 @@ def _reference(case: Case):
 
     def ref(stacked):
         ads = jlora.unstack(stacked)
-        outs = [case.fn(case.params if i < 0 else ref_merge_jnp(case.params, ads[i]),
-                        x[e:e + 1]) for e, i in enumerate(np.asarray(case.ids))]
+        outs = [
+            case.fn(case.params if i < 0 else ref_merge_jnp(case.params, ads[i]), x[e : e + 1])
+            for e, i in enumerate(np.asarray(case.ids))
+        ]
         return jax.tree.map(lambda *o: jnp.concatenate(o), *outs)
+
     return ref
 
 
@@ -293,8 +339,11 @@ def check(case: Case) -> None:
     kw = {} if case.ids is None else dict(adapter_ids=case.ids)
     lora = lambda ad: jlora.apply(case.fn)(case.params, ad, *case.args, **kw)
     ref = _reference(case)
-    uses = [u for us in jlora.explain(case.fn, case.params, case.adapter, *case.args,
-                                      **kw).values() for u in us]
+    uses = [
+        u
+        for us in jlora.explain(case.fn, case.params, case.adapter, *case.args, **kw).values()
+        for u in us
+    ]
     unexplained = [u for u in uses if u.startswith("materialized") and "(" not in u]
     assert not unexplained, f"materialized with no reason: {unexplained}"
     if case.custom:
@@ -304,10 +353,13 @@ def check(case: Case) -> None:
     _close(jax.jit(lora)(case.adapter), want, case.tol, "jitted outputs")
     if not case.grad:
         return
-    cots = [jax.random.normal(jax.random.key(7 + i), jnp.shape(w))
-            for i, w in enumerate(jax.tree.leaves(want))]
-    loss = lambda out: sum(jnp.sum(o.astype(jnp.float32) * c)
-                           for o, c in zip(jax.tree.leaves(out), cots))
+    cots = [
+        jax.random.normal(jax.random.key(7 + i), jnp.shape(w))
+        for i, w in enumerate(jax.tree.leaves(want))
+    ]
+    loss = lambda out: sum(
+        jnp.sum(o.astype(jnp.float32) * c) for o, c in zip(jax.tree.leaves(out), cots)
+    )
     got = jax.jit(jax.grad(lambda ad: loss(lora(ad))))(case.adapter)
     _close(got, jax.grad(lambda ad: loss(ref(ad)))(case.adapter), case.tol, "gradients")
 
@@ -328,15 +380,15 @@ def verdict(seed: int) -> tuple[str, str]:
         return "wrong: " + " ".join(str(e).split())[:300], case.what
     except Exception as e:  # noqa: BLE001 - every other exception is a bug to report
         tb = traceback.extract_tb(e.__traceback__)[-1]
-        return f"crash: {type(e).__name__}: {str(e)[:160]} at {tb.filename}:{tb.lineno}", \
-            case.what
+        return f"crash: {type(e).__name__}: {str(e)[:160]} at {tb.filename}:{tb.lineno}", case.what
 
 
 def _jax_fails(case: Case) -> bool:
     """Whether the program without jlora fails in JAX itself (then no verdict on jlora):
     its outputs, and its gradient when the case checks gradients, on the base weights."""
-    f = lambda p: sum(jnp.sum(o.astype(jnp.float32)) for o in jax.tree.leaves(
-        case.fn(p, *case.args)))
+    f = lambda p: sum(
+        jnp.sum(o.astype(jnp.float32)) for o in jax.tree.leaves(case.fn(p, *case.args))
+    )
     try:
         jax.grad(f)(case.params) if case.grad else f(case.params)
         return False

@@ -27,8 +27,10 @@ def mesh():
 def setup(key, m, **lora):
     k1, k2, k3 = jax.random.split(key, 3)
     put = lambda x, *spec: jax.device_put(x, NamedSharding(m, P(*spec)))
-    params = {"up": {"kernel": put(jax.random.normal(k1, (D, H)) / 4, None, "model")},
-              "down": {"kernel": put(jax.random.normal(k2, (H, D)) / 4, "model", None)}}
+    params = {
+        "up": {"kernel": put(jax.random.normal(k1, (D, H)) / 4, None, "model")},
+        "down": {"kernel": put(jax.random.normal(k2, (H, D)) / 4, "model", None)},
+    }
     adapter = jlora.init(key, params, jlora.LoraConfig(rank=4, targets=("up", "down"), **lora))
     adapter = jax.device_put(randomize(adapter, key), jlora.adapter_shardings(params, adapter))
     return params, adapter, put(jax.random.normal(k3, (B, D)), "data", None)
@@ -50,8 +52,9 @@ def mapped(p, x):
     """The row-parallel half written per device with ``shard_map`` and a ``psum``."""
     h = jnp.tanh(x @ p["up"]["kernel"])
     local = lambda h, w: jax.lax.psum(h @ w, "model")
-    return jax.shard_map(local, in_specs=(P("data", "model"), P("model", None)),
-                         out_specs=P("data", None))(h, p["down"]["kernel"])
+    return jax.shard_map(
+        local, in_specs=(P("data", "model"), P("model", None)), out_specs=P("data", None)
+    )(h, p["down"]["kernel"])
 
 
 def loss(fn, params, adapter, x):
@@ -98,8 +101,9 @@ def test_dropout_under_an_explicit_mesh(key, mesh):
     with jax.set_mesh(one):
         local = lambda t: jax.device_put(np.asarray(t), NamedSharding(one, P()))
         want = f(*jax.tree.map(local, (params, adapter, x)), jax.random.key(1))
-        no_dropout = jlora.apply(megatron)(*jax.tree.map(local, (params, adapter, x)),
-                                              deterministic=True)
+        no_dropout = jlora.apply(megatron)(
+            *jax.tree.map(local, (params, adapter, x)), deterministic=True
+        )
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
     assert np.abs(np.asarray(want) - np.asarray(no_dropout)).max() > 1e-2
 
@@ -110,7 +114,8 @@ def test_mixed_adapter_batch_under_an_explicit_mesh(key, mesh):
     stacked = jlora.stack([ad0, ad1])
     ids = jnp.array([0, 1, -1, 1, 0, 0, 1, -1])
     out = jax.jit(lambda p, ad, x, i: jlora.apply(megatron)(p, ad, x, adapter_ids=i))(
-        params, stacked, x, ids)
+        params, stacked, x, ids
+    )
     each = [np.asarray(megatron(jlora.merge(params, ad), x)) for ad in (ad0, ad1)]
     each.append(np.asarray(megatron(params, x)))  # id -1: the base alone
     ref = np.stack([each[i][n] for n, i in enumerate(np.asarray(ids))])

@@ -27,8 +27,9 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 def check(fn, params, adapter, x, loss, want_uses=("factored",)):
     uses = [u for us in jlora.explain(fn, params, adapter, x).values() for u in us]
     assert uses and set(uses) == set(want_uses), uses
-    np.testing.assert_allclose(jlora.apply(fn)(params, adapter, x),
-                               fn(jlora.merge(params, adapter), x), **TOL)
+    np.testing.assert_allclose(
+        jlora.apply(fn)(params, adapter, x), fn(jlora.merge(params, adapter), x), **TOL
+    )
     got = jax.jit(jax.grad(lambda a: loss(jlora.apply(fn)(params, a, x))))(adapter)
     want = jax.grad(lambda a: loss(fn(jlora.merge(params, a), x)))(adapter)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -46,12 +47,14 @@ def main():
     except Exception as e:  # noqa: BLE001 - any failure of JAX's own grad
         print("JAX-GRAD-FAILS", type(e).__name__, str(e)[:200])
         return
-    ad = jax.tree.map(lambda v: v + 0.01, jlora.init(key, params,
-                                                     jlora.LoraConfig.preset("general")))
+    ad = jax.tree.map(
+        lambda v: v + 0.01, jlora.init(key, params, jlora.LoraConfig.preset("general"))
+    )
     check(model.apply, params, ad, ids[:, :-1], loss)
     # QLoRA: an NF4 base is dequantized inside jax.checkpoint, one layer at a time
-    quantized = jlora.quantize(params, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
-                               compute_dtype=jnp.float32)
+    quantized = jlora.quantize(
+        params, targets=("q_proj", "k_proj", "v_proj", "o_proj"), compute_dtype=jnp.float32
+    )
     check(model.apply, quantized, ad, ids[:, :-1], loss)
 
     @jax.custom_vjp
@@ -59,14 +62,21 @@ def main():
         return x @ w
 
     # half the true gradient: differentiating the primal body instead would give 2x
-    scaled_matmul.defvjp(lambda x, w: (x @ w, (x, w)),
-                         lambda r, g: (0.5 * g @ r[1].T, 0.5 * r[0].T @ g))
+    scaled_matmul.defvjp(
+        lambda x, w: (x @ w, (x, w)), lambda r, g: (0.5 * g @ r[1].T, 0.5 * r[0].T @ g)
+    )
     p = {"q_proj": jax.random.normal(key, (4, 3))}
-    ad = jax.tree.map(lambda v: v + 0.1, jlora.init(key, p, jlora.LoraConfig(
-        rank=2, targets=("q_proj",))))
-    check(lambda p, x: jnp.tanh(scaled_matmul(x, p["q_proj"])), p, ad,
-          jax.random.normal(key, (5, 4)), lambda y: jnp.sum(y ** 2),
-          [f"materialized ({KEEPS_VJP})"])
+    ad = jax.tree.map(
+        lambda v: v + 0.1, jlora.init(key, p, jlora.LoraConfig(rank=2, targets=("q_proj",)))
+    )
+    check(
+        lambda p, x: jnp.tanh(scaled_matmul(x, p["q_proj"])),
+        p,
+        ad,
+        jax.random.normal(key, (5, 4)),
+        lambda y: jnp.sum(y**2),
+        [f"materialized ({KEEPS_VJP})"],
+    )
     print("OK")
 
 

@@ -36,15 +36,16 @@ def main(address: str, n: int, pid: int, out: str) -> None:
 
     @jax.jit
     def step(adapter, ids):
-        loss = lambda ad: llama.loss_fn(jlora.apply(model.apply)(params, ad, ids[:, :-1]),
-                                        ids[:, 1:])
+        loss = lambda ad: llama.loss_fn(
+            jlora.apply(model.apply)(params, ad, ids[:, :-1]), ids[:, 1:]
+        )
         grads = jax.grad(loss)(adapter)  # averaged over the global batch by XLA
         return jax.tree.map(lambda a, g: a - 0.5 * g, adapter, grads)
 
     per = BATCH // n
     for i in range(STEPS):
         ids = np.asarray(jax.random.randint(jax.random.fold_in(key, i), (BATCH, 9), 0, 64))
-        local = ids[pid * per:(pid + 1) * per]  # this process's share of the global batch
+        local = ids[pid * per : (pid + 1) * per]  # this process's share of the global batch
         adapter = step(adapter, jax.make_array_from_process_local_data(by_example, local))
     if pid == 0:
         leaves = [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(adapter)]

@@ -18,10 +18,10 @@ from jax.sharding import PartitionSpec as P
 import jlora
 from conftest import randomize
 
-CFG = llama.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_heads=4,
-                        num_layers=2)
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
-               "collective-permute")
+CFG = llama.LlamaConfig(
+    vocab_size=256, hidden_size=128, intermediate_size=256, num_heads=4, num_layers=2
+)
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="run by test_sharding.py")
 
 
@@ -44,8 +44,11 @@ def kind(request):
 
 def shard(params, m):
     return jax.tree_util.tree_map_with_path(
-        lambda kp, x: jax.device_put(x, NamedSharding(m, llama.megatron_spec(
-            jlora.targets.path_str(kp), x.ndim))), params)
+        lambda kp, x: jax.device_put(
+            x, NamedSharding(m, llama.megatron_spec(jlora.targets.path_str(kp), x.ndim))
+        ),
+        params,
+    )
 
 
 def setup(key, m=None, **lora):
@@ -62,8 +65,7 @@ def setup(key, m=None, **lora):
 
 def sgd_step(params, adapter, ids):
     model = llama.Llama(CFG)
-    loss = lambda ad: llama.loss_fn(jlora.apply(model.apply)(params, ad, ids[:, :-1]),
-                                    ids[:, 1:])
+    loss = lambda ad: llama.loss_fn(jlora.apply(model.apply)(params, ad, ids[:, :-1]), ids[:, 1:])
     value, grads = jax.value_and_grad(loss)(adapter)
     return jax.tree.map(lambda a, g: a - 0.1 * g, adapter, grads), value
 
@@ -72,13 +74,12 @@ def test_adapter_shardings_follow_the_base(key, kind):
     params, adapter, _ = setup(key, mesh(kind=kind))
     layers = adapter["params"]["layers"]
     q, o = layers["self_attn"]["q_proj"]["kernel"], layers["self_attn"]["o_proj"]["kernel"]
-    assert q.a.sharding.spec == P(None, None, None) and q.b.sharding.spec == P(None, None,
-                                                                               "model")
-    assert o.a.sharding.spec == P(None, "model", None) and o.b.sharding.spec == P(None, None,
-                                                                                  None)
+    assert q.a.sharding.spec == P(None, None, None) and q.b.sharding.spec == P(None, None, "model")
+    assert o.a.sharding.spec == P(None, "model", None) and o.b.sharding.spec == P(None, None, None)
     dora = jlora.init(key, params, jlora.LoraConfig(rank=4, targets=("q_proj",), dora=True))
-    assert dora["params"]["layers"]["self_attn"]["q_proj"]["kernel"].magnitude.sharding.spec \
-        == P(None, "model")
+    assert dora["params"]["layers"]["self_attn"]["q_proj"]["kernel"].magnitude.sharding.spec == P(
+        None, "model"
+    )
 
 
 def quantize(params, variant):
@@ -87,8 +88,9 @@ def quantize(params, variant):
     return jlora.quantize(params, qtype=qtype, group_size=32 if qtype == "int4" else None)
 
 
-@pytest.mark.parametrize("variant", ["lora", "dora", "qlora", "qlora-int8", "qlora-int4",
-                                     "qlora-fp8"])
+@pytest.mark.parametrize(
+    "variant", ["lora", "dora", "qlora", "qlora-int8", "qlora-int4", "qlora-fp8"]
+)
 def test_sharded_step_equals_one_device(key, variant, kind):
     lora = dict(dora=True) if variant == "dora" else {}
     params1, adapter1, ids1 = setup(key, **lora)
@@ -110,8 +112,10 @@ def _collectives(f, *args) -> list[tuple[str, int]]:
     for line in jax.jit(f).lower(*args).compile().as_text().splitlines():
         m = re.search(r"= (.*?) (" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
         if m:
-            sizes = [int(np.prod([int(d) for d in dims.split(",") if d]))
-                     for dims in re.findall(r"\[([\d,]*)\]", m.group(1))]
+            sizes = [
+                int(np.prod([int(d) for d in dims.split(",") if d]))
+                for dims in re.findall(r"\[([\d,]*)\]", m.group(1))
+            ]
             found.append((m.group(2), max(sizes, default=1)))
     return found
 
@@ -123,22 +127,28 @@ def test_factored_path_keeps_the_base_sharding(key, kind):
     model = llama.Llama(CFG)
     kernel = CFG.hidden_size * CFG.hidden_size  # the smallest per-layer kernel
     base = _collectives(lambda p, x: model.apply(p, x), params, ids)
-    fwd = _collectives(lambda p, ad, x: jlora.apply(model.apply)(p, ad, x), params, adapter,
-                       ids)
+    fwd = _collectives(lambda p, ad, x: jlora.apply(model.apply)(p, ad, x), params, adapter, ids)
     step = _collectives(sgd_step, params, adapter, ids)
     big = lambda found: [c for c in found if c[0] == "all-gather" and c[1] >= kernel]
     assert big(base) == big(fwd) == big(step) == []
     assert len(fwd) == len(base)  # XLA folds the rank-r all-reduces into the base's
-    print("collectives base forward:", sorted(base), "\nLoRA forward:", sorted(fwd),
-          "\nLoRA step:", sorted(step))
+    print(
+        "collectives base forward:",
+        sorted(base),
+        "\nLoRA forward:",
+        sorted(fwd),
+        "\nLoRA step:",
+        sorted(step),
+    )
 
 
 @pytest.mark.parametrize("qtype", ["nf4", "int8", "int4", "fp8"])
 def test_quantized_codes_are_split_like_the_weight(key, qtype, kind):
     """Each device stores its shard's codes and scales (the weight split 4 ways along its
     out axis), and a use yields the weight in its own spec."""
-    w = jax.device_put(jax.random.normal(key, (256, 512)),
-                       NamedSharding(mesh(kind=kind), P(None, "model")))
+    w = jax.device_put(
+        jax.random.normal(key, (256, 512)), NamedSharding(mesh(kind=kind), P(None, "model"))
+    )
     node = jlora.quantize({"w": w}, qtype=qtype, compute_dtype=jnp.float32)["w"]
     per_device: dict = {}
     for a in jax.tree.leaves(node):
@@ -146,8 +156,9 @@ def test_quantized_codes_are_split_like_the_weight(key, qtype, kind):
             per_device[s.device] = per_device.get(s.device, 0) + s.data.nbytes
     assert max(per_device.values()) <= 0.26 * node.nbytes, max(per_device.values())
     got = jax.jit(jlora.dequantize)(node)
-    want = jlora.dequantize(jlora.quantize({"w": np.asarray(w)}, qtype=qtype,
-                                           compute_dtype=jnp.float32)["w"])
+    want = jlora.dequantize(
+        jlora.quantize({"w": np.asarray(w)}, qtype=qtype, compute_dtype=jnp.float32)["w"]
+    )
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
     assert got.sharding.is_equivalent_to(w.sharding, 2)
 
@@ -171,13 +182,15 @@ def test_checkpoint_restores_onto_another_mesh(key, tmp_path):
     jlora.save_checkpoint(tmp_path, 1, state)
     other = mesh((4, 2))
     params2 = shard(llama.init_params(CFG, key), other)
-    like_ad = jlora.init(jax.random.key(5), params2, jlora.LoraConfig.preset(
-        "complex", rank=8, alpha=16.0))
+    like_ad = jlora.init(
+        jax.random.key(5), params2, jlora.LoraConfig.preset("complex", rank=8, alpha=16.0)
+    )
     like = {"adapter": like_ad, "opt": tx.init(like_ad)}
     restored, meta = jlora.restore_checkpoint(tmp_path, like)
     assert meta["step"] == 1
-    for got, want, ref in zip(jax.tree.leaves(restored), jax.tree.leaves(state),
-                              jax.tree.leaves(like)):
+    for got, want, ref in zip(
+        jax.tree.leaves(restored), jax.tree.leaves(state), jax.tree.leaves(like)
+    ):
         np.testing.assert_array_equal(got, want)
         assert got.sharding.is_equivalent_to(ref.sharding, got.ndim)
         if isinstance(ref.sharding, NamedSharding):  # not Adam's step count
@@ -191,13 +204,20 @@ def test_a_weight_resharded_before_use_stays_factored(key, kind):
     replicated), equals the merged weight's (outputs and gradients, 1e-5), and adds no
     weight-sized all-gather to the base's own."""
     from conftest import check_against_materialized
+
     m = mesh(kind=kind)
     spec = P(None, "model")
-    gather = ((lambda w: jax.lax.with_sharding_constraint(w, NamedSharding(m, spec)))
-              if kind == "auto" else (lambda w: jax.sharding.reshard(w, spec)))
+    gather = (
+        (lambda w: jax.lax.with_sharding_constraint(w, NamedSharding(m, spec)))
+        if kind == "auto"
+        else (lambda w: jax.sharding.reshard(w, spec))
+    )
     fn = lambda p, x: jax.numpy.tanh(x @ gather(p["w"]))
-    params = {"w": jax.device_put(jax.random.normal(key, (128, 256)) * 0.1,
-                                  NamedSharding(m, P("data", "model")))}
+    params = {
+        "w": jax.device_put(
+            jax.random.normal(key, (128, 256)) * 0.1, NamedSharding(m, P("data", "model"))
+        )
+    }
     x = jax.device_put(jax.random.normal(key, (8, 128)), NamedSharding(m, P("data", None)))
     cfg = jlora.LoraConfig(rank=8, targets=("w",))
     learned = jlora.init(key, params, cfg, fn, x)  # the probe follows the constraint

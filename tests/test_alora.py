@@ -37,8 +37,10 @@ MODELS = {  # each keeps token (b, s)'s rows apart up to the weight, in a differ
     "flattened": lambda p, x: (x.reshape(B * S, D) @ p["w"]).reshape(B, S, O),
     "seq-major": lambda p, x: jnp.swapaxes(jnp.swapaxes(x, 0, 1) @ p["w"], 0, 1),
     "remat": jax.checkpoint(lambda p, x: (x.reshape(B * S, D) @ p["w"]).reshape(B, S, O)),
-    "scanned": lambda p, x: jax.lax.scan(lambda c, _: (c + x @ p["w"], None),
-                                         jnp.zeros((B, S, O)), None, length=2)[0] / 2,
+    "scanned": lambda p, x: (
+        jax.lax.scan(lambda c, _: (c + x @ p["w"], None), jnp.zeros((B, S, O)), None, length=2)[0]
+        / 2
+    ),
 }
 
 
@@ -47,14 +49,16 @@ def test_outputs_and_gradients_are_the_closed_form(name, key):
     params, ad, x, mask = _linear(key)
     fn = MODELS[name]
     f = jax.jit(jlora.apply(fn))
-    np.testing.assert_allclose(f(params, ad, x, lora_mask=mask),
-                               _closed_form(params, ad["w"], x, mask), **F32)
+    np.testing.assert_allclose(
+        f(params, ad, x, lora_mask=mask), _closed_form(params, ad["w"], x, mask), **F32
+    )
     loss = lambda a: jnp.sum(jnp.sin(f(params, a, x, lora_mask=mask)))
     want = lambda a: jnp.sum(jnp.sin(_closed_form(params, a["w"], x, mask)))
     for g, w in zip(jax.tree.leaves(jax.grad(loss)(ad)), jax.tree.leaves(jax.grad(want)(ad))):
         np.testing.assert_allclose(g, w, **F32)
     assert set(jlora.explain(fn, params, ad, x, lora_mask=mask)["w"]) == {
-        "factored (gated by lora_mask)"}
+        "factored (gated by lora_mask)"
+    }
 
 
 def _attend(q, k):
@@ -64,15 +68,26 @@ def _attend(q, k):
 #: Single-request code squeezes the size-1 axes of the mask's shape away: ``(x, mask)``
 #: shapes, the model, and its closed form given the gated projection ``proj(x)``.
 SQUEEZING = {
-    "batch squeezed": ((1, S, D), lambda p, x: (jnp.squeeze(x, 0) @ p["w"])[None],
-                       lambda proj, x: proj(x)),
-    "token squeezed (decoding)": ((B, 1, D), lambda p, x: (x[:, 0] @ p["w"])[:, None],
-                                  lambda proj, x: proj(x)),
-    "both squeezed": ((1, 1, D), lambda p, x: (x[0, 0] @ p["w"])[None, None],
-                      lambda proj, x: proj(x)),
+    "batch squeezed": (
+        (1, S, D),
+        lambda p, x: (jnp.squeeze(x, 0) @ p["w"])[None],
+        lambda proj, x: proj(x),
+    ),
+    "token squeezed (decoding)": (
+        (B, 1, D),
+        lambda p, x: (x[:, 0] @ p["w"])[:, None],
+        lambda proj, x: proj(x),
+    ),
+    "both squeezed": (
+        (1, 1, D),
+        lambda p, x: (x[0, 0] @ p["w"])[None, None],
+        lambda proj, x: proj(x),
+    ),
     "attention, batch squeezed": (
-        (1, S, D), lambda p, x: _attend(x[0] @ p["w"], x[0] @ p["w"])[None],
-        lambda proj, x: _attend(proj(x), proj(x))),
+        (1, S, D),
+        lambda p, x: _attend(x[0] @ p["w"], x[0] @ p["w"])[None],
+        lambda proj, x: _attend(proj(x), proj(x)),
+    ),
 }
 
 
@@ -85,17 +100,19 @@ def test_size_1_mask_axes_squeezed_away_are_fine(name, key):
     x = jax.random.normal(jax.random.fold_in(key, 3), shape)
     mask = jax.random.uniform(jax.random.fold_in(key, 4), shape[:2])
     want = closed(lambda x: _closed_form(params, ad["w"], x, mask), x)
-    np.testing.assert_allclose(jax.jit(jlora.apply(fn))(params, ad, x, lora_mask=mask), want,
-                               **F32)
+    np.testing.assert_allclose(jax.jit(jlora.apply(fn))(params, ad, x, lora_mask=mask), want, **F32)
 
 
-@pytest.mark.parametrize("fn, match", [
-    (lambda p, x: jnp.flip(x, 1) @ p["w"], "order was lost"),
-    (lambda p, x: x.mean(1) @ p["w"], "do not depend on that axis"),
-    (lambda p, x: jnp.concatenate([x, x], 1) @ p["w"], "order was lost"),
-    (lambda p, x: jnp.einsum("bsd,bsd->bd", x, x) @ p["w"], "do not depend"),
-    (lambda p, x: jnp.sort(x, axis=1) @ p["w"], "lost on the way"),
-])
+@pytest.mark.parametrize(
+    "fn, match",
+    [
+        (lambda p, x: jnp.flip(x, 1) @ p["w"], "order was lost"),
+        (lambda p, x: x.mean(1) @ p["w"], "do not depend on that axis"),
+        (lambda p, x: jnp.concatenate([x, x], 1) @ p["w"], "order was lost"),
+        (lambda p, x: jnp.einsum("bsd,bsd->bd", x, x) @ p["w"], "do not depend"),
+        (lambda p, x: jnp.sort(x, axis=1) @ p["w"], "lost on the way"),
+    ],
+)
 def test_a_row_whose_token_cannot_be_told_is_refused(fn, match, key):
     params, ad, x, mask = _linear(key)
     with pytest.raises(jlora.LoraError, match=match):
@@ -110,8 +127,9 @@ def test_a_square_mask_is_refused(key):
     with pytest.raises(jlora.LoraError, match="two axes of the same size"):
         jlora.apply(MODELS["plain"])(params, ad, x, lora_mask=jnp.ones((S, S), bool))
     one = jlora.apply(MODELS["plain"])(params, ad, x[:1, :1], lora_mask=jnp.ones((1, 1)))
-    np.testing.assert_allclose(one, _closed_form(params, ad["w"], x[:1, :1],
-                                                 jnp.ones((1, 1))), **F32)
+    np.testing.assert_allclose(
+        one, _closed_form(params, ad["w"], x[:1, :1], jnp.ones((1, 1))), **F32
+    )
 
 
 def test_uses_that_cannot_be_gated_are_refused(key):
@@ -146,8 +164,15 @@ def test_bad_settings_are_refused():
 
 
 def _tiny(scan=True):
-    cfg = llama.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=2,
-                            num_heads=4, num_kv_heads=2, scan_layers=scan)
+    cfg = llama.LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=24,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        scan_layers=scan,
+    )
     return llama.Llama(cfg), llama.init_params(cfg, jax.random.key(0)), cfg
 
 
@@ -158,9 +183,11 @@ def _alora(params, key, tokens, rank=2):
 
 def test_each_row_of_a_mixed_batch_equals_its_adapter_alone(key):
     model, params, _ = _tiny()
-    ads = [_alora(params, jax.random.fold_in(key, 0), (3, 4)),
-           _alora(params, jax.random.fold_in(key, 1), (5,), rank=3),
-           randomize(jlora.init(key, params, jlora.LoraConfig(rank=2, targets=PROJ)), key, 0.3)]
+    ads = [
+        _alora(params, jax.random.fold_in(key, 0), (3, 4)),
+        _alora(params, jax.random.fold_in(key, 1), (5,), rank=3),
+        randomize(jlora.init(key, params, jlora.LoraConfig(rank=2, targets=PROJ)), key, 0.3),
+    ]
     ids = np.array(jax.random.randint(key, (4, 9), 6, 32))
     ids[0, 2:4], ids[1, 5], ids[3, 1:3] = (3, 4), 5, (3, 4)
     adapter_ids = jnp.array([0, 1, 2, -1])
@@ -171,14 +198,14 @@ def test_each_row_of_a_mixed_batch_equals_its_adapter_alone(key):
     f = jax.jit(jlora.apply(model.apply))
     got = f(params, stacked, jnp.asarray(ids), adapter_ids=adapter_ids, lora_mask=mask)
     for row, k in enumerate(adapter_ids.tolist()):
-        one = ids[row:row + 1]
+        one = ids[row : row + 1]
         if k < 0:
             want = model.apply(params, one)
         elif ads[k]["params"]["layers"]["mlp"]["up_proj"]["kernel"].invocation:
             want = f(params, ads[k], one, lora_mask=jlora.alora_mask(one, ads[k]))
         else:
             want = f(params, ads[k], one)
-        np.testing.assert_allclose(got[row:row + 1], want, **F32)
+        np.testing.assert_allclose(got[row : row + 1], want, **F32)
 
 
 @pytest.mark.parametrize("batch", [2, 1])
@@ -197,12 +224,19 @@ def test_decoding_with_a_cache_continues_the_prompt(scan, batch, key):
     pos = lambda a, b: jnp.broadcast_to(jnp.arange(a, b)[None], (batch, b - a))
     mask = jlora.alora_mask(ids[:, :prompt], ad)
     cache = llama.init_cache(cfg, batch, n)
-    logits, cache = f(params, ad, jnp.asarray(ids[:, :prompt]), pos(0, prompt), cache=cache,
-                      lora_mask=mask)
+    logits, cache = f(
+        params, ad, jnp.asarray(ids[:, :prompt]), pos(0, prompt), cache=cache, lora_mask=mask
+    )
     got = [logits]
     for t in range(prompt, n):
-        logits, cache = f(params, ad, jnp.asarray(ids[:, t:t + 1]), pos(t, t + 1), cache=cache,
-                          lora_mask=mask[:, -1:])
+        logits, cache = f(
+            params,
+            ad,
+            jnp.asarray(ids[:, t : t + 1]),
+            pos(t, t + 1),
+            cache=cache,
+            lora_mask=mask[:, -1:],
+        )
         got.append(logits)
     np.testing.assert_allclose(jnp.concatenate(got, 1), want, **F32)
     base = jax.jit(model.apply)(params, jnp.asarray(ids))
@@ -213,8 +247,9 @@ def test_decoding_with_a_cache_continues_the_prompt(scan, batch, key):
 
 def test_invocation_survives_checkpoints_stack_and_unstack(tmp_path, key):
     params, _, _, _ = _linear(key)
-    ad = jlora.init(key, params, jlora.LoraConfig(rank=2, targets="w",
-                                                  alora_invocation_tokens=[7, 8]))
+    ad = jlora.init(
+        key, params, jlora.LoraConfig(rank=2, targets="w", alora_invocation_tokens=[7, 8])
+    )
     jlora.save_adapter(str(tmp_path / "a"), ad)
     assert jlora.load_adapter(str(tmp_path / "a"), params)["w"].invocation == (7, 8)
     plain = dataclasses.replace(ad["w"], invocation=None)

@@ -22,8 +22,15 @@ from peft.tuners.lora.variants import calculate_alora_offsets  # noqa: E402
 import jlora  # noqa: E402
 from conftest import randomize  # noqa: E402
 
-HF = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+HF = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 TOL = dict(rtol=1e-4, atol=1e-4)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 INVOKE = [7, 9, 3]
@@ -47,8 +54,13 @@ def _ids():
 
 def _peft_alora(tokens=INVOKE, seed=0):
     """A PEFT aLoRA trained a few steps (B nonzero) on random ids holding the invocation."""
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM",
-                          alora_invocation_tokens=list(tokens))
+    cfg = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=TARGETS,
+        task_type="CAUSAL_LM",
+        alora_invocation_tokens=list(tokens),
+    )
     model = peft.get_peft_model(_hf_base(), cfg)
     torch.manual_seed(seed)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
@@ -99,23 +111,29 @@ def test_alora_mask_is_peft_offsets():
         config = {"a": peft.LoraConfig(alora_invocation_tokens=tokens, task_type="CAUSAL_LM")}
         offsets = calculate_alora_offsets(config, "a", torch.tensor(ids))
         n = ids.shape[1]
-        want = np.stack([np.zeros(n, bool) if o is None else np.arange(n) >= n - o
-                         for o in offsets])
-        np.testing.assert_array_equal(np.asarray(jlora.alora_mask(ids, tokens)), want,
-                                      err_msg=f"trial {trial}: {tokens} in {ids}")
+        want = np.stack(
+            [np.zeros(n, bool) if o is None else np.arange(n) >= n - o for o in offsets]
+        )
+        np.testing.assert_array_equal(
+            np.asarray(jlora.alora_mask(ids, tokens)),
+            want,
+            err_msg=f"trial {trial}: {tokens} in {ids}",
+        )
 
 
 def test_jlora_alora_saves_for_peft(tmp_path, key):
     cfg = llama.config_from_hf(_hf_base().config)
     model, params = llama.Llama(cfg), llama.from_hf(_hf_base().state_dict(), cfg)
-    lcfg = jlora.LoraConfig(rank=4, alpha=8.0, targets=tuple(TARGETS),
-                            alora_invocation_tokens=INVOKE)
+    lcfg = jlora.LoraConfig(
+        rank=4, alpha=8.0, targets=tuple(TARGETS), alora_invocation_tokens=INVOKE
+    )
     ad = randomize(jlora.init(key, params, lcfg), key)
     jlora.peft.save(str(tmp_path), ad, module_fn=llama.hf_module)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["alora_invocation_tokens"] == INVOKE and saved["task_type"] == "CAUSAL_LM"
     pm = peft.PeftModel.from_pretrained(_hf_base(), str(tmp_path)).eval()
     ids = _ids()
-    got = jlora.apply(model.apply)(params, ad, jnp.asarray(ids),
-                                   lora_mask=jlora.alora_mask(ids, INVOKE))
+    got = jlora.apply(model.apply)(
+        params, ad, jnp.asarray(ids), lora_mask=jlora.alora_mask(ids, INVOKE)
+    )
     np.testing.assert_allclose(np.asarray(got), _peft_logits(pm, ids), **TOL)

@@ -30,7 +30,7 @@ class Attn(nn.Module):
     def __call__(self, x):
         q = nn.DenseGeneral((4, 8), name="q_proj")(x)
         k = nn.DenseGeneral((4, 8), name="k_proj")(x)
-        w = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / 8.0 ** 0.5)
+        w = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / 8.0**0.5)
         o = jnp.einsum("bhqk,bkhd->bqhd", w, q)
         return nn.DenseGeneral(16, axis=(-2, -1), name="o_proj")(o)
 
@@ -52,8 +52,9 @@ class Block(nn.Module):
 class Scanned(nn.Module):
     @nn.compact
     def __call__(self, x):
-        layers = nn.scan(nn.remat(Block), variable_axes={"params": 0},
-                         split_rngs={"params": True}, length=3)
+        layers = nn.scan(
+            nn.remat(Block), variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+        )
         return layers(name="layers")(x, None)[0]
 
 
@@ -85,8 +86,12 @@ def test_linen_dense_bf16(key, dtype, factors):
 def test_dense_general_axes_learned_by_tracing(key, jit):
     params, adapter = _setup(Attn(), ("q_proj", "k_proj", "o_proj"), key)
     node = adapter["params"]["q_proj"]["kernel"]
-    assert (node.in_axes, node.out_axes, node.a.shape, node.b.shape) == ((0,), (1, 2),
-                                                                         (16, 4), (4, 32))
+    assert (node.in_axes, node.out_axes, node.a.shape, node.b.shape) == (
+        (0,),
+        (1, 2),
+        (16, 4),
+        (4, 32),
+    )
     node = adapter["params"]["o_proj"]["kernel"]
     assert (node.in_axes, node.out_axes, node.a.shape) == ((0, 1), (2,), (32, 4))
     check_against_materialized(Attn().apply, params, adapter, X, jit=jit)
@@ -94,8 +99,11 @@ def test_dense_general_axes_learned_by_tracing(key, jit):
 
 def test_dense_general_without_fn_is_refused_at_init(key):
     """A head-split kernel's layout is ambiguous without fn: init says to pass it."""
-    with pytest.raises(jlora.LoraError, match=r"o_proj.*\(4, 8, 16\).*jlora.init\(key, "
-                       r"params, cfg, fn"):
+    with pytest.raises(
+        jlora.LoraError,
+        match=r"o_proj.*\(4, 8, 16\).*jlora.init\(key, "
+        r"params, cfg, fn",
+    ):
         _setup(Attn(), ("o_proj",), key, with_fn=False)
     params, adapter = _setup(Attn(), ("o_proj",), key)  # learned by tracing: fine
     check_against_materialized(Attn().apply, params, adapter, X)
@@ -112,7 +120,9 @@ def test_linen_scan_and_remat(key, jit):
     node = adapter["params"]["layers"]["q_proj"]["kernel"]
     assert node.a.shape == (3, 16, 4) and node.stack_axes == (0,)
     assert jlora.explain(Scanned().apply, params, adapter, X) == {
-        "params/layers/q_proj/kernel": ["factored"], "params/layers/v_proj/kernel": ["factored"]}
+        "params/layers/q_proj/kernel": ["factored"],
+        "params/layers/v_proj/kernel": ["factored"],
+    }
     check_against_materialized(Scanned().apply, params, adapter, X, jit=jit)
 
 
@@ -130,8 +140,10 @@ def test_nnx_split_merge(key):
     fn = lambda st, x: nnx.merge(graphdef, st)(x)
     cfg = jlora.LoraConfig(rank=4, targets=("q_proj", "v_proj"))
     adapter = randomize(jlora.init(key, state, cfg, fn, X), key)
-    assert jlora.explain(fn, state, adapter, X) == {"q_proj/kernel": ["factored"],
-                                                    "v_proj/kernel": ["factored"]}
+    assert jlora.explain(fn, state, adapter, X) == {
+        "q_proj/kernel": ["factored"],
+        "v_proj/kernel": ["factored"],
+    }
     check_against_materialized(fn, state, adapter, X)
 
 
@@ -142,8 +154,10 @@ def _plain(p, x):
 
 
 def test_plain_function_out_in_weights(key):
-    params = {"q_proj": jax.random.normal(key, (24, 16)) * 0.2,
-              "o_proj": jax.random.normal(key, (16, 24)) * 0.2}
+    params = {
+        "q_proj": jax.random.normal(key, (24, 16)) * 0.2,
+        "o_proj": jax.random.normal(key, (16, 24)) * 0.2,
+    }
     cfg = jlora.LoraConfig(rank=4, targets=("q_proj", "o_proj"))
     adapter = randomize(jlora.init(key, params, cfg, _plain, X), key)
     assert adapter["q_proj"].in_axes == (1,) and adapter["q_proj"].a.shape == (16, 4)
@@ -156,8 +170,9 @@ def test_weight_used_in_two_layouts_is_still_factored(key):
     emb = jax.random.normal(key, (50, 16))
     fn = lambda p, ids: jnp.take(p["embed"], ids, axis=0) @ p["embed"].T
     ids = jnp.arange(6).reshape(2, 3)
-    adapter = randomize(jlora.init(key, {"embed": emb}, jlora.LoraConfig(
-        rank=2, targets=("embed",))), key)
+    adapter = randomize(
+        jlora.init(key, {"embed": emb}, jlora.LoraConfig(rank=2, targets=("embed",))), key
+    )
     uses = jlora.explain(fn, {"embed": emb}, adapter, ids)["embed"]
     # init took (vocab, hidden) as (in, out); x @ E.T contracts hidden: transposed
     assert uses == ["factored", jlora.interpret.dot.TRANSPOSED]
@@ -188,8 +203,11 @@ def _control_flow(p, x):
     @jax.custom_vjp
     def mm(x, w):
         return x @ w
-    mm.defvjp(lambda x, w: (x @ w, (x, w)),  # not the primal's derivative: the user's rule
-              lambda r, g: (g @ r[1].T, 0.5 * jnp.einsum("...i,...o->io", r[0], g)))
+
+    mm.defvjp(
+        lambda x, w: (x @ w, (x, w)),  # not the primal's derivative: the user's rule
+        lambda r, g: (g @ r[1].T, 0.5 * jnp.einsum("...i,...o->io", r[0], g)),
+    )
     y = jax.jit(lambda x, w: jax.nn.relu(x @ w))(x, w)
     y = jax.lax.cond(jnp.sum(x) > -1e9, lambda y: y @ w.T, lambda y: -(y @ w.T), y)
     return mm(y, w) + jax.nn.softplus(y[..., :1] * 0 + 1)
@@ -218,8 +236,10 @@ def test_init_leaves_outputs_unchanged(key):
     params = Scanned().init(key, X)
     for init in ("kaiming", "gaussian"):
         adapter = jlora.init(key, params, jlora.LoraConfig(targets=("q_proj",), init=init))
-        np.testing.assert_array_equal(jax.jit(jlora.apply(Scanned().apply))(params, adapter, X),
-                                      jax.jit(Scanned().apply)(params, X))
+        np.testing.assert_array_equal(
+            jax.jit(jlora.apply(Scanned().apply))(params, adapter, X),
+            jax.jit(Scanned().apply)(params, X),
+        )
 
 
 def test_no_retrace_on_second_call_or_new_adapter(key):
@@ -278,8 +298,9 @@ def test_static_python_arguments_stay_static(key):
         return (x @ p["w"]) * scale if mode == "mul" else x
 
     assert jlora.explain(fn, params, ad, X, "mul", scale=2.0) == {"w": ["factored"]}
-    np.testing.assert_array_equal(jlora.apply(fn)(params, ad, X, "mul", scale=2.0),
-                                  fn(params, X, "mul", scale=2.0))
+    np.testing.assert_array_equal(
+        jlora.apply(fn)(params, ad, X, "mul", scale=2.0), fn(params, X, "mul", scale=2.0)
+    )
 
 
 def test_inputs_are_not_modified(key):

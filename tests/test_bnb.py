@@ -20,8 +20,9 @@ SHAPES = [(128, 96), (7, 33), (3, 5), (512, 1408)]
 
 
 def _bnb(w, double_quant):
-    return F.quantize_4bit(torch.tensor(w), blocksize=64, compress_statistics=double_quant,
-                           quant_type="nf4")
+    return F.quantize_4bit(
+        torch.tensor(w), blocksize=64, compress_statistics=double_quant, quant_type="nf4"
+    )
 
 
 def test_codebooks_match():
@@ -55,8 +56,9 @@ def test_double_quant_matches_bitsandbytes(shape):
     if differ.any():  # only near-ties, and to the neighbouring code
         code = quant.DYNAMIC_CODE
         assert (np.abs(ours[differ].astype(int) - theirs[differ].astype(int)) == 1).all()
-        _, raw = F.quantize_4bit(torch.tensor(w), blocksize=64, compress_statistics=False,
-                                 quant_type="nf4")
+        _, raw = F.quantize_4bit(
+            torch.tensor(w), blocksize=64, compress_statistics=False, quant_type="nf4"
+        )
         centred = raw.absmax.numpy() - float(node.offset)
         scale = np.asarray(node.absmax2)[np.arange(len(centred)) // 256]
         mid = (code[ours[differ]] + code[theirs[differ]]) / 2
@@ -64,7 +66,7 @@ def test_double_quant_matches_bitsandbytes(shape):
     absmax = F.dequantize_blockwise(state.absmax, state.state2).numpy() + float(state.offset)
     ref = _dequantize(packed, absmax, w.size)
     back = np.asarray(quant.dequantize_array(node)).reshape(-1)
-    flips = np.repeat(differ, 64)[:w.size]
+    flips = np.repeat(differ, 64)[: w.size]
     np.testing.assert_allclose(back[~flips], ref[~flips], rtol=1e-6, atol=1e-9)
 
 

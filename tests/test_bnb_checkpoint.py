@@ -26,10 +26,20 @@ from conftest import F32, close, randomize  # noqa: E402
 def _quantized_net(double_quant: bool, quant_type: str = "nf4"):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 40))
-    q = torch.nn.Sequential(*[
-        bnb.nn.Linear4bit(m.in_features, m.out_features, compute_dtype=torch.float32,
-                          compress_statistics=double_quant, quant_type=quant_type)
-        if isinstance(m, torch.nn.Linear) else m for m in net])
+    q = torch.nn.Sequential(
+        *[
+            bnb.nn.Linear4bit(
+                m.in_features,
+                m.out_features,
+                compute_dtype=torch.float32,
+                compress_statistics=double_quant,
+                quant_type=quant_type,
+            )
+            if isinstance(m, torch.nn.Linear)
+            else m
+            for m in net
+        ]
+    )
     q.load_state_dict(net.state_dict())
     return q.to("cpu")  # bitsandbytes quantizes on the move to a device
 
@@ -43,12 +53,14 @@ def _saved(tmp_path, net) -> str:
 def _reference(weight):
     """bitsandbytes' generic dequantization (absmax first, as ``F.dequantize_4bit`` does)."""
     from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
     qs = weight.quant_state
     absmax = qs.absmax
     if qs.nested:
         absmax = bnb.functional.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
-    return _dequantize_4bit_compute(weight.data.reshape(-1), absmax.float(), qs.code,
-                                    qs.blocksize, qs.shape, qs.dtype).numpy()
+    return _dequantize_4bit_compute(
+        weight.data.reshape(-1), absmax.float(), qs.code, qs.blocksize, qs.shape, qs.dtype
+    ).numpy()
 
 
 def _fn(p, x):
@@ -84,22 +96,32 @@ def test_qlora_starts_from_the_prequantized_model(tmp_path, key):
     assert ad["0"]["weight"].in_axes == (1,) and ad["0"]["weight"].a.shape == (64, 4)
     close(jax.jit(jlora.apply(_fn))(params, ad, x), _fn(jlora.merge(params, ad), x), F32)
     grads = jax.grad(lambda a: jnp.sum(jlora.apply(_fn)(params, a, x) ** 2))(ad)
-    assert all(bool(jnp.isfinite(g).all()) and float(jnp.abs(g).max()) > 0
-               for g in jax.tree.leaves(grads))
+    assert all(
+        bool(jnp.isfinite(g).all()) and float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads)
+    )
 
 
 def test_fp4_codes_and_missing_entries_are_refused_by_key(tmp_path):
     with pytest.raises(jlora.LoraError, match=r"'0.weight.quant_state.bitsandbytes__fp4'.*nf4"):
         jlora.load_bitsandbytes(_saved(tmp_path, _quantized_net(True, "fp4")))
     tensors = {k: v.numpy() for k, v in _quantized_net(True).state_dict().items()}
-    for missing in ("2.weight.absmax", "2.weight.nested_quant_map",
-                    "2.weight.quant_state.bitsandbytes__nf4"):
+    for missing in (
+        "2.weight.absmax",
+        "2.weight.nested_quant_map",
+        "2.weight.quant_state.bitsandbytes__nf4",
+    ):
         broken = {k: v for k, v in tensors.items() if k != missing}
         with pytest.raises(jlora.LoraError, match=missing.replace(".", r"\.")):
             jlora.load_bitsandbytes(broken)
     state = json.loads(bytes(tensors["0.weight.quant_state.bitsandbytes__nf4"]).decode())
     state["shape"] = [48, 32]
-    bad = dict(tensors, **{"0.weight.quant_state.bitsandbytes__nf4":
-                           np.frombuffer(json.dumps(state).encode(), np.uint8)})
+    bad = dict(
+        tensors,
+        **{
+            "0.weight.quant_state.bitsandbytes__nf4": np.frombuffer(
+                json.dumps(state).encode(), np.uint8
+            )
+        },
+    )
     with pytest.raises(jlora.LoraError, match=r"'0.weight' holds .* for shape \(48, 32\)"):
         jlora.load_bitsandbytes(bad)

@@ -53,8 +53,9 @@ def test_merge_convert_inspect(tmp_path, key, capsys):
 
 def test_inspect_shows_full_modules_and_token_rows(tmp_path, key, capsys):
     params = llama.init_params(llama.LlamaConfig(), key)
-    cfg = jlora.LoraConfig(targets=("q_proj",), modules_to_save=("lm_head",),
-                           trainable_token_indices=[1, 2])
+    cfg = jlora.LoraConfig(
+        targets=("q_proj",), modules_to_save=("lm_head",), trainable_token_indices=[1, 2]
+    )
     jlora.save_adapter(tmp_path / "ad", jlora.init(key, params, cfg))
     main(["inspect", str(tmp_path / "ad")])
     out = capsys.readouterr().out
@@ -64,13 +65,16 @@ def test_inspect_shows_full_modules_and_token_rows(tmp_path, key, capsys):
 
 def test_help_does_not_import_jax():
     """`jlora --help` (and a subcommand's) answers without loading JAX or jlora."""
-    code = ("import sys, jlora_cli\n"
-            "for argv in (['--help'], ['convert', '--help']):\n"
-            "    try:\n        jlora_cli.main(argv)\n    except SystemExit as e:\n"
-            "        assert e.code == 0\n"
-            "print(sorted(m for m in ('jax', 'jlora', 'numpy') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
+    code = (
+        "import sys, jlora_cli\n"
+        "for argv in (['--help'], ['convert', '--help']):\n"
+        "    try:\n        jlora_cli.main(argv)\n    except SystemExit as e:\n"
+        "        assert e.code == 0\n"
+        "print(sorted(m for m in ('jax', 'jlora', 'numpy') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert "usage: jlora convert" in out and out.strip().endswith("[]")
     assert jlora_cli.MEMORY_TARGETS == jlora.memory.LINEAR[:4]  # memory's default, unimported
 
@@ -82,8 +86,12 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("jlora: error: no adapter directory") and err.count("\n") == 1
     assert main(["convert", str(tmp_path), str(tmp_path / "b"), "--module-fn", "nocolon"]) == 1
     assert "expected MODULE:FUNCTION" in capsys.readouterr().err
-    proc = subprocess.run([sys.executable, "-m", "jlora_cli", "merge", "a.npz", "b", "c"],
-                          capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jlora_cli", "merge", "a.npz", "b", "c"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1
 
@@ -115,11 +123,14 @@ def test_convert_for_transformers_gives_jlora_logits(tmp_path, key, capsys):
     with torch.no_grad():
         base = model(torch.from_numpy(ids)).logits.numpy()
     assert np.abs(np.asarray(want) - base).max() > 0.05  # the adapter changes the logits
-    for flags in (["--module-fn", f"{llama.__file__}:hf_module"],
-                  ["--prefix", "base_model.model.model."]):
+    for flags in (
+        ["--module-fn", f"{llama.__file__}:hf_module"],
+        ["--prefix", "base_model.model.model."],
+    ):
         dst = str(tmp_path / flags[0])
-        assert main(["convert", src, dst, "--base", str(tmp_path / "model.safetensors"),
-                     *flags]) == 0
+        assert (
+            main(["convert", src, dst, "--base", str(tmp_path / "model.safetensors"), *flags]) == 0
+        )
         out = capsys.readouterr().out
         assert "(PEFT): 6 modules, model.layers.0.mlp.down_proj, " in out, out
         got = peft.PeftModel.from_pretrained(hf_model(kv_heads=2), dst).eval()
@@ -133,8 +144,7 @@ def test_convert_peft_with_a_torch_base(tmp_path, key, capsys):
     pytest.importorskip("peft")
     _, _, _, ad = _hf_llama(tmp_path, key)
     peft_dir, back = str(tmp_path / "peft"), str(tmp_path / "back")
-    assert main(["convert", str(tmp_path / "ad"), peft_dir, "--module-fn",
-                 "llama:hf_module"]) == 0
+    assert main(["convert", str(tmp_path / "ad"), peft_dir, "--module-fn", "llama:hf_module"]) == 0
     assert main(["convert", peft_dir, back, "--base", str(tmp_path)]) == 0
     torch_params = cli.torch_tree(cli.torch_base_files(str(tmp_path)))
     node = jlora.load_adapter(back, torch_params)["model"]["layers"]["1"]["self_attn"]

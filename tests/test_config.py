@@ -9,8 +9,11 @@ from jlora.targets import path_str
 
 
 def test_presets_follow_the_source_table():
-    rows = {name: (c.rank, c.alpha, c.targets) for name in jlora.PRESETS
-            for c in [jlora.LoraConfig.preset(name)]}
+    rows = {
+        name: (c.rank, c.alpha, c.targets)
+        for name in jlora.PRESETS
+        for c in [jlora.LoraConfig.preset(name)]
+    }
     assert rows["quick"] == (8, 16.0, ("q_proj", "v_proj"))
     assert rows["general"] == (16, 32.0, ("q_proj", "k_proj", "v_proj", "o_proj"))
     assert rows["complex"][:2] == (32, 64.0) and len(rows["complex"][2]) == 7
@@ -24,15 +27,25 @@ def test_scaling_plain_and_rslora():
     assert rs.scaling_for(16, 32.0) == pytest.approx(32.0 / math.sqrt(16))
 
 
-@pytest.mark.parametrize("kw, word", [
-    (dict(rank=0), "rank"), (dict(rank=-2), "rank"), (dict(rank=2.5), "rank"),
-    (dict(alpha=0.0), "alpha"), (dict(alpha=-1.0), "alpha"),
-    (dict(dropout=1.0), "dropout"), (dict(dropout=-0.1), "dropout"),
-    (dict(targets="q_proj(["), "targets"), (dict(targets=()), "targets"),
-    (dict(init="xavier"), "init"), (dict(rank_pattern={"q": 0}), "rank_pattern"),
-    (dict(exclude="layers_(["), "exclude"), (dict(exclude=("",)), "exclude"),
-    (dict(exclude=3), "exclude"),
-])
+@pytest.mark.parametrize(
+    "kw, word",
+    [
+        (dict(rank=0), "rank"),
+        (dict(rank=-2), "rank"),
+        (dict(rank=2.5), "rank"),
+        (dict(alpha=0.0), "alpha"),
+        (dict(alpha=-1.0), "alpha"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(dropout=-0.1), "dropout"),
+        (dict(targets="q_proj(["), "targets"),
+        (dict(targets=()), "targets"),
+        (dict(init="xavier"), "init"),
+        (dict(rank_pattern={"q": 0}), "rank_pattern"),
+        (dict(exclude="layers_(["), "exclude"),
+        (dict(exclude=("",)), "exclude"),
+        (dict(exclude=3), "exclude"),
+    ],
+)
 def test_bad_config_is_a_clear_error(kw, word):
     with pytest.raises(jlora.LoraError, match=word):
         jlora.LoraConfig(**kw)
@@ -44,9 +57,12 @@ def test_unknown_preset():
 
 
 def _params():
-    return {"params": {"layers_0": {"attn": {"q_proj": {"kernel": jnp.ones((8, 8)),
-                                                         "bias": jnp.ones((8,))}}},
-                       "norm": {"scale": jnp.ones((8,))}}}
+    return {
+        "params": {
+            "layers_0": {"attn": {"q_proj": {"kernel": jnp.ones((8, 8)), "bias": jnp.ones((8,))}}},
+            "norm": {"scale": jnp.ones((8,))},
+        }
+    }
 
 
 def test_targets_match_nothing_lists_paths(key):
@@ -68,20 +84,29 @@ def test_regex_and_names_select_the_same_kernel(key):
 
 def test_rank_and_alpha_patterns(key):
     p = {"q_proj": {"kernel": jnp.ones((8, 8))}, "v_proj": {"kernel": jnp.ones((8, 8))}}
-    cfg = jlora.LoraConfig(rank=2, alpha=4.0, targets=("q_proj", "v_proj"),
-                           rank_pattern={"v_proj": 4}, alpha_pattern={"v_proj": 1.0})
+    cfg = jlora.LoraConfig(
+        rank=2,
+        alpha=4.0,
+        targets=("q_proj", "v_proj"),
+        rank_pattern={"v_proj": 4},
+        alpha_pattern={"v_proj": 1.0},
+    )
     ad = jlora.init(key, p, cfg)
     assert ad["q_proj"]["kernel"].a.shape == (8, 2) and ad["q_proj"]["kernel"].scale == 2.0
     assert ad["v_proj"]["kernel"].a.shape == (8, 4) and ad["v_proj"]["kernel"].scale == 0.25
     with pytest.raises(jlora.LoraError, match="rank_pattern"):
-        jlora.init(key, p, jlora.LoraConfig(rank=2, targets=("q_proj",),
-                                            rank_pattern={"k_proj": 4}))
+        jlora.init(
+            key, p, jlora.LoraConfig(rank=2, targets=("q_proj",), rank_pattern={"k_proj": 4})
+        )
 
 
 def test_rank_larger_than_kernel(key):
     with pytest.raises(jlora.LoraError, match="exceeds"):
-        jlora.init(key, {"q_proj": {"kernel": jnp.ones((8, 3))}},
-                   jlora.LoraConfig(rank=4, targets=("q_proj",)))
+        jlora.init(
+            key,
+            {"q_proj": {"kernel": jnp.ones((8, 3))}},
+            jlora.LoraConfig(rank=4, targets=("q_proj",)),
+        )
 
 
 def test_path_str_drops_nnx_value_and_joins():
@@ -103,20 +128,30 @@ def test_adapter_for_other_params_is_a_clear_error(key):
 def test_non_array_params_leaf_is_named(key):
     ad = jlora.init(key, {"w": jnp.ones((4, 4))}, jlora.LoraConfig(rank=2, targets=("w",)))
     with pytest.raises(TypeError, match="'flag' is a bool"):
-        jlora.apply(lambda p, x: x @ p["w"])({"w": jnp.ones((4, 4)), "flag": True}, ad,
-                                             jnp.ones((2, 4)))
+        jlora.apply(lambda p, x: x @ p["w"])(
+            {"w": jnp.ones((4, 4)), "flag": True}, ad, jnp.ones((2, 4))
+        )
 
 
 def test_exclude_leaves_out_matching_paths(key):
     """PEFT's exclude_modules: the same syntax as targets, applied after them."""
-    params = {"params": {f"layers_{i}": {"attn": {"q_proj": {"kernel": jnp.ones((8, 8))},
-                                                  "v_proj": {"kernel": jnp.ones((8, 8))}}}
-                         for i in range(3)}}
+    params = {
+        "params": {
+            f"layers_{i}": {
+                "attn": {
+                    "q_proj": {"kernel": jnp.ones((8, 8))},
+                    "v_proj": {"kernel": jnp.ones((8, 8))},
+                }
+            }
+            for i in range(3)
+        }
+    }
     for exclude in ("layers_1/", ("layers_1",)):
         cfg = jlora.LoraConfig(rank=2, targets=("q_proj", "v_proj"), exclude=exclude)
         nodes = jlora.adapter.adapter_nodes(jlora.init(key, params, cfg))
-        assert sorted(nodes) == [f"params/layers_{i}/attn/{m}/kernel" for i in (0, 2)
-                                 for m in ("q_proj", "v_proj")]
+        assert sorted(nodes) == [
+            f"params/layers_{i}/attn/{m}/kernel" for i in (0, 2) for m in ("q_proj", "v_proj")
+        ]
     with pytest.raises(jlora.LoraError, match="matched no parameter outside exclude"):
         jlora.init(key, params, jlora.LoraConfig(rank=2, targets=("q_proj",), exclude="attn"))
 
@@ -136,7 +171,12 @@ def test_layers_to_transform_adapts_only_those_layers(key, layer_key):
     cfg = jlora.LoraConfig(rank=2, targets=("q_proj", "lm_head"), layers_to_transform=[1, 3])
     nodes = jlora.adapter.adapter_nodes(jlora.init(key, params, cfg))
     assert sorted(nodes) == [f"model/{layer_key.format(i)}/q_proj/kernel" for i in (1, 3)]
-    only = jlora.LoraConfig(rank=2, targets=("q_proj",), layers_to_transform=2,
-                            layers_pattern=layer_key.split("/")[0].split("_")[0])
+    only = jlora.LoraConfig(
+        rank=2,
+        targets=("q_proj",),
+        layers_to_transform=2,
+        layers_pattern=layer_key.split("/")[0].split("_")[0],
+    )
     assert list(jlora.adapter.adapter_nodes(jlora.init(key, params, only))) == [
-        f"model/{layer_key.format(2)}/q_proj/kernel"]
+        f"model/{layer_key.format(2)}/q_proj/kernel"
+    ]

@@ -17,8 +17,11 @@ CHUNK, CHUNKS = 8, 6  # 48 programs, about 3 s each on one core
 def test_random_programs_equal_the_merged_weights_or_are_refused(chunk):
     seeds = range(chunk * CHUNK, (chunk + 1) * CHUNK)
     verdicts = {s: differential.verdict(s) for s in seeds}
-    bad = {s: v for s, v in verdicts.items()
-           if v[0] not in ("right", "refused") and not v[0].startswith("invalid")}
+    bad = {
+        s: v
+        for s, v in verdicts.items()
+        if v[0] not in ("right", "refused") and not v[0].startswith("invalid")
+    }
     assert not bad, bad
     # the slice keeps testing numbers: most programs run (refusals are mixed batches
     # whose weight is used other than by a dot, measured 9 of 120)

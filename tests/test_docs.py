@@ -29,8 +29,9 @@ def _blocks(page: pathlib.Path) -> list[str]:
     return BLOCK.findall(page.read_text(encoding="utf-8"))
 
 
-@pytest.mark.parametrize("page", [p for p in PAGES if _blocks(p)],
-                         ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize(
+    "page", [p for p in PAGES if _blocks(p)], ids=lambda p: str(p.relative_to(ROOT))
+)
 def test_every_python_block_runs(page, tmp_path, monkeypatch):
     blocks = _blocks(page)
     needed = set(re.findall(r"^import (\w+)|^from (\w+)", "\n".join(blocks), re.M))
@@ -70,14 +71,18 @@ def test_every_public_callable_has_a_google_docstring_with_a_runnable_example():
 def test_the_api_reference_lists_every_public_name():
     api = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
     documented = set(re.findall(r"^::: jlora\.([\w.]+)", api, re.M))
-    public = {n for n, obj in _public() if inspect.isfunction(obj) or inspect.isclass(obj)
-              or n in ("PRESETS", "Params", "Adapter")}
+    public = {
+        n
+        for n, obj in _public()
+        if inspect.isfunction(obj) or inspect.isclass(obj) or n in ("PRESETS", "Params", "Adapter")
+    }
     assert public - documented == set()
 
 
 def test_reliability_figures_come_from_the_tests():
     """The counts of bad inputs and property cases in docs/reliability.md are the tests'."""
     from test_bad_inputs import CASES
+
     text = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
     prop = (ROOT / "tests" / "test_property.py").read_text(encoding="utf-8")
     examples = sum(int(n) for n in re.findall(r"max_examples=(\d+)", prop))

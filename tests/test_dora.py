@@ -14,12 +14,19 @@ from conftest import BF16, F32, check_against_materialized, close, ref_merge
 
 def _dora(adapter, key):
     """Random a, b and a magnitude near its init (B = 0 at init tests nothing)."""
+
     def one(n):
         k = jax.random.fold_in(key, n.a.size)
-        noise = lambda i, x: (0.1 * jax.random.normal(jax.random.fold_in(k, i), x.shape)
-                              ).astype(x.dtype)
-        return dataclasses.replace(n, a=n.a + noise(0, n.a), b=noise(1, n.b),
-                                   magnitude=n.magnitude * (1 + noise(2, n.magnitude)))
+        noise = lambda i, x: (0.1 * jax.random.normal(jax.random.fold_in(k, i), x.shape)).astype(
+            x.dtype
+        )
+        return dataclasses.replace(
+            n,
+            a=n.a + noise(0, n.a),
+            b=noise(1, n.b),
+            magnitude=n.magnitude * (1 + noise(2, n.magnitude)),
+        )
+
     return jax.tree.map(one, adapter, is_leaf=jlora.adapter.is_node)
 
 
@@ -55,8 +62,11 @@ def test_dora_bf16_base(key):
 def test_dora_is_the_identity_at_init(key):
     params = Scanned().init(key, X)
     ad = jlora.init(key, params, jlora.LoraConfig(targets=("q_proj", "v_proj"), dora=True))
-    close(jlora.apply(Scanned().apply)(params, ad, X), Scanned().apply(params, X),
-          dict(rtol=1e-6, atol=1e-6))
+    close(
+        jlora.apply(Scanned().apply)(params, ad, X),
+        Scanned().apply(params, X),
+        dict(rtol=1e-6, atol=1e-6),
+    )
 
 
 def test_dora_dropout_follows_peft(key):
@@ -113,7 +123,12 @@ def test_dora_magnitude_trains_with_b_in_loraplus_and_saves(key, tmp_path):
     assert (labels.a, labels.b, labels.magnitude) == ("a", "b", "b")
     jlora.save_adapter(tmp_path / "dora", ad)
     back = jlora.load_adapter(tmp_path / "dora", params)
-    np.testing.assert_array_equal(back["params"]["layers"]["q_proj"]["kernel"].magnitude,
-                                  ad["params"]["layers"]["q_proj"]["kernel"].magnitude)
-    close(jlora.apply(Scanned().apply)(params, back, X),
-          jlora.apply(Scanned().apply)(params, ad, X), F32)
+    np.testing.assert_array_equal(
+        back["params"]["layers"]["q_proj"]["kernel"].magnitude,
+        ad["params"]["layers"]["q_proj"]["kernel"].magnitude,
+    )
+    close(
+        jlora.apply(Scanned().apply)(params, back, X),
+        jlora.apply(Scanned().apply)(params, ad, X),
+        F32,
+    )

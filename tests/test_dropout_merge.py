@@ -18,8 +18,9 @@ def _identity_adapter(params, key, rate=RATE, targets=("w1", "w2"), fn=()):
     """A = B = I and scale 1, so the LoRA path returns dropout(x) itself."""
     cfg = jlora.LoraConfig(rank=D, alpha=float(D), targets=targets, dropout=rate)
     ad = jlora.init(key, params, cfg, *fn)
-    eye = lambda n: dataclasses.replace(n, a=jnp.broadcast_to(jnp.eye(D), n.a.shape),
-                                        b=jnp.broadcast_to(jnp.eye(D), n.b.shape))
+    eye = lambda n: dataclasses.replace(
+        n, a=jnp.broadcast_to(jnp.eye(D), n.a.shape), b=jnp.broadcast_to(jnp.eye(D), n.b.shape)
+    )
     return jax.tree.map(eye, ad, is_leaf=jlora.adapter.is_node)
 
 
@@ -61,8 +62,7 @@ def test_deterministic_means_no_dropout_and_no_rng_without_it_is_refused(key):
     params = {"w1": jnp.zeros((D, D)), "w2": jnp.zeros((D, D))}
     ad = _identity_adapter(params, key, rate=0.5)
     x = jnp.ones((8, D))
-    np.testing.assert_array_equal(
-        jlora.apply(_two_sites)(params, ad, x, deterministic=True)[0], x)
+    np.testing.assert_array_equal(jlora.apply(_two_sites)(params, ad, x, deterministic=True)[0], x)
     with pytest.raises(jlora.LoraError, match="'w1' has dropout=0.5 but no lora_rng"):
         jlora.apply(_two_sites)(params, ad, x)
 
@@ -98,8 +98,9 @@ def test_kaiming_and_gaussian_init(key):
     ad = jlora.init(key, w, jlora.LoraConfig(rank=16, targets=("q_proj",)))["q_proj"]
     assert float(jnp.abs(ad.a).max()) <= 1 / 16.0 and float(jnp.abs(ad.a).max()) > 0.9 / 16
     assert not ad.b.any()
-    ad = jlora.init(key, w, jlora.LoraConfig(rank=16, targets=("q_proj",),
-                                             init="gaussian"))["q_proj"]
+    ad = jlora.init(key, w, jlora.LoraConfig(rank=16, targets=("q_proj",), init="gaussian"))[
+        "q_proj"
+    ]
     assert abs(float(ad.a.std()) - 1 / 16) < 0.005 and not ad.b.any()
 
 

@@ -24,7 +24,7 @@ def _pca(x):
     xc = x.astype(np.float64) - x.mean(0)
     _, s, vt = np.linalg.svd(xc, full_matrices=False)
     vt = vt * np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(1)])[:, None]
-    return vt.T, s ** 2 / (s ** 2).sum(), s
+    return vt.T, s**2 / (s**2).sum(), s
 
 
 def _two_layer(key):
@@ -43,8 +43,9 @@ def test_components_and_ranks_match_the_closed_form(key):
     ins = {"q": x, "u": z}
     pcas = {k: _pca(v) for k, v in ins.items()}
     # PEFT's rule: the 4 largest ratios among each leaf's first round(2 * 2) = 4 win
-    pool = sorted([(r, k) for k, (_, ratios, _) in pcas.items() for r in ratios[:4]],
-                  reverse=True)[:4]
+    pool = sorted([(r, k) for k, (_, ratios, _) in pcas.items() for r in ratios[:4]], reverse=True)[
+        :4
+    ]
     want = {k: sum(1 for _, kk in pool if kk == k) for k in ins}
     assert want["q"] == 3  # the input with three strong directions takes a third
     for k, node in ad.items():
@@ -54,8 +55,9 @@ def test_components_and_ranks_match_the_closed_form(key):
         comps, _, s = pcas[k]
         assert node.rank == want[k] and node.alpha == pytest.approx(4.0 * want[k] / 2)
         assert node.scale == pytest.approx(2.0)  # alpha/r kept by adjust_scaling
-        np.testing.assert_allclose(node.a, comps[:, :want[k]] / np.sqrt(s[:want[k]]),
-                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            node.a, comps[:, : want[k]] / np.sqrt(s[: want[k]]), rtol=1e-4, atol=1e-5
+        )
         np.testing.assert_array_equal(node.b, 0)
     for got, want in zip(jlora.apply(fn)(p, ad, x, z), fn(p, x, z)):
         np.testing.assert_allclose(got, want, **F32)
@@ -70,15 +72,17 @@ def test_mask_drops_rows_and_scanned_layers_match_unscanned(key):
     cfg = jlora.LoraConfig(rank=4, targets=("q_proj", "down_proj"))
     conf = llama.LlamaConfig(scan_layers=True, remat=True)
     stacked = llama.init_params(conf, key)
-    layers = {f"layers_{i}": jax.tree.map(lambda v, i=i: v[i], stacked["params"]["layers"])
-              for i in range(conf.num_layers)}
-    unstacked = {"params": {**{k: v for k, v in stacked["params"].items() if k != "layers"},
-                            **layers}}
+    layers = {
+        f"layers_{i}": jax.tree.map(lambda v, i=i: v[i], stacked["params"]["layers"])
+        for i in range(conf.num_layers)
+    }
+    unstacked = {
+        "params": {**{k: v for k, v in stacked["params"].items() if k != "layers"}, **layers}
+    }
     got = {}
     for scan, params in ((True, stacked), (False, unstacked)):
         model = llama.Llama(llama.LlamaConfig(scan_layers=scan, remat=scan))
-        got[scan] = jlora.init_eva(key, params, cfg, model.apply, batches, masks=masks,
-                                   rho=1.0)
+        got[scan] = jlora.init_eva(key, params, cfg, model.apply, batches, masks=masks, rho=1.0)
     for i in range(2):
         for name, mod in (("q_proj", "self_attn"), ("down_proj", "mlp")):
             one = got[False]["params"][f"layers_{i}"][mod][name]["kernel"]
@@ -88,11 +92,15 @@ def test_mask_drops_rows_and_scanned_layers_match_unscanned(key):
     # the kept rows only
     p0 = unstacked["params"]
     emb = np.asarray(p0["embed_tokens"]["embedding"])[np.asarray(ids)]
-    h = emb / np.sqrt((emb ** 2).mean(-1, keepdims=True) + conf.rms_norm_eps)
+    h = emb / np.sqrt((emb**2).mean(-1, keepdims=True) + conf.rms_norm_eps)
     h = h * np.asarray(p0["layers_0"]["input_layernorm"]["weight"])
     comps = _pca(h[mask])[0]
-    np.testing.assert_allclose(got[False]["params"]["layers_0"]["self_attn"]["q_proj"][
-        "kernel"].a, comps[:, :4], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(
+        got[False]["params"]["layers_0"]["self_attn"]["q_proj"]["kernel"].a,
+        comps[:, :4],
+        rtol=1e-3,
+        atol=1e-3,
+    )
 
 
 def test_errors(key):
@@ -108,16 +116,26 @@ def test_errors(key):
     with pytest.raises(ValueError, match="EVA mask has shape"):
         jlora.init_eva(key, p, cfg, fn, [x], masks=[np.ones((3,), bool)])
     with pytest.raises(ValueError, match="change the base"):
-        jlora.init_eva(key, p, jlora.LoraConfig(rank=2, targets=("q",), init="pissa"), fn,
-                       [x])
+        jlora.init_eva(key, p, jlora.LoraConfig(rank=2, targets=("q",), init="pissa"), fn, [x])
     # a stacked leaf whose layers would get different ranks
     w = jnp.stack([jnp.eye(8), jnp.eye(8)])
-    scan = lambda p, x: jax.lax.scan(lambda c, w: (c @ w * jnp.array([[9.0] + [1.0] * 7]), None),
-                                     x, p["w"])[0]
+    scan = lambda p, x: jax.lax.scan(
+        lambda c, w: (c @ w * jnp.array([[9.0] + [1.0] * 7]), None), x, p["w"]
+    )[0]
     with pytest.raises(ValueError, match="layers_to_transform on a scanned stack"):
-        jlora.init_eva(key, {"layers": {"w": w, "v": w}}, jlora.LoraConfig(
-            rank=2, targets=("w",), layers_to_transform=[1]), lambda p, x: scan(
-                {"w": p["layers"]["w"]}, x), [(_rows(key, 50, [1.0] * 8),)])
+        jlora.init_eva(
+            key,
+            {"layers": {"w": w, "v": w}},
+            jlora.LoraConfig(rank=2, targets=("w",), layers_to_transform=[1]),
+            lambda p, x: scan({"w": p["layers"]["w"]}, x),
+            [(_rows(key, 50, [1.0] * 8),)],
+        )
     with pytest.raises(ValueError, match="different ranks.*rho=1.0"):
-        jlora.init_eva(key, {"w": w}, jlora.LoraConfig(rank=2, targets=("w",)), scan,
-                       [(_rows(key, 50, [1.0] * 8),)], rho=2.0)
+        jlora.init_eva(
+            key,
+            {"w": w},
+            jlora.LoraConfig(rank=2, targets=("w",)),
+            scan,
+            [(_rows(key, 50, [1.0] * 8),)],
+            rho=2.0,
+        )

@@ -17,8 +17,9 @@ EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 
 
 def _run(*args):
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600,
-                          cwd=EXAMPLES)
+    proc = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=600, cwd=EXAMPLES
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout
 
@@ -70,25 +71,52 @@ def test_kv_cache_decode_of_a_mixed_batch_equals_each_adapter_alone(key, scan):
     """The example model's KV cache (examples/serve_runtime.py): prefill then one token at
     a time, each row through its own stacked adapter, equals each adapter's full forward
     without a cache (fp32)."""
-    cfg = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_heads=4,
-                            num_layers=2, scan_layers=scan)
+    cfg = llama.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_heads=4,
+        num_layers=2,
+        scan_layers=scan,
+    )
     model, params = llama.Llama(cfg), llama.init_params(cfg, key)
-    ads = [randomize(jlora.init(jax.random.fold_in(key, i), params, jlora.LoraConfig(
-        rank=2 + 2 * i, targets=("q_proj", "v_proj", "down_proj"))), jax.random.fold_in(key, i))
-        for i in range(3)]
+    ads = [
+        randomize(
+            jlora.init(
+                jax.random.fold_in(key, i),
+                params,
+                jlora.LoraConfig(rank=2 + 2 * i, targets=("q_proj", "v_proj", "down_proj")),
+            ),
+            jax.random.fold_in(key, i),
+        )
+        for i in range(3)
+    ]
     ids = jax.random.randint(key, (3, 9), 0, cfg.vocab_size)
-    run = jax.jit(lambda st, x, pos, cache, at: jlora.apply(model.apply)(
-        params, st, x, pos, None, cache, at, adapter_ids=jnp.arange(3),
-        example_axes=(0, 0, None, 1, None)))
+    run = jax.jit(
+        lambda st, x, pos, cache, at: jlora.apply(model.apply)(
+            params,
+            st,
+            x,
+            pos,
+            None,
+            cache,
+            at,
+            adapter_ids=jnp.arange(3),
+            example_axes=(0, 0, None, 1, None),
+        )
+    )
     cache = llama.init_cache(cfg, 3, 12)
-    logits, cache = run(jlora.stack(ads), ids[:, :5], jnp.tile(jnp.arange(5), (3, 1)), cache,
-                        jnp.int32(0))
+    logits, cache = run(
+        jlora.stack(ads), ids[:, :5], jnp.tile(jnp.arange(5), (3, 1)), cache, jnp.int32(0)
+    )
     steps = [logits]
     for t in range(5, 9):
-        logits, cache = run(jlora.stack(ads), ids[:, t:t + 1], jnp.full((3, 1), t), cache,
-                            jnp.int32(t))
+        logits, cache = run(
+            jlora.stack(ads), ids[:, t : t + 1], jnp.full((3, 1), t), cache, jnp.int32(t)
+        )
         steps.append(logits)
     got = jnp.concatenate(steps, axis=1)
     for i, ad in enumerate(ads):
-        np.testing.assert_allclose(got[i], jlora.apply(model.apply)(params, ad, ids[i:i + 1])[0],
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            got[i], jlora.apply(model.apply)(params, ad, ids[i : i + 1])[0], rtol=1e-5, atol=1e-5
+        )

@@ -31,16 +31,21 @@ SMALL = {"q_proj": {"kernel": jnp.ones((64, 64))}}
 def _adapter(params, rank, seed):
     ad = jlora.init(jax.random.key(0), params, jlora.LoraConfig(rank=rank, targets=("q_proj",)))
     leaves, tree = jax.tree.flatten(ad)  # random values: orbax compresses constant arrays
-    return jax.tree.unflatten(tree, [jax.random.normal(jax.random.key(seed + i), v.shape)
-                                     for i, v in enumerate(leaves)])
+    return jax.tree.unflatten(
+        tree, [jax.random.normal(jax.random.key(seed + i), v.shape) for i, v in enumerate(leaves)]
+    )
 
 
-SAVE = {"adapter": lambda root, ad: jlora.save_adapter(root, ad),
-        "state": lambda root, ad: jlora.save_checkpoint(root, _next_step(root), ad),
-        "peft": lambda root, ad: jlora.peft.save(root, ad)}
-LOAD = {"adapter": lambda root: jlora.load_adapter(root, SMALL),
-        "state": lambda root: jlora.restore_checkpoint(root, _adapter(SMALL, 4, 0))[0],
-        "peft": lambda root: jlora.peft.load(root, SMALL)}
+SAVE = {
+    "adapter": lambda root, ad: jlora.save_adapter(root, ad),
+    "state": lambda root, ad: jlora.save_checkpoint(root, _next_step(root), ad),
+    "peft": lambda root, ad: jlora.peft.save(root, ad),
+}
+LOAD = {
+    "adapter": lambda root: jlora.load_adapter(root, SMALL),
+    "state": lambda root: jlora.restore_checkpoint(root, _adapter(SMALL, 4, 0))[0],
+    "peft": lambda root: jlora.peft.load(root, SMALL),
+}
 
 
 def _next_step(root) -> int:
@@ -56,7 +61,8 @@ def _files(root) -> dict:
         for f in fs:
             with open(os.path.join(d, f), "rb") as fh:
                 out[os.path.relpath(os.path.join(d, f), root)] = hashlib.sha256(
-                    fh.read()).hexdigest()
+                    fh.read()
+                ).hexdigest()
     return out
 
 
@@ -92,8 +98,12 @@ def _saved(tmp_path, kind):
 @pytest.mark.parametrize("kind", list(SAVE))
 def test_save_to_a_full_disk_fails_loudly_and_keeps_the_old_checkpoint(tmp_path, kind):
     root, old, before = _saved(tmp_path, kind)
-    proc = subprocess.run([sys.executable, "-c", _FULL_DISK_CHILD, root, kind, TESTS],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_CHILD, root, kind, TESTS],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert "raised" in proc.stdout, proc.stdout + proc.stderr[-2000:]
     if kind != "peft":  # jlora's note on orbax's error
         assert "previous checkpoint there (if any) is untouched" in proc.stdout
@@ -110,8 +120,10 @@ def _read_only(path):
         return lambda: os.chmod(path, 0o755)
     proc = subprocess.run(["chattr", "+i", path], capture_output=True, text=True)
     if proc.returncode:  # pragma: no cover - a root without CAP_LINUX_IMMUTABLE
-        pytest.skip(f"running as root and chattr +i failed ({proc.stderr.strip()}): no way "
-                    "to make a directory read-only for root here")
+        pytest.skip(
+            f"running as root and chattr +i failed ({proc.stderr.strip()}): no way "
+            "to make a directory read-only for root here"
+        )
     return lambda: subprocess.run(["chattr", "-i", path], check=True)
 
 
@@ -141,22 +153,27 @@ WATCH_AND_KILL = textwrap.dedent("""
             time.sleep(0.0005)
 """)
 
-_KILLED_CHILD = textwrap.dedent("""
+_KILLED_CHILD = (
+    textwrap.dedent("""
     import os, signal, sys, threading, time
     sys.path.insert(0, sys.argv[2])
     import conftest  # noqa: F401 (the tests' settings and the examples on sys.path)
     from test_faults import run_with_checkpoints
     root = sys.argv[1]
-""") + WATCH_AND_KILL + textwrap.dedent("""
+""")
+    + WATCH_AND_KILL
+    + textwrap.dedent("""
     run_with_checkpoints(root, 3, 0)  # step 3 saved in full
     threading.Thread(target=watch, daemon=True).start()
     run_with_checkpoints(root, 3, 3)  # the save of step 6 is killed
     print("save finished before the kill", flush=True)
 """)
+)
 
 
 def _setup():
     from test_train import Scanned, X
+
     params = Scanned().init(jax.random.key(0), X)
     cfg = jlora.LoraConfig(rank=4, targets=("q_proj", "v_proj"), dropout=0.1)
     ad = jlora.init(jax.random.key(1), params, cfg)
@@ -167,22 +184,29 @@ def _setup():
 def run_with_checkpoints(root, steps, start):
     """Train ``steps`` steps from the checkpoint at ``start`` (or from init), then save."""
     from test_train import _train
+
     params, ad, tx = _setup()
     state = {"adapter": ad, "opt": tx.init(ad)}
     if start:
         state, meta = jlora.restore_checkpoint(root, state)
         assert meta["step"] == start
     ad, opt = _train(params, state["adapter"], state["opt"], tx, steps, start=start)
-    jlora.save_checkpoint(root, start + steps, {"adapter": ad, "opt": opt},
-                          data_position=start + steps)
+    jlora.save_checkpoint(
+        root, start + steps, {"adapter": ad, "opt": opt}, data_position=start + steps
+    )
     return ad
 
 
 def test_training_killed_mid_save_resumes_exactly(tmp_path):
     from test_train import _train
+
     root = str(tmp_path / "run")
-    proc = subprocess.run([sys.executable, "-c", _KILLED_CHILD, root, TESTS],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_CHILD, root, TESTS],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr[-2000:]
     assert "killing mid-save" in proc.stdout
     resumed = run_with_checkpoints(root, 3, 3)  # the last good checkpoint is step 3
@@ -195,8 +219,10 @@ def test_concurrent_loads_of_one_adapter_agree(tmp_path):
     ad = _adapter(SMALL, 4, 3)
     jlora.save_adapter(tmp_path / "jl", ad)
     jlora.peft.save(str(tmp_path / "pf"), ad)
-    loads = [lambda: jlora.load_adapter(tmp_path / "jl", SMALL),
-             lambda: jlora.peft.load(str(tmp_path / "pf"), SMALL)] * 8
+    loads = [
+        lambda: jlora.load_adapter(tmp_path / "jl", SMALL),
+        lambda: jlora.peft.load(str(tmp_path / "pf"), SMALL),
+    ] * 8
     with concurrent.futures.ThreadPoolExecutor(len(loads)) as pool:
         results = list(pool.map(lambda f: f(), loads))
     for got in results:

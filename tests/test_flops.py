@@ -30,11 +30,13 @@ def test_factor_gradients_are_computed_rank_axis_major():
     import jax.numpy as jnp
 
     import jlora
+
     t, k, n, r = 24, 40, 56, 4
     params = {"w": jax.random.normal(jax.random.key(0), (k, n))}
     fn = lambda p, x: jnp.tanh(x @ p["w"])
-    ad = jlora.init(jax.random.key(1), params, jlora.LoraConfig(rank=r, targets=("w",)), fn,
-                    jnp.ones((t, k)))
+    ad = jlora.init(
+        jax.random.key(1), params, jlora.LoraConfig(rank=r, targets=("w",)), fn, jnp.ones((t, k))
+    )
     loss = lambda ad, x: jlora.apply(fn)(params, ad, x).sum()
     hlo = jax.jit(jax.grad(loss)).lower(ad, jnp.ones((t, k))).compile().as_text()
     outs = set()  # each dot's output shape in memory order (major to minor)

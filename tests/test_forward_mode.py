@@ -27,8 +27,9 @@ def _setup(dora=False):
     model = Mlp()
     params = model.init(jax.random.key(0), X)
     cfg = jlora.LoraConfig(rank=2, alpha=4.0, targets=("up_proj", "down_proj"), dora=dora)
-    adapter = randomize(jlora.init(jax.random.key(1), params, cfg, model.apply, X),
-                        jax.random.key(2))
+    adapter = randomize(
+        jlora.init(jax.random.key(1), params, cfg, model.apply, X), jax.random.key(2)
+    )
     lora = lambda ad, x: jlora.apply(model.apply)(params, ad, x)
     ref = lambda ad, x: model.apply(ref_merge_jnp(params, ad), x)
     return lora, ref, adapter
@@ -61,9 +62,8 @@ def test_jacfwd_equals_jacrev_and_the_reference():
 def test_hessian_wrt_input_and_adapter():
     lora, ref, ad = _setup()
     x = X[:1, :2]
-    loss = lambda f: (lambda ad, x: jnp.sum(f(ad, x) ** 2))
-    close(jax.hessian(loss(lora), argnums=1)(ad, x), jax.hessian(loss(ref), argnums=1)(ad, x),
-          F32)
+    loss = lambda f: lambda ad, x: jnp.sum(f(ad, x) ** 2)
+    close(jax.hessian(loss(lora), argnums=1)(ad, x), jax.hessian(loss(ref), argnums=1)(ad, x), F32)
     close(jax.jit(jax.hessian(loss(lora)))(ad, x), jax.hessian(loss(ref))(ad, x), F32)
 
 

@@ -14,7 +14,8 @@ FNS = {
     "split_out": lambda p, x: sum(jnp.tanh(x @ w) for w in jnp.split(p["qkv"], 3, axis=1)),
     "split_in": lambda p, x: sum(x[:, :8] @ w for w in jnp.split(p["qkv"], 2, axis=0)),
     "uneven": lambda p, x: jnp.concatenate(
-        [x @ w for w in jnp.split(p["qkv"], [4, 20], axis=1)], axis=1),
+        [x @ w for w in jnp.split(p["qkv"], [4, 20], axis=1)], axis=1
+    ),
     "scaled": lambda p, x: x @ (p["qkv"] * 0.5) + x @ (3.0 * p["qkv"]),
     "divided_by_a_traced_scale": lambda p, x: x @ (p["qkv"] / p["scale"]),
 }
@@ -36,10 +37,20 @@ SCALES = {  # (fn, kernel shape): a scale along out, in or stacked axes folds in
     "out": (lambda p, x: x @ (p["w"] * jnp.arange(24.0)[None, :]), (16, 24)),
     "in": (lambda p, x: x @ (p["w"] / (1.0 + jnp.arange(16.0))[:, None]), (16, 24)),
     "out_traced": (lambda p, x: x @ (p["s"] * p["w"]), (16, 24)),
-    "stacked_and_out": (lambda p, x: jnp.einsum("bi,lio->lbo", x, p["w"] * jnp.arange(
-        1.0, 25.0)[None, None, :] * jnp.arange(1.0, 3.0)[:, None, None]), (2, 16, 24)),
-    "stacked_in": (lambda p, x: jax.lax.scan(lambda c, w: (c, x @ w), 0.0, p["w"] * jnp.arange(
-        1.0, 17.0)[None, :, None])[1], (2, 16, 24)),
+    "stacked_and_out": (
+        lambda p, x: jnp.einsum(
+            "bi,lio->lbo",
+            x,
+            p["w"] * jnp.arange(1.0, 25.0)[None, None, :] * jnp.arange(1.0, 3.0)[:, None, None],
+        ),
+        (2, 16, 24),
+    ),
+    "stacked_in": (
+        lambda p, x: jax.lax.scan(
+            lambda c, w: (c, x @ w), 0.0, p["w"] * jnp.arange(1.0, 17.0)[None, :, None]
+        )[1],
+        (2, 16, 24),
+    ),
 }
 
 
@@ -66,8 +77,10 @@ def test_a_scale_along_in_and_out_axes_materializes_and_says_so(key):
 
 def _two_adapters(key, params, fn, x, dora=False):
     """q and k adapted with different ranks and alphas (scales fold into the fused B)."""
-    cfgs = [jlora.LoraConfig(rank=2, alpha=3.0, targets=("q",), dora=dora),
-            jlora.LoraConfig(rank=3, alpha=5.0, targets=("k",), dora=dora)]
+    cfgs = [
+        jlora.LoraConfig(rank=2, alpha=3.0, targets=("q",), dora=dora),
+        jlora.LoraConfig(rank=3, alpha=5.0, targets=("k",), dora=dora),
+    ]
     ads = [jlora.init(key, params, c, fn, x) for c in cfgs]
     pick = lambda a, b: a if a is not None else b
     merged = jax.tree.map(pick, *ads, is_leaf=lambda z: z is None or jlora.adapter.is_node(z))
@@ -75,20 +88,33 @@ def _two_adapters(key, params, fn, x, dora=False):
 
 
 CONCATS = {
-    "out": (lambda p, x: x @ jnp.concatenate([p["q"], p["k"], p["v"]], axis=1),
-            {"q": (16, 8), "k": (16, 4), "v": (16, 8)}, (3, 16)),
-    "in": (lambda p, x: jnp.concatenate([x, x[:, :4]], axis=1) @ jnp.concatenate(
-        [p["q"], p["k"]], axis=0), {"q": (16, 8), "k": (4, 8)}, (3, 16)),
-    "stacked": (lambda p, x: x @ jnp.concatenate([p["q"], p["k"]], axis=2)[1],
-                {"q": (2, 16, 8), "k": (2, 16, 4)}, (3, 16)),
+    "out": (
+        lambda p, x: x @ jnp.concatenate([p["q"], p["k"], p["v"]], axis=1),
+        {"q": (16, 8), "k": (16, 4), "v": (16, 8)},
+        (3, 16),
+    ),
+    "in": (
+        lambda p, x: (
+            jnp.concatenate([x, x[:, :4]], axis=1) @ jnp.concatenate([p["q"], p["k"]], axis=0)
+        ),
+        {"q": (16, 8), "k": (4, 8)},
+        (3, 16),
+    ),
+    "stacked": (
+        lambda p, x: x @ jnp.concatenate([p["q"], p["k"]], axis=2)[1],
+        {"q": (2, 16, 8), "k": (2, 16, 4)},
+        (3, 16),
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CONCATS))
 def test_concatenated_kernels_are_one_factored_weight(key, case):
     fn, shapes, x_shape = CONCATS[case]
-    params = {k: jax.random.normal(jax.random.fold_in(key, i), s)
-              for i, (k, s) in enumerate(shapes.items())}
+    params = {
+        k: jax.random.normal(jax.random.fold_in(key, i), s)
+        for i, (k, s) in enumerate(shapes.items())
+    }
     x = jax.random.normal(key, x_shape)
     adapter = _two_adapters(key, params, fn, x)
     assert jlora.explain(fn, params, adapter, x) == {"k": ["factored"], "q": ["factored"]}
@@ -97,10 +123,14 @@ def test_concatenated_kernels_are_one_factored_weight(key, case):
 
 def test_concatenated_dora_kernels_materialize(key):
     fn, shapes, x_shape = CONCATS["out"]
-    params = {k: jax.random.normal(jax.random.fold_in(key, i), s)
-              for i, (k, s) in enumerate(shapes.items())}
+    params = {
+        k: jax.random.normal(jax.random.fold_in(key, i), s)
+        for i, (k, s) in enumerate(shapes.items())
+    }
     x = jax.random.normal(key, x_shape)
     adapter = _two_adapters(key, params, fn, x, dora=True)
-    assert jlora.explain(fn, params, adapter, x) == {"k": ["materialized (concatenate)"],
-                                                     "q": ["materialized (concatenate)"]}
+    assert jlora.explain(fn, params, adapter, x) == {
+        "k": ["materialized (concatenate)"],
+        "q": ["materialized (concatenate)"],
+    }
     check_against_materialized(fn, params, adapter, x)

@@ -28,20 +28,24 @@ class LinenEmbed(nn.Module):
 def _nnx_embed(key):
     graphdef, state = nnx.split(nnx.Embed(V, D, rngs=nnx.Rngs(0)))
     params = {"embed": {"embedding": state["embedding"][...]}}
+
     def fn(p, ids):
         st = jax.tree.map(lambda _: p["embed"]["embedding"], state)
         return nnx.merge(graphdef, st)(ids)
+
     return params, fn
 
 
 def _cases(key):
     table = {"embed": {"embedding": jax.random.normal(key, (V, D))}}
     linen = LinenEmbed().init(key, IDS)
-    return {"take": (table, lambda p, i: jnp.take(p["embed"]["embedding"], i, axis=0)),
-            "index": (table, lambda p, i: p["embed"]["embedding"][i]),
-            "clip": (table, lambda p, i: p["embed"]["embedding"].at[i].get(mode="clip")),
-            "linen": (linen, LinenEmbed().apply),
-            "nnx": _nnx_embed(key)}
+    return {
+        "take": (table, lambda p, i: jnp.take(p["embed"]["embedding"], i, axis=0)),
+        "index": (table, lambda p, i: p["embed"]["embedding"][i]),
+        "clip": (table, lambda p, i: p["embed"]["embedding"].at[i].get(mode="clip")),
+        "linen": (linen, LinenEmbed().apply),
+        "nnx": _nnx_embed(key),
+    }
 
 
 @pytest.mark.parametrize("case", ["take", "index", "clip", "linen", "nnx"])
@@ -50,8 +54,7 @@ def test_lookups_are_factored(key, case):
     cfg = jlora.LoraConfig(rank=4, targets=("embed",))
     adapter = randomize(jlora.init(key, params, cfg, fn, IDS), key)
     (node,) = jlora.adapter.adapter_nodes(adapter).values()
-    assert (node.in_axes, node.out_axes, node.a.shape, node.b.shape) == ((0,), (1,), (V, 4),
-                                                                         (4, D))
+    assert (node.in_axes, node.out_axes, node.a.shape, node.b.shape) == ((0,), (1,), (V, 4), (4, D))
     assert set(sum(jlora.explain(fn, params, adapter, IDS).values(), [])) == {"factored"}
     check_against_materialized(fn, params, adapter, IDS)
 
@@ -61,8 +64,9 @@ def test_a_tied_table_is_factored_at_both_sites(key):
     calls the decode use transposed without advising to learn axes already learned."""
     params = {"embed": jax.random.normal(key, (V, D))}
     fn = lambda p, ids: jnp.tanh(p["embed"][ids]) @ p["embed"].T
-    adapter = randomize(jlora.init(key, params, jlora.LoraConfig(rank=4, targets=("embed",)),
-                                   fn, IDS), key)
+    adapter = randomize(
+        jlora.init(key, params, jlora.LoraConfig(rank=4, targets=("embed",)), fn, IDS), key
+    )
     assert adapter["embed"].in_axes == (0,)
     assert jlora.explain(fn, params, adapter, IDS) == {"embed": ["factored", TRANSPOSED_LEARNED]}
     check_against_materialized(fn, params, adapter, IDS)
@@ -72,24 +76,24 @@ def test_no_table_sized_array_in_the_train_step(key):
     """The frozen table is only ever an input: no equation of the LoRA step (forward and
     backward, with LoRA on the embedding and on the as large lm_head) outputs a float
     array of its size."""
-    cfg = llama.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_heads=2,
-                            num_layers=2)
+    cfg = llama.LlamaConfig(
+        vocab_size=512, hidden_size=32, intermediate_size=64, num_heads=2, num_layers=2
+    )
     model = llama.Llama(cfg)
     params = llama.init_params(cfg, key)
     ids = jax.random.randint(key, (2, 9), 0, cfg.vocab_size)
     lcfg = jlora.LoraConfig(rank=4, targets=("embed_tokens", "lm_head", "q_proj", "v_proj"))
     adapter = randomize(jlora.init(key, params, lcfg, model.apply, ids[:, :-1]), key)
-    loss = lambda ad: llama.loss_fn(jlora.apply(model.apply)(params, ad, ids[:, :-1]),
-                                    ids[:, 1:])
+    loss = lambda ad: llama.loss_fn(jlora.apply(model.apply)(params, ad, ids[:, :-1]), ids[:, 1:])
     uses = jlora.explain(model.apply, params, adapter, ids[:, :-1])
     assert set(sum(uses.values(), [])) == {"factored"}
     table = cfg.vocab_size * cfg.hidden_size
     shapes = [s for s, _ in float_shapes(jax.make_jaxpr(jax.grad(loss))(adapter).jaxpr)]
     assert not [s for s in shapes if np.prod(s) >= table]
-    ref = lambda ad: llama.loss_fn(model.apply(jlora.merge(params, ad), ids[:, :-1]),
-                                   ids[:, 1:])
-    for g, r in zip(jax.tree.leaves(jax.jit(jax.grad(loss))(adapter)),
-                    jax.tree.leaves(jax.grad(ref)(adapter))):
+    ref = lambda ad: llama.loss_fn(model.apply(jlora.merge(params, ad), ids[:, :-1]), ids[:, 1:])
+    for g, r in zip(
+        jax.tree.leaves(jax.jit(jax.grad(loss))(adapter)), jax.tree.leaves(jax.grad(ref)(adapter))
+    ):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
 
 
@@ -109,12 +113,14 @@ def test_dora_lookups_are_factored(key, case):
 PICKS = {  # a (layers, in, out) kernel: layers picked by take/gather, any index shape
     "scalar": lambda p, x: x @ jnp.take(p["w"], 1, axis=0),
     "traced": lambda p, x: x @ jnp.take(p["w"], p["i"], axis=0),
-    "vector": lambda p, x: jnp.einsum("bi,lio->lbo", x, jnp.take(p["w"], jnp.array([2, 0]),
-                                                                 axis=0)),
+    "vector": lambda p, x: jnp.einsum(
+        "bi,lio->lbo", x, jnp.take(p["w"], jnp.array([2, 0]), axis=0)
+    ),
     "clip_out_of_range": lambda p, x: x @ jnp.take(p["w"], 5, axis=0, mode="clip"),
     "nan_fill_out_of_range": lambda p, x: x @ jnp.take(p["w"], 5, axis=0),
-    "zero_fill_out_of_range": lambda p, x: x @ jnp.take(p["w"], 5, axis=0, mode="fill",
-                                                        fill_value=0),
+    "zero_fill_out_of_range": lambda p, x: (
+        x @ jnp.take(p["w"], 5, axis=0, mode="fill", fill_value=0)
+    ),
 }
 
 
@@ -147,14 +153,18 @@ def test_a_pick_with_another_fill_value_materializes_and_says_why(key):
     check_against_materialized(fn, params, adapter, x)
 
 
-@pytest.mark.parametrize("what, why", [
-    ("column", "gather along the table's out axis"),
-    ("window", "gather that is not a row lookup"),
-])
+@pytest.mark.parametrize(
+    "what, why",
+    [
+        ("column", "gather along the table's out axis"),
+        ("window", "gather that is not a row lookup"),
+    ],
+)
 def test_other_gathers_are_materialized_and_say_why(key, what, why):
     params = {"embed": jax.random.normal(key, (V, D))}
-    fn = {"column": lambda p, i: p["embed"][:, i[0]],
-          "window": lambda p, i: p["embed"][i, i % D]}[what]  # single elements
+    fn = {"column": lambda p, i: p["embed"][:, i[0]], "window": lambda p, i: p["embed"][i, i % D]}[
+        what
+    ]  # single elements
     cfg = jlora.LoraConfig(rank=4, targets=("embed",))
     adapter = randomize(jlora.init(key, params, cfg), key)
     assert f"materialized ({why})" in jlora.explain(fn, params, adapter, IDS)["embed"]
@@ -166,8 +176,9 @@ def test_a_three_axis_table_looked_up_by_whole_rows_learns_the_row_axis_as_in(ke
     contracts afterwards are rows of a table (vocab "in"), not layers of a stack."""
     params = {"embed": jax.random.normal(key, (V, 2, 8))}
     fn = lambda p, i: p["embed"][i]
-    adapter = randomize(jlora.init(key, params, jlora.LoraConfig(rank=4, targets=("embed",)),
-                                   fn, IDS), key)
+    adapter = randomize(
+        jlora.init(key, params, jlora.LoraConfig(rank=4, targets=("embed",)), fn, IDS), key
+    )
     node = adapter["embed"]
     assert (node.stack_axes, node.in_axes, node.out_axes) == ((), (0,), (1, 2))
     check_against_materialized(fn, params, adapter, IDS)

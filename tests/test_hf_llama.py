@@ -11,9 +11,16 @@ import llama  # noqa: E402
 import numpy as np  # noqa: E402
 from llama import Llama, config_from_hf, from_hf, hf_module, init_params  # noqa: E402
 
-SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-             num_attention_heads=4, rope_theta=500.0, rms_norm_eps=1e-5,
-             max_position_embeddings=64)
+SMALL = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    rope_theta=500.0,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=64,
+)
 
 
 def hf_model(kv_heads=4, tie=False, seed=0):
@@ -23,9 +30,13 @@ def hf_model(kv_heads=4, tie=False, seed=0):
     ones, so attention is far from uniform and every tensor matters.
     """
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(**SMALL, num_key_value_heads=kv_heads,
-                                      tie_word_embeddings=tie, initializer_range=0.3,
-                                      attn_implementation="eager")
+    config = transformers.LlamaConfig(
+        **SMALL,
+        num_key_value_heads=kv_heads,
+        tie_word_embeddings=tie,
+        initializer_range=0.3,
+        attn_implementation="eager",
+    )
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -64,8 +75,10 @@ def test_from_numpy_dict_and_param_dtype():
     assert q.shape == (2, 32, 16)
     np.testing.assert_array_equal(
         np.asarray(q[1], np.float32),
-        np.asarray(jnp.asarray(state["model.layers.1.self_attn.k_proj.weight"].T, jnp.bfloat16),
-                   np.float32))
+        np.asarray(
+            jnp.asarray(state["model.layers.1.self_attn.k_proj.weight"].T, jnp.bfloat16), np.float32
+        ),
+    )
 
 
 def test_config_from_old_style_dict():
@@ -86,21 +99,23 @@ def test_missing_extra_and_misshaped_keys_raise():
     with pytest.raises(ValueError, match=r"missing \['model.layers.1.mlp.up_proj.weight'\]"):
         from_hf(missing, config)
     with pytest.raises(ValueError, match="unexpected.*model.layers.2.mlp.up_proj.weight"):
-        from_hf(dict(state, **{"model.layers.2.mlp.up_proj.weight": torch.zeros(48, 32)}),
-                config)
+        from_hf(dict(state, **{"model.layers.2.mlp.up_proj.weight": torch.zeros(48, 32)}), config)
     with pytest.raises(ValueError, match="shape"):
         from_hf(dict(state, **{"model.norm.weight": torch.zeros(33)}), config)
 
 
 def test_hf_module():
-    assert hf_module("params/layers/self_attn/q_proj/kernel", (3,)) == \
-        "model.layers.3.self_attn.q_proj"
+    assert (
+        hf_module("params/layers/self_attn/q_proj/kernel", (3,))
+        == "model.layers.3.self_attn.q_proj"
+    )
     assert hf_module("params/layers_3/mlp/up_proj/kernel", ()) == "model.layers.3.mlp.up_proj"
     assert hf_module("params/lm_head/kernel", ()) == "lm_head"
     assert hf_module("params/embed_tokens/embedding", ()) == "model.embed_tokens"
     assert hf_module("params/norm/weight", ()) == "model.norm"
-    assert hf_module("params/layers/input_layernorm/weight", (0,)) == \
-        "model.layers.0.input_layernorm"
+    assert (
+        hf_module("params/layers/input_layernorm/weight", (0,)) == "model.layers.0.input_layernorm"
+    )
     with pytest.raises(ValueError):
         hf_module("params/layers/mlp/up_proj/kernel", ())
 

@@ -15,13 +15,29 @@ import pytest
 import jlora
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-INITS = ["kaiming", "gaussian", "orthogonal", "pissa", "pissa_niter_2", "olora", "eva",
-         "lora_ga", "corda"]
+INITS = [
+    "kaiming",
+    "gaussian",
+    "orthogonal",
+    "pissa",
+    "pissa_niter_2",
+    "olora",
+    "eva",
+    "lora_ga",
+    "corda",
+]
 
 
 def _model(scan: bool):
-    cfg = llama.LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_layers=2,
-                            num_heads=4, num_kv_heads=2, scan_layers=scan)
+    cfg = llama.LlamaConfig(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        scan_layers=scan,
+    )
     model = llama.Llama(cfg)
     return model, llama.init_params(cfg, jax.random.key(0))
 
@@ -37,8 +53,9 @@ def test_the_adapted_model_at_init_is_the_base(init, scan):
         ad, base = jlora.init_eva(key, params, cfg, model.apply, [ids], rho=1.0), params
     elif init in ("lora_ga", "corda"):
         cfg = jlora.LoraConfig(rank=4, targets=PROJ, init=init)
-        ad, base = jlora.init_from_data(key, params, cfg, model.apply, [ids, ids + 1],
-                                        loss=lambda logits: jnp.mean(logits ** 2))
+        ad, base = jlora.init_from_data(
+            key, params, cfg, model.apply, [ids, ids + 1], loss=lambda logits: jnp.mean(logits**2)
+        )
     else:
         cfg = jlora.LoraConfig(rank=4, targets=PROJ, init=init)
         ad, base = jlora.init_with_base(key, params, cfg, model.apply, ids)
@@ -60,13 +77,17 @@ def test_loftq_starts_at_its_quantized_approximation():
     want = model.apply(params, ids)
     err = lambda out: float(jnp.abs(out - want).max())
     plain = jlora.quantize(params, PROJ)
-    assert err(jlora.apply(model.apply)(base, ad, ids)) < err(model.apply(
-        jlora.dequantize(plain), ids))
+    assert err(jlora.apply(model.apply)(base, ad, ids)) < err(
+        model.apply(jlora.dequantize(plain), ids)
+    )
 
 
 def test_orthogonal_needs_an_even_rank():
     with pytest.raises(jlora.LoraError, match="even rank"):
-        jlora.init(jax.random.key(0), {"w": jnp.ones((8, 8))},
-                   jlora.LoraConfig(rank=3, targets="w", init="orthogonal"))
+        jlora.init(
+            jax.random.key(0),
+            {"w": jnp.ones((8, 8))},
+            jlora.LoraConfig(rank=3, targets="w", init="orthogonal"),
+        )
     with pytest.raises(jlora.LoraError, match="pissa_niter_<K>"):
         jlora.LoraConfig(targets="w", init="pissa_niter_x")

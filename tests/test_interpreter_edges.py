@@ -20,12 +20,12 @@ X = jax.random.normal(jax.random.key(1), (5, 4))
 
 def _scaled_matmul():
     """``x @ w`` whose backward is half the true gradient: inlining it gives 2x."""
+
     @jax.custom_vjp
     def mm(x, w):
         return x @ w
 
-    mm.defvjp(lambda x, w: (x @ w, (x, w)),
-              lambda r, g: (0.5 * g @ r[1].T, 0.5 * r[0].T @ g))
+    mm.defvjp(lambda x, w: (x @ w, (x, w)), lambda r, g: (0.5 * g @ r[1].T, 0.5 * r[0].T @ g))
     return mm
 
 
@@ -93,11 +93,15 @@ def test_a_quantized_weight_into_a_custom_vjp_keeps_the_rule_for_the_input(key):
 
 
 SHAPES = [  # (L, batch, in, out, rank): the first aborted XLA's CPU compiler before
-    (3, 2, 4, 5, 2), (2, 8, 16, 16, 4), (4, 3, 7, 5, 3), (3, 1, 4, 5, 2), (2, 5, 3, 9, 1)]
+    (3, 2, 4, 5, 2),
+    (2, 8, 16, 16, 4),
+    (4, 3, 7, 5, 3),
+    (3, 1, 4, 5, 2),
+    (2, 5, 3, 9, 1),
+]
 
 
-@pytest.mark.parametrize("spec", ["lbi,lio->lbo", "bli,lio->lbo", "lbi,ilo->blo",
-                                  "lbi,loi->lbo"])
+@pytest.mark.parametrize("spec", ["lbi,lio->lbo", "bli,lio->lbo", "lbi,ilo->blo", "lbi,loi->lbo"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_batched_weight_products_compile_under_jit_grad(key, spec, dtype):
     """``x (L, B, in) @ W (L, in, out)`` and its transposed layouts, jitted gradients
@@ -150,10 +154,10 @@ def test_a_table_broadcast_before_an_add_is_built_at_its_own_size(key):
         return jnp.tanh(jnp.take(p["tok"], ids, axis=0) + pos)
 
     ids = jnp.arange(80).reshape(8, 10) % 50
-    adapter = randomize(jlora.init(key, params, jlora.LoraConfig(rank=2, targets=("pos",))),
-                        key)
+    adapter = randomize(jlora.init(key, params, jlora.LoraConfig(rank=2, targets=("pos",))), key)
     assert jlora.explain(fn, params, adapter, ids) == {
-        "pos": [f"materialized ({jlora.interpret.shape.BROADCAST})"]}
+        "pos": [f"materialized ({jlora.interpret.shape.BROADCAST})"]
+    }
     jaxpr = jax.make_jaxpr(jlora.apply(fn))(params, adapter, ids)
     dots = [e.outvars[0].aval.shape for e in jaxpr.eqns if e.primitive.name == "dot_general"]
     assert dots == [(10, 16)]  # A[:10] @ B: the slice, before the broadcast
@@ -183,5 +187,4 @@ def test_init_refuses_an_axis_split_into_a_contracted_and_a_kept_part(key):
     params = {"w": jax.random.normal(key, (3, 4))}
     fn = lambda p, x: jnp.einsum("dc,abc->dab", x, p["w"].reshape((3, 2, 2)))
     with pytest.raises(jlora.LoraError, match="'w': fn splits axis 1 of the weight"):
-        jlora.init(key, params, jlora.LoraConfig(rank=2, targets=("w",)), fn,
-                   jnp.ones((5, 2)))
+        jlora.init(key, params, jlora.LoraConfig(rank=2, targets=("w",)), fn, jnp.ones((5, 2)))

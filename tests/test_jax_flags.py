@@ -18,8 +18,9 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "flag_cases.py")
 
 
 def _run(flag: str) -> str:
-    out = subprocess.run([sys.executable, SCRIPT, flag], capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run(
+        [sys.executable, SCRIPT, flag], capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
 

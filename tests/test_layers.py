@@ -24,12 +24,18 @@ def _both(key, layers=(LAYERS, LAYERS), **cfg_kw):
     those layers' leaves."""
     conf = llama.LlamaConfig(scan_layers=True, num_layers=3)
     stacked = llama.init_params(conf, key)
-    unstacked = {"params": {**{k: v for k, v in stacked["params"].items() if k != "layers"},
-                            **{f"layers_{i}": jax.tree.map(lambda v, i=i: v[i],
-                                                           stacked["params"]["layers"])
-                               for i in range(3)}}}
-    cfg = lambda subset: jlora.LoraConfig(rank=4, targets=("q_proj", "down_proj"),
-                                          layers_to_transform=list(subset), **cfg_kw)
+    unstacked = {
+        "params": {
+            **{k: v for k, v in stacked["params"].items() if k != "layers"},
+            **{
+                f"layers_{i}": jax.tree.map(lambda v, i=i: v[i], stacked["params"]["layers"])
+                for i in range(3)
+            },
+        }
+    }
+    cfg = lambda subset: jlora.LoraConfig(
+        rank=4, targets=("q_proj", "down_proj"), layers_to_transform=list(subset), **cfg_kw
+    )
     ads = [randomize(jlora.init(key, stacked, cfg(subset)), key) for subset in layers]
     ad = ads[0]  # each weight's node from the adapter of its own subset
     for (mod, name), other in zip(WEIGHTS[1:], ads[1:]):
@@ -47,17 +53,20 @@ def _both(key, layers=(LAYERS, LAYERS), **cfg_kw):
                 continue
             k = subset.index(i)
             mag = None if node.magnitude is None else node.magnitude[k]
-            leaf[name]["kernel"] = dataclasses.replace(leaf[name]["kernel"], a=node.a[k],
-                                                       b=node.b[k], magnitude=mag)
+            leaf[name]["kernel"] = dataclasses.replace(
+                leaf[name]["kernel"], a=node.a[k], b=node.b[k], magnitude=mag
+            )
     models = [llama.Llama(llama.LlamaConfig(scan_layers=s, num_layers=3)) for s in (1, 0)]
     return models, (stacked, unstacked), (ad, one)
 
 
 def _dots(jaxpr) -> int:
     """Products: dot_general, and ``jlora_thin`` (the second low-rank product)."""
-    return sum((e.primitive.name in ("dot_general", "jlora_thin"))
-               + sum(_dots(sub) for sub in jax.extend.core.jaxprs_in_params(e.params))
-               for e in jaxpr.eqns)
+    return sum(
+        (e.primitive.name in ("dot_general", "jlora_thin"))
+        + sum(_dots(sub) for sub in jax.extend.core.jaxprs_in_params(e.params))
+        for e in jaxpr.eqns
+    )
 
 
 def _conds_in_scans(jaxpr, found):
@@ -78,8 +87,11 @@ def test_outputs_and_gradients_equal_the_unscanned_model(key, dora, layers):
     layers (each scan step then runs the low-rank path wherever either is adapted)."""
     (scanned, flat), (stacked, unstacked), (ad, one) = _both(key, layers, dora=dora)
     ids = jax.random.randint(key, (2, 10), 0, 256)
-    np.testing.assert_allclose(jax.jit(jlora.apply(scanned.apply))(stacked, ad, ids),
-                               jlora.apply(flat.apply)(unstacked, one, ids), **F32)
+    np.testing.assert_allclose(
+        jax.jit(jlora.apply(scanned.apply))(stacked, ad, ids),
+        jlora.apply(flat.apply)(unstacked, one, ids),
+        **F32,
+    )
     loss = lambda m, p: lambda a: jnp.mean(jlora.apply(m.apply)(p, a, ids) ** 2)
     g = jax.jit(jax.grad(loss(scanned, stacked)))(ad)
     h = jax.grad(loss(flat, unstacked))(one)
@@ -98,9 +110,13 @@ def test_outputs_and_gradients_equal_the_unscanned_model(key, dora, layers):
     jaxpr = jax.make_jaxpr(lambda a: jlora.apply(scanned.apply)(stacked, a, ids))(ad).jaxpr
 
     def squares(jaxpr):
-        n = sum(e.primitive.name == "dot_general" and all(
-            tuple(v.aval.shape) == tuple(w.shape) for v in e.invars) for e in jaxpr.eqns)
+        n = sum(
+            e.primitive.name == "dot_general"
+            and all(tuple(v.aval.shape) == tuple(w.shape) for v in e.invars)
+            for e in jaxpr.eqns
+        )
         return n + sum(squares(sub) for e in jaxpr.eqns for sub in sub_jaxprs(e.params))
+
     assert squares(jaxpr) == 1  # q_proj's norm once (down_proj's has another shape)
 
 
@@ -114,7 +130,8 @@ def test_the_other_layers_run_no_low_rank_work(key):
     assert _dots(adapted) - _dots(plain) == 4
     assert jlora.explain(scanned.apply, stacked, ad, ids) == {
         "params/layers/self_attn/q_proj/kernel": ["factored"],
-        "params/layers/mlp/down_proj/kernel": ["factored"]}
+        "params/layers/mlp/down_proj/kernel": ["factored"],
+    }
 
 
 @pytest.mark.parametrize("dora", [False, True])
@@ -122,8 +139,9 @@ def test_merge_save_and_load(key, tmp_path, dora):
     (scanned, _), (stacked, _), (ad, _) = _both(key, dora=dora)
     ids = jax.random.randint(key, (2, 10), 0, 256)
     merged = jlora.merge(stacked, ad)
-    np.testing.assert_allclose(scanned.apply(merged, ids),
-                               jlora.apply(scanned.apply)(stacked, ad, ids), **F32)
+    np.testing.assert_allclose(
+        scanned.apply(merged, ids), jlora.apply(scanned.apply)(stacked, ad, ids), **F32
+    )
     w0 = stacked["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
     w = merged["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
     np.testing.assert_allclose(w[1], w0[1], rtol=1e-6, atol=0)  # layer 1 keeps W0
@@ -148,8 +166,10 @@ def test_a_peft_file_onto_an_nf4_stack(key, tmp_path, dora):
     deq = jlora.dequantize(q)
     jlora.peft.save(str(tmp_path), ad)
     back = jlora.peft.load(str(tmp_path), q)
-    assert isinstance(jlora.adapter.adapter_nodes(back)[
-        "params/layers/self_attn/q_proj/kernel"], jlora.adapter.LayersNode)
+    assert isinstance(
+        jlora.adapter.adapter_nodes(back)["params/layers/self_attn/q_proj/kernel"],
+        jlora.adapter.LayersNode,
+    )
     ids = jax.random.randint(key, (2, 10), 0, 256)
     f = jax.jit(jlora.apply(scanned.apply))
     np.testing.assert_allclose(f(q, back, ids), f(deq, ad, ids), **F32)
@@ -168,9 +188,14 @@ def test_errors(key):
     with pytest.raises(ValueError, match="some layers of a stack"):
         jlora.stack([ad, ad])
     with pytest.raises(ValueError, match="NF4 in part"):
-        jlora.init(key, jlora.quantize(params, compute_dtype=jnp.float32),
-                   cfg(layers_to_transform=[1]))
-    for bad in (dict(layers_to_transform=[-1]), dict(layers_to_transform=[]),
-                dict(layers_to_transform="0"), dict(layers_pattern="")):
+        jlora.init(
+            key, jlora.quantize(params, compute_dtype=jnp.float32), cfg(layers_to_transform=[1])
+        )
+    for bad in (
+        dict(layers_to_transform=[-1]),
+        dict(layers_to_transform=[]),
+        dict(layers_to_transform="0"),
+        dict(layers_pattern=""),
+    ):
         with pytest.raises(ValueError, match="layers_"):
             jlora.LoraConfig(**bad)

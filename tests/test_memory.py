@@ -32,9 +32,15 @@ def test_shapes():
 def test_qlora_base_argument_bytes_at_7b_shapes():
     """XLA's argument bytes of a forward pass over the 7B-shaped base, NF4 vs bf16 (abstract
     shapes: nothing is allocated). Embeddings and lm_head stay bf16, as in bitsandbytes."""
-    cfg = llama.LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                            num_layers=32, num_heads=32, dtype=jnp.bfloat16,
-                            param_dtype=jnp.bfloat16)
+    cfg = llama.LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_layers=32,
+        num_heads=32,
+        dtype=jnp.bfloat16,
+        param_dtype=jnp.bfloat16,
+    )
     model = llama.Llama(cfg)
     params = jax.eval_shape(lambda: llama.init_params(cfg, jax.random.key(0)))
     ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
@@ -42,8 +48,10 @@ def test_qlora_base_argument_bytes_at_7b_shapes():
     args = lambda p: fwd.lower(p, ids).compile().memory_analysis().argument_size_in_bytes
     ratio = args(jax.eval_shape(jlora.quantize, params)) / args(params)
     assert 0.25 < ratio <= 0.30
-    est = memory.estimate(memory.LLAMA_7B, "qlora")["weights"] / memory.estimate(
-        memory.LLAMA_7B, "lora")["weights"]
+    est = (
+        memory.estimate(memory.LLAMA_7B, "qlora")["weights"]
+        / memory.estimate(memory.LLAMA_7B, "lora")["weights"]
+    )
     assert abs(est - ratio) < 0.01
 
 
@@ -55,6 +63,7 @@ def test_cli_prints_the_table(capsys):
 
 def test_cli_reads_a_config_file(capsys):
     import os
+
     path = os.path.join(os.path.dirname(__file__), "..", "examples", "bench_config.json")
     assert main(["memory", "--config", path, "--batch", "4", "--seq", "256"]) == 0
     out = capsys.readouterr().out

@@ -36,15 +36,20 @@ def _peft_model(tmp_path):
     pm = None
     for i, alpha in enumerate((4, 8, 6)):
         torch.manual_seed(10 + i)
-        cfg = peft.LoraConfig(r=4, lora_alpha=alpha, target_modules=list(MODULES),
-                              init_lora_weights=False)
+        cfg = peft.LoraConfig(
+            r=4, lora_alpha=alpha, target_modules=list(MODULES), init_lora_weights=False
+        )
         if pm is None:
             pm = peft.get_peft_model(_net(), cfg, adapter_name="t0")
         else:
             pm.add_adapter(f"t{i}", cfg)
     pm.save_pretrained(tmp_path)  # one subfolder per adapter (no "default" one)
-    mine = [jlora.peft.load(str(tmp_path / f"t{i}"), _params(),
-                            module_fn=lambda p, idx=(): p.split("/")[0]) for i in range(3)]
+    mine = [
+        jlora.peft.load(
+            str(tmp_path / f"t{i}"), _params(), module_fn=lambda p, idx=(): p.split("/")[0]
+        )
+        for i in range(3)
+    ]
     return pm, mine
 
 
@@ -65,44 +70,61 @@ def _dare_masks(mine, svd: bool):
 def _patched_random_pruning(pairs):
     def random_pruning(tensor, density, rescale):
         t = tensor.detach().numpy()
-        (mask,) = [m for want, m in pairs if want.shape == t.shape
-                   and np.allclose(want, t, rtol=1e-6, atol=1e-7)]
+        (mask,) = [
+            m
+            for want, m in pairs
+            if want.shape == t.shape and np.allclose(want, t, rtol=1e-6, atol=1e-7)
+        ]
         out = tensor * torch.tensor(mask, dtype=tensor.dtype)
         return out / density if rescale else out
+
     return random_pruning
 
 
 CASES = [(m, "total") for m in jlora.transforms.ties_dare.METHODS] + [
-    (m, "frequency") for m in jlora.transforms.ties_dare.METHODS if "ties" in m]
+    (m, "frequency") for m in jlora.transforms.ties_dare.METHODS if "ties" in m
+]
 
 
 @pytest.mark.parametrize("method, sign", CASES)
 def test_merges_equal_peft_add_weighted_adapter(tmp_path, monkeypatch, method, sign):
     pm, mine = _peft_model(tmp_path)
     if method.startswith("dare"):
-        monkeypatch.setattr(merge_utils, "random_pruning", _patched_random_pruning(
-            _dare_masks(mine, method.endswith("_svd"))))
-    pm.add_weighted_adapter(["t0", "t1", "t2"], WEIGHTS, "merged", combination_type=method,
-                            density=DENSITY, majority_sign_method=sign)
-    got = jlora.combine_adapters(mine, WEIGHTS, method=method, density=DENSITY,
-                                 majority_sign_method=sign, key=KEY)
+        monkeypatch.setattr(
+            merge_utils,
+            "random_pruning",
+            _patched_random_pruning(_dare_masks(mine, method.endswith("_svd"))),
+        )
+    pm.add_weighted_adapter(
+        ["t0", "t1", "t2"],
+        WEIGHTS,
+        "merged",
+        combination_type=method,
+        density=DENSITY,
+        majority_sign_method=sign,
+    )
+    got = jlora.combine_adapters(
+        mine, WEIGHTS, method=method, density=DENSITY, majority_sign_method=sign, key=KEY
+    )
     for m in MODULES:
         node = got[m]["kernel"]
         want = pm.base_model.model[int(m)].get_delta_weight("merged").detach().numpy().T
-        np.testing.assert_allclose(node.scale * np.asarray(node.a @ node.b), want, rtol=1e-5,
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            node.scale * np.asarray(node.a @ node.b), want, rtol=1e-5, atol=1e-5
+        )
 
 
 def test_merge_arguments_are_checked(tmp_path):
-    ads = [jlora.init(jax.random.key(i), _params(), jlora.LoraConfig(rank=2, targets=MODULES))
-           for i in range(2)]
+    ads = [
+        jlora.init(jax.random.key(i), _params(), jlora.LoraConfig(rank=2, targets=MODULES))
+        for i in range(2)
+    ]
     with pytest.raises(jlora.LoraError, match="density in"):
         jlora.combine_adapters(ads, [1, 1], method="ties")
     with pytest.raises(jlora.LoraError, match="pass key="):
         jlora.combine_adapters(ads, [1, 1], method="dare_linear", density=0.5)
     with pytest.raises(jlora.LoraError, match="majority_sign_method"):
-        jlora.combine_adapters(ads, [1, 1], method="ties", density=0.5,
-                               majority_sign_method="mean")
+        jlora.combine_adapters(ads, [1, 1], method="ties", density=0.5, majority_sign_method="mean")
     other = jlora.init(jax.random.key(3), _params(), jlora.LoraConfig(rank=3, targets=MODULES))
     with pytest.raises(jlora.LoraError, match="one rank.*_svd"):
         jlora.combine_adapters([ads[0], other], [1, 1], method="ties", density=0.5)

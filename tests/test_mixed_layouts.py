@@ -28,9 +28,11 @@ def _mlp(p, x):
 def _rnn(p, x):
     """``h_t = tanh(x_t up + h_{t-1} rec)`` over the sequence (axis 0): an adapted weight
     meets the carry, which starts as zeros shared by all examples."""
+
     def step(h, xt):
         h = jnp.tanh(xt @ p["up"] + h @ p["rec"])
         return h, h @ p["down"]
+
     return jax.lax.scan(step, jnp.zeros((x.shape[1], D_HID)), x)[1]
 
 
@@ -38,8 +40,12 @@ def _rnn(p, x):
 LAYOUTS = {
     "first": (_mlp, 0, 0, None),
     "second": (_mlp, 1, 1, 1),
-    "flattened": (lambda p, x: _mlp(p, x.reshape(-1, D_IN)).reshape(x.shape[:2] + (D_OUT,)),
-                  0, 0, None),
+    "flattened": (
+        lambda p, x: _mlp(p, x.reshape(-1, D_IN)).reshape(x.shape[:2] + (D_OUT,)),
+        0,
+        0,
+        None,
+    ),
     "transposed": (lambda p, x: jnp.swapaxes(_mlp(p, jnp.swapaxes(x, 0, 1)), 0, 1), 0, 0, None),
     "scanned": (lambda p, x: jax.lax.scan(lambda c, xt: (c, _mlp(p, xt)), 0.0, x)[1], 1, 1, 1),
     "recurrent": (lambda p, x: _rnn(p, x), 1, 1, 1),
@@ -54,12 +60,23 @@ MIXING = {
 
 def _setup(n_adapters, seed):
     key = jax.random.key(seed)
-    p = {"up": jax.random.normal(key, (D_IN, D_HID)) / 3,
-         "down": jax.random.normal(jax.random.fold_in(key, 1), (D_HID, D_OUT)) / 3,
-         "rec": jax.random.normal(jax.random.fold_in(key, 2), (D_HID, D_HID)) / 3}
-    ads = [randomize(jlora.init(jax.random.fold_in(key, 2 + i), p, jlora.LoraConfig(
-        rank=1 + i % 3, alpha=2.0, targets=("up", "down", "rec"))), jax.random.fold_in(key, 9 + i),
-        scale=0.5) for i in range(n_adapters)]
+    p = {
+        "up": jax.random.normal(key, (D_IN, D_HID)) / 3,
+        "down": jax.random.normal(jax.random.fold_in(key, 1), (D_HID, D_OUT)) / 3,
+        "rec": jax.random.normal(jax.random.fold_in(key, 2), (D_HID, D_HID)) / 3,
+    }
+    ads = [
+        randomize(
+            jlora.init(
+                jax.random.fold_in(key, 2 + i),
+                p,
+                jlora.LoraConfig(rank=1 + i % 3, alpha=2.0, targets=("up", "down", "rec")),
+            ),
+            jax.random.fold_in(key, 9 + i),
+            scale=0.5,
+        )
+        for i in range(n_adapters)
+    ]
     return p, ads
 
 
@@ -67,9 +84,14 @@ def _setup(n_adapters, seed):
 def cases(draw):
     n = draw(st.integers(1, 4))
     k = draw(st.integers(1, 3))
-    return (draw(st.sampled_from(sorted(LAYOUTS))), n, k, draw(st.integers(1, 4)),
-            draw(st.lists(st.integers(-1, k - 1), min_size=n, max_size=n)),
-            draw(st.integers(0, 2 ** 16)))
+    return (
+        draw(st.sampled_from(sorted(LAYOUTS))),
+        n,
+        k,
+        draw(st.integers(1, 4)),
+        draw(st.lists(st.integers(-1, k - 1), min_size=n, max_size=n)),
+        draw(st.integers(0, 2**16)),
+    )
 
 
 @settings(max_examples=24, deadline=None, derandomize=True)
@@ -81,10 +103,13 @@ def test_every_layout_computes_each_examples_own_adapter(case):
     shape = [seq, seq]
     shape[x_axis] = n
     x = jax.random.normal(jax.random.key(seed + 1), tuple(shape) + (D_IN,))
-    got = jlora.apply(fn)(p, jlora.stack(ads), x, adapter_ids=jnp.array(ids),
-                          example_axes=example_axes)
-    alone = [fn(p if i < 0 else ref_merge(p, ads[i]), jnp.take(x, jnp.array([j]), axis=x_axis))
-             for j, i in enumerate(ids)]
+    got = jlora.apply(fn)(
+        p, jlora.stack(ads), x, adapter_ids=jnp.array(ids), example_axes=example_axes
+    )
+    alone = [
+        fn(p if i < 0 else ref_merge(p, ads[i]), jnp.take(x, jnp.array([j]), axis=x_axis))
+        for j, i in enumerate(ids)
+    ]
     close(got, jnp.concatenate(alone, axis=out_axis), F32)
 
 
@@ -94,8 +119,10 @@ def test_vmapped_from_outside():
     ids = jnp.array([1, -1, 0])
     f = jlora.apply(_mlp)
     got = jax.vmap(lambda x: f(p, jlora.stack(ads), x, adapter_ids=ids))(x)
-    want = jnp.stack([_mlp(p if i < 0 else ref_merge(p, ads[i]), x[:, j]) for j, i in
-                      enumerate(ids.tolist())], axis=1)
+    want = jnp.stack(
+        [_mlp(p if i < 0 else ref_merge(p, ads[i]), x[:, j]) for j, i in enumerate(ids.tolist())],
+        axis=1,
+    )
     close(got, want, F32)
 
 

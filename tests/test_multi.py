@@ -21,14 +21,24 @@ def _setup(key, scan=True, dora=False, quantized=False, batch=5):
     params = llama.init_params(cfg, key)
     if quantized:
         params = jlora.quantize(params, compute_dtype=jnp.float32)
-    ads = [randomize(jlora.init(jax.random.fold_in(key, i), params, jlora.LoraConfig(
-        rank=r, alpha=a, rslora=rs, dora=dora, targets=TARGETS)), jax.random.fold_in(key, 9 + i))
-        for i, (r, a, rs) in enumerate(SETTINGS)]
+    ads = [
+        randomize(
+            jlora.init(
+                jax.random.fold_in(key, i),
+                params,
+                jlora.LoraConfig(rank=r, alpha=a, rslora=rs, dora=dora, targets=TARGETS),
+            ),
+            jax.random.fold_in(key, 9 + i),
+        )
+        for i, (r, a, rs) in enumerate(SETTINGS)
+    ]
     return model, params, ids, ads
 
 
-@pytest.mark.parametrize("scan,dora,quantized", [(True, False, False), (False, False, False),
-                                                 (True, True, False), (True, False, True)])
+@pytest.mark.parametrize(
+    "scan,dora,quantized",
+    [(True, False, False), (False, False, False), (True, True, False), (True, False, True)],
+)
 def test_mixed_batch_equals_each_adapter_alone(key, scan, dora, quantized):
     model, params, ids, ads = _setup(key, scan, dora, quantized)
     aid = jnp.array([2, 0, -1, 1, 0])
@@ -36,8 +46,11 @@ def test_mixed_batch_equals_each_adapter_alone(key, scan, dora, quantized):
     mixed = f(params, jlora.stack(ads), ids, adapter_ids=aid)
     base = params if not quantized else jlora.dequantize(params)
     for i, a in enumerate(aid.tolist()):
-        alone = (llama.Llama(model.config).apply(base, ids[i:i + 1]) if a < 0 else
-                 jlora.apply(model.apply)(params, ads[a], ids[i:i + 1]))
+        alone = (
+            llama.Llama(model.config).apply(base, ids[i : i + 1])
+            if a < 0
+            else jlora.apply(model.apply)(params, ads[a], ids[i : i + 1])
+        )
         np.testing.assert_allclose(mixed[i], alone[0], **F32)
 
 
@@ -50,14 +63,22 @@ def test_one_scaling_for_all_and_no_copy_of_the_stack_per_call(key, dora):
     cfg = llama.LlamaConfig(scan_layers=True)
     model, params = llama.Llama(cfg), llama.init_params(cfg, key)
     ids = jax.random.randint(key, (3, 5), 0, cfg.vocab_size)
-    ads = [randomize(jlora.init(jax.random.fold_in(key, i), params, jlora.LoraConfig(
-        rank=4, alpha=8.0, dora=dora, targets=TARGETS)), jax.random.fold_in(key, 9 + i))
-        for i in range(3)]
+    ads = [
+        randomize(
+            jlora.init(
+                jax.random.fold_in(key, i),
+                params,
+                jlora.LoraConfig(rank=4, alpha=8.0, dora=dora, targets=TARGETS),
+            ),
+            jax.random.fold_in(key, 9 + i),
+        )
+        for i in range(3)
+    ]
     stacked, aid = jlora.stack(ads), jnp.array([1, -1, 0])
     f = jlora.apply(model.apply)
     mixed = jax.jit(f)(params, stacked, ids, adapter_ids=aid)
     for i, a in enumerate(aid.tolist()):
-        alone = model.apply(params, ids[i:i + 1]) if a < 0 else f(params, ads[a], ids[i:i + 1])
+        alone = model.apply(params, ids[i : i + 1]) if a < 0 else f(params, ads[a], ids[i : i + 1])
         np.testing.assert_allclose(mixed[i], alone[0], **F32)
     if dora:  # DoRA's norms read every adapter's whole weight anyway
         return
@@ -79,19 +100,32 @@ def test_padding_to_the_largest_rank_is_exact(key):
 
 def test_flattened_batch_axis_and_errors(key):
     p = {"q_proj": jax.random.normal(key, (6, 4))}
-    ads = [randomize(jlora.init(jax.random.fold_in(key, i), p, jlora.LoraConfig(
-        rank=2, targets=("q_proj",))), jax.random.fold_in(key, i)) for i in range(2)]
+    ads = [
+        randomize(
+            jlora.init(
+                jax.random.fold_in(key, i), p, jlora.LoraConfig(rank=2, targets=("q_proj",))
+            ),
+            jax.random.fold_in(key, i),
+        )
+        for i in range(2)
+    ]
     st = jlora.stack(ads)
     x = jax.random.normal(key, (3, 5, 6))
     flat = jlora.apply(lambda p, x: (x.reshape(-1, 6) @ p["q_proj"]).reshape(3, 5, 4))
     ids = jnp.array([1, -1, 0])
-    want = jnp.stack([jlora.apply(lambda p, x: x @ p["q_proj"])(p, ads[1], x[0]), x[1] @ p[
-        "q_proj"], jlora.apply(lambda p, x: x @ p["q_proj"])(p, ads[0], x[2])])
+    want = jnp.stack(
+        [
+            jlora.apply(lambda p, x: x @ p["q_proj"])(p, ads[1], x[0]),
+            x[1] @ p["q_proj"],
+            jlora.apply(lambda p, x: x @ p["q_proj"])(p, ads[0], x[2]),
+        ]
+    )
     np.testing.assert_allclose(flat(p, st, x, adapter_ids=ids), want, **F32)
     # a model that moves the examples to axis 1 is followed, not guessed at
     seq_first = jlora.apply(lambda p, x: jnp.swapaxes(x, 0, 1) @ p["q_proj"])
-    np.testing.assert_allclose(seq_first(p, st, x, adapter_ids=ids), jnp.swapaxes(want, 0, 1),
-                               **F32)
+    np.testing.assert_allclose(
+        seq_first(p, st, x, adapter_ids=ids), jnp.swapaxes(want, 0, 1), **F32
+    )
     interleaved = jlora.apply(lambda p, x: jnp.swapaxes(x, 0, 1).reshape(-1, 6) @ p["q_proj"])
     with pytest.raises(ValueError, match="example axis was lost.*reshape"):
         interleaved(p, st, x, adapter_ids=ids)
@@ -106,18 +140,22 @@ def test_flattened_batch_axis_and_errors(key):
     scaled = jlora.apply(lambda p, x: x @ (2 * p["q_proj"]))  # a scalar scale stays factored
     np.testing.assert_allclose(scaled(p, st, x, adapter_ids=ids), 2 * want, **F32)
     per_out = jlora.apply(lambda p, x: x @ (p["q_proj"] * jnp.arange(4.0)[None]))
-    np.testing.assert_allclose(per_out(p, st, x, adapter_ids=ids),  # the scale folds into B
-                               want * jnp.arange(4.0)[None, None], **F32)
+    np.testing.assert_allclose(
+        per_out(p, st, x, adapter_ids=ids),  # the scale folds into B
+        want * jnp.arange(4.0)[None, None],
+        **F32,
+    )
     with pytest.raises(ValueError, match="needs 'q_proj' to be used by dot_general"):
         jlora.apply(lambda p, x: x @ (p["q_proj"] * jnp.arange(24.0).reshape(6, 4)))(
-            p, st, x, adapter_ids=ids)
-    other = jlora.init(key, {"k": jnp.ones((6, 4)), **p}, jlora.LoraConfig(rank=2,
-                                                                         targets=("k",)))
+            p, st, x, adapter_ids=ids
+        )
+    other = jlora.init(key, {"k": jnp.ones((6, 4)), **p}, jlora.LoraConfig(rank=2, targets=("k",)))
     with pytest.raises(ValueError, match="adapt different leaves"):
         jlora.stack([ads[0], other])
     with pytest.raises(ValueError, match="only rank and alpha may differ"):
-        jlora.stack([ads[0], jlora.init(key, p, jlora.LoraConfig(rank=2, targets=("q_proj",),
-                                                                 dropout=0.1))])
+        jlora.stack(
+            [ads[0], jlora.init(key, p, jlora.LoraConfig(rank=2, targets=("q_proj",), dropout=0.1))]
+        )
 
 
 def test_switching_adapters_does_not_retrace(key):
@@ -131,7 +169,8 @@ def test_switching_adapters_does_not_retrace(key):
 
     loaded = [jax.tree.map(lambda v: v * 1.0, ad) for ad in ads]  # new arrays, same shapes
     same_rank = [a for a, s in zip(loaded, SETTINGS) if s == SETTINGS[0]] + [
-        randomize(ads[0], jax.random.fold_in(key, k)) for k in range(3)]
+        randomize(ads[0], jax.random.fold_in(key, k)) for k in range(3)
+    ]
     for ad in same_rank:
         f(ad, ids).block_until_ready()
     assert len(traces) == 1
@@ -151,12 +190,20 @@ def _sources(key):
     """Three adapters of one base: alpha != r (scaling applied twice would show) and an
     rsLoRA source (alpha / sqrt(r), which PEFT once over-scaled by sqrt(r))."""
     params = {"layers": {"q_proj": jax.random.normal(key, (3, 24, 16))}}
-    cfgs = [jlora.LoraConfig(rank=2, alpha=7.0, targets=("q_proj",)),
-            jlora.LoraConfig(rank=4, alpha=3.0, rslora=True, targets=("q_proj",)),
-            jlora.LoraConfig(rank=3, alpha=3.0, targets=("q_proj",))]
+    cfgs = [
+        jlora.LoraConfig(rank=2, alpha=7.0, targets=("q_proj",)),
+        jlora.LoraConfig(rank=4, alpha=3.0, rslora=True, targets=("q_proj",)),
+        jlora.LoraConfig(rank=3, alpha=3.0, targets=("q_proj",)),
+    ]
     fn = scanned(("layers", "q_proj"))
-    ads = [randomize(jlora.init(jax.random.fold_in(key, i), params, c, fn), jax.random.fold_in(
-        key, 5 + i), scale=0.5) for i, c in enumerate(cfgs)]
+    ads = [
+        randomize(
+            jlora.init(jax.random.fold_in(key, i), params, c, fn),
+            jax.random.fold_in(key, 5 + i),
+            scale=0.5,
+        )
+        for i, c in enumerate(cfgs)
+    ]
     return params, ads
 
 
@@ -203,4 +250,3 @@ def test_combine_errors(key):
     dora = jlora.init(key, p, jlora.LoraConfig(rank=1, targets=("q_proj",), dora=True))
     with pytest.raises(ValueError, match="a DoRA magnitude.*does not add"):
         jlora.combine_adapters([dora, dora], [1.0, 1.0])
-

@@ -17,10 +17,10 @@ import optax
 import jlora
 from conftest import randomize
 
-CFG = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_heads=4,
-                        num_layers=2)
-SETTINGS = [dict(rank=2, alpha=4.0), dict(rank=8, alpha=8.0), dict(rank=4, alpha=2.0,
-                                                                   rslora=True)]
+CFG = llama.LlamaConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=48, num_heads=4, num_layers=2
+)
+SETTINGS = [dict(rank=2, alpha=4.0), dict(rank=8, alpha=8.0), dict(rank=4, alpha=2.0, rslora=True)]
 N, PER, STEPS = len(SETTINGS), 2, 4
 
 
@@ -31,9 +31,18 @@ def _token_loss(logits, targets):
 
 def _setup(key):
     model, params = llama.Llama(CFG), llama.init_params(CFG, key)
-    ads = [randomize(jlora.init(jax.random.fold_in(key, i), params, jlora.LoraConfig(
-        targets=("q_proj", "v_proj", "down_proj"), **s)), jax.random.fold_in(key, i), 0.05)
-        for i, s in enumerate(SETTINGS)]
+    ads = [
+        randomize(
+            jlora.init(
+                jax.random.fold_in(key, i),
+                params,
+                jlora.LoraConfig(targets=("q_proj", "v_proj", "down_proj"), **s),
+            ),
+            jax.random.fold_in(key, i),
+            0.05,
+        )
+        for i, s in enumerate(SETTINGS)
+    ]
     data = jax.random.randint(key, (STEPS, N * PER, 9), 0, CFG.vocab_size)
     return model, params, ads, data
 
@@ -49,8 +58,9 @@ def test_adapters_trained_together_equal_each_trained_alone(key, tmp_path):
         return sum(jnp.mean(per[i::N]) for i in range(N))  # each adapter's own mean
 
     def alone_loss(ad, batch):
-        return jnp.mean(_token_loss(jlora.apply(model.apply)(params, ad, batch[:, :-1]),
-                                    batch[:, 1:]))
+        return jnp.mean(
+            _token_loss(jlora.apply(model.apply)(params, ad, batch[:, :-1]), batch[:, 1:])
+        )
 
     def step(loss):
         @jax.jit
@@ -58,16 +68,17 @@ def test_adapters_trained_together_equal_each_trained_alone(key, tmp_path):
             grads = jax.grad(loss)(ad, batch)
             updates, state = tx.update(grads, state, ad)
             return optax.apply_updates(ad, updates), state
+
         return run
 
     stacked = jlora.stack(ads)
     assert len(jax.tree.leaves(stacked)) == 2 * 3 * 1  # a and b only: no scale leaf trains
     grads = jlora.unstack(jax.grad(mixed_loss)(stacked, data[0]))
     for i, ad in enumerate(ads):
-        for got, want in zip(jax.tree.leaves(grads[i]),
-                             jax.tree.leaves(jax.grad(alone_loss)(ad, data[0][i::N]))):
-            np.testing.assert_allclose(got, want, rtol=1e-5,
-                                       atol=1e-5 * float(jnp.abs(want).max()))
+        for got, want in zip(
+            jax.tree.leaves(grads[i]), jax.tree.leaves(jax.grad(alone_loss)(ad, data[0][i::N]))
+        ):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
     state = tx.init(stacked)
     run_mixed = step(mixed_loss)
     for batch in data:
@@ -79,8 +90,9 @@ def test_adapters_trained_together_equal_each_trained_alone(key, tmp_path):
         for batch in data:
             ad, one_state = run_alone(ad, one_state, batch[i::N])
         assert jax.tree.structure(together[i]) == jax.tree.structure(ad)
-        for got, want, start in zip(jax.tree.leaves(together[i]), jax.tree.leaves(ad),
-                                    jax.tree.leaves(ads[i])):
+        for got, want, start in zip(
+            jax.tree.leaves(together[i]), jax.tree.leaves(ad), jax.tree.leaves(ads[i])
+        ):
             moved = float(jnp.abs(want - start).max())
             assert moved > 1e-3  # training did change every factor
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * moved)
@@ -89,8 +101,9 @@ def test_adapters_trained_together_equal_each_trained_alone(key, tmp_path):
     back, meta = jlora.restore_checkpoint(ckpt, {"adapter": stacked, "opt": state})
     assert meta["step"] == STEPS
     assert jax.tree.structure(back) == jax.tree.structure({"adapter": stacked, "opt": state})
-    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves({"adapter": stacked,
-                                                                  "opt": state})):
+    for got, want in zip(
+        jax.tree.leaves(back), jax.tree.leaves({"adapter": stacked, "opt": state})
+    ):
         np.testing.assert_array_equal(got, want)
 
 

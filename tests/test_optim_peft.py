@@ -39,8 +39,9 @@ def _pair(rslora: bool, seed: int = 0):
         b_t.copy_(torch.randn(OUT, R))
     grads = torch.randn(R, IN), torch.randn(OUT, R)
     params = {"lin": jnp.zeros((IN, OUT))}
-    node = jlora.init(jax.random.key(0), params, jlora.LoraConfig(
-        rank=R, alpha=8.0, rslora=rslora, targets="lin"))["lin"]
+    node = jlora.init(
+        jax.random.key(0), params, jlora.LoraConfig(rank=R, alpha=8.0, rslora=rslora, targets="lin")
+    )["lin"]
     as_j = lambda t: jnp.asarray(t.detach().numpy().T)
     node = dataclasses.replace(node, a=as_j(a_t), b=as_j(b_t))
     gnode = dataclasses.replace(node, a=as_j(grads[0]), b=as_j(grads[1]))
@@ -73,8 +74,9 @@ def test_lorafa_steps_equal_peft(rslora, monkeypatch):
         upd, state = tx.update({"lin": gnode}, state, node)
         node = optax.apply_updates(node, upd)
         np.testing.assert_array_equal(node["lin"].a, ad["lin"].a)  # A stays at its init
-        np.testing.assert_allclose(node["lin"].b, b_t.detach().numpy().T, rtol=1e-5, atol=1e-5,
-                                   err_msg=f"step {step}")
+        np.testing.assert_allclose(
+            node["lin"].b, b_t.detach().numpy().T, rtol=1e-5, atol=1e-5, err_msg=f"step {step}"
+        )
     sizes = [x.size for x in jax.tree.leaves(state)]  # B's two moments and step counts
     assert sum(sizes) <= 2 * ad["lin"].b.size + 4, sizes
 
@@ -85,15 +87,18 @@ def test_lorafa_projects_b_as_the_closed_form():
     got = _step_jlora(jlora.lorafa(optax.sgd, 0.1), ad, grads)
     a, b, g = (np.asarray(x, np.float64) for x in (ad["lin"].a, ad["lin"].b, grads["lin"].b))
     s = ad["lin"].scale
-    want = b - 0.1 * np.linalg.solve(a.T @ a + 1e-8 * np.eye(R), g) / s ** 2
+    want = b - 0.1 * np.linalg.solve(a.T @ a + 1e-8 * np.eye(R), g) / s**2
     np.testing.assert_allclose(got.b, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(got.a, ad["lin"].a)
 
 
-@pytest.mark.parametrize("make, torch_opt, kw", [
-    (optax.sgd, torch.optim.SGD, {}),
-    (optax.adam, torch.optim.Adam, {"eps": 1e-8}),
-])
+@pytest.mark.parametrize(
+    "make, torch_opt, kw",
+    [
+        (optax.sgd, torch.optim.SGD, {}),
+        (optax.adam, torch.optim.Adam, {"eps": 1e-8}),
+    ],
+)
 def test_riemannian_step_equals_peft(make, torch_opt, kw):
     model, (a_t, b_t), (ga, gb), ad, grads = _pair(False, seed=1)
     opt = create_riemannian_optimizer(model, torch_opt, lr=1e-2, reg=0.05)
@@ -108,15 +113,25 @@ def test_stacked_nodes_are_preconditioned_per_matrix(key):
     """A scanned stack of 3 layers: each layer's step equals that layer's node alone."""
     params = {"w": jnp.zeros((3, IN, OUT))}
     cfg = jlora.LoraConfig(rank=R, targets="w")
-    ad = jax.tree.map(lambda x: jax.random.normal(key, x.shape),
-                      jlora.init(key, params, cfg, lambda p, x: x @ p["w"][0], jnp.ones(IN)))
+    ad = jax.tree.map(
+        lambda x: jax.random.normal(key, x.shape),
+        jlora.init(key, params, cfg, lambda p, x: x @ p["w"][0], jnp.ones(IN)),
+    )
     grads = jax.tree.map(lambda x: jax.random.normal(jax.random.fold_in(key, 1), x.shape), ad)
     for tx in (jlora.riemannian(optax.sgd, 0.1), jlora.lorafa(optax.sgd, 0.1)):
         whole = _step_jlora(tx, ad, grads)
         for layer in range(3):
-            one = lambda t: {"lin": dataclasses.replace(
-                t["w"], a=t["w"].a[layer], b=t["w"].b[layer], shape=(IN, OUT),
-                stack_axes=(), in_axes=(0,), out_axes=(1,))}
+            one = lambda t: {
+                "lin": dataclasses.replace(
+                    t["w"],
+                    a=t["w"].a[layer],
+                    b=t["w"].b[layer],
+                    shape=(IN, OUT),
+                    stack_axes=(),
+                    in_axes=(0,),
+                    out_axes=(1,),
+                )
+            }
             alone = _step_jlora(tx, one(ad), one(grads))
             np.testing.assert_allclose(whole.a[layer], alone.a, rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(whole.b[layer], alone.b, rtol=1e-5, atol=1e-6)

@@ -20,8 +20,14 @@ import llama  # noqa: E402
 import jlora  # noqa: E402
 from conftest import randomize  # noqa: E402
 
-HF = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-          num_attention_heads=4, max_position_embeddings=64)
+HF = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+)
 TOL = dict(rtol=1e-4, atol=1e-4)
 VARIANTS = {"lora": {}, "rslora": dict(use_rslora=True), "dora": dict(use_dora=True)}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]
@@ -29,8 +35,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]
 
 def _hf_base(tied=False):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(**HF, attn_implementation="eager",
-                                      tie_word_embeddings=tied)
+    config = transformers.LlamaConfig(**HF, attn_implementation="eager", tie_word_embeddings=tied)
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -72,8 +77,7 @@ def test_peft_trained_adapter_loads_into_jlora(tmp_path, variant, scan):
     ids = _ids()
     assert any(float(jnp.abs(n.b).max()) > 0 for n in jlora.adapter.adapter_nodes(ad).values())
     want = _torch_logits(pm, ids)
-    np.testing.assert_allclose(jlora.apply(model.apply)(params, ad, jnp.asarray(ids)), want,
-                               **TOL)
+    np.testing.assert_allclose(jlora.apply(model.apply)(params, ad, jnp.asarray(ids)), want, **TOL)
     merged = jlora.merge(params, ad)  # PEFT's merge_and_unload gives the same weights
     hf_merged = llama.from_hf(pm.merge_and_unload().state_dict(), model.config)
     for m, h in zip(jax.tree.leaves(merged), jax.tree.leaves(hf_merged)):
@@ -83,17 +87,24 @@ def test_peft_trained_adapter_loads_into_jlora(tmp_path, variant, scan):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_jlora_adapter_loads_into_peft(tmp_path, key, variant):
     model, params = _jlora_base(_hf_base())
-    cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets=tuple(TARGETS),
-                           rslora=variant == "rslora", dora=variant == "dora",
-                           rank_pattern={"v_proj": 2}, alpha_pattern={"o_proj": 5.0})
+    cfg = jlora.LoraConfig(
+        rank=4,
+        alpha=8.0,
+        targets=tuple(TARGETS),
+        rslora=variant == "rslora",
+        dora=variant == "dora",
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={"o_proj": 5.0},
+    )
     ad = randomize(jlora.init(key, params, cfg), key)
     jlora.peft.save(str(tmp_path), ad, module_fn=llama.hf_module)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["use_dora"] == (variant == "dora") and config["r"] == 4
     pm = peft.PeftModel.from_pretrained(_hf_base(), str(tmp_path)).eval()
     ids = _ids()
-    np.testing.assert_allclose(_torch_logits(pm, ids),
-                               jlora.apply(model.apply)(params, ad, jnp.asarray(ids)), **TOL)
+    np.testing.assert_allclose(
+        _torch_logits(pm, ids), jlora.apply(model.apply)(params, ad, jnp.asarray(ids)), **TOL
+    )
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -109,17 +120,25 @@ def test_embedding_adapters_both_directions(tmp_path, key, variant):
     table = ad["params"]["embed_tokens"]["embedding"]
     assert table.a.shape == (HF["vocab_size"], 4) and float(jnp.abs(table.b).max()) > 0
     ids = _ids()
-    np.testing.assert_allclose(jlora.apply(model.apply)(params, ad, jnp.asarray(ids)),
-                               _torch_logits(pm, ids), **TOL)
+    np.testing.assert_allclose(
+        jlora.apply(model.apply)(params, ad, jnp.asarray(ids)), _torch_logits(pm, ids), **TOL
+    )
     assert jlora.explain(model.apply, params, ad, ids)["params/embed_tokens/embedding"] == [
-        "factored"]
-    cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets=tuple(targets), rslora=variant == "rslora",
-                           dora=variant == "dora")
+        "factored"
+    ]
+    cfg = jlora.LoraConfig(
+        rank=4,
+        alpha=8.0,
+        targets=tuple(targets),
+        rslora=variant == "rslora",
+        dora=variant == "dora",
+    )
     mine = randomize(jlora.init(key, params, cfg, model.apply, ids), key)
     jlora.peft.save(str(tmp_path / "jlora"), mine, module_fn=llama.hf_module)
     back = peft.PeftModel.from_pretrained(_hf_base(), str(tmp_path / "jlora")).eval()
-    np.testing.assert_allclose(_torch_logits(back, ids),
-                               jlora.apply(model.apply)(params, mine, jnp.asarray(ids)), **TOL)
+    np.testing.assert_allclose(
+        _torch_logits(back, ids), jlora.apply(model.apply)(params, mine, jnp.asarray(ids)), **TOL
+    )
 
 
 def test_load_errors(tmp_path):
@@ -129,10 +148,12 @@ def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="match no parameter.*module_fn"):
         jlora.peft.load(str(tmp_path), params)  # default mapping lacks the 'model.' level
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    for field, value, message in [("layer_replication", [[0, 1]], "layer_replication.*copying"),
-                                  ("bias", "some", "bias='some'"),
-                                  ("init_lora_weights", "pissa", "changed the base weights"),
-                                  ("peft_type", "IA3", "is not LORA")]:
+    for field, value, message in [
+        ("layer_replication", [[0, 1]], "layer_replication.*copying"),
+        ("bias", "some", "bias='some'"),
+        ("init_lora_weights", "pissa", "changed the base weights"),
+        ("peft_type", "IA3", "is not LORA"),
+    ]:
         (tmp_path / "adapter_config.json").write_text(json.dumps({**config, field: value}))
         with pytest.raises(ValueError, match=message):
             jlora.peft.load(str(tmp_path), params, module_fn=llama.hf_module)
@@ -140,14 +161,12 @@ def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="rank 4 but the config says 8"):
         jlora.peft.load(str(tmp_path), params, module_fn=llama.hf_module)
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
-    small = llama.from_hf(_hf_base().state_dict(), llama.config_from_hf(
-        _hf_base().config))
-    small = jax.tree.map(lambda x: x[..., :16] if x.ndim == 3 and x.shape[-1] == 32 else x,
-                         small)
+    small = llama.from_hf(_hf_base().state_dict(), llama.config_from_hf(_hf_base().config))
+    small = jax.tree.map(lambda x: x[..., :16] if x.ndim == 3 and x.shape[-1] == 32 else x, small)
     with pytest.raises(ValueError, match="needs"):
         jlora.peft.load(str(tmp_path), small, module_fn=llama.hf_module)
     raw = (tmp_path / "adapter_model.safetensors").read_bytes()
-    (tmp_path / "adapter_model.safetensors").write_bytes(raw[:len(raw) // 2])
+    (tmp_path / "adapter_model.safetensors").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(ValueError, match="truncated or corrupted"):
         jlora.peft.load(str(tmp_path), params, module_fn=llama.hf_module)
 
@@ -160,17 +179,20 @@ def test_a_file_missing_a_layer_adapts_the_others_of_a_scanned_stack(tmp_path, k
     jlora.peft.save(str(tmp_path), ad, module_fn=llama.hf_module)
     scanned_model, stacked = _jlora_base(_hf_base(), scan=True)
     import safetensors.numpy
+
     file = tmp_path / "adapter_model.safetensors"
     tensors = safetensors.numpy.load(file.read_bytes())
-    file.write_bytes(safetensors.numpy.save({k: v for k, v in tensors.items()
-                                             if ".1." not in k}))
+    file.write_bytes(safetensors.numpy.save({k: v for k, v in tensors.items() if ".1." not in k}))
     got = jlora.peft.load(str(tmp_path), stacked, module_fn=llama.hf_module)
     node = got["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
     assert isinstance(node, jlora.adapter.LayersNode) and node.layers == (0,)
     one = jlora.peft.load(str(tmp_path), params, module_fn=llama.hf_module)
     ids = jnp.asarray(_ids())
-    np.testing.assert_allclose(jlora.apply(scanned_model.apply)(stacked, got, ids),
-                               jlora.apply(model.apply)(params, one, ids), **TOL)
+    np.testing.assert_allclose(
+        jlora.apply(scanned_model.apply)(stacked, got, ids),
+        jlora.apply(model.apply)(params, one, ids),
+        **TOL,
+    )
 
 
 def test_bf16_adapters_round_trip_through_safetensors(tmp_path, key):
@@ -198,14 +220,16 @@ def test_peft_layers_to_transform_both_directions(tmp_path, key):
         ad = jlora.peft.load(str(tmp_path / "peft"), params, module_fn=llama.hf_module)
         nodes = jlora.adapter.adapter_nodes(ad)
         assert nodes and all("layers_1" in p or n.layers == (1,) for p, n in nodes.items())
-        np.testing.assert_allclose(jlora.apply(model.apply)(params, ad, jnp.asarray(ids)),
-                                   _torch_logits(pm, ids), **TOL)
+        np.testing.assert_allclose(
+            jlora.apply(model.apply)(params, ad, jnp.asarray(ids)), _torch_logits(pm, ids), **TOL
+        )
     cfg = jlora.LoraConfig(rank=4, targets=tuple(TARGETS), layers_to_transform=[1])
     ad = randomize(jlora.init(key, params, cfg), key)
     jlora.peft.save(str(tmp_path / "jlora"), ad, module_fn=llama.hf_module)
     back = peft.PeftModel.from_pretrained(_hf_base(), str(tmp_path / "jlora")).eval()
-    np.testing.assert_allclose(_torch_logits(back, ids),
-                               jlora.apply(model.apply)(params, ad, jnp.asarray(ids)), **TOL)
+    np.testing.assert_allclose(
+        _torch_logits(back, ids), jlora.apply(model.apply)(params, ad, jnp.asarray(ids)), **TOL
+    )
 
 
 def test_two_targets_on_one_module_name_are_refused(tmp_path):

@@ -21,9 +21,14 @@ from conftest import randomize  # noqa: E402
 TOL = dict(rtol=1e-4, atol=1e-4)
 CONVS = ("conv1", "conv2", "conv3")
 #: (torch kernel) -> kernel in the jlora layout, and the lax dimension numbers of that layout
-LAYOUTS = {"oihw": (lambda w: w, ("NCHW", "OIHW", "NCHW"), ("NCH", "OIH", "NCH")),
-           "hwio": (lambda w: np.moveaxis(w, (0, 1), (-1, -2)), ("NCHW", "HWIO", "NCHW"),
-                    ("NCH", "HIO", "NCH"))}
+LAYOUTS = {
+    "oihw": (lambda w: w, ("NCHW", "OIHW", "NCHW"), ("NCH", "OIH", "NCH")),
+    "hwio": (
+        lambda w: np.moveaxis(w, (0, 1), (-1, -2)),
+        ("NCHW", "HWIO", "NCHW"),
+        ("NCH", "HIO", "NCH"),
+    ),
+}
 
 
 class Net(torch.nn.Module):
@@ -42,18 +47,30 @@ class Net(torch.nn.Module):
 def _jax_net(layout):
     to_jlora, dn2, dn1 = LAYOUTS[layout]
     net = Net()
-    params = {n: {"kernel": jnp.asarray(to_jlora(getattr(net, n).weight.detach().numpy())),
-                  "bias": jnp.asarray(getattr(net, n).bias.detach().numpy())} for n in CONVS}
+    params = {
+        n: {
+            "kernel": jnp.asarray(to_jlora(getattr(net, n).weight.detach().numpy())),
+            "bias": jnp.asarray(getattr(net, n).bias.detach().numpy()),
+        }
+        for n in CONVS
+    }
 
     def fn(p, x):
         def conv(x, n, dn, **kw):
             y = jax.lax.conv_general_dilated(x, p[n]["kernel"], dimension_numbers=dn, **kw)
             return y + p[n]["bias"].reshape(1, -1, *(1,) * (y.ndim - 2))
-        h = conv(jax.nn.relu(conv(x, "conv1", dn2, window_strides=(1, 1),
-                                  padding=((1, 1), (1, 1)))),
-                 "conv2", dn2, window_strides=(2, 2), padding=((1, 1), (1, 1)))
-        return conv(h.reshape(*h.shape[:2], -1), "conv3", dn1, window_strides=(1,),
-                    padding=((1, 1),))
+
+        h = conv(
+            jax.nn.relu(conv(x, "conv1", dn2, window_strides=(1, 1), padding=((1, 1), (1, 1)))),
+            "conv2",
+            dn2,
+            window_strides=(2, 2),
+            padding=((1, 1), (1, 1)),
+        )
+        return conv(
+            h.reshape(*h.shape[:2], -1), "conv3", dn1, window_strides=(1,), padding=((1, 1),)
+        )
+
     return params, fn
 
 
@@ -73,8 +90,9 @@ def _module(path, index=()):
 @pytest.mark.parametrize("dora", [False, True])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_peft_conv_adapter_loads_into_jlora(tmp_path, layout, dora):
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(CONVS), use_dora=dora,
-                          init_lora_weights=False)
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=list(CONVS), use_dora=dora, init_lora_weights=False
+    )
     pm = peft.get_peft_model(Net(), cfg).eval()
     pm.save_pretrained(tmp_path)
     params, fn = _jax_net(layout)
@@ -84,8 +102,7 @@ def test_peft_conv_adapter_loads_into_jlora(tmp_path, layout, dora):
     node = jlora.adapter.adapter_nodes(ad)["conv1/kernel"]
     assert node.a.shape == (3 * 3 * 3, 4) and len(node.in_axes) == 3
     assert set(sum(jlora.explain(fn, params, ad, x).values(), [])) == {"factored"}
-    np.testing.assert_allclose(jax.jit(jlora.apply(fn))(params, ad, x), _torch_out(pm, x),
-                               **TOL)
+    np.testing.assert_allclose(jax.jit(jlora.apply(fn))(params, ad, x), _torch_out(pm, x), **TOL)
     merged = jlora.merge(params, ad)
     peft_merged = pm.merge_and_unload()
     for n in CONVS:
@@ -111,14 +128,16 @@ def test_jlora_conv_adapter_loads_into_peft(tmp_path, key, layout, dora):
 def test_an_ambiguous_conv_kernel_asks_for_axes(tmp_path):
     """A square (4, 4, 4, 4) kernel fits both (*k, in, out) and (out, in, *k)."""
     net = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 4))
-    pm = peft.get_peft_model(net, peft.LoraConfig(r=2, target_modules=["0"],
-                                                  init_lora_weights=False))
+    pm = peft.get_peft_model(
+        net, peft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False)
+    )
     pm.save_pretrained(tmp_path)
     params = {"0": {"kernel": jnp.zeros((4, 4, 4, 4))}}
     with pytest.raises(jlora.LoraError, match="fits both.*pass axes="):
         jlora.peft.load(str(tmp_path), params, module_fn=_module)
-    ad = jlora.peft.load(str(tmp_path), params, module_fn=_module,
-                         axes={"0/kernel": ((), (1, 2, 3), (0,))})
+    ad = jlora.peft.load(
+        str(tmp_path), params, module_fn=_module, axes={"0/kernel": ((), (1, 2, 3), (0,))}
+    )
     la = pm.base_model.model[0].lora_A["default"].weight.detach().numpy()
     np.testing.assert_array_equal(ad["0"]["kernel"].a, la.reshape(2, -1).T)
 
@@ -126,8 +145,13 @@ def test_an_ambiguous_conv_kernel_asks_for_axes(tmp_path):
 def test_a_conv_trained_in_full_both_directions(tmp_path, key):
     """PEFT's modules_to_save on a conv: torch's (out, in, kh, kw) weight is a Flax
     (kh, kw, in, out) kernel; LoRA on the other convs beside it."""
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["conv1", "conv3"],
-                          modules_to_save=["conv2"], init_lora_weights=False)
+    cfg = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["conv1", "conv3"],
+        modules_to_save=["conv2"],
+        init_lora_weights=False,
+    )
     pm = peft.get_peft_model(Net(), cfg).eval()
     saved = pm.base_model.model.conv2.modules_to_save["default"]
     with torch.no_grad():
@@ -139,8 +163,13 @@ def test_a_conv_trained_in_full_both_directions(tmp_path, key):
     ad = jlora.peft.load(str(tmp_path / "peft"), params, module_fn=_module)
     assert isinstance(ad["conv2"]["kernel"], jlora.adapter.FullNode)
     np.testing.assert_allclose(jlora.apply(fn)(params, ad, x), _torch_out(pm, x), **TOL)
-    ad = jlora.init(key, params, jlora.LoraConfig(rank=4, targets=("conv1", "conv3"),
-                                                  modules_to_save=("conv2",)), fn, x)
+    ad = jlora.init(
+        key,
+        params,
+        jlora.LoraConfig(rank=4, targets=("conv1", "conv3"), modules_to_save=("conv2",)),
+        fn,
+        x,
+    )
     ad = randomize(ad, key)
     jlora.peft.save(str(tmp_path / "jlora"), ad, module_fn=_module)
     back = peft.PeftModel.from_pretrained(Net(), str(tmp_path / "jlora")).eval()

@@ -23,8 +23,9 @@ import jlora  # noqa: E402
 from conftest import randomize  # noqa: E402
 
 TOKENS = [3, 5, 7]
-EXTRA = dict(modules_to_save=["lm_head", "input_layernorm"],
-             trainable_token_indices={"embed_tokens": TOKENS})
+EXTRA = dict(
+    modules_to_save=["lm_head", "input_layernorm"], trainable_token_indices={"embed_tokens": TOKENS}
+)
 
 
 def _ids(seed=1):
@@ -56,8 +57,9 @@ def test_peft_modules_to_save_and_tokens_load_into_jlora(tmp_path, scan):
     assert isinstance(table, jlora.adapter.TokenNode) and table.indices == tuple(TOKENS)
     assert isinstance(ad["params"]["lm_head"]["kernel"], jlora.adapter.FullNode)
     ids = _ids()
-    np.testing.assert_allclose(jlora.apply(model.apply)(params, ad, jnp.asarray(ids)),
-                               _torch_logits(pm, ids), **TOL)
+    np.testing.assert_allclose(
+        jlora.apply(model.apply)(params, ad, jnp.asarray(ids)), _torch_logits(pm, ids), **TOL
+    )
     merged = jlora.merge(params, ad)  # PEFT's merge_and_unload gives the same weights
     hf_merged = llama.from_hf(pm.merge_and_unload().state_dict(), model.config)
     for m, h in zip(jax.tree.leaves(merged), jax.tree.leaves(hf_merged)):
@@ -66,9 +68,13 @@ def test_peft_modules_to_save_and_tokens_load_into_jlora(tmp_path, scan):
 
 def test_jlora_modules_to_save_and_tokens_load_into_peft(tmp_path, key):
     model, params = _jlora_base(_hf_base())
-    cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj"),
-                           modules_to_save=("lm_head", "input_layernorm"),
-                           trainable_token_indices={"embed_tokens": TOKENS})
+    cfg = jlora.LoraConfig(
+        rank=4,
+        alpha=8.0,
+        targets=("q_proj", "v_proj"),
+        modules_to_save=("lm_head", "input_layernorm"),
+        trainable_token_indices={"embed_tokens": TOKENS},
+    )
     ad = randomize(jlora.init(key, params, cfg), key)
     jlora.peft.save(str(tmp_path), ad, module_fn=llama.hf_module)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -76,8 +82,9 @@ def test_jlora_modules_to_save_and_tokens_load_into_peft(tmp_path, key):
     assert config["trainable_token_indices"] == {"embed_tokens": TOKENS}
     pm = peft.PeftModel.from_pretrained(_hf_base(), str(tmp_path)).eval()
     ids = _ids()
-    np.testing.assert_allclose(_torch_logits(pm, ids),
-                               jlora.apply(model.apply)(params, ad, jnp.asarray(ids)), **TOL)
+    np.testing.assert_allclose(
+        _torch_logits(pm, ids), jlora.apply(model.apply)(params, ad, jnp.asarray(ids)), **TOL
+    )
     back = jlora.peft.load(str(tmp_path), params, module_fn=llama.hf_module)
     for mine, got in zip(jax.tree.leaves(ad), jax.tree.leaves(back)):
         np.testing.assert_array_equal(mine, got)
@@ -92,7 +99,8 @@ def test_tied_embedding_tokens_stay_factored_at_both_uses(tmp_path):
     assert "lm_head" not in params["params"]
     ad = jlora.peft.load(str(tmp_path), params, module_fn=llama.hf_module)
     ids = _ids()
-    np.testing.assert_allclose(jlora.apply(model.apply)(params, ad, jnp.asarray(ids)),
-                               _torch_logits(pm, ids), **TOL)
+    np.testing.assert_allclose(
+        jlora.apply(model.apply)(params, ad, jnp.asarray(ids)), _torch_logits(pm, ids), **TOL
+    )
     uses = jlora.explain(model.apply, params, ad, ids)["params/embed_tokens/embedding"]
     assert len(uses) == 2 and all(u.startswith("factored") for u in uses)

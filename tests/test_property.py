@@ -14,8 +14,11 @@ from jlora.numerics import quant
 @st.composite
 def layouts(draw):
     """A kernel with stacked/in/out axes, and a dot_general that uses it."""
-    n_in, n_out, n_stack = (draw(st.integers(1, 2)), draw(st.integers(1, 2)),
-                            draw(st.integers(0, 2)))
+    n_in, n_out, n_stack = (
+        draw(st.integers(1, 2)),
+        draw(st.integers(1, 2)),
+        draw(st.integers(0, 2)),
+    )
     roles = ["i"] * n_in + ["o"] * n_out + ["s"] * n_stack
     roles = draw(st.permutations(roles))
     shape = tuple(draw(st.integers(2, 4)) for _ in roles)
@@ -23,9 +26,13 @@ def layouts(draw):
     contract = draw(st.sampled_from("io"))  # contracting the "out" axes is the x @ W.T use
     batched = [ax for ax in axes["s"] if draw(st.booleans())]
     n_free_x = draw(st.integers(0, 2))
-    x_axes = draw(st.permutations([("c", ax) for ax in axes[contract]]
-                                  + [("b", ax) for ax in batched]
-                                  + [("f", n) for n in range(n_free_x)]))
+    x_axes = draw(
+        st.permutations(
+            [("c", ax) for ax in axes[contract]]
+            + [("b", ax) for ax in batched]
+            + [("f", n) for n in range(n_free_x)]
+        )
+    )
     x_shape = tuple(shape[ax] if kind != "f" else 3 for kind, ax in x_axes)
     xc = [x_axes.index(("c", ax)) for ax in axes[contract]]
     xb = [x_axes.index(("b", ax)) for ax in batched]
@@ -33,8 +40,16 @@ def layouts(draw):
     sizes = lambda k: int(np.prod([shape[ax] for ax in axes[k]]))
     rank = draw(st.integers(1, min(sizes("i"), sizes("o"))))
     dtype = draw(st.sampled_from([jnp.float32, jnp.bfloat16]))
-    return (shape, axes, x_shape, dims, rank, draw(st.booleans()), draw(st.integers(0, 2**16)),
-            dtype)
+    return (
+        shape,
+        axes,
+        x_shape,
+        dims,
+        rank,
+        draw(st.booleans()),
+        draw(st.integers(0, 2**16)),
+        dtype,
+    )
 
 
 @settings(max_examples=16, deadline=None, derandomize=True)
@@ -48,8 +63,15 @@ def test_any_dot_general_layout_matches_materialized(layout):
     node = jlora.LoraNode(
         a=jax.random.normal(key, stack + (size("i"), rank)) * 0.3,
         b=jax.random.normal(jax.random.fold_in(key, 1), stack + (rank, size("o"))) * 0.3,
-        rank=rank, alpha=2.0 * rank, scale=2.0, dropout=0.0, shape=shape,
-        stack_axes=axes["s"], in_axes=axes["i"], out_axes=axes["o"])
+        rank=rank,
+        alpha=2.0 * rank,
+        scale=2.0,
+        dropout=0.0,
+        shape=shape,
+        stack_axes=axes["s"],
+        in_axes=axes["i"],
+        out_axes=axes["o"],
+    )
     params = {"w": jax.random.normal(jax.random.fold_in(key, 2), shape)}
     x = jax.random.normal(jax.random.fold_in(key, 3), x_shape)
     node, params, x = jax.tree.map(lambda v: v.astype(dtype), (node, params, x))
@@ -59,8 +81,9 @@ def test_any_dot_general_layout_matches_materialized(layout):
         fn = lambda p, x: jax.lax.dot_general(x, p["w"], ((xc, wc), (xb, wb)))
     (use,) = jlora.explain(fn, params, {"w": node}, x)["w"]
     assert use == ("factored" if contract == "i" else jlora.interpret.dot.TRANSPOSED)
-    check_against_materialized(fn, params, {"w": node}, x,
-                               tol=F32 if dtype == jnp.float32 else BF16)
+    check_against_materialized(
+        fn, params, {"w": node}, x, tol=F32 if dtype == jnp.float32 else BF16
+    )
 
 
 @settings(max_examples=15, deadline=None, derandomize=True)
@@ -87,8 +110,13 @@ def test_transpose_and_slicing_stay_symbolic(perm, layer, seed):
 @st.composite
 def adapted_leaves(draw):
     """A kernel with random stacked/in/out axes, dtype, rank and (maybe) a DoRA magnitude."""
-    roles = draw(st.permutations(["i"] * draw(st.integers(1, 2)) + ["o"] * draw(
-        st.integers(1, 2)) + ["s"] * draw(st.integers(0, 2))))
+    roles = draw(
+        st.permutations(
+            ["i"] * draw(st.integers(1, 2))
+            + ["o"] * draw(st.integers(1, 2))
+            + ["s"] * draw(st.integers(0, 2))
+        )
+    )
     shape = tuple(draw(st.integers(2, 5)) for _ in roles)
     axes = {k: tuple(ax for ax, r in enumerate(roles) if r == k) for k in "sio"}
     size = lambda k: int(np.prod([shape[ax] for ax in axes[k]]))
@@ -100,17 +128,25 @@ def adapted_leaves(draw):
     magnitude = None
     if draw(st.booleans()):  # DoRA: a positive magnitude per output feature
         magnitude = jnp.abs(normal(3, stack + (size("o"),))) + 0.5
-    node = jlora.LoraNode(a=normal(0, stack + (size("i"), rank)) * 0.3,
-                          b=normal(1, stack + (rank, size("o"))) * 0.3, rank=rank,
-                          alpha=2.0 * rank, scale=2.0, dropout=0.0, shape=shape,
-                          stack_axes=axes["s"], in_axes=axes["i"], out_axes=axes["o"],
-                          magnitude=magnitude)
+    node = jlora.LoraNode(
+        a=normal(0, stack + (size("i"), rank)) * 0.3,
+        b=normal(1, stack + (rank, size("o"))) * 0.3,
+        rank=rank,
+        alpha=2.0 * rank,
+        scale=2.0,
+        dropout=0.0,
+        shape=shape,
+        stack_axes=axes["s"],
+        in_axes=axes["i"],
+        out_axes=axes["o"],
+        magnitude=magnitude,
+    )
     return {"w": normal(2, shape)}, {"w": node}
 
 
 def _ulps(dtype) -> float:
     """Tolerance relative to the largest value: 1e-5 in float32, 4 bfloat16 ulps."""
-    return 1e-5 if dtype == jnp.float32 else 4 * 2.0 ** -8
+    return 1e-5 if dtype == jnp.float32 else 4 * 2.0**-8
 
 
 @settings(max_examples=25, deadline=None, derandomize=True)
@@ -134,16 +170,24 @@ DYNAMIC_HALF_GAP = float(np.max(np.diff(quant.DYNAMIC_CODE))) / 2
 
 
 @settings(max_examples=25, deadline=None, derandomize=True)
-@given(st.lists(st.integers(1, 70), min_size=1, max_size=3), st.sampled_from([2, 16, 64, 128]),
-       st.booleans(), st.sampled_from([1e-3, 1.0, 300.0]), st.booleans(), st.integers(0, 2**16))
-def test_nf4_round_trip_within_the_closed_form_bound(shape, block, double_quant, scale,
-                                                     heavy_tailed, seed):
+@given(
+    st.lists(st.integers(1, 70), min_size=1, max_size=3),
+    st.sampled_from([2, 16, 64, 128]),
+    st.booleans(),
+    st.sampled_from([1e-3, 1.0, 300.0]),
+    st.booleans(),
+    st.integers(0, 2**16),
+)
+def test_nf4_round_trip_within_the_closed_form_bound(
+    shape, block, double_quant, scale, heavy_tailed, seed
+):
     """|dequantize(quantize(w)) - w| <= half the widest NF4 gap x absmax + the absmax error."""
     rng = np.random.default_rng(seed)
     w = (rng.standard_t(2, shape) if heavy_tailed else rng.standard_normal(shape)) * scale
     w = w.astype(np.float32)
-    node = quant.quantize_array(w, block_size=block, double_quant=double_quant,
-                                compute_dtype=jnp.float32)
+    node = quant.quantize_array(
+        w, block_size=block, double_quant=double_quant, compute_dtype=jnp.float32
+    )
     back = np.asarray(quant.dequantize_array(node), np.float64).reshape(-1)
     flat = w.reshape(-1).astype(np.float64)
     blocks = np.arange(flat.size) // block

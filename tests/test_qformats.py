@@ -36,7 +36,7 @@ def test_bytes_per_parameter(qtype):
 
 def _fp8_half_step(x):
     """Half the float8_e4m3fn spacing at |x| (normal: 3 mantissa bits; subnormal 2^-9)."""
-    e = np.floor(np.log2(np.maximum(np.abs(x), 2.0 ** -6)))
+    e = np.floor(np.log2(np.maximum(np.abs(x), 2.0**-6)))
     return 2.0 ** (e - 4)
 
 
@@ -47,16 +47,22 @@ def _bound(qtype, w, node):
     g = node.group_size
     scales = np.repeat(np.asarray(node.scales), g, axis=-2)
     if qtype == "fp8":
-        return scales * _fp8_half_step(np.asarray(w, np.float64) / np.where(scales > 0,
-                                                                            scales, 1))
+        return scales * _fp8_half_step(np.asarray(w, np.float64) / np.where(scales > 0, scales, 1))
     return scales / 2
 
 
-@settings(max_examples=40, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])
-@given(qtype=st.sampled_from(["nf4", "int8", "int4", "fp8"]), stack=st.sampled_from([(), (3,)]),
-       groups=st.integers(1, 4), group=st.sampled_from([2, 8, 32]), cols=st.integers(1, 40),
-       tail=st.sampled_from([1.0, 2.0, 30.0]), seed=st.integers(0, 2 ** 16))
+@settings(
+    max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(
+    qtype=st.sampled_from(["nf4", "int8", "int4", "fp8"]),
+    stack=st.sampled_from([(), (3,)]),
+    groups=st.integers(1, 4),
+    group=st.sampled_from([2, 8, 32]),
+    cols=st.integers(1, 40),
+    tail=st.sampled_from([1.0, 2.0, 30.0]),
+    seed=st.integers(0, 2**16),
+)
 def test_dequantization_error_within_half_a_step(qtype, stack, groups, group, cols, tail, seed):
     """Student-t weights (df = tail: heavy to light tails) of any shape and group size
     (NF4: block size)."""
@@ -64,15 +70,17 @@ def test_dequantization_error_within_half_a_step(qtype, stack, groups, group, co
     rows = groups * group
     w = rng.standard_t(tail, stack + (rows, cols)).astype(np.float32)
     if qtype == "nf4":  # blocks of 2 * group consecutive elements; the bound at each absmax
-        node = quant.quantize_array(jnp.asarray(w), block_size=2 * group, double_quant=False,
-                                    compute_dtype=jnp.float32)
+        node = quant.quantize_array(
+            jnp.asarray(w), block_size=2 * group, double_quant=False, compute_dtype=jnp.float32
+        )
         flat, bs = w.reshape(-1), 2 * group
-        absmax = np.repeat(np.asarray(node.absmax), bs)[:flat.size]
+        absmax = np.repeat(np.asarray(node.absmax), bs)[: flat.size]
         err = np.abs(np.asarray(jlora.dequantize(node)).reshape(-1) - flat)
         assert (err <= HALF_GAP * absmax * (1 + 1e-6)).all()
         return
-    node = scaled.quantize_array(jnp.asarray(w), qtype=qtype, group_size=group,
-                                 compute_dtype=jnp.float32)
+    node = scaled.quantize_array(
+        jnp.asarray(w), qtype=qtype, group_size=group, compute_dtype=jnp.float32
+    )
     back = np.asarray(jlora.dequantize(node), np.float64)
     err = np.abs(back - w)
     bound = _bound(qtype, w, node)
@@ -97,10 +105,16 @@ def test_codes_are_the_closed_form():
 
 @pytest.mark.parametrize("on_mesh", [False, True])
 @pytest.mark.parametrize("qtype", QTYPES)
-@pytest.mark.parametrize("region", [(None, (3, 64, 128)), (64 * 128, (64, 128)),
-                                    (64 * 128 + 16 * 128, (32, 128)),
-                                    (64 * 128, (2, 64, 128)),
-                                    (2 * 64 * 128 + 5 * 128 + 32, (64,))])
+@pytest.mark.parametrize(
+    "region",
+    [
+        (None, (3, 64, 128)),
+        (64 * 128, (64, 128)),
+        (64 * 128 + 16 * 128, (32, 128)),
+        (64 * 128, (2, 64, 128)),
+        (2 * 64 * 128 + 5 * 128 + 32, (64,)),
+    ],
+)
 def test_a_region_equals_the_same_cut_of_the_whole(qtype, region, on_mesh):
     """What the interpreter narrows a stacked weight to, with the start traced under jit;
     ``on_mesh``: quantized split over a one-device mesh, so the codes take the layout a
@@ -111,14 +125,15 @@ def test_a_region_equals_the_same_cut_of_the_whole(qtype, region, on_mesh):
     node = flat
     if on_mesh:
         one = jax.make_mesh((1,), ("model",))
-        split = jax.device_put(w, jax.sharding.NamedSharding(one, jax.sharding.PartitionSpec(
-            None, None, "model")))
+        split = jax.device_put(
+            w, jax.sharding.NamedSharding(one, jax.sharding.PartitionSpec(None, None, "model"))
+        )
         node = jlora.quantize({"w": split}, qtype=qtype, compute_dtype=jnp.float32)["w"]
         if qtype == "nf4":
             assert node.packed.shape == (3, 64, 64) and flat.packed.ndim == 1
     whole = np.asarray(jlora.dequantize(flat)).reshape(-1)
     lo = 0 if start is None else start
-    want = whole[lo:lo + int(np.prod(shape))].reshape(shape)
+    want = whole[lo : lo + int(np.prod(shape))].reshape(shape)
     got = jax.jit(lambda s: formats.dequantize_region(node, s, shape))(lo)
     # 1e-6: under jit XLA may fuse nf4's double-quantized scale (code * scale + offset)
     # into one multiply-add, which rounds once where the eager ops round twice
@@ -137,11 +152,11 @@ def _model(key, **kw):
 @pytest.mark.parametrize("scan", [True, False])
 def test_lora_on_each_base_equals_lora_on_its_dequantized_copy(key, qtype, scan):
     model, params, ids = _model(key, scan_layers=scan)
-    q = jlora.quantize(params, qtype=qtype, group_size=16 if qtype == "int4" else None,
-                       compute_dtype=jnp.float32)
+    q = jlora.quantize(
+        params, qtype=qtype, group_size=16 if qtype == "int4" else None, compute_dtype=jnp.float32
+    )
     deq = jlora.dequantize(q)
-    ad = randomize(jlora.init(key, q, jlora.LoraConfig.preset("general"), model.apply, ids),
-                   key)
+    ad = randomize(jlora.init(key, q, jlora.LoraConfig.preset("general"), model.apply, ids), key)
     f = jax.jit(jlora.apply(model.apply))
     np.testing.assert_allclose(f(q, ad, ids), f(deq, ad, ids), **F32)
     grads = lambda p: jax.jit(jax.grad(lambda a: f(p, a, ids).sum()))(ad)
@@ -156,11 +171,15 @@ def test_scanned_step_dequantizes_one_layer_at_a_time(key, qtype):
     model, params, ids = _model(key, num_layers=3)
     q = jlora.quantize(params, qtype=qtype, group_size=32 if qtype == "int4" else None)
     ad = randomize(jlora.init(key, q, jlora.LoraConfig.preset("complex")), key)
-    step = jax.grad(lambda a: llama.loss_fn(jlora.apply(model.apply)(q, a, ids[:, :-1]),
-                                            ids[:, 1:]))
+    step = jax.grad(
+        lambda a: llama.loss_fn(jlora.apply(model.apply)(q, a, ids[:, :-1]), ids[:, 1:])
+    )
     shapes = list(float_shapes(jax.make_jaxpr(step)(ad).jaxpr))
-    stacked = [x.shape for x in jax.tree.leaves(q, is_leaf=jlora.qnode.is_quantized)
-               if jlora.qnode.is_quantized(x)]
+    stacked = [
+        x.shape
+        for x in jax.tree.leaves(q, is_leaf=jlora.qnode.is_quantized)
+        if jlora.qnode.is_quantized(x)
+    ]
     assert not [s for s, _ in shapes if np.prod(s) in {np.prod(t) for t in stacked}]
     layer = {s[1:] for s in stacked}
     assert {s for s, loop in shapes if s in layer and loop} == layer
@@ -169,22 +188,27 @@ def test_scanned_step_dequantizes_one_layer_at_a_time(key, qtype):
 @pytest.mark.parametrize("qtype", ["int8", "int4", "fp8"])
 def test_merge_requantize_and_checkpoint(key, qtype, tmp_path):
     model, params, ids = _model(key)
-    q = jlora.quantize(params, qtype=qtype, compute_dtype=jnp.float32,
-                       group_size=32 if qtype == "int4" else None)
+    q = jlora.quantize(
+        params, qtype=qtype, compute_dtype=jnp.float32, group_size=32 if qtype == "int4" else None
+    )
     ad = randomize(jlora.init(key, q, jlora.LoraConfig(rank=4, targets=("q_proj",))), key)
     merged = jlora.merge(q, ad)
-    np.testing.assert_allclose(model.apply(merged, ids), jlora.apply(model.apply)(q, ad, ids),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        model.apply(merged, ids), jlora.apply(model.apply)(q, ad, ids), rtol=1e-4, atol=1e-4
+    )
     with pytest.warns(UserWarning, match=f"rounds base \\+ adapter to {qtype.upper()}"):
         requant = jlora.merge(q, ad, requantize=True)
     path = ("params", "layers", "self_attn", "q_proj", "kernel")
     got, want = requant, merged
     for k in path:
         got, want = got[k], want[k]
-    assert got.qtype == qtype and got.group_size == q["params"]["layers"]["self_attn"][
-        "q_proj"]["kernel"].group_size
-    again = jlora.quantize({"w": want}, qtype=qtype, compute_dtype=jnp.float32,
-                           group_size=got.group_size)["w"]
+    assert (
+        got.qtype == qtype
+        and got.group_size == q["params"]["layers"]["self_attn"]["q_proj"]["kernel"].group_size
+    )
+    again = jlora.quantize(
+        {"w": want}, qtype=qtype, compute_dtype=jnp.float32, group_size=got.group_size
+    )["w"]
     np.testing.assert_array_equal(jlora.dequantize(got), jlora.dequantize(again))
     jlora.save_checkpoint(tmp_path, 1, {"base": q})
     back, _ = jlora.restore_checkpoint(tmp_path, {"base": q})
@@ -231,19 +255,33 @@ def test_each_format_keeps_the_step_temporaries_of_int8():
     """XLA's ``memory_analysis`` of a scanned QLoRA step: no format keeps more temporaries
     than int8 (fp8 once did: XLA's CPU backend widened the whole stacked float8 codes to
     f16 before the loop; the codes are now stored as bits and widened per layer)."""
-    cfg = llama.LlamaConfig(vocab_size=500, hidden_size=256, intermediate_size=512,
-                            num_layers=4, num_heads=4, dtype=jnp.bfloat16,
-                            param_dtype=jnp.bfloat16)
+    cfg = llama.LlamaConfig(
+        vocab_size=500,
+        hidden_size=256,
+        intermediate_size=512,
+        num_layers=4,
+        num_heads=4,
+        dtype=jnp.bfloat16,
+        param_dtype=jnp.bfloat16,
+    )
     model = llama.Llama(cfg)
     params = jax.eval_shape(lambda: llama.init_params(cfg, jax.random.key(0)))
     ids = jax.ShapeDtypeStruct((2, 33), jnp.int32)
     temps = {}
     for qtype in QTYPES:
         q = jax.eval_shape(lambda p: jlora.quantize(p, qtype=qtype), params)
-        ad = jax.eval_shape(lambda p: jlora.init(jax.random.key(0), p, jlora.LoraConfig(
-            rank=8, targets=("q_proj",))), q)
-        step = jax.grad(lambda a, p, x: llama.loss_fn(jlora.apply(model.apply)(
-            p, a, x[:, :-1]).astype(jnp.float32), x[:, 1:]))
-        temps[qtype] = jax.jit(step).lower(ad, q, ids).compile().memory_analysis(
-        ).temp_size_in_bytes
+        ad = jax.eval_shape(
+            lambda p: jlora.init(
+                jax.random.key(0), p, jlora.LoraConfig(rank=8, targets=("q_proj",))
+            ),
+            q,
+        )
+        step = jax.grad(
+            lambda a, p, x: llama.loss_fn(
+                jlora.apply(model.apply)(p, a, x[:, :-1]).astype(jnp.float32), x[:, 1:]
+            )
+        )
+        temps[qtype] = (
+            jax.jit(step).lower(ad, q, ids).compile().memory_analysis().temp_size_in_bytes
+        )
     assert max(temps.values()) <= 1.01 * temps["int8"], temps

@@ -29,15 +29,20 @@ def test_ragged_experts_are_factored(key, form):
     assert (node.stack_axes, node.in_axes, node.out_axes) == ((0,), (1,), (2,))
     assert node.a.shape == (moe.EXPERTS, moe.DIM, 4)  # one A, B per expert
     assert jlora.explain(moe.moe, params, adapter, x) == {
-        "experts/w_in": ["factored"], "experts/w_out": ["factored"]}
+        "experts/w_in": ["factored"],
+        "experts/w_out": ["factored"],
+    }
     check_against_materialized(moe.moe, params, adapter, x)
 
 
 def test_dense_expert_einsums_are_factored(key):
     params, adapter, x = _setup(key)
     xe = jnp.broadcast_to(x[None, :4], (moe.EXPERTS, 4, moe.DIM))
-    fn = lambda p, x: jnp.einsum("ech,ehd->ecd", jax.nn.gelu(jnp.einsum(
-        "ecd,edh->ech", x, p["experts"]["w_in"])), p["experts"]["w_out"])
+    fn = lambda p, x: jnp.einsum(
+        "ech,ehd->ecd",
+        jax.nn.gelu(jnp.einsum("ecd,edh->ech", x, p["experts"]["w_in"])),
+        p["experts"]["w_out"],
+    )
     assert set(sum(jlora.explain(fn, params, adapter, xe).values(), [])) == {"factored"}
     check_against_materialized(fn, params, adapter, xe)
 
@@ -58,7 +63,6 @@ def test_lora_step_flops_below_full_fine_tuning(key):
     full = lambda p: jnp.sum(jnp.square(moe.moe(p, x)))
     flops = lambda f, a: jax.jit(jax.grad(f)).lower(a).compile().cost_analysis()["flops"]
     assert flops(lora, adapter) <= 0.75 * flops(full, params)
-
 
 
 def test_bf16_experts_within_bf16_rounding_of_the_float32_merge(key, form):

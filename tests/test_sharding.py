@@ -19,9 +19,24 @@ def _env(devices: int) -> dict:
 @pytest.mark.parametrize("cases, count", [("sharded_cases.py", 35), ("explicit_cases.py", 12)])
 def test_sharded_cases_on_8_devices(cases, count):
     """Auto and explicit meshes (``sharded_cases``), sharding-aware models (``explicit_cases``)."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p",
-                           "no:cacheprovider", os.path.join(HERE, cases)],
-                          env=_env(8), cwd=HERE, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-o",
+            "addopts=",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            os.path.join(HERE, cases),
+        ],
+        env=_env(8),
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert f"{count} passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
 
@@ -34,10 +49,23 @@ def _free_port() -> int:
 
 def _run(n: int, out) -> None:
     address = f"localhost:{_free_port()}"
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "multiprocess_worker.py"),
-                               address, str(n), str(i), str(out)], env=_env(1),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(n)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                os.path.join(HERE, "multiprocess_worker.py"),
+                address,
+                str(n),
+                str(i),
+                str(out),
+            ],
+            env=_env(1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(n)
+    ]
     for p in procs:
         log, _ = p.communicate(timeout=600)
         assert p.returncode == 0, log[-4000:]

@@ -12,8 +12,10 @@ import jlora
 from conftest import F32, randomize
 
 KEY = jax.random.key(0)
-PARAMS = {"l1": {"kernel": jax.random.normal(KEY, (16, 32)) / 4},
-          "l2": {"kernel": jax.random.normal(jax.random.key(1), (32, 8)) / 4}}
+PARAMS = {
+    "l1": {"kernel": jax.random.normal(KEY, (16, 32)) / 4},
+    "l2": {"kernel": jax.random.normal(jax.random.key(1), (32, 8)) / 4},
+}
 X = jax.random.normal(jax.random.key(2), (6, 16))
 
 
@@ -26,8 +28,12 @@ def adapter(i, rank, **kw):
     return randomize(jlora.init(jax.random.key(10 + i), PARAMS, cfg), jax.random.key(20 + i))
 
 
-ADAPTERS = {"a": adapter(0, 2), "b": adapter(1, 8, rslora=True), "c": adapter(2, 4),
-            "d": adapter(3, 1)}
+ADAPTERS = {
+    "a": adapter(0, 2),
+    "b": adapter(1, 8, rslora=True),
+    "c": adapter(2, 4),
+    "d": adapter(3, 1),
+}
 ROWS = 6  # every batch is padded to this many rows (None: the base alone)
 
 
@@ -43,15 +49,23 @@ def check_rows(slots, names, serve=SERVE):
     tree, ids = slots.batch(names)
     got = serve(tree, X, ids)
     for i, name in enumerate(names):
-        want = (fn(PARAMS, X[i:i + 1]) if name is None else
-                jlora.apply(fn)(PARAMS, ADAPTERS[name], X[i:i + 1]))
-        np.testing.assert_allclose(got[i:i + 1], want, **F32)
+        want = (
+            fn(PARAMS, X[i : i + 1])
+            if name is None
+            else jlora.apply(fn)(PARAMS, ADAPTERS[name], X[i : i + 1])
+        )
+        np.testing.assert_allclose(got[i : i + 1], want, **F32)
 
 
 def test_rows_equal_their_adapter_alone_and_nothing_traces_again():
     slots, serve = jlora.Slots(PARAMS, ADAPTERS["a"], 2, rank=8, sources=ADAPTERS), server()
-    for names in (["a", "b", None, "a"], ["c", "a", "c"], ["d", "b"], ["a", None, "d"],
-                  ["b", "c", "b", "c", "b", "c"]):
+    for names in (
+        ["a", "b", None, "a"],
+        ["c", "a", "c"],
+        ["d", "b"],
+        ["a", None, "d"],
+        ["b", "c", "b", "c", "b", "c"],
+    ):
         check_rows(slots, names, serve)
     assert serve._cache_size() == 1  # one compile, however many loads and evictions...
     assert slots.traces == 1  # ...and one trace of the slot write
@@ -81,8 +95,9 @@ def test_least_recently_used_is_evicted_and_pinned_ones_stay():
 def test_sources_on_disk_jlora_and_peft(tmp_path):
     jlora.save_adapter(tmp_path / "a", ADAPTERS["a"])
     jlora.peft.save(str(tmp_path / "b"), ADAPTERS["b"])
-    slots = jlora.Slots(PARAMS, ADAPTERS["a"], 2, sources={
-        "a": tmp_path / "a", "b": str(tmp_path / "b")}, rank=8)
+    slots = jlora.Slots(
+        PARAMS, ADAPTERS["a"], 2, sources={"a": tmp_path / "a", "b": str(tmp_path / "b")}, rank=8
+    )
     check_rows(slots, ["b", "a", "b"])
 
 
@@ -91,14 +106,18 @@ def test_bad_sources_are_refused_and_change_nothing():
     slots.load("a", ADAPTERS["a"])
     tree = slots.tree
     one = randomize(jlora.init(KEY, PARAMS, jlora.LoraConfig(rank=2, targets=("l1",))), KEY)
-    dora = randomize(jlora.init(KEY, PARAMS, jlora.LoraConfig(rank=2, targets=("l1", "l2"),
-                                                              dora=True)), KEY)
-    alora = jlora.init(KEY, PARAMS, jlora.LoraConfig(rank=2, targets=("l1", "l2"),
-                                                    alora_invocation_tokens=(3,)))
-    cases = [(ADAPTERS["b"], "rank 8, more than the slot rank 4"),
-             (alora, "activated LoRA .* which slots do not serve yet"),
-             (one, "targets differ from the slots' template: missing \\['l2/kernel'\\]"),
-             (dora, "DoRA and plain LoRA adapters cannot share slots")]
+    dora = randomize(
+        jlora.init(KEY, PARAMS, jlora.LoraConfig(rank=2, targets=("l1", "l2"), dora=True)), KEY
+    )
+    alora = jlora.init(
+        KEY, PARAMS, jlora.LoraConfig(rank=2, targets=("l1", "l2"), alora_invocation_tokens=(3,))
+    )
+    cases = [
+        (ADAPTERS["b"], "rank 8, more than the slot rank 4"),
+        (alora, "activated LoRA .* which slots do not serve yet"),
+        (one, "targets differ from the slots' template: missing \\['l2/kernel'\\]"),
+        (dora, "DoRA and plain LoRA adapters cannot share slots"),
+    ]
     for source, match in cases:
         with pytest.raises(jlora.LoraError, match=match):
             slots.load("x", source)
@@ -118,10 +137,11 @@ def test_threads_share_the_slots():
                 tree, ids = slots.batch(names)
                 got = SERVE(tree, X[:2], ids)  # (a tree and ids from the same moment)
                 for i, name in enumerate(names):
-                    want = jlora.apply(fn)(PARAMS, ADAPTERS[name], X[i:i + 1])
-                    np.testing.assert_allclose(got[i:i + 1], want, **F32)
+                    want = jlora.apply(fn)(PARAMS, ADAPTERS[name], X[i : i + 1])
+                    np.testing.assert_allclose(got[i : i + 1], want, **F32)
         except Exception as e:  # reported below, with the thread's number
             errors.append((k, e))
+
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
     for t in threads:
         t.start()
@@ -136,8 +156,10 @@ def test_arrays_that_contradict_their_node_change_nothing():
     slots.load("a", ADAPTERS["a"]), slots.load("c", ADAPTERS["c"])
     tree, resident, traces = slots.tree, slots.resident, slots.traces
     node = ADAPTERS["c"]["l1"]["kernel"]
-    bad = {"l1": {"kernel": dataclasses.replace(node, a=node.a[:, :3])},  # rank 4 declared
-           "l2": ADAPTERS["c"]["l2"]}
+    bad = {
+        "l1": {"kernel": dataclasses.replace(node, a=node.a[:, :3])},  # rank 4 declared
+        "l2": ADAPTERS["c"]["l2"],
+    }
     with pytest.raises(jlora.LoraError, match="l1/kernel"):
         slots.load("x", bad)
     assert slots.resident == resident and slots.tree is tree and slots.traces == traces
@@ -150,9 +172,21 @@ def test_peft_sources_named_by_module_fn(tmp_path):
     jlora.peft.save(str(tmp_path / "b"), ADAPTERS["b"], module_fn=hf)
     with pytest.raises(jlora.LoraError, match="pass a module_fn"):
         jlora.Slots(PARAMS, ADAPTERS["a"], 2, rank=8).load("b", str(tmp_path / "b"))
-    slots = jlora.Slots(PARAMS, ADAPTERS["a"], 2, rank=8, module_fn=hf,
-                        sources={"a": ADAPTERS["a"], "b": str(tmp_path / "b")})
+    slots = jlora.Slots(
+        PARAMS,
+        ADAPTERS["a"],
+        2,
+        rank=8,
+        module_fn=hf,
+        sources={"a": ADAPTERS["a"], "b": str(tmp_path / "b")},
+    )
     check_rows(slots, ["b", "a"])
-    prefixed = jlora.Slots(PARAMS, ADAPTERS["a"], 2, rank=8, prefix="base_model.model.model.",
-                           sources={"b": str(tmp_path / "b")})
+    prefixed = jlora.Slots(
+        PARAMS,
+        ADAPTERS["a"],
+        2,
+        rank=8,
+        prefix="base_model.model.model.",
+        sources={"b": str(tmp_path / "b")},
+    )
     check_rows(prefixed, ["b"])

@@ -44,6 +44,7 @@ def _nnx(module):
         st = jax.tree.map(lambda v: v, state)  # a copy to fill; the caller's stays
         nnx.replace_by_pure_dict(st, p)
         return nnx.merge(graphdef, st)(x)
+
     return nnx.to_pure_dict(state), fn
 
 
@@ -57,34 +58,54 @@ def _flax_cases():
     return {
         "nnx.Conv": (*_nnx(nnx.Conv(3, 6, (3, 3), rngs=nnx.Rngs(0))), "kernel", img),
         "nnx.Embed": (*_nnx(nnx.Embed(20, 8, rngs=nnx.Rngs(0))), "embedding", ids),
-        "nnx.MultiHeadAttention": (*_nnx(nnx.MultiHeadAttention(
-            2, 8, decode=False, rngs=nnx.Rngs(0))), qkvo, x8),
+        "nnx.MultiHeadAttention": (
+            *_nnx(nnx.MultiHeadAttention(2, 8, decode=False, rngs=nnx.Rngs(0))),
+            qkvo,
+            x8,
+        ),
         "nn.Conv": (*_linen(nn.Conv(6, (3, 3)), img), "kernel", img),
         "nn.Embed": (*_linen(nn.Embed(20, 8), ids), "embedding", ids),
-        "nn.MultiHeadDotProductAttention": (*_linen(nn.MultiHeadDotProductAttention(2), x8),
-                                            qkvo, x8),
+        "nn.MultiHeadDotProductAttention": (
+            *_linen(nn.MultiHeadDotProductAttention(2), x8),
+            qkvo,
+            x8,
+        ),
     }
 
 
 def _cases():
-    mha_params, mha_static = eqx.partition(eqx.nn.MultiheadAttention(2, 8, key=K[0]),
-                                           eqx.is_inexact_array)
+    mha_params, mha_static = eqx.partition(
+        eqx.nn.MultiheadAttention(2, 8, key=K[0]), eqx.is_inexact_array
+    )
     x8, img = jax.random.normal(K[1], (5, 8)), jax.random.normal(K[2], (2, 3, 8, 8))
     ids = jnp.arange(6).reshape(2, 3)
     return {
         "eqx.nn.MLP": (*_equinox(eqx.nn.MLP(8, 4, 16, 2, key=K[0])), r"layers/\d+/weight", x8),
         "eqx.nn.Conv2d": (*_equinox(eqx.nn.Conv2d(3, 6, 3, key=K[0])), "weight", img),
-        "eqx.nn.Embedding": (*_equinox(eqx.nn.Embedding(20, 8, key=K[0])), "weight",
-                             jnp.arange(5)),
-        "eqx.nn.MultiheadAttention": (mha_params, lambda p, x: _mha(p, x, mha_static),
-                                      r"(query|key|value|output)_proj/weight", x8[:4]),
+        "eqx.nn.Embedding": (*_equinox(eqx.nn.Embedding(20, 8, key=K[0])), "weight", jnp.arange(5)),
+        "eqx.nn.MultiheadAttention": (
+            mha_params,
+            lambda p, x: _mha(p, x, mha_static),
+            r"(query|key|value|output)_proj/weight",
+            x8[:4],
+        ),
         "hk.nets.MLP": (*_haiku(lambda x: hk.nets.MLP([16, 4])(x), x8), r"linear_\d+/w", x8),
-        "hk.Conv2D": (*_haiku(lambda x: hk.Conv2D(6, 3)(x), img.transpose(0, 2, 3, 1)),
-                      "conv2_d/w", img.transpose(0, 2, 3, 1)),
+        "hk.Conv2D": (
+            *_haiku(lambda x: hk.Conv2D(6, 3)(x), img.transpose(0, 2, 3, 1)),
+            "conv2_d/w",
+            img.transpose(0, 2, 3, 1),
+        ),
         "hk.Embed": (*_haiku(lambda i: hk.Embed(20, 8)(i), ids), "embed/embeddings", ids),
-        "hk.MultiHeadAttention": (*_haiku(lambda x: hk.MultiHeadAttention(
-            2, 4, w_init=hk.initializers.VarianceScaling(1.0))(x, x, x), x8[None]),
-            r"(query|key|value|linear)/w", x8[None]),
+        "hk.MultiHeadAttention": (
+            *_haiku(
+                lambda x: hk.MultiHeadAttention(2, 4, w_init=hk.initializers.VarianceScaling(1.0))(
+                    x, x, x
+                ),
+                x8[None],
+            ),
+            r"(query|key|value|linear)/w",
+            x8[None],
+        ),
         "hk.layer_stack": (*_haiku(_layer_stack, x8), "linear/w", x8),
         **_flax_cases(),
     }

@@ -42,10 +42,16 @@ def test_loraplus_sgd_step_is_exact(key, lr):
 
 
 def test_loraplus_groups_follow_peft():
-    tree = {"q": {"a": jnp.ones((4, 2)), "b": jnp.ones((2, 4)), "magnitude": jnp.ones(4)},
-            "embed_tokens": {"a": jnp.ones((4, 2))}, "bias": jnp.ones(3)}
-    assert jlora.optim.labels(tree) == {"q": {"a": "a", "b": "b", "magnitude": "b"},
-                                        "embed_tokens": {"a": "embedding"}, "bias": "b"}
+    tree = {
+        "q": {"a": jnp.ones((4, 2)), "b": jnp.ones((2, 4)), "magnitude": jnp.ones(4)},
+        "embed_tokens": {"a": jnp.ones((4, 2))},
+        "bias": jnp.ones(3),
+    }
+    assert jlora.optim.labels(tree) == {
+        "q": {"a": "a", "b": "b", "magnitude": "b"},
+        "embed_tokens": {"a": "embedding"},
+        "bias": "b",
+    }
 
 
 def test_optimizer_state_is_proportional_to_the_adapter_not_the_base(key):
@@ -69,11 +75,17 @@ def test_adapter_round_trip_and_size_proportional_to_rank(key, tmp_path):
         assert adapter_nodes(back).keys() == adapter_nodes(ad).keys()
         for n, m in zip(adapter_nodes(back).values(), adapter_nodes(ad).values()):
             assert (n.rank, n.alpha, n.scale, n.in_axes, n.stack_axes) == (
-                m.rank, m.alpha, m.scale, m.in_axes, m.stack_axes)
+                m.rank,
+                m.alpha,
+                m.scale,
+                m.in_axes,
+                m.stack_axes,
+            )
             np.testing.assert_array_equal(n.a, m.a)
             np.testing.assert_array_equal(n.b, m.b)
-        sizes[rank] = sum(f.stat().st_size for f in (tmp_path / f"r{rank}").rglob("*")
-                          if f.is_file())
+        sizes[rank] = sum(
+            f.stat().st_size for f in (tmp_path / f"r{rank}").rglob("*") if f.is_file()
+        )
     assert 3.5 < sizes[16] / sizes[4] < 4.1, sizes
 
 
@@ -138,7 +150,8 @@ def test_resume_after_k_steps_is_bit_identical(key, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-_CHILD = textwrap.dedent("""
+_CHILD = (
+    textwrap.dedent("""
     import os, signal, sys, threading, time
     import jax.numpy as jnp, jlora
     root, kind = sys.argv[1], sys.argv[2]
@@ -150,22 +163,33 @@ _CHILD = textwrap.dedent("""
     save = (lambda t, s: jlora.save_checkpoint(root, s, t)) if kind == "state" else (
         lambda t, s: jlora.save_adapter(root, t))
     save(ad(small, 1.0, 4), 1)
-""") + WATCH_AND_KILL + textwrap.dedent("""
+""")
+    + WATCH_AND_KILL
+    + textwrap.dedent("""
     threading.Thread(target=watch, daemon=True).start()
     save(ad(big, 2.0, 64), 2)
     print("save finished before the kill", flush=True)
 """)
+)
 
 
 @pytest.mark.parametrize("kind", ["state", "adapter"])
 def test_save_killed_mid_way_leaves_previous_checkpoint(tmp_path, kind):
     root = tmp_path / "ckpt"
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(root), kind], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(root), kind], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
     assert "killing mid-save" in proc.stdout
-    like = {"q_proj": {"kernel": jlora.init(jax.random.key(0), {"x": jnp.ones((64, 64))},
-                                            jlora.LoraConfig(rank=4, targets=("x",)))["x"]}}
+    like = {
+        "q_proj": {
+            "kernel": jlora.init(
+                jax.random.key(0),
+                {"x": jnp.ones((64, 64))},
+                jlora.LoraConfig(rank=4, targets=("x",)),
+            )["x"]
+        }
+    }
     if kind == "state":
         state, meta = jlora.restore_checkpoint(root, like)
         assert meta["step"] == 1

@@ -45,7 +45,7 @@ def _rope(x, theta):
     inv = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float32) / hd)
     f = np.outer(np.arange(s, dtype=np.float32), inv)
     emb = np.concatenate([f, f], -1)[None, :, None, :]
-    half = jnp.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1)
+    half = jnp.concatenate([-x[..., hd // 2 :], x[..., : hd // 2]], -1)
     return x * np.cos(emb) + half * np.sin(emb)
 
 
@@ -59,8 +59,11 @@ def _attend(q, k, v):
 
 def _llama_attn(p, x, c):
     b, s, _ = x.shape
-    hd = c.hidden_size // c.num_attention_heads if getattr(c, "head_dim", None) is None \
+    hd = (
+        c.hidden_size // c.num_attention_heads
+        if getattr(c, "head_dim", None) is None
         else c.head_dim
+    )
     lin = lambda name: x @ p[name]["weight"].T
     q = lin("q_proj").reshape(b, s, -1, hd)
     k = lin("k_proj").reshape(b, s, -1, hd)
@@ -73,8 +76,9 @@ def _llama_attn(p, x, c):
 
 
 def _mlp(p, x):
-    return (jax.nn.silu(x @ p["gate_proj"]["weight"].T) * (x @ p["up_proj"]["weight"].T)) \
-        @ p["down_proj"]["weight"].T
+    return (jax.nn.silu(x @ p["gate_proj"]["weight"].T) * (x @ p["up_proj"]["weight"].T)) @ p[
+        "down_proj"
+    ]["weight"].T
 
 
 def _moe(p, x, c):
@@ -103,11 +107,13 @@ def llama(params, ids, c):
     x = m["embed_tokens"]["weight"][ids]
     for i in range(c.num_hidden_layers):
         layer = m["layers"][str(i)]
-        x = x + _llama_attn(layer["self_attn"], _rms(x, layer["input_layernorm"]["weight"],
-                                                     c.rms_norm_eps), c)
+        x = x + _llama_attn(
+            layer["self_attn"], _rms(x, layer["input_layernorm"]["weight"], c.rms_norm_eps), c
+        )
         h = _rms(x, layer["post_attention_layernorm"]["weight"], c.rms_norm_eps)
-        x = x + (_moe(layer["mlp"], h, c) if hasattr(c, "num_local_experts")
-                 else _mlp(layer["mlp"], h))
+        x = x + (
+            _moe(layer["mlp"], h, c) if hasattr(c, "num_local_experts") else _mlp(layer["mlp"], h)
+        )
     x = _rms(x, m["norm"]["weight"], c.rms_norm_eps)
     head = params["lm_head"]["weight"] if "lm_head" in params else m["embed_tokens"]["weight"]
     return x @ head.T

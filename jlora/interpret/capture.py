@@ -39,27 +39,37 @@ class Capture:
 
 def add(cap: Capture, sym, x, xc, wc, xb, wb) -> None:
     """Add the rows of ``x`` that meet ``sym`` (contracting ``xc`` with its ``wc``)."""
-    if xb or wb or sym.count("s") or any(sym.labels[a][0] != "i" for a in wc) \
-            or len(wc) != sym.count("i"):
+    if (
+        xb
+        or wb
+        or sym.count("s")
+        or any(sym.labels[a][0] != "i" for a in wc)
+        or len(wc) != sym.count("i")
+    ):
         raise LoraError(
             f"EVA needs the inputs of {sym.path!r} as rows against all its in axes, but the "
             "model contracts it another way (batched, over stacked axes not sliced by a scan, "
-            "or on its out axes); leave it out of the targets for init_eva")
+            "or on its out axes); leave it out of the targets for init_eva"
+        )
     rows, free = in_rows(x, sym, xc, wc)
     rows = rows.astype(jnp.float32)
     keep = jnp.ones((rows.shape[0],), jnp.float32)
     if cap.mask is not None:
         free_shape = tuple(x.shape[a] for a in free)
         if tuple(cap.mask.shape) != free_shape:
-            raise LoraError(f"the EVA mask has shape {tuple(cap.mask.shape)}, but the input "
-                            f"of {sym.path!r} has rows {free_shape}; give a mask shaped like "
-                            "the inputs' non-contracted axes, e.g. (batch, seq)")
+            raise LoraError(
+                f"the EVA mask has shape {tuple(cap.mask.shape)}, but the input "
+                f"of {sym.path!r} has rows {free_shape}; give a mask shaped like "
+                "the inputs' non-contracted axes, e.g. (batch, seq)"
+            )
         keep = cap.mask.reshape(-1).astype(jnp.float32)
     kept = rows * keep[:, None]
-    new = (keep.sum(), kept.sum(0),
-           lax.dot_general(kept, rows, (((0,), (0,)), ((), ())),
-                           precision=lax.Precision.HIGHEST),
-           jnp.max(jnp.where(keep[:, None] > 0, rows, -jnp.inf)))
+    new = (
+        keep.sum(),
+        kept.sum(0),
+        lax.dot_general(kept, rows, (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST),
+        jnp.max(jnp.where(keep[:, None] > 0, rows, -jnp.inf)),
+    )
     _accumulate(cap, sym.path, new)
 
 
@@ -76,10 +86,13 @@ def merge(cap: Capture | None, keys: list, extra) -> None:
     if cap is None:  # not in capture mode: no statistics (and no keys)
         return
     for i, k in enumerate(keys):
-        _accumulate(cap, k, tuple(extra[STATS * i:STATS * (i + 1)]))
+        _accumulate(cap, k, tuple(extra[STATS * i : STATS * (i + 1)]))
 
 
 def _accumulate(cap: Capture, path: str, new) -> None:
     old = cap.stats.get(path)
-    cap.stats[path] = new if old is None else (
-        *(o + n for o, n in zip(old[:3], new[:3])), jnp.maximum(old[3], new[3]))
+    cap.stats[path] = (
+        new
+        if old is None
+        else (*(o + n for o, n in zip(old[:3], new[:3])), jnp.maximum(old[3], new[3]))
+    )

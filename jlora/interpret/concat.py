@@ -42,8 +42,9 @@ def by_path(records: dict, paths) -> dict[str, list]:
 def _fused(pieces, dim: int) -> Sym | None:
     syms = [p for p in pieces if isinstance(p, Sym)]
     first = syms[0]
-    if any(s.labels != first.labels or s.probe != first.probe for s in syms) \
-            or any(qv.is_view(p) for p in pieces):
+    if any(s.labels != first.labels or s.probe != first.probe for s in syms) or any(
+        qv.is_view(p) for p in pieces
+    ):
         return None
     paths = FUSED.join(dict.fromkeys(s.path for s in syms))
     if first.probe:  # init learning axes: the pieces are used as the fused weight is
@@ -75,12 +76,17 @@ def _blocks(pieces, dim: int, kind: str, j: int):
         if kind == "o":  # A's concatenated along the rank, B block-diagonal
             if r:
                 a_parts.append(p.a.astype(dtype))
-            b_parts.append(pad(p.b * p.scale, r_ax) if r else
-                           jnp.zeros(first.b.shape[:r_ax] + (total,) + _out(first, j, size),
-                                     dtype))
+            b_parts.append(
+                pad(p.b * p.scale, r_ax)
+                if r
+                else jnp.zeros(first.b.shape[:r_ax] + (total,) + _out(first, j, size), dtype)
+            )
         else:  # A block-diagonal, B's concatenated along the rank
-            a_parts.append(pad(p.a, p.a.ndim - 1) if r else jnp.zeros(
-                first.a.shape[:ns] + _ins(first, j, size) + (total,), dtype))
+            a_parts.append(
+                pad(p.a, p.a.ndim - 1)
+                if r
+                else jnp.zeros(first.a.shape[:ns] + _ins(first, j, size) + (total,), dtype)
+            )
             if r:
                 b_parts.append((p.b * p.scale).astype(dtype))
         at += r
@@ -94,13 +100,13 @@ def _blocks(pieces, dim: int, kind: str, j: int):
 
 
 def _out(sym: Sym, j: int, size: int) -> tuple:
-    outs = list(sym.b.shape[sym.count("s") + 1:])
+    outs = list(sym.b.shape[sym.count("s") + 1 :])
     outs[j] = size
     return tuple(outs)
 
 
 def _ins(sym: Sym, j: int, size: int) -> tuple:
-    ins = list(sym.a.shape[sym.count("s"):-1])
+    ins = list(sym.a.shape[sym.count("s") : -1])
     ins[j] = size
     return tuple(ins)
 

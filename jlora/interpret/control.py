@@ -28,15 +28,23 @@ from jlora.numerics import mesh
 from jlora.numerics import qview as qv
 
 #: Call-like primitives this JAX exports (current and former names) -> their jaxpr's param.
-CALLS = {p: field for names, field in ((("jit_p", "pjit_p"), "jaxpr"), (
-    ("closed_call_p", "call_p", "custom_jvp_call_p", "custom_vjp_call_p"), "call_jaxpr"))
-    for p in primitives(*names)}
+CALLS = {
+    p: field
+    for names, field in (
+        (("jit_p", "pjit_p"), "jaxpr"),
+        (("closed_call_p", "call_p", "custom_jvp_call_p", "custom_vjp_call_p"), "call_jaxpr"),
+    )
+    for p in primitives(*names)
+}
 _CALL_NAMES = {"pjit": "jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr"}
 #: Why a custom-derivative call's weights go in materialized, as ``explain`` says it.
 KEEPS_VJP = "custom_vjp: keeps the user's backward"
 KEEPS_JVP = "custom_jvp: keeps the user's derivative rule"
-_CUSTOM = {"custom_jvp_call": KEEPS_JVP, "custom_vjp_call": KEEPS_VJP,
-           "custom_vjp_call_jaxpr": KEEPS_VJP}
+_CUSTOM = {
+    "custom_jvp_call": KEEPS_JVP,
+    "custom_vjp_call": KEEPS_VJP,
+    "custom_vjp_call_jaxpr": KEEPS_VJP,
+}
 
 
 def _inline(field: str):
@@ -44,6 +52,7 @@ def _inline(field: str):
         sub = eqn.params[field]  # a ClosedJaxpr, or an open Jaxpr (call_p)
         consts = getattr(sub, "consts", ())
         return evaluate(getattr(sub, "jaxpr", sub), consts, invals, ctx)
+
     return rule
 
 
@@ -60,6 +69,7 @@ def _custom(field: str, why: str):
         if _inspecting(invals, ctx):
             return inline(eqn, invals, ctx)
         return bind(eqn, materialized(invals, ctx, why))
+
     return rule
 
 
@@ -111,8 +121,9 @@ def _hi_call(eqn, invals, ctx):
 @register(*primitives("remat_p"), names=("remat2", "checkpoint"))
 def _remat(eqn, invals, ctx):
     p = eqn.params
-    return _checkpointed(p["jaxpr"], (), invals, ctx, prevent_cse=p["prevent_cse"],
-                         policy=p["policy"])
+    return _checkpointed(
+        p["jaxpr"], (), invals, ctx, prevent_cse=p["prevent_cse"], policy=p["policy"]
+    )
 
 
 def _checkpointed(jaxpr, consts, invals, ctx, **remat_params) -> list:
@@ -154,22 +165,27 @@ def _scan_slice(v, ctx):
         return sy.materialize(v, ctx.record, "scan over a non-stacked axis"), lambda x, i: x
     labels = sy.drop_label(v.labels[1:], (kind, j))
     if v.lead:  # a stack of adapters: each step slices its layer (no transposed copy)
-        at = lambda f, i: None if f is None else lax.dynamic_index_in_dim(
-            f, i, j + v.lead, keepdims=False)
+        at = lambda f, i: (
+            None if f is None else lax.dynamic_index_in_dim(f, i, j + v.lead, keepdims=False)
+        )
         return (base_xs,), lambda x, i: v.replace(
-            base=take(x[0], i), a=at(v.a, i), b=at(v.b, i), g=at(v.g, i), labels=labels,
-            active=None)
+            base=take(x[0], i), a=at(v.a, i), b=at(v.b, i), g=at(v.g, i), labels=labels, active=None
+        )
     first = lambda f: None if f is None else jnp.moveaxis(f, j, 0)
     xs = (base_xs, first(v.a), first(v.b), first(v.g))
-    return xs, lambda x, i: v.replace(base=take(x[0], i), a=x[1], b=x[2], g=x[3],
-                                      labels=labels, active=None)
+    return xs, lambda x, i: v.replace(
+        base=take(x[0], i), a=x[1], b=x[2], g=x[3], labels=labels, active=None
+    )
 
 
 def _layer_mask(invals) -> tuple[bool, ...] | None:
     """The adapted layers when every scanned-over weight adapts the same subset of its
     stack (``LayersNode``s sliced along that axis), else None (all layers run LoRA)."""
-    masks = {v.active for v in invals if isinstance(v, sy.Sym) and v.labels[0] == ("s", 0)
-             and not v.probe}
+    masks = {
+        v.active
+        for v in invals
+        if isinstance(v, sy.Sym) and v.labels[0] == ("s", 0) and not v.probe
+    }
     return masks.pop() if len(masks) == 1 and None not in masks else None
 
 
@@ -177,23 +193,30 @@ def _layer_mask(invals) -> tuple[bool, ...] | None:
 def _scan(eqn, invals, ctx):
     p = eqn.params
     nc, ncarry = p["num_consts"], p["num_carry"]
-    consts, carry = invals[:nc], materialized(invals[nc:nc + ncarry], ctx, "scan carry")
-    split = [_scan_slice(v, ctx) for v in invals[nc + ncarry:]]
+    consts, carry = invals[:nc], materialized(invals[nc : nc + ncarry], ctx, "scan carry")
+    split = [_scan_slice(v, ctx) for v in invals[nc + ncarry :]]
     xs = [s[0] for s in split]
     steps = jnp.arange(p["length"])  # the layer index of each step (reversed with xs)
     closed = p["jaxpr"]
     keys = []  # capture mode: the paths whose input statistics leave each step
 
-    mask = None if ctx.capture is not None else _layer_mask(invals[nc + ncarry:])
+    mask = None if ctx.capture is not None else _layer_mask(invals[nc + ncarry :])
 
     def body(c, x):
         x_vals, step = x
         sub = ctx if ctx.key is None else ctx.fold(step)
         inner = None if ctx.capture is None else ctx.capture.fresh()
         xs_now = [rebuild(xv, step) for (_, rebuild), xv in zip(split, x_vals)]
-        run = lambda xs_now: materialized(evaluate(
-            closed.jaxpr, closed.consts, list(consts) + list(c) + xs_now,
-            dataclasses.replace(sub, capture=inner)), ctx, "scan output")
+        run = lambda xs_now: materialized(
+            evaluate(
+                closed.jaxpr,
+                closed.consts,
+                list(consts) + list(c) + xs_now,
+                dataclasses.replace(sub, capture=inner),
+            ),
+            ctx,
+            "scan output",
+        )
         if mask is None:
             outs = run(xs_now)
         else:  # a layer without factors runs the base alone
@@ -201,8 +224,9 @@ def _scan(eqn, invals, ctx):
             outs = lax.cond(jnp.asarray(mask)[step], lambda: run(xs_now), lambda: run(plain))
         return outs[:ncarry], (outs[ncarry:], capture.flat(inner, keys))
 
-    carry, (ys, extra) = lax.scan(body, carry, (xs, steps), length=p["length"],
-                                  reverse=p["reverse"], unroll=p["unroll"])
+    carry, (ys, extra) = lax.scan(
+        body, carry, (xs, steps), length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
+    )
     capture.merge(ctx.capture, keys, extra)
     return list(carry) + list(ys)
 
@@ -221,18 +245,20 @@ def _cond(eqn, invals, ctx):
 
     def branch(closed, k):
         return lambda *vals: materialized(
-            evaluate(closed.jaxpr, closed.consts, vals, ctx.fold(k)), ctx, "cond output")
+            evaluate(closed.jaxpr, closed.consts, vals, ctx.fold(k)), ctx, "cond output"
+        )
 
-    return list(lax.switch(index, [branch(c, k) for k, c in enumerate(eqn.params["branches"])],
-                           *ops))
+    return list(
+        lax.switch(index, [branch(c, k) for k, c in enumerate(eqn.params["branches"])], *ops)
+    )
 
 
 @register(lax.while_p)
 def _while(eqn, invals, ctx):
     p, ctx = eqn.params, _no_capture(ctx)
     nc, nb = p["cond_nconsts"], p["body_nconsts"]
-    cconsts, bconsts = invals[:nc], invals[nc:nc + nb]
-    init = materialized(invals[nc + nb:], ctx, "while carry")
+    cconsts, bconsts = invals[:nc], invals[nc : nc + nb]
+    init = materialized(invals[nc + nb :], ctx, "while carry")
     cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
 
     def cond_fun(state):

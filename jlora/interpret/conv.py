@@ -30,8 +30,12 @@ def _why_not(eqn, w: Sym) -> str | None:
     p, rhs = eqn.params, eqn.params["dimension_numbers"].rhs_spec
     if p["batch_group_count"] != 1:
         return "convolution with batch_group_count"
-    if w.labels[rhs[0]][0] != "o" or w.count("o") != 1 or w.count("s") \
-            or any(w.labels[ax][0] != "i" for ax in rhs[1:]):
+    if (
+        w.labels[rhs[0]][0] != "o"
+        or w.count("o") != 1
+        or w.count("s")
+        or any(w.labels[ax][0] != "i" for ax in rhs[1:])
+    ):
         return "convolution kernel whose adapter is not (spatial, in) -> out"
     if w.ids is not None:
         return "convolution in a mixed-adapter batch"
@@ -81,8 +85,12 @@ def _times_b(w: Sym, t, feat: int, groups: int, precision):
     b = w.b.reshape(r, groups, -1)
     if w.scale != 1.0:
         t = t * jnp.asarray(w.scale, t.dtype)
-    y = thin("...gr,rgo->...go".replace("...", _LEAD[:len(lead)]), precision,
-             t.reshape(*lead, groups, r), b)
+    y = thin(
+        "...gr,rgo->...go".replace("...", _LEAD[: len(lead)]),
+        precision,
+        t.reshape(*lead, groups, r),
+        b,
+    )
     return jnp.moveaxis(y.reshape(*lead, -1), -1, feat)
 
 

@@ -32,8 +32,7 @@ Rule = Callable[[Any, list, "Ctx"], Any]
 RULES: dict[jcore.Primitive, Rule] = {}
 #: Rules by primitive name, only for primitives this JAX does not export as objects.
 RULES_BY_NAME: dict[str, Rule] = {}
-_EXPORTED = {p.name for p in vars(jprims).values()
-             if isinstance(p, jcore.Primitive)}
+_EXPORTED = {p.name for p in vars(jprims).values() if isinstance(p, jcore.Primitive)}
 
 
 def primitives(*names: str) -> list[jcore.Primitive]:
@@ -44,6 +43,7 @@ def primitives(*names: str) -> list[jcore.Primitive]:
 def register(*prims: jcore.Primitive, names: tuple[str, ...] = ()):
     """Decorator: ``rule`` handles ``prims``; ``names`` are fallbacks for primitives this
     JAX does not export (older names of renamed primitives)."""
+
     def add(rule: Rule) -> Rule:
         for p in prims:
             RULES[p] = rule
@@ -51,6 +51,7 @@ def register(*prims: jcore.Primitive, names: tuple[str, ...] = ()):
             if n not in _EXPORTED:
                 RULES_BY_NAME[n] = rule
         return rule
+
     return add
 
 

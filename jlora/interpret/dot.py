@@ -27,12 +27,16 @@ from jlora.numerics import qview as qv
 #: What ``explain`` says of a factored use that contracts the adapter's out-axes: the
 #: model uses the weight transposed against the layout ``init`` assumed (an Equinox
 #: ``(out, in)`` weight initialised without ``fn``, a tied embedding's ``attend``).
-TRANSPOSED = ("factored (transposed: the model contracts the adapter's out axes, so A and B "
-              "play swapped roles; expected for a tied embedding's x @ E.T, otherwise learn "
-              "the axes with jlora.init(key, params, cfg, fn, *example_args))")
+TRANSPOSED = (
+    "factored (transposed: the model contracts the adapter's out axes, so A and B "
+    "play swapped roles; expected for a tied embedding's x @ E.T, otherwise learn "
+    "the axes with jlora.init(key, params, cfg, fn, *example_args))"
+)
 #: The same for axes learned from ``fn`` or fixed by a file: a tied table's ``x @ E.T``.
-TRANSPOSED_LEARNED = ("factored (transposed: the model contracts the adapter's out axes, so "
-                      "A and B play swapped roles, as a tied table's x @ E.T does)")
+TRANSPOSED_LEARNED = (
+    "factored (transposed: the model contracts the adapter's out axes, so "
+    "A and B play swapped roles, as a tied table's x @ E.T does)"
+)
 #: How a mixed-adapter batch serves a use, as ``explain`` says it after "factored".
 GATHERED = " (mixed batch: each example gathers its adapter's factors)"
 GROUPED = " (mixed batch: rows grouped by adapter)"
@@ -57,14 +61,33 @@ def dot_general(eqn, invals, ctx):
     if ctx.capture is not None and isinstance(lhs, Sym) != isinstance(rhs, Sym):
         return _captured(eqn, lhs, rhs, ctx)
     if isinstance(rhs, Sym):
-        return factored(lhs, rhs, True, eqn.params, ctx.key, ctx.record, _where(ctx, eqn, 0),
-                        ctx.mixed, _gate(ctx, eqn, 0))
+        return factored(
+            lhs,
+            rhs,
+            True,
+            eqn.params,
+            ctx.key,
+            ctx.record,
+            _where(ctx, eqn, 0),
+            ctx.mixed,
+            _gate(ctx, eqn, 0),
+        )
     if isinstance(lhs, Sym):
-        return factored(rhs, lhs, False, eqn.params, ctx.key, ctx.record, _where(ctx, eqn, 1),
-                        ctx.mixed, _gate(ctx, eqn, 1))
+        return factored(
+            rhs,
+            lhs,
+            False,
+            eqn.params,
+            ctx.key,
+            ctx.record,
+            _where(ctx, eqn, 1),
+            ctx.mixed,
+            _gate(ctx, eqn, 1),
+        )
     view_is_rhs = qv.is_view(rhs)
-    return quantized.dot(rhs if view_is_rhs else lhs, lhs if view_is_rhs else rhs,
-                         view_is_rhs, eqn.params)
+    return quantized.dot(
+        rhs if view_is_rhs else lhs, lhs if view_is_rhs else rhs, view_is_rhs, eqn.params
+    )
 
 
 def _captured(eqn, lhs, rhs, ctx):
@@ -85,9 +108,13 @@ def _fit_error(sym: Sym, contracted, batch) -> LoraError:
         f"the adapter for {sym.path!r} does not fit how the model uses the weight: the model "
         f"contracts {desc(contracted)} and batches {desc(batch)} of the kernel as the model sees "
         "it, but a LoRA factor must contract exactly all 'in' (or all 'out') axes; learn the "
-        "axes by tracing: " + ("jlora.peft.load(path, params, fn, *example_args)"
-                               if sym.axes_from == "assumed" else
-                               "jlora.init(key, params, cfg, fn, *example_args)"))
+        "axes by tracing: "
+        + (
+            "jlora.peft.load(path, params, fn, *example_args)"
+            if sym.axes_from == "assumed"
+            else "jlora.init(key, params, cfg, fn, *example_args)"
+        )
+    )
 
 
 def _mode(sym: Sym, wc, wb) -> str:
@@ -98,8 +125,11 @@ def _mode(sym: Sym, wc, wb) -> str:
     would be applied transposed."""
     kinds = {sym.labels[a][0] for a in wc}
     mode = kinds.pop() if len(kinds) == 1 else None
-    if mode not in ("i", "o") or len(wc) != sym.count(mode) or any(
-            sym.labels[a][0] != "s" for a in wb):
+    if (
+        mode not in ("i", "o")
+        or len(wc) != sym.count(mode)
+        or any(sym.labels[a][0] != "s" for a in wb)
+    ):
         raise _fit_error(sym, wc, wb)
     sy.check_assumed(sym, wc)
     return mode
@@ -123,8 +153,17 @@ def _gate(ctx, eqn, side: int):
     return ctx.mask, (frozenset() if site is None else site[1][side])
 
 
-def factored(x, sym: Sym, sym_is_rhs: bool, params: dict, key, record,
-             where=None, mixed: str = "auto", gate=None) -> jax.Array:
+def factored(
+    x,
+    sym: Sym,
+    sym_is_rhs: bool,
+    params: dict,
+    key,
+    record,
+    where=None,
+    mixed: str = "auto",
+    gate=None,
+) -> jax.Array:
     """``dot_general`` of an array with a symbolic weight, computed factored.
 
     LoRA: ``x W0 + s (drop(x) A) B``. DoRA (PEFT's formula): ``g (x W0 + s (x A) B)``,
@@ -143,8 +182,9 @@ def factored(x, sym: Sym, sym_is_rhs: bool, params: dict, key, record,
     base_out = bind(sym.base, x)
     if sym.probe:
         free = [a for a in range(len(sym.labels)) if a not in wc and a not in wb]
-        record(sym.path, ("dot", *(tuple(sym.labels[a][1] for a in axes)
-                                   for axes in (wc, wb, free))))
+        record(
+            sym.path, ("dot", *(tuple(sym.labels[a][1] for a in axes) for axes in (wc, wb, free)))
+        )
         return base_out
     mode = _mode(sym, wc, wb)
     if sym.g is not None and mode == "o":
@@ -152,14 +192,19 @@ def factored(x, sym: Sym, sym_is_rhs: bool, params: dict, key, record,
     x_d = _dropout(x, sym.dropout, key)
     if gate is not None:
         if sym.g is not None:
-            raise LoraError(f"lora_mask cannot gate {sym.path!r}: a DoRA adapter rescales the "
-                            "whole output, not a low-rank term (PEFT's aLoRA has no DoRA)")
+            raise LoraError(
+                f"lora_mask cannot gate {sym.path!r}: a DoRA adapter rescales the "
+                "whole output, not a low-rank term (PEFT's aLoRA has no DoRA)"
+            )
         free = [i for i in range(x.ndim) if i not in xc and i not in xb]
         x_d = token_gate.gate(x_d, gate[1], gate[0], free, sym.path)
-    y, g, how = _low_rank(x_d, sym, mode, sym_is_rhs, (xc, wc, xb, wb),
-                          params.get("precision"), where, mixed)
-    record(sym.path, (_transposed(sym) if mode == "o" else "factored") + how
-           + ("" if gate is None else GATED))
+    y, g, how = _low_rank(
+        x_d, sym, mode, sym_is_rhs, (xc, wc, xb, wb), params.get("precision"), where, mixed
+    )
+    record(
+        sym.path,
+        (_transposed(sym) if mode == "o" else "factored") + how + ("" if gate is None else GATED),
+    )
     if g is None:
         return base_out + y.astype(base_out.dtype)
     if x_d is x:
@@ -183,22 +228,27 @@ def _specs(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, ex_axis: int) -> dict
     free_stack = "".join(wl[sym.labels[ax]] for ax in free_w if sym.labels[ax][0] == "s")
     w_free = "".join(wl[sym.labels[ax]] for ax in free_w)
     ex = letter[ex_axis] if sym.ids is not None else ""
-    return dict(x="".join(letter[i] for i in range(x.ndim)),
-                first=ex + (sa if mode == "i" else sb), second=ex + (sb if mode == "i" else sa),
-                t=batch + x_free + free_stack + r, g=ex + sy.g_spec(sym, wl), ex=ex,
-                out=batch + (x_free + w_free if sym_is_rhs else w_free + x_free))
+    return dict(
+        x="".join(letter[i] for i in range(x.ndim)),
+        first=ex + (sa if mode == "i" else sb),
+        second=ex + (sb if mode == "i" else sa),
+        t=batch + x_free + free_stack + r,
+        g=ex + sy.g_spec(sym, wl),
+        ex=ex,
+        out=batch + (x_free + w_free if sym_is_rhs else w_free + x_free),
+    )
 
 
-def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec, where=None,
-              mixed="auto"):
+def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec, where=None, mixed="auto"):
     """``s * (x A) B`` laid out like the dot's output, DoRA's ``g`` broadcast to it, and
     which mixed-batch path served it (``""`` outside mixed batches).
 
     In a mixed batch each example (along x's example axis) gathers its own adapter's
     factors; examples with id -1 get no low-rank term (and ``g = 1``).
     """
-    ex_axis, ids = _example_ids(sym, x, dims[0], dims[2], where) if sym.ids is not None \
-        else (0, None)
+    ex_axis, ids = (
+        _example_ids(sym, x, dims[0], dims[2], where) if sym.ids is not None else (0, None)
+    )
     path = grouped.chosen(mixed, x, sym, ex_axis) if grouped.applies(sym, mode, dims) else ""
     sp = _specs(x, sym, mode, sym_is_rhs, dims, ex_axis)
     if path in ("grouped", "onehot"):
@@ -238,8 +288,12 @@ def _out_of_range(y, ids, sym: Sym, sp: dict):
 def _example_ids(sym: Sym, x, xc, xb, where):
     """``(axis, ids)``: x's example axis and the adapter id of each of its rows."""
     n = sym.ids.shape[0]
-    if isinstance(where, tuple) and where[0] not in xc and where[0] not in xb \
-            and x.shape[where[0]] == n * where[1]:
+    if (
+        isinstance(where, tuple)
+        and where[0] not in xc
+        and where[0] not in xb
+        and x.shape[where[0]] == n * where[1]
+    ):
         axis, inner = where
         return axis, sym.ids if inner == 1 else jnp.repeat(sym.ids, inner)
     if where is None:
@@ -247,15 +301,20 @@ def _example_ids(sym: Sym, x, xc, xb, where):
     elif isinstance(where, Lost):
         why = f"the example axis was lost on the way (at {where.why})"
     else:
-        why = (f"its example axis {where[0]} is "
-               + ("contracted" if where[0] in xc else "batched" if where[0] in xb
-                  else f"of size {x.shape[where[0]]}, not {n} x {where[1]}"))
+        why = f"its example axis {where[0]} is " + (
+            "contracted"
+            if where[0] in xc
+            else "batched"
+            if where[0] in xb
+            else f"of size {x.shape[where[0]]}, not {n} x {where[1]}"
+        )
     raise LoraError(
         f"a mixed-adapter batch ({n} adapter_ids) needs to know which rows of each input "
         f"that meets an adapted weight belong to which example; {sym.path!r} meets an input "
         f"of shape {tuple(x.shape)} where {why}; if the arguments' example axis is not "
         "their first, say where it is with example_axes= (as jax.vmap's in_axes), or serve "
-        "these adapters one at a time")
+        "these adapters one at a time"
+    )
 
 
 def _dropout(x, rate: float, key):

@@ -38,24 +38,100 @@ class Lost:
     why: str
 
 
-_ELEMENTWISE = frozenset(getattr(lax, n) for n in (
-    "add_p", "sub_p", "mul_p", "div_p", "max_p", "min_p", "pow_p", "atan2_p", "rem_p",
-    "nextafter_p", "and_p", "or_p", "xor_p", "not_p", "neg_p", "sign_p", "floor_p", "ceil_p",
-    "round_p", "is_finite_p", "exp_p", "exp2_p", "log_p", "log1p_p", "expm1_p", "tanh_p",
-    "logistic_p", "sin_p", "cos_p", "tan_p", "asin_p", "acos_p", "atan_p", "sinh_p", "cosh_p",
-    "asinh_p", "acosh_p", "atanh_p", "sqrt_p", "rsqrt_p", "cbrt_p", "abs_p", "square_p",
-    "integer_pow_p", "erf_p", "erfc_p", "erf_inv_p", "lgamma_p", "digamma_p", "select_n_p",
-    "clamp_p", "eq_p", "ne_p", "lt_p", "le_p", "gt_p", "ge_p", "convert_element_type_p",
-    "copy_p", "reduce_precision_p", "real_p", "imag_p", "stop_gradient_p", "shift_left_p",
-    "shift_right_logical_p", "shift_right_arithmetic_p", "population_count_p",
-    "sharding_constraint_p")
-    if hasattr(lax, n)) | frozenset(
-        getattr(jprims, n) for n in ("name_p",) if hasattr(jprims, n))  # checkpoint_name
-_REDUCE = frozenset(getattr(lax, n) for n in (
-    "reduce_sum_p", "reduce_max_p", "reduce_min_p", "reduce_prod_p", "reduce_and_p",
-    "reduce_or_p", "reduce_xor_p", "argmax_p", "argmin_p") if hasattr(lax, n))
-_CUMULATIVE = frozenset(getattr(lax, n) for n in (
-    "cumsum_p", "cumprod_p", "cummax_p", "cummin_p", "cumlogsumexp_p") if hasattr(lax, n))
+_ELEMENTWISE = frozenset(
+    getattr(lax, n)
+    for n in (
+        "add_p",
+        "sub_p",
+        "mul_p",
+        "div_p",
+        "max_p",
+        "min_p",
+        "pow_p",
+        "atan2_p",
+        "rem_p",
+        "nextafter_p",
+        "and_p",
+        "or_p",
+        "xor_p",
+        "not_p",
+        "neg_p",
+        "sign_p",
+        "floor_p",
+        "ceil_p",
+        "round_p",
+        "is_finite_p",
+        "exp_p",
+        "exp2_p",
+        "log_p",
+        "log1p_p",
+        "expm1_p",
+        "tanh_p",
+        "logistic_p",
+        "sin_p",
+        "cos_p",
+        "tan_p",
+        "asin_p",
+        "acos_p",
+        "atan_p",
+        "sinh_p",
+        "cosh_p",
+        "asinh_p",
+        "acosh_p",
+        "atanh_p",
+        "sqrt_p",
+        "rsqrt_p",
+        "cbrt_p",
+        "abs_p",
+        "square_p",
+        "integer_pow_p",
+        "erf_p",
+        "erfc_p",
+        "erf_inv_p",
+        "lgamma_p",
+        "digamma_p",
+        "select_n_p",
+        "clamp_p",
+        "eq_p",
+        "ne_p",
+        "lt_p",
+        "le_p",
+        "gt_p",
+        "ge_p",
+        "convert_element_type_p",
+        "copy_p",
+        "reduce_precision_p",
+        "real_p",
+        "imag_p",
+        "stop_gradient_p",
+        "shift_left_p",
+        "shift_right_logical_p",
+        "shift_right_arithmetic_p",
+        "population_count_p",
+        "sharding_constraint_p",
+    )
+    if hasattr(lax, n)
+) | frozenset(getattr(jprims, n) for n in ("name_p",) if hasattr(jprims, n))  # checkpoint_name
+_REDUCE = frozenset(
+    getattr(lax, n)
+    for n in (
+        "reduce_sum_p",
+        "reduce_max_p",
+        "reduce_min_p",
+        "reduce_prod_p",
+        "reduce_and_p",
+        "reduce_or_p",
+        "reduce_xor_p",
+        "argmax_p",
+        "argmin_p",
+    )
+    if hasattr(lax, n)
+)
+_CUMULATIVE = frozenset(
+    getattr(lax, n)
+    for n in ("cumsum_p", "cumprod_p", "cummax_p", "cummin_p", "cumlogsumexp_p")
+    if hasattr(lax, n)
+)
 _CALLS = {**CALLS, **{p: "jaxpr" for p in primitives("remat_p")}}
 
 
@@ -79,11 +155,11 @@ def _reshape(a, old, new):
     if groups is None:
         return Lost("reshape")
     gi, gj = next((gi, gj) for gi, gj in groups if axis in gi)
-    if any(old[g] != 1 for g in gi[:gi.index(axis)]):
+    if any(old[g] != 1 for g in gi[: gi.index(axis)]):
         return Lost("reshape that puts the examples inside another axis")
-    period = inner * math.prod(old[g] for g in gi[gi.index(axis) + 1:])  # rows per example
+    period = inner * math.prod(old[g] for g in gi[gi.index(axis) + 1 :])  # rows per example
     for j in gj:
-        after = math.prod(new[h] for h in gj[gj.index(j) + 1:])
+        after = math.prod(new[h] for h in gj[gj.index(j) + 1 :])
         if after <= period and period % after == 0:
             return (j, period // after)
         if new[j] != 1:
@@ -98,15 +174,18 @@ def _dot(eqn, ins):
     lfree = [ax for ax in range(nl) if ax not in lc and ax not in lb]
     rfree = [ax for ax in range(nr) if ax not in rc and ax not in rb]
     outs = []
-    for a, contracted, batch, free, shift in ((ins[0], lc, lb, lfree, len(lb)),
-                                              (ins[1], rc, rb, rfree, len(lb) + len(lfree))):
+    for a, contracted, batch, free, shift in (
+        (ins[0], lc, lb, lfree, len(lb)),
+        (ins[1], rc, rb, rfree, len(lb) + len(lfree)),
+    ):
         if a is None or isinstance(a, Lost):
             outs.append(a)
         elif a[0] in contracted:
             outs.append(Lost("a dot_general that contracts the examples"))
         else:
-            outs.append((list(batch).index(a[0]) if a[0] in batch
-                         else shift + free.index(a[0]), a[1]))
+            outs.append(
+                (list(batch).index(a[0]) if a[0] in batch else shift + free.index(a[0]), a[1])
+            )
     return merge(outs, "a dot_general of two inputs that each carry the examples")
 
 
@@ -122,15 +201,17 @@ def _on(*prims, merged: bool = True):
     """Register ``fn(eqn, a) -> annotation`` for ``prims``: ``a`` is the inputs' one
     example axis (``merged``; a disagreement or a lost input passes through as Lost),
     or the raw list of input annotations."""
+
     def register(fn):
         def rule(eqn, ins):
             if not merged:
                 return [fn(eqn, ins)]
-            a = merge(ins, f"{eqn.primitive.name} of inputs whose examples lie on "
-                           "different axes")
+            a = merge(ins, f"{eqn.primitive.name} of inputs whose examples lie on different axes")
             return [a if isinstance(a, Lost) else fn(eqn, a)]
+
         RULES.update(dict.fromkeys((p for p in prims if p is not None), rule))
         return fn
+
     return register
 
 
@@ -156,27 +237,38 @@ def _gather(eqn, ins):
 def _slice_keeps(eqn, ax) -> bool:
     p, step = eqn.params, 1 if eqn.params["strides"] is None else eqn.params["strides"][ax]
     return (p["start_indices"][ax], p["limit_indices"][ax], step) == (
-        0, eqn.invars[0].aval.shape[ax], 1)
+        0,
+        eqn.invars[0].aval.shape[ax],
+        1,
+    )
 
 
 #: Slice-like primitives: whether one leaves axis ``ax`` (the examples') whole.
 _KEEPS = {
     lax.slice_p: _slice_keeps,
-    lax.dynamic_slice_p: lambda eqn, ax: (eqn.params["slice_sizes"][ax]
-                                          == eqn.invars[0].aval.shape[ax]),
+    lax.dynamic_slice_p: lambda eqn, ax: (
+        eqn.params["slice_sizes"][ax] == eqn.invars[0].aval.shape[ax]
+    ),
     lax.pad_p: lambda eqn, ax: tuple(eqn.params["padding_config"][ax]) == (0, 0, 0),
     lax.rev_p: lambda eqn, ax: ax not in eqn.params["dimensions"],
-    lax.dynamic_update_slice_p: lambda eqn, ax: (eqn.invars[1].aval.shape[ax]
-                                                 == eqn.invars[0].aval.shape[ax]),
+    lax.dynamic_update_slice_p: lambda eqn, ax: (
+        eqn.invars[1].aval.shape[ax] == eqn.invars[0].aval.shape[ax]
+    ),
 }
-_on(*_KEEPS)(lambda eqn, a: a if _KEEPS[eqn.primitive](eqn, a[0])
-             else Lost(f"{eqn.primitive.name} along the examples"))
-_on(lax.concatenate_p)(lambda eqn, a: Lost("concatenate along the examples")
-                       if eqn.params["dimension"] == a[0] else a)
-_on(*_CUMULATIVE)(lambda eqn, a: Lost(f"{eqn.primitive.name} along the examples")
-                  if eqn.params["axis"] == a[0] else a)
-_on(lax.reshape_p)(lambda eqn, a: _reshape(a, eqn.invars[0].aval.shape,
-                                           eqn.params["new_sizes"]))
+_on(*_KEEPS)(
+    lambda eqn, a: (
+        a if _KEEPS[eqn.primitive](eqn, a[0]) else Lost(f"{eqn.primitive.name} along the examples")
+    )
+)
+_on(lax.concatenate_p)(
+    lambda eqn, a: Lost("concatenate along the examples") if eqn.params["dimension"] == a[0] else a
+)
+_on(*_CUMULATIVE)(
+    lambda eqn, a: (
+        Lost(f"{eqn.primitive.name} along the examples") if eqn.params["axis"] == a[0] else a
+    )
+)
+_on(lax.reshape_p)(lambda eqn, a: _reshape(a, eqn.invars[0].aval.shape, eqn.params["new_sizes"]))
 _on(lax.transpose_p)(lambda eqn, a: (list(eqn.params["permutation"]).index(a[0]), a[1]))
 
 
@@ -193,6 +285,7 @@ def _drop_axes(param: str):
         if a[0] in axes:
             return Lost(f"{eqn.primitive.name} over the examples")
         return (a[0] - sum(d < a[0] for d in axes), a[1])
+
     return rule
 
 
@@ -235,8 +328,7 @@ def _hi(eqn, ins, sites):  # jax_remat3 / jax_custom_vjp3: no exported primitive
 
 def _cond(eqn, ins, sites):
     outs = [analyze(b.jaxpr, ins[1:], sites) for b in eqn.params["branches"]]
-    return [merge(o, "cond branches that put the examples on different axes")
-            for o in zip(*outs)]
+    return [merge(o, "cond branches that put the examples on different axes") for o in zip(*outs)]
 
 
 def _site(sites: dict, eqn, ins) -> None:
@@ -252,8 +344,10 @@ def _fixed_point(body, consts, carry, rest, sites):
     carry that starts example-independent (zeros) and then takes the examples is fine."""
     for _ in range(3):
         outs = body(consts, carry, rest, {})
-        new = [merge([c, o], "a loop carry whose examples move") for c, o in
-               zip(carry, outs[:len(carry)])]
+        new = [
+            merge([c, o], "a loop carry whose examples move")
+            for c, o in zip(carry, outs[: len(carry)])
+        ]
         if new == carry:
             break
         carry = new
@@ -265,12 +359,14 @@ def _fixed_point(body, consts, carry, rest, sites):
 def _scan(eqn, ins, sites):
     p = eqn.params
     nc, ncarry = p["num_consts"], p["num_carry"]
-    xs = [None if a is None or isinstance(a, Lost) else
-          (Lost("scan over the examples") if a[0] == 0 else (a[0] - 1, a[1]))
-          for a in ins[nc + ncarry:]]
-    body = lambda c, carry, x, rec: analyze(p["jaxpr"].jaxpr, list(c) + list(carry) + list(x),
-                                            rec)
-    carry, outs = _fixed_point(body, ins[:nc], list(ins[nc:nc + ncarry]), xs, sites)
+    xs = [
+        None
+        if a is None or isinstance(a, Lost)
+        else (Lost("scan over the examples") if a[0] == 0 else (a[0] - 1, a[1]))
+        for a in ins[nc + ncarry :]
+    ]
+    body = lambda c, carry, x, rec: analyze(p["jaxpr"].jaxpr, list(c) + list(carry) + list(x), rec)
+    carry, outs = _fixed_point(body, ins[:nc], list(ins[nc : nc + ncarry]), xs, sites)
     ys = [_moved(a, lambda ax: ax + 1) for a in outs[ncarry:]]
     return list(carry) + ys
 
@@ -279,7 +375,7 @@ def _while(eqn, ins, sites):
     p = eqn.params
     nc, nb = p["cond_nconsts"], p["body_nconsts"]
     body = lambda c, carry, _, rec: analyze(p["body_jaxpr"].jaxpr, list(c) + list(carry), rec)
-    carry, _ = _fixed_point(body, ins[nc:nc + nb], list(ins[nc + nb:]), (), sites)
+    carry, _ = _fixed_point(body, ins[nc : nc + nb], list(ins[nc + nb :]), (), sites)
     return carry
 
 
@@ -295,5 +391,12 @@ def analyze(jaxpr, in_annots, sites: dict | None = None) -> list:
     return [read(v) for v in jaxpr.outvars]
 
 
-WALKS.update({lax.dot_general_p: _dot_walk, lax.scan_p: _scan, lax.while_p: _while,
-              lax.cond_p: _cond, **dict.fromkeys(_CALLS, _call)})
+WALKS.update(
+    {
+        lax.dot_general_p: _dot_walk,
+        lax.scan_p: _scan,
+        lax.while_p: _while,
+        lax.cond_p: _cond,
+        **dict.fromkeys(_CALLS, _call),
+    }
+)

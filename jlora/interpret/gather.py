@@ -33,8 +33,9 @@ def _indexed(sym: Sym, params) -> tuple | None:
     if tuple(getattr(dn, "operand_batching_dims", ())):
         return None
     shape = sym.base.shape
-    return tuple(ax for ax in range(len(shape))
-                 if ax in dn.collapsed_slice_dims or sizes[ax] < shape[ax])
+    return tuple(
+        ax for ax in range(len(shape)) if ax in dn.collapsed_slice_dims or sizes[ax] < shape[ax]
+    )
 
 
 def _why_not(sym: Sym, axes) -> str | None:
@@ -46,8 +47,10 @@ def _why_not(sym: Sym, axes) -> str | None:
     if kinds == {"o"}:
         return "gather along the table's out axis"
     if kinds == {"s"}:
-        return ("gather of stacked slices that also indexes other axes or fills "
-                "out-of-range slices with a value other than 0 or NaN")
+        return (
+            "gather of stacked slices that also indexes other axes or fills "
+            "out-of-range slices with a value other than 0 or NaN"
+        )
     if kinds != {"i"}:
         return "gather that is not a row lookup"
     if sym.count("s") or sym.count("o") != 1:
@@ -111,20 +114,33 @@ def _pick(sym: Sym, indices, params, axes, record) -> Sym | None:
             return None  # (of a 2-D table: a lookup)
         record(sym.path, ("pick", sym.labels[axes[0]][1]))  # a layer, or a table's rows
         kept = [lab for ax, lab in enumerate(sym.labels) if ax != axes[0]]
-        labels = [kept.pop(0) if pos in dn.offset_dims else sym.labels[axes[0]]
-                  for pos in range(nb + sym.base.ndim - 1)]
+        labels = [
+            kept.pop(0) if pos in dn.offset_dims else sym.labels[axes[0]]
+            for pos in range(nb + sym.base.ndim - 1)
+        ]
         base = sy.on_base(sym.base, lax.gather_p, indices, **params)
         return sym.replace(base=base, labels=tuple(labels))
     fill = params.get("fill_value")
-    if sym.ids is not None or any(sym.labels[ax][0] != "s" for ax in axes) or (
+    if (
+        sym.ids is not None
+        or any(sym.labels[ax][0] != "s" for ax in axes)
+        or (
             params["mode"] == lax.GatherScatterMode.FILL_OR_DROP
-            and fill is not None and fill == fill and fill != 0):
+            and fill is not None
+            and fill == fill
+            and fill != 0
+        )
+    ):
         return None
     stack = {sym.labels[ax][1]: ax for ax in range(sym.base.ndim) if sym.labels[ax][0] == "s"}
     factor = lambda f: None if f is None else _gather_factor(f, stack, indices, params)
-    return sym.replace(base=sy.on_base(sym.base, lax.gather_p, indices, **params),
-                       a=factor(sym.a), b=factor(sym.b), g=factor(sym.g),
-                       labels=_picked_labels(sym, dn, nb))
+    return sym.replace(
+        base=sy.on_base(sym.base, lax.gather_p, indices, **params),
+        a=factor(sym.a),
+        b=factor(sym.b),
+        g=factor(sym.g),
+        labels=_picked_labels(sym, dn, nb),
+    )
 
 
 def _gather_factor(f, stack: dict, indices, params):
@@ -138,9 +154,11 @@ def _gather_factor(f, stack: dict, indices, params):
     fdn = lax.GatherDimensionNumbers(
         offset_dims=tuple(range(nb, nb + f.ndim - len(collapsed))),
         collapsed_slice_dims=collapsed,
-        start_index_map=tuple(to_f[ax] for ax in dn.start_index_map))
-    return lax.gather_p.bind(f, indices, **{**params, "dimension_numbers": fdn,
-                                            "slice_sizes": tuple(fs)})
+        start_index_map=tuple(to_f[ax] for ax in dn.start_index_map),
+    )
+    return lax.gather_p.bind(
+        f, indices, **{**params, "dimension_numbers": fdn, "slice_sizes": tuple(fs)}
+    )
 
 
 def _picked_labels(sym: Sym, dn, nb: int) -> tuple:

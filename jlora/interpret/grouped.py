@@ -66,8 +66,14 @@ def applies(sym: Sym, mode: str, dims) -> bool:
     """Whether the grouped path can run this use (contracting in-axes, no batch or
     stacked axes, no DoRA)."""
     xc, wc, xb, wb = dims
-    return (mode == "i" and not xb and not wb and sym.g is None and sym.count("s") == 0
-            and sym.ids is not None)
+    return (
+        mode == "i"
+        and not xb
+        and not wb
+        and sym.g is None
+        and sym.count("s") == 0
+        and sym.ids is not None
+    )
 
 
 def chosen(choice: str, x, sym: Sym, ex_axis: int) -> str:
@@ -91,8 +97,7 @@ def in_rows(x, sym: Sym, xc, wc, first=None):
     return jnp.transpose(x, free + xc).reshape(-1, k), free
 
 
-def low_rank(x, sym: Sym, sym_is_rhs: bool, dims, ex_axis: int, ids, prec,
-             onehot: bool = False):
+def low_rank(x, sym: Sym, sym_is_rhs: bool, dims, ex_axis: int, ids, prec, onehot: bool = False):
     """``(x A) B`` per row's adapter, laid out like the dot's output (rows of id -1 zero):
     rows sorted by adapter (``ragged_low_rank``) or, ``onehot``, in place
     (``onehot_low_rank``).
@@ -126,10 +131,11 @@ def _lay_out(y, x, sym: Sym, sym_is_rhs: bool, wc, ex_axis: int, free, rest):
     """``y (rows, out)`` laid out like the dot's output."""
     out_axes = [ax for ax in range(sym.base.ndim) if ax not in wc]  # the weight's free axes
     out_labels = sorted(out_axes, key=lambda ax: sym.labels[ax][1])
-    y = y.reshape([x.shape[ex_axis]] + [x.shape[a] for a in rest]
-                  + [sym.base.shape[a] for a in out_labels])
+    y = y.reshape(
+        [x.shape[ex_axis]] + [x.shape[a] for a in rest] + [sym.base.shape[a] for a in out_labels]
+    )
     have = [("x", ex_axis)] + [("x", a) for a in rest] + [("w", a) for a in out_labels]
     want = [("x", a) for a in free] + [("w", a) for a in out_axes]
     if not sym_is_rhs:
-        want = want[len(free):] + want[:len(free)]
+        want = want[len(free) :] + want[: len(free)]
     return jnp.transpose(y, [have.index(w) for w in want])

@@ -31,8 +31,7 @@ def _records(fn, params, paths: set[str], args, kwargs) -> tuple[dict, dict]:
         ndims[p] = leaf.ndim
         labels = tuple(("p", ax) for ax in range(leaf.ndim))
         vals.append(Sym(leaf, None, None, None, labels, 0.0, 0.0, p) if p in paths else leaf)
-    jax.eval_shape(lambda v: evaluate(closed.jaxpr, closed.consts, v, ctx),
-                   vals + dyn[len(vals):])
+    jax.eval_shape(lambda v: evaluate(closed.jaxpr, closed.consts, v, ctx), vals + dyn[len(vals) :])
     return ctx.records, ndims
 
 
@@ -103,11 +102,16 @@ def _check_whole(path: str, dots: list) -> None:
                 f"{path!r}: fn splits axis {part[0]} of the weight with a reshape, then "
                 "contracts one part and keeps the other, so that axis is neither wholly in "
                 "nor wholly out; LoRA's factors map whole axes: adapt this weight as fn sees "
-                "it (reshape it in params) or leave it out of targets")
+                "it (reshape it in params) or leave it out of targets"
+            )
 
 
-_USES = {"dot": "contracted by a dot_general", "gather": "looked up by a gather",
-         "index": "indexed, sliced away or scanned over", "pick": "picked whole slices of"}
+_USES = {
+    "dot": "contracted by a dot_general",
+    "gather": "looked up by a gather",
+    "index": "indexed, sliced away or scanned over",
+    "pick": "picked whole slices of",
+}
 
 
 def _check_disjoint(path: str, stack: set, ins: tuple, events: list) -> None:
@@ -116,11 +120,15 @@ def _check_disjoint(path: str, stack: set, ins: tuple, events: list) -> None:
     if not both:
         return
     ax = both[0]
-    uses = [_USES[e[0]] for e in events if ax in (e[1] if isinstance(e[1], tuple) else
-                                                  (e[1],)) or (e[0] == "dot" and ax in e[2])]
+    uses = [
+        _USES[e[0]]
+        for e in events
+        if ax in (e[1] if isinstance(e[1], tuple) else (e[1],)) or (e[0] == "dot" and ax in e[2])
+    ]
     raise LoraError(
         f"{path!r}: fn uses axis {ax} of the weight in two ways that give it different roles "
         f"({' and '.join(dict.fromkeys(uses))}), so jlora cannot learn which axes are "
         "stacked, in and out; choose them yourself: jlora.init without fn (Flax's convention: "
         "last axis out, second-to-last in, leading axes stacked), and the other use "
-        "materializes the weight (jlora.explain says which)")
+        "materializes the weight (jlora.explain says which)"
+    )

@@ -17,16 +17,27 @@ from jax import lax
 from jlora.numerics.qview import QView
 
 #: Unary layout ops with static parameters that are deferred until the value is used.
-DEFER = frozenset({lax.transpose_p, lax.convert_element_type_p, lax.reshape_p, lax.squeeze_p,
-                   lax.broadcast_in_dim_p, lax.slice_p, lax.rev_p, lax.copy_p})
+DEFER = frozenset(
+    {
+        lax.transpose_p,
+        lax.convert_element_type_p,
+        lax.reshape_p,
+        lax.squeeze_p,
+        lax.broadcast_in_dim_p,
+        lax.slice_p,
+        lax.rev_p,
+        lax.copy_p,
+    }
+)
 
 
 def _narrow(view: QView, prim, operands, params: dict) -> QView | None:
     """A slice or dynamic slice of the leading axis only, as a narrower region (or None)."""
     if view.ops:
         return None
-    if prim is lax.slice_p and (params["strides"] is None or all(
-            s == 1 for s in params["strides"])):
+    if prim is lax.slice_p and (
+        params["strides"] is None or all(s == 1 for s in params["strides"])
+    ):
         lo, hi = params["start_indices"], params["limit_indices"]
         if all((a, b) == (0, n) for a, b, n in zip(lo[1:], hi[1:], view.shape[1:])):
             return view.index(lo[0], hi[0] - lo[0])
@@ -54,6 +65,7 @@ def op(view: QView, prim, operands, params: dict):
 
 def dot(view: QView, x, view_is_rhs: bool, params: dict):
     """``dot_general`` with the dequantized view, rematerialized in the backward pass."""
+
     def f(view, x):
         w = view.value()
         return lax.dot_general_p.bind(*((x, w) if view_is_rhs else (w, x)), **params)

@@ -21,11 +21,15 @@ _EXPERTS = (("s", 0), ("i", 0), ("o", 0))
 def _standard(eqn, lhs, rhs) -> bool:
     """``(tokens, in) x (experts, in, out)`` grouped along the tokens, no group offset."""
     dn = eqn.params["ragged_dot_dimension_numbers"]
-    return (len(lhs.shape) == 2 and rhs.base.ndim == 3 and len(eqn.invars) == 3
-            and tuple(map(tuple, dn.dot_dimension_numbers[0])) == ((1,), (1,))
-            and tuple(map(tuple, dn.dot_dimension_numbers[1])) == ((), ())
-            and tuple(dn.lhs_ragged_dimensions) == (0,)
-            and tuple(dn.rhs_group_dimensions) == (0,))
+    return (
+        len(lhs.shape) == 2
+        and rhs.base.ndim == 3
+        and len(eqn.invars) == 3
+        and tuple(map(tuple, dn.dot_dimension_numbers[0])) == ((1,), (1,))
+        and tuple(map(tuple, dn.dot_dimension_numbers[1])) == ((), ())
+        and tuple(dn.lhs_ragged_dimensions) == (0,)
+        and tuple(dn.rhs_group_dimensions) == (0,)
+    )
 
 
 def _why_not(eqn, lhs, rhs) -> str | None:

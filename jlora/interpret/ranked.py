@@ -29,10 +29,16 @@ def low_rank(x, sym, mode: str, sp: dict, ex_axis: int, prec):
     for r in sorted({ranks[i] for i in per_row if i >= 0}):
         rows = np.nonzero([i >= 0 and ranks[i] == r for i in per_row])[0]
         pick = jnp.asarray(per_row[rows])
-        f1, f2 = (lax.slice_in_dim(jnp.take(f, pick, axis=0), 0, r, axis=cut[id(f)])
-                  for f in (first, second))
-        t = thin(f"{sp['x']},{sp['first']}->{sp['t']}", prec,
-                 jnp.take(x, jnp.asarray(rows), axis=ex_axis).astype(f1.dtype), f1)
+        f1, f2 = (
+            lax.slice_in_dim(jnp.take(f, pick, axis=0), 0, r, axis=cut[id(f)])
+            for f in (first, second)
+        )
+        t = thin(
+            f"{sp['x']},{sp['first']}->{sp['t']}",
+            prec,
+            jnp.take(x, jnp.asarray(rows), axis=ex_axis).astype(f1.dtype),
+            f1,
+        )
         if sym.scale != 1.0:
             t = t * jnp.asarray(sym.scale, t.dtype)
         pieces.append(thin(f"{sp['t']},{sp['second']}->{sp['out']}", prec, t, f2))

@@ -26,6 +26,7 @@ from jlora.numerics import qview as qv
 def _layout_rule(on_sym: Callable | None):
     """The rule of one layout primitive: ``on_sym(sym, operands, params, ctx)`` for an
     adapted weight (None: not expressible), deferral for a quantized one."""
+
     def rule(eqn, invals, ctx):
         x, rest = invals[0], invals[1:]
         if not has_sym(rest):
@@ -36,6 +37,7 @@ def _layout_rule(on_sym: Callable | None):
             if qv.is_view(x):
                 return quantized.op(x, eqn.primitive, rest, bind_params(eqn)[1])
         return materialize_rule(eqn, invals, ctx)
+
     return rule
 
 
@@ -49,15 +51,18 @@ def _on_factors(sym: Sym, label: Label, op: Callable[[jax.Array, int], jax.Array
 
 
 def transpose(sym: Sym, permutation) -> Sym:
-    return sym.replace(base=sy.on_base(sym.base, lax.transpose_p, permutation=permutation),
-                       labels=tuple(sym.labels[p] for p in permutation))
+    return sym.replace(
+        base=sy.on_base(sym.base, lax.transpose_p, permutation=permutation),
+        labels=tuple(sym.labels[p] for p in permutation),
+    )
 
 
 def convert(sym: Sym, new_dtype, **params) -> Sym | None:
     if not jnp.issubdtype(new_dtype, jnp.inexact):
         return None
-    return sym.replace(base=sy.on_base(sym.base, lax.convert_element_type_p, new_dtype=new_dtype,
-                                     **params))
+    return sym.replace(
+        base=sy.on_base(sym.base, lax.convert_element_type_p, new_dtype=new_dtype, **params)
+    )
 
 
 def squeeze(sym: Sym, dimensions, record) -> Sym:
@@ -67,42 +72,66 @@ def squeeze(sym: Sym, dimensions, record) -> Sym:
         if out.probe:
             record(out.path, ("index", label[1]))
         factors = _on_factors(out, label, lambda f, dim: lax.squeeze(f, (dim,)))
-        labels = out.labels[:d] + out.labels[d + 1:]
+        labels = out.labels[:d] + out.labels[d + 1 :]
         labels = labels if out.probe else sy.drop_label(labels, label)
-        out = out.replace(base=sy.on_base(out.base, lax.squeeze_p, dimensions=(d,)), labels=labels,
-                          **factors)
+        out = out.replace(
+            base=sy.on_base(out.base, lax.squeeze_p, dimensions=(d,)), labels=labels, **factors
+        )
     return out
 
 
 def slice_(sym: Sym, start_indices, limit_indices, strides) -> Sym:
-    out = sym.replace(base=sy.on_base(sym.base, lax.slice_p, start_indices=start_indices,
-                                    limit_indices=limit_indices, strides=strides))
+    out = sym.replace(
+        base=sy.on_base(
+            sym.base,
+            lax.slice_p,
+            start_indices=start_indices,
+            limit_indices=limit_indices,
+            strides=strides,
+        )
+    )
     for ax, (lo, hi) in enumerate(zip(start_indices, limit_indices)):
         st = 1 if strides is None else strides[ax]
         if (lo, hi, st) != (0, sym.base.shape[ax], 1):
-            out = out.replace(**_on_factors(
-                out, sym.labels[ax], lambda f, d: lax.slice_in_dim(f, lo, hi, st, axis=d)))
+            out = out.replace(
+                **_on_factors(
+                    out, sym.labels[ax], lambda f, d: lax.slice_in_dim(f, lo, hi, st, axis=d)
+                )
+            )
     return out
 
 
 def dynamic_slice(sym: Sym, starts, slice_sizes) -> Sym:
-    out = sym.replace(base=sy.on_base(sym.base, lax.dynamic_slice_p, *starts,
-                                    slice_sizes=tuple(slice_sizes)))
+    out = sym.replace(
+        base=sy.on_base(sym.base, lax.dynamic_slice_p, *starts, slice_sizes=tuple(slice_sizes))
+    )
     for ax, (start, size) in enumerate(zip(starts, slice_sizes)):
         if size != sym.base.shape[ax]:
-            out = out.replace(**_on_factors(
-                out, sym.labels[ax],
-                lambda f, d: lax.dynamic_slice_in_dim(f, start, size, axis=d)))
+            out = out.replace(
+                **_on_factors(
+                    out,
+                    sym.labels[ax],
+                    lambda f, d: lax.dynamic_slice_in_dim(f, start, size, axis=d),
+                )
+            )
     return out
 
 
 def expand(sym: Sym, shape, broadcast_dimensions, **params) -> Sym | None:
     """``broadcast_in_dim`` that only inserts size-1 axes: new stacked axes."""
-    if math.prod(shape) != sym.base.size or list(broadcast_dimensions) != sorted(
-            broadcast_dimensions) or sym.probe:
+    if (
+        math.prod(shape) != sym.base.size
+        or list(broadcast_dimensions) != sorted(broadcast_dimensions)
+        or sym.probe
+    ):
         return None
-    base = sy.on_base(sym.base, lax.broadcast_in_dim_p, shape=shape,
-                    broadcast_dimensions=broadcast_dimensions, **params)
+    base = sy.on_base(
+        sym.base,
+        lax.broadcast_in_dim_p,
+        shape=shape,
+        broadcast_dimensions=broadcast_dimensions,
+        **params,
+    )
     labels, a, b, g, ns = [], sym.a, sym.b, sym.g, sym.count("s")
     old = iter(sym.labels)
     for ax in range(len(shape)):
@@ -132,17 +161,22 @@ def _probe_reshape(sym: Sym, groups, new_sizes, **params) -> Sym:
     for gi, gj in groups:
         held = tuple(sy.originals(sym.labels[g]) for g in gi)
         for g in gj:
-            labels[g] = ("p", () if new_sizes[g] == 1 and len(gj) > 1 else
-                         tuple(ax for t in held for ax in t))
-    base = sy.on_base(sym.base, lax.reshape_p, new_sizes=tuple(new_sizes), dimensions=None,
-                      **params)
+            labels[g] = (
+                "p",
+                () if new_sizes[g] == 1 and len(gj) > 1 else tuple(ax for t in held for ax in t),
+            )
+    base = sy.on_base(
+        sym.base, lax.reshape_p, new_sizes=tuple(new_sizes), dimensions=None, **params
+    )
     return sym.replace(base=base, labels=tuple(labels))
 
 
 #: What ``explain`` says of a weight broadcast along new axes (a position table over the
 #: batch before an add): the use reads every value, so building it is the use's own cost.
-BROADCAST = ("broadcast_in_dim: every value is read, so it is built once, at its own "
-             "size, before the broadcast")
+BROADCAST = (
+    "broadcast_in_dim: every value is read, so it is built once, at its own "
+    "size, before the broadcast"
+)
 
 
 def broadcast(sym: Sym, rest, params, ctx):
@@ -178,12 +212,13 @@ def reshape(sym: Sym, new_sizes, dimensions=None, **params) -> Sym | None:
                 labels[g] = (kind, len(sizes[kind]))
                 sizes[kind].append(new_sizes[g])
     r = sym.a.shape[-1]
-    n = sym.a.shape[:sym.lead]
+    n = sym.a.shape[: sym.lead]
     a = sym.a.reshape(*n, *sizes["s"], *sizes["i"], r)
     b = sym.b.reshape(*n, *sizes["s"], r, *sizes["o"])
     g = None if sym.g is None else sym.g.reshape(*n, *sizes["s"], *sizes["o"])
-    base = sy.on_base(sym.base, lax.reshape_p, new_sizes=tuple(new_sizes), dimensions=None,
-                    **params)
+    base = sy.on_base(
+        sym.base, lax.reshape_p, new_sizes=tuple(new_sizes), dimensions=None, **params
+    )
     return sym.replace(base=base, a=a, b=b, g=g, labels=tuple(labels))
 
 
@@ -256,8 +291,9 @@ _ON_SYM = {
     lax.transpose_p: lambda s, rest, p, ctx: transpose(s, p["permutation"]),
     lax.convert_element_type_p: lambda s, rest, p, ctx: convert(s, **p),
     lax.squeeze_p: lambda s, rest, p, ctx: squeeze(s, p["dimensions"], ctx.record),
-    lax.slice_p: lambda s, rest, p, ctx: slice_(s, p["start_indices"], p["limit_indices"],
-                                                p["strides"]),
+    lax.slice_p: lambda s, rest, p, ctx: slice_(
+        s, p["start_indices"], p["limit_indices"], p["strides"]
+    ),
     lax.dynamic_slice_p: lambda s, rest, p, ctx: dynamic_slice(s, rest, p["slice_sizes"]),
     lax.broadcast_in_dim_p: broadcast,
     lax.reshape_p: lambda s, rest, p, ctx: None if rest else reshape(s, **p),

@@ -27,9 +27,11 @@ def _part_specs(sym: sy.Sym, spec: tuple) -> list:
     """The in-specs of ``sym``'s base, ``a``, ``b``, ``g``, given the weight's."""
     spec = tuple(spec) + (None,) * (sym.base.ndim - len(spec))
     ns = sym.count("s")
-    place = {"a": lambda k, j: j if k == "s" else ns + j if k == "i" else None,
-             "b": lambda k, j: j if k == "s" else ns + 1 + j if k == "o" else None,
-             "g": lambda k, j: j if k == "s" else ns + j if k == "o" else None}
+    place = {
+        "a": lambda k, j: j if k == "s" else ns + j if k == "i" else None,
+        "b": lambda k, j: j if k == "s" else ns + 1 + j if k == "o" else None,
+        "g": lambda k, j: j if k == "s" else ns + j if k == "o" else None,
+    }
     out: list = [PartitionSpec(*spec)]
     for name in _FIELDS[1:]:
         part = getattr(sym, name)
@@ -55,8 +57,11 @@ def _split(v, spec):
         v = v.replace(base=v.base.value())
     specs = _part_specs(v, spec)
     keep = [i for i, f in enumerate(_FIELDS) if getattr(v, f) is not None]
-    return ([getattr(v, _FIELDS[i]) for i in keep], [specs[i] for i in keep],
-            lambda parts: v.replace(**dict(zip((_FIELDS[i] for i in keep), parts))))
+    return (
+        [getattr(v, _FIELDS[i]) for i in keep],
+        [specs[i] for i in keep],
+        lambda parts: v.replace(**dict(zip((_FIELDS[i] for i in keep), parts))),
+    )
 
 
 @register(names=("shard_map",))
@@ -75,16 +80,21 @@ def _shard_map(eqn, invals, ctx):
     def body(key, *flat):
         vals, at = [], 0
         for (_, _, rebuild), n in zip(splits, sizes):
-            vals.append(rebuild(list(flat[at:at + n])))
+            vals.append(rebuild(list(flat[at : at + n])))
             at += n
         if key is not None:  # a different dropout mask on every device
             key = jax.random.fold_in(key, lax.axis_index(axes))
         sub = dataclasses.replace(ctx, key=key)
         return tuple(materialized(evaluate(p["jaxpr"], (), vals, sub), ctx, "shard_map output"))
 
-    mapped = jax.shard_map(body, mesh=p["mesh"], in_specs=(PartitionSpec(),) + specs,
-                           out_specs=p["out_specs"], axis_names=frozenset(manual),
-                           check_vma=p.get("check_vma", True))
+    mapped = jax.shard_map(
+        body,
+        mesh=p["mesh"],
+        in_specs=(PartitionSpec(),) + specs,
+        out_specs=p["out_specs"],
+        axis_names=frozenset(manual),
+        check_vma=p.get("check_vma", True),
+    )
     return list(mapped(ctx.key, *flat))
 
 
@@ -94,22 +104,31 @@ def _constrained(v: sy.Sym, eqn, key: str):
     if not isinstance(target, jax.sharding.NamedSharding):
         return None
     parts = dict(zip(_FIELDS, _part_specs(v, tuple(target.spec))))
-    bind = lambda x, spec: eqn.primitive.bind(x, **{
-        **eqn.params, key: jax.sharding.NamedSharding(target.mesh, spec)})
+    bind = lambda x, spec: eqn.primitive.bind(
+        x, **{**eqn.params, key: jax.sharding.NamedSharding(target.mesh, spec)}
+    )
     base = sy.on_base(v.base, eqn.primitive, **eqn.params)
-    return v.replace(base=base, **{f: bind(getattr(v, f), parts[f]) for f in _FIELDS[1:]
-                                   if getattr(v, f) is not None})
+    return v.replace(
+        base=base,
+        **{f: bind(getattr(v, f), parts[f]) for f in _FIELDS[1:] if getattr(v, f) is not None},
+    )
 
 
-@register(*primitives("sharding_constraint_p", "reshard_p"),
-          names=("sharding_constraint", "reshard"))
+@register(
+    *primitives("sharding_constraint_p", "reshard_p"), names=("sharding_constraint", "reshard")
+)
 def _reshard(eqn, invals, ctx):
     """An adapted weight constrained or resharded: each part to its own spec."""
     (v,) = invals[:1]
     key = "sharding" if eqn.primitive.name == "sharding_constraint" else "dst_sharding"
     out = None
-    if isinstance(v, sy.Sym) and not v.probe and v.ids is None and len(invals) == 1 and (
-            eqn.primitive.name == "reshard" or not eqn.params.get("unconstrained_dims")):
+    if (
+        isinstance(v, sy.Sym)
+        and not v.probe
+        and v.ids is None
+        and len(invals) == 1
+        and (eqn.primitive.name == "reshard" or not eqn.params.get("unconstrained_dims"))
+    ):
         out = _constrained(v, eqn, key)
     if isinstance(v, sy.Sym) and v.probe:
         return v.replace(base=sy.on_base(v.base, eqn.primitive, **eqn.params))

@@ -54,7 +54,8 @@ class Sym:
     #: A mixed batch of a stack with several ranks, its ``adapter_ids`` concrete: each
     #: example's adapter and each adapter's rank, so each rank class runs at its own rank.
     ranked: tuple[tuple[int, ...], tuple[int, ...]] | None = dataclasses.field(
-        default=None, metadata=dict(static=True))
+        default=None, metadata=dict(static=True)
+    )
 
     @property
     def lead(self) -> int:
@@ -70,8 +71,11 @@ class Sym:
 
     def replace(self, **kw) -> "Sym":
         stacked = lambda labels: sorted(lab for lab in labels if lab[0] == "s")
-        if self.active is not None and "labels" in kw and \
-                stacked(kw["labels"]) != stacked(self.labels):
+        if (
+            self.active is not None
+            and "labels" in kw
+            and stacked(kw["labels"]) != stacked(self.labels)
+        ):
             kw["active"] = None  # a stacked axis went: ("s", 0) may now name another
         return dataclasses.replace(self, **kw)
 
@@ -81,8 +85,11 @@ def check_assumed(sym: Sym, contracted) -> None:
     (``axes_from="assumed"``: the model keeps the weight transposed against that
     assumption, torch's ``(out, in)``, so the file's update would land transposed), or of
     a PEFT embedding adapter that PEFT applies at lookups only (``"lookup"``)."""
-    if sym.axes_from not in ("assumed", "lookup") or sym.probe or not any(
-            sym.labels[ax][0] == "o" for ax in contracted):
+    if (
+        sym.axes_from not in ("assumed", "lookup")
+        or sym.probe
+        or not any(sym.labels[ax][0] == "o" for ax in contracted)
+    ):
         return
     if sym.axes_from == "lookup":
         raise LoraError(
@@ -91,13 +98,15 @@ def check_assumed(sym: Sym, contracted) -> None:
             "PEFT applied it where the table is looked up and not at the tied head; jlora "
             "applies a table's adapter at every use. To reproduce PEFT give the head its own "
             "copy of the table in params (an untied lm_head), or train the adapter with "
-            "ensure_weight_tying=True")
+            "ensure_weight_tying=True"
+        )
     raise LoraError(
         f"{sym.path!r}: the model contracts the axes that peft.load took as the weight's "
         "out axes (x @ W.T: a torch (out, in) layout?), so the PEFT file's update would be "
         "applied transposed; peft.load assumed Flax's (in, out) layout because it had no "
         "model to learn from: load it with jlora.peft.load(path, params, fn, *example_args) "
-        "(or axes={path: (stack_axes, in_axes, out_axes)})")
+        "(or axes={path: (stack_axes, in_axes, out_axes)})"
+    )
 
 
 def node_norm(leaf, node) -> jax.Array:
@@ -107,15 +116,13 @@ def node_norm(leaf, node) -> jax.Array:
     A constant for the gradient (PEFT, paper 4.3): its inputs are cut from it, so
     no tangent work is traced (and no per-layer weight kept for it)."""
     a, b = (lax.stop_gradient(x) for x in node.unflat()[:2])
-    norm = lambda a, b, s: dora_norm(leaf, a, b, s, node.stack_axes, node.in_axes,
-                                     node.out_axes)
+    norm = lambda a, b, s: dora_norm(leaf, a, b, s, node.stack_axes, node.in_axes, node.out_axes)
     if isinstance(node.scale, float):
         return norm(a, b, node.scale)
     return jax.vmap(norm)(a, b, jnp.asarray(node.scale, jnp.float32))
 
 
-def from_node(leaf, node, path: str, norm=None, ids=None, active=None,
-              rows=None) -> Sym | Any:
+def from_node(leaf, node, path: str, norm=None, ids=None, active=None, rows=None) -> Sym | Any:
     """The symbolic weight for a base leaf and its adapter node (the leaf if none).
 
     ``norm`` overrides DoRA's norm (unmerge: the base is then the merged weight).
@@ -141,8 +148,9 @@ def from_node(leaf, node, path: str, norm=None, ids=None, active=None,
         scale = 1.0
     ranks = getattr(node, "ranks", ())
     ranked = (rows, ranks) if rows is not None and g is None and len(set(ranks)) > 1 else None
-    return Sym(leaf, a, b, g, node.labels(), scale, node.dropout, path, ids, active,
-               node.axes_from, ranked)
+    return Sym(
+        leaf, a, b, g, node.labels(), scale, node.dropout, path, ids, active, node.axes_from, ranked
+    )
 
 
 def on_base(base, prim, *operands, **params):
@@ -163,10 +171,10 @@ def times_b(sym: Sym, t, axis: int, precision=None) -> jax.Array:
     """``s * t B`` contracting ``t``'s rank axis ``axis``; ``B``'s out axis takes its place."""
     if sym.scale != 1.0:  # scale the thin intermediate, not the full-size output
         t = t * jnp.asarray(sym.scale, t.dtype)
-    ls = string.ascii_letters[:t.ndim]
+    ls = string.ascii_letters[: t.ndim]
     r, o = string.ascii_letters[t.ndim], string.ascii_letters[t.ndim + 1]
-    out = ls[:axis] + o + ls[axis + 1:]
-    return thin(f"{ls[:axis]}{r}{ls[axis + 1:]},{r}{o}->{out}", precision, t, sym.b)
+    out = ls[:axis] + o + ls[axis + 1 :]
+    return thin(f"{ls[:axis]}{r}{ls[axis + 1 :]},{r}{o}->{out}", precision, t, sym.b)
 
 
 def value(base):
@@ -203,9 +211,11 @@ def materialize(x, record: Callable | None = None, why: str = ""):
     if x.probe:
         return base
     if x.ids is not None:
-        raise LoraError(f"a mixed-adapter batch needs {x.path!r} to be used by dot_general "
-                        f"(each example its own adapter), but the model's {why or 'use'} needs "
-                        "the weight itself; serve these adapters one at a time (or merged)")
+        raise LoraError(
+            f"a mixed-adapter batch needs {x.path!r} to be used by dot_general "
+            f"(each example its own adapter), but the model's {why or 'use'} needs "
+            "the weight itself; serve these adapters one at a time (or merged)"
+        )
     w = base + (x.scale * delta(x)).astype(base.dtype)
     if x.g is None:
         return w

@@ -35,14 +35,27 @@ def contract(spec: str, x, y, precision=None, out_spec=None) -> jax.Array:
         out_spec = mesh.contraction_spec((xs, ys), out, (mesh.spec(x), mesh.spec(y)))
     batch = [c for c in xs if c in ys and c in out]
     summed = [c for c in xs if c in ys and c not in out]
-    dims = (([xs.index(c) for c in summed], [ys.index(c) for c in summed]),
-            ([xs.index(c) for c in batch], [ys.index(c) for c in batch]))
+    dims = (
+        ([xs.index(c) for c in summed], [ys.index(c) for c in summed]),
+        ([xs.index(c) for c in batch], [ys.index(c) for c in batch]),
+    )
     dtype = jnp.result_type(x, y)
     got = batch + [c for c in xs if c not in ys] + [c for c in ys if c not in xs]
-    sharding = None if out_spec is None else mesh.named(
-        x if mesh.spec(x) is not None else y, tuple(out_spec[out.index(c)] for c in got))
-    z = lax.dot_general(x.astype(dtype), y.astype(dtype), dims, precision=precision,
-                        preferred_element_type=dtype, out_sharding=sharding)
+    sharding = (
+        None
+        if out_spec is None
+        else mesh.named(
+            x if mesh.spec(x) is not None else y, tuple(out_spec[out.index(c)] for c in got)
+        )
+    )
+    z = lax.dot_general(
+        x.astype(dtype),
+        y.astype(dtype),
+        dims,
+        precision=precision,
+        preferred_element_type=dtype,
+        out_sharding=sharding,
+    )
     return z if got == list(out) else lax.transpose(z, [got.index(c) for c in out])
 
 
@@ -67,9 +80,12 @@ def _abstract(t, f, *, spec, precision):
     sizes = dict(zip(ts, t.shape)) | dict(zip(fs, f.shape))
     like = t if len(mesh.vma(t)) >= len(mesh.vma(f)) else f
     parts = mesh.contraction_spec((ts, fs), out, (mesh.raw_spec(t), mesh.raw_spec(f)))
-    return like.update(shape=tuple(sizes[c] for c in out), weak_type=False,
-                       dtype=jnp.result_type(t.dtype, f.dtype),
-                       sharding=NamedSharding(like.sharding.mesh, PartitionSpec(*parts)))
+    return like.update(
+        shape=tuple(sizes[c] for c in out),
+        weak_type=False,
+        dtype=jnp.result_type(t.dtype, f.dtype),
+        sharding=NamedSharding(like.sharding.mesh, PartitionSpec(*parts)),
+    )
 
 
 def _dtype(x, like):

@@ -84,10 +84,12 @@ def _reshape(a: At, old, new) -> At:
     if a.outer is not None and q and (old[a.axis] // a.inner) % q:
         return _blurred(a, "reshape")
     lead = all(old[g] == 1 for g in gi[:k])
-    p, q = a.inner * math.prod(old[g] for g in gi[k + 1:]), (None if lead and a.outer is None
-                                                            else q)
+    p, q = (
+        a.inner * math.prod(old[g] for g in gi[k + 1 :]),
+        (None if lead and a.outer is None else q),
+    )
     for n, j in enumerate(gj):
-        after = math.prod(new[h] for h in gj[n + 1:])
+        after = math.prod(new[h] for h in gj[n + 1 :])
         if p % after == 0:
             inner = p // after
             first = all(new[h] == 1 for h in gj[:n])
@@ -109,38 +111,69 @@ def _keeps(eqn, ins):
     keep = ea._KEEPS[eqn.primitive]
     first = _map(ins[0], lambda a: a if keep(eqn, a.axis) else _blurred(a, eqn.primitive.name))
     if eqn.primitive is lax.dynamic_update_slice_p:
-        first |= _map(ins[1], lambda a: a if keep(eqn, a.axis)
-                      else _blurred(a, eqn.primitive.name))
+        first |= _map(ins[1], lambda a: a if keep(eqn, a.axis) else _blurred(a, eqn.primitive.name))
     return [first]  # start indices are scalars: they have no rows to place
 
 
 def _along(param: str, drop: bool):
     """Ops along one axis: a placement there is dropped (reductions) or blurred."""
+
     def rule(eqn, ins):
         axis = eqn.params[param]
-        f = (lambda a: None if a.axis == axis else a) if drop else (
-            lambda a: _blurred(a, eqn.primitive.name) if a.axis == axis else a)
+        f = (
+            (lambda a: None if a.axis == axis else a)
+            if drop
+            else (lambda a: _blurred(a, eqn.primitive.name) if a.axis == axis else a)
+        )
         return [_map(frozenset().union(*ins), f)] * len(eqn.outvars)
+
     return rule
 
 
 def _reduce(eqn, ins):
     axes = eqn.params["axes"]
-    return [_map(ins[0], lambda a: None if a.axis in axes else dataclasses.replace(
-        a, axis=a.axis - sum(d < a.axis for d in axes)))]
+    return [
+        _map(
+            ins[0],
+            lambda a: (
+                None
+                if a.axis in axes
+                else dataclasses.replace(a, axis=a.axis - sum(d < a.axis for d in axes))
+            ),
+        )
+    ]
 
 
 def _squeeze(eqn, ins):
     dims = eqn.params["dimensions"]
-    return [_map(ins[0], lambda a: None if a.axis in dims  # size 1: no rows left to tell
-                 else dataclasses.replace(a, axis=a.axis - sum(d < a.axis for d in dims)))]
+    return [
+        _map(
+            ins[0],
+            lambda a: (
+                None
+                if a.axis in dims  # size 1: no rows left to tell
+                else dataclasses.replace(a, axis=a.axis - sum(d < a.axis for d in dims))
+            ),
+        )
+    ]
 
 
 def _broadcast(eqn, ins):
-    dims, shape, old = (eqn.params["broadcast_dimensions"], eqn.params["shape"],
-                        eqn.invars[0].aval.shape)
-    return [_map(ins[0], lambda a: dataclasses.replace(a, axis=dims[a.axis])
-                 if shape[dims[a.axis]] == old[a.axis] else _blurred(a, "broadcast"))]
+    dims, shape, old = (
+        eqn.params["broadcast_dimensions"],
+        eqn.params["shape"],
+        eqn.invars[0].aval.shape,
+    )
+    return [
+        _map(
+            ins[0],
+            lambda a: (
+                dataclasses.replace(a, axis=dims[a.axis])
+                if shape[dims[a.axis]] == old[a.axis]
+                else _blurred(a, "broadcast")
+            ),
+        )
+    ]
 
 
 def _dot(eqn, ins):
@@ -149,11 +182,23 @@ def _dot(eqn, ins):
     lfree = [ax for ax in range(nl) if ax not in lc and ax not in lb]
     rfree = [ax for ax in range(nr) if ax not in rc and ax not in rb]
     out: frozenset = NONE
-    for ats, contracted, batch, free, shift in ((ins[0], lc, lb, lfree, len(lb)),
-                                                (ins[1], rc, rb, rfree, len(lb) + len(lfree))):
-        out |= _map(ats, lambda a: None if a.axis in contracted else dataclasses.replace(
-            a, axis=list(batch).index(a.axis) if a.axis in batch
-            else shift + free.index(a.axis)))
+    for ats, contracted, batch, free, shift in (
+        (ins[0], lc, lb, lfree, len(lb)),
+        (ins[1], rc, rb, rfree, len(lb) + len(lfree)),
+    ):
+        out |= _map(
+            ats,
+            lambda a: (
+                None
+                if a.axis in contracted
+                else dataclasses.replace(
+                    a,
+                    axis=list(batch).index(a.axis)
+                    if a.axis in batch
+                    else shift + free.index(a.axis),
+                )
+            ),
+        )
     return [out]
 
 
@@ -166,14 +211,23 @@ def _gather(eqn, ins):
     last = len(eqn.invars[1].aval.shape) - 1
     if operand or getattr(dn, "operand_batching_dims", ()):
         return [_lost(operand | indices, "gather from an array that carries the tokens")]
-    return [_map(indices, lambda a: At(a.comp, None, None, None, "gather along the index")
-                 if a.axis >= last else dataclasses.replace(a, axis=batch_out[a.axis]))]
+    return [
+        _map(
+            indices,
+            lambda a: (
+                At(a.comp, None, None, None, "gather along the index")
+                if a.axis >= last
+                else dataclasses.replace(a, axis=batch_out[a.axis])
+            ),
+        )
+    ]
 
 
 def _concat(eqn, ins):
     dim = eqn.params["dimension"]
-    return [_map(frozenset().union(*ins), lambda a: _blurred(a, "concatenate")
-                 if a.axis == dim else a)]
+    return [
+        _map(frozenset().union(*ins), lambda a: _blurred(a, "concatenate") if a.axis == dim else a)
+    ]
 
 
 def _transpose(eqn, ins):
@@ -185,10 +239,19 @@ RULES.update(dict.fromkeys(ea._ELEMENTWISE, _elementwise))
 RULES.update(dict.fromkeys(ea._KEEPS, _keeps))
 RULES.update(dict.fromkeys(ea._CUMULATIVE, _along("axis", drop=False)))
 RULES.update(dict.fromkeys(ea._REDUCE, _reduce))
-RULES.update({lax.reshape_p: lambda eqn, ins: [_map(ins[0], lambda a: _reshape(
-    a, eqn.invars[0].aval.shape, eqn.params["new_sizes"]))],
-    lax.transpose_p: _transpose, lax.broadcast_in_dim_p: _broadcast, lax.squeeze_p: _squeeze,
-    lax.dot_general_p: _dot, lax.gather_p: _gather, lax.concatenate_p: _concat})
+RULES.update(
+    {
+        lax.reshape_p: lambda eqn, ins: [
+            _map(ins[0], lambda a: _reshape(a, eqn.invars[0].aval.shape, eqn.params["new_sizes"]))
+        ],
+        lax.transpose_p: _transpose,
+        lax.broadcast_in_dim_p: _broadcast,
+        lax.squeeze_p: _squeeze,
+        lax.dot_general_p: _dot,
+        lax.gather_p: _gather,
+        lax.concatenate_p: _concat,
+    }
+)
 if hasattr(lax, "split_p"):
     RULES[lax.split_p] = _along("axis", drop=False)
 
@@ -209,8 +272,11 @@ def _eqn(eqn, ins, sites: dict) -> list:
 def _dot_walk(eqn, ins, sites):
     key = id(eqn)
     if key in sites and sites[key][1] != tuple(ins):  # a sub-jaxpr met twice, differently
-        ins = [_lost(ins[0] | sites[key][1][0], "a sub-computation called with different "
-                     "token layouts")] * 2
+        ins = [
+            _lost(
+                ins[0] | sites[key][1][0], "a sub-computation called with different token layouts"
+            )
+        ] * 2
     sites[key] = (eqn, tuple(ins))
     return _dot(eqn, ins)
 
@@ -234,7 +300,7 @@ def _fixed_point(body, carry, sites):
     only the last pass (with the stable carries) records its dots."""
     for _ in range(4):
         outs = body(carry, {})
-        new = [c | o for c, o in zip(carry, outs[:len(carry)])]
+        new = [c | o for c, o in zip(carry, outs[: len(carry)])]
         if new == carry:
             break
         carry = new
@@ -246,20 +312,29 @@ def _fixed_point(body, carry, sites):
 def _scan(eqn, ins, sites):
     p = eqn.params
     nc, ncarry = p["num_consts"], p["num_carry"]
-    xs = [_map(a, lambda at: At(at.comp, None, None, None, "scan over the tokens")
-               if at.axis == 0 else dataclasses.replace(at, axis=at.axis - 1))
-          for a in ins[nc + ncarry:]]
+    xs = [
+        _map(
+            a,
+            lambda at: (
+                At(at.comp, None, None, None, "scan over the tokens")
+                if at.axis == 0
+                else dataclasses.replace(at, axis=at.axis - 1)
+            ),
+        )
+        for a in ins[nc + ncarry :]
+    ]
     body = lambda carry, rec: analyze(p["jaxpr"].jaxpr, list(ins[:nc]) + carry + xs, rec)
-    carry, outs = _fixed_point(body, list(ins[nc:nc + ncarry]), sites)
-    return carry + [_map(a, lambda at: dataclasses.replace(at, axis=at.axis + 1))
-                    for a in outs[ncarry:]]
+    carry, outs = _fixed_point(body, list(ins[nc : nc + ncarry]), sites)
+    return carry + [
+        _map(a, lambda at: dataclasses.replace(at, axis=at.axis + 1)) for a in outs[ncarry:]
+    ]
 
 
 def _while(eqn, ins, sites):
     p = eqn.params
     nc, nb = p["cond_nconsts"], p["body_nconsts"]
-    body = lambda carry, rec: analyze(p["body_jaxpr"].jaxpr, list(ins[nc:nc + nb]) + carry, rec)
-    return _fixed_point(body, list(ins[nc + nb:]), sites)[0]
+    body = lambda carry, rec: analyze(p["body_jaxpr"].jaxpr, list(ins[nc : nc + nb]) + carry, rec)
+    return _fixed_point(body, list(ins[nc + nb :]), sites)[0]
 
 
 def analyze(jaxpr, in_annots, sites: dict | None = None) -> list:
@@ -273,8 +348,13 @@ def analyze(jaxpr, in_annots, sites: dict | None = None) -> list:
     return [read(v) for v in jaxpr.outvars]
 
 
-WALKS: dict = {lax.dot_general_p: _dot_walk, lax.scan_p: _scan, lax.while_p: _while,
-               lax.cond_p: _cond, **dict.fromkeys(ea._CALLS, _call)}
+WALKS: dict = {
+    lax.dot_general_p: _dot_walk,
+    lax.scan_p: _scan,
+    lax.while_p: _while,
+    lax.cond_p: _cond,
+    **dict.fromkeys(ea._CALLS, _call),
+}
 
 
 def layout(args, kwargs, mask_shape) -> list:
@@ -282,14 +362,24 @@ def layout(args, kwargs, mask_shape) -> list:
     have the mask's shape carries component ``c`` along axis ``c``; any other argument
     is the same for every token."""
     k = len(mask_shape)
-    leaves = [x for tree in (args, [kwargs[n] for n in sorted(kwargs)])
-              for x in jax.tree.leaves(tree) if is_array(x)]
-    out = [frozenset(At(c, c) for c in range(k))
-           if tuple(np.shape(x)[:k]) == tuple(mask_shape) else NONE for x in leaves]
+    leaves = [
+        x
+        for tree in (args, [kwargs[n] for n in sorted(kwargs)])
+        for x in jax.tree.leaves(tree)
+        if is_array(x)
+    ]
+    out = [
+        frozenset(At(c, c) for c in range(k))
+        if tuple(np.shape(x)[:k]) == tuple(mask_shape)
+        else NONE
+        for x in leaves
+    ]
     sizes = [n for n in mask_shape if n > 1]
     if len(set(sizes)) < len(sizes) and any(out):  # (n, n): a seq-major input fits too
-        raise LoraError(f"lora_mask of shape {tuple(mask_shape)} has two axes of the same "
-                        "size, so an argument leading with that shape could hold them in "
-                        "either order, and jlora would gate the wrong rows; pad one axis "
-                        "(e.g. the sequence) so that the sizes differ")
+        raise LoraError(
+            f"lora_mask of shape {tuple(mask_shape)} has two axes of the same "
+            "size, so an argument leading with that shape could hold them in "
+            "either order, and jlora would gate the wrong rows; pad one axis "
+            "(e.g. the sequence) so that the sizes differ"
+        )
     return out

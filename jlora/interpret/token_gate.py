@@ -23,9 +23,13 @@ def gate(x, ats, mask, free, path: str):
             continue
         found = [a for a in ats if a.comp == c]
         a = found[0] if len(found) == 1 else None
-        ok = (a is not None and a.axis in free and a.inner is not None
-              and x.shape[a.axis] % a.inner == 0
-              and (x.shape[a.axis] == a.inner * size if a.outer is None else a.outer == size))
+        ok = (
+            a is not None
+            and a.axis in free
+            and a.inner is not None
+            and x.shape[a.axis] % a.inner == 0
+            and (x.shape[a.axis] == a.inner * size if a.outer is None else a.outer == size)
+        )
         if not ok:
             raise LoraError(_why_not(path, x, c, found, size))
         assert a is not None and a.inner is not None and a.axis is not None
@@ -46,9 +50,13 @@ def _why_not(path, x, c, found, size) -> str:
     elif found[0].axis is None or found[0].inner is None:
         why = f"the tokens' order was lost on the way (at {found[0].why})"
     else:
-        why = (f"it lies along axis {found[0].axis}, which the adapted dot contracts, batches "
-               f"or whose size ({x.shape[found[0].axis]}) does not fit the mask's {size}")
-    return (f"lora_mask gates {path!r} row by row, but its input of shape {tuple(x.shape)} "
-            f"does not say which entry of the mask each row is along mask axis {c}: {why}; "
-            "lora_mask needs each array argument that carries the tokens to lead with the "
-            "mask's shape, and a model that keeps each token's rows apart up to the weight")
+        why = (
+            f"it lies along axis {found[0].axis}, which the adapted dot contracts, batches "
+            f"or whose size ({x.shape[found[0].axis]}) does not fit the mask's {size}"
+        )
+    return (
+        f"lora_mask gates {path!r} row by row, but its input of shape {tuple(x.shape)} "
+        f"does not say which entry of the mask each row is along mask axis {c}: {why}; "
+        "lora_mask needs each array argument that carries the tokens to lead with the "
+        "mask's shape, and a model that keeps each token's rows apart up to the weight"
+    )

@@ -43,8 +43,12 @@ def _key(fn, tree, flat, dyn, specs):
     dynset = set(dyn)
     static = tuple(x for i, x in enumerate(flat) if i not in dynset)
     mesh_ctx = getattr(jax.sharding, "get_abstract_mesh", lambda: None)()
-    settings = (jax.config.jax_enable_x64, jax.config.jax_numpy_rank_promotion,
-                str(jax.config.jax_default_matmul_precision), mesh_ctx)
+    settings = (
+        jax.config.jax_enable_x64,
+        jax.config.jax_numpy_rank_promotion,
+        str(jax.config.jax_default_matmul_precision),
+        mesh_ctx,
+    )
     key = (fn, tree, static, tuple(specs), settings)
     try:
         hash(key)
@@ -84,6 +88,8 @@ def trace(fn, params, args, kwargs):
     closed, out_tree = _traced(fn, tree, flat, dyn, specs)
     for kp, leaf in flatten(params)[0]:
         if not is_array(leaf):
-            raise TypeError(f"params leaf {path_str(kp)!r} is a {type(leaf).__name__}, not an "
-                            "array; pass static settings as arguments of fn, not in params")
+            raise TypeError(
+                f"params leaf {path_str(kp)!r} is a {type(leaf).__name__}, not an "
+                "array; pass static settings as arguments of fn, not in params"
+            )
     return closed, out_tree, [flat[i] for i in dyn]

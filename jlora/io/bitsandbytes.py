@@ -30,8 +30,10 @@ from jlora.targets import Params
 
 _STATE = "weight.quant_state.bitsandbytes__"
 #: ``<module>.weight.<part>`` (or ``weight.<part>`` for a bare layer's state dict).
-_MODULE = re.compile(r"(?:(.*)\.)?weight\.(?:absmax|quant_map|nested_absmax|nested_quant_map|"
-                     r"quant_state\.bitsandbytes__\w+)")
+_MODULE = re.compile(
+    r"(?:(.*)\.)?weight\.(?:absmax|quant_map|nested_absmax|nested_quant_map|"
+    r"quant_state\.bitsandbytes__\w+)"
+)
 
 
 def load_bitsandbytes(source, *, compute_dtype=None) -> Params:
@@ -85,8 +87,11 @@ def _prefix(module: str | None) -> str:
 def _read(source) -> dict:
     if isinstance(source, dict):
         return {k: np.asarray(v) for k, v in source.items()}
-    paths = ([os.path.join(source, f) for f in sorted(os.listdir(source))
-              if f.endswith(".safetensors")] if os.path.isdir(source) else [source])
+    paths = (
+        [os.path.join(source, f) for f in sorted(os.listdir(source)) if f.endswith(".safetensors")]
+        if os.path.isdir(source)
+        else [source]
+    )
     if not paths:
         raise LoraError(f"no .safetensors file in {os.fspath(source)!r}")
     tensors: dict = {}
@@ -100,8 +105,10 @@ def _read(source) -> dict:
 
 def _take(tensors: dict, used: set, key: str):
     if key not in tensors:
-        raise LoraError(f"bitsandbytes checkpoint: {key!r} is missing; a 4-bit weight needs "
-                        "its packed codes, absmax, quant_map and quant_state entries")
+        raise LoraError(
+            f"bitsandbytes checkpoint: {key!r} is missing; a 4-bit weight needs "
+            "its packed codes, absmax, quant_map and quant_state entries"
+        )
     used.add(key)
     return tensors[key]
 
@@ -111,13 +118,17 @@ def _state(module: str, tensors: dict, used: set) -> dict:
     if not keys:
         raise LoraError(f"bitsandbytes checkpoint: {module + _STATE + 'nf4'!r} is missing")
     if keys != [module + _STATE + "nf4"]:
-        raise LoraError(f"bitsandbytes checkpoint: {keys[0]!r} holds "
-                        f"{keys[0].rsplit('__', 1)[-1]!r} codes; jlora reads nf4 only "
-                        "(quantize with bnb_4bit_quant_type='nf4')")
+        raise LoraError(
+            f"bitsandbytes checkpoint: {keys[0]!r} holds "
+            f"{keys[0].rsplit('__', 1)[-1]!r} codes; jlora reads nf4 only "
+            "(quantize with bnb_4bit_quant_type='nf4')"
+        )
     state = json.loads(bytes(np.asarray(_take(tensors, used, keys[0]), np.uint8)).decode())
     if state.get("quant_type", "nf4") != "nf4":
-        raise LoraError(f"bitsandbytes checkpoint: {keys[0]!r} says quant_type="
-                        f"{state['quant_type']!r}; jlora reads nf4 only")
+        raise LoraError(
+            f"bitsandbytes checkpoint: {keys[0]!r} says quant_type="
+            f"{state['quant_type']!r}; jlora reads nf4 only"
+        )
     for field in ("blocksize", "shape", "dtype"):
         if field not in state:
             raise LoraError(f"bitsandbytes checkpoint: {keys[0]!r} lacks {field!r}")
@@ -127,8 +138,10 @@ def _state(module: str, tensors: dict, used: set) -> dict:
 def _same(key: str, got, want: np.ndarray, what: str) -> None:
     got = np.asarray(got, np.float32).reshape(-1)
     if got.shape != want.shape or not np.allclose(got, want, rtol=0, atol=1e-6):
-        raise LoraError(f"bitsandbytes checkpoint: {key!r} is not {what}; jlora's NF4 "
-                        "decodes with that map only")
+        raise LoraError(
+            f"bitsandbytes checkpoint: {key!r} is not {what}; jlora's NF4 "
+            "decodes with that map only"
+        )
 
 
 def _nf4(module: str, tensors: dict, used: set, compute_dtype) -> NF4:
@@ -137,28 +150,47 @@ def _nf4(module: str, tensors: dict, used: set, compute_dtype) -> NF4:
     shape, block = tuple(int(n) for n in state["shape"]), int(state["blocksize"])
     packed = np.asarray(_take(tensors, used, key), np.uint8).reshape(-1)
     absmax = np.asarray(_take(tensors, used, key + ".absmax")).reshape(-1)
-    _same(key + ".quant_map", _take(tensors, used, key + ".quant_map"), NF4_CODE,
-          "bitsandbytes' NF4 map")
+    _same(
+        key + ".quant_map",
+        _take(tensors, used, key + ".quant_map"),
+        NF4_CODE,
+        "bitsandbytes' NF4 map",
+    )
     n = int(np.prod(shape))
     if packed.size != (n + 1) // 2 or absmax.size != -(-n // block):
-        raise LoraError(f"bitsandbytes checkpoint: {key!r} holds {packed.size} bytes and "
-                        f"{absmax.size} absmax for shape {shape}, blocksize {block}")
+        raise LoraError(
+            f"bitsandbytes checkpoint: {key!r} holds {packed.size} bytes and "
+            f"{absmax.size} absmax for shape {shape}, blocksize {block}"
+        )
     absmax2 = offset = None
     if "nested_offset" in state or key + ".nested_absmax" in tensors:
         absmax2 = jnp.asarray(_take(tensors, used, key + ".nested_absmax"), jnp.float32)
-        _same(key + ".nested_quant_map", _take(tensors, used, key + ".nested_quant_map"),
-              DYNAMIC_CODE, "bitsandbytes' dynamic map")
-        if int(state.get("nested_blocksize", DQ_BLOCK)) != DQ_BLOCK or "nested_offset" \
-                not in state:
-            raise LoraError(f"bitsandbytes checkpoint: {key!r}'s quant_state needs "
-                            f"nested_offset and nested_blocksize {DQ_BLOCK}")
+        _same(
+            key + ".nested_quant_map",
+            _take(tensors, used, key + ".nested_quant_map"),
+            DYNAMIC_CODE,
+            "bitsandbytes' dynamic map",
+        )
+        if int(state.get("nested_blocksize", DQ_BLOCK)) != DQ_BLOCK or "nested_offset" not in state:
+            raise LoraError(
+                f"bitsandbytes checkpoint: {key!r}'s quant_state needs "
+                f"nested_offset and nested_blocksize {DQ_BLOCK}"
+            )
         offset = jnp.asarray(state["nested_offset"], jnp.float32)
         absmax = absmax.astype(np.uint8)
     else:
         absmax = absmax.astype(np.float32)
     dtype = jnp.dtype(state["dtype"])
-    return NF4(jnp.asarray(packed), jnp.asarray(absmax), absmax2, offset, shape, dtype, block,
-               jnp.dtype(compute_dtype or dtype))
+    return NF4(
+        jnp.asarray(packed),
+        jnp.asarray(absmax),
+        absmax2,
+        offset,
+        shape,
+        dtype,
+        block,
+        jnp.dtype(compute_dtype or dtype),
+    )
 
 
 def _put(tree: dict, key: str, value) -> None:

@@ -25,19 +25,32 @@ from jlora.targets import Adapter, Params, flatten, path_str
 from jlora.transforms.check import check, check_finite
 
 _FORMAT = "jlora-adapter/1"
-_SETTINGS = ("rank", "alpha", "scale", "dropout", "shape", "stack_axes", "in_axes", "out_axes",
-             "axes_from", "invocation")  # (older checkpoints lack the last two: defaults)
+_SETTINGS = (
+    "rank",
+    "alpha",
+    "scale",
+    "dropout",
+    "shape",
+    "stack_axes",
+    "in_axes",
+    "out_axes",
+    "axes_from",
+    "invocation",
+)  # (older checkpoints lack the last two: defaults)
 
 
 def _manager(directory, max_to_keep: int | None = None, write: bool = True):
     # Only a writer removes unfinished saves: orbax does so in a background thread it
     # does not join on close, so a reader would delete another process's save in
     # progress and race the next writer's own clean-up.
-    opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=write,
-                                        read_only=not write,
-                                        save_interval_steps=1 if write else 0,
-                                        enable_async_checkpointing=False,
-                                        cleanup_tmp_directories=write)
+    opts = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        create=write,
+        read_only=not write,
+        save_interval_steps=1 if write else 0,
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=write,
+    )
     with _quiet():  # a reader is read-only on purpose: orbax's warnings say so to the user
         return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=opts)
 
@@ -57,8 +70,9 @@ def _quiet():
 def _latest(manager, directory, writer: str) -> int:
     step = manager.latest_step()
     if step is None:
-        raise LoraError(f"no complete checkpoint in {os.fspath(directory)!r}; write one with "
-                        f"jlora.{writer}")
+        raise LoraError(
+            f"no complete checkpoint in {os.fspath(directory)!r}; write one with jlora.{writer}"
+        )
     return step
 
 
@@ -70,23 +84,29 @@ def _reading(directory, what: str):
     except LoraError:
         raise
     except Exception as e:  # orbax/tensorstore raise many types for a damaged checkpoint
-        raise LoraError(f"cannot read the {what} in {os.fspath(directory)!r}: it is corrupt or "
-                        f"incomplete, or was saved with another structure ({type(e).__name__}: "
-                        f"{str(e)[:300]}); restore it from a copy or save it again") from e
+        raise LoraError(
+            f"cannot read the {what} in {os.fspath(directory)!r}: it is corrupt or "
+            f"incomplete, or was saved with another structure ({type(e).__name__}: "
+            f"{str(e)[:300]}); restore it from a copy or save it again"
+        ) from e
 
 
 @contextlib.contextmanager
 def _writing(directory):
     """A failed save (full disk, no permission) says the previous checkpoint is intact."""
     if os.path.exists(directory) and not os.path.isdir(directory):
-        raise LoraError(f"{os.fspath(directory)!r} is a file, not a directory: jlora saves a "
-                        "directory there; pass a new path (or remove the file)")
+        raise LoraError(
+            f"{os.fspath(directory)!r} is a file, not a directory: jlora saves a "
+            "directory there; pass a new path (or remove the file)"
+        )
     try:
         yield
     except Exception as e:  # OSError, or tensorstore's ValueError for a failed write
-        e.add_note(f"jlora: saving to {os.fspath(directory)!r} failed; the previous "
-                   "checkpoint there (if any) is untouched; free space or fix permissions "
-                   "and save again")
+        e.add_note(
+            f"jlora: saving to {os.fspath(directory)!r} failed; the previous "
+            "checkpoint there (if any) is untouched; free space or fix permissions "
+            "and save again"
+        )
         raise
 
 
@@ -123,16 +143,30 @@ def _settings(node) -> dict:
     if isinstance(node, FullNode):
         return {"kind": "full", "shape": list(np.shape(node.weight)), "dtype": dtype}
     if isinstance(node, TokenNode):
-        return {"kind": "tokens", "indices": list(node.indices), "shape": list(node.shape),
-                "dtype": dtype}
+        return {
+            "kind": "tokens",
+            "indices": list(node.indices),
+            "shape": list(node.shape),
+            "dtype": dtype,
+        }
     if isinstance(node, LayersNode):  # the sub-stack's node, and which layers it covers
-        return {**_settings(node.node), "kind": "layers", "layers": list(node.layers),
-                "length": node.length}
+        return {
+            **_settings(node.node),
+            "kind": "layers",
+            "layers": list(node.layers),
+            "length": node.length,
+        }
     if not isinstance(node, LoraNode):
-        raise LoraError("a stacked adapter (jlora.stack) does not save as one; save each "
-                        "adapter before stacking")
-    return {"kind": "lora", **{k: getattr(node, k) for k in _SETTINGS},
-            "variant": _variant(node), "dtype": dtype}
+        raise LoraError(
+            "a stacked adapter (jlora.stack) does not save as one; save each "
+            "adapter before stacking"
+        )
+    return {
+        "kind": "lora",
+        **{k: getattr(node, k) for k in _SETTINGS},
+        "variant": _variant(node),
+        "dtype": dtype,
+    }
 
 
 def _shapes(s: dict) -> dict:
@@ -143,8 +177,10 @@ def _shapes(s: dict) -> dict:
         return {"rows": (len(s["indices"]),) + tuple(s["shape"][1:])}
     stack = tuple(s["shape"][ax] for ax in s["stack_axes"])
     size = lambda axes: int(np.prod([s["shape"][ax] for ax in axes]))
-    shapes = {"a": stack + (size(s["in_axes"]), s["rank"]),
-              "b": stack + (s["rank"], size(s["out_axes"]))}
+    shapes = {
+        "a": stack + (size(s["in_axes"]), s["rank"]),
+        "b": stack + (s["rank"], size(s["out_axes"])),
+    }
     if s["variant"].endswith("dora"):
         shapes["magnitude"] = stack + (size(s["out_axes"]),)
     return shapes
@@ -158,11 +194,13 @@ def _node(s: dict, arrays: dict):
         return FullNode(**arrays)
     if s.get("kind") == "tokens":
         return TokenNode(**arrays, indices=tuple(s["indices"]), shape=tuple(s["shape"]))
-    settings: dict = {k: tuple(v) if isinstance(v, list) else v for k, v in s.items()
-                      if k in _SETTINGS}
+    settings: dict = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in s.items() if k in _SETTINGS
+    }
     if s.get("kind") == "layers":
-        return LayersNode(node=LoraNode(**arrays, **settings), layers=tuple(s["layers"]),
-                          length=s["length"])
+        return LayersNode(
+            node=LoraNode(**arrays, **settings), layers=tuple(s["layers"]), length=s["length"]
+        )
     return LoraNode(**arrays, **settings)
 
 
@@ -197,13 +235,20 @@ def save_adapter(path, adapter: Adapter) -> None:
     nodes = adapter_nodes(adapter)
     if not nodes:
         raise LoraError("adapter has no node to save")
-    meta = {"format": _FORMAT, "targets": sorted(nodes),
-            "nodes": {p: _settings(n) for p, n in nodes.items()}}
+    meta = {
+        "format": _FORMAT,
+        "targets": sorted(nodes),
+        "nodes": {p: _settings(n) for p, n in nodes.items()},
+    }
     arrays = _nest({p: _arrays(n) for p, n in nodes.items()})
     with _writing(path), _manager(path, max_to_keep=1) as m:
         step = 0 if m.latest_step() is None else m.latest_step() + 1
-        m.save(step, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
-                                              meta=ocp.args.JsonSave(meta)))
+        m.save(
+            step,
+            args=ocp.args.Composite(
+                arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)
+            ),
+        )
         m.wait_until_finished()
 
 
@@ -229,22 +274,34 @@ def load_adapter(path, params: Params = None) -> Adapter:
       See :func:`save_adapter`'s.
     """
     if not os.path.isdir(path):
-        raise LoraError(f"no adapter directory at {os.fspath(path)!r}; write one with "
-                        "jlora.save_adapter (PEFT directories load with jlora.peft.load)")
+        raise LoraError(
+            f"no adapter directory at {os.fspath(path)!r}; write one with "
+            "jlora.save_adapter (PEFT directories load with jlora.peft.load)"
+        )
     if os.path.isfile(os.path.join(path, CONFIG)):
-        raise LoraError(f"{os.fspath(path)!r} is a PEFT adapter directory (it has {CONFIG}); "
-                        "load it with jlora.peft.load(path, params)")
+        raise LoraError(
+            f"{os.fspath(path)!r} is a PEFT adapter directory (it has {CONFIG}); "
+            "load it with jlora.peft.load(path, params)"
+        )
     with _reading(path, "adapter"), _manager(path, write=False) as m:
         step = _latest(m, path, "save_adapter")
         meta = m.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
-            raise LoraError(f"{os.fspath(path)!r} is not a jlora adapter (format "
-                            f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+            raise LoraError(
+                f"{os.fspath(path)!r} is not a jlora adapter (format "
+                f"{meta.get('format') if isinstance(meta, dict) else None!r})"
+            )
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        like = {p: {k: jax.ShapeDtypeStruct(v, s["dtype"], sharding=device)
-                    for k, v in _shapes(s).items()} for p, s in meta["nodes"].items()}
-        arrays = m.restore(step, args=ocp.args.Composite(
-            arrays=ocp.args.StandardRestore(_nest(like))))["arrays"]
+        like = {
+            p: {
+                k: jax.ShapeDtypeStruct(v, s["dtype"], sharding=device)
+                for k, v in _shapes(s).items()
+            }
+            for p, s in meta["nodes"].items()
+        }
+        arrays = m.restore(
+            step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(_nest(like)))
+        )["arrays"]
     out = {}
     for p, s in meta["nodes"].items():
         leaf = arrays
@@ -255,8 +312,11 @@ def load_adapter(path, params: Params = None) -> Adapter:
         return _nest(out)
     adapter = _mirror(out, params, path)
     check(params, adapter, finite=False)  # the base is the caller's; its own check is costly
-    check_finite(adapter, "adapter", f"the file at {os.fspath(path)!r} holds a diverged "
-                 "adapter; load an earlier checkpoint")
+    check_finite(
+        adapter,
+        "adapter",
+        f"the file at {os.fspath(path)!r} holds a diverged adapter; load an earlier checkpoint",
+    )
     return adapter
 
 
@@ -264,12 +324,16 @@ def _mirror(nodes: dict, params, path):
     flat, treedef = flatten(params)
     missing = set(nodes) - {path_str(kp) for kp, _ in flat}
     if missing:
-        raise LoraError(f"adapter at {os.fspath(path)!r} was saved for paths "
-                        f"{sorted(missing)[:3]} that these params do not have; load it with "
-                        "the params of the base it was trained on")
+        raise LoraError(
+            f"adapter at {os.fspath(path)!r} was saved for paths "
+            f"{sorted(missing)[:3]} that these params do not have; load it with "
+            "the params of the base it was trained on"
+        )
     for kp, leaf in flat:
         node = nodes.get(path_str(kp))
         if node is not None and tuple(node.shape) != tuple(np.shape(leaf)):
-            raise LoraError(f"adapter at {os.fspath(path)!r} has {path_str(kp)!r} of shape "
-                            f"{node.shape}, params have {tuple(np.shape(leaf))}: another base")
+            raise LoraError(
+                f"adapter at {os.fspath(path)!r} has {path_str(kp)!r} of shape "
+                f"{node.shape}, params have {tuple(np.shape(leaf))}: another base"
+            )
     return jax.tree_util.tree_unflatten(treedef, [nodes.get(path_str(kp)) for kp, _ in flat])

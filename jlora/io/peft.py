@@ -46,8 +46,17 @@ CONFIG = peft_config.CONFIG
 __all__ = ["load", "save", "default_module", "torch_module", "CONFIG", "WEIGHTS", "PREFIX"]
 
 
-def load(path: str, params: Params, fn=None, *args, module_fn=default_module, prefix: str = PREFIX,
-         axes=None, dtype=None, **kwargs):
+def load(
+    path: str,
+    params: Params,
+    fn=None,
+    *args,
+    module_fn=default_module,
+    prefix: str = PREFIX,
+    axes=None,
+    dtype=None,
+    **kwargs,
+):
     """A PEFT adapter directory as a jlora adapter for ``params`` (``init``'s structure).
 
     PEFT's factors are made for torch's layout (``lora_A`` ``(r, in)`` for a weight that
@@ -98,21 +107,29 @@ def load(path: str, params: Params, fn=None, *args, module_fn=default_module, pr
     out = []
     for kp, leaf in flat:
         p = path_str(kp)
-        axes_p = ((axes or {})[p], "given") if p in (axes or {}) else (
-            (learned[p], "fn") if p in learned else None)
-        node = (peft_whole.load_node(p, leaf, tensors, unused, config, module_fn, prefix, dtype)
-                or peft_params.load_node(p, leaf, tensors, unused, config, module_fn, prefix,
-                                         axes_p, dtype)
-                or _node(p, leaf, tensors, unused, config, module_fn, prefix, axes_p, dtype))
+        axes_p = (
+            ((axes or {})[p], "given")
+            if p in (axes or {})
+            else ((learned[p], "fn") if p in learned else None)
+        )
+        node = (
+            peft_whole.load_node(p, leaf, tensors, unused, config, module_fn, prefix, dtype)
+            or peft_params.load_node(
+                p, leaf, tensors, unused, config, module_fn, prefix, axes_p, dtype
+            )
+            or _node(p, leaf, tensors, unused, config, module_fn, prefix, axes_p, dtype)
+        )
         out.append(node)
     out = peft_bias.load(flat, out, tensors, unused, config, module_fn, prefix, dtype)
     if config.get("ensure_weight_tying"):
         peft_base.tied_heads(tensors, unused, EMBEDDING)
     if unused:
-        raise LoraError(f"{path}: {len(unused)} PEFT keys match no parameter of params, e.g. "
-                        f"{sorted(unused)[:3]}; the mapping used (module_fn) gives "
-                        f"{peft_axes.mapping(flat, config, module_fn, prefix, learned)}; pass a "
-                        "module_fn that maps jlora paths to these modules")
+        raise LoraError(
+            f"{path}: {len(unused)} PEFT keys match no parameter of params, e.g. "
+            f"{sorted(unused)[:3]}; the mapping used (module_fn) gives "
+            f"{peft_axes.mapping(flat, config, module_fn, prefix, learned)}; pass a "
+            "module_fn that maps jlora paths to these modules"
+        )
     if not any(n is not None for n in out):
         raise LoraError(f"{path}: no adapter weights found")
     adapter = jax.tree_util.tree_unflatten(treedef, out)
@@ -131,18 +148,24 @@ def _read_tensors(path: str) -> dict:
     except OSError as e:
         raise LoraError(f"cannot read {file}: {e}") from None
     except Exception as e:  # safetensors' own error type is not part of its public API
-        raise LoraError(f"{file} is not a valid safetensors file ({e}); it may be truncated "
-                        "or corrupted: save it again") from None
+        raise LoraError(
+            f"{file} is not a valid safetensors file ({e}); it may be truncated "
+            "or corrupted: save it again"
+        ) from None
 
 
 def _node(p, leaf, tensors, unused, config, module_fn, prefix, axes, dtype):
     shape = tuple(np.shape(leaf))
     names = config.get("target_modules")
-    if len(shape) < 2 or p.split("/")[-1] in _NOT_KERNELS or (
-            isinstance(names, list) and not matches(tuple(names), p)):
+    if (
+        len(shape) < 2
+        or p.split("/")[-1] in _NOT_KERNELS
+        or (isinstance(names, list) and not matches(tuple(names), p))
+    ):
         return None  # PEFT adapts only modules named in target_modules
     (stack_axes, in_axes, out_axes), origin = axes or peft_axes.file_axes(
-        p, shape, tensors, module_fn, prefix)
+        p, shape, tensors, module_fn, prefix
+    )
     stack = tuple(shape[ax] for ax in stack_axes)
     modules = {idx: module_fn(p, idx) for idx in np.ndindex(*stack)}
     kinds = _factor_keys(p, modules, tensors, prefix)
@@ -156,21 +179,51 @@ def _node(p, leaf, tensors, unused, config, module_fn, prefix, axes, dtype):
     first = modules[next(iter(modules))]
     get = lambda m, part: peft_whole.take(tensors, unused, prefix + m + part)
     rank = get(first, part_a).shape[0]
-    a, b, mag = _factors(p, shape, (in_axes, out_axes), modules, get, (part_a, part_b), rank,
-                         config.get("use_dora"), origin)
-    peft_base.check(p, leaf, (stack_axes, in_axes, out_axes), modules, tensors, unused,
-                    prefix + "{}.base_layer.weight", (part_a, part_b) == EMBEDDING,
-                    bool(config.get("fan_in_fan_out")))
+    a, b, mag = _factors(
+        p,
+        shape,
+        (in_axes, out_axes),
+        modules,
+        get,
+        (part_a, part_b),
+        rank,
+        config.get("use_dora"),
+        origin,
+    )
+    peft_base.check(
+        p,
+        leaf,
+        (stack_axes, in_axes, out_axes),
+        modules,
+        tensors,
+        unused,
+        prefix + "{}.base_layer.weight",
+        (part_a, part_b) == EMBEDDING,
+        bool(config.get("fan_in_fan_out")),
+    )
     alpha = peft_config.alpha_for(config, p, first, rank)
     scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
     cast = lambda xs: jnp.asarray(np.stack(xs).reshape(stack + xs[0].shape), dtype)
-    node = LoraNode(a=cast(a), b=cast(b), rank=rank, alpha=alpha, scale=scale,
-                    dropout=float(config.get("lora_dropout", 0.0)), shape=shape,
-                    stack_axes=tuple(stack_axes), in_axes=tuple(in_axes),
-                    out_axes=tuple(out_axes), magnitude=cast(mag) if mag else None,
-                    axes_from=origin, invocation=peft_config.invocation(config))
-    return node if layers is None else LayersNode(node=node, layers=layers,
-                                                  length=np.shape(leaf)[stack_axes[0]])
+    node = LoraNode(
+        a=cast(a),
+        b=cast(b),
+        rank=rank,
+        alpha=alpha,
+        scale=scale,
+        dropout=float(config.get("lora_dropout", 0.0)),
+        shape=shape,
+        stack_axes=tuple(stack_axes),
+        in_axes=tuple(in_axes),
+        out_axes=tuple(out_axes),
+        magnitude=cast(mag) if mag else None,
+        axes_from=origin,
+        invocation=peft_config.invocation(config),
+    )
+    return (
+        node
+        if layers is None
+        else LayersNode(node=node, layers=layers, length=np.shape(leaf)[stack_axes[0]])
+    )
 
 
 def _factors(p, shape, axes, modules, get, parts, rank, dora, origin):
@@ -180,8 +233,9 @@ def _factors(p, shape, axes, modules, get, parts, rank, dora, origin):
     n_in, n_out = (math.prod(shape[ax] for ax in g) for g in axes)
     a, b, mag = [], [], []
     for m in modules.values():
-        la, lb = torch_conv.as_linear(p, shape, in_axes, out_axes, get(m, parts[0]),
-                                      get(m, parts[1]))
+        la, lb = torch_conv.as_linear(
+            p, shape, in_axes, out_axes, get(m, parts[0]), get(m, parts[1])
+        )
         if la.shape != (rank, n_in) or lb.shape != (n_out, rank):
             raise peft_axes.misfit(p, m, shape, la.shape, lb.shape, (rank, n_in, n_out), origin)
         a.append(la.T)
@@ -197,16 +251,22 @@ def _some_layers(present, modules, shape, stack, stack_axes):
     if len(present) == len(modules):
         return None, modules, shape, stack
     ax = stack_axes[0]
-    return (tuple(idx[0] for idx in present), {idx: modules[idx] for idx in present},
-            shape[:ax] + (len(present),) + shape[ax + 1:], (len(present),))
+    return (
+        tuple(idx[0] for idx in present),
+        {idx: modules[idx] for idx in present},
+        shape[:ax] + (len(present),) + shape[ax + 1 :],
+        (len(present),),
+    )
 
 
 def _factor_keys(p: str, modules: dict, tensors: dict, prefix: str):
     """The key suffixes of the factors (``LINEAR`` or ``EMBEDDING``) of ``p``'s modules and
     the stack indices the file adapts (all, or some layers of a one-axis stack), or None
     when it adapts none of them."""
-    parts = {idx: next((ks for ks in (LINEAR, EMBEDDING) if prefix + m + ks[0] in tensors), None)
-             for idx, m in modules.items()}
+    parts = {
+        idx: next((ks for ks in (LINEAR, EMBEDDING) if prefix + m + ks[0] in tensors), None)
+        for idx, m in modules.items()
+    }
     missing = [m for idx, m in modules.items() if parts[idx] is None]
     if len(missing) == len(modules):
         return None

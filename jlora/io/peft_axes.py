@@ -58,7 +58,7 @@ def default_module(path: str, index: tuple[int, ...] = ()) -> str:
         out += [m.group(1), m.group(2)] if m else [s]
     if index:
         at = max((i for i, s in enumerate(out) if s in LAYER_SEGMENTS), default=0)
-        out[at + 1:at + 1] = [str(i) for i in index]
+        out[at + 1 : at + 1] = [str(i) for i in index]
     return ".".join(out)
 
 
@@ -82,7 +82,7 @@ def torch_module(path: str, index: tuple[int, ...] = ()) -> str:
     segs = path.split("/")[:-1]
     if index:
         at = max((i for i, s in enumerate(segs) if s in LAYER_SEGMENTS), default=0)
-        segs[at + 1:at + 1] = [str(i) for i in index]
+        segs[at + 1 : at + 1] = [str(i) for i in index]
     return ".".join(segs)
 
 
@@ -96,8 +96,11 @@ def candidates(flat, config) -> set[str]:
         p = path_str(kp)
         if len(np.shape(leaf)) < 2 or p.split("/")[-1] in _NOT_KERNELS:
             continue
-        if p.split("/")[-1] in params or not isinstance(names, list) or (
-                names and matches(tuple(names), p)):
+        if (
+            p.split("/")[-1] in params
+            or not isinstance(names, list)
+            or (names and matches(tuple(names), p))
+        ):
             out.add(p)
     return out
 
@@ -107,8 +110,10 @@ def learn(fn, params, flat, config, args, kwargs) -> dict:
     if fn is None:
         return {}
     if not callable(fn):
-        raise TypeError(f"peft.load's third argument is the model fn(params, *args), got "
-                        f"{type(fn).__name__}; pass the key mapping as module_fn=...")
+        raise TypeError(
+            f"peft.load's third argument is the model fn(params, *args), got "
+            f"{type(fn).__name__}; pass the key mapping as module_fn=..."
+        )
     return discover_axes(fn, params, candidates(flat, config), args, kwargs)
 
 
@@ -145,16 +150,25 @@ def file_axes(p: str, shape, tensors: dict, module_fn, prefix: str) -> tuple:
 
 def misfit(p, m, shape, la, lb, want, origin) -> LoraError:
     rank, n_in, n_out = want
-    msg = (f"{p!r}: {m} has lora_A {la} and lora_B {lb}, but the kernel {shape} needs "
-           f"({rank}, {n_in}) and ({n_out}, {rank})")
+    msg = (
+        f"{p!r}: {m} has lora_A {la} and lora_B {lb}, but the kernel {shape} needs "
+        f"({rank}, {n_in}) and ({n_out}, {rank})"
+    )
     if sorted((la[1], lb[0])) != sorted((n_in, n_out)):  # not a layout: another model
-        return LoraError(f"{msg}: the file's factors are for a {lb[0]} x {la[1]} weight, so "
-                         "the adapter was trained on a model of another size (or another "
-                         "model); load it onto the base it was trained for")
+        return LoraError(
+            f"{msg}: the file's factors are for a {lb[0]} x {la[1]} weight, so "
+            "the adapter was trained on a model of another size (or another "
+            "model); load it onto the base it was trained for"
+        )
     if origin != "assumed":
         return LoraError(msg)
-    turned = " (they fit it transposed: torch's (out, in) layout)" if (
-        la == (rank, n_out) and lb == (n_in, rank)) else ""
-    return LoraError(f"{msg} under Flax's (in, out) layout, which peft.load assumed because it "
-                     f"had no model to learn the axes from{turned}; pass the model: "
-                     "jlora.peft.load(path, params, fn, *example_args)")
+    turned = (
+        " (they fit it transposed: torch's (out, in) layout)"
+        if (la == (rank, n_out) and lb == (n_in, rank))
+        else ""
+    )
+    return LoraError(
+        f"{msg} under Flax's (in, out) layout, which peft.load assumed because it "
+        f"had no model to learn the axes from{turned}; pass the model: "
+        "jlora.peft.load(path, params, fn, *example_args)"
+    )

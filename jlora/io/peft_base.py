@@ -19,8 +19,17 @@ from jlora.config import LoraError
 from jlora.qnode import is_quantized
 
 
-def check(p: str, leaf, axes, modules: dict, tensors: dict, unused: set, key: str,
-          table: bool, fan_in_fan_out: bool) -> None:
+def check(
+    p: str,
+    leaf,
+    axes,
+    modules: dict,
+    tensors: dict,
+    unused: set,
+    key: str,
+    table: bool,
+    fan_in_fan_out: bool,
+) -> None:
     """Compare each module's saved base weight (``key.format(module)``) with ``leaf``'s
     slice under the node's ``axes``; the keys checked are marked used."""
     stack_axes, in_axes, out_axes = axes
@@ -32,20 +41,25 @@ def check(p: str, leaf, axes, modules: dict, tensors: dict, unused: set, key: st
         if is_quantized(leaf):  # quantized: no exact weight to compare (the factors still load)
             continue
         first, second = (in_axes, out_axes) if table or fan_in_fan_out else (out_axes, in_axes)
-        w = np.transpose(np.asarray(leaf, np.float32), list(stack_axes) + list(first)
-                         + list(second))[tuple(idx)]
-        want = (math.prod(w.shape[:len(first)]), math.prod(w.shape[len(first):]))
+        w = np.transpose(
+            np.asarray(leaf, np.float32), list(stack_axes) + list(first) + list(second)
+        )[tuple(idx)]
+        want = (math.prod(w.shape[: len(first)]), math.prod(w.shape[len(first) :]))
         saved = np.asarray(tensors[k], np.float32)
         if saved.shape != want:
-            raise LoraError(f"{p!r}: the PEFT file holds its base layer {k!r} of shape "
-                            f"{saved.shape}, but params' weight is {want} in torch's layout (a "
-                            "resized vocabulary? another model?); load that weight into params "
-                            "first, or load the file with the model fn to learn the layout")
+            raise LoraError(
+                f"{p!r}: the PEFT file holds its base layer {k!r} of shape "
+                f"{saved.shape}, but params' weight is {want} in torch's layout (a "
+                "resized vocabulary? another model?); load that weight into params "
+                "first, or load the file with the model fn to learn the layout"
+            )
         if not np.allclose(saved, w.reshape(want), rtol=1e-5, atol=1e-6):
             err = float(np.max(np.abs(saved - w.reshape(want))))
-            raise LoraError(f"{p!r}: the PEFT file holds its base layer {k!r} and it differs "
-                            f"from params' weight (max abs difference {err:.3g}): the adapter "
-                            "was trained on another base; load that weight into params first")
+            raise LoraError(
+                f"{p!r}: the PEFT file holds its base layer {k!r} and it differs "
+                f"from params' weight (max abs difference {err:.3g}): the adapter "
+                "was trained on another base; load that weight into params first"
+            )
 
 
 def tied_heads(tensors: dict, unused: set, embedding: tuple[str, str]) -> None:
@@ -55,13 +69,14 @@ def tied_heads(tensors: dict, unused: set, embedding: tuple[str, str]) -> None:
     to the table's factors and marked used (they stay unused, and the load fails, if
     they differ)."""
     part_a, part_b = embedding
-    tables = [k[:-len(part_a)] for k in tensors if k.endswith(part_a)]
+    tables = [k[: -len(part_a)] for k in tensors if k.endswith(part_a)]
     for key in sorted(k for k in unused if k.endswith(".lora_A.weight")):
-        head = key[:-len(".lora_A.weight")]
+        head = key[: -len(".lora_A.weight")]
         for t in tables:
             same = lambda x, y: np.shape(x) == np.shape(y) and np.array_equal(x, y)
-            if same(tensors[key], tensors[t + part_b].T) and \
-                    same(tensors.get(head + ".lora_B.weight"), tensors[t + part_a].T):
+            if same(tensors[key], tensors[t + part_b].T) and same(
+                tensors.get(head + ".lora_B.weight"), tensors[t + part_a].T
+            ):
                 base, table = head + ".base_layer.weight", t + ".base_layer.weight"
                 if base in tensors and not same(tensors[base], tensors.get(table)):
                     continue

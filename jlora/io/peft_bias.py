@@ -26,14 +26,17 @@ _SAVED = (".base_layer.bias", ".bias")  # a trained bias: of an adapted module, 
 LORA_BIAS = ".lora_B.bias"
 
 
-def load(flat, out: list, tensors: dict, unused: set, config: dict, module_fn, prefix: str,
-         dtype) -> list:
+def load(
+    flat, out: list, tensors: dict, unused: set, config: dict, module_fn, prefix: str, dtype
+) -> list:
     """``out`` (one node or None per leaf of ``flat``) with FullNodes for trained biases."""
     if config.get("bias", "none") == "none" and not config.get("lora_bias"):
         return out
     if config.get("lora_bias") and config.get("use_dora"):
-        raise LoraError("lora_bias=True with use_dora=True: jlora cannot fold B's bias into a "
-                        "DoRA layer's normalized weight; save the adapter without lora_bias")
+        raise LoraError(
+            "lora_bias=True with use_dora=True: jlora cannot fold B's bias into a "
+            "DoRA layer's normalized weight; save the adapter without lora_bias"
+        )
     out = list(out)
     for i, (kp, leaf) in enumerate(flat):
         p = path_str(kp)
@@ -50,25 +53,36 @@ def load(flat, out: list, tensors: dict, unused: set, config: dict, module_fn, p
                 found = True
             if m + LORA_BIAS in tensors:
                 w[idx] = w[idx] + _scaling(config, m, tensors, prefix) * take(
-                    tensors, unused, m + LORA_BIAS).reshape(w[idx].shape)
+                    tensors, unused, m + LORA_BIAS
+                ).reshape(w[idx].shape)
                 found = True
         if found:
             out[i] = FullNode(weight=jnp.asarray(w, dtype or jnp.result_type(leaf)))
     orphans = sorted(k for k in unused if k.endswith(LORA_BIAS))
     if orphans:
-        raise LoraError(f"lora_bias=True: the file holds {orphans[0]!r} but params has no bias "
-                        "leaf for that module (a torch layer made with bias=False?); jlora "
-                        "folds B's bias into the module's bias: add a zero 'bias' leaf there")
+        raise LoraError(
+            f"lora_bias=True: the file holds {orphans[0]!r} but params has no bias "
+            "leaf for that module (a torch layer made with bias=False?); jlora "
+            "folds B's bias into the module's bias: add a zero 'bias' leaf there"
+        )
     return out
 
 
 def trained(nodes: dict) -> dict:
     """The FullNodes on ``bias`` leaves whose module trains nothing else in full: trained
     biases (PEFT's ``bias``), not parts of a ``modules_to_save`` module."""
-    whole = {p.rpartition("/")[0] for p, n in nodes.items()
-             if isinstance(n, FullNode) and p.split("/")[-1] != "bias"}
-    return {p: n for p, n in nodes.items() if isinstance(n, FullNode)
-            and p.split("/")[-1] == "bias" and p.rpartition("/")[0] not in whole}
+    whole = {
+        p.rpartition("/")[0]
+        for p, n in nodes.items()
+        if isinstance(n, FullNode) and p.split("/")[-1] != "bias"
+    }
+    return {
+        p: n
+        for p, n in nodes.items()
+        if isinstance(n, FullNode)
+        and p.split("/")[-1] == "bias"
+        and p.rpartition("/")[0] not in whole
+    }
 
 
 def save_tensors(biases: dict, adapted: set, module_fn, prefix: str) -> tuple[dict, str]:
@@ -90,6 +104,6 @@ def save_tensors(biases: dict, adapted: set, module_fn, prefix: str) -> tuple[di
 
 def _scaling(config: dict, module: str, tensors: dict, prefix: str) -> float:
     rank = tensors[module + ".lora_A.weight"].shape[0]
-    name = module[len(prefix):]
+    name = module[len(prefix) :]
     alpha = peft_config.alpha_for(config, name, name, rank)
     return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)

@@ -18,33 +18,75 @@ from jlora.config import LoraError
 CONFIG = "adapter_config.json"
 
 #: Config fields jlora writes at their defaults (``save`` may set the first four).
-_DEFAULTS = {"bias": "none", "fan_in_fan_out": False, "lora_bias": False,
-             "target_parameters": None, "layer_replication": None, "use_qalora": False,
-             "alora_invocation_tokens": None}
+_DEFAULTS = {
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "lora_bias": False,
+    "target_parameters": None,
+    "layer_replication": None,
+    "use_qalora": False,
+    "alora_invocation_tokens": None,
+}
 #: The fields jlora understands, at any value: it reads them (the rank, alpha and variant,
 #: what is adapted and how), checks them (``bias``, ``init_lora_weights``), or they do not
 #: change what the file computes (metadata; how the factors were first initialized, the
 #: file holding the factors as trained; which modules were adapted, the keys saying so).
-UNDERSTOOD = frozenset({
-    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
-    "auto_mapping", "peft_version", "r", "lora_alpha", "lora_dropout", "use_rslora",
-    "use_dora", "target_modules", "exclude_modules", "rank_pattern", "alpha_pattern",
-    "init_lora_weights", "modules_to_save", "layers_to_transform", "layers_pattern", "bias",
-    "lora_bias", "fan_in_fan_out", "target_parameters", "trainable_token_indices",
-    "alora_invocation_tokens", "ensure_weight_tying", "loftq_config", "eva_config",
-    "corda_config", "lora_ga_config"})
+UNDERSTOOD = frozenset(
+    {
+        "peft_type",
+        "task_type",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "auto_mapping",
+        "peft_version",
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "use_rslora",
+        "use_dora",
+        "target_modules",
+        "exclude_modules",
+        "rank_pattern",
+        "alpha_pattern",
+        "init_lora_weights",
+        "modules_to_save",
+        "layers_to_transform",
+        "layers_pattern",
+        "bias",
+        "lora_bias",
+        "fan_in_fan_out",
+        "target_parameters",
+        "trainable_token_indices",
+        "alora_invocation_tokens",
+        "ensure_weight_tying",
+        "loftq_config",
+        "eva_config",
+        "corda_config",
+        "lora_ga_config",
+    }
+)
 #: PEFT's defaults (0.21) of the fields jlora does not understand: a file that sets one
 #: otherwise (or a field a later PEFT added, to anything but null) is refused by name.
-PEFT_DEFAULTS = {"layer_replication": None, "use_qalora": False, "qalora_group_size": 16,
-                 "megatron_config": None, "megatron_core": "megatron.core",
-                 "kasa_config": None, "arrow_config": None, "use_bdlora": None,
-                 "monteclora_config": None, "velora_config": None}
+PEFT_DEFAULTS = {
+    "layer_replication": None,
+    "use_qalora": False,
+    "qalora_group_size": 16,
+    "megatron_config": None,
+    "megatron_core": "megatron.core",
+    "kasa_config": None,
+    "arrow_config": None,
+    "use_bdlora": None,
+    "monteclora_config": None,
+    "velora_config": None,
+}
 #: Why some of those cannot be honoured (the rest: a variant jlora does not implement).
 _WHY = {
     "layer_replication": "it builds extra layers by copying base layers, which a params tree "
-                         "does not express; expand the base's layers yourself and load an "
-                         "adapter saved without layer_replication",
-    "use_qalora": "QALoRA pools the input before lora_A, a different update from LoRA's"}
+    "does not express; expand the base's layers yourself and load an "
+    "adapter saved without layer_replication",
+    "use_qalora": "QALoRA pools the input before lora_A, a different update from LoRA's",
+}
 
 
 def _not_understood(config: dict) -> list[str]:
@@ -54,8 +96,12 @@ def _not_understood(config: dict) -> list[str]:
     for k, v in sorted(config.items()):
         if k in UNDERSTOOD or v is None or (k in PEFT_DEFAULTS and v == PEFT_DEFAULTS[k]):
             continue
-        why = _WHY.get(k, "a LoRA variant jlora does not implement" if k in PEFT_DEFAULTS
-                       else "a field jlora does not know, perhaps from a later PEFT")
+        why = _WHY.get(
+            k,
+            "a LoRA variant jlora does not implement"
+            if k in PEFT_DEFAULTS
+            else "a field jlora does not know, perhaps from a later PEFT",
+        )
         bad.append(f"{k}={v!r} ({why})")
     return bad
 
@@ -71,23 +117,36 @@ def config_of(modules: dict, base_model_name_or_path, parameters: dict | None = 
     dora, dropout = {n.magnitude is not None for n in nodes}, {n.dropout for n in nodes}
     alora = {n.invocation for n in nodes}
     if len(rslora) > 1 or len(dora) > 1 or len(dropout) > 1 or len(alora) > 1:
-        raise LoraError("a PEFT config has one use_rslora, use_dora, lora_dropout and "
-                        "alora_invocation_tokens for all modules, but this adapter mixes "
-                        "them; save those parts separately")
+        raise LoraError(
+            "a PEFT config has one use_rslora, use_dora, lora_dropout and "
+            "alora_invocation_tokens for all modules, but this adapter mixes "
+            "them; save those parts separately"
+        )
     invocation = alora.pop()
     r = Counter(n.rank for n in nodes).most_common(1)[0][0]
     alpha = Counter(n.alpha for n in nodes).most_common(1)[0][0]
-    return {"peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": alpha,
-            "lora_dropout": dropout.pop(), "use_rslora": rslora.pop(), "use_dora": dora.pop(),
-            "target_modules": sorted({m.split(".")[-1] for m in modules}),
-            "rank_pattern": {re.escape(m): n.rank for m, n in both.items() if n.rank != r},
-            "alpha_pattern": {re.escape(m): n.alpha for m, n in both.items()
-                              if n.alpha != alpha},
-            "init_lora_weights": True, "inference_mode": True,
-            "base_model_name_or_path": base_model_name_or_path, **_DEFAULTS,
-            # PEFT accepts aLoRA for causal language models only
-            **({} if invocation is None else {"alora_invocation_tokens": list(invocation),
-                                              "task_type": "CAUSAL_LM"})}
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout.pop(),
+        "use_rslora": rslora.pop(),
+        "use_dora": dora.pop(),
+        "target_modules": sorted({m.split(".")[-1] for m in modules}),
+        "rank_pattern": {re.escape(m): n.rank for m, n in both.items() if n.rank != r},
+        "alpha_pattern": {re.escape(m): n.alpha for m, n in both.items() if n.alpha != alpha},
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "base_model_name_or_path": base_model_name_or_path,
+        **_DEFAULTS,
+        # PEFT accepts aLoRA for causal language models only
+        **(
+            {}
+            if invocation is None
+            else {"alora_invocation_tokens": list(invocation), "task_type": "CAUSAL_LM"}
+        ),
+    }
 
 
 def read(path: str) -> dict:
@@ -104,9 +163,11 @@ def read(path: str) -> dict:
     init = config.get("init_lora_weights", True)
     # EVA only chose A's start from data: the base is untouched, so the file is plain LoRA
     if isinstance(init, str) and re.match(r"pissa|olora|corda|loftq|lora_ga", init):
-        bad.append(f"init_lora_weights={init!r} (it changed the base weights, which this file "
-                   "does not hold; convert the adapter with PEFT's "
-                   "path_initial_model_for_weight_conversion when saving)")
+        bad.append(
+            f"init_lora_weights={init!r} (it changed the base weights, which this file "
+            "does not hold; convert the adapter with PEFT's "
+            "path_initial_model_for_weight_conversion when saving)"
+        )
     if bad:
         raise LoraError(f"{path}: unsupported PEFT config fields: {', '.join(bad)}")
     return config

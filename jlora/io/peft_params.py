@@ -40,8 +40,9 @@ def _fits(la, lb, e: int, n_in: int, n_out: int, rank: int) -> bool:
     return la.shape == (rank * e, n_in) and lb.shape == (n_out, rank * e)
 
 
-def load_node(p: str, leaf, tensors: dict, unused: set, config: dict, module_fn, prefix: str,
-              axes, dtype):
+def load_node(
+    p: str, leaf, tensors: dict, unused: set, config: dict, module_fn, prefix: str, axes, dtype
+):
     """``p``'s node when ``target_parameters`` names it (else None)."""
     if not config.get("target_parameters"):
         return None
@@ -56,8 +57,9 @@ def load_node(p: str, leaf, tensors: dict, unused: set, config: dict, module_fn,
     if param is None:
         return None
     n_in, n_out = (math.prod(shape[ax] for ax in g) for g in (in_axes, out_axes))
-    rank = int(peft_config.pattern(config.get("rank_pattern") or {}, f"{probe}.{param}",
-                                   config["r"]))
+    rank = int(
+        peft_config.pattern(config.get("rank_pattern") or {}, f"{probe}.{param}", config["r"])
+    )
     e = shape[stack_axes[-1]] if stack_axes else 1
     a_all, b_all = [], []
     for idx in np.ndindex(*(shape[ax] for ax in layer_axes)):
@@ -70,18 +72,30 @@ def load_node(p: str, leaf, tensors: dict, unused: set, config: dict, module_fn,
             a_all.append(la.T)
             b_all.append(lb.T)
             continue
-        a_all.append(la.reshape(e, rank, n_in).transpose(0, 2, 1))   # (E, in, r)
+        a_all.append(la.reshape(e, rank, n_in).transpose(0, 2, 1))  # (E, in, r)
         b_all.append(lb.reshape(n_out, rank, e).transpose(2, 1, 0))  # (E, r, out)
     stack = tuple(shape[ax] for ax in stack_axes)
     cast = lambda xs: jnp.asarray(np.stack(xs).reshape(stack + xs[0].shape[-2:]), dtype)
-    alpha = float(peft_config.pattern(config.get("alpha_pattern") or {}, f"{probe}.{param}",
-                                      config["lora_alpha"]))
+    alpha = float(
+        peft_config.pattern(
+            config.get("alpha_pattern") or {}, f"{probe}.{param}", config["lora_alpha"]
+        )
+    )
     scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-    return LoraNode(a=cast(a_all), b=cast(b_all), rank=rank, alpha=alpha, scale=scale,
-                    dropout=float(config.get("lora_dropout", 0.0)), shape=shape,
-                    stack_axes=tuple(stack_axes), in_axes=tuple(in_axes),
-                    out_axes=tuple(out_axes), axes_from=origin,
-                    invocation=peft_config.invocation(config))
+    return LoraNode(
+        a=cast(a_all),
+        b=cast(b_all),
+        rank=rank,
+        alpha=alpha,
+        scale=scale,
+        dropout=float(config.get("lora_dropout", 0.0)),
+        shape=shape,
+        stack_axes=tuple(stack_axes),
+        in_axes=tuple(in_axes),
+        out_axes=tuple(out_axes),
+        axes_from=origin,
+        invocation=peft_config.invocation(config),
+    )
 
 
 def _pick(p, module, param, tensors, prefix, dims, origin) -> str:
@@ -92,15 +106,23 @@ def _pick(p, module, param, tensors, prefix, dims, origin) -> str:
     fit = [s for s in stems if _fits(tensors[s + A], tensors[s + B], e, n_in, n_out, rank)]
     if len(fit) == 1:
         return fit[0]
-    have = {s[len(prefix):]: (tensors[s + A].shape, tensors[s + B].shape) for s in stems}
-    why = ("none of its wrappers fits" if not fit else
-           "several of its wrappers fit, and which is which depends on the torch module's "
-           "parameter order")
-    fix = (" under Flax's layout, which peft.load assumed (no fn); pass the model: "
-           "jlora.peft.load(path, params, fn, *example_args)" if origin == "assumed" and not fit
-           else "")
-    raise LoraError(f"{p!r} (target parameter {module}.{param}): the file's factors {have} "
-                    f"must be ({rank}*{e}, {n_in}) and ({n_out}, {rank}*{e}); {why}{fix}")
+    have = {s[len(prefix) :]: (tensors[s + A].shape, tensors[s + B].shape) for s in stems}
+    why = (
+        "none of its wrappers fits"
+        if not fit
+        else "several of its wrappers fit, and which is which depends on the torch module's "
+        "parameter order"
+    )
+    fix = (
+        " under Flax's layout, which peft.load assumed (no fn); pass the model: "
+        "jlora.peft.load(path, params, fn, *example_args)"
+        if origin == "assumed" and not fit
+        else ""
+    )
+    raise LoraError(
+        f"{p!r} (target parameter {module}.{param}): the file's factors {have} "
+        f"must be ({rank}*{e}, {n_in}) and ({n_out}, {rank}*{e}); {why}{fix}"
+    )
 
 
 def _all_stems(tensors: dict, stem: str) -> list[str]:
@@ -124,9 +146,11 @@ def save_tensors(nodes: dict, parameters, module_fn, prefix: str):
         if param not in parameters:
             continue
         if not isinstance(node, LoraNode) or node.magnitude is not None or node.dropout:
-            raise LoraError(f"{p!r}: PEFT's target_parameters take plain LoRA without dropout "
-                            f"(its ParamWrapper refuses DoRA, dropout and stacked adapters), "
-                            f"got {type(node).__name__}")
+            raise LoraError(
+                f"{p!r}: PEFT's target_parameters take plain LoRA without dropout "
+                f"(its ParamWrapper refuses DoRA, dropout and stacked adapters), "
+                f"got {type(node).__name__}"
+            )
         stack = tuple(node.shape[ax] for ax in node.stack_axes)
         a, b = np.asarray(node.a), np.asarray(node.b)
         for idx in np.ndindex(*stack[:-1]):

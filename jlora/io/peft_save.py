@@ -27,10 +27,19 @@ def _stack_shape(node) -> tuple[int, ...]:
     return tuple(node.shape[ax] for ax in node.stack_axes)
 
 
-def save(path: str, adapter: Adapter, *, module_fn=default_module, prefix: str = PREFIX,
-         base_model_name_or_path: str | None = None, embeddings: str = r"embed",
-         convs: str | None = r"(?i)conv", initial=None, fan_in_fan_out: bool = False,
-         parameters: tuple[str, ...] = ()) -> None:
+def save(
+    path: str,
+    adapter: Adapter,
+    *,
+    module_fn=default_module,
+    prefix: str = PREFIX,
+    base_model_name_or_path: str | None = None,
+    embeddings: str = r"embed",
+    convs: str | None = r"(?i)conv",
+    initial=None,
+    fan_in_fan_out: bool = False,
+    parameters: tuple[str, ...] = (),
+) -> None:
     """Write ``adapter`` as a PEFT adapter directory (replaced only once fully written).
 
     Args:
@@ -78,24 +87,38 @@ def save(path: str, adapter: Adapter, *, module_fn=default_module, prefix: str =
     nodes = adapter_nodes(adapter)
     biases = peft_bias.trained(nodes)  # biases trained on their own (not whole modules)
     tensors, whole = peft_whole.save_tensors(
-        {p: n for p, n in nodes.items() if p not in biases}, module_fn, prefix, convs)
+        {p: n for p, n in nodes.items() if p not in biases}, module_fn, prefix, convs
+    )
     params_t, param_modules, target_parameters = peft_params.save_tensors(
-        nodes, parameters, module_fn, prefix)
+        nodes, parameters, module_fn, prefix
+    )
     tensors.update(params_t)
     lora_t, modules = _lora_tensors(nodes, parameters, module_fn, prefix, embeddings, convs)
     tensors.update(lora_t)
     bias_t, bias = peft_bias.save_tensors(biases, set(modules), module_fn, prefix)
     tensors.update(bias_t)
-    config = {**peft_config.config_of(modules, base_model_name_or_path, param_modules),
-              **whole, "fan_in_fan_out": bool(fan_in_fan_out), "bias": bias,
-              "target_parameters": target_parameters or None}
-    some = {n.layers if isinstance(n, LayersNode) else None for n in nodes.values()
-            if not isinstance(n, (FullNode, TokenNode))}
+    config = {
+        **peft_config.config_of(modules, base_model_name_or_path, param_modules),
+        **whole,
+        "fan_in_fan_out": bool(fan_in_fan_out),
+        "bias": bias,
+        "target_parameters": target_parameters or None,
+    }
+    some = {
+        n.layers if isinstance(n, LayersNode) else None
+        for n in nodes.values()
+        if not isinstance(n, (FullNode, TokenNode))
+    }
     if len(some) == 1 and (layers := next(iter(some))) is not None:  # all on the same layers
         config["layers_to_transform"] = list(layers)
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    atomic.write_dir(path, {WEIGHTS: safetensors.numpy.save(tensors, {"format": "pt"}),
-                      CONFIG: json.dumps(config, indent=2, sort_keys=True).encode()})
+    atomic.write_dir(
+        path,
+        {
+            WEIGHTS: safetensors.numpy.save(tensors, {"format": "pt"}),
+            CONFIG: json.dumps(config, indent=2, sort_keys=True).encode(),
+        },
+    )
 
 
 def _lora_tensors(nodes: dict, parameters, module_fn, prefix: str, embeddings: str, convs):
@@ -120,13 +143,16 @@ def _lora_tensors(nodes: dict, parameters, module_fn, prefix: str, embeddings: s
             key = prefix + module
             part_a, part_b = EMBEDDING if re.search(embeddings, p) else LINEAR
             m = None if mag is None else mag[idx]
-            la, lb, m = (torch_conv.to_torch(p, node, a[idx], b[idx], m) if conv
-                         else (a[idx].T, b[idx].T, m))
+            la, lb, m = (
+                torch_conv.to_torch(p, node, a[idx], b[idx], m) if conv else (a[idx].T, b[idx].T, m)
+            )
             at = f" (stack index {idx})" if idx else ""
             if module in owner:
-                raise LoraError(f"{owner[module]} and {p!r}{at} both map to the PEFT module "
-                                f" {module!r}, so one would overwrite the other;"
-                                " pass a module_fn that names each target's own module")
+                raise LoraError(
+                    f"{owner[module]} and {p!r}{at} both map to the PEFT module "
+                    f" {module!r}, so one would overwrite the other;"
+                    " pass a module_fn that names each target's own module"
+                )
             owner[module] = f"{p!r}{at}"
             tensors[key + part_a], tensors[key + part_b] = la, lb
             if m is not None:
@@ -140,8 +166,10 @@ def _check_layout_known(path: str, node: LoraNode) -> None:
     assumed, not learned (``init`` without ``fn``): its A and B may play swapped roles, and
     PEFT would read a square weight's update transposed without an error."""
     if node.axes_from == "flax" and path.split("/")[-1] == "weight" and len(node.shape) == 2:
-        raise LoraError(f"{path!r} is a 'weight' (torch's and Equinox's (out, in) layout), "
-                        "but its adapter was made without fn, so its in and out axes were "
-                        "assumed to be Flax's (in, out); PEFT could read its update "
-                        "transposed. Pass fn to init: jlora.init(key, params, cfg, fn, "
-                        "*example_args)")
+        raise LoraError(
+            f"{path!r} is a 'weight' (torch's and Equinox's (out, in) layout), "
+            "but its adapter was made without fn, so its in and out axes were "
+            "assumed to be Flax's (in, out); PEFT could read its update "
+            "transposed. Pass fn to init: jlora.init(key, params, cfg, fn, "
+            "*example_args)"
+        )

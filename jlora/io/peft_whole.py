@@ -23,9 +23,13 @@ from jlora.targets import layer_index
 
 TOKENS = ".token_adapter.trainable_tokens_delta"
 #: jlora leaf name -> (torch parameter name, its ndim (None: the leaf's), transposed)
-_TORCH = {"kernel": ("weight", 2, True), "embedding": ("weight", 2, False),
-          "scale": ("weight", 1, False), "bias": ("bias", 1, False),
-          "weight": ("weight", None, False)}
+_TORCH = {
+    "kernel": ("weight", 2, True),
+    "embedding": ("weight", 2, False),
+    "scale": ("weight", 1, False),
+    "bias": ("bias", 1, False),
+    "weight": ("weight", None, False),
+}
 
 
 def take(tensors: dict, unused: set, key: str):
@@ -42,18 +46,22 @@ def _torch_param(p: str, ndim: int, conv: bool = False):
     3+ axes is a Flax convolution kernel ``(*k, in, out)``."""
     name = p.split("/")[-1]
     if name not in _TORCH:
-        raise LoraError(f"{p!r} is trained in full but jlora knows no torch name for a leaf "
-                        f"called {name!r} (it knows {sorted(_TORCH)}); save it with "
-                        "jlora.save_adapter")
+        raise LoraError(
+            f"{p!r} is trained in full but jlora knows no torch name for a leaf "
+            f"called {name!r} (it knows {sorted(_TORCH)}); save it with "
+            "jlora.save_adapter"
+        )
     torch_name, torch_ndim, transposed = _TORCH[name]
     n_stack = 1 if layer_index(p) == "stack" else 0
     n = ndim - n_stack
     if conv and name == "kernel" and n > 2:
         return torch_name, n_stack, (n - 1, n - 2, *range(n - 2))
     if torch_ndim is not None and n != torch_ndim:
-        raise LoraError(f"{p!r} has {ndim} axes ({n_stack} stacked), but torch's "
-                        f"{torch_name} for a {name!r} has {torch_ndim}; save it with "
-                        "jlora.save_adapter")
+        raise LoraError(
+            f"{p!r} has {ndim} axes ({n_stack} stacked), but torch's "
+            f"{torch_name} for a {name!r} has {torch_ndim}; save it with "
+            "jlora.save_adapter"
+        )
     return torch_name, n_stack, (1, 0) if transposed else None
 
 
@@ -72,14 +80,18 @@ def save_tensors(nodes: dict, module_fn, prefix: str, convs: str | None):
             for idx in np.ndindex(*w.shape[:n_stack]):
                 module = module_fn(p, idx)
                 tensors[f"{prefix}{module}.{torch_name}"] = (
-                    w[idx] if order is None else np.transpose(w[idx], order))
+                    w[idx] if order is None else np.transpose(w[idx], order)
+                )
                 full.add(module.split(".")[-1])
-    return tensors, {"modules_to_save": sorted(full) or None,
-                     "trainable_token_indices": tokens or None}
+    return tensors, {
+        "modules_to_save": sorted(full) or None,
+        "trainable_token_indices": tokens or None,
+    }
 
 
-def load_node(p: str, leaf, tensors: dict, unused: set, config: dict, module_fn,
-              prefix: str, dtype):
+def load_node(
+    p: str, leaf, tensors: dict, unused: set, config: dict, module_fn, prefix: str, dtype
+):
     """``p``'s FullNode or TokenNode when the file holds one, else None."""
     shape = tuple(np.shape(leaf))
     spec = config.get("trainable_token_indices")
@@ -90,8 +102,9 @@ def load_node(p: str, leaf, tensors: dict, unused: set, config: dict, module_fn,
             module = None
         if module is not None and prefix + module + TOKENS in tensors:
             rows = take(tensors, unused, prefix + module + TOKENS)
-            return TokenNode(rows=jnp.asarray(rows, dtype), indices=_ids(spec, module, p),
-                             shape=shape)
+            return TokenNode(
+                rows=jnp.asarray(rows, dtype), indices=_ids(spec, module, p), shape=shape
+            )
     if not config.get("modules_to_save") or p.split("/")[-1] not in _TORCH:
         return None
     torch_name, n_stack, order = _torch_param(p, len(shape), conv=True)
@@ -100,18 +113,24 @@ def load_node(p: str, leaf, tensors: dict, unused: set, config: dict, module_fn,
     if not present:
         return None
     if len(present) < len(keys):
-        raise LoraError(f"{p!r}: the PEFT file trains some of its layers in full but lacks "
-                        f"{sorted(set(keys) - set(present))[:3]}")
+        raise LoraError(
+            f"{p!r}: the PEFT file trains some of its layers in full but lacks "
+            f"{sorted(set(keys) - set(present))[:3]}"
+        )
     parts = [take(tensors, unused, k) for k in keys]
     back = None if order is None else np.argsort(order)
     if any(t.ndim != len(shape) - n_stack for t in parts):
-        raise LoraError(f"{p!r}: the PEFT file's {torch_name} {keys[0]!r} has shape "
-                        f"{parts[0].shape}, which does not fit params' {shape}")
+        raise LoraError(
+            f"{p!r}: the PEFT file's {torch_name} {keys[0]!r} has shape "
+            f"{parts[0].shape}, which does not fit params' {shape}"
+        )
     torch_shape = parts[0].shape
     parts = [t if back is None else np.transpose(t, back) for t in parts]
     if any(t.shape != shape[n_stack:] for t in parts):
-        raise LoraError(f"{p!r}: the PEFT file's {torch_name} {keys[0]!r} has shape "
-                        f"{torch_shape}, which does not fit params' {shape}")
+        raise LoraError(
+            f"{p!r}: the PEFT file's {torch_name} {keys[0]!r} has shape "
+            f"{torch_shape}, which does not fit params' {shape}"
+        )
     return FullNode(weight=jnp.asarray(np.stack(parts).reshape(shape), dtype))
 
 
@@ -121,5 +140,7 @@ def _ids(spec, module: str, p: str) -> tuple[int, ...]:
     for name, ids in spec.items():
         if re.match(rf"(.*\.)?{re.escape(name)}$", module):
             return tuple(int(i) for i in ids)
-    raise LoraError(f"{p!r}: the PEFT file holds token rows for {module!r} but "
-                    f"trainable_token_indices names only {sorted(spec)}")
+    raise LoraError(
+        f"{p!r}: the PEFT file holds token rows for {module!r} but "
+        f"trainable_token_indices names only {sorted(spec)}"
+    )

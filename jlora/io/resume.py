@@ -16,8 +16,9 @@ from jlora.config import LoraError
 from jlora.io.checkpoint import _latest, _manager, _reading, _writing
 
 
-def save_checkpoint(directory, step: int, state, *, data_position=None,
-                    max_to_keep: int | None = 3) -> None:
+def save_checkpoint(
+    directory, step: int, state, *, data_position=None, max_to_keep: int | None = 3
+) -> None:
     """Save a training state (any pytree: adapter, optimizer state, ...) as ``step``.
 
     Args:
@@ -47,19 +48,28 @@ def save_checkpoint(directory, step: int, state, *, data_position=None,
     meta = {"step": int(step), "data_position": data_position}
     with _writing(directory), _manager(directory, max_to_keep=max_to_keep) as m:
         if int(step) in m.all_steps():  # orbax would skip the save without a word
-            raise LoraError(f"step {int(step)} is already saved in {os.fspath(directory)!r}; "
-                            "save under a new step number (or delete that step's folder)")
-        m.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   meta=ocp.args.JsonSave(meta),
-                                                   structure=ocp.args.JsonSave(_leaves(state))))
+            raise LoraError(
+                f"step {int(step)} is already saved in {os.fspath(directory)!r}; "
+                "save under a new step number (or delete that step's folder)"
+            )
+        m.save(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                meta=ocp.args.JsonSave(meta),
+                structure=ocp.args.JsonSave(_leaves(state)),
+            ),
+        )
         m.wait_until_finished()
 
 
 def _leaves(tree) -> list:
     """``[path, shape, dtype]`` of each leaf: what ``restore_checkpoint`` compares ``like``
     with before orbax reads anything."""
-    return [[jax.tree_util.keystr(kp), list(np.shape(x)), str(np.dtype(x.dtype))]
-            for kp, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return [
+        [jax.tree_util.keystr(kp), list(np.shape(x)), str(np.dtype(x.dtype))]
+        for kp, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
 
 
 def _check_like(saved: list, like, directory, step: int) -> None:
@@ -73,10 +83,12 @@ def _check_like(saved: list, like, directory, step: int) -> None:
             what = f"the checkpoint has {show(a)} where like has {show(b)}"
         else:
             what = f"{a[0]} has shape {a[1]} in the checkpoint but {b[1]} in like"
-        raise LoraError(f"step {step} in {os.fspath(directory)!r} was saved with another "
-                        f"structure than like ({len(saved)} leaves against {len(mine)}): at "
-                        f"leaf {i}, {what}; pass as like a state built the way it was saved "
-                        "(the same optimizer and adapter settings)")
+        raise LoraError(
+            f"step {step} in {os.fspath(directory)!r} was saved with another "
+            f"structure than like ({len(saved)} leaves against {len(mine)}): at "
+            f"leaf {i}, {what}; pass as like a state built the way it was saved "
+            "(the same optimizer and adapter settings)"
+        )
 
 
 def restore_checkpoint(directory, like, step: int | None = None):
@@ -105,6 +117,10 @@ def restore_checkpoint(directory, like, step: int | None = None):
             saved = m.restore(step, args=ocp.args.Composite(structure=ocp.args.JsonRestore()))
             _check_like(saved["structure"], like, directory, step)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        out = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                      meta=ocp.args.JsonRestore()))
+        out = m.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+            ),
+        )
     return out["state"], out["meta"]

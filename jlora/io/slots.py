@@ -27,8 +27,10 @@ from jlora.transforms.multi import stack
 
 def _write(tree, i, adapter):
     """``tree`` with slot ``i`` holding ``adapter`` (in the slot layout)."""
-    leaves = [s.at[i].set(x.astype(s.dtype)) for s, x in
-              zip(jax.tree.leaves(tree), jax.tree.leaves(adapter))]
+    leaves = [
+        s.at[i].set(x.astype(s.dtype))
+        for s, x in zip(jax.tree.leaves(tree), jax.tree.leaves(adapter))
+    ]
     return jax.tree.unflatten(jax.tree.structure(tree), leaves)
 
 
@@ -38,23 +40,37 @@ def _fit(path: str, node, like: LoraNode, rank: int) -> LoraNode:
         raise LoraError(f"{path!r}: slots hold LoRA nodes only, not {type(node).__name__}")
     for field in ("shape", "stack_axes", "in_axes", "out_axes"):
         if getattr(node, field) != getattr(like, field):
-            raise LoraError(f"{path!r} has {field}={getattr(node, field)} but the slots' "
-                            f"template has {getattr(like, field)}: load it for the same base "
-                            "and layout (peft.load with fn learns torch-layout axes)")
+            raise LoraError(
+                f"{path!r} has {field}={getattr(node, field)} but the slots' "
+                f"template has {getattr(like, field)}: load it for the same base "
+                "and layout (peft.load with fn learns torch-layout axes)"
+            )
     if (node.magnitude is None) != (like.magnitude is None):
         raise LoraError(f"{path!r}: DoRA and plain LoRA adapters cannot share slots")
     if node.invocation:  # its static tokens would change the slots' layout (a retrace)
-        raise LoraError(f"{path!r} is an activated LoRA (invocation tokens "
-                        f"{node.invocation}), which slots do not serve yet; serve it with "
-                        "jlora.stack and apply(..., lora_mask=jlora.alora_mask(...))")
+        raise LoraError(
+            f"{path!r} is an activated LoRA (invocation tokens "
+            f"{node.invocation}), which slots do not serve yet; serve it with "
+            "jlora.stack and apply(..., lora_mask=jlora.alora_mask(...))"
+        )
     if node.rank > rank:
-        raise LoraError(f"{path!r} has rank {node.rank}, more than the slot rank {rank}; "
-                        f"make the slots with rank={node.rank}")
+        raise LoraError(
+            f"{path!r} has rank {node.rank}, more than the slot rank {rank}; "
+            f"make the slots with rank={node.rank}"
+        )
     extra = rank - node.rank
     a = jnp.pad(node.a, [(0, 0)] * (node.a.ndim - 1) + [(0, extra)])
     b = jnp.pad(node.b * node.scale, [(0, 0)] * (node.b.ndim - 2) + [(0, extra), (0, 0)])
-    return dataclasses.replace(like, a=a, b=b, magnitude=node.magnitude, rank=rank,
-                               alpha=float(rank), scale=1.0, dropout=0.0)
+    return dataclasses.replace(
+        like,
+        a=a,
+        b=b,
+        magnitude=node.magnitude,
+        rank=rank,
+        alpha=float(rank),
+        scale=1.0,
+        dropout=0.0,
+    )
 
 
 class Slots:
@@ -98,16 +114,27 @@ class Slots:
       1
     """
 
-    def __init__(self, params, template, n: int, *, rank: int | None = None,
-                 sources: dict | None = None, fn=None, example_args: tuple = (),
-                 module_fn=None, prefix: str | None = None):
+    def __init__(
+        self,
+        params,
+        template,
+        n: int,
+        *,
+        rank: int | None = None,
+        sources: dict | None = None,
+        fn=None,
+        example_args: tuple = (),
+        module_fn=None,
+        prefix: str | None = None,
+    ):
         if n < 1:
             raise LoraError(f"n={n}: slots need at least one slot")
         nodes = adapter_nodes(template)
         self.rank = rank or max(getattr(nd, "rank", 0) for nd in nodes.values())
         self.params, self.fn, self.example_args = params, fn, tuple(example_args)
-        self._naming = {k: v for k, v in (("module_fn", module_fn), ("prefix", prefix))
-                        if v is not None}  # peft.load's own defaults otherwise
+        self._naming = {
+            k: v for k, v in (("module_fn", module_fn), ("prefix", prefix)) if v is not None
+        }  # peft.load's own defaults otherwise
         self._template = template
         self._like = nodes  # each slot node takes its template node's static settings
         zero = jax.tree.map(jnp.zeros_like, self._fit_all(template))
@@ -129,9 +156,11 @@ class Slots:
         if set(nodes) != set(self._like):
             missing = sorted(set(self._like) - set(nodes))
             extra = sorted(set(nodes) - set(self._like))
-            raise LoraError(f"the adapter's targets differ from the slots' template: missing "
-                            f"{missing[:4]}, extra {extra[:4]}; slots hold adapters of one "
-                            "set of targets")
+            raise LoraError(
+                f"the adapter's targets differ from the slots' template: missing "
+                f"{missing[:4]}, extra {extra[:4]}; slots hold adapters of one "
+                "set of targets"
+            )
         match(self.params, adapter)  # each node's arrays fit its declared shape and rank
         fitted = {p: _fit(p, nd, self._like[p], self.rank) for p, nd in nodes.items()}
         flat, treedef = jax.tree_util.tree_flatten_with_path(self._template, is_leaf=is_node)
@@ -141,8 +170,9 @@ class Slots:
         if not isinstance(source, (str, os.PathLike)):
             return source
         if os.path.isfile(os.path.join(source, "adapter_config.json")):
-            return peft.load(os.fspath(source), self.params, self.fn, *self.example_args,
-                             **self._naming)
+            return peft.load(
+                os.fspath(source), self.params, self.fn, *self.example_args, **self._naming
+            )
         return load_adapter(source, self.params)
 
     def _free_slot(self, keep) -> tuple[int, str | None]:
@@ -155,8 +185,9 @@ class Slots:
         for name in self._lru:
             if name not in self._pinned and name not in keep:
                 return self._lru[name], name
-        raise LoraError(f"all {self.n} slots are pinned or used by this batch; unpin one "
-                        "or make more slots")
+        raise LoraError(
+            f"all {self.n} slots are pinned or used by this batch; unpin one or make more slots"
+        )
 
     def load(self, name: str, source, *, keep=()) -> int:
         """Put adapter ``name`` in a slot (replacing an older copy of it) and remember
@@ -177,8 +208,9 @@ class Slots:
         """
         fitted = self._fit_all(self._read(source))  # read and check before any change
         with self._lock:
-            slot, evicted = ((self._lru[name], name) if name in self._lru
-                             else self._free_slot(set(keep)))
+            slot, evicted = (
+                (self._lru[name], name) if name in self._lru else self._free_slot(set(keep))
+            )
             self.tree = self._write(self.tree, jnp.int32(slot), fitted)
             self._lru.pop(evicted, None)
             self._lru.pop(name, None)
@@ -197,16 +229,20 @@ class Slots:
         with self._lock:
             wanted = [n for n in dict.fromkeys(names) if n is not None]
             if len(wanted) > self.n:
-                raise LoraError(f"the batch uses {len(wanted)} adapters but there are "
-                                f"{self.n} slots; split the batch or make more slots")
+                raise LoraError(
+                    f"the batch uses {len(wanted)} adapters but there are "
+                    f"{self.n} slots; split the batch or make more slots"
+                )
             for name in wanted:
                 if name in self._lru:
                     self._lru.move_to_end(name)
                 elif name in self._sources:
                     self.load(name, self._sources[name], keep=wanted)
                 else:
-                    raise LoraError(f"adapter {name!r} was never loaded; call "
-                                    f"slots.load({name!r}, source) first")
+                    raise LoraError(
+                        f"adapter {name!r} was never loaded; call "
+                        f"slots.load({name!r}, source) first"
+                    )
             ids = jnp.array([-1 if n is None else self._lru[n] for n in names], jnp.int32)
             return self.tree, ids
 

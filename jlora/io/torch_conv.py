@@ -25,9 +25,11 @@ def torch_order(path: str, shape, in_axes, out_axes) -> list[int]:
     elif tuple(out_axes) == (0,) and 1 in in_axes:
         feat = 1
     else:
-        raise LoraError(f"{path!r}: a convolution kernel {tuple(shape)} must have its out axis "
-                        f"first (out, in, *k) or last (*k, in, out), not in axes {in_axes} and "
-                        f"out axes {out_axes}; pass axes= or leave it out of convs=")
+        raise LoraError(
+            f"{path!r}: a convolution kernel {tuple(shape)} must have its out axis "
+            f"first (out, in, *k) or last (*k, in, out), not in axes {in_axes} and "
+            f"out axes {out_axes}; pass axes= or leave it out of convs="
+        )
     return [feat] + [ax for ax in in_axes if ax != feat]
 
 
@@ -58,8 +60,10 @@ def from_torch(path: str, shape, in_axes, out_axes, la):
     order = torch_order(path, shape, in_axes, out_axes)
     want = tuple(shape[ax] for ax in order)
     if tuple(la.shape[1:]) != want:
-        raise LoraError(f"{path!r}: lora_A {tuple(la.shape)} does not fit the kernel {shape} "
-                        f"(torch order (r, in, *k) = (r, {', '.join(map(str, want))}))")
+        raise LoraError(
+            f"{path!r}: lora_A {tuple(la.shape)} does not fit the kernel {shape} "
+            f"(torch order (r, in, *k) = (r, {', '.join(map(str, want))}))"
+        )
     a = np.moveaxis(la, 0, -1)  # (in, *k, r) in torch order
     a = a.transpose([order.index(ax) for ax in in_axes] + [len(order)])
     return a.reshape(-1, la.shape[0])
@@ -78,7 +82,9 @@ def conv_axes(path: str, shape, la_shape, lb_shape) -> tuple:
         found.append(((), tuple(range(1, n)), (0,)))
     if len(found) != 1:
         why = "fits both" if found else "fits neither"
-        raise LoraError(f"{path!r}: the kernel {tuple(shape)} {why} of (*k, in, out) and "
-                        f"(out, in, *k) for PEFT's conv lora_A {tuple(la_shape)}; pass "
-                        "axes={path: (stack_axes, in_axes, out_axes)}")
+        raise LoraError(
+            f"{path!r}: the kernel {tuple(shape)} {why} of (*k, in, out) and "
+            f"(out, in, *k) for PEFT's conv lora_A {tuple(la_shape)}; pass "
+            "axes={path: (stack_axes, in_axes, out_axes)}"
+        )
     return found[0]

@@ -31,12 +31,13 @@ def dora_norm(w, a_u, b_u, scale: float, stack_axes, in_axes, out_axes) -> jax.A
     if qv.is_view(w):
         if stack_axes and stack_axes[0] == 0 and not w.ops:  # one layer at a time
             less = lambda axes: tuple(ax - 1 for ax in axes)
-            layer = lambda i, a, b: dora_norm(w.index(i), a, b, scale, less(stack_axes[1:]),
-                                              less(in_axes), less(out_axes))
+            layer = lambda i, a, b: dora_norm(
+                w.index(i), a, b, scale, less(stack_axes[1:]), less(in_axes), less(out_axes)
+            )
             return lax.map(lambda t: layer(*t), (jnp.arange(w.shape[0]), a_u, b_u))
         w = w.value()
     letter = string.ascii_letters
-    w_spec = letter[:w.ndim]
+    w_spec = letter[: w.ndim]
     S = "".join(letter[ax] for ax in stack_axes)
     I = "".join(letter[ax] for ax in in_axes)  # noqa: E741
     O = "".join(letter[ax] for ax in out_axes)  # noqa: E741

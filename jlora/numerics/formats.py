@@ -57,12 +57,13 @@ def dequantize_region(node, start, region: tuple):
 
 def _index(start, shape: tuple, k: int) -> list:
     """The indices of axes ``0..k`` of the flat offset ``start``."""
-    strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
     return [(start // strides[i]) % shape[i] for i in range(k + 1)]
 
 
-def slab_region(node, start, region: tuple, fields: tuple[str, ...], unit: int,
-                decode: Callable[..., Any]):
+def slab_region(
+    node, start, region: tuple, fields: tuple[str, ...], unit: int, decode: Callable[..., Any]
+):
     """A region of a node whose ``fields`` share the weight's leading axes ``shape[:unit]``.
 
     ``decode(node, arrays, lead, start)`` turns ``fields`` cut to leading shape ``lead``
@@ -88,7 +89,7 @@ def slab_region(node, start, region: tuple, fields: tuple[str, ...], unit: int,
 
     if k < unit:  # rows m of a leading axis: whole units
         arrays = {f: sliced(getattr(node, f), k, region[0]) for f in fields}
-        return decode(node, arrays, (region[0],) + shape[k + 1:unit], start)
+        return decode(node, arrays, (region[0],) + shape[k + 1 : unit], start)
     first = start - start % math.prod(shape[unit:])
     whole = decode(node, {f: sliced(getattr(node, f), unit, None) for f in fields}, (), first)
     if region == shape[unit:]:
@@ -127,8 +128,10 @@ def lay_out(arrays: dict, sharding: NamedSharding, specs: dict) -> dict:
             out[name] = None
             continue
         spec = specs.get(name, (None,) * a.ndim)
-        spec = tuple(p if p is not None and a.shape[i] % _mesh_size(mesh, p) == 0 else None
-                     for i, p in enumerate(spec))
+        spec = tuple(
+            p if p is not None and a.shape[i] % _mesh_size(mesh, p) == 0 else None
+            for i, p in enumerate(spec)
+        )
         out[name] = jax.device_put(a, NamedSharding(mesh, PartitionSpec(*spec)))
     return out
 
@@ -154,5 +157,7 @@ def check_finite(w, path: str) -> None:
     except jax.errors.ConcretizationTypeError:
         return  # traced: nothing to check here
     if bad:
-        raise LoraError(f"cannot quantize {path!r}: it holds inf or nan, so its scales "
-                        "would not be finite; fix the weight or leave it out of targets")
+        raise LoraError(
+            f"cannot quantize {path!r}: it holds inf or nan, so its scales "
+            "would not be finite; fix the weight or leave it out of targets"
+        )

@@ -32,7 +32,8 @@ def _sharding(x):
 def explicit(sharding) -> bool:
     mesh = getattr(sharding, "mesh", None)
     return isinstance(sharding, NamedSharding) and AxisType.Explicit in tuple(
-        getattr(mesh, "axis_types", ()) or ())
+        getattr(mesh, "axis_types", ()) or ()
+    )
 
 
 def raw_spec(x) -> tuple:
@@ -88,8 +89,7 @@ def einsum(subscripts: str, *ops) -> jax.Array:
     ins, out = subscripts.split("->")
     specs = [spec(x) for x in ops]
     like = next((x for x, sp in zip(ops, specs) if sp is not None), None)
-    sharding = None if like is None else named(like, contraction_spec(ins.split(","), out,
-                                                                       specs))
+    sharding = None if like is None else named(like, contraction_spec(ins.split(","), out, specs))
     extra = {} if sharding is None else dict(out_sharding=sharding)
     return jnp.einsum(subscripts, *ops, **extra)
 
@@ -106,8 +106,7 @@ def vma(x) -> frozenset:
     """The manual mesh axes ``x`` varies over inside a ``shard_map`` (empty outside)."""
     aval = _aval(x)
     vma = getattr(aval, "vma", None)  # JAX < 0.10; later: the manual axis type's "varying"
-    return frozenset(vma if vma is not None else getattr(getattr(aval, "mat", None),
-                                                         "varying", ()))
+    return frozenset(vma if vma is not None else getattr(getattr(aval, "mat", None), "varying", ()))
 
 
 def vary(x, axes) -> jax.Array:

@@ -27,11 +27,27 @@ from jlora.nf4 import NF4
 from jlora.numerics import formats, mesh
 
 #: bitsandbytes' NF4 code values: ``create_normal_map(offset=0.9677083, use_extra_value=True)``.
-NF4_CODE = np.array([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
+NF4_CODE = np.array(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    np.float32,
+)
 #: Block size of the second quantization level (bitsandbytes' fixed 256).
 DQ_BLOCK = 256
 _TINY = 1e-38  # bitsandbytes clamps a zero absmax to this before taking its reciprocal
@@ -62,7 +78,7 @@ def dynamic_map(max_exponent_bits: int = 7, total_bits: int = 8) -> np.ndarray:
         scale = np.float32(10.0 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1))
         values += list(scale * means) + list(-scale * means)
     values += [0.0, 1.0]
-    values += [0.0] * (2 ** total_bits - len(values))
+    values += [0.0] * (2**total_bits - len(values))
     return np.sort(np.array(values, np.float32))
 
 
@@ -103,19 +119,36 @@ def _quantize(w, block_size: int, double_quant: bool, compute_dtype):
     if double_quant:
         offset = absmax.mean()
         absmax2, absmax = _blockwise(absmax - offset, DQ_BLOCK, DYNAMIC_CODE)
-    return NF4(packed, absmax, absmax2, offset, tuple(w.shape), jnp.dtype(w.dtype), block_size,
-               jnp.dtype(compute_dtype))
+    return NF4(
+        packed,
+        absmax,
+        absmax2,
+        offset,
+        tuple(w.shape),
+        jnp.dtype(w.dtype),
+        block_size,
+        jnp.dtype(compute_dtype),
+    )
 
 
-def quantize_array(w, *, block_size: int = 64, double_quant: bool = True,
-                   compute_dtype=jnp.bfloat16, path: str = "weight") -> NF4:
+def quantize_array(
+    w,
+    *,
+    block_size: int = 64,
+    double_quant: bool = True,
+    compute_dtype=jnp.bfloat16,
+    path: str = "weight",
+) -> NF4:
     """One floating-point array to :class:`NF4` (see the module docstring)."""
     if not jnp.issubdtype(jnp.result_type(w), jnp.floating):
-        raise LoraError(f"cannot quantize {path!r}: it is {jnp.result_type(w)}, not a floating "
-                        "point weight; leave it out of quantize's targets")
+        raise LoraError(
+            f"cannot quantize {path!r}: it is {jnp.result_type(w)}, not a floating "
+            "point weight; leave it out of quantize's targets"
+        )
     if block_size <= 0 or block_size % 2:
-        raise LoraError(f"block_size={block_size} must be a positive even number (64 is "
-                        "bitsandbytes' default)")
+        raise LoraError(
+            f"block_size={block_size} must be a positive even number (64 is bitsandbytes' default)"
+        )
     w = jnp.asarray(w)
     formats.check_finite(w, path)
     sharding = formats.sharding_of(w)
@@ -139,9 +172,12 @@ def _lay_out(node: NF4, sharding) -> NF4:
     if not formats.divides(sharding.mesh, spec[-1], last, bs):
         spec = spec[:-1] + (None,)
     rows = node.shape[:-1]
-    arrays = {"packed": node.packed.reshape(rows + (last // 2,)),
-              "absmax": node.absmax.reshape(rows + (last // bs,)),
-              "absmax2": node.absmax2, "offset": node.offset}
+    arrays = {
+        "packed": node.packed.reshape(rows + (last // 2,)),
+        "absmax": node.absmax.reshape(rows + (last // bs,)),
+        "absmax2": node.absmax2,
+        "offset": node.offset,
+    }
     parts = formats.lay_out(arrays, sharding, {"packed": spec, "absmax": spec})
     return dataclasses.replace(node, **parts, spec=whole)
 
@@ -150,8 +186,10 @@ def _scales(node: NF4, blocks):
     """float32 absmax of the given block indices."""
     if node.absmax2 is None:
         return node.absmax[blocks]
-    return (jnp.asarray(DYNAMIC_CODE)[node.absmax[blocks]] * node.absmax2[blocks // DQ_BLOCK]
-            + node.offset)
+    return (
+        jnp.asarray(DYNAMIC_CODE)[node.absmax[blocks]] * node.absmax2[blocks // DQ_BLOCK]
+        + node.offset
+    )
 
 
 def _codes(packed):
@@ -168,8 +206,11 @@ def dequantize_range(node: NF4, start, size: int, aligned: bool):
     if aligned and size % bs == 0:  # whole blocks: slice the bytes, gather their scales
         raw = lax.dynamic_slice_in_dim(node.packed, start // 2, size // 2)
         scales = _scales(node, start // bs + jnp.arange(size // bs))
-        return (code[_codes(raw)].reshape(-1, bs) * scales[:, None]).reshape(-1).astype(
-            node.compute_dtype)
+        return (
+            (code[_codes(raw)].reshape(-1, bs) * scales[:, None])
+            .reshape(-1)
+            .astype(node.compute_dtype)
+        )
     if isinstance(start, int) and start == 0 and size == node.size:
         vals = code[_codes(node.packed)][:size]
         return (vals * _scales(node, jnp.arange(size) // bs)).astype(node.compute_dtype)
@@ -199,12 +240,13 @@ def _decode_rows(node: NF4, arrays: dict, lead: tuple, start):
 def dequantize(node: NF4, start, region: tuple):
     """The region of ``node`` (see :mod:`jlora.numerics.formats`)."""
     if node.packed.ndim > 1:
-        return formats.slab_region(node, start, region, ("packed", "absmax"), node.ndim - 1,
-                                   _decode_rows)
+        return formats.slab_region(
+            node, start, region, ("packed", "absmax"), node.ndim - 1, _decode_rows
+        )
     start = 0 if start is None else start
     # a region's start is a multiple of the stride of its first axis: of whole blocks
     # when that stride is (a row of a stacked weight), else anywhere (part of a row)
-    stride = math.prod(node.shape[node.ndim - len(region) + 1:])
+    stride = math.prod(node.shape[node.ndim - len(region) + 1 :])
     aligned = stride % node.block_size == 0 or (isinstance(start, int) and start == 0)
     return dequantize_range(node, start, math.prod(region), aligned).reshape(region)
 
@@ -218,7 +260,9 @@ def _settings(node: NF4) -> dict:
     return dict(block_size=node.block_size, double_quant=node.absmax2 is not None)
 
 
-formats.register("nf4", formats.Format(quantize_array, dequantize, _settings,
-                                       frozenset({"block_size", "double_quant"})))
-
-
+formats.register(
+    "nf4",
+    formats.Format(
+        quantize_array, dequantize, _settings, frozenset({"block_size", "double_quant"})
+    ),
+)

@@ -17,26 +17,37 @@ from jlora.targets import _NOT_KERNELS, Params, flatten, matches, path_str
 
 
 def _default_targets(path: str, leaf) -> bool:
-    return (leaf.ndim >= 2 and path.split("/")[-1] not in _NOT_KERNELS
-            and re.search(r"embed|lm_head|norm", path) is None)
+    return (
+        leaf.ndim >= 2
+        and path.split("/")[-1] not in _NOT_KERNELS
+        and re.search(r"embed|lm_head|norm", path) is None
+    )
 
 
 def _options(qtype: str, given: dict) -> dict:
     """The format's options from ``quantize``'s keywords (None: not given)."""
     if qtype not in formats.FORMATS:
-        raise LoraError(f"qtype={qtype!r} is not a format; use one of "
-                        f"{sorted(formats.FORMATS)}")
+        raise LoraError(f"qtype={qtype!r} is not a format; use one of {sorted(formats.FORMATS)}")
     fmt = formats.FORMATS[qtype]
     extra = sorted(k for k, v in given.items() if v is not None and k not in fmt.options)
     if extra:
-        raise LoraError(f"{extra} do not apply to qtype={qtype!r}; it takes "
-                        f"{sorted(fmt.options) or 'none of them'}")
+        raise LoraError(
+            f"{extra} do not apply to qtype={qtype!r}; it takes "
+            f"{sorted(fmt.options) or 'none of them'}"
+        )
     return {k: v for k, v in given.items() if v is not None}
 
 
-def quantize(params: Params, targets=None, *, qtype: str = "nf4", block_size: int | None = None,
-             double_quant: bool | None = None, group_size: int | None = None,
-             compute_dtype=jnp.bfloat16) -> Params:
+def quantize(
+    params: Params,
+    targets=None,
+    *,
+    qtype: str = "nf4",
+    block_size: int | None = None,
+    double_quant: bool | None = None,
+    group_size: int | None = None,
+    compute_dtype=jnp.bfloat16,
+) -> Params:
     """Quantize the selected leaves of ``params``; the others are returned as they are.
 
     Args:
@@ -78,8 +89,9 @@ def quantize(params: Params, targets=None, *, qtype: str = "nf4", block_size: in
       >>> q8.qtype, round(q8.nbytes / q8.size, 3)
       ('int8', 1.016)
     """
-    options = _options(qtype, dict(block_size=block_size, double_quant=double_quant,
-                                   group_size=group_size))
+    options = _options(
+        qtype, dict(block_size=block_size, double_quant=double_quant, group_size=group_size)
+    )
     make = formats.FORMATS[qtype].quantize
     flat, treedef = flatten(params)
     out, hit = [], False
@@ -91,18 +103,26 @@ def quantize(params: Params, targets=None, *, qtype: str = "nf4", block_size: in
         if targets is None:
             chosen = _default_targets(path, leaf) and jnp.issubdtype(leaf.dtype, jnp.floating)
         else:
-            chosen = matches(targets, path) and not (isinstance(targets, tuple) and (
-                leaf.ndim < 2 or path.split("/")[-1] in _NOT_KERNELS))
+            chosen = matches(targets, path) and not (
+                isinstance(targets, tuple)
+                and (leaf.ndim < 2 or path.split("/")[-1] in _NOT_KERNELS)
+            )
         hit |= chosen
         if chosen and not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-            raise LoraError(f"cannot quantize {path!r}: it is {jnp.result_type(leaf)}, not a "
-                            "floating point weight; leave it out of quantize's targets")
-        out.append(make(jnp.asarray(leaf), path=path, compute_dtype=compute_dtype, **options)
-                   if chosen else leaf)
+            raise LoraError(
+                f"cannot quantize {path!r}: it is {jnp.result_type(leaf)}, not a "
+                "floating point weight; leave it out of quantize's targets"
+            )
+        out.append(
+            make(jnp.asarray(leaf), path=path, compute_dtype=compute_dtype, **options)
+            if chosen
+            else leaf
+        )
     if targets is not None and not hit:
         some = [path_str(kp) for kp, leaf in flat if getattr(leaf, "ndim", 0) >= 2][:6]
-        raise LoraError(f"quantize targets={targets!r} matched no parameter; paths look like "
-                        f"{some}")
+        raise LoraError(
+            f"quantize targets={targets!r} matched no parameter; paths look like {some}"
+        )
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -132,5 +152,6 @@ def dequantize(tree: Params) -> Params:
     whole = lambda x: formats.dequantize_region(x, None, tuple(x.shape))
     if is_quantized(tree):
         return whole(tree)
-    return jax.tree_util.tree_map(lambda x: whole(x) if is_quantized(x) else x, tree,
-                                  is_leaf=is_quantized)
+    return jax.tree_util.tree_map(
+        lambda x: whole(x) if is_quantized(x) else x, tree, is_leaf=is_quantized
+    )

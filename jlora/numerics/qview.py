@@ -76,7 +76,7 @@ def _region_spec(node: Quantized, region: tuple) -> tuple | None:
         return None
     k = len(node.shape) - len(region)
     spec = tuple(node.spec[k:])
-    return spec if region[:1] == tuple(node.shape[k:k + 1]) else (None,) + spec[1:]
+    return spec if region[:1] == tuple(node.shape[k : k + 1]) else (None,) + spec[1:]
 
 
 def _aval(node: Quantized, region: tuple) -> jax.ShapeDtypeStruct:

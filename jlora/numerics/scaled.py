@@ -79,8 +79,7 @@ def _pack(codes):
 @functools.partial(jax.jit, static_argnames=("qtype", "group"))
 def _quantize(w, qtype: str, group: int):
     shape, qmax = w.shape, QMAX[qtype]
-    grouped = w.astype(jnp.float32).reshape(
-        shape[:-2] + (shape[-2] // group, group, shape[-1]))
+    grouped = w.astype(jnp.float32).reshape(shape[:-2] + (shape[-2] // group, group, shape[-1]))
     absmax = jnp.abs(grouped).max(axis=-2)
     scales = absmax / qmax
     safe = jnp.where(scales > 0, scales, 1.0)[..., None, :]
@@ -96,19 +95,24 @@ def _quantize(w, qtype: str, group: int):
 
 def _group(qtype: str, shape: tuple, group_size, path: str) -> int:
     if len(shape) < 2:
-        raise LoraError(f"cannot quantize {path!r} to {qtype}: it has shape {shape}; the "
-                        "scales run along the input axis (-2), so it needs two or more axes")
+        raise LoraError(
+            f"cannot quantize {path!r} to {qtype}: it has shape {shape}; the "
+            "scales run along the input axis (-2), so it needs two or more axes"
+        )
     rows = shape[-2]
     group = DEFAULT_GROUP[qtype] if group_size is None else group_size
     group = rows if group is None else min(group, rows)
     if group <= 0 or rows % group:
-        raise LoraError(f"group_size={group} does not divide the input axis ({rows} rows) "
-                        f"of {path!r}; pass a group_size that divides {rows}")
+        raise LoraError(
+            f"group_size={group} does not divide the input axis ({rows} rows) "
+            f"of {path!r}; pass a group_size that divides {rows}"
+        )
     return group
 
 
-def quantize_array(w, *, qtype: str, group_size=None, compute_dtype=jnp.bfloat16,
-                   path: str = "weight") -> Scaled:
+def quantize_array(
+    w, *, qtype: str, group_size=None, compute_dtype=jnp.bfloat16, path: str = "weight"
+) -> Scaled:
     """One floating-point array ``(..., in, out)`` to a :class:`Scaled` node."""
     group = _group(qtype, tuple(w.shape), group_size, path)
     formats.check_finite(w, path)
@@ -116,11 +120,14 @@ def quantize_array(w, *, qtype: str, group_size=None, compute_dtype=jnp.bfloat16
     whole = w if sharding is None else formats.replicated(w)
     codes, scales, underflow = _quantize(whole, qtype, group)
     if not isinstance(underflow, jax.core.Tracer) and bool(underflow):
-        raise LoraError(f"cannot quantize {path!r} to {qtype}: a group's scale (absmax / "
-                        f"{QMAX[qtype]:g}) underflows to zero; rescale the weight or leave it "
-                        "out of targets")
-    node = Scaled(codes, scales, tuple(w.shape), jnp.dtype(w.dtype), qtype, group,
-                  jnp.dtype(compute_dtype))
+        raise LoraError(
+            f"cannot quantize {path!r} to {qtype}: a group's scale (absmax / "
+            f"{QMAX[qtype]:g}) underflows to zero; rescale the weight or leave it "
+            "out of targets"
+        )
+    node = Scaled(
+        codes, scales, tuple(w.shape), jnp.dtype(w.dtype), qtype, group, jnp.dtype(compute_dtype)
+    )
     return node if sharding is None else _lay_out(node, sharding)
 
 
@@ -132,8 +139,9 @@ def _lay_out(node: Scaled, sharding) -> Scaled:
     block = (1 if g == rows else g) * (2 if node.qtype == "int4" else 1)
     if not formats.divides(sharding.mesh, spec[-2], rows, block):
         spec = spec[:-2] + (None, spec[-1])
-    parts = formats.lay_out({"codes": node.codes, "scales": node.scales}, sharding,
-                            {"codes": spec, "scales": spec})
+    parts = formats.lay_out(
+        {"codes": node.codes, "scales": node.scales}, sharding, {"codes": spec, "scales": spec}
+    )
     return dataclasses.replace(node, **parts, spec=formats.full_spec(sharding, node.ndim))
 
 
@@ -153,8 +161,7 @@ def _decode(node: Scaled, arrays: dict, lead: tuple, start=0):
 
 
 def dequantize(node: Scaled, start, region: tuple):
-    return formats.slab_region(node, start, region, ("codes", "scales"), node.ndim - 2,
-                               _decode)
+    return formats.slab_region(node, start, region, ("codes", "scales"), node.ndim - 2, _decode)
 
 
 def _settings(node: Scaled) -> dict:
@@ -162,5 +169,12 @@ def _settings(node: Scaled) -> dict:
 
 
 for _q in QMAX:
-    formats.register(_q, formats.Format(functools.partial(quantize_array, qtype=_q),
-                                        dequantize, _settings, frozenset({"group_size"})))
+    formats.register(
+        _q,
+        formats.Format(
+            functools.partial(quantize_array, qtype=_q),
+            dequantize,
+            _settings,
+            frozenset({"group_size"}),
+        ),
+    )

@@ -47,8 +47,10 @@ def alora_mask(input_ids, invocation_tokens: Any, adapter_ids=None) -> jax.Array
     """
     ids = jnp.asarray(input_ids)
     if not jnp.issubdtype(ids.dtype, jnp.integer) or ids.ndim not in (1, 2):
-        raise TypeError(f"alora_mask(input_ids=...): expected (batch, seq) integer token ids, "
-                        f"got {ids.dtype} of shape {ids.shape}")
+        raise TypeError(
+            f"alora_mask(input_ids=...): expected (batch, seq) integer token ids, "
+            f"got {ids.dtype} of shape {ids.shape}"
+        )
     rows = ids[None] if ids.ndim == 1 else ids
     if is_node(invocation_tokens) or isinstance(invocation_tokens, dict):
         mask = _from_adapter(rows, invocation_tokens, adapter_ids)
@@ -57,19 +59,26 @@ def alora_mask(input_ids, invocation_tokens: Any, adapter_ids=None) -> jax.Array
     else:
         per_row = list(invocation_tokens)
         if len(per_row) != rows.shape[0]:
-            raise ValueError(f"alora_mask: {len(per_row)} invocation sequences for "
-                             f"{rows.shape[0]} rows; give one per row (None: a plain adapter)")
-        masks = [jnp.ones(rows.shape[1:], bool) if t is None else
-                 _activated(rows[i:i + 1], _tokens(t, f"invocation_tokens[{i}]"))[0]
-                 for i, t in enumerate(per_row)]
+            raise ValueError(
+                f"alora_mask: {len(per_row)} invocation sequences for "
+                f"{rows.shape[0]} rows; give one per row (None: a plain adapter)"
+            )
+        masks = [
+            jnp.ones(rows.shape[1:], bool)
+            if t is None
+            else _activated(rows[i : i + 1], _tokens(t, f"invocation_tokens[{i}]"))[0]
+            for i, t in enumerate(per_row)
+        ]
         mask = jnp.stack(masks)
     return mask[0] if ids.ndim == 1 else mask
 
 
 def _is_tokens(t) -> bool:
-    return isinstance(t, (Sequence, np.ndarray, jax.Array)) and all(
-        isinstance(v, (int, np.integer)) or (hasattr(v, "ndim") and v.ndim == 0)
-        for v in t) and len(t) > 0
+    return (
+        isinstance(t, (Sequence, np.ndarray, jax.Array))
+        and all(isinstance(v, (int, np.integer)) or (hasattr(v, "ndim") and v.ndim == 0) for v in t)
+        and len(t) > 0
+    )
 
 
 def _tokens(t, name: str) -> tuple[int, ...]:
@@ -78,8 +87,9 @@ def _tokens(t, name: str) -> tuple[int, ...]:
     except (TypeError, ValueError):
         raise TypeError(f"alora_mask: {name} must be a sequence of token ids, got {t!r}") from None
     if not out:
-        raise ValueError(f"alora_mask: {name} is empty; an activated LoRA needs at least one "
-                         "invocation token")
+        raise ValueError(
+            f"alora_mask: {name} is empty; an activated LoRA needs at least one invocation token"
+        )
     return out
 
 
@@ -90,9 +100,8 @@ def _activated(rows, toks: tuple[int, ...]) -> jax.Array:
         return jnp.zeros(rows.shape, bool)
     found = jnp.ones((rows.shape[0], n - length + 1), bool)
     for j, t in enumerate(toks):
-        found &= rows[:, j:n - length + 1 + j] == t
-    start = jnp.max(jnp.where(found, jnp.arange(n - length + 1)[None], -1), axis=1,
-                    keepdims=True)
+        found &= rows[:, j : n - length + 1 + j] == t
+    start = jnp.max(jnp.where(found, jnp.arange(n - length + 1)[None], -1), axis=1, keepdims=True)
     return (jnp.arange(n)[None] >= start) & (start >= 0)
 
 
@@ -105,16 +114,21 @@ def _from_adapter(rows, adapter, adapter_ids) -> jax.Array:
         each = {n.invocations or (None,) * len(n.ranks) for n in stacked}
         tokens = each.pop()
         if each or not any(tokens):
-            raise LoraError("alora_mask: the stacked adapter holds no activated LoRA, or "
-                            "its nodes disagree on the invocation tokens")
-        masks = jnp.stack([jnp.ones(rows.shape, bool) if t is None else _activated(rows, t)
-                           for t in tokens])
+            raise LoraError(
+                "alora_mask: the stacked adapter holds no activated LoRA, or "
+                "its nodes disagree on the invocation tokens"
+            )
+        masks = jnp.stack(
+            [jnp.ones(rows.shape, bool) if t is None else _activated(rows, t) for t in tokens]
+        )
         pick = jnp.clip(jnp.asarray(adapter_ids), 0, len(tokens) - 1)
         return masks[pick, jnp.arange(rows.shape[0])]
     found = {getattr(_lora(n), "invocation", None) for n in nodes}
     if len(found) != 1 or None in found:
-        raise LoraError(f"alora_mask: the adapter's nodes hold invocation tokens {found}; "
-                        "expected one activated LoRA (PEFT's alora_invocation_tokens)")
+        raise LoraError(
+            f"alora_mask: the adapter's nodes hold invocation tokens {found}; "
+            "expected one activated LoRA (PEFT's alora_invocation_tokens)"
+        )
     only = found.pop()
     assert only is not None
     return _activated(rows, only)
@@ -126,25 +140,42 @@ def _lora(node):
 
 def check_mask(nodes: list, mask) -> None:
     """``apply``'s ``lora_mask``: required by an activated LoRA, and gating LoRA nodes only."""
-    active = [n for n in nodes if n is not None and (
-        getattr(_lora(n), "invocation", None) or getattr(n, "invocations", ()))]
+    active = [
+        n
+        for n in nodes
+        if n is not None
+        and (getattr(_lora(n), "invocation", None) or getattr(n, "invocations", ()))
+    ]
     if mask is None:
         if active:
-            raise LoraError("this adapter is an activated LoRA (its nodes hold invocation "
-                            "tokens): it acts only from the invocation on, so apply needs "
-                            "lora_mask=jlora.alora_mask(input_ids, adapter)")
+            raise LoraError(
+                "this adapter is an activated LoRA (its nodes hold invocation "
+                "tokens): it acts only from the invocation on, so apply needs "
+                "lora_mask=jlora.alora_mask(input_ids, adapter)"
+            )
         return
     dtype = getattr(mask, "dtype", None)
-    if dtype is None or not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.floating)) \
-            or np.ndim(mask) < 1:
-        raise TypeError(f"lora_mask must be a bool or float array (one entry per token, e.g. "
-                        f"(batch, seq)), got {dtype} of shape {np.shape(mask)}")
-    whole = [type(n).__name__ for n in nodes if isinstance(n, FullNode)
-             or (n is not None and not isinstance(n, (LoraNode, StackedNode, LayersNode)))]
+    if (
+        dtype is None
+        or not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.floating))
+        or np.ndim(mask) < 1
+    ):
+        raise TypeError(
+            f"lora_mask must be a bool or float array (one entry per token, e.g. "
+            f"(batch, seq)), got {dtype} of shape {np.shape(mask)}"
+        )
+    whole = [
+        type(n).__name__
+        for n in nodes
+        if isinstance(n, FullNode)
+        or (n is not None and not isinstance(n, (LoraNode, StackedNode, LayersNode)))
+    ]
     if whole:
-        raise LoraError(f"lora_mask gates low-rank updates per token, but the adapter holds "
-                        f"{sorted(set(whole))} (whole trained leaves), which it cannot gate; "
-                        "merge those into the base first")
+        raise LoraError(
+            f"lora_mask gates low-rank updates per token, but the adapter holds "
+            f"{sorted(set(whole))} (whole trained leaves), which it cannot gate; "
+            "merge those into the base first"
+        )
 
 
 def ungated(records: dict) -> None:
@@ -152,6 +183,8 @@ def ungated(records: dict) -> None:
     for path, uses in records.items():
         bad = [u for u in uses if isinstance(u, str) and not u.endswith(GATED)]
         if bad:
-            raise LoraError(f"lora_mask gates each adapted use per token, but {path!r} is "
-                            f"used as {bad[0]!r}, where a per-token gate cannot apply; "
-                            "serve it without lora_mask, or change how the model uses it")
+            raise LoraError(
+                f"lora_mask gates each adapted use per token, but {path!r} is "
+                f"used as {bad[0]!r}, where a per-token gate cannot apply; "
+                "serve it without lora_mask, or change how the model uses it"
+            )

@@ -35,8 +35,9 @@ from jlora.transforms.check import check_finite
 from jlora.transforms.multi import check_ids, example_layout
 
 
-def interpret_call(fn, params, adapter, args, kwargs, ctx: Ctx, adapter_ids=None,
-                   example_axes=None):
+def interpret_call(
+    fn, params, adapter, args, kwargs, ctx: Ctx, adapter_ids=None, example_axes=None
+):
     nodes = match(params, adapter)
     ids = check_ids(nodes, adapter_ids)
     check_mask(nodes, ctx.mask)
@@ -51,11 +52,18 @@ def interpret_call(fn, params, adapter, args, kwargs, ctx: Ctx, adapter_ids=None
         ctx.tokens = {}
         token_axes.analyze(closed.jaxpr, layout, ctx.tokens)
     lowered = [whole_leaves.lower(leaf, node, exact=False) for (_, leaf), node in zip(flat, nodes)]
-    rows = None if ids is None or isinstance(adapter_ids, jax.core.Tracer) else tuple(
-        np.asarray(adapter_ids).astype(int).tolist())  # known now: see interpret.ranked
-    syms = [from_node(qv.wrap(leaf), node, path_str(kp), ids=ids, active=whole_leaves.active(orig),
-                      rows=rows) for (kp, _), (leaf, node), orig in zip(flat, lowered, nodes)]
-    vals = syms + dyn[len(syms):]
+    rows = (
+        None
+        if ids is None or isinstance(adapter_ids, jax.core.Tracer)
+        else tuple(np.asarray(adapter_ids).astype(int).tolist())
+    )  # known now: see interpret.ranked
+    syms = [
+        from_node(
+            qv.wrap(leaf), node, path_str(kp), ids=ids, active=whole_leaves.active(orig), rows=rows
+        )
+        for (kp, _), (leaf, node), orig in zip(flat, lowered, nodes)
+    ]
+    vals = syms + dyn[len(syms) :]
     outs = evaluate(closed.jaxpr, closed.consts, vals, ctx)
     if ctx.mask is not None:
         ungated(ctx.records)
@@ -139,13 +147,28 @@ def apply(fn: Callable, *, safe: bool = False, mixed: str = "auto") -> Callable:
     forwards = _takes_deterministic(fn)
 
     @functools.wraps(fn)
-    def wrapped(params, adapter, *args, lora_rng=None, adapter_ids=None, example_axes=None,
-                lora_mask=None, deterministic=None, **kwargs):
+    def wrapped(
+        params,
+        adapter,
+        *args,
+        lora_rng=None,
+        adapter_ids=None,
+        example_axes=None,
+        lora_mask=None,
+        deterministic=None,
+        **kwargs,
+    ):
         if safe:
-            fix = ("find where it came from (jax.config.update('jax_debug_nans', True)); "
-                   "safe=False turns these checks off")
-            for what, tree in (("params", params), ("adapter", adapter), ("args", args),
-                               ("kwargs", kwargs)):
+            fix = (
+                "find where it came from (jax.config.update('jax_debug_nans', True)); "
+                "safe=False turns these checks off"
+            )
+            for what, tree in (
+                ("params", params),
+                ("adapter", adapter),
+                ("args", args),
+                ("kwargs", kwargs),
+            ):
                 check_finite(tree, what, fix)
         if deterministic is not None:
             _check_flag(deterministic)
@@ -153,11 +176,11 @@ def apply(fn: Callable, *, safe: bool = False, mixed: str = "auto") -> Callable:
                 kwargs["deterministic"] = deterministic
         elif lora_rng is None:
             _check_no_dropout(adapter)
-        ctx = Ctx(key=None if deterministic else lora_rng, mixed=mixed,
-                  mask=_as_mask(lora_mask))
+        ctx = Ctx(key=None if deterministic else lora_rng, mixed=mixed, mask=_as_mask(lora_mask))
         out = interpret_call(fn, params, adapter, args, kwargs, ctx, adapter_ids, example_axes)
         _warn_transposed(ctx.records)
         return out
+
     del wrapped.__wrapped__  # its own signature (jax.jit's static_argnames reads it), fn's name
     return wrapped
 
@@ -166,8 +189,11 @@ def _takes_deterministic(fn: Callable) -> bool:
     """Whether ``fn`` names a ``deterministic`` parameter, or is a bound ``apply`` (Flax
     Linen's ``model.apply``) whose object's ``__call__`` names one. ``**kwargs`` alone
     does not count: most models behind a ``**kwargs`` do not take it."""
-    return any(_names_deterministic(f) for f in
-               (fn, getattr(getattr(fn, "__self__", None), "__call__", None)) if f is not None)
+    return any(
+        _names_deterministic(f)
+        for f in (fn, getattr(getattr(fn, "__self__", None), "__call__", None))
+        if f is not None
+    )
 
 
 def _names_deterministic(fn: Callable) -> bool:
@@ -175,14 +201,18 @@ def _names_deterministic(fn: Callable) -> bool:
         ps = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):  # no signature to read (some builtins): do not pass it
         return False
-    return any(p.name == "deterministic" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-               for p in ps)
+    return any(
+        p.name == "deterministic" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        for p in ps
+    )
 
 
 def _check_flag(deterministic) -> None:
     if not isinstance(deterministic, (bool, np.bool_)):
-        raise TypeError(f"deterministic={deterministic!r} must be a Python bool (under "
-                        "jax.jit, mark it static: static_argnames='deterministic')")
+        raise TypeError(
+            f"deterministic={deterministic!r} must be a Python bool (under "
+            "jax.jit, mark it static: static_argnames='deterministic')"
+        )
 
 
 def _check_no_dropout(adapter) -> None:
@@ -195,7 +225,8 @@ def _check_no_dropout(adapter) -> None:
             raise LoraError(
                 f"adapter at {path!r} has dropout={rate:g} but no lora_rng was given: pass "
                 "lora_rng=key to train with dropout, or deterministic=True to run without "
-                "it (evaluation, serving)")
+                "it (evaluation, serving)"
+            )
 
 
 def _warn_transposed(records) -> None:
@@ -208,16 +239,26 @@ def _warn_transposed(records) -> None:
             f"{', '.join(map(repr, paths))}: the model contracts the adapter's out axes "
             "(x @ W.T), and the adapter was made without fn, so A and B play swapped roles. "
             "Right for a tied embedding; for an (out, in) weight (Equinox, torch ports) pass "
-            "fn to init: jlora.init(key, params, cfg, fn, *example_args)", stacklevel=3)
+            "fn to init: jlora.init(key, params, cfg, fn, *example_args)",
+            stacklevel=3,
+        )
 
 
 def _as_mask(mask):
     return mask if mask is None or not hasattr(mask, "dtype") else jnp.asarray(mask)
 
 
-def explain(fn: Callable, params: Params, adapter: Adapter, *args, adapter_ids=None,
-            example_axes=None, mixed: str = "auto", lora_mask=None,
-            **kwargs) -> dict[str, list[str]]:
+def explain(
+    fn: Callable,
+    params: Params,
+    adapter: Adapter,
+    *args,
+    adapter_ids=None,
+    example_axes=None,
+    mixed: str = "auto",
+    lora_mask=None,
+    **kwargs,
+) -> dict[str, list[str]]:
     """How each adapted leaf is used by ``fn``: ``'factored'`` or ``'materialized (why)'``.
 
     Traces only (no computation). One entry per use site, in program order;
@@ -257,9 +298,25 @@ def explain(fn: Callable, params: Params, adapter: Adapter, *args, adapter_ids=N
         raise ValueError(f"explain(mixed={mixed!r}): expected one of {grouped.MODES}")
     ctx = Ctx(mixed=mixed)
     known = adapter_ids is None or not isinstance(adapter_ids, jax.ShapeDtypeStruct)
-    jax.eval_shape(lambda p, ad, i, m: interpret_call(  # known ids stay known: ranked paths
-        fn, p, ad, args, kwargs, dataclasses.replace(ctx, mask=_as_mask(m)),
-        adapter_ids if known else i, example_axes), params, adapter, adapter_ids, lora_mask)
-    adapted = [path_str(kp) for (kp, _), n in zip(flatten(params)[0], match(params, adapter))
-               if n is not None and not isinstance(n, FullNode)]
+    jax.eval_shape(
+        lambda p, ad, i, m: interpret_call(  # known ids stay known: ranked paths
+            fn,
+            p,
+            ad,
+            args,
+            kwargs,
+            dataclasses.replace(ctx, mask=_as_mask(m)),
+            adapter_ids if known else i,
+            example_axes,
+        ),
+        params,
+        adapter,
+        adapter_ids,
+        lora_mask,
+    )
+    adapted = [
+        path_str(kp)
+        for (kp, _), n in zip(flatten(params)[0], match(params, adapter))
+        if n is not None and not isinstance(n, FullNode)
+    ]
     return by_path(ctx.records, adapted)

@@ -12,8 +12,10 @@ from jlora.adapter import is_node, match
 from jlora.config import LoraError
 from jlora.targets import Adapter, Params, path_str
 
-_NAN_FIX = ("find where it came from with jax.config.update('jax_debug_nans', True) or "
-            "restore the last good checkpoint")
+_NAN_FIX = (
+    "find where it came from with jax.config.update('jax_debug_nans', True) or "
+    "restore the last good checkpoint"
+)
 
 
 def check(params: Params, adapter: Adapter, *, finite: bool = True) -> int:
@@ -74,6 +76,6 @@ def check_finite(tree, what: str, fix: str) -> None:
 
 def _raise(where: str, size: int, fix: str, bad) -> None:
     if int(bad):
-        raise LoraError(f"{where} has non-finite values ({int(bad)} of {size} are NaN or Inf); "
-                        f"{fix}")
-
+        raise LoraError(
+            f"{where} has non-finite values ({int(bad)} of {size} are NaN or Inf); {fix}"
+        )

@@ -29,16 +29,18 @@ from jlora.transforms.apply import interpret_call
 
 def covariances(fn, params, adapter, batches) -> dict:
     """Per adapted path: ``C`` ``(*stack, in, in)`` in float64."""
+
     def stats(params, adapter, *args):
         ctx = Ctx(capture=Capture())
         interpret_call(fn, params, adapter, args, {}, ctx)
         return ctx.capture.stats
+
     run = jax.jit(stats)
     total: dict = {}
     for args in batches:
         for p, (_, _, gram, top) in run(params, adapter, *args).items():
             top = np.abs(np.asarray(top, np.float64))[..., None, None]
-            c = np.asarray(gram, np.float64) / top ** 2
+            c = np.asarray(gram, np.float64) / top**2
             total[p] = c if p not in total else total[p] + c
     return {p: c / len(batches) for p, c in total.items()}
 
@@ -46,9 +48,11 @@ def covariances(fn, params, adapter, batches) -> dict:
 def factors(node, leaf, cov, method: str, path: str):
     """The node's CorDA factors and the base ``W0 - s A B``, each stacked matrix alone."""
     if cov is None:
-        raise LoraError(f"init='corda' needs the inputs of {path!r}, but no dot_general with "
-                        "it received any (an embedding, a conv, a cond/while body); leave it "
-                        "out of the targets")
+        raise LoraError(
+            f"init='corda' needs the inputs of {path!r}, but no dot_general with "
+            "it received any (an embedding, a conv, a cond/while body); leave it "
+            "out of the targets"
+        )
     axes = (node.stack_axes, node.in_axes, node.out_axes)
     w, back = factor_inits._matrices(leaf, axes)
     w = np.asarray(w, np.float64)
@@ -59,9 +63,10 @@ def factors(node, leaf, cov, method: str, path: str):
     a = np.stack([o[0] for o in out]).reshape(w.shape[:-1] + (r,))
     b = np.stack([o[1] for o in out]).reshape(w.shape[:-2] + (r, w.shape[-1]))
     base = back(np.asarray(w - node.scale * a @ b, np.float32))
-    return (dataclasses.replace(node, a=jnp.asarray(a, node.a.dtype),
-                                b=jnp.asarray(b, node.b.dtype)),
-            base.astype(leaf.dtype))
+    return (
+        dataclasses.replace(node, a=jnp.asarray(a, node.a.dtype), b=jnp.asarray(b, node.b.dtype)),
+        base.astype(leaf.dtype),
+    )
 
 
 def _one(w, cov, r: int, scale: float, method: str):

@@ -26,8 +26,9 @@ from jlora.transforms.init import InitResult, init_with_base
 DATA_INITS = ("lora_ga", "corda", "eva")
 
 
-def init_from_data(key, params: Params, cfg: LoraConfig, fn, batches, loss=None,
-                   **eva_kwargs) -> InitResult:
+def init_from_data(
+    key, params: Params, cfg: LoraConfig, fn, batches, loss=None, **eva_kwargs
+) -> InitResult:
     """An adapter (and base) initialised from data: ``cfg.init`` ``"lora_ga"``, ``"corda"``
     or ``"eva"``.
 
@@ -64,27 +65,43 @@ def init_from_data(key, params: Params, cfg: LoraConfig, fn, batches, loss=None,
       True
     """
     if cfg.init not in DATA_INITS:
-        raise LoraError(f"init_from_data computes init {DATA_INITS}; cfg.init={cfg.init!r} "
-                        "needs no data: use jlora.init or jlora.init_with_base")
+        raise LoraError(
+            f"init_from_data computes init {DATA_INITS}; cfg.init={cfg.init!r} "
+            "needs no data: use jlora.init or jlora.init_with_base"
+        )
     if not isinstance(batches, (list, tuple)) or not batches:
-        raise LoraError("init_from_data(batches=...) must be a non-empty list of argument "
-                        "tuples for fn (an array counts as a one-tuple)")
+        raise LoraError(
+            "init_from_data(batches=...) must be a non-empty list of argument "
+            "tuples for fn (an array counts as a one-tuple)"
+        )
     batches = [b if isinstance(b, tuple) else (b,) for b in batches]
     plain = dataclasses.replace(cfg, init="kaiming")
     if cfg.init == "eva":
         return InitResult(init_eva(key, params, plain, fn, batches, **eva_kwargs), params)
     if loss is None and cfg.init == "lora_ga":
-        raise LoraError("init='lora_ga' follows the gradient of a loss: pass "
-                        "loss=lambda out: ... (a scalar of fn's output)")
+        raise LoraError(
+            "init='lora_ga' follows the gradient of a loss: pass "
+            "loss=lambda out: ... (a scalar of fn's output)"
+        )
     if cfg.dora:
         raise LoraError(f"init={cfg.init!r} with dora=True: PEFT's has no DoRA form")
     adapter = init_with_base(key, params, plain, fn, *batches[0]).adapter
     if cfg.init == "corda":
         covs = corda.covariances(fn, params, adapter, batches)
-        return _each_node(params, adapter, lambda p, node, leaf: corda.factors(
-            node, leaf, covs.get(p), cfg.corda_method, p), cfg.init)
-    return _each_node(params, adapter, lambda p, node, leaf: _factors(
-        node, leaf, _mean_grad(params, p, fn, batches, loss), cfg.stable_gamma), cfg.init)
+        return _each_node(
+            params,
+            adapter,
+            lambda p, node, leaf: corda.factors(node, leaf, covs.get(p), cfg.corda_method, p),
+            cfg.init,
+        )
+    return _each_node(
+        params,
+        adapter,
+        lambda p, node, leaf: _factors(
+            node, leaf, _mean_grad(params, p, fn, batches, loss), cfg.stable_gamma
+        ),
+        cfg.init,
+    )
 
 
 def _each_node(params, adapter, make, init: str) -> InitResult:
@@ -94,14 +111,17 @@ def _each_node(params, adapter, make, init: str) -> InitResult:
     for (kp, leaf), node in zip(flat, match(params, adapter)):
         path = path_str(kp)
         if isinstance(node, LayersNode):
-            raise LoraError(f"init={init!r} with layers_to_transform ({path!r}) is not "
-                            "supported yet; adapt all the layers of a stack")
+            raise LoraError(
+                f"init={init!r} with layers_to_transform ({path!r}) is not "
+                "supported yet; adapt all the layers of a stack"
+            )
         if isinstance(node, LoraNode):
             node, leaf = make(path, node, leaf)
         nodes.append(node)
         leaves.append(leaf)
-    return InitResult(jax.tree_util.tree_unflatten(treedef, nodes),
-                      jax.tree_util.tree_unflatten(treedef, leaves))
+    return InitResult(
+        jax.tree_util.tree_unflatten(treedef, nodes), jax.tree_util.tree_unflatten(treedef, leaves)
+    )
 
 
 def _mean_grad(params, path: str, fn, batches, loss):
@@ -111,12 +131,16 @@ def _mean_grad(params, path: str, fn, batches, loss):
     leaves = [leaf for _, leaf in flat]
 
     def of_leaf(w, *args):
-        out = loss(fn(jax.tree_util.tree_unflatten(treedef, leaves[:i] + [w] + leaves[i + 1:]),
-                      *args))
+        out = loss(
+            fn(jax.tree_util.tree_unflatten(treedef, leaves[:i] + [w] + leaves[i + 1 :]), *args)
+        )
         if jnp.shape(out) != ():
-            raise LoraError(f"init_from_data(loss=...) must return a scalar, got shape "
-                            f"{jnp.shape(out)}; reduce it (e.g. jnp.mean)")
+            raise LoraError(
+                f"init_from_data(loss=...) must return a scalar, got shape "
+                f"{jnp.shape(out)}; reduce it (e.g. jnp.mean)"
+            )
         return out
+
     grad = jax.jit(jax.grad(of_leaf))
     total = grad(leaves[i], *batches[0]).astype(jnp.float32)
     for args in batches[1:]:
@@ -131,11 +155,13 @@ def _factors(node: LoraNode, leaf, grad, gamma: float):
     g, _ = factor_inits._matrices(grad, axes)
     r = node.rank
     if 2 * r > min(g.shape[-2:]):
-        raise LoraError(f"init='lora_ga' takes 2 x rank = {2 * r} singular directions of the "
-                        f"gradient, more than {node.shape} has; lower the rank")
+        raise LoraError(
+            f"init='lora_ga' takes 2 x rank = {2 * r} singular directions of the "
+            f"gradient, more than {node.shape} has; lower the rank"
+        )
     p, s, qt = jnp.linalg.svd(g, full_matrices=False)
     a = p[..., :, :r]
-    b = s[..., r:2 * r, None] * qt[..., r:2 * r, :] * (g.shape[-1] ** 0.25 / gamma ** 0.5)
+    b = s[..., r : 2 * r, None] * qt[..., r : 2 * r, :] * (g.shape[-1] ** 0.25 / gamma**0.5)
     w, back = factor_inits._matrices(leaf, axes)
     a, b = a.astype(node.a.dtype), b.astype(node.b.dtype)
     base = back(w - node.scale * a.astype(jnp.float32) @ b.astype(jnp.float32))

@@ -28,8 +28,18 @@ from jlora.transforms.apply import interpret_call
 from jlora.transforms.init import init
 
 
-def init_eva(key, params: Params, cfg: LoraConfig, fn, batches, *, masks=None,
-             rho: float = 2.0, whiten: bool = False, adjust_scaling: bool = True) -> Adapter:
+def init_eva(
+    key,
+    params: Params,
+    cfg: LoraConfig,
+    fn,
+    batches,
+    *,
+    masks=None,
+    rho: float = 2.0,
+    whiten: bool = False,
+    adjust_scaling: bool = True,
+) -> Adapter:
     """An adapter whose ``A`` factors are the principal directions of each target's inputs.
 
     Args:
@@ -66,8 +76,10 @@ def init_eva(key, params: Params, cfg: LoraConfig, fn, batches, *, masks=None,
     """
     cfg = dataclasses.replace(cfg, init="kaiming") if cfg.init == "eva" else cfg
     if changes_base(cfg.init):
-        raise LoraError(f"init_eva computes its own factors; cfg.init={cfg.init!r} would also "
-                        "change the base: use init='kaiming' or 'gaussian'")
+        raise LoraError(
+            f"init_eva computes its own factors; cfg.init={cfg.init!r} would also "
+            "change the base: use init='kaiming' or 'gaussian'"
+        )
     if not rho >= 1.0:
         raise LoraError(f"init_eva(rho={rho!r}): rho must be >= 1 (PEFT's EvaConfig)")
     if not isinstance(batches, (list, tuple)) or not batches:
@@ -83,26 +95,36 @@ def init_eva(key, params: Params, cfg: LoraConfig, fn, batches, *, masks=None,
     nodes = dict(zip(paths, match(params, adapter)))
     some = [p for p, n in nodes.items() if isinstance(n, LayersNode)]
     if some:
-        raise LoraError(f"init_eva with layers_to_transform on a scanned stack ({some[0]!r}) "
-                        "is not supported yet; adapt all its layers or use an unscanned model")
+        raise LoraError(
+            f"init_eva with layers_to_transform on a scanned stack ({some[0]!r}) "
+            "is not supported yet; adapt all its layers or use an unscanned model"
+        )
     lora = {p: n for p, n in nodes.items() if isinstance(n, LoraNode)}
     pcas = {p: _pca(stats[p], round(rho * n.rank), p) for p, n in lora.items() if p in stats}
     ranks = _distribute(pcas, {p: lora[p].rank for p in pcas})
     missing = [p for p in lora if p not in pcas]
     if missing:
-        warnings.warn(f"init_eva: no input reached {missing} through dot_general (an "
-                      "embedding, a conv, or a cond/while body); they keep cfg.init's factors")
-    return jax.tree_util.tree_unflatten(treedef, [
-        n if p not in pcas else _node(n, pcas[p], ranks[p], p, cfg, whiten, adjust_scaling)
-        for p, n in nodes.items()])
+        warnings.warn(
+            f"init_eva: no input reached {missing} through dot_general (an "
+            "embedding, a conv, or a cond/while body); they keep cfg.init's factors"
+        )
+    return jax.tree_util.tree_unflatten(
+        treedef,
+        [
+            n if p not in pcas else _node(n, pcas[p], ranks[p], p, cfg, whiten, adjust_scaling)
+            for p, n in nodes.items()
+        ],
+    )
 
 
 def _collect(fn, params, adapter, batches, masks) -> dict:
     """Per adapted path: ``(count, sum, gram)`` over all batches, in float64."""
+
     def stats(params, adapter, mask, *args):
         ctx = Ctx(capture=Capture(mask))
         interpret_call(fn, params, adapter, args, {}, ctx)
         return ctx.capture.stats
+
     run = jax.jit(stats)
     total: dict = {}
     for args, mask in zip(batches, masks):
@@ -121,8 +143,10 @@ def _pca(stat, max_k: int, path: str):
     gram = gram.reshape(count.size, *gram.shape[-2:])
     k = min(max_k, gram.shape[-1])
     if count.min() < k:
-        raise LoraError(f"init_eva: {path!r} saw {int(count.min())} rows, fewer than the "
-                        f"{k} components it may take; give more batches (or tokens)")
+        raise LoraError(
+            f"init_eva: {path!r} saw {int(count.min())} rows, fewer than the "
+            f"{k} components it may take; give more batches (or tokens)"
+        )
     out = []
     for n, s, g in zip(count, total, gram):
         mean = s / n
@@ -146,15 +170,19 @@ def _distribute(pcas: dict, budget: dict) -> dict:
     counts = {(p, layer): 0 for p, layer in units}
     for i in won:
         counts[units[i]] += 1
-    return {p: np.array([counts[(p, layer)] for layer in range(r.size // r.shape[-1])])
-            for p, (r, _, _) in pcas.items()}
+    return {
+        p: np.array([counts[(p, layer)] for layer in range(r.size // r.shape[-1])])
+        for p, (r, _, _) in pcas.items()
+    }
 
 
 def _node(node, pca, ranks, path: str, cfg: LoraConfig, whiten: bool, adjust: bool):
     if len(set(ranks.tolist())) > 1:
-        raise LoraError(f"init_eva gives the layers of {path!r} different ranks "
-                        f"({sorted(set(ranks.tolist()))}), but one (layers, in, out) leaf has "
-                        "one rank: pass rho=1.0 (no redistribution) or use an unscanned model")
+        raise LoraError(
+            f"init_eva gives the layers of {path!r} different ranks "
+            f"({sorted(set(ranks.tolist()))}), but one (layers, in, out) leaf has "
+            "one rank: pass rho=1.0 (no redistribution) or use an unscanned model"
+        )
     k = int(ranks[0])
     if k == 0:
         return None
@@ -163,6 +191,10 @@ def _node(node, pca, ranks, path: str, cfg: LoraConfig, whiten: bool, adjust: bo
     alpha = node.alpha * k / node.rank if adjust and k != node.rank else node.alpha
     dtype = node.a.dtype
     return dataclasses.replace(
-        node, a=jnp.asarray(a, dtype), b=jnp.zeros(node.b.shape[:-2] + (k, node.b.shape[-1]),
-                                                      dtype),
-        rank=k, alpha=float(alpha), scale=cfg.scaling_for(k, alpha))
+        node,
+        a=jnp.asarray(a, dtype),
+        b=jnp.zeros(node.b.shape[:-2] + (k, node.b.shape[-1]), dtype),
+        rank=k,
+        alpha=float(alpha),
+        scale=cfg.scaling_for(k, alpha),
+    )

@@ -23,8 +23,11 @@ def base_changing(cfg, w, axes, rank: int, scale: float, dtype, key=None):
     if cfg.init == "loftq":
         return _loftq(w, axes, rank, scale, dtype, cfg.loftq_iter)
     k = niter(cfg.init)
-    factors = _FACTORS[cfg.init] if k is None else functools.partial(
-        _pissa_niter, niter=k, key=jax.random.key(0) if key is None else key)
+    factors = (
+        _FACTORS[cfg.init]
+        if k is None
+        else functools.partial(_pissa_niter, niter=k, key=jax.random.key(0) if key is None else key)
+    )
     return _moved(w, axes, rank, scale, dtype, factors)
 
 
@@ -46,9 +49,11 @@ def orthogonal(key, path: str, stack, n_in: int, n_out: int, rank: int, dtype):
     / 10``, ``B = Q[1::2]^T G2 / 10`` (``G`` Gaussian), so ``A B = G1 Q[0::2] Q[1::2]^T G2 /
     100 = 0``: the model starts unchanged, each factor full rank."""
     if rank % 2:
-        raise LoraError(f"init='orthogonal' splits a rotation's rows between A and B, so it "
-                        f"needs an even rank; {path!r} has rank {rank} (set an even rank, or "
-                        "rank_pattern for this path)")
+        raise LoraError(
+            f"init='orthogonal' splits a rotation's rows between A and B, so it "
+            f"needs an even rank; {path!r} has rank {rank} (set an even rank, or "
+            "rank_pattern for this path)"
+        )
     k1, k2, k3 = jax.random.split(key, 3)
     q, _ = jnp.linalg.qr(jax.random.normal(k1, stack + (rank, rank), jnp.float32))
     g1 = jax.random.normal(k2, stack + (n_in, rank // 2), jnp.float32)
@@ -102,7 +107,7 @@ def _matrices(w, axes):
     wt = jnp.transpose(w, order).astype(jnp.float32)
     n_in = math.prod(w.shape[ax] for ax in axes[1])
     back = lambda m: jnp.transpose(m.reshape(wt.shape), [order.index(ax) for ax in range(w.ndim)])
-    return wt.reshape(wt.shape[:len(axes[0])] + (n_in, -1)), back
+    return wt.reshape(wt.shape[: len(axes[0])] + (n_in, -1)), back
 
 
 def _top(res, rank: int, scale: float):

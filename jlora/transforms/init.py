@@ -62,16 +62,18 @@ def init(key, params: Params, cfg: LoraConfig, fn=None, *args, **kwargs) -> Adap
       ((4, 2), (2, 6))
     """
     if changes_base(cfg.init):
-        warnings.warn(f"jlora.init with init={cfg.init!r} returning (adapter, base) is "
-                      "deprecated and will be removed in 0.3: use adapter, base = "
-                      "jlora.init_with_base(key, params, cfg, ...)", DeprecationWarning,
-                      stacklevel=2)
+        warnings.warn(
+            f"jlora.init with init={cfg.init!r} returning (adapter, base) is "
+            "deprecated and will be removed in 0.3: use adapter, base = "
+            "jlora.init_with_base(key, params, cfg, ...)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return tuple(init_with_base(key, params, cfg, fn, *args, **kwargs))
     return init_with_base(key, params, cfg, fn, *args, **kwargs).adapter
 
 
-def init_with_base(key, params: Params, cfg: LoraConfig, fn=None, *args,
-                   **kwargs) -> InitResult:
+def init_with_base(key, params: Params, cfg: LoraConfig, fn=None, *args, **kwargs) -> InitResult:
     """:func:`init`, also returning the base to train and serve the adapter with.
 
     PiSSA and OLoRA move the top of each target's spectrum (or its QR part) into the
@@ -100,15 +102,19 @@ def init_with_base(key, params: Params, cfg: LoraConfig, fn=None, *args,
       0.0
     """
     if cfg.init in ("lora_ga", "corda", "eva"):
-        raise LoraError(f"init={cfg.init!r} is computed from data: use jlora.init_from_data("
-                        "key, params, cfg, fn, batches, loss=...)")
+        raise LoraError(
+            f"init={cfg.init!r} is computed from data: use jlora.init_from_data("
+            "key, params, cfg, fn, batches, loss=...)"
+        )
     _check_key(key, params, cfg)
     chosen, whole = select(params, cfg), select_whole(params, cfg)
     both = sorted(set(chosen) & set(whole))
     if both:
-        raise LoraError(f"{both[0]!r} is both a LoRA target and in modules_to_save / "
-                        "trainable_token_indices; a leaf trains one way: narrow targets "
-                        "(exclude=...) or the other field")
+        raise LoraError(
+            f"{both[0]!r} is both a LoRA target and in modules_to_save / "
+            "trainable_token_indices; a leaf trains one way: narrow targets "
+            "(exclude=...) or the other field"
+        )
     learned = {}
     if fn is not None:
         learned = discover_axes(fn, params, set(chosen), args, kwargs)
@@ -146,18 +152,23 @@ def _is_key(x) -> bool:
     if dtype is None:
         return False
     return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or (
-        dtype == jnp.uint32 and tuple(jnp.shape(x)) == (2,))
+        dtype == jnp.uint32 and tuple(jnp.shape(x)) == (2,)
+    )
 
 
 def _check_key(key, params, cfg) -> None:
     if _is_key(key):
         return
     if _is_key(params) or isinstance(key, LoraConfig):
-        raise LoraError("init's arguments are in the wrong order: the random key comes first, "
-                        "jlora.init(key, params, cfg, ...), e.g. jlora.init(jax.random.key(0), "
-                        "params, cfg)")
-    raise LoraError(f"init's first argument must be a jax.random key (jax.random.key(0)), "
-                    f"not {type(key).__name__}: jlora.init(key, params, cfg, ...)")
+        raise LoraError(
+            "init's arguments are in the wrong order: the random key comes first, "
+            "jlora.init(key, params, cfg, ...), e.g. jlora.init(jax.random.key(0), "
+            "params, cfg)"
+        )
+    raise LoraError(
+        f"init's first argument must be a jax.random key (jax.random.key(0)), "
+        f"not {type(key).__name__}: jlora.init(key, params, cfg, ...)"
+    )
 
 
 def _scan_stacked(path: str, leaf, flat) -> bool:
@@ -168,8 +179,7 @@ def _scan_stacked(path: str, leaf, flat) -> bool:
     paths = [(path_str(kp).split("/"), x) for kp, x in flat]
     for depth in range(len(parts) - 1):
         under = [x for p, x in paths if p[:depth] == parts[:depth] and len(p) > depth]
-        if len(under) > 1 and all(len(x.shape) >= 2 and x.shape[0] == leaf.shape[0]
-                                  for x in under):
+        if len(under) > 1 and all(len(x.shape) >= 2 and x.shape[0] == leaf.shape[0] for x in under):
             return True
     return False
 
@@ -178,13 +188,17 @@ def _check_unambiguous(path: str, leaf, flat, traced: bool) -> None:
     """Without ``fn``, only 2-D kernels and Flax scan stacks of them have a known layout."""
     if leaf.ndim == 2 or (leaf.ndim == 3 and _scan_stacked(path, leaf, flat)):
         return
-    how = ("fn never contracts it in the traced example" if traced else
-           "no fn was given to learn it from")
+    how = (
+        "fn never contracts it in the traced example"
+        if traced
+        else "no fn was given to learn it from"
+    )
     raise LoraError(
         f"cannot tell which axes of {path!r} {tuple(leaf.shape)} are in, out or stacked "
         f"({how}): it may be a head-split attention kernel (in, heads, head_dim), a "
         "convolution kernel or a stack that is not a Flax scan; learn them by tracing: "
-        "jlora.init(key, params, cfg, fn, *example_args) with the model's apply function")
+        "jlora.init(key, params, cfg, fn, *example_args) with the model's apply function"
+    )
 
 
 def _with_origin(node, origin: str):
@@ -194,21 +208,28 @@ def _with_origin(node, origin: str):
 
 
 def _some_layers(cfg: LoraConfig, path: str) -> bool:
-    return cfg.layers_to_transform is not None and \
-        layer_index(path, cfg.layers_pattern or LAYER_PATTERNS) == "stack"
+    return (
+        cfg.layers_to_transform is not None
+        and layer_index(path, cfg.layers_pattern or LAYER_PATTERNS) == "stack"
+    )
 
 
 def _make_layers_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
     """A node on ``cfg.layers_to_transform`` of a scanned stack (its first stacked axis)."""
     layers = tuple(sorted(set(cfg.layers_to_transform or ())))
     if not axes[0] or is_quantized(w) or cfg.init == "loftq":
-        why = ("has no stacked axis" if not axes[0] else "would be NF4 in part (adapt all its "
-               "layers, or quantize after init)")
+        why = (
+            "has no stacked axis"
+            if not axes[0]
+            else "would be NF4 in part (adapt all its layers, or quantize after init)"
+        )
         raise LoraError(f"layers_to_transform={list(layers)}: {path!r} {why}")
     ax, length = axes[0][0], w.shape[axes[0][0]]
     if layers[-1] >= length:
-        raise LoraError(f"layers_to_transform={list(layers)}: {path!r} stacks {length} layers "
-                        f"(axis {ax}); use indices below {length}")
+        raise LoraError(
+            f"layers_to_transform={list(layers)}: {path!r} stacks {length} layers "
+            f"(axis {ax}); use indices below {length}"
+        )
     ids = jnp.asarray(layers)
     node, res = _make_node(key, jnp.take(w, ids, axis=ax), path, cfg, rank, alpha, axes)
     if changes_base(cfg.init):  # the residual of the chosen layers, in place
@@ -233,30 +254,49 @@ def _make_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
     size = lambda group: math.prod(w.shape[ax] for ax in group)
     n_in, n_out = size(in_axes), size(out_axes)
     if rank > min(n_in, n_out):
-        raise LoraError(f"rank {rank} for {path!r} exceeds min(in={n_in}, out={n_out}) of its "
-                        f"kernel {tuple(w.shape)}; lower the rank (rank_pattern can set it "
-                        "per path)")
+        raise LoraError(
+            f"rank {rank} for {path!r} exceeds min(in={n_in}, out={n_out}) of its "
+            f"kernel {tuple(w.shape)}; lower the rank (rank_pattern can set it "
+            "per path)"
+        )
     if changes_base(cfg.init) and is_quantized(w):
-        then = ("it returns the quantized base" if cfg.init == "loftq" else
-                "then jlora.quantize the residual it returns")
-        raise LoraError(f"init={cfg.init!r} changes the base, but {path!r} is already "
-                        f"quantized; run jlora.init with {cfg.init} on the float base ({then})")
+        then = (
+            "it returns the quantized base"
+            if cfg.init == "loftq"
+            else "then jlora.quantize the residual it returns"
+        )
+        raise LoraError(
+            f"init={cfg.init!r} changes the base, but {path!r} is already "
+            f"quantized; run jlora.init with {cfg.init} on the float base ({then})"
+        )
     dtype = factor_dtype(cfg.dtype, w.dtype)
     if not jnp.issubdtype(dtype, jnp.floating) or (
-            jnp.finfo(dtype).nmant < jnp.finfo(w.dtype).nmant):
-        raise LoraError(f"dtype={cfg.dtype!r} for {path!r}: factors in {dtype} on a {w.dtype} "
-                        f"weight would silently round every update to {dtype}; use dtype=None "
-                        "(float32, or the base's dtype if wider) or a wider float; to save "
-                        "memory, cast or jlora.quantize the base instead")
+        jnp.finfo(dtype).nmant < jnp.finfo(w.dtype).nmant
+    ):
+        raise LoraError(
+            f"dtype={cfg.dtype!r} for {path!r}: factors in {dtype} on a {w.dtype} "
+            f"weight would silently round every update to {dtype}; use dtype=None "
+            "(float32, or the base's dtype if wider) or a wider float; to save "
+            "memory, cast or jlora.quantize the base instead"
+        )
     stack = tuple(w.shape[ax] for ax in stack_axes)
     scale = cfg.scaling_for(rank, alpha)
     (a, b), res = factor_inits.fresh(cfg.init, key, path, stack, n_in, n_out, rank, dtype), w
     if changes_base(cfg.init):
         a, b, res = factor_inits.base_changing(cfg, w, axes, rank, scale, dtype, key)
-    node = LoraNode(a=a, b=b, rank=rank, alpha=float(alpha), scale=scale,
-                    dropout=float(cfg.dropout), shape=tuple(w.shape),
-                    stack_axes=tuple(stack_axes), in_axes=tuple(in_axes),
-                    out_axes=tuple(out_axes), invocation=cfg.alora_invocation_tokens)
+    node = LoraNode(
+        a=a,
+        b=b,
+        rank=rank,
+        alpha=float(alpha),
+        scale=scale,
+        dropout=float(cfg.dropout),
+        shape=tuple(w.shape),
+        stack_axes=tuple(stack_axes),
+        in_axes=tuple(in_axes),
+        out_axes=tuple(out_axes),
+        invocation=cfg.alora_invocation_tokens,
+    )
     if cfg.dora:  # magnitude = ||W0 + s A B|| per output feature: the model is unchanged
         a_u, b_u, _ = node.unflat()
         base = dequantize_array(res) if is_quantized(res) else res  # LoftQ: the quantized base

@@ -26,8 +26,10 @@ def _check_finite(changed: list) -> None:
     finite = np.asarray(jnp.stack([jnp.isfinite(v).all() for _, v in changed]))
     if not finite.all():
         bad = changed[int(np.argmin(finite))][0]
-        raise LoraError(f"merging the adapter into {bad!r} gives non-finite values "
-                        "(NaN/Inf); check the adapter for diverged training before merging")
+        raise LoraError(
+            f"merging the adapter into {bad!r} gives non-finite values "
+            "(NaN/Inf); check the adapter for diverged training before merging"
+        )
 
 
 class MergeResult(NamedTuple):
@@ -42,8 +44,9 @@ class MergeResult(NamedTuple):
     norms: dict
 
 
-def merge(params: Params, adapter: Adapter, *, return_norms: bool = False,
-          requantize: bool = False) -> Params:
+def merge(
+    params: Params, adapter: Adapter, *, return_norms: bool = False, requantize: bool = False
+) -> Params:
     """The adapted weights as plain arrays: no inference overhead.
 
     LoRA: ``W0 + s * A @ B``. DoRA: ``(m / n) * (W0 + s * A @ B)`` with ``n`` the
@@ -75,15 +78,17 @@ def merge(params: Params, adapter: Adapter, *, return_norms: bool = False,
       True
     """
     if return_norms:
-        warnings.warn("merge(..., return_norms=True) is deprecated and will be removed in "
-                      "0.3: use merged, norms = jlora.merge_with_norms(params, adapter)",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "merge(..., return_norms=True) is deprecated and will be removed in "
+            "0.3: use merged, norms = jlora.merge_with_norms(params, adapter)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return tuple(merge_with_norms(params, adapter, requantize=requantize))
     return _merge(params, adapter, requantize, False).params
 
 
-def merge_with_norms(params: Params, adapter: Adapter, *,
-                     requantize: bool = False) -> MergeResult:
+def merge_with_norms(params: Params, adapter: Adapter, *, requantize: bool = False) -> MergeResult:
     """:func:`merge`, also returning each DoRA leaf's norm, which :func:`unmerge` needs.
 
     The merged weight ``(m / n) * (W0 + s * A @ B)`` no longer holds ``n``; PEFT caches
@@ -118,9 +123,11 @@ def _merge(params, adapter, requantize: bool, want_norms: bool) -> MergeResult:
     out, changed, norms, rounded = [], [], {}, ""
     for (kp, leaf), node in zip(flat, match(params, adapter)):
         if getattr(getattr(node, "node", node), "invocation", None):
-            raise LoraError(f"{path_str(kp)!r} is an activated LoRA: it acts only from its "
-                            "invocation on, which a merged weight cannot express (PEFT does "
-                            "not merge aLoRA either); serve it with apply(..., lora_mask=)")
+            raise LoraError(
+                f"{path_str(kp)!r} is an activated LoRA: it acts only from its "
+                "invocation on, which a merged weight cannot express (PEFT does "
+                "not merge aLoRA either); serve it with apply(..., lora_mask=)"
+            )
         if node is None:
             out.append(leaf if requantize or not is_quantized(leaf) else dequantize(leaf))
             continue
@@ -139,10 +146,12 @@ def _merge(params, adapter, requantize: bool, want_norms: bool) -> MergeResult:
             out[-1] = requantize_like(leaf, out[-1], path)
     _check_finite(changed)
     if rounded:
-        warnings.warn(f"merge(requantize=True) rounds base + adapter to {rounded}: the merged "
-                      "model differs from base + adapter (as with PEFT's merge_and_unload on a "
-                      "4-bit base); keep the adapter separate for exact outputs",
-                      stacklevel=3)  # the caller of merge or merge_with_norms
+        warnings.warn(
+            f"merge(requantize=True) rounds base + adapter to {rounded}: the merged "
+            "model differs from base + adapter (as with PEFT's merge_and_unload on a "
+            "4-bit base); keep the adapter separate for exact outputs",
+            stacklevel=3,
+        )  # the caller of merge or merge_with_norms
     return MergeResult(jax.tree_util.tree_unflatten(treedef, out), norms)
 
 
@@ -181,13 +190,17 @@ def unmerge(merged: Params, adapter: Adapter, norms: dict | None = None) -> Para
             continue
         path = path_str(kp)
         if whole_leaves.is_whole(node):
-            raise LoraError(f"{path!r} was trained in full or by token rows, and the merged "
-                            "tree no longer holds its base values; keep the base (merge "
-                            "returns a new tree) instead of unmerging")
+            raise LoraError(
+                f"{path!r} was trained in full or by token rows, and the merged "
+                "tree no longer holds its base values; keep the base (merge "
+                "returns a new tree) instead of unmerging"
+            )
         if node.magnitude is not None and path not in (norms or {}):
-            raise LoraError(f"unmerging the DoRA adapter at {path!r} needs the norms merge "
-                            "used: merged, norms = jlora.merge_with_norms(params, "
-                            "adapter); jlora.unmerge(merged, adapter, norms)")
+            raise LoraError(
+                f"unmerging the DoRA adapter at {path!r} needs the norms merge "
+                "used: merged, norms = jlora.merge_with_norms(params, "
+                "adapter); jlora.unmerge(merged, adapter, norms)"
+            )
         norm = None if node.magnitude is None else (norms or {})[path]
         node = whole_leaves.lower(leaf, node)[1]
         out.append(sy.dematerialize(sy.from_node(leaf, node, path, norm)))

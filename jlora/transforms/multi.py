@@ -50,8 +50,10 @@ def _same_leaves(adapters) -> list[dict]:
     for i, nodes in enumerate(found[1:], 1):
         if set(nodes) != set(found[0]):
             diff = sorted(set(nodes) ^ set(found[0]))[:3]
-            raise LoraError(f"adapters 0 and {i} adapt different leaves ({diff}); stacked or "
-                            "combined adapters must target the same leaves")
+            raise LoraError(
+                f"adapters 0 and {i} adapt different leaves ({diff}); stacked or "
+                "combined adapters must target the same leaves"
+            )
     return found
 
 
@@ -65,30 +67,41 @@ def _stack_nodes(path: str, nodes: list) -> StackedNode:
     first = nodes[0]
     for i, n in enumerate(nodes):
         if not isinstance(n, LoraNode):
-            why = ("is already stacked; stack plain adapters" if isinstance(n, StackedNode)
-                   else f"is a {type(n).__name__} (modules_to_save / trainable tokens / "
-                   "some layers of a stack), which mixed batches do not serve yet; merge it "
-                   "into the base first")
+            why = (
+                "is already stacked; stack plain adapters"
+                if isinstance(n, StackedNode)
+                else f"is a {type(n).__name__} (modules_to_save / trainable tokens / "
+                "some layers of a stack), which mixed batches do not serve yet; merge it "
+                "into the base first"
+            )
             raise LoraError(f"adapter {i} at {path!r} {why}")
         same = ("shape", "stack_axes", "in_axes", "out_axes", "dropout")
         bad = [f for f in same if getattr(n, f) != getattr(first, f)]
         if bad or (n.magnitude is None) != (first.magnitude is None):
-            raise LoraError(f"adapters 0 and {i} differ at {path!r} in "
-                            f"{bad or ['DoRA']}; only rank and alpha may differ in a stack")
+            raise LoraError(
+                f"adapters 0 and {i} differ at {path!r} in "
+                f"{bad or ['DoRA']}; only rank and alpha may differ in a stack"
+            )
     rank = max(n.rank for n in nodes)
-    pad = lambda x, axis, r: jnp.pad(x, [(0, rank - r if d == axis else 0)
-                                         for d in range(x.ndim)])
+    pad = lambda x, axis, r: jnp.pad(x, [(0, rank - r if d == axis else 0) for d in range(x.ndim)])
     a = jnp.stack([pad(n.a, n.a.ndim - 1, n.rank) for n in nodes])
     b = jnp.stack([pad(n.b, n.b.ndim - 2, n.rank) for n in nodes])
     mag = None if first.magnitude is None else jnp.stack([n.magnitude for n in nodes])
-    return StackedNode(a=a, b=b, scale=tuple(float(n.scale) for n in nodes),
-                       ranks=tuple(n.rank for n in nodes), dropout=first.dropout,
-                       shape=first.shape, stack_axes=first.stack_axes, in_axes=first.in_axes,
-                       out_axes=first.out_axes, magnitude=mag,
-                       alphas=tuple(float(n.alpha) for n in nodes),
-                       axes_from=_origin(nodes),
-                       invocations=tuple(n.invocation for n in nodes)
-                       if any(n.invocation for n in nodes) else ())
+    return StackedNode(
+        a=a,
+        b=b,
+        scale=tuple(float(n.scale) for n in nodes),
+        ranks=tuple(n.rank for n in nodes),
+        dropout=first.dropout,
+        shape=first.shape,
+        stack_axes=first.stack_axes,
+        in_axes=first.in_axes,
+        out_axes=first.out_axes,
+        magnitude=mag,
+        alphas=tuple(float(n.alpha) for n in nodes),
+        axes_from=_origin(nodes),
+        invocations=tuple(n.invocation for n in nodes) if any(n.invocation for n in nodes) else (),
+    )
 
 
 def _origin(nodes) -> str:
@@ -121,21 +134,30 @@ def unstack(stacked: Adapter) -> list[Adapter]:
     nodes = adapter_nodes(stacked)
     bad = [p for p, n in nodes.items() if not isinstance(n, StackedNode)]
     if bad or not nodes:
-        raise LoraError(f"unstack needs a tree made by jlora.stack; {bad[:1] or 'it'} is not "
-                        "stacked")
+        raise LoraError(
+            f"unstack needs a tree made by jlora.stack; {bad[:1] or 'it'} is not stacked"
+        )
     n = {len(node.ranks) for node in nodes.values()}.pop()
-    return [_rebuild(stacked, {p: _one(node, i) for p, node in nodes.items()})
-            for i in range(n)]
+    return [_rebuild(stacked, {p: _one(node, i) for p, node in nodes.items()}) for i in range(n)]
 
 
 def _one(node: StackedNode, i: int) -> LoraNode:
     r = node.ranks[i]
-    return LoraNode(a=node.a[i][..., :r], b=node.b[i][..., :r, :], rank=r,
-                    alpha=node.alphas[i], scale=node.scale[i], dropout=node.dropout,
-                    shape=node.shape, stack_axes=node.stack_axes, in_axes=node.in_axes,
-                    out_axes=node.out_axes, axes_from=node.axes_from,
-                    invocation=node.invocations[i] if node.invocations else None,
-                    magnitude=None if node.magnitude is None else node.magnitude[i])
+    return LoraNode(
+        a=node.a[i][..., :r],
+        b=node.b[i][..., :r, :],
+        rank=r,
+        alpha=node.alphas[i],
+        scale=node.scale[i],
+        dropout=node.dropout,
+        shape=node.shape,
+        stack_axes=node.stack_axes,
+        in_axes=node.in_axes,
+        out_axes=node.out_axes,
+        axes_from=node.axes_from,
+        invocation=node.invocations[i] if node.invocations else None,
+        magnitude=None if node.magnitude is None else node.magnitude[i],
+    )
 
 
 def check_ids(nodes: list, adapter_ids):
@@ -146,18 +168,24 @@ def check_ids(nodes: list, adapter_ids):
             raise LoraError("adapter_ids needs a stacked adapter: jlora.stack([ad1, ad2, ...])")
         return None
     if adapter_ids is None:
-        raise LoraError("a stacked adapter needs adapter_ids: one adapter index per example "
-                        "(-1 for the base alone)")
+        raise LoraError(
+            "a stacked adapter needs adapter_ids: one adapter index per example "
+            "(-1 for the base alone)"
+        )
     n = len(stacked[0].ranks)
     ids = jnp.asarray(adapter_ids)
     if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise LoraError(f"adapter_ids must be a 1-D integer array (one per example), got "
-                        f"{ids.dtype} of shape {ids.shape}")
+        raise LoraError(
+            f"adapter_ids must be a 1-D integer array (one per example), got "
+            f"{ids.dtype} of shape {ids.shape}"
+        )
     if not isinstance(ids, jax.core.Tracer):
         bad = np.asarray(ids)[(np.asarray(ids) < -1) | (np.asarray(ids) >= n)]
         if bad.size:
-            raise LoraError(f"adapter_ids {bad[:5].tolist()} are out of range: the stack holds "
-                            f"{n} adapters (ids 0..{n - 1}, or -1 for the base alone)")
+            raise LoraError(
+                f"adapter_ids {bad[:5].tolist()} are out of range: the stack holds "
+                f"{n} adapters (ids 0..{n - 1}, or -1 for the base alone)"
+            )
     return ids.astype(jnp.int32)
 
 
@@ -171,12 +199,14 @@ def example_layout(args, kwargs, n: int, example_axes=None) -> list:
     if example_axes is None or isinstance(example_axes, int):
         example_axes = (0 if example_axes is None else example_axes,) * len(args)
     if not isinstance(example_axes, (tuple, list)) or len(example_axes) != len(args):
-        raise LoraError(f"example_axes={example_axes!r} must be an int, None or one entry per "
-                        f"positional argument ({len(args)}), as jax.vmap's in_axes")
+        raise LoraError(
+            f"example_axes={example_axes!r} must be an int, None or one entry per "
+            f"positional argument ({len(args)}), as jax.vmap's in_axes"
+        )
     out: list = []
-    for name, tree, axis in [(f"argument {i}", a, ax) for i, (a, ax) in
-                             enumerate(zip(args, example_axes))] + [
-            (f"keyword {k!r}", v, 0) for k, v in sorted(kwargs.items())]:  # jax's order
+    for name, tree, axis in [
+        (f"argument {i}", a, ax) for i, (a, ax) in enumerate(zip(args, example_axes))
+    ] + [(f"keyword {k!r}", v, 0) for k, v in sorted(kwargs.items())]:  # jax's order
         for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
             if not is_array(leaf):
                 continue  # static: not an input of the traced jaxpr
@@ -188,7 +218,8 @@ def example_layout(args, kwargs, n: int, example_axes=None) -> list:
                     f"{name}{path_str(kp) and ' ' + path_str(kp)} of shape {np.shape(leaf)} "
                     f"has no example axis {axis} of size {n} ({n} adapter_ids, one per example); "
                     "say where each argument's examples lie with example_axes= (an int or "
-                    "one entry per positional argument, None for one shared by all examples)")
+                    "one entry per positional argument, None for one shared by all examples)"
+                )
             out.append((axis % np.ndim(leaf), 1))
     return out
 
@@ -196,9 +227,15 @@ def example_layout(args, kwargs, n: int, example_axes=None) -> list:
 COMBINE = ("cat", "linear", "svd") + ties_dare.METHODS
 
 
-def combine_adapters(adapters, weights, method: str = "cat", rank: int | None = None,
-                     density: float | None = None, majority_sign_method: str = "total",
-                     key=None) -> Adapter:
+def combine_adapters(
+    adapters,
+    weights,
+    method: str = "cat",
+    rank: int | None = None,
+    density: float | None = None,
+    majority_sign_method: str = "total",
+    key=None,
+) -> Adapter:
     """One adapter whose delta is ``sum_i weights[i] * s_i * A_i @ B_i`` per leaf.
 
     Args:
@@ -239,18 +276,29 @@ def combine_adapters(adapters, weights, method: str = "cat", rank: int | None = 
     if method not in COMBINE:
         raise LoraError(f"method={method!r} is not one of {COMBINE}")
     if len(adapters) != len(weights) or not adapters:
-        raise LoraError(f"combine_adapters got {len(adapters)} adapters and {len(weights)} "
-                        "weights; give one weight per adapter")
+        raise LoraError(
+            f"combine_adapters got {len(adapters)} adapters and {len(weights)} "
+            "weights; give one weight per adapter"
+        )
     if method in ties_dare.METHODS:
         ties_dare.check(method, density, majority_sign_method, key)
     found = _same_leaves(adapters)
     combined = {}
     for j, p in enumerate(found[0]):
         parts = [(w, f[p]) for w, f in zip(weights, found)]
-        combined[p] = _combine(p, parts, method, rank) if method not in ties_dare.METHODS \
-            else ties_dare.combine(p, _checked(p, parts), method, rank, density,
-                                 majority_sign_method, None if key is None else
-                                 jax.random.fold_in(key, j))
+        combined[p] = (
+            _combine(p, parts, method, rank)
+            if method not in ties_dare.METHODS
+            else ties_dare.combine(
+                p,
+                _checked(p, parts),
+                method,
+                rank,
+                density,
+                majority_sign_method,
+                None if key is None else jax.random.fold_in(key, j),
+            )
+        )
     return _rebuild(adapters[0], combined)
 
 
@@ -259,12 +307,18 @@ def _checked(path: str, parts):
     first = parts[0][1]
     for _, n in parts:
         if not isinstance(n, LoraNode) or n.magnitude is not None:
-            raise LoraError(f"{path!r}: only plain LoRA/rsLoRA adapters combine (a DoRA "
-                            "magnitude, a module trained in full, token rows or a node on "
-                            "some layers of a stack does not add as low-rank factors; merge "
-                            "such adapters instead)")
+            raise LoraError(
+                f"{path!r}: only plain LoRA/rsLoRA adapters combine (a DoRA "
+                "magnitude, a module trained in full, token rows or a node on "
+                "some layers of a stack does not add as low-rank factors; merge "
+                "such adapters instead)"
+            )
         if (n.shape, n.stack_axes, n.in_axes, n.out_axes) != (
-                first.shape, first.stack_axes, first.in_axes, first.out_axes):
+            first.shape,
+            first.stack_axes,
+            first.in_axes,
+            first.out_axes,
+        ):
             raise LoraError(f"{path!r}: the adapters were made for different axes or shapes")
     return parts
 

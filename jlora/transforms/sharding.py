@@ -40,8 +40,11 @@ def node_sharding(leaf, node):
     stack = ((None,) if isinstance(node, StackedNode) else ()) + stack
     ins, outs = _axis_spec(spec, node.in_axes), _axis_spec(spec, node.out_axes)
     named = lambda *s: NamedSharding(sharding.mesh, PartitionSpec(*s))
-    fields = dict(a=named(*stack, ins, None), b=named(*stack, None, outs),
-                  magnitude=None if node.magnitude is None else named(*stack, outs))
+    fields = dict(
+        a=named(*stack, ins, None),
+        b=named(*stack, None, outs),
+        magnitude=None if node.magnitude is None else named(*stack, outs),
+    )
     return dataclasses.replace(node, **fields)
 
 
@@ -86,5 +89,9 @@ def place(params, adapter):
     nodes = jax.tree.leaves(shardings, is_leaf=lambda x: x is None or is_node(x))
     if not any(n is not None for n in nodes):
         return adapter
-    return jax.tree.map(lambda node, sh: node if sh is None else jax.device_put(node, sh),
-                        adapter, shardings, is_leaf=is_node)
+    return jax.tree.map(
+        lambda node, sh: node if sh is None else jax.device_put(node, sh),
+        adapter,
+        shardings,
+        is_leaf=is_node,
+    )

@@ -39,40 +39,58 @@ SIGNS = ("total", "frequency")
 def check(method: str, density, majority_sign_method: str, key) -> None:
     """The method's arguments, each a LoraError naming the fix."""
     if density is None or not 0.0 < float(density) <= 1.0:
-        raise LoraError(f"method={method!r} needs density in (0, 1] (the fraction of entries "
-                        f"kept), got {density!r}")
+        raise LoraError(
+            f"method={method!r} needs density in (0, 1] (the fraction of entries "
+            f"kept), got {density!r}"
+        )
     if majority_sign_method not in SIGNS:
         raise LoraError(f"majority_sign_method={majority_sign_method!r} is not one of {SIGNS}")
     if method.startswith("dare") and key is None:
         raise LoraError(f"method={method!r} prunes at random: pass key=jax.random.key(...)")
 
 
-def combine(path: str, parts, method: str, rank, density: float | None, sign: str,
-            key) -> LoraNode:
+def combine(path: str, parts, method: str, rank, density: float | None, sign: str, key) -> LoraNode:
     """One node from ``parts`` (``[(weight, node)]``) by ``method`` (see the module doc)."""
     first = parts[0][1]
     base = method.removesuffix("_svd")
     keys = [None if key is None else jax.random.fold_in(key, i) for i in range(len(parts))]
     if method.endswith("_svd"):
-        deltas = [n.scale * jnp.matmul(n.a.astype(jnp.float32), n.b.astype(jnp.float32))
-                  for _, n in parts]
+        deltas = [
+            n.scale * jnp.matmul(n.a.astype(jnp.float32), n.b.astype(jnp.float32)) for _, n in parts
+        ]
         delta = _merge(base, deltas, [w for w, _ in parts], density, sign, keys, 0)
         u, s, vh = jnp.linalg.svd(delta, full_matrices=False)
         k = min(rank or max(n.rank for _, n in parts), s.shape[-1])
         a, b = u[..., :, :k], s[..., :k, None] * vh[..., :k, :]
     else:
         if len({n.rank for _, n in parts}) != 1:
-            raise LoraError(f"{path!r}: method={method!r} merges the factors entry by entry, so "
-                            f"the adapters need one rank (got {[n.rank for _, n in parts]}); "
-                            f"use {method + '_svd'!r} or 'cat'")
+            raise LoraError(
+                f"{path!r}: method={method!r} merges the factors entry by entry, so "
+                f"the adapters need one rank (got {[n.rank for _, n in parts]}); "
+                f"use {method + '_svd'!r} or 'cat'"
+            )
         ws = [w * n.scale for w, n in parts]
-        a = _merge(base, [n.a for _, n in parts],
-                   [math.copysign(math.sqrt(abs(w)), w) for w in ws], density, sign, keys, 0)
-        b = _merge(base, [n.b for _, n in parts], [math.sqrt(abs(w)) for w in ws],
-                   density, sign, keys, 1)
+        a = _merge(
+            base,
+            [n.a for _, n in parts],
+            [math.copysign(math.sqrt(abs(w)), w) for w in ws],
+            density,
+            sign,
+            keys,
+            0,
+        )
+        b = _merge(
+            base, [n.b for _, n in parts], [math.sqrt(abs(w)) for w in ws], density, sign, keys, 1
+        )
     r = a.shape[-1]
-    return dataclasses.replace(first, a=a.astype(first.a.dtype), b=b.astype(first.b.dtype),
-                               rank=r, alpha=float(r), scale=1.0)
+    return dataclasses.replace(
+        first,
+        a=a.astype(first.a.dtype),
+        b=b.astype(first.b.dtype),
+        rank=r,
+        alpha=float(r),
+        scale=1.0,
+    )
 
 
 def _merge(method: str, tensors, weights, density, sign, keys, part):
@@ -81,11 +99,18 @@ def _merge(method: str, tensors, weights, density, sign, keys, part):
     if method in ("ties", "magnitude_prune"):
         pruned = [_top_k(t, density) for t in tensors]
     else:
-        pruned = [jnp.where(jax.random.bernoulli(jax.random.fold_in(k, part), density, t.shape),
-                            t / density, jnp.zeros((), t.dtype)) for t, k in zip(tensors, keys)]
+        pruned = [
+            jnp.where(
+                jax.random.bernoulli(jax.random.fold_in(k, part), density, t.shape),
+                t / density,
+                jnp.zeros((), t.dtype),
+            )
+            for t, k in zip(tensors, keys)
+        ]
     stacked = jnp.stack(pruned)
-    weighted = stacked * jnp.asarray(weights, stacked.dtype).reshape((-1,) + (1,) * (
-        stacked.ndim - 1))
+    weighted = stacked * jnp.asarray(weights, stacked.dtype).reshape(
+        (-1,) + (1,) * (stacked.ndim - 1)
+    )
     if method in ("magnitude_prune", "dare_linear"):
         return weighted.sum(0)
     votes = stacked if sign == "total" else jnp.sign(stacked)

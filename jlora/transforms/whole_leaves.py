@@ -28,9 +28,11 @@ from jlora.qnode import is_quantized
 def make(path: str, leaf, indices):
     """The node for a leaf that ``select_whole`` chose (``indices`` None: trained in full)."""
     if is_quantized(leaf):
-        raise LoraError(f"{path!r} is {leaf.qtype.upper()}-quantized but modules_to_save / "
-                        "trainable_token_indices train it in float; leave it out of "
-                        "jlora.quantize's targets")
+        raise LoraError(
+            f"{path!r} is {leaf.qtype.upper()}-quantized but modules_to_save / "
+            "trainable_token_indices train it in float; leave it out of "
+            "jlora.quantize's targets"
+        )
     if indices is None:  # a copy: donating the adapter must not free the caller's base
         return FullNode(weight=jnp.array(leaf, copy=True))
     rows = jnp.take(leaf, jnp.asarray(indices), axis=0)
@@ -53,9 +55,18 @@ def lower(leaf, node, exact: bool = True):
     a = jax.nn.one_hot(ids, vocab, dtype=node.rows.dtype).T
     base = jnp.take(leaf, ids, axis=0).astype(node.rows.dtype)
     b = (node.rows - base).reshape(k, math.prod(rest))
-    return leaf, LoraNode(a=a, b=b, rank=k, alpha=float(k), scale=1.0, dropout=0.0,
-                          shape=tuple(node.shape), stack_axes=(), in_axes=(0,),
-                          out_axes=tuple(range(1, len(node.shape))))
+    return leaf, LoraNode(
+        a=a,
+        b=b,
+        rank=k,
+        alpha=float(k),
+        scale=1.0,
+        dropout=0.0,
+        shape=tuple(node.shape),
+        stack_axes=(),
+        in_axes=(0,),
+        out_axes=tuple(range(1, len(node.shape))),
+    )
 
 
 def active(node) -> tuple[bool, ...] | None:
@@ -70,8 +81,9 @@ def _padded(leaf, node: LayersNode, exact: bool = True) -> LoraNode:
     norm as their magnitude, so those layers stay ``W0``; ones when not ``exact``)."""
     inner, ids = node.node, jnp.asarray(node.layers)
     pad = lambda f: jnp.zeros((node.length,) + f.shape[1:], f.dtype).at[ids].set(f)
-    full = dataclasses.replace(inner, a=pad(inner.a), b=pad(inner.b), magnitude=None,
-                               shape=node.shape)
+    full = dataclasses.replace(
+        inner, a=pad(inner.a), b=pad(inner.b), magnitude=None, shape=node.shape
+    )
     m = inner.magnitude
     if m is None:
         return full

@@ -212,14 +212,21 @@ def test_the_package_says_it_is_typed_and_its_version():
     assert jlora.__version__ == project["project"]["version"]
 
 
-def test_the_example_axis_pass_dispatches_through_tables():
-    """As the interpreter does: primitive objects key its rules, no chain of `is lax.x_p`."""
-    from jlora.interpret import example_axis as ea
+def test_the_dataflow_domains_dispatch_through_tables():
+    """One walker, two domains: primitive objects key the walker's control table and each
+    domain's rules, as they key the interpreter's; no chain of `is lax.x_p`."""
+    from jlora.interpret import example_axis, token_axes, walk
 
-    source = (ROOT / "interpret" / "example_axis.py").read_text()
-    assert "is lax." not in source and "primitive is" not in source
-    assert all(isinstance(p, jax.extend.core.Primitive) for p in [*ea.RULES, *ea.WALKS])
-    for p in (jax.lax.dot_general_p, jax.lax.scan_p, jax.lax.while_p, jax.lax.cond_p):
-        assert p in ea.WALKS
-    for p in (jax.lax.reshape_p, jax.lax.transpose_p, jax.lax.gather_p, jax.lax.add_p):
-        assert p in ea.RULES
+    for name in ("walk", "example_axis", "token_axes"):
+        source = (ROOT / "interpret" / f"{name}.py").read_text()
+        assert "is lax." not in source and "primitive is" not in source
+        assert "def analyze" not in source or "walk.Walker(" in source  # no walker of its own
+    lax = jax.lax
+    assert all(isinstance(p, jax.extend.core.Primitive) for p in walk.CONTROL)
+    for p in (lax.scan_p, lax.while_p, lax.cond_p):
+        assert p in walk.CONTROL
+    for domain in (example_axis.Examples(), token_axes.Tokens()):
+        assert isinstance(domain, walk.Domain)
+        assert all(isinstance(p, jax.extend.core.Primitive) for p in domain.rules)
+        for p in (lax.dot_general_p, lax.reshape_p, lax.transpose_p, lax.gather_p, lax.add_p):
+            assert p in domain.rules

@@ -14,7 +14,6 @@ per step. Carries and outputs leave a body materialized.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 
 import jax
@@ -23,19 +22,10 @@ from jax import lax
 
 from jlora.interpret import capture
 from jlora.interpret import sym as sy
-from jlora.interpret.core import bind, evaluate, materialized, primitives, register
-from jlora.numerics import mesh
+from jlora.interpret.core import bind, evaluate, materialized, register
+from jlora.interpret.walk import CALLS, primitives
 from jlora.numerics import qview as qv
 
-#: Call-like primitives this JAX exports (current and former names) -> their jaxpr's param.
-CALLS = {
-    p: field
-    for names, field in (
-        (("jit_p", "pjit_p"), "jaxpr"),
-        (("closed_call_p", "call_p", "custom_jvp_call_p", "custom_vjp_call_p"), "call_jaxpr"),
-    )
-    for p in primitives(*names)
-}
 _CALL_NAMES = {"pjit": "jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr"}
 #: Why a custom-derivative call's weights go in materialized, as ``explain`` says it.
 KEEPS_VJP = "custom_vjp: keeps the user's backward"
@@ -81,34 +71,12 @@ for _name, _field in _CALL_NAMES.items():
     register(names=(_name,))(_inline(_field) if why is None else _custom(_field, why))
 
 
-_HI: collections.OrderedDict = collections.OrderedDict()  # id(eqn) -> (eqn, closed jaxpr)
-
-
-def hi_jaxpr(eqn):
-    """The primal computation of a ``call_hi_primitive`` equation, as a closed jaxpr: the
-    same object each time for one equation, so the dataflow passes (``example_axis``,
-    ``token_axes``), which key their sites by equation, and the interpreter agree."""
-    got = _HI.get(id(eqn))
-    if got is not None and got[0] is eqn:
-        return got[1]
-    hi = eqn.params["_prim"]
-
-    def lo(*flat):
-        return jax.tree.leaves(hi.expand(*jax.tree.unflatten(hi.in_tree, flat)))
-
-    closed = jax.make_jaxpr(lo)(*[mesh.struct(v.aval) for v in eqn.invars])
-    _HI[id(eqn)] = (eqn, closed)
-    while len(_HI) > 256:
-        _HI.popitem(last=False)
-    return closed
-
-
 @register(names=("call_hi_primitive",))
 def _hi_call(eqn, invals, ctx):
     """JAX's opt-in "hi" primitives (``jax_remat3``, ``jax_custom_vjp3``): a remat's primal
     computation (``expand``) traced to a jaxpr and interpreted under its policy; a custom_vjp
     bound with its inputs materialized, as ``custom_vjp_call`` is."""
-    hi, closed = eqn.params["_prim"], hi_jaxpr(eqn)
+    hi, closed = eqn.params["_prim"], ctx.expanded.of(eqn)
     policy = getattr(hi, "params", {}).get("policy", False)
     custom = "CustomVJP" in type(hi).__name__  # jax_custom_vjp3's CustomVJPTraced
     if custom and not _inspecting(invals, ctx):  # the user's rule kept

@@ -25,6 +25,7 @@ from jax.extend import core as jcore
 from jax.extend.core import primitives as jprims
 
 from jlora.interpret import sym as sy
+from jlora.interpret.walk import Expanded
 from jlora.numerics import qview as qv
 
 Rule = Callable[[Any, list, "Ctx"], Any]
@@ -33,11 +34,6 @@ RULES: dict[jcore.Primitive, Rule] = {}
 #: Rules by primitive name, only for primitives this JAX does not export as objects.
 RULES_BY_NAME: dict[str, Rule] = {}
 _EXPORTED = {p.name for p in vars(jprims).values() if isinstance(p, jcore.Primitive)}
-
-
-def primitives(*names: str) -> list[jcore.Primitive]:
-    """The objects ``jax.extend.core.primitives.<name>`` that this JAX has (renames differ)."""
-    return [p for n in names if (p := getattr(jprims, n, None)) is not None]
 
 
 def register(*prims: jcore.Primitive, names: tuple[str, ...] = ()):
@@ -57,19 +53,21 @@ def register(*prims: jcore.Primitive, names: tuple[str, ...] = ()):
 
 @dataclasses.dataclass
 class Ctx:
-    """What rules share: the dropout key (folded per site and step), the use records and,
-    for a mixed-adapter batch, where each dot's operands carry the example axis
-    (``examples.analyze``'s sites)."""
+    """What rules share: the dropout key (folded per site and step), the use records,
+    the hi primitives' sub-jaxprs as the analyses saw them and, for a mixed-adapter
+    batch, where each dot's operands carry the example axis (``example_axis.analyze``'s
+    sites)."""
 
     key: Any = None
     records: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
-    examples: dict | None = None
+    expanded: Expanded = dataclasses.field(default_factory=Expanded)
+    examples: Any = None  # a walk.Sites
     mixed: str = "auto"  # a mixed batch's path: "auto", "gather" or "grouped"
     capture: Any = None  # capture mode (EVA): a capture.Capture collecting input statistics
     #: ``lora_mask``: the per-token gate, and where each dot's operands carry its axes
     #: (``token_axes.analyze``'s sites).
     mask: Any = None
-    tokens: dict | None = None
+    tokens: Any = None  # a walk.Sites
 
     def record(self, path: str, what) -> None:
         self.records[path].append(what)

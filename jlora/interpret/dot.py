@@ -19,7 +19,7 @@ from jlora.config import LoraError
 from jlora.interpret import capture, grouped, quantized, ranked, token_gate
 from jlora.interpret import sym as sy
 from jlora.interpret.core import register
-from jlora.interpret.example_axis import Lost
+from jlora.interpret.example_axis import Axis, Lost
 from jlora.interpret.sym import Sym
 from jlora.interpret.thin import thin
 from jlora.numerics import qview as qv
@@ -141,16 +141,15 @@ def _transposed(sym: Sym) -> str:
 
 def _where(ctx, eqn, side: int):
     """How operand ``side`` of this dot carries the example axis (mixed batches only)."""
-    site = None if ctx.examples is None else ctx.examples.get(id(eqn))
-    return None if site is None else site[1][side]
+    return None if ctx.examples is None else ctx.examples.operand(eqn, side)
 
 
 def _gate(ctx, eqn, side: int):
     """``lora_mask``: ``(mask, how operand side carries its axes)``, or None."""
     if ctx.mask is None:
         return None
-    site = (ctx.tokens or {}).get(id(eqn))
-    return ctx.mask, (frozenset() if site is None else site[1][side])
+    tokens = frozenset() if ctx.tokens is None else ctx.tokens.operand(eqn, side, frozenset())
+    return ctx.mask, tokens
 
 
 def factored(
@@ -289,25 +288,23 @@ def _example_ids(sym: Sym, x, xc, xb, where):
     """``(axis, ids)``: x's example axis and the adapter id of each of its rows."""
     n = sym.ids.shape[0]
     if (
-        isinstance(where, tuple)
-        and where[0] not in xc
-        and where[0] not in xb
-        and x.shape[where[0]] == n * where[1]
+        isinstance(where, Axis)
+        and where.axis not in xc
+        and where.axis not in xb
+        and x.shape[where.axis] == n * where.inner
     ):
-        axis, inner = where
-        return axis, sym.ids if inner == 1 else jnp.repeat(sym.ids, inner)
+        ids = sym.ids if where.inner == 1 else jnp.repeat(sym.ids, where.inner)
+        return where.axis, ids
     if where is None:
         why = "it does not depend on the examples at all"
     elif isinstance(where, Lost):
         why = f"the example axis was lost on the way (at {where.why})"
+    elif where.axis in xc or where.axis in xb:
+        how = "contracted" if where.axis in xc else "batched"
+        why = f"its example axis {where.axis} is {how}"
     else:
-        why = f"its example axis {where[0]} is " + (
-            "contracted"
-            if where[0] in xc
-            else "batched"
-            if where[0] in xb
-            else f"of size {x.shape[where[0]]}, not {n} x {where[1]}"
-        )
+        size = x.shape[where.axis]
+        why = f"its example axis {where.axis} is of size {size}, not {n} x {where.inner}"
     raise LoraError(
         f"a mixed-adapter batch ({n} adapter_ids) needs to know which rows of each input "
         f"that meets an adapted weight belong to which example; {sym.path!r} meets an input "

@@ -17,7 +17,8 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from jlora.interpret import sym as sy
-from jlora.interpret.core import evaluate, materialize_rule, materialized, primitives, register
+from jlora.interpret.core import evaluate, materialize_rule, materialized, register
+from jlora.interpret.walk import primitives
 from jlora.numerics import qview as qv
 
 _FIELDS = ("base", "a", "b", "g")

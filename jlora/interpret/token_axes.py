@@ -1,10 +1,11 @@
-"""Which token each row is: a dataflow pass over the jaxpr for ``apply(..., lora_mask=)``.
+"""Which token each row is: a dataflow domain for ``apply(..., lora_mask=)``.
 
 A per-token mask (``(batch, seq)`` for activated LoRA) gates the low-rank path of
 every adapted use row by row, so the interpreter must know, for each row of an
 adapted weight's input, which entry of the mask it belongs to. Each axis of the mask
 is a *component*; this pass follows every component from the arguments through
-every equation, as :mod:`jlora.interpret.example_axis` follows the example axis.
+every equation, as :mod:`jlora.interpret.example_axis` follows the example axis, run by
+the same walker (:mod:`jlora.interpret.walk`).
 
 A value's annotation is a frozenset of :class:`At`: component ``c`` lies along axis
 ``axis`` with index ``i`` at coordinate ``(i // inner) % outer`` (``outer`` None: no
@@ -24,15 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from jax import lax
-from jax.extend import core as jcore
 
 from jlora.config import LoraError
-from jlora.interpret import example_axis as ea
-from jlora.interpret.control import hi_jaxpr
+from jlora.interpret import walk
 from jlora.interpret.sym import reshape_groups
 from jlora.interpret.trace import is_array
 
@@ -106,13 +107,20 @@ def _elementwise(eqn, ins):
     return [frozenset().union(*ins)] * len(eqn.outvars)
 
 
-def _keeps(eqn, ins):
-    """Slice-like ops: the operand's placements, blurred along an axis not kept whole."""
-    keep = ea._KEEPS[eqn.primitive]
-    first = _map(ins[0], lambda a: a if keep(eqn, a.axis) else _blurred(a, eqn.primitive.name))
-    if eqn.primitive is lax.dynamic_update_slice_p:
-        first |= _map(ins[1], lambda a: a if keep(eqn, a.axis) else _blurred(a, eqn.primitive.name))
-    return [first]  # start indices are scalars: they have no rows to place
+#: Slice-like ops whose leading operands are all arrays with rows (the rest are scalars:
+#: start indices, a padding value): a cache write's update has rows too.
+_ARRAYS = {lax.dynamic_update_slice_p: 2}
+
+
+def _keeps(eqn: Any, ins: list) -> list:
+    """Slice-like ops: the array operands' placements, blurred along an axis not kept
+    whole (start indices are scalars: they have no rows to place)."""
+    keep = walk.KEEPS[eqn.primitive]
+
+    def kept(a: At) -> At:
+        return a if keep(eqn, a.axis) else _blurred(a, eqn.primitive.name)
+
+    return [frozenset().union(*(_map(x, kept) for x in ins[: _ARRAYS.get(eqn.primitive, 1)]))]
 
 
 def _along(param: str, drop: bool):
@@ -176,29 +184,15 @@ def _broadcast(eqn, ins):
     ]
 
 
-def _dot(eqn, ins):
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    nl, nr = (len(v.aval.shape) for v in eqn.invars)
-    lfree = [ax for ax in range(nl) if ax not in lc and ax not in lb]
-    rfree = [ax for ax in range(nr) if ax not in rc and ax not in rb]
+def _dot(eqn: Any, ins: list) -> list:
     out: frozenset = NONE
-    for ats, contracted, batch, free, shift in (
-        (ins[0], lc, lb, lfree, len(lb)),
-        (ins[1], rc, rb, rfree, len(lb) + len(lfree)),
-    ):
-        out |= _map(
-            ats,
-            lambda a: (
-                None
-                if a.axis in contracted
-                else dataclasses.replace(
-                    a,
-                    axis=list(batch).index(a.axis)
-                    if a.axis in batch
-                    else shift + free.index(a.axis),
-                )
-            ),
-        )
+    for side, ats in enumerate(ins):
+
+        def to(a: At, side: int = side) -> At | None:
+            axis = walk.dot_axis(eqn, side, a.axis)  # None: contracted, the placement goes
+            return None if axis is None else dataclasses.replace(a, axis=axis)
+
+        out |= _map(ats, to)
     return [out]
 
 
@@ -235,10 +229,10 @@ def _transpose(eqn, ins):
     return [_map(ins[0], lambda a: dataclasses.replace(a, axis=perm.index(a.axis)))]
 
 
-RULES.update(dict.fromkeys(ea._ELEMENTWISE, _elementwise))
-RULES.update(dict.fromkeys(ea._KEEPS, _keeps))
-RULES.update(dict.fromkeys(ea._CUMULATIVE, _along("axis", drop=False)))
-RULES.update(dict.fromkeys(ea._REDUCE, _reduce))
+RULES.update(dict.fromkeys(walk.ELEMENTWISE, _elementwise))
+RULES.update(dict.fromkeys(walk.KEEPS, _keeps))
+RULES.update(dict.fromkeys(walk.CUMULATIVE, _along("axis", drop=False)))
+RULES.update(dict.fromkeys(walk.REDUCE, _reduce))
 RULES.update(
     {
         lax.reshape_p: lambda eqn, ins: [
@@ -256,105 +250,44 @@ if hasattr(lax, "split_p"):
     RULES[lax.split_p] = _along("axis", drop=False)
 
 
-def _eqn(eqn, ins, sites: dict) -> list:
-    prim = eqn.primitive
-    walk = WALKS.get(prim) or (_hi if prim.name == "call_hi_primitive" else None)
-    if walk is not None:
-        return walk(eqn, ins, sites)
-    if not any(ins):
-        return [NONE] * len(eqn.outvars)
-    rule = RULES.get(prim)
-    if rule is None:
-        return [_lost(frozenset().union(*ins), prim.name)] * len(eqn.outvars)
-    return rule(eqn, ins)
+class Tokens(walk.Domain[frozenset]):
+    """The mask's token axes as a :class:`walk.Domain`: a frozenset of :class:`At`."""
+
+    bottom = NONE
+    rules = RULES
+    what = "tokens"
+
+    def unknown(self, eqn: Any, ins: list) -> frozenset:
+        return _lost(frozenset().union(*ins), eqn.primitive.name)
+
+    def join(self, values: Sequence[frozenset], why: str) -> frozenset:
+        return frozenset().union(*values)  # a branch index or loop counter has no rows
+
+    def moved(self, value: frozenset, delta: int) -> frozenset:
+        return _map(value, lambda a: dataclasses.replace(a, axis=a.axis + delta))
+
+    def scanned(self, value: frozenset) -> frozenset:
+        def inside(a: At) -> At:
+            if a.axis == 0:
+                return At(a.comp, None, None, None, "scan over the tokens")
+            return dataclasses.replace(a, axis=a.axis - 1)
+
+        return _map(value, inside)
+
+    def unstable(self, value: frozenset) -> frozenset:
+        return _lost(value, "a loop carry whose tokens move")
+
+    def conflict(self, old: tuple, new: tuple) -> tuple:
+        lost = _lost(new[0] | old[0], "a sub-computation called with different token layouts")
+        return (lost, lost)
 
 
-def _dot_walk(eqn, ins, sites):
-    key = id(eqn)
-    if key in sites and sites[key][1] != tuple(ins):  # a sub-jaxpr met twice, differently
-        ins = [
-            _lost(
-                ins[0] | sites[key][1][0], "a sub-computation called with different token layouts"
-            )
-        ] * 2
-    sites[key] = (eqn, tuple(ins))
-    return _dot(eqn, ins)
-
-
-def _call(eqn, ins, sites):
-    sub = eqn.params[ea._CALLS[eqn.primitive]]
-    return analyze(getattr(sub, "jaxpr", sub), ins, sites)
-
-
-def _hi(eqn, ins, sites):
-    return analyze(hi_jaxpr(eqn).jaxpr, ins, sites)
-
-
-def _cond(eqn, ins, sites):
-    outs = [analyze(b.jaxpr, ins[1:], sites) for b in eqn.params["branches"]]
-    return [frozenset().union(*o) for o in zip(*outs)]  # the branch index is a scalar
-
-
-def _fixed_point(body, carry, sites):
-    """Loop carries: the union of what enters and what each pass returns, until stable;
-    only the last pass (with the stable carries) records its dots."""
-    for _ in range(4):
-        outs = body(carry, {})
-        new = [c | o for c, o in zip(carry, outs[: len(carry)])]
-        if new == carry:
-            break
-        carry = new
-    else:
-        carry = [_lost(c, "a loop carry whose tokens move") for c in carry]
-    return carry, body(carry, sites)
-
-
-def _scan(eqn, ins, sites):
-    p = eqn.params
-    nc, ncarry = p["num_consts"], p["num_carry"]
-    xs = [
-        _map(
-            a,
-            lambda at: (
-                At(at.comp, None, None, None, "scan over the tokens")
-                if at.axis == 0
-                else dataclasses.replace(at, axis=at.axis - 1)
-            ),
-        )
-        for a in ins[nc + ncarry :]
-    ]
-    body = lambda carry, rec: analyze(p["jaxpr"].jaxpr, list(ins[:nc]) + carry + xs, rec)
-    carry, outs = _fixed_point(body, list(ins[nc : nc + ncarry]), sites)
-    return carry + [
-        _map(a, lambda at: dataclasses.replace(at, axis=at.axis + 1)) for a in outs[ncarry:]
-    ]
-
-
-def _while(eqn, ins, sites):
-    p = eqn.params
-    nc, nb = p["cond_nconsts"], p["body_nconsts"]
-    body = lambda carry, rec: analyze(p["body_jaxpr"].jaxpr, list(ins[nc : nc + nb]) + carry, rec)
-    return _fixed_point(body, list(ins[nc + nb :]), sites)[0]
-
-
-def analyze(jaxpr, in_annots, sites: dict | None = None) -> list:
-    """Annotations of ``jaxpr``'s outputs; records each ``dot_general``'s operands in
-    ``sites`` (``{id(eqn): (eqn, (lhs, rhs))}``)."""
-    sites = {} if sites is None else sites
-    env = dict(zip(jaxpr.invars, in_annots))
-    read = lambda v: NONE if isinstance(v, jcore.Literal) else env.get(v, NONE)
-    for eqn in jaxpr.eqns:
-        env.update(zip(eqn.outvars, _eqn(eqn, [read(v) for v in eqn.invars], sites)))
-    return [read(v) for v in jaxpr.outvars]
-
-
-WALKS: dict = {
-    lax.dot_general_p: _dot_walk,
-    lax.scan_p: _scan,
-    lax.while_p: _while,
-    lax.cond_p: _cond,
-    **dict.fromkeys(ea._CALLS, _call),
-}
+def analyze(jaxpr: Any, in_annots: Sequence[frozenset], expanded: walk.Expanded) -> walk.Sites:
+    """The placements of both operands of every ``dot_general`` in ``jaxpr`` (its
+    sub-jaxprs included), the arguments' given by ``in_annots``."""
+    walker = walk.Walker(Tokens(), expanded)
+    walker.run(jaxpr, in_annots)
+    return walker.sites
 
 
 def layout(args, kwargs, mask_shape) -> list:

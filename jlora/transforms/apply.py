@@ -20,11 +20,10 @@ import numpy as np
 
 from jlora.adapter import FullNode, adapter_nodes, match
 from jlora.config import LoraError
-from jlora.interpret import grouped, token_axes
+from jlora.interpret import example_axis, grouped, token_axes
 from jlora.interpret.concat import by_path
 from jlora.interpret.core import Ctx, evaluate, materialized
 from jlora.interpret.dot import TRANSPOSED
-from jlora.interpret.example_axis import analyze
 from jlora.interpret.sym import from_node
 from jlora.interpret.trace import trace
 from jlora.numerics import qview as qv
@@ -45,12 +44,10 @@ def interpret_call(
     flat = flatten(params)[0]
     if ids is not None:  # follow each argument's example axis to every adapted dot
         layout = [None] * len(flat) + example_layout(args, kwargs, ids.shape[0], example_axes)
-        ctx.examples = {}
-        analyze(closed.jaxpr, layout, ctx.examples)
+        ctx.examples = example_axis.analyze(closed.jaxpr, layout, ctx.expanded)
     if ctx.mask is not None:  # follow the mask's axes (batch, seq) to every adapted dot
         layout = [token_axes.NONE] * len(flat) + token_axes.layout(args, kwargs, ctx.mask.shape)
-        ctx.tokens = {}
-        token_axes.analyze(closed.jaxpr, layout, ctx.tokens)
+        ctx.tokens = token_axes.analyze(closed.jaxpr, layout, ctx.expanded)
     lowered = [whole_leaves.lower(leaf, node, exact=False) for (_, leaf), node in zip(flat, nodes)]
     rows = (
         None

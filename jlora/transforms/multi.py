@@ -10,6 +10,7 @@ import numpy as np
 
 from jlora.adapter import LoraNode, StackedNode, adapter_nodes, is_node
 from jlora.config import LoraError
+from jlora.interpret.example_axis import Axis
 from jlora.interpret.trace import is_array
 from jlora.targets import Adapter, path_str
 from jlora.transforms import ties_dare
@@ -220,7 +221,7 @@ def example_layout(args, kwargs, n: int, example_axes=None) -> list:
                     "say where each argument's examples lie with example_axes= (an int or "
                     "one entry per positional argument, None for one shared by all examples)"
                 )
-            out.append((axis % np.ndim(leaf), 1))
+            out.append(Axis(axis % np.ndim(leaf)))
     return out
 
 

@@ -13,7 +13,7 @@ from flax import nnx
 
 import jlora
 from conftest import check_against_materialized, float_shapes, randomize, ref_merge
-from jlora.interpret.dot import TRANSPOSED_LEARNED
+from jlora.interpret.uses import TRANSPOSED_LEARNED
 
 V, D = 50, 16
 IDS = jnp.array([[1, 2, 3], [49, 0, 7]])

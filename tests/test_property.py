@@ -80,7 +80,7 @@ def test_any_dot_general_layout_matches_materialized(layout):
     else:
         fn = lambda p, x: jax.lax.dot_general(x, p["w"], ((xc, wc), (xb, wb)))
     (use,) = jlora.explain(fn, params, {"w": node}, x)["w"]
-    assert use == ("factored" if contract == "i" else jlora.interpret.dot.TRANSPOSED)
+    assert use == ("factored" if contract == "i" else jlora.interpret.uses.TRANSPOSED)
     check_against_materialized(
         fn, params, {"w": node}, x, tol=F32 if dtype == jnp.float32 else BF16
     )

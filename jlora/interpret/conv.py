@@ -24,6 +24,7 @@ from jlora.interpret.core import bind, has_sym, materialized, register
 from jlora.interpret.dot import _dropout
 from jlora.interpret.sym import Sym
 from jlora.interpret.thin import thin
+from jlora.interpret.uses import FACTORED
 
 
 def _why_not(eqn, w: Sym) -> str | None:
@@ -58,7 +59,7 @@ def conv(eqn, invals, ctx):
     why = _why_not(eqn, w)
     if why is not None:
         return bind(eqn, [x, sy.materialize(w, ctx.record, why)])
-    ctx.record(w.path, "factored")
+    ctx.record(w.path, FACTORED)
     groups = eqn.params["feature_group_count"]
     a = sy.a_as_base(w)  # a kernel with r output features (G r: one block per group)
     a = jnp.concatenate([a] * groups, axis=rhs[0]) if groups > 1 else a

@@ -22,28 +22,9 @@ from jlora.interpret.core import register
 from jlora.interpret.example_axis import Axis, Lost
 from jlora.interpret.sym import Sym
 from jlora.interpret.thin import thin
+from jlora.interpret.uses import GATHERED, GROUPED, ONEHOT, RANKED, Use
 from jlora.numerics import qview as qv
 
-#: What ``explain`` says of a factored use that contracts the adapter's out-axes: the
-#: model uses the weight transposed against the layout ``init`` assumed (an Equinox
-#: ``(out, in)`` weight initialised without ``fn``, a tied embedding's ``attend``).
-TRANSPOSED = (
-    "factored (transposed: the model contracts the adapter's out axes, so A and B "
-    "play swapped roles; expected for a tied embedding's x @ E.T, otherwise learn "
-    "the axes with jlora.init(key, params, cfg, fn, *example_args))"
-)
-#: The same for axes learned from ``fn`` or fixed by a file: a tied table's ``x @ E.T``.
-TRANSPOSED_LEARNED = (
-    "factored (transposed: the model contracts the adapter's out axes, so "
-    "A and B play swapped roles, as a tied table's x @ E.T does)"
-)
-#: How a mixed-adapter batch serves a use, as ``explain`` says it after "factored".
-GATHERED = " (mixed batch: each example gathers its adapter's factors)"
-GROUPED = " (mixed batch: rows grouped by adapter)"
-ONEHOT = " (mixed batch: one-hot contraction over the adapters)"
-RANKED = " (mixed batch: each rank class at its own rank)"
-#: A use whose low-rank path ``lora_mask`` gates per token.
-GATED = " (gated by lora_mask)"
 #: The two low-rank products (``benchmarks/profile_step.py`` swaps them for JAX's rule).
 _thin_product = thin
 
@@ -135,10 +116,6 @@ def _mode(sym: Sym, wc, wb) -> str:
     return mode
 
 
-def _transposed(sym: Sym) -> str:
-    return TRANSPOSED if sym.axes_from == "flax" else TRANSPOSED_LEARNED
-
-
 def _where(ctx, eqn, side: int):
     """How operand ``side`` of this dot carries the example axis (mixed batches only)."""
     return None if ctx.examples is None else ctx.examples.operand(eqn, side)
@@ -200,10 +177,8 @@ def factored(
     y, g, how = _low_rank(
         x_d, sym, mode, sym_is_rhs, (xc, wc, xb, wb), params.get("precision"), where, mixed
     )
-    record(
-        sym.path,
-        (_transposed(sym) if mode == "o" else "factored") + how + ("" if gate is None else GATED),
-    )
+    kind = "factored" if mode == "i" else "transposed"
+    record(sym.path, Use(kind, how, gated=gate is not None, learned=sym.axes_from != "flax"))
     if g is None:
         return base_out + y.astype(base_out.dtype)
     if x_d is x:

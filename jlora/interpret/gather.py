@@ -23,6 +23,7 @@ from jax import lax
 from jlora.interpret import sym as sy
 from jlora.interpret.core import materialized, register
 from jlora.interpret.sym import Sym
+from jlora.interpret.uses import FACTORED
 from jlora.numerics import qview as qv
 
 
@@ -78,7 +79,7 @@ def gather(eqn, invals, ctx):
     if why is not None:
         w = sy.materialize(operand, ctx.record, why)
         return lax.gather_p.bind(w, indices, **params)
-    ctx.record(operand.path, "factored")
+    ctx.record(operand.path, FACTORED)
     y, out_ax = _low_rank_rows(operand, indices, params)
     if operand.g is None:
         return base_out + y.astype(base_out.dtype)

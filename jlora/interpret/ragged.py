@@ -14,6 +14,7 @@ from jlora.interpret.core import bind, has_sym, materialized, register
 from jlora.interpret.dot import _dropout
 from jlora.interpret.grouped import ragged_low_rank
 from jlora.interpret.sym import Sym
+from jlora.interpret.uses import FACTORED
 
 _EXPERTS = (("s", 0), ("i", 0), ("o", 0))
 
@@ -59,7 +60,7 @@ def ragged_dot(eqn, invals, ctx):
     why = _why_not(eqn, lhs, rhs)
     if why is not None:
         return bind(eqn, [lhs, sy.materialize(rhs, ctx.record, why), sizes])
-    ctx.record(rhs.path, "factored")
+    ctx.record(rhs.path, FACTORED)
     prec = eqn.params.get("precision")
     x = _dropout(lhs, rhs.dropout, ctx.key).astype(rhs.a.dtype)
     y = ragged_low_rank(x, rhs.a, rhs.b, sizes, rhs.scale, prec)

@@ -27,6 +27,7 @@ from jax import lax
 from jlora.config import LoraError
 from jlora.interpret import quantized
 from jlora.interpret.thin import thin
+from jlora.interpret.uses import Use
 from jlora.numerics import qview as qv
 from jlora.numerics.dora import dora_norm
 
@@ -206,7 +207,7 @@ def materialize(x, record: Callable | None = None, why: str = ""):
     if not isinstance(x, Sym):
         return x
     if record is not None:
-        record(x.path, "materialized" + (f" ({why})" if why else ""))
+        record(x.path, Use("materialized", why))
     base = value(x.base)
     if x.probe:
         return base

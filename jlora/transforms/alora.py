@@ -17,7 +17,7 @@ import numpy as np
 
 from jlora.adapter import FullNode, LayersNode, LoraNode, StackedNode, adapter_nodes, is_node
 from jlora.config import LoraError
-from jlora.interpret.dot import GATED
+from jlora.interpret.uses import Use
 
 
 def alora_mask(input_ids, invocation_tokens: Any, adapter_ids=None) -> jax.Array:
@@ -181,7 +181,7 @@ def check_mask(nodes: list, mask) -> None:
 def ungated(records: dict) -> None:
     """Raise if an adapted use was not gated per token (materialized, a lookup, a conv)."""
     for path, uses in records.items():
-        bad = [u for u in uses if isinstance(u, str) and not u.endswith(GATED)]
+        bad = [str(u) for u in uses if isinstance(u, Use) and not u.gated]
         if bad:
             raise LoraError(
                 f"lora_mask gates each adapted use per token, but {path!r} is "

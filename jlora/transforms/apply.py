@@ -23,9 +23,9 @@ from jlora.config import LoraError
 from jlora.interpret import example_axis, grouped, token_axes
 from jlora.interpret.concat import by_path
 from jlora.interpret.core import Ctx, evaluate, materialized
-from jlora.interpret.dot import TRANSPOSED
 from jlora.interpret.sym import from_node
 from jlora.interpret.trace import trace
+from jlora.interpret.uses import Use
 from jlora.numerics import qview as qv
 from jlora.targets import Adapter, Params, flatten, path_str
 from jlora.transforms import whole_leaves
@@ -230,7 +230,11 @@ def _warn_transposed(records) -> None:
     """A weight used transposed by factors whose axes were never learned (init without fn):
     right for a tied table's ``x @ E.T``, a swapped LoRA for a torch-layout ``(out, in)``
     weight (Equinox, torch ports)."""
-    paths = [p for p, uses in records.items() if any(u.startswith(TRANSPOSED) for u in uses)]
+    paths = [
+        p
+        for p, uses in records.items()
+        if any(isinstance(u, Use) and u.unlearned_transpose for u in uses)
+    ]
     if paths:
         warnings.warn(
             f"{', '.join(map(repr, paths))}: the model contracts the adapter's out axes "
@@ -316,4 +320,4 @@ def explain(
         for (kp, _), n in zip(flatten(params)[0], match(params, adapter))
         if n is not None and not isinstance(n, FullNode)
     ]
-    return by_path(ctx.records, adapted)
+    return {p: [str(u) for u in uses] for p, uses in by_path(ctx.records, adapted).items()}

@@ -7,16 +7,53 @@ import math
 import re
 from typing import Any, Mapping
 
-_INITS = ("kaiming", "gaussian", "orthogonal", "pissa", "olora", "loftq", "lora_ga", "corda", "eva")
-#: Inits that move part of the weight into the factors: ``init`` returns the residual base
-#: (and ``pissa_niter_<K>`` for any K).
-BASE_CHANGING_INITS = ("pissa", "olora", "loftq")
+
+@dataclasses.dataclass(frozen=True)
+class Init:
+    """One value of ``LoraConfig.init``. ``changes_base``: it moves part of each weight
+    into the factors, and ``init_with_base`` returns the residual base; ``needs_data``:
+    ``jlora.init_from_data`` computes it from batches of inputs (``jlora.init`` refuses)."""
+
+    name: str
+    changes_base: bool = False
+    needs_data: bool = False
+
+
+#: The inits, by name: the one table ``LoraConfig``, ``init`` and ``init_from_data`` read
+#: (besides ``pissa_niter_<K>`` for any K: PiSSA by randomized SVD, :func:`init_of`).
+INITS = {
+    i.name: i
+    for i in (
+        Init("kaiming"),
+        Init("gaussian"),
+        Init("orthogonal"),
+        Init("pissa", changes_base=True),
+        Init("olora", changes_base=True),
+        Init("loftq", changes_base=True),
+        Init("lora_ga", changes_base=True, needs_data=True),
+        Init("corda", changes_base=True, needs_data=True),
+        Init("eva", needs_data=True),
+    )
+}
 _NITER = re.compile(r"pissa_niter_(\d+)")
 
 
+def init_of(init: str) -> Init | None:
+    """The table's entry for ``init`` (``pissa_niter_<K>`` is PiSSA's), None if unknown."""
+    return INITS["pissa"] if _NITER.fullmatch(init) else INITS.get(init)
+
+
 def changes_base(init: str) -> bool:
-    """Whether ``init`` moves part of each weight into the factors (PiSSA, OLoRA, LoftQ)."""
-    return init in BASE_CHANGING_INITS or _NITER.fullmatch(init) is not None
+    """Whether ``init`` moves part of each weight into the factors when ``init_with_base``
+    makes it (PiSSA, OLoRA, LoftQ)."""
+    spec = init_of(init)
+    return spec is not None and spec.changes_base and not spec.needs_data
+
+
+def needs_data(init: str) -> bool:
+    """Whether ``init`` is computed from data by ``jlora.init_from_data``."""
+    spec = init_of(init)
+    return spec is not None and spec.needs_data
 
 
 def niter(init: str) -> int | None:
@@ -248,9 +285,9 @@ def _check_init(init, gamma, corda) -> None:
         raise LoraError(f"corda_method={corda!r} must be 'ipm' or 'kpm' (PEFT's CorDA)")
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
         raise LoraError(f"stable_gamma={gamma!r} must be a positive number (PEFT's is 16)")
-    if init not in _INITS and niter(init) is None:
+    if init_of(init) is None:
         raise LoraError(
-            f"init={init!r} is not one of {_INITS} or 'pissa_niter_<K>' (PiSSA "
+            f"init={init!r} is not one of {tuple(INITS)} or 'pissa_niter_<K>' (PiSSA "
             "by randomized SVD with K subspace iterations, e.g. 'pissa_niter_4')"
         )
 

@@ -30,12 +30,20 @@ import dataclasses
 from typing import Any
 
 from jlora.config import LoraError
+from jlora.numerics import formats, quant
 
 GB = 1e9
-NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # with double quantization
-#: Bits per linear-layer parameter of each ``jlora.quantize`` format, less the int8/fp8
-#: per-output-feature scale (32 bits per input row: ``32 / hidden``, added in estimate).
-QBITS = {"nf4": NF4_BITS, "int8": 8.0, "int4": 4 + 32 / 128, "fp8": 8.0}
+NF4_BITS = quant.BITS  # with double quantization
+
+
+def qbits(qtype: str, rows: int) -> float:
+    """Bits per linear-layer parameter of ``jlora.quantize``'s format ``qtype`` for a
+    weight with ``rows`` inputs, its scales included: the format registry's own count."""
+    if qtype not in formats.FORMATS:
+        raise LoraError(f"qtype={qtype!r} is not one of {sorted(formats.FORMATS)}")
+    return formats.FORMATS[qtype].bits(rows)
+
+
 METHODS = ("full-fp32", "full-fp16", "lora", "qlora")
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -156,9 +164,7 @@ def estimate(
     """
     if method not in METHODS:
         raise LoraError(f"method={method!r} is not one of {METHODS}")
-    if qtype not in QBITS:
-        raise LoraError(f"qtype={qtype!r} is not one of {sorted(QBITS)}")
-    bits = QBITS[qtype] + (32 / shape.hidden if qtype in ("int8", "fp8") else 0)
+    bits = qbits(qtype, shape.hidden)
     n, lin = shape.params, shape.linear_params
     adapter = shape.lora_params(rank, targets) if method in ("lora", "qlora") else 0
     weights = {

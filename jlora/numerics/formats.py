@@ -37,6 +37,9 @@ class Format:
     settings: Callable[[Any], dict]
     #: The options ``quantize`` accepts besides ``path`` and ``compute_dtype``.
     options: frozenset = frozenset()
+    #: ``bits(rows) -> float``: stored bits per parameter of an ``(in, out)`` matrix with
+    #: ``in == rows`` at the default options, scales included (``jlora.memory``'s table).
+    bits: Callable[[int], float] = lambda rows: math.nan
 
 
 FORMATS: dict[str, Format] = {}

@@ -50,6 +50,9 @@ NF4_CODE = np.array(
 )
 #: Block size of the second quantization level (bitsandbytes' fixed 256).
 DQ_BLOCK = 256
+#: Bits per parameter at the defaults (64-element blocks, double quantization): 4-bit
+#: codes, an 8-bit absmax per block, a float32 scale per 256 absmaxes.
+BITS = 4 + 8 / 64 + 32 / (64 * DQ_BLOCK)
 _TINY = 1e-38  # bitsandbytes clamps a zero absmax to this before taking its reciprocal
 
 
@@ -263,6 +266,10 @@ def _settings(node: NF4) -> dict:
 formats.register(
     "nf4",
     formats.Format(
-        quantize_array, dequantize, _settings, frozenset({"block_size", "double_quant"})
+        quantize_array,
+        dequantize,
+        _settings,
+        frozenset({"block_size", "double_quant"}),
+        bits=lambda rows: BITS,
     ),
 )

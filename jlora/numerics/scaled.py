@@ -168,6 +168,12 @@ def _settings(node: Scaled) -> dict:
     return dict(group_size=node.group_size)
 
 
+def _bits(qtype: str, rows: int) -> float:
+    """Code bits plus a float32 scale per group of the input axis (default group size)."""
+    code = 4 if qtype == "int4" else 8
+    return code + 32 / (DEFAULT_GROUP[qtype] or rows)
+
+
 for _q in QMAX:
     formats.register(
         _q,
@@ -176,5 +182,6 @@ for _q in QMAX:
             dequantize,
             _settings,
             frozenset({"group_size"}),
+            bits=functools.partial(_bits, _q),
         ),
     )

@@ -16,14 +16,14 @@ import jax
 import jax.numpy as jnp
 
 from jlora.adapter import LayersNode, LoraNode, match
-from jlora.config import LoraConfig, LoraError
+from jlora.config import INITS, LoraConfig, LoraError, needs_data
 from jlora.targets import Params, flatten, path_str
 from jlora.transforms import corda, factor_inits
 from jlora.transforms.eva import init_eva
 from jlora.transforms.init import InitResult, init_with_base
 
 #: The inits :func:`init_from_data` computes (``jlora.init`` refuses them).
-DATA_INITS = ("lora_ga", "corda", "eva")
+DATA_INITS = tuple(name for name, spec in INITS.items() if spec.needs_data)
 
 
 def init_from_data(
@@ -64,7 +64,7 @@ def init_from_data(
       >>> bool(jnp.allclose(jlora.apply(fn)(base, ad, x), fn(params, x), atol=1e-5))
       True
     """
-    if cfg.init not in DATA_INITS:
+    if not needs_data(cfg.init):
         raise LoraError(
             f"init_from_data computes init {DATA_INITS}; cfg.init={cfg.init!r} "
             "needs no data: use jlora.init or jlora.init_with_base"

@@ -32,15 +32,22 @@ def base_changing(cfg, w, axes, rank: int, scale: float, dtype, key=None):
 
 
 def fresh(init: str, key, path: str, stack, n_in: int, n_out: int, rank: int, dtype):
-    """``(a, b)`` of an init that leaves the base alone (B = 0 but for ``orthogonal``;
-    a base-changing init overwrites them)."""
-    if init == "orthogonal":
-        return orthogonal(key, path, stack, n_in, n_out, rank, dtype)
-    if init == "gaussian":
-        a = (jax.random.normal(key, stack + (n_in, rank), jnp.float32) / rank).astype(dtype)
-    else:  # kaiming: torch's kaiming_uniform_(a=sqrt(5)) on (r, in), bound 1/sqrt(in)
-        bound = 1.0 / math.sqrt(n_in)
-        a = jax.random.uniform(key, stack + (n_in, rank), dtype, -bound, bound)
+    """``(a, b)`` of an init that leaves the base alone (B = 0 but for ``orthogonal``);
+    every other init starts from kaiming's (a base-changing one then overwrites them, a
+    data one computes its own where data reached)."""
+    return _FRESH.get(init, _kaiming)(key, path, stack, n_in, n_out, rank, dtype)
+
+
+def _kaiming(key, path: str, stack, n_in: int, n_out: int, rank: int, dtype):
+    """torch's ``kaiming_uniform_(a=sqrt(5))`` on ``(r, in)``: bound ``1/sqrt(in)``; B = 0."""
+    bound = 1.0 / math.sqrt(n_in)
+    a = jax.random.uniform(key, stack + (n_in, rank), dtype, -bound, bound)
+    return a, jnp.zeros(stack + (rank, n_out), dtype)
+
+
+def _gaussian(key, path: str, stack, n_in: int, n_out: int, rank: int, dtype):
+    """A ~ N(0, 1/r^2); B = 0."""
+    a = (jax.random.normal(key, stack + (n_in, rank), jnp.float32) / rank).astype(dtype)
     return a, jnp.zeros(stack + (rank, n_out), dtype)
 
 
@@ -132,3 +139,7 @@ def _loftq(w, axes, rank: int, scale: float, dtype, iters: int):
         a, b = _top(mat - deq, rank, scale)
     assert a is not None and b is not None  # iters >= 1
     return a.astype(dtype), b.astype(dtype), q
+
+
+#: The factors each base-preserving init starts with, by name (``config.INITS``).
+_FRESH = {"kaiming": _kaiming, "gaussian": _gaussian, "orthogonal": orthogonal}

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora.adapter import LayersNode, LoraNode, default_axes
-from jlora.config import LAYER_PATTERNS, LoraConfig, LoraError, changes_base
+from jlora.config import LAYER_PATTERNS, LoraConfig, LoraError, changes_base, needs_data
 from jlora.interpret.probe import discover_axes
 from jlora.numerics.dora import dora_norm
 from jlora.numerics.quant import dequantize_array
@@ -101,7 +101,7 @@ def init_with_base(key, params: Params, cfg: LoraConfig, fn=None, *args, **kwarg
       >>> float(base["q_proj"][3, 3])  # the top singular value moved into the factors
       0.0
     """
-    if cfg.init in ("lora_ga", "corda", "eva"):
+    if needs_data(cfg.init):
         raise LoraError(
             f"init={cfg.init!r} is computed from data: use jlora.init_from_data("
             "key, params, cfg, fn, batches, loss=...)"

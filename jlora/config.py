@@ -62,6 +62,12 @@ def niter(init: str) -> int | None:
     return None if m is None else int(m.group(1))
 
 
+def scaling(alpha: float, rank: int, rslora: bool) -> float:
+    """The factor ``s`` in ``W0 + s * A @ B``: ``alpha / rank``, or ``alpha / sqrt(rank)``
+    with rsLoRA (PEFT's ``use_rslora``). The one place the rule is written."""
+    return float(alpha) / (math.sqrt(rank) if rslora else rank)
+
+
 #: Names of the segment that lists a model's layers (PEFT's ``COMMON_LAYERS_PATTERN``).
 LAYER_PATTERNS = ("layers", "layer", "h", "blocks", "block")
 
@@ -237,7 +243,7 @@ class LoraConfig:
 
     def scaling_for(self, rank: int, alpha: float) -> float:
         """The factor ``s`` in ``W0 + s * A @ B`` for one leaf."""
-        return float(alpha) / (math.sqrt(rank) if self.rslora else rank)
+        return scaling(alpha, rank, self.rslora)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "LoraConfig":

@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jlora.adapter import FullNode, LayersNode, LoraNode, TokenNode, adapter_nodes
-from jlora.config import LoraError
+from jlora.config import LoraError, scaling
 from jlora.io.peft_config import CONFIG
 from jlora.targets import Adapter, Params, flatten, path_str
 from jlora.transforms.check import check, check_finite
@@ -122,8 +122,9 @@ def _nest(flat: dict[str, Any]) -> dict:
 
 
 def _variant(node: LoraNode) -> str:
-    scaling = "lora" if np.isclose(node.scale, node.alpha / node.rank) else "rslora"
-    return scaling if node.magnitude is None else scaling + "+dora"
+    plain = np.isclose(node.scale, scaling(node.alpha, node.rank, False))
+    kind = "lora" if plain else "rslora"
+    return kind if node.magnitude is None else kind + "+dora"
 
 
 def _arrays(node) -> dict:

@@ -21,7 +21,7 @@ import safetensors
 import safetensors.numpy
 
 from jlora.adapter import LayersNode, LoraNode
-from jlora.config import LoraError
+from jlora.config import LoraError, scaling
 from jlora.io import (
     peft_axes,
     peft_base,
@@ -202,7 +202,7 @@ def _node(p, leaf, tensors, unused, config, module_fn, prefix, axes, dtype):
         bool(config.get("fan_in_fan_out")),
     )
     alpha = peft_config.alpha_for(config, p, first, rank)
-    scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    scale = scaling(alpha, rank, bool(config.get("use_rslora")))
     cast = lambda xs: jnp.asarray(np.stack(xs).reshape(stack + xs[0].shape), dtype)
     node = LoraNode(
         a=cast(a),

@@ -11,13 +11,11 @@ as a :class:`~jlora.adapter.FullNode` on the base's bias leaf, with
 
 from __future__ import annotations
 
-import math
-
 import jax.numpy as jnp
 import numpy as np
 
 from jlora.adapter import FullNode
-from jlora.config import LoraError
+from jlora.config import LoraError, scaling
 from jlora.io import peft_config
 from jlora.io.peft_whole import _torch_param, take
 from jlora.targets import path_str
@@ -106,4 +104,4 @@ def _scaling(config: dict, module: str, tensors: dict, prefix: str) -> float:
     rank = tensors[module + ".lora_A.weight"].shape[0]
     name = module[len(prefix) :]
     alpha = peft_config.alpha_for(config, name, name, rank)
-    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    return scaling(alpha, rank, bool(config.get("use_rslora")))

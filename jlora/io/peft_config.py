@@ -13,7 +13,7 @@ import os
 import re
 from collections import Counter
 
-from jlora.config import LoraError
+from jlora.config import LoraError, scaling
 
 CONFIG = "adapter_config.json"
 
@@ -113,7 +113,7 @@ def config_of(modules: dict, base_model_name_or_path, parameters: dict | None = 
     if not both:
         raise LoraError("the adapter has no adapted leaf to save")
     nodes = list(both.values())
-    rslora = {math.isclose(n.scale, n.alpha / math.sqrt(n.rank)) and n.rank > 1 for n in nodes}
+    rslora = {math.isclose(n.scale, scaling(n.alpha, n.rank, True)) and n.rank > 1 for n in nodes}
     dora, dropout = {n.magnitude is not None for n in nodes}, {n.dropout for n in nodes}
     alora = {n.invocation for n in nodes}
     if len(rslora) > 1 or len(dora) > 1 or len(dropout) > 1 or len(alora) > 1:

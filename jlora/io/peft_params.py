@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.adapter import LoraNode, default_axes
-from jlora.config import LoraError
+from jlora.config import LoraError, scaling
 from jlora.io import peft_config
 
 A, B, NEST = ".lora_A.weight", ".lora_B.weight", ".base_layer"
@@ -81,7 +81,7 @@ def load_node(
             config.get("alpha_pattern") or {}, f"{probe}.{param}", config["lora_alpha"]
         )
     )
-    scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    scale = scaling(alpha, rank, bool(config.get("use_rslora")))
     return LoraNode(
         a=cast(a_all),
         b=cast(b_all),

@@ -2,7 +2,7 @@
 
 Parses every module under ``jlora/`` (no imports run), builds the graph of
 imports between jlora modules (function-level imports included) and checks it
-against the layers of DESIGN.md, bottom to top.
+against the layers of docs/how-it-works.md ("Layers"), bottom to top.
 """
 
 import ast

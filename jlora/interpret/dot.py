@@ -9,6 +9,7 @@ transpose computes each factor's gradient in the order XLA runs fastest.
 
 from __future__ import annotations
 
+import dataclasses
 import string
 
 import jax
@@ -19,7 +20,7 @@ from jlora.config import LoraError
 from jlora.interpret import capture, grouped, quantized, ranked, token_gate
 from jlora.interpret import sym as sy
 from jlora.interpret.core import register
-from jlora.interpret.example_axis import Axis, Lost
+from jlora.interpret.example_axis import Axis, Lost, Where
 from jlora.interpret.sym import Sym
 from jlora.interpret.thin import thin
 from jlora.interpret.uses import GATHERED, GROUPED, ONEHOT, RANKED, Use
@@ -42,29 +43,9 @@ def dot_general(eqn, invals, ctx):
     if ctx.capture is not None and isinstance(lhs, Sym) != isinstance(rhs, Sym):
         return _captured(eqn, lhs, rhs, ctx)
     if isinstance(rhs, Sym):
-        return factored(
-            lhs,
-            rhs,
-            True,
-            eqn.params,
-            ctx.key,
-            ctx.record,
-            _where(ctx, eqn, 0),
-            ctx.mixed,
-            _gate(ctx, eqn, 0),
-        )
+        return factored(lhs, rhs, True, eqn.params, ctx.key, ctx.record, _rows(ctx, eqn, 0))
     if isinstance(lhs, Sym):
-        return factored(
-            rhs,
-            lhs,
-            False,
-            eqn.params,
-            ctx.key,
-            ctx.record,
-            _where(ctx, eqn, 1),
-            ctx.mixed,
-            _gate(ctx, eqn, 1),
-        )
+        return factored(rhs, lhs, False, eqn.params, ctx.key, ctx.record, _rows(ctx, eqn, 1))
     view_is_rhs = qv.is_view(rhs)
     return quantized.dot(
         rhs if view_is_rhs else lhs, lhs if view_is_rhs else rhs, view_is_rhs, eqn.params
@@ -116,37 +97,41 @@ def _mode(sym: Sym, wc, wb) -> str:
     return mode
 
 
-def _where(ctx, eqn, side: int):
-    """How operand ``side`` of this dot carries the example axis (mixed batches only)."""
-    return None if ctx.examples is None else ctx.examples.operand(eqn, side)
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """What a dot's input rows are, where it matters: in a mixed-adapter batch, ``where``
+    the example axis lies (an ``example_axis`` value) and ``mixed`` the path that serves it
+    (:mod:`jlora.interpret.grouped`); under ``lora_mask``, ``gate`` is ``(mask, the
+    input's token placements)`` (:mod:`jlora.interpret.token_gate`)."""
+
+    where: Where = None
+    mixed: str = "auto"
+    gate: tuple | None = None
 
 
-def _gate(ctx, eqn, side: int):
-    """``lora_mask``: ``(mask, how operand side carries its axes)``, or None."""
-    if ctx.mask is None:
+def _rows(ctx, eqn, side: int) -> Rows | None:
+    """How operand ``side`` of this dot relates to the batch (None: a plain call)."""
+    if ctx.examples is None and ctx.mask is None:
         return None
-    tokens = frozenset() if ctx.tokens is None else ctx.tokens.operand(eqn, side, frozenset())
-    return ctx.mask, tokens
+    where = None if ctx.examples is None else ctx.examples.operand(eqn, side)
+    gate = None
+    if ctx.mask is not None:
+        tokens = frozenset() if ctx.tokens is None else ctx.tokens.operand(eqn, side, frozenset())
+        gate = (ctx.mask, tokens)
+    return Rows(where, ctx.mixed, gate)
 
 
 def factored(
-    x,
-    sym: Sym,
-    sym_is_rhs: bool,
-    params: dict,
-    key,
-    record,
-    where=None,
-    mixed: str = "auto",
-    gate=None,
+    x, sym: Sym, sym_is_rhs: bool, params: dict, key, record, rows: Rows | None = None
 ) -> jax.Array:
     """``dot_general`` of an array with a symbolic weight, computed factored.
 
     LoRA: ``x W0 + s (drop(x) A) B``. DoRA (PEFT's formula): ``g (x W0 + s (x A) B)``,
-    and with dropout ``x W0 + (g - 1) (drop(x) W0) + g s (drop(x) A) B``. In a mixed
-    batch, ``where`` says which axis of ``x`` carries the examples and ``mixed`` which
-    path serves it (:mod:`jlora.interpret.grouped`).
+    and with dropout ``x W0 + (g - 1) (drop(x) W0) + g s (drop(x) A) B``. ``rows``: a
+    mixed batch's example axis and path, ``lora_mask``'s gate (:class:`Rows`).
     """
+    rows = Rows() if rows is None else rows
+    gate = rows.gate
     (lc, rc), (lb, rb) = params["dimension_numbers"]
     xc, wc, xb, wb = (lc, rc, lb, rb) if sym_is_rhs else (rc, lc, rb, lb)
 
@@ -175,7 +160,7 @@ def factored(
         free = [i for i in range(x.ndim) if i not in xc and i not in xb]
         x_d = token_gate.gate(x_d, gate[1], gate[0], free, sym.path)
     y, g, how = _low_rank(
-        x_d, sym, mode, sym_is_rhs, (xc, wc, xb, wb), params.get("precision"), where, mixed
+        x_d, sym, mode, sym_is_rhs, (xc, wc, xb, wb), params.get("precision"), rows
     )
     kind = "factored" if mode == "i" else "transposed"
     record(sym.path, Use(kind, how, gated=gate is not None, learned=sym.axes_from != "flax"))
@@ -213,7 +198,7 @@ def _specs(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, ex_axis: int) -> dict
     )
 
 
-def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec, where=None, mixed="auto"):
+def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec, rows: Rows):
     """``s * (x A) B`` laid out like the dot's output, DoRA's ``g`` broadcast to it, and
     which mixed-batch path served it (``""`` outside mixed batches).
 
@@ -221,9 +206,10 @@ def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec, where=None, 
     factors; examples with id -1 get no low-rank term (and ``g = 1``).
     """
     ex_axis, ids = (
-        _example_ids(sym, x, dims[0], dims[2], where) if sym.ids is not None else (0, None)
+        _example_ids(sym, x, dims[0], dims[2], rows.where) if sym.ids is not None else (0, None)
     )
-    path = grouped.chosen(mixed, x, sym, ex_axis) if grouped.applies(sym, mode, dims) else ""
+    applies = grouped.applies(sym, mode, dims)
+    path = grouped.chosen(rows.mixed, x, sym, ex_axis) if applies else ""
     sp = _specs(x, sym, mode, sym_is_rhs, dims, ex_axis)
     if path in ("grouped", "onehot"):
         y = grouped.low_rank(x, sym, sym_is_rhs, dims, ex_axis, ids, prec, path == "onehot")

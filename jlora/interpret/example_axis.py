@@ -128,7 +128,8 @@ def _gather(eqn: Any, ins: list) -> list:
     """An embedding lookup: rows follow the indices' example axis."""
     operand, indices = ins
     dn = eqn.params["dimension_numbers"]
-    if operand is not None or getattr(dn, "operand_batching_dims", ()):
+    batching = getattr(dn, "operand_batching_dims", ())
+    if operand is not None or batching:
         return [Lost("gather from an array that carries the examples")]
     if not isinstance(indices, Axis):
         return [indices]

@@ -118,6 +118,7 @@ def _keeps(eqn: Any, ins: list) -> list:
     keep = walk.KEEPS[eqn.primitive]
 
     def kept(a: At) -> At:
+        assert a.axis is not None  # (_map passes placed ones only)
         return a if keep(eqn, a.axis) else _blurred(a, eqn.primitive.name)
 
     return [frozenset().union(*(_map(x, kept) for x in ins[: _ARRAYS.get(eqn.primitive, 1)]))]
@@ -189,6 +190,7 @@ def _dot(eqn: Any, ins: list) -> list:
     for side, ats in enumerate(ins):
 
         def to(a: At, side: int = side) -> At | None:
+            assert a.axis is not None  # (_map passes placed ones only)
             axis = walk.dot_axis(eqn, side, a.axis)  # None: contracted, the placement goes
             return None if axis is None else dataclasses.replace(a, axis=axis)
 
@@ -264,10 +266,15 @@ class Tokens(walk.Domain[frozenset]):
         return frozenset().union(*values)  # a branch index or loop counter has no rows
 
     def moved(self, value: frozenset, delta: int) -> frozenset:
-        return _map(value, lambda a: dataclasses.replace(a, axis=a.axis + delta))
+        def shifted(a: At) -> At:
+            assert a.axis is not None  # (_map passes placed ones only)
+            return dataclasses.replace(a, axis=a.axis + delta)
+
+        return _map(value, shifted)
 
     def scanned(self, value: frozenset) -> frozenset:
         def inside(a: At) -> At:
+            assert a.axis is not None  # (_map passes placed ones only)
             if a.axis == 0:
                 return At(a.comp, None, None, None, "scan over the tokens")
             return dataclasses.replace(a, axis=a.axis - 1)

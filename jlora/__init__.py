@@ -49,14 +49,14 @@ from jlora.transforms.sharding import adapter_shardings as adapter_shardings
 __version__ = "0.1.0"
 
 __all__ = [
+    "NF4",
+    "PRESETS",
     "Adapter",
     "InitResult",
     "LoraConfig",
     "LoraError",
     "LoraNode",
     "MergeResult",
-    "NF4",
-    "PRESETS",
     "Params",
     "Quantized",
     "Slots",

@@ -156,7 +156,7 @@ class LayersNode:
     def shape(self) -> tuple[int, ...]:
         """The whole kernel's shape."""
         ax = self.node.stack_axes[0]
-        return self.node.shape[:ax] + (self.length,) + self.node.shape[ax + 1 :]
+        return (*self.node.shape[:ax], self.length, *self.node.shape[ax + 1 :])
 
     def __getattr__(self, name):  # rank, alpha, scale, axes, a, b, magnitude: the node's
         if name.startswith("__"):
@@ -175,12 +175,14 @@ def _labels(node) -> tuple[tuple[str, int], ...]:
 
 
 def _unflat(node, lead: tuple[int, ...]):
-    dims = lambda axes: tuple(node.shape[ax] for ax in axes)
+    def dims(axes):
+        return tuple(node.shape[ax] for ax in axes)
+
     stack = lead + dims(node.stack_axes)
     mag = None if node.magnitude is None else node.magnitude.reshape(stack + dims(node.out_axes))
     return (
         node.a.reshape(stack + dims(node.in_axes) + (node.rank,)),
-        node.b.reshape(stack + (node.rank,) + dims(node.out_axes)),
+        node.b.reshape((*stack, node.rank, *dims(node.out_axes))),
         mag,
     )
 
@@ -257,11 +259,14 @@ def check_node(path: str, node, leaf) -> None:
             "for these params"
         )
     lead = (len(node.ranks),) if isinstance(node, StackedNode) else ()
-    dims = lambda axes: (math.prod(node.shape[ax] for ax in axes),)
+
+    def dims(axes):
+        return (math.prod(node.shape[ax] for ax in axes),)
+
     stack = lead + tuple(node.shape[ax] for ax in node.stack_axes)
     want = {
         "a": stack + dims(node.in_axes) + (node.rank,),
-        "b": stack + (node.rank,) + dims(node.out_axes),
+        "b": (*stack, node.rank, *dims(node.out_axes)),
         "magnitude": None if node.magnitude is None else stack + dims(node.out_axes),
     }
     base_dtype = jnp.dtype(leaf.compute_dtype if is_quantized(leaf) else jnp.result_type(leaf))
@@ -306,7 +311,7 @@ def _check_whole(path: str, node, leaf) -> None:
     if isinstance(node, FullNode):
         want, have, name = shape, tuple(np.shape(node.weight)), "weight"
     else:
-        want = (len(node.indices),) + shape[1:]
+        want = (len(node.indices), *shape[1:])
         have, name = tuple(np.shape(node.rows)), "rows"
         if tuple(node.shape) != shape or max(node.indices) >= shape[0]:
             raise LoraError(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,14 +192,7 @@ class LoraConfig:
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("exclude", "modules_to_save"):
-            spec = getattr(self, name)
-            if isinstance(spec, str):
-                _check_regex(name, spec)
-            elif not (isinstance(spec, tuple) and all(isinstance(t, str) and t for t in spec)):
-                raise LoraError(
-                    f"{name}={spec!r} must be a regex string or a tuple of "
-                    "module names such as ('lm_head',)"
-                )
+            _check_spec(name, getattr(self, name))
         _check_tokens(self)
         _check_invocation(self)
         _check_rank("rank", self.rank)
@@ -246,7 +240,7 @@ class LoraConfig:
         return scaling(alpha, rank, self.rslora)
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "LoraConfig":
+    def preset(cls, name: str, **overrides) -> LoraConfig:
         """A row of the source article's hyper-parameter table, with overrides.
 
         Names: ``quick`` (r8/a16 q,v), ``general`` (r16/a32 q,k,v,o),
@@ -284,6 +278,17 @@ def _unknown_fields(unknown: list[str], known: set[str]) -> str:
         f"{', '.join(sorted(known))}. To load a PEFT adapter (its adapter_config.json "
         "and weights), use jlora.peft.load(path, params)"
     )
+
+
+def _check_spec(name: str, spec: Any) -> None:
+    """``exclude``/``modules_to_save``: a regex string or a tuple of module names."""
+    if isinstance(spec, str):
+        _check_regex(name, spec)
+    elif not (isinstance(spec, tuple) and all(isinstance(t, str) and t for t in spec)):
+        raise LoraError(
+            f"{name}={spec!r} must be a regex string or a tuple of "
+            "module names such as ('lm_head',)"
+        )
 
 
 def _check_init(init, gamma, corda) -> None:

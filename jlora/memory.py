@@ -89,9 +89,12 @@ class Shape:
         )
 
     @staticmethod
-    def from_config(cfg: dict) -> "Shape":
+    def from_config(cfg: dict) -> Shape:
         """From a Hugging Face ``config.json`` dict (or the example LlamaConfig's field names)."""
-        pick = lambda *keys: next((cfg[k] for k in keys if cfg.get(k) is not None), None)
+
+        def pick(*keys):
+            return next((cfg[k] for k in keys if cfg.get(k) is not None), None)
+
         fields: dict[str, Any] = dict(
             hidden=pick("hidden_size"),
             intermediate=pick("intermediate_size"),
@@ -112,14 +115,14 @@ class Shape:
         )
 
     @staticmethod
-    def from_params(n: float) -> "Shape":
+    def from_params(n: float) -> Shape:
         """Llama proportions for ``n`` parameters: ``n ~= 12 L h^2`` with ``L = h / 128``."""
         if n <= 0:
             raise LoraError(f"params={n} must be positive, e.g. 7e9")
         h = 512 * max(1, round((n * 128 / 12) ** (1 / 3) / 512))
         return Shape(
             hidden=h,
-            intermediate=int(round(h * 8 / 3 / 256)) * 256,
+            intermediate=round(h * 8 / 3 / 256) * 256,
             layers=h // 128,
             heads=h // 128,
             vocab=32000,
@@ -130,7 +133,7 @@ class Shape:
 LLAMA_7B = Shape(hidden=4096, intermediate=11008, layers=32, heads=32, vocab=32000)
 
 
-def estimate(
+def estimate(  # noqa: PLR0913 (a public signature: keyword options)
     shape: Shape,
     method: str,
     *,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -176,9 +176,11 @@ def lorafa(
         b = _damped_solve(_gram(p.a, True), u.b, delta, left=True) / _scales(p) ** 2
         return dataclasses.replace(u, b=b.astype(u.b.dtype))
 
-    frozen = lambda tree: jax.tree_util.tree_map_with_path(
-        lambda kp, _: "frozen" if path_str(kp).split("/")[-1] == "a" else "train", tree
-    )
+    def frozen(tree):
+        return jax.tree_util.tree_map_with_path(
+            lambda kp, _: "frozen" if path_str(kp).split("/")[-1] == "a" else "train", tree
+        )
+
     return optax.chain(
         _preconditioner("lorafa", project),
         optax.multi_transform(

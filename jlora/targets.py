@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -88,34 +89,21 @@ def select(params, cfg: LoraConfig) -> dict[str, tuple[int, float]]:
     for field in ("targets", "exclude"):
         _check_names(field, getattr(cfg, field), paths)
     chosen = {}
-    for path, (_, leaf) in zip(paths, flat):
+    for path, (_, leaf) in zip(paths, flat, strict=True):
         if (
             not matches(cfg.targets, path)
             or (cfg.exclude and matches(cfg.exclude, path))
             or not _in_layers(cfg, path)
         ):
             continue
-        ndim = getattr(leaf, "ndim", 0)
-        if isinstance(cfg.targets, tuple) and (ndim < 2 or path.split("/")[-1] in _NOT_KERNELS):
-            continue  # a module name also selects its bias and norms; only kernels adapt
-        if ndim < 2:
-            raise LoraError(
-                f"targets={cfg.targets!r} matched {path!r} of shape "
-                f"{getattr(leaf, 'shape', ())}, which is not a matrix; narrow "
-                "the regex to kernels, e.g. 'q_proj/kernel'"
-            )
-        dtype = getattr(leaf, "dtype", None)
-        if dtype is None or not jax.dtypes.issubdtype(dtype, np.floating):
-            raise LoraError(
-                f"targets={cfg.targets!r} matched {path!r} of dtype {dtype}, not a "
-                "floating point weight; narrow the targets to float kernels"
-            )
+        if not _adaptable(cfg, path, leaf):
+            continue
         chosen[path] = (
             _pattern_value(cfg.rank_pattern, path, cfg.rank),
             _pattern_value(cfg.alpha_pattern, path, cfg.alpha),
         )
     if not chosen:
-        kernels = [p for p, (_, x) in zip(paths, flat) if getattr(x, "ndim", 0) >= 2]
+        kernels = [p for p, (_, x) in zip(paths, flat, strict=True) if getattr(x, "ndim", 0) >= 2]
         left = f" outside exclude={cfg.exclude!r}" if cfg.exclude else ""
         raise LoraError(
             f"targets={cfg.targets!r} matched no parameter{left}; paths look "
@@ -129,6 +117,28 @@ def select(params, cfg: LoraConfig) -> dict[str, tuple[int, float]]:
                     f"paths are {_examples(list(chosen))}"
                 )
     return chosen
+
+
+def _adaptable(cfg: LoraConfig, path: str, leaf: Any) -> bool:
+    """Whether a leaf the targets matched is a kernel to adapt: False for what a module
+    name also selects (its bias, norms); a LoraError for a regex that matched a
+    non-matrix or a non-float leaf."""
+    ndim = getattr(leaf, "ndim", 0)
+    if isinstance(cfg.targets, tuple) and (ndim < 2 or path.split("/")[-1] in _NOT_KERNELS):
+        return False
+    if ndim < 2:
+        raise LoraError(
+            f"targets={cfg.targets!r} matched {path!r} of shape "
+            f"{getattr(leaf, 'shape', ())}, which is not a matrix; narrow "
+            "the regex to kernels, e.g. 'q_proj/kernel'"
+        )
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None or not jax.dtypes.issubdtype(dtype, np.floating):
+        raise LoraError(
+            f"targets={cfg.targets!r} matched {path!r} of dtype {dtype}, not a "
+            "floating point weight; narrow the targets to float kernels"
+        )
+    return True
 
 
 def _check_names(field: str, names, paths: list[str]) -> None:

@@ -6,11 +6,11 @@ rules (``dot``, ``shape``, ``control``, ``quantized``) or an entry point
 package registers every rule.
 """
 
-from jlora.interpret import concat as concat  # noqa: F401  (registers its rules)
-from jlora.interpret import control as control  # noqa: F401
-from jlora.interpret import conv as conv  # noqa: F401
-from jlora.interpret import dot as dot  # noqa: F401
-from jlora.interpret import gather as gather  # noqa: F401
-from jlora.interpret import ragged as ragged  # noqa: F401
-from jlora.interpret import shape as shape  # noqa: F401
-from jlora.interpret import spmd as spmd  # noqa: F401
+from jlora.interpret import concat as concat
+from jlora.interpret import control as control
+from jlora.interpret import conv as conv
+from jlora.interpret import dot as dot
+from jlora.interpret import gather as gather
+from jlora.interpret import ragged as ragged
+from jlora.interpret import shape as shape
+from jlora.interpret import spmd as spmd

@@ -33,7 +33,7 @@ class Capture:
     mask: Any = None
     stats: dict = dataclasses.field(default_factory=dict)
 
-    def fresh(self) -> "Capture":
+    def fresh(self) -> Capture:
         return Capture(self.mask)
 
 
@@ -94,5 +94,5 @@ def _accumulate(cap: Capture, path: str, new) -> None:
     cap.stats[path] = (
         new
         if old is None
-        else (*(o + n for o, n in zip(old[:3], new[:3])), jnp.maximum(old[3], new[3]))
+        else (*(o + n for o, n in zip(old[:3], new[:3], strict=True)), jnp.maximum(old[3], new[3]))
     )

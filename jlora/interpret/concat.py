@@ -70,16 +70,19 @@ def _blocks(pieces, dim: int, kind: str, j: int):
     dtype = jnp.result_type(*[s.a.dtype for s in syms])
     ranks = [s.a.shape[-1] if isinstance(s, Sym) else 0 for s in pieces]
     total, at, a_parts, b_parts = sum(ranks), 0, [], []
-    for p, r in zip(pieces, ranks):
+    for p, r in zip(pieces, ranks, strict=True):
         size = (p.base if isinstance(p, Sym) else p).shape[dim]
-        pad = lambda f, ax: _pad(f.astype(dtype), ax, at, total - at - r)
+
+        def pad(f, ax, at=at, r=r):
+            return _pad(f.astype(dtype), ax, at, total - at - r)
+
         if kind == "o":  # A's concatenated along the rank, B block-diagonal
             if r:
                 a_parts.append(p.a.astype(dtype))
             b_parts.append(
                 pad(p.b * p.scale, r_ax)
                 if r
-                else jnp.zeros(first.b.shape[:r_ax] + (total,) + _out(first, j, size), dtype)
+                else jnp.zeros((*first.b.shape[:r_ax], total, *_out(first, j, size)), dtype)
             )
         else:  # A block-diagonal, B's concatenated along the rank
             a_parts.append(

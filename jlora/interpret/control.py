@@ -133,13 +133,17 @@ def _scan_slice(v, ctx):
         return sy.materialize(v, ctx.record, "scan over a non-stacked axis"), lambda x, i: x
     labels = sy.drop_label(v.labels[1:], (kind, j))
     if v.lead:  # a stack of adapters: each step slices its layer (no transposed copy)
-        at = lambda f, i: (
-            None if f is None else lax.dynamic_index_in_dim(f, i, j + v.lead, keepdims=False)
-        )
+
+        def at(f, i):
+            return None if f is None else lax.dynamic_index_in_dim(f, i, j + v.lead, keepdims=False)
+
         return (base_xs,), lambda x, i: v.replace(
             base=take(x[0], i), a=at(v.a, i), b=at(v.b, i), g=at(v.g, i), labels=labels, active=None
         )
-    first = lambda f: None if f is None else jnp.moveaxis(f, j, 0)
+
+    def first(f):
+        return None if f is None else jnp.moveaxis(f, j, 0)
+
     xs = (base_xs, first(v.a), first(v.b), first(v.g))
     return xs, lambda x, i: v.replace(
         base=take(x[0], i), a=x[1], b=x[2], g=x[3], labels=labels, active=None
@@ -174,17 +178,20 @@ def _scan(eqn, invals, ctx):
         x_vals, step = x
         sub = ctx if ctx.key is None else ctx.fold(step)
         inner = None if ctx.capture is None else ctx.capture.fresh()
-        xs_now = [rebuild(xv, step) for (_, rebuild), xv in zip(split, x_vals)]
-        run = lambda xs_now: materialized(
-            evaluate(
-                closed.jaxpr,
-                closed.consts,
-                list(consts) + list(c) + xs_now,
-                dataclasses.replace(sub, capture=inner),
-            ),
-            ctx,
-            "scan output",
-        )
+        xs_now = [rebuild(xv, step) for (_, rebuild), xv in zip(split, x_vals, strict=True)]
+
+        def run(xs_now):
+            return materialized(
+                evaluate(
+                    closed.jaxpr,
+                    closed.consts,
+                    list(consts) + list(c) + xs_now,
+                    dataclasses.replace(sub, capture=inner),
+                ),
+                ctx,
+                "scan output",
+            )
+
         if mask is None:
             outs = run(xs_now)
         else:  # a layer without factors runs the base alone

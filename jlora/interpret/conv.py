@@ -54,7 +54,9 @@ def conv(eqn, invals, ctx):
         ctx.record(w.path, ("dot", tuple(w.labels[ax][1] for ax in rhs[1:]), ()))
         return base_out
     sy.check_assumed(w, rhs[1:])
-    for ax, kind in zip(rhs, "o" + "i" * (len(rhs) - 1)):  # a size-1 axis plays any role
+    for ax, kind in zip(
+        rhs, "o" + "i" * (len(rhs) - 1), strict=True
+    ):  # a size-1 axis plays any role
         w = sy.unit_as(w, ax, kind)
     why = _why_not(eqn, w)
     if why is not None:

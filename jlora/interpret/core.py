@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from jax.extend import core as jcore
@@ -72,7 +73,7 @@ class Ctx:
     def record(self, path: str, what) -> None:
         self.records[path].append(what)
 
-    def fold(self, i) -> "Ctx":
+    def fold(self, i) -> Ctx:
         key = None if self.key is None else jax.random.fold_in(self.key, i)
         return dataclasses.replace(self, key=key)
 
@@ -112,9 +113,12 @@ def rule_for(prim) -> Rule:
 def evaluate(jaxpr, consts, args, ctx: Ctx) -> list:
     """The outputs of ``jaxpr`` on ``args``, symbolic values carried through its rules."""
     env: dict = {}
-    read = lambda v: v.val if isinstance(v, jcore.Literal) else env[v]
-    env.update(zip(jaxpr.constvars, consts))
-    env.update(zip(jaxpr.invars, args))
+
+    def read(v):
+        return v.val if isinstance(v, jcore.Literal) else env[v]
+
+    env.update(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
     for i, eqn in enumerate(jaxpr.eqns):
         invals = [read(v) for v in eqn.invars]
         with eqn.ctx.manager:
@@ -123,5 +127,5 @@ def evaluate(jaxpr, consts, args, ctx: Ctx) -> list:
             else:
                 outs = bind(eqn, invals)
         outs = outs if eqn.primitive.multiple_results else [outs]
-        env.update(zip(eqn.outvars, outs))
+        env.update(zip(eqn.outvars, outs, strict=True))
     return [read(v) for v in jaxpr.outvars]

@@ -59,13 +59,19 @@ def _captured(eqn, lhs, rhs, ctx):
         capture.add(ctx.capture, rhs, lhs, lc, rc, lb, rb)
     else:
         capture.add(ctx.capture, lhs, rhs, rc, lc, rb, lb)
-    base = lambda v: sy.value(v.base) if isinstance(v, Sym) else v
+
+    def base(v):
+        return sy.value(v.base) if isinstance(v, Sym) else v
+
     return lax.dot_general_p.bind(base(lhs), base(rhs), **eqn.params)
 
 
 def _fit_error(sym: Sym, contracted, batch) -> LoraError:
     kinds = {"s": "stacked", "i": "in", "o": "out"}
-    desc = lambda axes: [f"axis {ax} ({kinds[sym.labels[ax][0]]})" for ax in axes]
+
+    def desc(axes):
+        return [f"axis {ax} ({kinds[sym.labels[ax][0]]})" for ax in axes]
+
     return LoraError(
         f"the adapter for {sym.path!r} does not fit how the model uses the weight: the model "
         f"contracts {desc(contracted)} and batches {desc(batch)} of the kernel as the model sees "
@@ -175,8 +181,11 @@ def _specs(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, ex_axis: int) -> dict
     """Einsum letters of x, the two factors in the order used, the rank-r intermediate
     ``t``, the dot's output, DoRA's ``g`` and (mixed batches) the example axis."""
     xc, wc, xb, wb = dims
-    letter = dict(zip(range(x.ndim), string.ascii_letters))
-    wl = {sym.labels[wa]: letter[xa] for xa, wa in zip(list(xc) + list(xb), list(wc) + list(wb))}
+    letter = dict(zip(range(x.ndim), string.ascii_letters, strict=True))
+    wl = {
+        sym.labels[wa]: letter[xa]
+        for xa, wa in zip(list(xc) + list(xb), list(wc) + list(wb), strict=True)
+    }
     free_w = [ax for ax in range(sym.base.ndim) if ax not in wc and ax not in wb]
     for n, ax in enumerate(free_w):
         wl[sym.labels[ax]] = string.ascii_letters[x.ndim + n]
@@ -212,7 +221,7 @@ def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec, rows: Rows):
     path = grouped.chosen(rows.mixed, x, sym, ex_axis) if applies else ""
     sp = _specs(x, sym, mode, sym_is_rhs, dims, ex_axis)
     if path in ("grouped", "onehot"):
-        y = grouped.low_rank(x, sym, sym_is_rhs, dims, ex_axis, ids, prec, path == "onehot")
+        y = grouped.low_rank(x, sym, sym_is_rhs, dims, (ex_axis, ids), prec, path == "onehot")
         return _out_of_range(y, ids, sym, sp), None, GROUPED if path == "grouped" else ONEHOT
     if sym.ranked is not None and path in ("", "gather"):  # concrete ids: each class at its rank
         y = ranked.low_rank(x, sym, mode, sp, ex_axis, prec)
@@ -222,7 +231,10 @@ def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec, rows: Rows):
     g = sym.g
     if sym.ids is not None:  # gather each example's factors (and g)
         assert ids is not None
-        pick = lambda f: jnp.take(f, jnp.maximum(ids, 0), axis=0, mode="clip")
+
+        def pick(f):
+            return jnp.take(f, jnp.maximum(ids, 0), axis=0, mode="clip")
+
         first, second, g = pick(first), pick(second), None if g is None else pick(g)
     t = _thin_product(f"{sp['x']},{sp['first']}->{sp['t']}", prec, x.astype(first.dtype), first)
     if sym.scale != 1.0:  # scale the thin rank-r intermediate, not the full-size output

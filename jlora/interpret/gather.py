@@ -134,7 +134,10 @@ def _pick(sym: Sym, indices, params, axes, record) -> Sym | None:
     ):
         return None
     stack = {sym.labels[ax][1]: ax for ax in range(sym.base.ndim) if sym.labels[ax][0] == "s"}
-    factor = lambda f: None if f is None else _gather_factor(f, stack, indices, params)
+
+    def factor(f):
+        return None if f is None else _gather_factor(f, stack, indices, params)
+
     return sym.replace(
         base=sy.on_base(sym.base, lax.gather_p, indices, **params),
         a=factor(sym.a),

@@ -65,7 +65,7 @@ def onehot_low_rank(x, a, b, row_ids, scale: float, prec):
 def applies(sym: Sym, mode: str, dims) -> bool:
     """Whether the grouped path can run this use (contracting in-axes, no batch or
     stacked axes, no DoRA)."""
-    xc, wc, xb, wb = dims
+    _, _, xb, wb = dims
     return (
         mode == "i"
         and not xb
@@ -97,12 +97,14 @@ def in_rows(x, sym: Sym, xc, wc, first=None):
     return jnp.transpose(x, free + xc).reshape(-1, k), free
 
 
-def low_rank(x, sym: Sym, sym_is_rhs: bool, dims, ex_axis: int, ids, prec, onehot: bool = False):
+def low_rank(x, sym: Sym, sym_is_rhs: bool, dims, examples: tuple, prec, onehot: bool = False):
     """``(x A) B`` per row's adapter, laid out like the dot's output (rows of id -1 zero):
     rows sorted by adapter (``ragged_low_rank``) or, ``onehot``, in place
     (``onehot_low_rank``).
 
-    ``ids`` gives the adapter of each index along ``x``'s axis ``ex_axis``."""
+    ``examples`` is ``(ex_axis, ids)``: ``ids`` gives the adapter of each index along
+    ``x``'s axis ``ex_axis``."""
+    ex_axis, ids = examples
     xc, wc, _, _ = dims
     rows, order = in_rows(x, sym, xc, wc, first=ex_axis)
     free, rest = sorted(order), order[1:]
@@ -114,7 +116,7 @@ def low_rank(x, sym: Sym, sym_is_rhs: bool, dims, ex_axis: int, ids, prec, oneho
         y = onehot_low_rank(rows.astype(a.dtype), a, b, row_ids, sym.scale, prec)
     else:
         y = _sorted(rows.astype(a.dtype), a, b, row_ids, sym.scale, prec)
-    return _lay_out(y, x, sym, sym_is_rhs, wc, ex_axis, free, rest)
+    return _lay_out(y, x, sym, sym_is_rhs, wc, (ex_axis, free, rest))
 
 
 def _sorted(rows, a, b, row_ids, scale: float, prec):
@@ -127,8 +129,10 @@ def _sorted(rows, a, b, row_ids, scale: float, prec):
     return jnp.where(used[:, None], y_sorted[back], jnp.zeros((), y_sorted.dtype))
 
 
-def _lay_out(y, x, sym: Sym, sym_is_rhs: bool, wc, ex_axis: int, free, rest):
-    """``y (rows, out)`` laid out like the dot's output."""
+def _lay_out(y, x, sym: Sym, sym_is_rhs: bool, wc, x_axes: tuple):
+    """``y (rows, out)`` laid out like the dot's output; ``x_axes`` is ``(ex_axis, free,
+    rest)``: x's example axis, its free axes, and those of them after the example axis."""
+    ex_axis, free, rest = x_axes
     out_axes = [ax for ax in range(sym.base.ndim) if ax not in wc]  # the weight's free axes
     out_labels = sorted(out_axes, key=lambda ax: sym.labels[ax][1])
     y = y.reshape(

@@ -39,11 +39,11 @@ def _narrow(view: QView, prim, operands, params: dict) -> QView | None:
         params["strides"] is None or all(s == 1 for s in params["strides"])
     ):
         lo, hi = params["start_indices"], params["limit_indices"]
-        if all((a, b) == (0, n) for a, b, n in zip(lo[1:], hi[1:], view.shape[1:])):
+        if all((a, b) == (0, n) for a, b, n in zip(lo[1:], hi[1:], view.shape[1:], strict=True)):
             return view.index(lo[0], hi[0] - lo[0])
     if prim is lax.dynamic_slice_p:
         sizes = params["slice_sizes"]
-        if all(s == n for s, n in zip(sizes[1:], view.shape[1:])):
+        if all(s == n for s, n in zip(sizes[1:], view.shape[1:], strict=True)):
             # full along the other axes (their starts clamp to 0); the leading start is
             # clamped so that the slice fits, as dynamic_slice does
             lo = jnp.clip(operands[0], 0, view.shape[0] - sizes[0])
@@ -59,7 +59,7 @@ def op(view: QView, prim, operands, params: dict):
     if prim in DEFER and not operands:
         items = tuple(sorted(params.items()))
         aval = jax.eval_shape(lambda x: prim.bind(x, **params), view.aval)
-        return dataclasses.replace(view, ops=view.ops + ((prim, items),), aval=aval)
+        return dataclasses.replace(view, ops=(*view.ops, (prim, items)), aval=aval)
     return prim.bind(view.value(), *operands, **params)
 
 

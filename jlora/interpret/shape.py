@@ -10,7 +10,8 @@ of a stacked kernel stays factored. On a quantized view they narrow or defer
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -90,28 +91,40 @@ def slice_(sym: Sym, start_indices, limit_indices, strides) -> Sym:
             strides=strides,
         )
     )
-    for ax, (lo, hi) in enumerate(zip(start_indices, limit_indices)):
+    for ax, (lo, hi) in enumerate(zip(start_indices, limit_indices, strict=True)):
         st = 1 if strides is None else strides[ax]
         if (lo, hi, st) != (0, sym.base.shape[ax], 1):
             out = out.replace(
                 **_on_factors(
-                    out, sym.labels[ax], lambda f, d: lax.slice_in_dim(f, lo, hi, st, axis=d)
+                    out,
+                    sym.labels[ax],
+                    _slicer(lo, hi, st),
                 )
             )
     return out
+
+
+def _slicer(lo: int, hi: int, st: int) -> Callable[[jax.Array, int], jax.Array]:
+    """``op(f, d)``: ``f[lo:hi:st]`` along axis ``d``."""
+    return lambda f, d: lax.slice_in_dim(f, lo, hi, st, axis=d)
+
+
+def _dynamic_slicer(start: Any, size: int) -> Callable[[jax.Array, int], jax.Array]:
+    """``op(f, d)``: ``size`` entries of ``f`` from ``start`` (may be traced) along ``d``."""
+    return lambda f, d: lax.dynamic_slice_in_dim(f, start, size, axis=d)
 
 
 def dynamic_slice(sym: Sym, starts, slice_sizes) -> Sym:
     out = sym.replace(
         base=sy.on_base(sym.base, lax.dynamic_slice_p, *starts, slice_sizes=tuple(slice_sizes))
     )
-    for ax, (start, size) in enumerate(zip(starts, slice_sizes)):
+    for ax, (start, size) in enumerate(zip(starts, slice_sizes, strict=True)):
         if size != sym.base.shape[ax]:
             out = out.replace(
                 **_on_factors(
                     out,
                     sym.labels[ax],
-                    lambda f, d: lax.dynamic_slice_in_dim(f, start, size, axis=d),
+                    _dynamic_slicer(start, size),
                 )
             )
     return out

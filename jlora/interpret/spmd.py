@@ -61,7 +61,7 @@ def _split(v, spec):
     return (
         [getattr(v, _FIELDS[i]) for i in keep],
         [specs[i] for i in keep],
-        lambda parts: v.replace(**dict(zip((_FIELDS[i] for i in keep), parts))),
+        lambda parts: v.replace(**dict(zip((_FIELDS[i] for i in keep), parts, strict=True))),
     )
 
 
@@ -72,7 +72,7 @@ def _shard_map(eqn, invals, ctx):
     if manual is None or any(isinstance(v, sy.Sym) and v.ids is not None for v in invals):
         why = "shard_map" if manual is None else "shard_map with a mixed-adapter batch"
         invals = materialized(invals, ctx, why)
-    splits = [_split(v, s) for v, s in zip(invals, p["in_specs"])]
+    splits = [_split(v, s) for v, s in zip(invals, p["in_specs"], strict=True)]
     flat = [x for parts, _, _ in splits for x in parts]
     specs = tuple(s for _, ss, _ in splits for s in ss)
     sizes = [len(parts) for parts, _, _ in splits]
@@ -80,7 +80,7 @@ def _shard_map(eqn, invals, ctx):
 
     def body(key, *flat):
         vals, at = [], 0
-        for (_, _, rebuild), n in zip(splits, sizes):
+        for (_, _, rebuild), n in zip(splits, sizes, strict=True):
             vals.append(rebuild(list(flat[at : at + n])))
             at += n
         if key is not None:  # a different dropout mask on every device
@@ -91,7 +91,7 @@ def _shard_map(eqn, invals, ctx):
     mapped = jax.shard_map(
         body,
         mesh=p["mesh"],
-        in_specs=(PartitionSpec(),) + specs,
+        in_specs=(PartitionSpec(), *specs),
         out_specs=p["out_specs"],
         axis_names=frozenset(manual),
         check_vma=p.get("check_vma", True),
@@ -104,10 +104,13 @@ def _constrained(v: sy.Sym, eqn, key: str):
     target = eqn.params[key]
     if not isinstance(target, jax.sharding.NamedSharding):
         return None
-    parts = dict(zip(_FIELDS, _part_specs(v, tuple(target.spec))))
-    bind = lambda x, spec: eqn.primitive.bind(
-        x, **{**eqn.params, key: jax.sharding.NamedSharding(target.mesh, spec)}
-    )
+    parts = dict(zip(_FIELDS, _part_specs(v, tuple(target.spec)), strict=True))
+
+    def bind(x, spec):
+        return eqn.primitive.bind(
+            x, **{**eqn.params, key: jax.sharding.NamedSharding(target.mesh, spec)}
+        )
+
     base = sy.on_base(v.base, eqn.primitive, **eqn.params)
     return v.replace(
         base=base,

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import string
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -70,8 +71,10 @@ class Sym:
     def count(self, kind: str) -> int:
         return sum(1 for k, _ in self.labels if k == kind)
 
-    def replace(self, **kw) -> "Sym":
-        stacked = lambda labels: sorted(lab for lab in labels if lab[0] == "s")
+    def replace(self, **kw) -> Sym:
+        def stacked(labels):
+            return sorted(lab for lab in labels if lab[0] == "s")
+
         if (
             self.active is not None
             and "labels" in kw
@@ -117,7 +120,10 @@ def node_norm(leaf, node) -> jax.Array:
     A constant for the gradient (PEFT, paper 4.3): its inputs are cut from it, so
     no tangent work is traced (and no per-layer weight kept for it)."""
     a, b = (lax.stop_gradient(x) for x in node.unflat()[:2])
-    norm = lambda a, b, s: dora_norm(leaf, a, b, s, node.stack_axes, node.in_axes, node.out_axes)
+
+    def norm(a, b, s):
+        return dora_norm(leaf, a, b, s, node.stack_axes, node.in_axes, node.out_axes)
+
     if isinstance(node.scale, float):
         return norm(a, b, node.scale)
     return jax.vmap(norm)(a, b, jnp.asarray(node.scale, jnp.float32))
@@ -187,7 +193,9 @@ def letters(sym: Sym) -> dict[Label, str]:
 
 
 def factor_specs(sym: Sym, letter: dict[Label, str], r: str) -> tuple[str, str]:
-    ls = lambda kind: "".join(letter[(kind, i)] for i in range(sym.count(kind)))
+    def ls(kind):
+        return "".join(letter[(kind, i)] for i in range(sym.count(kind)))
+
     return ls("s") + ls("i") + r, ls("s") + r + ls("o")
 
 

@@ -77,7 +77,7 @@ def _abstract(t, f, *, spec, precision):
     varying manual axes (inside ``shard_map``) theirs, as ``dot_general``'s would be."""
     ins, out = spec.split("->")
     (ts, fs) = ins.split(",")
-    sizes = dict(zip(ts, t.shape)) | dict(zip(fs, f.shape))
+    sizes = dict(zip(ts, t.shape, strict=True)) | dict(zip(fs, f.shape, strict=True))
     like = t if len(mesh.vma(t)) >= len(mesh.vma(f)) else f
     parts = mesh.contraction_spec((ts, fs), out, (mesh.raw_spec(t), mesh.raw_spec(f)))
     return like.update(
@@ -116,7 +116,7 @@ def _transpose_f(ct, t, f, *, spec, precision):
     """
     (ts, fs), out = spec.split("->")[0].split(","), spec.split("->")[1]
     dtype, want = _dtype(f, ct), mesh.spec(f)
-    size = dict(zip(ts, jnp.shape(t))) | dict(zip(out, jnp.shape(ct)))
+    size = dict(zip(ts, jnp.shape(t), strict=True)) | dict(zip(out, jnp.shape(ct), strict=True))
     lead = [c for c in fs if c in ts and c in out]  # batch letters stay first
     of_t, of_ct = ([c for c in fs if c in a and c not in b] for a, b in ((ts, out), (out, ts)))
     if lead or math.prod(size[c] for c in of_t) <= math.prod(size[c] for c in of_ct):
@@ -132,7 +132,7 @@ def _batch(args, dims, *, spec, precision):
     (ts, fs), out = spec.split("->")[0].split(","), spec.split("->")[1]
     z = next(c for c in string.ascii_letters if c not in spec)
     specs = []
-    for s, d in zip((ts, fs), dims):
+    for s, d in zip((ts, fs), dims, strict=True):
         specs.append(s if d is None else s[:d] + z + s[d:])  # None: not mapped
     return thin(f"{specs[0]},{specs[1]}->{z}{out}", precision, *args), 0
 

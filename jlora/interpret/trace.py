@@ -65,7 +65,7 @@ def _traced(fn, tree, flat, dyn, specs):
 
     def flat_fn(*vals):
         full = list(flat)
-        for i, v in zip(dyn, vals):
+        for i, v in zip(dyn, vals, strict=True):
             full[i] = v
         p, a, k = jax.tree_util.tree_unflatten(tree, full)
         return fn(p, *a, **k)

@@ -175,15 +175,18 @@ def _shapes(s: dict) -> dict:
     if s.get("kind") == "full":
         return {"weight": tuple(s["shape"])}
     if s.get("kind") == "tokens":
-        return {"rows": (len(s["indices"]),) + tuple(s["shape"][1:])}
+        return {"rows": (len(s["indices"]), *tuple(s["shape"][1:]))}
     stack = tuple(s["shape"][ax] for ax in s["stack_axes"])
-    size = lambda axes: int(np.prod([s["shape"][ax] for ax in axes]))
+
+    def size(axes):
+        return int(np.prod([s["shape"][ax] for ax in axes]))
+
     shapes = {
-        "a": stack + (size(s["in_axes"]), s["rank"]),
-        "b": stack + (s["rank"], size(s["out_axes"])),
+        "a": (*stack, size(s["in_axes"]), s["rank"]),
+        "b": (*stack, s["rank"], size(s["out_axes"])),
     }
     if s["variant"].endswith("dora"):
-        shapes["magnitude"] = stack + (size(s["out_axes"]),)
+        shapes["magnitude"] = (*stack, size(s["out_axes"]))
     return shapes
 
 

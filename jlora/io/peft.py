@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,12 +39,13 @@ from jlora.io.peft_axes import PREFIX as PREFIX
 from jlora.io.peft_axes import WEIGHTS as WEIGHTS
 from jlora.io.peft_axes import default_module as default_module
 from jlora.io.peft_axes import torch_module as torch_module
+from jlora.io.peft_file import PeftFile
 from jlora.io.peft_save import save as save
 from jlora.targets import _NOT_KERNELS, Params, flatten, matches, path_str
 from jlora.transforms.check import check, check_finite
 
 CONFIG = peft_config.CONFIG
-__all__ = ["load", "save", "default_module", "torch_module", "CONFIG", "WEIGHTS", "PREFIX"]
+__all__ = ["CONFIG", "PREFIX", "WEIGHTS", "default_module", "load", "save", "torch_module"]
 
 
 def load(
@@ -100,8 +102,7 @@ def load(
       ((1,), (4, 2), 'fn')
     """
     config = peft_config.read(path)
-    tensors = _read_tensors(path)
-    unused = set(tensors)
+    file = PeftFile(_read_tensors(path), config, module_fn, prefix, dtype)
     flat, treedef = flatten(params)
     learned = peft_axes.learn(fn, params, flat, config, args, kwargs)
     out = []
@@ -113,20 +114,18 @@ def load(
             else ((learned[p], "fn") if p in learned else None)
         )
         node = (
-            peft_whole.load_node(p, leaf, tensors, unused, config, module_fn, prefix, dtype)
-            or peft_params.load_node(
-                p, leaf, tensors, unused, config, module_fn, prefix, axes_p, dtype
-            )
-            or _node(p, leaf, tensors, unused, config, module_fn, prefix, axes_p, dtype)
+            peft_whole.load_node(p, leaf, file)
+            or peft_params.load_node(p, leaf, file, axes_p)
+            or _node(p, leaf, file, axes_p)
         )
         out.append(node)
-    out = peft_bias.load(flat, out, tensors, unused, config, module_fn, prefix, dtype)
+    out = peft_bias.load(flat, out, file)
     if config.get("ensure_weight_tying"):
-        peft_base.tied_heads(tensors, unused, EMBEDDING)
-    if unused:
+        peft_base.tied_heads(file, EMBEDDING)
+    if file.unused:
         raise LoraError(
-            f"{path}: {len(unused)} PEFT keys match no parameter of params, e.g. "
-            f"{sorted(unused)[:3]}; the mapping used (module_fn) gives "
+            f"{path}: {len(file.unused)} PEFT keys match no parameter of params, e.g. "
+            f"{sorted(file.unused)[:3]}; the mapping used (module_fn) gives "
             f"{peft_axes.mapping(flat, config, module_fn, prefix, learned)}; pass a "
             "module_fn that maps jlora paths to these modules"
         )
@@ -144,7 +143,7 @@ def _read_tensors(path: str) -> dict:
     file = os.path.join(path, WEIGHTS)
     try:
         with safetensors.safe_open(file, framework="numpy") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f}
     except OSError as e:
         raise LoraError(f"cannot read {file}: {e}") from None
     except Exception as e:  # safetensors' own error type is not part of its public API
@@ -154,7 +153,8 @@ def _read_tensors(path: str) -> dict:
         ) from None
 
 
-def _node(p, leaf, tensors, unused, config, module_fn, prefix, axes, dtype):
+def _node(p: str, leaf: Any, file: PeftFile, axes: Any) -> Any:
+    config, tensors, prefix = file.config, file.tensors, file.prefix
     shape = tuple(np.shape(leaf))
     names = config.get("target_modules")
     if (
@@ -164,10 +164,10 @@ def _node(p, leaf, tensors, unused, config, module_fn, prefix, axes, dtype):
     ):
         return None  # PEFT adapts only modules named in target_modules
     (stack_axes, in_axes, out_axes), origin = axes or peft_axes.file_axes(
-        p, shape, tensors, module_fn, prefix
+        p, shape, tensors, file.module_fn, prefix
     )
     stack = tuple(shape[ax] for ax in stack_axes)
-    modules = {idx: module_fn(p, idx) for idx in np.ndindex(*stack)}
+    modules = {idx: file.module(p, idx) for idx in np.ndindex(*stack)}
     kinds = _factor_keys(p, modules, tensors, prefix)
     if kinds is None:
         return None
@@ -177,33 +177,31 @@ def _node(p, leaf, tensors, unused, config, module_fn, prefix, axes, dtype):
         origin = "file" if config.get("ensure_weight_tying") else "lookup"
     layers, modules, shape, stack = _some_layers(present, modules, shape, stack, stack_axes)
     first = modules[next(iter(modules))]
-    get = lambda m, part: peft_whole.take(tensors, unused, prefix + m + part)
+
+    def get(m, part):
+        return file.take(prefix + m + part)
+
     rank = get(first, part_a).shape[0]
-    a, b, mag = _factors(
-        p,
-        shape,
-        (in_axes, out_axes),
-        modules,
-        get,
-        (part_a, part_b),
-        rank,
-        config.get("use_dora"),
-        origin,
+    a, b = _factors(p, (shape, (in_axes, out_axes)), modules, get, (part_a, part_b), rank, origin)
+    n_out = math.prod(shape[ax] for ax in out_axes)
+    dora = config.get("use_dora")
+    mag = (
+        [get(m, ".lora_magnitude_vector").reshape(n_out) for m in modules.values()] if dora else []
     )
     peft_base.check(
         p,
         leaf,
         (stack_axes, in_axes, out_axes),
         modules,
-        tensors,
-        unused,
-        prefix + "{}.base_layer.weight",
+        file,
         (part_a, part_b) == EMBEDDING,
-        bool(config.get("fan_in_fan_out")),
     )
     alpha = peft_config.alpha_for(config, p, first, rank)
     scale = scaling(alpha, rank, bool(config.get("use_rslora")))
-    cast = lambda xs: jnp.asarray(np.stack(xs).reshape(stack + xs[0].shape), dtype)
+
+    def cast(xs):
+        return jnp.asarray(np.stack(xs).reshape(stack + xs[0].shape), file.dtype)
+
     node = LoraNode(
         a=cast(a),
         b=cast(b),
@@ -226,12 +224,13 @@ def _node(p, leaf, tensors, unused, config, module_fn, prefix, axes, dtype):
     )
 
 
-def _factors(p, shape, axes, modules, get, parts, rank, dora, origin):
-    """Each module's ``(a (in, r), b (r, out))`` and DoRA magnitude, checked against the
-    kernel's ``axes`` (a conv's read in PEFT's conv layout)."""
+def _factors(p, kernel, modules, get, parts, rank, origin):
+    """Each module's ``(a (in, r), b (r, out))``, checked against the kernel's ``(shape,
+    (in_axes, out_axes))`` (a conv's read in PEFT's conv layout)."""
+    shape, axes = kernel
     in_axes, out_axes = axes
     n_in, n_out = (math.prod(shape[ax] for ax in g) for g in axes)
-    a, b, mag = [], [], []
+    a, b = [], []
     for m in modules.values():
         la, lb = torch_conv.as_linear(
             p, shape, in_axes, out_axes, get(m, parts[0]), get(m, parts[1])
@@ -240,9 +239,7 @@ def _factors(p, shape, axes, modules, get, parts, rank, dora, origin):
             raise peft_axes.misfit(p, m, shape, la.shape, lb.shape, (rank, n_in, n_out), origin)
         a.append(la.T)
         b.append(lb.T)
-        if dora:
-            mag.append(get(m, ".lora_magnitude_vector").reshape(n_out))
-    return a, b, mag
+    return a, b
 
 
 def _some_layers(present, modules, shape, stack, stack_axes):
@@ -254,7 +251,7 @@ def _some_layers(present, modules, shape, stack, stack_axes):
     return (
         tuple(idx[0] for idx in present),
         {idx: modules[idx] for idx in present},
-        shape[:ax] + (len(present),) + shape[ax + 1 :],
+        (*shape[:ax], len(present), *shape[ax + 1 :]),
         (len(present),),
     )
 

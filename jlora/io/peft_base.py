@@ -12,32 +12,25 @@ table ``(vocab, d)``, a linear weight ``(out, in)`` (``(in, out)`` with
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
 from jlora.config import LoraError
+from jlora.io.peft_file import PeftFile
 from jlora.qnode import is_quantized
 
 
-def check(
-    p: str,
-    leaf,
-    axes,
-    modules: dict,
-    tensors: dict,
-    unused: set,
-    key: str,
-    table: bool,
-    fan_in_fan_out: bool,
-) -> None:
-    """Compare each module's saved base weight (``key.format(module)``) with ``leaf``'s
-    slice under the node's ``axes``; the keys checked are marked used."""
+def check(p: str, leaf: Any, axes: tuple, modules: dict, file: PeftFile, table: bool) -> None:
+    """Compare each module's saved base weight (``<prefix><module>.base_layer.weight``)
+    with ``leaf``'s slice under the node's ``axes``; the keys checked are marked used."""
     stack_axes, in_axes, out_axes = axes
+    fan_in_fan_out = bool(file.config.get("fan_in_fan_out"))
     for idx, m in modules.items():
-        k = key.format(m)
-        if k not in tensors:
+        k = f"{file.prefix}{m}.base_layer.weight"
+        if k not in file.tensors:
             continue
-        unused.discard(k)
+        saved = np.asarray(file.take(k), np.float32)
         if is_quantized(leaf):  # quantized: no exact weight to compare (the factors still load)
             continue
         first, second = (in_axes, out_axes) if table or fan_in_fan_out else (out_axes, in_axes)
@@ -45,7 +38,6 @@ def check(
             np.asarray(leaf, np.float32), list(stack_axes) + list(first) + list(second)
         )[tuple(idx)]
         want = (math.prod(w.shape[: len(first)]), math.prod(w.shape[len(first) :]))
-        saved = np.asarray(tensors[k], np.float32)
         if saved.shape != want:
             raise LoraError(
                 f"{p!r}: the PEFT file holds its base layer {k!r} of shape "
@@ -62,18 +54,22 @@ def check(
             )
 
 
-def tied_heads(tensors: dict, unused: set, embedding: tuple[str, str]) -> None:
+def tied_heads(file: PeftFile, embedding: tuple[str, str]) -> None:
     """With ``ensure_weight_tying`` PEFT saves a tied head's LoRA (``lm_head.lora_A``,
     ``lora_B``, ``base_layer.weight``) beside the table's: the same update transposed.
     When params hold one table for both uses, those keys are that copy: checked equal
     to the table's factors and marked used (they stay unused, and the load fails, if
     they differ)."""
+    tensors, unused = file.tensors, file.unused
     part_a, part_b = embedding
     tables = [k[: -len(part_a)] for k in tensors if k.endswith(part_a)]
     for key in sorted(k for k in unused if k.endswith(".lora_A.weight")):
         head = key[: -len(".lora_A.weight")]
         for t in tables:
-            same = lambda x, y: np.shape(x) == np.shape(y) and np.array_equal(x, y)
+
+            def same(x, y):
+                return np.shape(x) == np.shape(y) and np.array_equal(x, y)
+
             if same(tensors[key], tensors[t + part_b].T) and same(
                 tensors.get(head + ".lora_B.weight"), tensors[t + part_a].T
             ):

@@ -17,17 +17,17 @@ import numpy as np
 from jlora.adapter import FullNode
 from jlora.config import LoraError, scaling
 from jlora.io import peft_config
-from jlora.io.peft_whole import _torch_param, take
+from jlora.io.peft_file import PeftFile
+from jlora.io.peft_whole import _torch_param
 from jlora.targets import path_str
 
 _SAVED = (".base_layer.bias", ".bias")  # a trained bias: of an adapted module, of another
 LORA_BIAS = ".lora_B.bias"
 
 
-def load(
-    flat, out: list, tensors: dict, unused: set, config: dict, module_fn, prefix: str, dtype
-) -> list:
+def load(flat: list, out: list, file: PeftFile) -> list:
     """``out`` (one node or None per leaf of ``flat``) with FullNodes for trained biases."""
+    config, tensors, prefix, dtype = file.config, file.tensors, file.prefix, file.dtype
     if config.get("bias", "none") == "none" and not config.get("lora_bias"):
         return out
     if config.get("lora_bias") and config.get("use_dora"):
@@ -44,19 +44,18 @@ def load(
         w = np.array(leaf, np.float32 if dtype is None else dtype)
         found = False
         for idx in np.ndindex(*np.shape(leaf)[:n_stack]):
-            m = prefix + module_fn(p, idx)
+            m = prefix + file.module(p, idx)
             saved = next((m + k for k in _SAVED if m + k in tensors), None)
             if saved is not None:
-                w[idx] = take(tensors, unused, saved).reshape(w[idx].shape)
+                w[idx] = file.take(saved).reshape(w[idx].shape)
                 found = True
             if m + LORA_BIAS in tensors:
-                w[idx] = w[idx] + _scaling(config, m, tensors, prefix) * take(
-                    tensors, unused, m + LORA_BIAS
-                ).reshape(w[idx].shape)
+                bias = file.take(m + LORA_BIAS).reshape(w[idx].shape)
+                w[idx] = w[idx] + _scaling(config, m, tensors, prefix) * bias
                 found = True
         if found:
             out[i] = FullNode(weight=jnp.asarray(w, dtype or jnp.result_type(leaf)))
-    orphans = sorted(k for k in unused if k.endswith(LORA_BIAS))
+    orphans = sorted(k for k in file.unused if k.endswith(LORA_BIAS))
     if orphans:
         raise LoraError(
             f"lora_bias=True: the file holds {orphans[0]!r} but params has no bias "

@@ -16,6 +16,7 @@ modules).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +24,7 @@ import numpy as np
 from jlora.adapter import LoraNode, default_axes
 from jlora.config import LoraError, scaling
 from jlora.io import peft_config
+from jlora.io.peft_file import PeftFile
 
 A, B, NEST = ".lora_A.weight", ".lora_B.weight", ".base_layer"
 
@@ -40,10 +42,9 @@ def _fits(la, lb, e: int, n_in: int, n_out: int, rank: int) -> bool:
     return la.shape == (rank * e, n_in) and lb.shape == (n_out, rank * e)
 
 
-def load_node(
-    p: str, leaf, tensors: dict, unused: set, config: dict, module_fn, prefix: str, axes, dtype
-):
+def load_node(p: str, leaf: Any, file: PeftFile, axes: Any) -> LoraNode | None:
     """``p``'s node when ``target_parameters`` names it (else None)."""
+    config, tensors, prefix, module_fn = file.config, file.tensors, file.prefix, file.module
     if not config.get("target_parameters"):
         return None
     shape = tuple(np.shape(leaf))
@@ -65,9 +66,7 @@ def load_node(
     for idx in np.ndindex(*(shape[ax] for ax in layer_axes)):
         module = module_fn(p, idx)
         stem = _pick(p, module, param, tensors, prefix, (e, n_in, n_out, rank), origin)
-        la, lb = tensors[stem + A], tensors[stem + B]
-        unused.discard(stem + A)
-        unused.discard(stem + B)
+        la, lb = file.take(stem + A), file.take(stem + B)
         if e == 1 and not stack_axes:
             a_all.append(la.T)
             b_all.append(lb.T)
@@ -75,7 +74,10 @@ def load_node(
         a_all.append(la.reshape(e, rank, n_in).transpose(0, 2, 1))  # (E, in, r)
         b_all.append(lb.reshape(n_out, rank, e).transpose(2, 1, 0))  # (E, r, out)
     stack = tuple(shape[ax] for ax in stack_axes)
-    cast = lambda xs: jnp.asarray(np.stack(xs).reshape(stack + xs[0].shape[-2:]), dtype)
+
+    def cast(xs):
+        return jnp.asarray(np.stack(xs).reshape(stack + xs[0].shape[-2:]), file.dtype)
+
     alpha = float(
         peft_config.pattern(
             config.get("alpha_pattern") or {}, f"{probe}.{param}", config["lora_alpha"]
@@ -160,7 +162,7 @@ def save_tensors(nodes: dict, parameters, module_fn, prefix: str):
             names.add(f"{module}.{param}")
     for module, entries in per_module.items():
         entries.sort(key=lambda t: list(parameters).index(t[0]))  # innermost first
-        for pos, (param, a, b) in enumerate(entries):
+        for pos, (_, a, b) in enumerate(entries):
             stem = prefix + module + NEST * (len(entries) - 1 - pos)
             r = a.shape[-1]
             if a.ndim == 2:  # a 2-D parameter: plain linear LoRA

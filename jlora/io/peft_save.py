@@ -27,7 +27,7 @@ def _stack_shape(node) -> tuple[int, ...]:
     return tuple(node.shape[ax] for ax in node.stack_axes)
 
 
-def save(
+def save(  # noqa: PLR0913 (a public signature: keyword options)
     path: str,
     adapter: Adapter,
     *,
@@ -139,7 +139,7 @@ def _lora_tensors(nodes: dict, parameters, module_fn, prefix: str, embeddings: s
         mag = None if node.magnitude is None else np.asarray(node.magnitude)
         conv = convs is not None and re.search(convs, p) and len(node.in_axes) > 1
         for idx in np.ndindex(*_stack_shape(node)):
-            module = module_fn(p, idx if layers is None else (layers[idx[0]],) + idx[1:])
+            module = module_fn(p, idx if layers is None else (layers[idx[0]], *idx[1:]))
             key = prefix + module
             part_a, part_b = EMBEDDING if re.search(embeddings, p) else LINEAR
             m = None if mag is None else mag[idx]

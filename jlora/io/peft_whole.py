@@ -13,12 +13,14 @@ despite the name), their ids in the config.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
 from jlora.adapter import FullNode, TokenNode
 from jlora.config import LoraError
+from jlora.io.peft_file import PeftFile
 from jlora.targets import layer_index
 
 TOKENS = ".token_adapter.trainable_tokens_delta"
@@ -30,13 +32,6 @@ _TORCH = {
     "bias": ("bias", 1, False),
     "weight": ("weight", None, False),
 }
-
-
-def take(tensors: dict, unused: set, key: str):
-    if key not in tensors:
-        raise LoraError(f"the PEFT file lacks {key!r}")
-    unused.discard(key)
-    return tensors[key]
 
 
 def _torch_param(p: str, ndim: int, conv: bool = False):
@@ -89,10 +84,15 @@ def save_tensors(nodes: dict, module_fn, prefix: str, convs: str | None):
     }
 
 
-def load_node(
-    p: str, leaf, tensors: dict, unused: set, config: dict, module_fn, prefix: str, dtype
-):
+def load_node(p: str, leaf: Any, file: PeftFile) -> Any:
     """``p``'s FullNode or TokenNode when the file holds one, else None."""
+    config, tensors, prefix, dtype, module_fn = (
+        file.config,
+        file.tensors,
+        file.prefix,
+        file.dtype,
+        file.module,
+    )
     shape = tuple(np.shape(leaf))
     spec = config.get("trainable_token_indices")
     if spec and len(shape) >= 2:
@@ -101,7 +101,7 @@ def load_node(
         except (ValueError, TypeError, KeyError, IndexError):  # a stacked leaf: no table
             module = None
         if module is not None and prefix + module + TOKENS in tensors:
-            rows = take(tensors, unused, prefix + module + TOKENS)
+            rows = file.take(prefix + module + TOKENS)
             return TokenNode(
                 rows=jnp.asarray(rows, dtype), indices=_ids(spec, module, p), shape=shape
             )
@@ -117,7 +117,7 @@ def load_node(
             f"{p!r}: the PEFT file trains some of its layers in full but lacks "
             f"{sorted(set(keys) - set(present))[:3]}"
         )
-    parts = [take(tensors, unused, k) for k in keys]
+    parts = [file.take(k) for k in keys]
     back = None if order is None else np.argsort(order)
     if any(t.ndim != len(shape) - n_stack for t in parts):
         raise LoraError(

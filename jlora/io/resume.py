@@ -75,11 +75,16 @@ def _leaves(tree) -> list:
 def _check_like(saved: list, like, directory, step: int) -> None:
     """The first leaf where ``like`` differs from the saved state, as a LoraError."""
     mine = _leaves(like)
-    for i, (a, b) in enumerate(zip(saved + [None] * len(mine), mine + [None] * len(saved))):
+    for i, (a, b) in enumerate(
+        zip(saved + [None] * len(mine), mine + [None] * len(saved), strict=True)
+    ):
         if a == b or (a and b and a[:2] == b[:2]):  # another dtype: orbax casts to like's
             continue
         if a is None or b is None or a[0] != b[0]:
-            show = lambda x: "nothing" if x is None else x[0]
+
+            def show(x):
+                return "nothing" if x is None else x[0]
+
             what = f"the checkpoint has {show(a)} where like has {show(b)}"
         else:
             what = f"{a[0]} has shape {a[1]} in the checkpoint but {b[1]} in like"
@@ -113,7 +118,7 @@ def restore_checkpoint(directory, like, step: int | None = None):
     """
     with _reading(directory, "training checkpoint"), _manager(directory, write=False) as m:
         step = _latest(m, directory, "save_checkpoint") if step is None else step
-        if "structure" in m.item_metadata(step).keys():  # (older checkpoints lack it)
+        if "structure" in m.item_metadata(step):  # (older checkpoints lack it)
             saved = m.restore(step, args=ocp.args.Composite(structure=ocp.args.JsonRestore()))
             _check_like(saved["structure"], like, directory, step)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)

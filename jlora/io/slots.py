@@ -29,7 +29,7 @@ def _write(tree, i, adapter):
     """``tree`` with slot ``i`` holding ``adapter`` (in the slot layout)."""
     leaves = [
         s.at[i].set(x.astype(s.dtype))
-        for s, x in zip(jax.tree.leaves(tree), jax.tree.leaves(adapter))
+        for s, x in zip(jax.tree.leaves(tree), jax.tree.leaves(adapter), strict=True)
     ]
     return jax.tree.unflatten(jax.tree.structure(tree), leaves)
 
@@ -114,7 +114,7 @@ class Slots:
       1
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 (a public signature: keyword options)
         self,
         params,
         template,

@@ -30,22 +30,27 @@ def dora_norm(w, a_u, b_u, scale: float, stack_axes, in_axes, out_axes) -> jax.A
     w = qv.wrap(w)
     if qv.is_view(w):
         if stack_axes and stack_axes[0] == 0 and not w.ops:  # one layer at a time
-            less = lambda axes: tuple(ax - 1 for ax in axes)
-            layer = lambda i, a, b: dora_norm(
-                w.index(i), a, b, scale, less(stack_axes[1:]), less(in_axes), less(out_axes)
-            )
+
+            def less(axes):
+                return tuple(ax - 1 for ax in axes)
+
+            def layer(i, a, b):
+                return dora_norm(
+                    w.index(i), a, b, scale, less(stack_axes[1:]), less(in_axes), less(out_axes)
+                )
+
             return lax.map(lambda t: layer(*t), (jnp.arange(w.shape[0]), a_u, b_u))
         w = w.value()
     letter = string.ascii_letters
     w_spec = letter[: w.ndim]
     S = "".join(letter[ax] for ax in stack_axes)
-    I = "".join(letter[ax] for ax in in_axes)  # noqa: E741
-    O = "".join(letter[ax] for ax in out_axes)  # noqa: E741
+    IN = "".join(letter[ax] for ax in in_axes)
+    OUT = "".join(letter[ax] for ax in out_axes)
     r, q = letter[w.ndim], letter[w.ndim + 1]
     w, a, b = (x.astype(jnp.float32) for x in (w, a_u, b_u))
-    squares = mesh.einsum(f"{w_spec},{w_spec}->{S}{O}", w, w)
-    atw = mesh.einsum(f"{w_spec},{S}{I}{r}->{S}{r}{O}", w, a)
-    cross = mesh.einsum(f"{S}{r}{O},{S}{r}{O}->{S}{O}", atw, b)
-    gram = mesh.einsum(f"{S}{I}{r},{S}{I}{q}->{S}{r}{q}", a, a)
-    quad = mesh.einsum(f"{S}{r}{O},{S}{r}{q},{S}{q}{O}->{S}{O}", b, gram, b)
+    squares = mesh.einsum(f"{w_spec},{w_spec}->{S}{OUT}", w, w)
+    atw = mesh.einsum(f"{w_spec},{S}{IN}{r}->{S}{r}{OUT}", w, a)
+    cross = mesh.einsum(f"{S}{r}{OUT},{S}{r}{OUT}->{S}{OUT}", atw, b)
+    gram = mesh.einsum(f"{S}{IN}{r},{S}{IN}{q}->{S}{r}{q}", a, a)
+    quad = mesh.einsum(f"{S}{r}{OUT},{S}{r}{q},{S}{q}{OUT}->{S}{OUT}", b, gram, b)
     return jnp.sqrt(jnp.maximum(squares + 2 * scale * cross + scale * scale * quad, 0.0))

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -92,7 +93,7 @@ def slab_region(
 
     if k < unit:  # rows m of a leading axis: whole units
         arrays = {f: sliced(getattr(node, f), k, region[0]) for f in fields}
-        return decode(node, arrays, (region[0],) + shape[k + 1 : unit], start)
+        return decode(node, arrays, (region[0], *shape[k + 1 : unit]), start)
     first = start - start % math.prod(shape[unit:])
     whole = decode(node, {f: sliced(getattr(node, f), unit, None) for f in fields}, (), first)
     if region == shape[unit:]:

@@ -71,8 +71,8 @@ def contraction_spec(ins, out: str, specs) -> tuple | None:
     if all(sp is None for sp in specs):
         return None
     entry: dict = {}
-    for ls, sp in zip(ins, specs):
-        for c, part in zip(ls, sp or (None,) * len(ls)):
+    for ls, sp in zip(ins, specs, strict=True):
+        for c, part in zip(ls, sp or (None,) * len(ls), strict=True):
             if entry.get(c) is None:
                 entry[c] = part
     parts: list = []
@@ -88,7 +88,7 @@ def einsum(subscripts: str, *ops) -> jax.Array:
     """``jnp.einsum`` that, under explicit axes, names its output sharding."""
     ins, out = subscripts.split("->")
     specs = [spec(x) for x in ops]
-    like = next((x for x, sp in zip(ops, specs) if sp is not None), None)
+    like = next((x for x, sp in zip(ops, specs, strict=True) if sp is not None), None)
     sharding = None if like is None else named(like, contraction_spec(ins.split(","), out, specs))
     extra = {} if sharding is None else dict(out_sharding=sharding)
     return jnp.einsum(subscripts, *ops, **extra)

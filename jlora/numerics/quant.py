@@ -173,11 +173,11 @@ def _lay_out(node: NF4, sharding) -> NF4:
         parts = formats.lay_out({"packed": node.packed, "absmax": node.absmax}, sharding, {})
         return dataclasses.replace(node, **parts, spec=whole)
     if not formats.divides(sharding.mesh, spec[-1], last, bs):
-        spec = spec[:-1] + (None,)
+        spec = (*spec[:-1], None)
     rows = node.shape[:-1]
     arrays = {
-        "packed": node.packed.reshape(rows + (last // 2,)),
-        "absmax": node.absmax.reshape(rows + (last // bs,)),
+        "packed": node.packed.reshape((*rows, last // 2)),
+        "absmax": node.absmax.reshape((*rows, last // bs)),
         "absmax2": node.absmax2,
         "offset": node.offset,
     }
@@ -226,7 +226,7 @@ def _decode_rows(node: NF4, arrays: dict, lead: tuple, start):
     """Rows of a weight stored with its leading axes (under a mesh)."""
     packed, absmax = arrays["packed"], arrays["absmax"]
     last, bs = node.shape[-1], node.block_size
-    codes = jnp.stack([packed >> 4, packed & 15], axis=-1).reshape(lead + (last,))
+    codes = jnp.stack([packed >> 4, packed & 15], axis=-1).reshape((*lead, last))
     values = mesh.lookup(NF4_CODE, codes)
     scales = absmax
     if node.absmax2 is not None:
@@ -236,8 +236,8 @@ def _decode_rows(node: NF4, arrays: dict, lead: tuple, start):
         if spec is not None:  # the codes' layout, cut from a small replicated array
             second = jax.sharding.reshard(second, mesh.named(absmax, spec))
         scales = mesh.lookup(DYNAMIC_CODE, absmax) * second + node.offset
-    blocked = values.reshape(lead + (last // bs, bs)) * scales[..., None]
-    return blocked.reshape(lead + (last,)).astype(node.compute_dtype)
+    blocked = values.reshape((*lead, last // bs, bs)) * scales[..., None]
+    return blocked.reshape((*lead, last)).astype(node.compute_dtype)
 
 
 def dequantize(node: NF4, start, region: tuple):

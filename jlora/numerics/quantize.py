@@ -10,8 +10,6 @@ import jax.numpy as jnp
 
 from jlora.config import LoraError
 from jlora.numerics import formats
-from jlora.numerics import quant as _nf4  # noqa: F401  (registers "nf4")
-from jlora.numerics import scaled as _scaled  # noqa: F401  (registers int8, int4, fp8)
 from jlora.qnode import is_quantized
 from jlora.targets import _NOT_KERNELS, Params, flatten, matches, path_str
 
@@ -149,7 +147,10 @@ def dequantize(tree: Params) -> Params:
       >>> back.shape, back.dtype, bool(jnp.abs(back - w).max() < 0.15)  # NF4: 0.14 worst
       ((2, 32), dtype('float32'), True)
     """
-    whole = lambda x: formats.dequantize_region(x, None, tuple(x.shape))
+
+    def whole(x):
+        return formats.dequantize_region(x, None, tuple(x.shape))
+
     if is_quantized(tree):
         return whole(tree)
     return jax.tree_util.tree_map(

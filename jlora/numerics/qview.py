@@ -32,7 +32,7 @@ class QView:
     aval: Any = dataclasses.field(default=None, metadata=dict(static=True))
 
     @staticmethod
-    def of(node: Quantized) -> "QView":
+    def of(node: Quantized) -> QView:
         return QView(node, None, tuple(node.shape), (), _aval(node, tuple(node.shape)))
 
     @property
@@ -61,12 +61,12 @@ class QView:
             x = prim.bind(x, **dict(params))
         return x
 
-    def index(self, lo, size: int | None = None) -> "QView":
+    def index(self, lo, size: int | None = None) -> QView:
         """Rows ``lo .. lo+size`` of the leading axis, or row ``lo`` without that axis
         (``size=None``). No ops may be pending."""
         stride = math.prod(self.region[1:])
         start = lo * stride if self.start is None else self.start + lo * stride
-        region = self.region[1:] if size is None else (size,) + self.region[1:]
+        region = self.region[1:] if size is None else (size, *self.region[1:])
         return QView(self.node, start, region, (), _aval(self.node, region))
 
 
@@ -76,7 +76,7 @@ def _region_spec(node: Quantized, region: tuple) -> tuple | None:
         return None
     k = len(node.shape) - len(region)
     spec = tuple(node.spec[k:])
-    return spec if region[:1] == tuple(node.shape[k : k + 1]) else (None,) + spec[1:]
+    return spec if region[:1] == tuple(node.shape[k : k + 1]) else (None, *spec[1:])
 
 
 def _aval(node: Quantized, region: tuple) -> jax.ShapeDtypeStruct:

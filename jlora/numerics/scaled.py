@@ -62,7 +62,7 @@ class Scaled(Quantized):
 def _unpack(packed, rows: int):
     """int4 codes ``(..., rows, out)`` (signed, as int8) from their bytes."""
     both = jnp.stack([packed >> 4, packed & 15], axis=-2)  # (..., rows/2, 2, out)
-    codes = both.reshape(packed.shape[:-2] + (2 * packed.shape[-2], packed.shape[-1]))
+    codes = both.reshape((*packed.shape[:-2], 2 * packed.shape[-2], packed.shape[-1]))
     if codes.shape[-2] != rows:
         codes = codes[..., :rows, :]
     return codes.astype(jnp.int8) - 8
@@ -79,7 +79,7 @@ def _pack(codes):
 @functools.partial(jax.jit, static_argnames=("qtype", "group"))
 def _quantize(w, qtype: str, group: int):
     shape, qmax = w.shape, QMAX[qtype]
-    grouped = w.astype(jnp.float32).reshape(shape[:-2] + (shape[-2] // group, group, shape[-1]))
+    grouped = w.astype(jnp.float32).reshape((*shape[:-2], shape[-2] // group, group, shape[-1]))
     absmax = jnp.abs(grouped).max(axis=-2)
     scales = absmax / qmax
     safe = jnp.where(scales > 0, scales, 1.0)[..., None, :]
@@ -138,7 +138,7 @@ def _lay_out(node: Scaled, sharding) -> Scaled:
     rows, g = node.shape[-2], node.group_size
     block = (1 if g == rows else g) * (2 if node.qtype == "int4" else 1)
     if not formats.divides(sharding.mesh, spec[-2], rows, block):
-        spec = spec[:-2] + (None, spec[-1])
+        spec = (*spec[:-2], None, spec[-1])
     parts = formats.lay_out(
         {"codes": node.codes, "scales": node.scales}, sharding, {"codes": spec, "scales": spec}
     )
@@ -156,8 +156,8 @@ def _decode(node: Scaled, arrays: dict, lead: tuple, start=0):
     g = node.group_size
     if g == rows:  # one group: the scales broadcast over the rows as they are
         return (values * arrays["scales"]).astype(node.compute_dtype)
-    grouped = values.reshape(lead + (rows // g, g, cols)) * arrays["scales"][..., None, :]
-    return grouped.reshape(lead + (rows, cols)).astype(node.compute_dtype)
+    grouped = values.reshape((*lead, rows // g, g, cols)) * arrays["scales"][..., None, :]
+    return grouped.reshape((*lead, rows, cols)).astype(node.compute_dtype)
 
 
 def dequantize(node: Scaled, start, region: tuple):

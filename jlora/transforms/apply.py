@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import inspect
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +34,10 @@ from jlora.transforms.check import check_finite
 from jlora.transforms.multi import check_ids, example_layout
 
 
-def interpret_call(
-    fn, params, adapter, args, kwargs, ctx: Ctx, adapter_ids=None, example_axes=None
-):
+def interpret_call(fn, params, adapter, call: tuple, ctx: Ctx, adapter_ids=None, example_axes=None):
+    """``fn(params, *args, **kwargs)`` (``call`` is ``(args, kwargs)``) interpreted with
+    ``adapter``'s factors; ``ctx`` collects the use records."""
+    args, kwargs = call
     nodes = match(params, adapter)
     ids = check_ids(nodes, adapter_ids)
     check_mask(nodes, ctx.mask)
@@ -48,7 +49,10 @@ def interpret_call(
     if ctx.mask is not None:  # follow the mask's axes (batch, seq) to every adapted dot
         layout = [token_axes.NONE] * len(flat) + token_axes.layout(args, kwargs, ctx.mask.shape)
         ctx.tokens = token_axes.analyze(closed.jaxpr, layout, ctx.expanded)
-    lowered = [whole_leaves.lower(leaf, node, exact=False) for (_, leaf), node in zip(flat, nodes)]
+    lowered = [
+        whole_leaves.lower(leaf, node, exact=False)
+        for (_, leaf), node in zip(flat, nodes, strict=True)
+    ]
     rows = (
         None
         if ids is None or isinstance(adapter_ids, jax.core.Tracer)
@@ -58,7 +62,7 @@ def interpret_call(
         from_node(
             qv.wrap(leaf), node, path_str(kp), ids=ids, active=whole_leaves.active(orig), rows=rows
         )
-        for (kp, _), (leaf, node), orig in zip(flat, lowered, nodes)
+        for (kp, _), (leaf, node), orig in zip(flat, lowered, nodes, strict=True)
     ]
     vals = syms + dyn[len(syms) :]
     outs = evaluate(closed.jaxpr, closed.consts, vals, ctx)
@@ -174,7 +178,7 @@ def apply(fn: Callable, *, safe: bool = False, mixed: str = "auto") -> Callable:
         elif lora_rng is None:
             _check_no_dropout(adapter)
         ctx = Ctx(key=None if deterministic else lora_rng, mixed=mixed, mask=_as_mask(lora_mask))
-        out = interpret_call(fn, params, adapter, args, kwargs, ctx, adapter_ids, example_axes)
+        out = interpret_call(fn, params, adapter, (args, kwargs), ctx, adapter_ids, example_axes)
         _warn_transposed(ctx.records)
         return out
 
@@ -186,9 +190,10 @@ def _takes_deterministic(fn: Callable) -> bool:
     """Whether ``fn`` names a ``deterministic`` parameter, or is a bound ``apply`` (Flax
     Linen's ``model.apply``) whose object's ``__call__`` names one. ``**kwargs`` alone
     does not count: most models behind a ``**kwargs`` do not take it."""
+    owner = getattr(fn, "__self__", None)
     return any(
         _names_deterministic(f)
-        for f in (fn, getattr(getattr(fn, "__self__", None), "__call__", None))
+        for f in (fn, owner.__call__ if callable(owner) else None)
         if f is not None
     )
 
@@ -304,8 +309,7 @@ def explain(
             fn,
             p,
             ad,
-            args,
-            kwargs,
+            (args, kwargs),
             dataclasses.replace(ctx, mask=_as_mask(m)),
             adapter_ids if known else i,
             example_axes,
@@ -317,7 +321,7 @@ def explain(
     )
     adapted = [
         path_str(kp)
-        for (kp, _), n in zip(flatten(params)[0], match(params, adapter))
+        for (kp, _), n in zip(flatten(params)[0], match(params, adapter), strict=True)
         if n is not None and not isinstance(n, FullNode)
     ]
     return {p: [str(u) for u in uses] for p, uses in by_path(ctx.records, adapted).items()}

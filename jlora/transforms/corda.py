@@ -32,7 +32,7 @@ def covariances(fn, params, adapter, batches) -> dict:
 
     def stats(params, adapter, *args):
         ctx = Ctx(capture=Capture())
-        interpret_call(fn, params, adapter, args, {}, ctx)
+        interpret_call(fn, params, adapter, (args, {}), ctx)
         return ctx.capture.stats
 
     run = jax.jit(stats)
@@ -59,9 +59,9 @@ def factors(node, leaf, cov, method: str, path: str):
     mats = w.reshape(-1, *w.shape[-2:])
     covs = np.asarray(cov).reshape(-1, *cov.shape[-2:])
     r = node.rank
-    out = [_one(m, c, r, node.scale, method) for m, c in zip(mats, covs)]
-    a = np.stack([o[0] for o in out]).reshape(w.shape[:-1] + (r,))
-    b = np.stack([o[1] for o in out]).reshape(w.shape[:-2] + (r, w.shape[-1]))
+    out = [_one(m, c, r, node.scale, method) for m, c in zip(mats, covs, strict=True)]
+    a = np.stack([o[0] for o in out]).reshape((*w.shape[:-1], r))
+    b = np.stack([o[1] for o in out]).reshape((*w.shape[:-2], r, w.shape[-1]))
     base = back(np.asarray(w - node.scale * a @ b, np.float32))
     return (
         dataclasses.replace(node, a=jnp.asarray(a, node.a.dtype), b=jnp.asarray(b, node.b.dtype)),

@@ -108,7 +108,7 @@ def _each_node(params, adapter, make, init: str) -> InitResult:
     """Each LoRA node and its base leaf through ``make(path, node, leaf)``."""
     flat, treedef = flatten(params)
     nodes, leaves = [], []
-    for (kp, leaf), node in zip(flat, match(params, adapter)):
+    for (kp, leaf), node in zip(flat, match(params, adapter), strict=True):
         path = path_str(kp)
         if isinstance(node, LayersNode):
             raise LoraError(
@@ -132,7 +132,7 @@ def _mean_grad(params, path: str, fn, batches, loss):
 
     def of_leaf(w, *args):
         out = loss(
-            fn(jax.tree_util.tree_unflatten(treedef, leaves[:i] + [w] + leaves[i + 1 :]), *args)
+            fn(jax.tree_util.tree_unflatten(treedef, [*leaves[:i], w, *leaves[i + 1 :]]), *args)
         )
         if jnp.shape(out) != ():
             raise LoraError(

@@ -28,7 +28,7 @@ from jlora.transforms.apply import interpret_call
 from jlora.transforms.init import init
 
 
-def init_eva(
+def init_eva(  # noqa: PLR0913 (a public signature: keyword options)
     key,
     params: Params,
     cfg: LoraConfig,
@@ -92,7 +92,7 @@ def init_eva(
     stats = _collect(fn, params, adapter, batches, masks)
     flat, treedef = flatten(params)
     paths = [path_str(kp) for kp, _ in flat]
-    nodes = dict(zip(paths, match(params, adapter)))
+    nodes = dict(zip(paths, match(params, adapter), strict=True))
     some = [p for p, n in nodes.items() if isinstance(n, LayersNode)]
     if some:
         raise LoraError(
@@ -106,7 +106,8 @@ def init_eva(
     if missing:
         warnings.warn(
             f"init_eva: no input reached {missing} through dot_general (an "
-            "embedding, a conv, or a cond/while body); they keep cfg.init's factors"
+            "embedding, a conv, or a cond/while body); they keep cfg.init's factors",
+            stacklevel=2,
         )
     return jax.tree_util.tree_unflatten(
         treedef,
@@ -122,16 +123,18 @@ def _collect(fn, params, adapter, batches, masks) -> dict:
 
     def stats(params, adapter, mask, *args):
         ctx = Ctx(capture=Capture(mask))
-        interpret_call(fn, params, adapter, args, {}, ctx)
+        interpret_call(fn, params, adapter, (args, {}), ctx)
         return ctx.capture.stats
 
     run = jax.jit(stats)
     total: dict = {}
-    for args, mask in zip(batches, masks):
+    for args, mask in zip(batches, masks, strict=True):
         got = run(params, adapter, None if mask is None else jnp.asarray(mask, bool), *args)
         for p, vals in got.items():
             vals = [np.asarray(v, np.float64) for v in vals]
-            total[p] = vals if p not in total else [t + v for t, v in zip(total[p], vals)]
+            total[p] = (
+                vals if p not in total else [t + v for t, v in zip(total[p], vals, strict=True)]
+            )
     return total
 
 
@@ -148,14 +151,14 @@ def _pca(stat, max_k: int, path: str):
             f"{k} components it may take; give more batches (or tokens)"
         )
     out = []
-    for n, s, g in zip(count, total, gram):
+    for n, s, g in zip(count, total, gram, strict=True):
         mean = s / n
         centered = g - n * np.outer(mean, mean)
         lam, vec = np.linalg.eigh(centered)
         lam, vec = np.clip(lam[::-1], 0.0, None), vec[:, ::-1]
         vec = vec * np.sign(vec[np.abs(vec).argmax(0), np.arange(vec.shape[1])])  # svd_flip
         out.append((lam[:k] / max(lam.sum(), 1e-30), vec[:, :k], np.sqrt(lam[:k])))
-    return [np.stack(x).reshape(stack + x[0].shape) for x in zip(*out)]
+    return [np.stack(x).reshape(stack + x[0].shape) for x in zip(*out, strict=True)]
 
 
 def _distribute(pcas: dict, budget: dict) -> dict:
@@ -193,7 +196,7 @@ def _node(node, pca, ranks, path: str, cfg: LoraConfig, whiten: bool, adjust: bo
     return dataclasses.replace(
         node,
         a=jnp.asarray(a, dtype),
-        b=jnp.zeros(node.b.shape[:-2] + (k, node.b.shape[-1]), dtype),
+        b=jnp.zeros((*node.b.shape[:-2], k, node.b.shape[-1]), dtype),
         rank=k,
         alpha=float(alpha),
         scale=cfg.scaling_for(k, alpha),

@@ -31,24 +31,24 @@ def base_changing(cfg, w, axes, rank: int, scale: float, dtype, key=None):
     return _moved(w, axes, rank, scale, dtype, factors)
 
 
-def fresh(init: str, key, path: str, stack, n_in: int, n_out: int, rank: int, dtype):
+def fresh(init: str, key, path: str, sizes: tuple[tuple, int, int, int], dtype):
     """``(a, b)`` of an init that leaves the base alone (B = 0 but for ``orthogonal``);
     every other init starts from kaiming's (a base-changing one then overwrites them, a
-    data one computes its own where data reached)."""
-    return _FRESH.get(init, _kaiming)(key, path, stack, n_in, n_out, rank, dtype)
+    data one computes its own where data reached). ``sizes``: ``(stack, in, out, rank)``."""
+    return _FRESH.get(init, _kaiming)(key, path, *sizes, dtype)
 
 
 def _kaiming(key, path: str, stack, n_in: int, n_out: int, rank: int, dtype):
     """torch's ``kaiming_uniform_(a=sqrt(5))`` on ``(r, in)``: bound ``1/sqrt(in)``; B = 0."""
     bound = 1.0 / math.sqrt(n_in)
-    a = jax.random.uniform(key, stack + (n_in, rank), dtype, -bound, bound)
-    return a, jnp.zeros(stack + (rank, n_out), dtype)
+    a = jax.random.uniform(key, (*stack, n_in, rank), dtype, -bound, bound)
+    return a, jnp.zeros((*stack, rank, n_out), dtype)
 
 
 def _gaussian(key, path: str, stack, n_in: int, n_out: int, rank: int, dtype):
     """A ~ N(0, 1/r^2); B = 0."""
-    a = (jax.random.normal(key, stack + (n_in, rank), jnp.float32) / rank).astype(dtype)
-    return a, jnp.zeros(stack + (rank, n_out), dtype)
+    a = (jax.random.normal(key, (*stack, n_in, rank), jnp.float32) / rank).astype(dtype)
+    return a, jnp.zeros((*stack, rank, n_out), dtype)
 
 
 def orthogonal(key, path: str, stack, n_in: int, n_out: int, rank: int, dtype):
@@ -62,9 +62,9 @@ def orthogonal(key, path: str, stack, n_in: int, n_out: int, rank: int, dtype):
             "rank_pattern for this path)"
         )
     k1, k2, k3 = jax.random.split(key, 3)
-    q, _ = jnp.linalg.qr(jax.random.normal(k1, stack + (rank, rank), jnp.float32))
-    g1 = jax.random.normal(k2, stack + (n_in, rank // 2), jnp.float32)
-    g2 = jax.random.normal(k3, stack + (rank // 2, n_out), jnp.float32)
+    q, _ = jnp.linalg.qr(jax.random.normal(k1, (*stack, rank, rank), jnp.float32))
+    g1 = jax.random.normal(k2, (*stack, n_in, rank // 2), jnp.float32)
+    g2 = jax.random.normal(k3, (*stack, rank // 2, n_out), jnp.float32)
     a = g1 @ q[..., 0::2, :] / 10.0
     b = jnp.swapaxes(q[..., 1::2, :], -1, -2) @ g2 / 10.0
     return a.astype(dtype), b.astype(dtype)
@@ -79,7 +79,7 @@ def _pissa_niter(mat, rank: int, scale: float, niter: int, key):
     """PiSSA by randomized SVD (PEFT's ``pissa_niter_K``, torch's ``svd_lowrank``: Halko
     et al.): a random ``rank``-column range of ``mat``, refined by ``niter`` subspace
     iterations, then the SVD of ``mat`` projected onto it."""
-    omega = jax.random.normal(key, mat.shape[:-2] + (mat.shape[-1], rank), mat.dtype)
+    omega = jax.random.normal(key, (*mat.shape[:-2], mat.shape[-1], rank), mat.dtype)
     q, _ = jnp.linalg.qr(mat @ omega)
     mt = jnp.swapaxes(mat, -1, -2)
     for _ in range(niter):
@@ -113,8 +113,11 @@ def _matrices(w, axes):
     order = [ax for group in axes for ax in group]
     wt = jnp.transpose(w, order).astype(jnp.float32)
     n_in = math.prod(w.shape[ax] for ax in axes[1])
-    back = lambda m: jnp.transpose(m.reshape(wt.shape), [order.index(ax) for ax in range(w.ndim)])
-    return wt.reshape(wt.shape[: len(axes[0])] + (n_in, -1)), back
+
+    def back(m):
+        return jnp.transpose(m.reshape(wt.shape), [order.index(ax) for ax in range(w.ndim)])
+
+    return wt.reshape((*wt.shape[: len(axes[0])], n_in, -1)), back
 
 
 def _top(res, rank: int, scale: float):

@@ -251,7 +251,10 @@ def factor_dtype(dtype, base_dtype) -> jnp.dtype:
 
 def _make_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
     stack_axes, in_axes, out_axes = axes
-    size = lambda group: math.prod(w.shape[ax] for ax in group)
+
+    def size(group):
+        return math.prod(w.shape[ax] for ax in group)
+
     n_in, n_out = size(in_axes), size(out_axes)
     if rank > min(n_in, n_out):
         raise LoraError(
@@ -281,7 +284,7 @@ def _make_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
         )
     stack = tuple(w.shape[ax] for ax in stack_axes)
     scale = cfg.scaling_for(rank, alpha)
-    (a, b), res = factor_inits.fresh(cfg.init, key, path, stack, n_in, n_out, rank, dtype), w
+    (a, b), res = factor_inits.fresh(cfg.init, key, path, (stack, n_in, n_out, rank), dtype), w
     if changes_base(cfg.init):
         a, b, res = factor_inits.base_changing(cfg, w, axes, rank, scale, dtype, key)
     node = LoraNode(
@@ -301,5 +304,5 @@ def _make_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
         a_u, b_u, _ = node.unflat()
         base = dequantize_array(res) if is_quantized(res) else res  # LoftQ: the quantized base
         norm = dora_norm(base, a_u, b_u, scale, stack_axes, in_axes, out_axes)
-        node = dataclasses.replace(node, magnitude=norm.reshape(stack + (n_out,)).astype(dtype))
+        node = dataclasses.replace(node, magnitude=norm.reshape((*stack, n_out)).astype(dtype))
     return node, res

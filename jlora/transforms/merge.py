@@ -121,7 +121,7 @@ def merge_with_norms(params: Params, adapter: Adapter, *, requantize: bool = Fal
 def _merge(params, adapter, requantize: bool, want_norms: bool) -> MergeResult:
     flat, treedef = flatten(params)
     out, changed, norms, rounded = [], [], {}, ""
-    for (kp, leaf), node in zip(flat, match(params, adapter)):
+    for (kp, leaf), node in zip(flat, match(params, adapter), strict=True):
         if getattr(getattr(node, "node", node), "invocation", None):
             raise LoraError(
                 f"{path_str(kp)!r} is an activated LoRA: it acts only from its "
@@ -184,7 +184,7 @@ def unmerge(merged: Params, adapter: Adapter, norms: dict | None = None) -> Para
     """
     flat, treedef = flatten(merged)
     out = []
-    for (kp, leaf), node in zip(flat, match(merged, adapter)):
+    for (kp, leaf), node in zip(flat, match(merged, adapter), strict=True):
         if node is None:
             out.append(leaf)
             continue

@@ -84,7 +84,10 @@ def _stack_nodes(path: str, nodes: list) -> StackedNode:
                 f"{bad or ['DoRA']}; only rank and alpha may differ in a stack"
             )
     rank = max(n.rank for n in nodes)
-    pad = lambda x, axis, r: jnp.pad(x, [(0, rank - r if d == axis else 0) for d in range(x.ndim)])
+
+    def pad(x, axis, r):
+        return jnp.pad(x, [(0, rank - r if d == axis else 0) for d in range(x.ndim)])
+
     a = jnp.stack([pad(n.a, n.a.ndim - 1, n.rank) for n in nodes])
     b = jnp.stack([pad(n.b, n.b.ndim - 2, n.rank) for n in nodes])
     mag = None if first.magnitude is None else jnp.stack([n.magnitude for n in nodes])
@@ -206,7 +209,7 @@ def example_layout(args, kwargs, n: int, example_axes=None) -> list:
         )
     out: list = []
     for name, tree, axis in [
-        (f"argument {i}", a, ax) for i, (a, ax) in enumerate(zip(args, example_axes))
+        (f"argument {i}", a, ax) for i, (a, ax) in enumerate(zip(args, example_axes, strict=True))
     ] + [(f"keyword {k!r}", v, 0) for k, v in sorted(kwargs.items())]:  # jax's order
         for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
             if not is_array(leaf):
@@ -225,7 +228,7 @@ def example_layout(args, kwargs, n: int, example_axes=None) -> list:
     return out
 
 
-COMBINE = ("cat", "linear", "svd") + ties_dare.METHODS
+COMBINE = ("cat", "linear", "svd", *ties_dare.METHODS)
 
 
 def combine_adapters(
@@ -286,7 +289,7 @@ def combine_adapters(
     found = _same_leaves(adapters)
     combined = {}
     for j, p in enumerate(found[0]):
-        parts = [(w, f[p]) for w, f in zip(weights, found)]
+        parts = [(w, f[p]) for w, f in zip(weights, found, strict=True)]
         combined[p] = (
             _combine(p, parts, method, rank)
             if method not in ties_dare.METHODS
@@ -330,7 +333,10 @@ def _combine(path: str, parts, method: str, rank: int | None) -> LoraNode:
         a_parts = [n.a for _, n in parts]
         b_parts = [(w * n.scale) * n.b for w, n in parts]
     else:
-        root = lambda w, n: np.sqrt(abs(w) * n.scale)
+
+        def root(w, n):
+            return np.sqrt(abs(w) * n.scale)
+
         a_parts = [np.sign(w) * root(w, n) * n.a for w, n in parts]
         b_parts = [root(w, n) * n.b for w, n in parts]
     a, b = jnp.concatenate(a_parts, axis=-1), jnp.concatenate(b_parts, axis=-2)

@@ -39,7 +39,10 @@ def node_sharding(leaf, node):
     stack = tuple(spec[ax] for ax in node.stack_axes)
     stack = ((None,) if isinstance(node, StackedNode) else ()) + stack
     ins, outs = _axis_spec(spec, node.in_axes), _axis_spec(spec, node.out_axes)
-    named = lambda *s: NamedSharding(sharding.mesh, PartitionSpec(*s))
+
+    def named(*s):
+        return NamedSharding(sharding.mesh, PartitionSpec(*s))
+
     fields = dict(
         a=named(*stack, ins, None),
         b=named(*stack, None, outs),

@@ -105,7 +105,7 @@ def _merge(method: str, tensors, weights, density, sign, keys, part):
                 t / density,
                 jnp.zeros((), t.dtype),
             )
-            for t, k in zip(tensors, keys)
+            for t, k in zip(tensors, keys, strict=True)
         ]
     stacked = jnp.stack(pruned)
     weighted = stacked * jnp.asarray(weights, stacked.dtype).reshape(
@@ -121,7 +121,7 @@ def _merge(method: str, tensors, weights, density, sign, keys, part):
 def _top_k(t, density: float):
     """``t`` with all but its ``int(density * m n)`` largest-magnitude entries zeroed, per
     matrix of its last two axes."""
-    flat = t.reshape(t.shape[:-2] + (-1,))
+    flat = t.reshape((*t.shape[:-2], -1))
     k = int(density * flat.shape[-1])
     _, idx = jax.lax.top_k(jnp.abs(flat), k)
     keep = jnp.zeros(flat.shape, bool)

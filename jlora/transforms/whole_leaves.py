@@ -80,14 +80,17 @@ def _padded(leaf, node: LayersNode, exact: bool = True) -> LoraNode:
     """The node on every layer: zero factors on the others (and, with DoRA, the base's own
     norm as their magnitude, so those layers stay ``W0``; ones when not ``exact``)."""
     inner, ids = node.node, jnp.asarray(node.layers)
-    pad = lambda f: jnp.zeros((node.length,) + f.shape[1:], f.dtype).at[ids].set(f)
+
+    def pad(f):
+        return jnp.zeros((node.length, *f.shape[1:]), f.dtype).at[ids].set(f)
+
     full = dataclasses.replace(
         inner, a=pad(inner.a), b=pad(inner.b), magnitude=None, shape=node.shape
     )
     m = inner.magnitude
     if m is None:
         return full
-    shape = (node.length,) + m.shape[1:]
+    shape = (node.length, *m.shape[1:])
     other = sy.node_norm(qv.wrap(leaf), full).reshape(shape) if exact else jnp.ones(shape)
     return dataclasses.replace(full, magnitude=other.astype(m.dtype).at[ids].set(m))
 

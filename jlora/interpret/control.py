@@ -170,7 +170,7 @@ def _scan(eqn, invals, ctx):
     xs = [s[0] for s in split]
     steps = jnp.arange(p["length"])  # the layer index of each step (reversed with xs)
     closed = p["jaxpr"]
-    keys = []  # capture mode: the paths whose input statistics leave each step
+    keys: list = []  # capture mode: the paths whose input statistics leave each step
 
     mask = None if ctx.capture is not None else _layer_mask(invals[nc + ncarry :])
 

@@ -149,7 +149,7 @@ def _pvary(eqn, invals, ctx):
         v = v.value()
 
     def cast(x):
-        have = getattr(jax.typeof(x), "vma", frozenset())
+        have: frozenset = getattr(jax.typeof(x), "vma", frozenset())
         axes = tuple(a for a in eqn.params["axes"] if a not in have)
         return x if not axes else eqn.primitive.bind(x, **{**eqn.params, "axes": axes})
 

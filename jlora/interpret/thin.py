@@ -80,6 +80,7 @@ def _abstract(t, f, *, spec, precision):
     sizes = dict(zip(ts, t.shape, strict=True)) | dict(zip(fs, f.shape, strict=True))
     like = t if len(mesh.vma(t)) >= len(mesh.vma(f)) else f
     parts = mesh.contraction_spec((ts, fs), out, (mesh.raw_spec(t), mesh.raw_spec(f)))
+    assert parts is not None  # (an aval always has a spec, explicit or not)
     return like.update(
         shape=tuple(sizes[c] for c in out),
         weak_type=False,

@@ -11,6 +11,7 @@ is not kept.
 from __future__ import annotations
 
 import collections
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,10 +44,11 @@ def _key(fn, tree, flat, dyn, specs):
     dynset = set(dyn)
     static = tuple(x for i, x in enumerate(flat) if i not in dynset)
     mesh_ctx = getattr(jax.sharding, "get_abstract_mesh", lambda: None)()
+    config: Any = jax.config  # (its flags are attributes mypy cannot see)
     settings = (
-        jax.config.jax_enable_x64,
-        jax.config.jax_numpy_rank_promotion,
-        str(jax.config.jax_default_matmul_precision),
+        config.jax_enable_x64,
+        config.jax_numpy_rank_promotion,
+        str(config.jax_default_matmul_precision),
         mesh_ctx,
     )
     key = (fn, tree, static, tuple(specs), settings)

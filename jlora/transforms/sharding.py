@@ -28,14 +28,14 @@ def node_sharding(leaf, node):
     if isinstance(node, FullNode):  # the trained copy lies where the base leaf does
         return FullNode(weight=sharding)
     if isinstance(node, LayersNode):  # its few layers: whole along the stack axis
-        spec = list(sharding.spec) + [None] * (len(node.shape) - len(sharding.spec))
-        spec[node.node.stack_axes[0]] = None
-        sub = types.SimpleNamespace(sharding=NamedSharding(sharding.mesh, PartitionSpec(*spec)))
+        whole = list(sharding.spec) + [None] * (len(node.shape) - len(sharding.spec))
+        whole[node.node.stack_axes[0]] = None
+        sub = types.SimpleNamespace(sharding=NamedSharding(sharding.mesh, PartitionSpec(*whole)))
         return dataclasses.replace(node, node=node_sharding(sub, node.node))
     spec = tuple(sharding.spec) + (None,) * (len(node.shape) - len(sharding.spec))
     if isinstance(node, TokenNode):  # a few rows: whole along the token axis
-        named = NamedSharding(sharding.mesh, PartitionSpec(None, *spec[1:]))
-        return dataclasses.replace(node, rows=named)
+        rows = NamedSharding(sharding.mesh, PartitionSpec(None, *spec[1:]))
+        return dataclasses.replace(node, rows=rows)
     stack = tuple(spec[ax] for ax in node.stack_axes)
     stack = ((None,) if isinstance(node, StackedNode) else ()) + stack
     ins, outs = _axis_spec(spec, node.in_axes), _axis_spec(spec, node.out_axes)

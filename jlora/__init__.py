@@ -32,6 +32,7 @@ from jlora.transforms.alora import alora_mask as alora_mask
 from jlora.transforms.apply import apply as apply
 from jlora.transforms.apply import explain as explain
 from jlora.transforms.check import check as check
+from jlora.transforms.combine import combine_adapters as combine_adapters
 from jlora.transforms.data_inits import init_from_data as init_from_data
 from jlora.transforms.eva import init_eva as init_eva
 from jlora.transforms.init import InitResult as InitResult
@@ -41,7 +42,6 @@ from jlora.transforms.merge import MergeResult as MergeResult
 from jlora.transforms.merge import merge as merge
 from jlora.transforms.merge import merge_with_norms as merge_with_norms
 from jlora.transforms.merge import unmerge as unmerge
-from jlora.transforms.multi import combine_adapters as combine_adapters
 from jlora.transforms.multi import stack as stack
 from jlora.transforms.multi import unstack as unstack
 from jlora.transforms.sharding import adapter_shardings as adapter_shardings

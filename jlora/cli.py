@@ -274,7 +274,7 @@ def torch_tree(files: list[str]) -> dict:
     tree: dict = {}
     for name in files:
         with safetensors.safe_open(name, "flax") as f:
-            for key in f:
+            for key in f.keys():  # noqa: SIM118 (a safetensors file: not iterable)
                 *parents, leaf = key.split(".")
                 node = tree
                 for k in parents:

@@ -27,13 +27,20 @@ against XLA's ``memory_analysis()``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from jlora.config import LoraError
-from jlora.numerics import formats, quant
+from jlora.numerics import formats, quant, scaled
 
 GB = 1e9
 NF4_BITS = quant.BITS  # with double quantization
+#: The modules that register the formats these tables read (imported for that).
+_REGISTERING = (quant, scaled)
+#: Bits per linear-layer parameter of each ``jlora.quantize`` format, less a scale per
+#: whole input axis (int8/fp8: ``32 / in`` bits more, which :func:`qbits` adds):
+#: derived from the format registry.
+QBITS = {qtype: fmt.bits(math.inf) for qtype, fmt in formats.FORMATS.items()}
 
 
 def qbits(qtype: str, rows: int) -> float:

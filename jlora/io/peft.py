@@ -143,7 +143,7 @@ def _read_tensors(path: str) -> dict:
     file = os.path.join(path, WEIGHTS)
     try:
         with safetensors.safe_open(file, framework="numpy") as f:
-            return {k: f.get_tensor(k) for k in f}
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not iterable)
     except OSError as e:
         raise LoraError(f"cannot read {file}: {e}") from None
     except Exception as e:  # safetensors' own error type is not part of its public API

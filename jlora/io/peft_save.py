@@ -18,7 +18,7 @@ from jlora.config import LoraError
 from jlora.io import atomic, peft_bias, peft_config, peft_params, peft_whole, torch_conv
 from jlora.io.peft_axes import EMBEDDING, LINEAR, PREFIX, WEIGHTS, default_module
 from jlora.targets import Adapter
-from jlora.transforms.multi import combine_adapters
+from jlora.transforms.combine import combine_adapters
 
 CONFIG = peft_config.CONFIG
 

@@ -118,7 +118,7 @@ def restore_checkpoint(directory, like, step: int | None = None):
     """
     with _reading(directory, "training checkpoint"), _manager(directory, write=False) as m:
         step = _latest(m, directory, "save_checkpoint") if step is None else step
-        if "structure" in m.item_metadata(step):  # (older checkpoints lack it)
+        if "structure" in m.item_metadata(step).keys():  # noqa: SIM118 (orbax metadata; older checkpoints lack it)
             saved = m.restore(step, args=ocp.args.Composite(structure=ocp.args.JsonRestore()))
             _check_like(saved["structure"], like, directory, step)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)

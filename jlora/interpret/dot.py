@@ -181,7 +181,9 @@ def _specs(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, ex_axis: int) -> dict
     """Einsum letters of x, the two factors in the order used, the rank-r intermediate
     ``t``, the dot's output, DoRA's ``g`` and (mixed batches) the example axis."""
     xc, wc, xb, wb = dims
-    letter = dict(zip(range(x.ndim), string.ascii_letters, strict=True))
+    letter = dict(
+        zip(range(x.ndim), string.ascii_letters, strict=False)
+    )  # (the first ndim letters)
     wl = {
         sym.labels[wa]: letter[xa]
         for xa, wa in zip(list(xc) + list(xb), list(wc) + list(wb), strict=True)

@@ -72,7 +72,7 @@ def contraction_spec(ins, out: str, specs) -> tuple | None:
         return None
     entry: dict = {}
     for ls, sp in zip(ins, specs, strict=True):
-        for c, part in zip(ls, sp or (None,) * len(ls), strict=True):
+        for c, part in zip(ls, sp or (None,) * len(ls), strict=False):  # (a spec may end early)
             if entry.get(c) is None:
                 entry[c] = part
     parts: list = []

@@ -230,3 +230,14 @@ def test_the_dataflow_domains_dispatch_through_tables():
         assert all(isinstance(p, jax.extend.core.Primitive) for p in domain.rules)
         for p in (lax.dot_general_p, lax.reshape_p, lax.transpose_p, lax.gather_p, lax.add_p):
             assert p in domain.rules
+
+
+def test_importing_jlora_registers_every_format():
+    """The formats register themselves when their modules are imported: ``import jlora``
+    alone (a fresh interpreter) must make all of them known to ``quantize``."""
+    import subprocess
+    import sys
+
+    code = "import jlora; from jlora.numerics import formats; print(sorted(formats.FORMATS))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[-2] == "['fp8', 'int4', 'int8', 'nf4']"

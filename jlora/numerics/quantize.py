@@ -9,9 +9,13 @@ import jax
 import jax.numpy as jnp
 
 from jlora.config import LoraError
-from jlora.numerics import formats
+from jlora.numerics import formats, quant, scaled
 from jlora.qnode import is_quantized
 from jlora.targets import _NOT_KERNELS, Params, flatten, matches, path_str
+
+#: The modules that register the formats (NF4; int8, int4, fp8): imported for that, so
+#: that ``quantize`` knows them whatever else was imported first.
+FORMAT_MODULES = (quant, scaled)
 
 
 def _default_targets(path: str, leaf) -> bool:

@@ -40,7 +40,7 @@ class Format:
     options: frozenset = frozenset()
     #: ``bits(rows) -> float``: stored bits per parameter of an ``(in, out)`` matrix with
     #: ``in == rows`` at the default options, scales included (``jlora.memory``'s table).
-    bits: Callable[[int], float] = lambda rows: math.nan
+    bits: Callable[[float], float] = lambda rows: math.nan
 
 
 FORMATS: dict[str, Format] = {}

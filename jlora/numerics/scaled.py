@@ -168,7 +168,7 @@ def _settings(node: Scaled) -> dict:
     return dict(group_size=node.group_size)
 
 
-def _bits(qtype: str, rows: int) -> float:
+def _bits(qtype: str, rows: float) -> float:
     """Code bits plus a float32 scale per group of the input axis (default group size)."""
     code = 4 if qtype == "int4" else 8
     return code + 32 / (DEFAULT_GROUP[qtype] or rows)

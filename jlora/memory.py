@@ -45,7 +45,13 @@ QBITS = {qtype: fmt.bits(math.inf) for qtype, fmt in formats.FORMATS.items()}
 
 def qbits(qtype: str, rows: int) -> float:
     """Bits per linear-layer parameter of ``jlora.quantize``'s format ``qtype`` for a
-    weight with ``rows`` inputs, its scales included: the format registry's own count."""
+    weight with ``rows`` inputs, its scales included: the format registry's own count.
+
+    Examples:
+      >>> from jlora.memory import qbits
+      >>> round(qbits("nf4", 4096), 3), qbits("int4", 4096), qbits("int8", 4096)
+      (4.127, 4.25, 8.0078125)
+    """
     if qtype not in formats.FORMATS:
         raise LoraError(f"qtype={qtype!r} is not one of {sorted(formats.FORMATS)}")
     return formats.FORMATS[qtype].bits(rows)

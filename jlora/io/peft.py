@@ -21,8 +21,8 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from jlora.adapter import LayersNode, LoraNode
-from jlora.config import LoraError, scaling
+from jlora.adapter import LayersNode
+from jlora.config import LoraError
 from jlora.io import (
     peft_axes,
     peft_base,
@@ -197,26 +197,13 @@ def _node(p: str, leaf: Any, file: PeftFile, axes: Any) -> Any:
         (part_a, part_b) == EMBEDDING,
     )
     alpha = peft_config.alpha_for(config, p, first, rank)
-    scale = scaling(alpha, rank, bool(config.get("use_rslora")))
 
     def cast(xs):
         return jnp.asarray(np.stack(xs).reshape(stack + xs[0].shape), file.dtype)
 
-    node = LoraNode(
-        a=cast(a),
-        b=cast(b),
-        rank=rank,
-        alpha=alpha,
-        scale=scale,
-        dropout=float(config.get("lora_dropout", 0.0)),
-        shape=shape,
-        stack_axes=tuple(stack_axes),
-        in_axes=tuple(in_axes),
-        out_axes=tuple(out_axes),
-        magnitude=cast(mag) if mag else None,
-        axes_from=origin,
-        invocation=peft_config.invocation(config),
-    )
+    factors = (cast(a), cast(b), cast(mag) if mag else None)
+    kernel = (shape, (stack_axes, in_axes, out_axes))
+    node = peft_config.node(config, factors, rank, alpha, kernel, origin)
     return (
         node
         if layers is None

@@ -13,6 +13,7 @@ import os
 import re
 from collections import Counter
 
+from jlora.adapter import LoraNode
 from jlora.config import LoraError, scaling
 
 CONFIG = "adapter_config.json"
@@ -196,3 +197,28 @@ def alpha_for(config: dict, path: str, module: str, rank: int) -> float:
     if rank != expected:
         raise LoraError(f"{path!r}: lora_A has rank {rank} but the config says {expected}")
     return float(pattern(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
+
+
+def node(config: dict, factors: tuple, rank: int, alpha: float, kernel: tuple, origin: str):
+    """The ``LoraNode`` of one adapted leaf read from a PEFT file: ``factors`` is ``(a, b,
+    magnitude or None)`` in jlora's layout, ``kernel`` is ``(shape, (stack_axes, in_axes,
+    out_axes))``, ``origin`` its ``axes_from``. What the file's config fixes for every
+    node (the scale under its ``use_rslora``, the dropout, aLoRA's invocation tokens) is
+    read here, in one place, for every loader."""
+    a, b, magnitude = factors
+    shape, (stack_axes, in_axes, out_axes) = kernel
+    return LoraNode(
+        a=a,
+        b=b,
+        rank=rank,
+        alpha=alpha,
+        scale=scaling(alpha, rank, bool(config.get("use_rslora"))),
+        dropout=float(config.get("lora_dropout", 0.0)),
+        shape=tuple(shape),
+        stack_axes=tuple(stack_axes),
+        in_axes=tuple(in_axes),
+        out_axes=tuple(out_axes),
+        magnitude=magnitude,
+        axes_from=origin,
+        invocation=invocation(config),
+    )

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.adapter import LoraNode, default_axes
-from jlora.config import LoraError, scaling
+from jlora.config import LoraError
 from jlora.io import peft_config
 from jlora.io.peft_file import PeftFile
 
@@ -83,21 +83,8 @@ def load_node(p: str, leaf: Any, file: PeftFile, axes: Any) -> LoraNode | None:
             config.get("alpha_pattern") or {}, f"{probe}.{param}", config["lora_alpha"]
         )
     )
-    scale = scaling(alpha, rank, bool(config.get("use_rslora")))
-    return LoraNode(
-        a=cast(a_all),
-        b=cast(b_all),
-        rank=rank,
-        alpha=alpha,
-        scale=scale,
-        dropout=float(config.get("lora_dropout", 0.0)),
-        shape=shape,
-        stack_axes=tuple(stack_axes),
-        in_axes=tuple(in_axes),
-        out_axes=tuple(out_axes),
-        axes_from=origin,
-        invocation=peft_config.invocation(config),
-    )
+    kernel = (shape, (stack_axes, in_axes, out_axes))
+    return peft_config.node(config, (cast(a_all), cast(b_all), None), rank, alpha, kernel, origin)
 
 
 def _pick(p, module, param, tensors, prefix, dims, origin) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jlora.config import LoraError
-from jlora.io.checkpoint import _latest, _manager, _reading, _writing
+from jlora.io.checkpoint import _latest, _manager, _quiet, _reading, _writing
 
 
 def save_checkpoint(
@@ -118,7 +118,9 @@ def restore_checkpoint(directory, like, step: int | None = None):
     """
     with _reading(directory, "training checkpoint"), _manager(directory, write=False) as m:
         step = _latest(m, directory, "save_checkpoint") if step is None else step
-        if "structure" in m.item_metadata(step).keys():  # noqa: SIM118 (orbax metadata; older checkpoints lack it)
+        with _quiet():  # orbax warns of each item the metadata call does not restore
+            items = m.item_metadata(step)
+        if "structure" in items.keys():  # noqa: SIM118 (orbax metadata; older checkpoints lack it)
             saved = m.restore(step, args=ocp.args.Composite(structure=ocp.args.JsonRestore()))
             _check_like(saved["structure"], like, directory, step)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.config import LoraError
+from jlora.config import LoraError, scaling
 from jlora.qnode import is_quantized
 from jlora.targets import flatten, path_str
 
@@ -53,11 +53,12 @@ class LoraNode:
       ((4, 2), (2, 6), 8.0, (0,), (1,))
     """
 
+    kind: ClassVar[str] = "lora"
+
     a: Any
     b: Any
     rank: int = dataclasses.field(metadata=_meta)
     alpha: float = dataclasses.field(metadata=_meta)
-    scale: float = dataclasses.field(metadata=_meta)
     dropout: float = dataclasses.field(metadata=_meta)
     shape: tuple[int, ...] = dataclasses.field(metadata=_meta)
     stack_axes: tuple[int, ...] = dataclasses.field(metadata=_meta)
@@ -68,6 +69,17 @@ class LoraNode:
     #: Activated LoRA: the invocation tokens (PEFT's ``alora_invocation_tokens``); the
     #: update then acts only where ``apply``'s ``lora_mask`` says (``jlora.alora_mask``).
     invocation: tuple[int, ...] | None = dataclasses.field(default=None, metadata=_meta)
+    #: rsLoRA (PEFT's ``use_rslora``): the scale is ``alpha / sqrt(rank)``, not ``alpha / rank``.
+    rslora: bool = dataclasses.field(default=False, metadata=_meta)
+
+    @property
+    def scale(self) -> float:
+        """The factor ``s`` in ``W0 + s * A @ B``, from ``alpha``, ``rank`` and ``rslora``."""
+        return scaling(self.alpha, self.rank, self.rslora)
+
+    @property
+    def lora(self) -> LoraNode:
+        return self
 
     def labels(self) -> tuple[tuple[str, int], ...]:
         """Per kernel axis: ``('s'|'i'|'o', index within that group)``."""
@@ -85,28 +97,82 @@ class StackedNode:
 
     ``a`` is ``(n, *stack, in, R)`` and ``b`` ``(n, *stack, R, out)``, zero-padded to
     the largest rank ``R`` (which leaves every ``A @ B`` unchanged); with DoRA
-    ``magnitude`` is ``(n, *stack, out)``. Each adapter's ``scale``, ``alpha`` and rank are
-    static settings, as a single node's are: the arrays are exactly what trains.
+    ``magnitude`` is ``(n, *stack, out)``. ``members`` holds each adapter's own static
+    settings (every :class:`LoraNode` setting not in :data:`SHARED`: rank, alpha, rslora,
+    invocation tokens), so the arrays are exactly what trains and :meth:`member` gives
+    back each adapter whole.
     """
+
+    kind: ClassVar[str] = "stacked"
+    #: The settings every stacked adapter shares (``jlora.stack`` checks they agree).
+    SHARED: ClassVar[tuple[str, ...]] = ("dropout", "shape", "stack_axes", "in_axes", "out_axes")
 
     a: Any
     b: Any
-    scale: tuple[float, ...] = dataclasses.field(metadata=_meta)
-    ranks: tuple[int, ...] = dataclasses.field(metadata=_meta)
+    members: tuple[tuple[tuple[str, Any], ...], ...] = dataclasses.field(metadata=_meta)
     dropout: float = dataclasses.field(metadata=_meta)
     shape: tuple[int, ...] = dataclasses.field(metadata=_meta)
     stack_axes: tuple[int, ...] = dataclasses.field(metadata=_meta)
     in_axes: tuple[int, ...] = dataclasses.field(metadata=_meta)
     out_axes: tuple[int, ...] = dataclasses.field(metadata=_meta)
     magnitude: Any = None
-    alphas: tuple[float, ...] = dataclasses.field(metadata=_meta, default=())
     axes_from: str = dataclasses.field(default="flax", metadata=_meta)
-    #: Each adapter's ``LoraNode.invocation`` (None for a plain one); () when none is.
-    invocations: tuple = dataclasses.field(metadata=_meta, default=())
+
+    @classmethod
+    def of(cls, nodes: list[LoraNode], a, b, magnitude, axes_from: str) -> StackedNode:
+        """The stack of ``nodes`` (which agree on :data:`SHARED`) with the padded arrays."""
+        own = [k for k in static_fields(nodes[0]) if k not in cls.SHARED and k != "axes_from"]
+        members = tuple(tuple((k, getattr(n, k)) for k in own) for n in nodes)
+        shared = {k: getattr(nodes[0], k) for k in cls.SHARED}
+        return cls(a=a, b=b, members=members, magnitude=magnitude, axes_from=axes_from, **shared)
+
+    def member(self, i: int) -> LoraNode:
+        """Adapter ``i`` as a single node, at its own rank."""
+        own = dict(self.members[i])
+        r = own["rank"]
+        mag = None if self.magnitude is None else self.magnitude[i]
+        shared = {k: getattr(self, k) for k in self.SHARED}
+        return LoraNode(
+            a=self.a[i][..., :r],
+            b=self.b[i][..., :r, :],
+            magnitude=mag,
+            axes_from=self.axes_from,
+            **shared,
+            **own,
+        )
+
+    def _each(self, name: str) -> tuple:
+        return tuple(dict(m)[name] for m in self.members)
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return self._each("rank")
+
+    @property
+    def alphas(self) -> tuple[float, ...]:
+        return self._each("alpha")
+
+    @property
+    def scale(self) -> tuple[float, ...]:
+        """Each adapter's ``LoraNode.scale``."""
+        return tuple(
+            scaling(a, r, rs)
+            for a, r, rs in zip(self.alphas, self.ranks, self._each("rslora"), strict=True)
+        )
+
+    @property
+    def invocations(self) -> tuple:
+        """Each adapter's ``LoraNode.invocation`` (None for a plain one); () when none is."""
+        found = self._each("invocation")
+        return found if any(found) else ()
 
     @property
     def rank(self) -> int:
         return max(self.ranks)
+
+    @property
+    def lora(self) -> StackedNode:
+        return self
 
     def labels(self) -> tuple[tuple[str, int], ...]:
         return _labels(self)
@@ -122,6 +188,9 @@ class FullNode:
     """A leaf trained in full beside the adapter (PEFT's ``modules_to_save``): ``weight``
     (the leaf's shape) is used, merged and saved in place of the base leaf."""
 
+    kind: ClassVar[str] = "full"
+    lora: ClassVar[None] = None
+
     weight: Any
 
     @property
@@ -134,6 +203,9 @@ class FullNode:
 class TokenNode:
     """Trained rows of a table (PEFT's ``trainable_token_indices``): ``rows`` ``(k, *rest)``
     replace rows ``indices`` of the ``shape`` ``(vocab, *rest)`` leaf, wherever it is read."""
+
+    kind: ClassVar[str] = "tokens"
+    lora: ClassVar[None] = None
 
     rows: Any
     indices: tuple[int, ...] = dataclasses.field(metadata=_meta)
@@ -148,9 +220,15 @@ class LayersNode:
     whose size there is ``len(layers)``); the other layers have no factors, and in a
     ``scan`` cost nothing (each step runs a ``cond``)."""
 
+    kind: ClassVar[str] = "layers"
+
     node: LoraNode
     layers: tuple[int, ...] = dataclasses.field(metadata=_meta)
     length: int = dataclasses.field(metadata=_meta)  # the stack's full size
+
+    @property
+    def lora(self) -> LoraNode:
+        return self.node
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -187,13 +265,74 @@ def _unflat(node, lead: tuple[int, ...]):
     )
 
 
+#: Every node kind by its ``kind`` (what a checkpoint records).
+KINDS: dict[str, type] = {
+    c.kind: c for c in (LoraNode, StackedNode, FullNode, TokenNode, LayersNode)
+}
+
+
 def is_node(x) -> bool:
-    return isinstance(x, (LoraNode, StackedNode, FullNode, TokenNode, LayersNode))
+    return isinstance(x, tuple(KINDS.values()))
 
 
 def is_lora(x) -> bool:
     """A node with low-rank factors (plain or stacked), not a full leaf or token rows."""
     return isinstance(x, (LoraNode, StackedNode))
+
+
+def is_whole(node) -> bool:
+    """A node that replaces the leaf's values (a full leaf, token rows), not a delta."""
+    return is_node(node) and node.lora is None
+
+
+def static_fields(node) -> tuple[str, ...]:
+    """The names of a node's static settings (its pytree metadata), in field order."""
+    return tuple(f.name for f in dataclasses.fields(node) if f.metadata.get("static"))
+
+
+def arrays(node) -> dict[str, Any]:
+    """A node's arrays by field name (a nested node's in place of it; None left out)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if is_node(value):
+            out.update(arrays(value))
+        elif not f.metadata.get("static") and value is not None:
+            out[f.name] = value
+    return out
+
+
+def settings(node) -> dict[str, Any]:
+    """A node's static settings as JSON (tuples as lists), with its ``kind``; a nested
+    node's under its field's name. :func:`from_settings` inverts it."""
+    out: dict[str, Any] = {"kind": node.kind}
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if is_node(value):
+            out[f.name] = settings(value)
+        elif f.metadata.get("static"):
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def from_settings(saved: dict[str, Any], values: dict[str, Any]):
+    """The node :func:`settings` described, with its :func:`arrays` ``values``. A setting
+    the file lacks takes its default (files written before that setting existed)."""
+    cls = KINDS[saved["kind"]]
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if isinstance(saved.get(f.name), dict):  # a nested node
+            kwargs[f.name] = from_settings(saved[f.name], values)
+        elif f.metadata.get("static") and f.name in saved:
+            value = saved[f.name]
+            kwargs[f.name] = _tuples(value) if isinstance(value, list) else value
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+    return cls(**kwargs)
+
+
+def _tuples(value: list):
+    return tuple(_tuples(v) if isinstance(v, list) else v for v in value)
 
 
 def adapter_nodes(adapter) -> dict[str, Any]:

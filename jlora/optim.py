@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jlora.adapter import LoraNode, StackedNode
+from jlora.adapter import is_lora
 from jlora.targets import path_str
 
 #: Labels of the LoRA+ parameter groups (PEFT's ``create_loraplus_optimizer``).
@@ -91,10 +91,6 @@ def loraplus(
     return optax.multi_transform(transforms, lambda tree: labels(tree, embedding_pattern))
 
 
-def _lora(x) -> bool:
-    return isinstance(x, (LoraNode, StackedNode))
-
-
 def _gram(f, axis_r_last: bool):
     """``f^T f`` (``a (.., in, r)``: rank last) or ``f f^T`` (``b (.., r, out)``), float32."""
     f = f.astype(jnp.float32)
@@ -123,10 +119,10 @@ def _preconditioner(name: str, fn) -> optax.GradientTransformationExtraArgs:
                 "tx.update(grads, state, params)"
             )
         return jax.tree.map(
-            lambda u, p: fn(u, p) if _lora(p) and u is not None else u,
+            lambda u, p: fn(u, p) if is_lora(p) and u is not None else u,
             updates,
             params,
-            is_leaf=_lora,
+            is_leaf=is_lora,
         ), state
 
     return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from typing import Any
 
@@ -18,25 +19,17 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jlora.adapter import FullNode, LayersNode, LoraNode, TokenNode, adapter_nodes
-from jlora.config import LoraError, scaling
+from jlora.adapter import StackedNode, adapter_nodes, arrays, from_settings, settings
+from jlora.config import LoraError
 from jlora.io.peft_config import CONFIG
 from jlora.targets import Adapter, Params, flatten, path_str
 from jlora.transforms.check import check, check_finite
 
-_FORMAT = "jlora-adapter/1"
-_SETTINGS = (
-    "rank",
-    "alpha",
-    "scale",
-    "dropout",
-    "shape",
-    "stack_axes",
-    "in_axes",
-    "out_axes",
-    "axes_from",
-    "invocation",
-)  # (older checkpoints lack the last two: defaults)
+#: What a checkpoint's meta says it is: ``/2`` stores each node's :func:`~jlora.adapter.settings`
+#: (derived from its fields) and its arrays' shapes; ``/1`` files (scale and a variant name
+#: stored, a layers node flat) still load.
+_FORMAT = "jlora-adapter/2"
+_READS = ("jlora-adapter/1", _FORMAT)
 
 
 def _manager(directory, max_to_keep: int | None = None, write: bool = True):
@@ -121,97 +114,47 @@ def _nest(flat: dict[str, Any]) -> dict:
     return out
 
 
-def _variant(node: LoraNode) -> str:
-    plain = np.isclose(node.scale, scaling(node.alpha, node.rank, False))
-    kind = "lora" if plain else "rslora"
-    return kind if node.magnitude is None else kind + "+dora"
-
-
-def _arrays(node) -> dict:
-    if isinstance(node, FullNode):
-        return {"weight": node.weight}
-    if isinstance(node, TokenNode):
-        return {"rows": node.rows}
-    if isinstance(node, LayersNode):
-        return _arrays(node.node)
-    out = {"a": node.a, "b": node.b}
-    return out if node.magnitude is None else {**out, "magnitude": node.magnitude}
-
-
 def _settings(node) -> dict:
-    """A node's static settings, as JSON (``kind``: lora, full or tokens)."""
-    dtype = str(jax.tree.leaves(node)[0].dtype)
-    if isinstance(node, FullNode):
-        return {"kind": "full", "shape": list(np.shape(node.weight)), "dtype": dtype}
-    if isinstance(node, TokenNode):
-        return {
-            "kind": "tokens",
-            "indices": list(node.indices),
-            "shape": list(node.shape),
-            "dtype": dtype,
-        }
-    if isinstance(node, LayersNode):  # the sub-stack's node, and which layers it covers
-        return {
-            **_settings(node.node),
-            "kind": "layers",
-            "layers": list(node.layers),
-            "length": node.length,
-        }
-    if not isinstance(node, LoraNode):
+    """A node's settings, with its arrays' shapes and dtype (what restoring needs)."""
+    if isinstance(node, StackedNode):
         raise LoraError(
             "a stacked adapter (jlora.stack) does not save as one; save each "
             "adapter before stacking"
         )
+    values = arrays(node)
     return {
-        "kind": "lora",
-        **{k: getattr(node, k) for k in _SETTINGS},
-        "variant": _variant(node),
-        "dtype": dtype,
+        **settings(node),
+        "shapes": {k: list(np.shape(v)) for k, v in values.items()},
+        "dtype": str(jax.tree.leaves(node)[0].dtype),
     }
 
 
-def _shapes(s: dict) -> dict:
-    """The array shapes a node's saved settings imply."""
-    if s.get("kind") == "full":
-        return {"weight": tuple(s["shape"])}
-    if s.get("kind") == "tokens":
-        return {"rows": (len(s["indices"]), *tuple(s["shape"][1:]))}
-    stack = tuple(s["shape"][ax] for ax in s["stack_axes"])
-
-    def size(axes):
-        return int(np.prod([s["shape"][ax] for ax in axes]))
-
-    shapes = {
-        "a": (*stack, size(s["in_axes"]), s["rank"]),
-        "b": (*stack, s["rank"], size(s["out_axes"])),
-    }
-    if s["variant"].endswith("dora"):
-        shapes["magnitude"] = (*stack, size(s["out_axes"]))
-    return shapes
-
-
-def _node(s: dict, arrays: dict):
-    # Uncommitted arrays, like jlora.init's: a jitted function then accepts a
-    # loaded adapter without compiling again (jit keys on committed-ness).
-    arrays = {k: jnp.asarray(np.asarray(v)) for k, v in arrays.items()}
-    if s.get("kind") == "full":
-        return FullNode(**arrays)
-    if s.get("kind") == "tokens":
-        return TokenNode(**arrays, indices=tuple(s["indices"]), shape=tuple(s["shape"]))
-    settings: dict = {
-        k: tuple(v) if isinstance(v, list) else v for k, v in s.items() if k in _SETTINGS
-    }
-    if s.get("kind") == "layers":
-        return LayersNode(
-            node=LoraNode(**arrays, **settings), layers=tuple(s["layers"]), length=s["length"]
-        )
-    return LoraNode(**arrays, **settings)
+def _upgrade(old: dict) -> dict:
+    """A ``jlora-adapter/1`` node's settings as ``/2`` writes them: rsLoRA read from the
+    stored variant, a layers node's own settings nested, the arrays' shapes worked out."""
+    if old["kind"] == "full":
+        return old | {"shapes": {"weight": old["shape"]}}
+    if old["kind"] == "tokens":
+        return old | {"shapes": {"rows": [len(old["indices"]), *old["shape"][1:]]}}
+    skip = ("scale", "variant", "layers", "length", "dtype")
+    lora = {k: v for k, v in old.items() if k not in skip}
+    lora |= {"kind": "lora", "rslora": "rslora" in old["variant"]}
+    shape, rank = old["shape"], old["rank"]
+    stack = [shape[ax] for ax in old["stack_axes"]]
+    ins, outs = (math.prod(shape[ax] for ax in old[k]) for k in ("in_axes", "out_axes"))
+    shapes = {"a": [*stack, ins, rank], "b": [*stack, rank, outs]}
+    if old["variant"].endswith("dora"):
+        shapes["magnitude"] = [*stack, outs]
+    top = lora
+    if old["kind"] == "layers":
+        top = {"kind": "layers", "node": lora, "layers": old["layers"], "length": old["length"]}
+    return top | {"shapes": shapes, "dtype": old["dtype"]}
 
 
 def save_adapter(path, adapter: Adapter) -> None:
     """Write an adapter and its settings to the directory ``path`` (atomically replaced).
 
-    The settings (rank, alpha, scaling, dropout, axes, targeted paths, variant)
+    The settings (each node's rank, alpha, rsLoRA, dropout, axes, targeted paths)
     are stored beside the arrays as JSON, so :func:`load_adapter` needs no config.
 
     Args:
@@ -244,13 +187,13 @@ def save_adapter(path, adapter: Adapter) -> None:
         "targets": sorted(nodes),
         "nodes": {p: _settings(n) for p, n in nodes.items()},
     }
-    arrays = _nest({p: _arrays(n) for p, n in nodes.items()})
+    values = _nest({p: arrays(n) for p, n in nodes.items()})
     with _writing(path), _manager(path, max_to_keep=1) as m:
         step = 0 if m.latest_step() is None else m.latest_step() + 1
         m.save(
             step,
             args=ocp.args.Composite(
-                arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)
+                arrays=ocp.args.StandardSave(values), meta=ocp.args.JsonSave(meta)
             ),
         )
         m.wait_until_finished()
@@ -290,28 +233,33 @@ def load_adapter(path, params: Params = None) -> Adapter:
     with _reading(path, "adapter"), _manager(path, write=False) as m:
         step = _latest(m, path, "save_adapter")
         meta = m.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        if not isinstance(meta, dict) or meta.get("format") not in _READS:
             raise LoraError(
                 f"{os.fspath(path)!r} is not a jlora adapter (format "
                 f"{meta.get('format') if isinstance(meta, dict) else None!r})"
             )
+        saved = meta["nodes"]
+        if meta["format"] != _FORMAT:
+            saved = {p: _upgrade(s) for p, s in saved.items()}
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         like = {
             p: {
-                k: jax.ShapeDtypeStruct(v, s["dtype"], sharding=device)
-                for k, v in _shapes(s).items()
+                k: jax.ShapeDtypeStruct(tuple(v), s["dtype"], sharding=device)
+                for k, v in s["shapes"].items()
             }
-            for p, s in meta["nodes"].items()
+            for p, s in saved.items()
         }
-        arrays = m.restore(
+        restored = m.restore(
             step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(_nest(like)))
         )["arrays"]
     out = {}
-    for p, s in meta["nodes"].items():
-        leaf = arrays
+    for p, s in saved.items():
+        values = restored
         for seg in p.split("/"):
-            leaf = leaf[seg]
-        out[p] = _node(s, leaf)
+            values = values[seg]
+        # Uncommitted arrays, like jlora.init's: a jitted function then accepts a
+        # loaded adapter without compiling again (jit keys on committed-ness).
+        out[p] = from_settings(s, {k: jnp.asarray(np.asarray(v)) for k, v in values.items()})
     if params is None:
         return _nest(out)
     adapter = _mirror(out, params, path)

@@ -8,13 +8,12 @@ implement never loads as plain LoRA.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections import Counter
 
 from jlora.adapter import LoraNode
-from jlora.config import LoraError, scaling
+from jlora.config import LoraError
 
 CONFIG = "adapter_config.json"
 
@@ -114,7 +113,7 @@ def config_of(modules: dict, base_model_name_or_path, parameters: dict | None = 
     if not both:
         raise LoraError("the adapter has no adapted leaf to save")
     nodes = list(both.values())
-    rslora = {math.isclose(n.scale, scaling(n.alpha, n.rank, True)) and n.rank > 1 for n in nodes}
+    rslora = {n.rslora for n in nodes}
     dora, dropout = {n.magnitude is not None for n in nodes}, {n.dropout for n in nodes}
     alora = {n.invocation for n in nodes}
     if len(rslora) > 1 or len(dora) > 1 or len(dropout) > 1 or len(alora) > 1:
@@ -212,7 +211,7 @@ def node(config: dict, factors: tuple, rank: int, alpha: float, kernel: tuple, o
         b=b,
         rank=rank,
         alpha=alpha,
-        scale=scaling(alpha, rank, bool(config.get("use_rslora"))),
+        rslora=bool(config.get("use_rslora")),
         dropout=float(config.get("lora_dropout", 0.0)),
         shape=tuple(shape),
         stack_axes=tuple(stack_axes),

@@ -13,7 +13,7 @@ import re
 import numpy as np
 import safetensors.numpy
 
-from jlora.adapter import FullNode, LayersNode, LoraNode, TokenNode, adapter_nodes
+from jlora.adapter import LoraNode, adapter_nodes, is_whole
 from jlora.config import LoraError
 from jlora.io import atomic, peft_bias, peft_config, peft_params, peft_whole, torch_conv
 from jlora.io.peft_axes import EMBEDDING, LINEAR, PREFIX, WEIGHTS, default_module
@@ -104,11 +104,7 @@ def save(  # noqa: PLR0913 (a public signature: keyword options)
         "bias": bias,
         "target_parameters": target_parameters or None,
     }
-    some = {
-        n.layers if isinstance(n, LayersNode) else None
-        for n in nodes.values()
-        if not isinstance(n, (FullNode, TokenNode))
-    }
+    some = {getattr(n, "layers", None) for n in nodes.values() if not is_whole(n)}
     if len(some) == 1 and (layers := next(iter(some))) is not None:  # all on the same layers
         config["layers_to_transform"] = list(layers)
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
@@ -128,10 +124,10 @@ def _lora_tensors(nodes: dict, parameters, module_fn, prefix: str, embeddings: s
     modules: dict = {}
     owner: dict[str, str] = {}  # module -> the path that took it
     for p, node in nodes.items():
-        if isinstance(node, (FullNode, TokenNode)) or p.split("/")[-1] in parameters:
+        if is_whole(node) or p.split("/")[-1] in parameters:
             continue
         # some layers: only those have modules (PEFT gives the rest zero-B adapters)
-        layers, node = (node.layers, node.node) if isinstance(node, LayersNode) else (None, node)
+        layers, node = getattr(node, "layers", None), node.lora
         if not isinstance(node, LoraNode):
             raise LoraError(f"{p!r} holds a stacked adapter; save each adapter on its own")
         _check_layout_known(p, node)

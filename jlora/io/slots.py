@@ -68,7 +68,7 @@ def _fit(path: str, node, like: LoraNode, rank: int) -> LoraNode:
         magnitude=node.magnitude,
         rank=rank,
         alpha=float(rank),
-        scale=1.0,
+        rslora=False,
         dropout=0.0,
     )
 

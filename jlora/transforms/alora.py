@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.adapter import FullNode, LayersNode, LoraNode, StackedNode, adapter_nodes, is_node
+from jlora.adapter import StackedNode, adapter_nodes, is_node, is_whole
 from jlora.config import LoraError
 from jlora.interpret.uses import Use
 
@@ -124,7 +124,7 @@ def _from_adapter(rows, adapter, adapter_ids) -> jax.Array:
         )
         pick = jnp.clip(jnp.asarray(adapter_ids), 0, len(tokens) - 1)
         return masks[pick, jnp.arange(rows.shape[0])]
-    found = {getattr(_lora(n), "invocation", None) for n in nodes}
+    found = {getattr(n.lora, "invocation", None) for n in nodes}
     if len(found) != 1 or None in found:
         raise LoraError(
             f"alora_mask: the adapter's nodes hold invocation tokens {found}; "
@@ -135,17 +135,12 @@ def _from_adapter(rows, adapter, adapter_ids) -> jax.Array:
     return _activated(rows, only)
 
 
-def _lora(node):
-    return node.node if isinstance(node, LayersNode) else node
-
-
 def check_mask(nodes: list, mask) -> None:
     """``apply``'s ``lora_mask``: required by an activated LoRA, and gating LoRA nodes only."""
     active = [
         n
         for n in nodes
-        if n is not None
-        and (getattr(_lora(n), "invocation", None) or getattr(n, "invocations", ()))
+        if n is not None and (getattr(n.lora, "invocation", None) or getattr(n, "invocations", ()))
     ]
     if mask is None:
         if active:
@@ -165,12 +160,7 @@ def check_mask(nodes: list, mask) -> None:
             f"lora_mask must be a bool or float array (one entry per token, e.g. "
             f"(batch, seq)), got {dtype} of shape {np.shape(mask)}"
         )
-    whole = [
-        type(n).__name__
-        for n in nodes
-        if isinstance(n, FullNode)
-        or (n is not None and not isinstance(n, (LoraNode, StackedNode, LayersNode)))
-    ]
+    whole = [type(n).__name__ for n in nodes if is_whole(n)]
     if whole:
         raise LoraError(
             f"lora_mask gates low-rank updates per token, but the adapter holds "

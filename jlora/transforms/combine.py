@@ -135,7 +135,7 @@ def _combine(path: str, parts, method: str, rank: int | None) -> LoraNode:
     if method == "svd":
         a, b = _truncate(a, b, rank or max(n.rank for _, n in parts))
     r = a.shape[-1]
-    return dataclasses.replace(first, a=a, b=b, rank=r, alpha=float(r), scale=1.0)
+    return dataclasses.replace(first, a=a, b=b, rank=r, alpha=float(r), rslora=False)
 
 
 def _truncate(a, b, rank: int):

@@ -112,7 +112,7 @@ def init_eva(  # noqa: PLR0913 (a public signature: keyword options)
     return jax.tree_util.tree_unflatten(
         treedef,
         [
-            n if p not in pcas else _node(n, pcas[p], ranks[p], p, cfg, whiten, adjust_scaling)
+            n if p not in pcas else _node(n, pcas[p], ranks[p], p, whiten, adjust_scaling)
             for p, n in nodes.items()
         ],
     )
@@ -179,7 +179,7 @@ def _distribute(pcas: dict, budget: dict) -> dict:
     }
 
 
-def _node(node, pca, ranks, path: str, cfg: LoraConfig, whiten: bool, adjust: bool):
+def _node(node, pca, ranks, path: str, whiten: bool, adjust: bool):
     if len(set(ranks.tolist())) > 1:
         raise LoraError(
             f"init_eva gives the layers of {path!r} different ranks "
@@ -199,5 +199,4 @@ def _node(node, pca, ranks, path: str, cfg: LoraConfig, whiten: bool, adjust: bo
         b=jnp.zeros((*node.b.shape[:-2], k, node.b.shape[-1]), dtype),
         rank=k,
         alpha=float(alpha),
-        scale=cfg.scaling_for(k, alpha),
     )

@@ -292,7 +292,7 @@ def _make_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
         b=b,
         rank=rank,
         alpha=float(alpha),
-        scale=scale,
+        rslora=cfg.rslora,
         dropout=float(cfg.dropout),
         shape=tuple(w.shape),
         stack_axes=tuple(stack_axes),

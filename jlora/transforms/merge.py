@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.adapter import match
+from jlora.adapter import is_whole, match
 from jlora.config import LoraError
 from jlora.interpret import sym as sy
 from jlora.numerics.quantize import dequantize
@@ -132,7 +132,7 @@ def _merge(params, adapter, requantize: bool, want_norms: bool) -> MergeResult:
             out.append(leaf if requantize or not is_quantized(leaf) else dequantize(leaf))
             continue
         path = path_str(kp)
-        if whole_leaves.is_whole(node):  # (the finite check covers these too)
+        if is_whole(node):  # (the finite check covers these too)
             out.append(whole_leaves.merged(leaf, node))
             changed.append((path, out[-1]))
             continue
@@ -189,7 +189,7 @@ def unmerge(merged: Params, adapter: Adapter, norms: dict | None = None) -> Para
             out.append(leaf)
             continue
         path = path_str(kp)
-        if whole_leaves.is_whole(node):
+        if is_whole(node):
             raise LoraError(
                 f"{path!r} was trained in full or by token rows, and the merged "
                 "tree no longer holds its base values; keep the base (merge "

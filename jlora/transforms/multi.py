@@ -76,7 +76,7 @@ def _stack_nodes(path: str, nodes: list) -> StackedNode:
                 "into the base first"
             )
             raise LoraError(f"adapter {i} at {path!r} {why}")
-        same = ("shape", "stack_axes", "in_axes", "out_axes", "dropout")
+        same = StackedNode.SHARED
         bad = [f for f in same if getattr(n, f) != getattr(first, f)]
         if bad or (n.magnitude is None) != (first.magnitude is None):
             raise LoraError(
@@ -91,21 +91,7 @@ def _stack_nodes(path: str, nodes: list) -> StackedNode:
     a = jnp.stack([pad(n.a, n.a.ndim - 1, n.rank) for n in nodes])
     b = jnp.stack([pad(n.b, n.b.ndim - 2, n.rank) for n in nodes])
     mag = None if first.magnitude is None else jnp.stack([n.magnitude for n in nodes])
-    return StackedNode(
-        a=a,
-        b=b,
-        scale=tuple(float(n.scale) for n in nodes),
-        ranks=tuple(n.rank for n in nodes),
-        dropout=first.dropout,
-        shape=first.shape,
-        stack_axes=first.stack_axes,
-        in_axes=first.in_axes,
-        out_axes=first.out_axes,
-        magnitude=mag,
-        alphas=tuple(float(n.alpha) for n in nodes),
-        axes_from=_origin(nodes),
-        invocations=tuple(n.invocation for n in nodes) if any(n.invocation for n in nodes) else (),
-    )
+    return StackedNode.of(nodes, a, b, mag, _origin(nodes))
 
 
 def _origin(nodes) -> str:
@@ -142,26 +128,7 @@ def unstack(stacked: Adapter) -> list[Adapter]:
             f"unstack needs a tree made by jlora.stack; {bad[:1] or 'it'} is not stacked"
         )
     n = {len(node.ranks) for node in nodes.values()}.pop()
-    return [rebuild(stacked, {p: _one(node, i) for p, node in nodes.items()}) for i in range(n)]
-
-
-def _one(node: StackedNode, i: int) -> LoraNode:
-    r = node.ranks[i]
-    return LoraNode(
-        a=node.a[i][..., :r],
-        b=node.b[i][..., :r, :],
-        rank=r,
-        alpha=node.alphas[i],
-        scale=node.scale[i],
-        dropout=node.dropout,
-        shape=node.shape,
-        stack_axes=node.stack_axes,
-        in_axes=node.in_axes,
-        out_axes=node.out_axes,
-        axes_from=node.axes_from,
-        invocation=node.invocations[i] if node.invocations else None,
-        magnitude=None if node.magnitude is None else node.magnitude[i],
-    )
+    return [rebuild(stacked, {p: node.member(i) for p, node in nodes.items()}) for i in range(n)]
 
 
 def check_ids(nodes: list, adapter_ids):

@@ -89,7 +89,7 @@ def combine(path: str, parts, method: str, rank, density: float | None, sign: st
         b=b.astype(first.b.dtype),
         rank=r,
         alpha=float(r),
-        scale=1.0,
+        rslora=False,
     )
 
 

@@ -60,7 +60,6 @@ def lower(leaf, node, exact: bool = True):
         b=b,
         rank=k,
         alpha=float(k),
-        scale=1.0,
         dropout=0.0,
         shape=tuple(node.shape),
         stack_axes=(),
@@ -100,7 +99,3 @@ def merged(leaf, node):
     if isinstance(node, FullNode):
         return node.weight
     return jnp.asarray(leaf).at[jnp.asarray(node.indices)].set(node.rows.astype(leaf.dtype))
-
-
-def is_whole(node) -> bool:
-    return isinstance(node, (FullNode, TokenNode))

@@ -232,6 +232,20 @@ def test_the_dataflow_domains_dispatch_through_tables():
             assert p in domain.rules
 
 
+def test_the_evaluator_dispatches_on_the_value_type():
+    """A probe (init learning axes) is its own value type with its own rules, registered
+    beside the factored rule of the same primitive; no rule asks a value for a probe flag."""
+    from jlora.interpret import core, sym
+
+    lax = jax.lax
+    assert issubclass(sym.Probe, sym.Sym) and not hasattr(sym.Sym, "probe")
+    for p in (lax.dot_general_p, lax.gather_p, lax.reshape_p, lax.conv_general_dilated_p):
+        assert p in core.PROBE_RULES and core.PROBE_RULES[p] is not core.RULES[p]
+    assert set(core.PROBE_RULES) <= set(core.RULES)  # a probe rule refines a factored one
+    for path in (ROOT / "interpret").glob("*.py"):
+        assert ".probe\n" not in path.read_text() and ".probe " not in path.read_text(), path
+
+
 def test_importing_jlora_registers_every_format():
     """The formats register themselves when their modules are imported: ``import jlora``
     alone (a fresh interpreter) must make all of them known to ``quantize``."""

@@ -15,7 +15,7 @@ from jax import lax
 
 from jlora.interpret import sym as sy
 from jlora.interpret.core import materialize_rule, register
-from jlora.interpret.sym import Sym
+from jlora.interpret.sym import Probe, Sym
 from jlora.numerics import qview as qv
 
 #: Joins the paths of concatenated kernels: ``explain`` reports a fused use under each.
@@ -42,14 +42,11 @@ def by_path(records: dict, paths) -> dict[str, list]:
 def _fused(pieces, dim: int) -> Sym | None:
     syms = [p for p in pieces if isinstance(p, Sym)]
     first = syms[0]
-    if any(s.labels != first.labels or s.probe != first.probe for s in syms) or any(
+    if any(s.labels != first.labels or type(s) is not type(first) for s in syms) or any(
         qv.is_view(p) for p in pieces
     ):
         return None
     paths = FUSED.join(dict.fromkeys(s.path for s in syms))
-    if first.probe:  # init learning axes: the pieces are used as the fused weight is
-        bases = [p.base if isinstance(p, Sym) else p for p in pieces]
-        return first.replace(base=lax.concatenate(bases, dim), path=paths)
     if any(s.g is not None or s.ids is not None for s in syms):
         return None
     kind, j = first.labels[dim]
@@ -112,6 +109,21 @@ def _ins(sym: Sym, j: int, size: int) -> tuple:
     ins = list(sym.a.shape[sym.count("s") : -1])
     ins[j] = size
     return tuple(ins)
+
+
+@register(lax.concatenate_p, on=Probe)
+def _probe_concatenate(eqn, invals, ctx):
+    """Probed weights fused (``jnp.concatenate([wq, wk, wv], 1)``): one probe of all their
+    paths, used as the fused weight is, so each learns its axes from that use."""
+    syms = [p for p in invals if isinstance(p, Sym)]
+    first = syms[0]
+    if any(not isinstance(s, Probe) or s.labels != first.labels for s in syms) or any(
+        qv.is_view(p) for p in invals
+    ):
+        return concatenate(eqn, invals, ctx)
+    paths = FUSED.join(dict.fromkeys(s.path for s in syms))
+    bases = [p.base if isinstance(p, Sym) else p for p in invals]
+    return first.replace(base=lax.concatenate(bases, eqn.params["dimension"]), path=paths)
 
 
 @register(lax.concatenate_p)

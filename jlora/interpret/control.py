@@ -48,7 +48,7 @@ def _inline(field: str):
 
 def _inspecting(invals, ctx) -> bool:
     """Whether this evaluation takes no derivative: ``init``'s probe or EVA's capture."""
-    return ctx.capture is not None or any(isinstance(v, sy.Sym) and v.probe for v in invals)
+    return ctx.capture is not None or any(isinstance(v, sy.Probe) for v in invals)
 
 
 def _custom(field: str, why: str):
@@ -126,7 +126,7 @@ def _scan_slice(v, ctx):
     base_xs = None if lazy else v.base
     take = (lambda x, i: v.base.index(i)) if lazy else (lambda x, i: x)
     kind, j = v.labels[0]
-    if v.probe:
+    if isinstance(v, sy.Probe):
         ctx.record(v.path, ("index", j))
         return base_xs, lambda x, i: v.replace(base=take(x, i), labels=v.labels[1:])
     if kind != "s":
@@ -156,7 +156,7 @@ def _layer_mask(invals) -> tuple[bool, ...] | None:
     masks = {
         v.active
         for v in invals
-        if isinstance(v, sy.Sym) and v.labels[0] == ("s", 0) and not v.probe
+        if isinstance(v, sy.Sym) and v.labels[0] == ("s", 0) and not isinstance(v, sy.Probe)
     }
     return masks.pop() if len(masks) == 1 and None not in masks else None
 

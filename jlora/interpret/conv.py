@@ -22,7 +22,7 @@ from jax import lax
 from jlora.interpret import sym as sy
 from jlora.interpret.core import bind, has_sym, materialized, register
 from jlora.interpret.dot import _dropout
-from jlora.interpret.sym import Sym
+from jlora.interpret.sym import Probe, Sym
 from jlora.interpret.thin import thin
 from jlora.interpret.uses import FACTORED
 
@@ -43,6 +43,17 @@ def _why_not(eqn, w: Sym) -> str | None:
     return None
 
 
+@register(lax.conv_general_dilated_p, on=Probe)
+def _probe_conv(eqn, invals, ctx):
+    """A probed kernel convolved: its input-feature and spatial axes are contracted."""
+    x, w = invals
+    if not isinstance(w, Probe) or has_sym([x]):
+        return conv(eqn, invals, ctx)
+    rhs = eqn.params["dimension_numbers"].rhs_spec
+    ctx.record(w.path, ("dot", tuple(w.labels[ax][1] for ax in rhs[1:]), ()))
+    return bind(eqn, [x, sy.value(w.base)])
+
+
 @register(lax.conv_general_dilated_p)
 def conv(eqn, invals, ctx):
     x, w = invals
@@ -50,9 +61,6 @@ def conv(eqn, invals, ctx):
         return bind(eqn, materialized(invals, ctx, "convolution of an adapted input"))
     base_out = bind(eqn, [x, sy.value(w.base)])
     rhs = eqn.params["dimension_numbers"].rhs_spec
-    if w.probe:
-        ctx.record(w.path, ("dot", tuple(w.labels[ax][1] for ax in rhs[1:]), ()))
-        return base_out
     sy.check_assumed(w, rhs[1:])
     for ax, kind in zip(
         rhs, "o" + "i" * (len(rhs) - 1), strict=True

@@ -30,23 +30,31 @@ from jlora.interpret.walk import Expanded
 from jlora.numerics import qview as qv
 
 Rule = Callable[[Any, list, "Ctx"], Any]
-#: The rule of each primitive, keyed by the primitive object.
+#: The rule of each primitive for an adapted (factored) weight, keyed by the primitive.
 RULES: dict[jcore.Primitive, Rule] = {}
 #: Rules by primitive name, only for primitives this JAX does not export as objects.
 RULES_BY_NAME: dict[str, Rule] = {}
+#: The rules for a :class:`~jlora.interpret.sym.Probe` (``init`` learning a weight's axes),
+#: by primitive and by name as above; a primitive with none takes its rule in ``RULES``.
+PROBE_RULES: dict[jcore.Primitive, Rule] = {}
+PROBE_RULES_BY_NAME: dict[str, Rule] = {}
 _EXPORTED = {p.name for p in vars(jprims).values() if isinstance(p, jcore.Primitive)}
 
 
-def register(*prims: jcore.Primitive, names: tuple[str, ...] = ()):
-    """Decorator: ``rule`` handles ``prims``; ``names`` are fallbacks for primitives this
-    JAX does not export (older names of renamed primitives)."""
+def register(*prims: jcore.Primitive, names: tuple[str, ...] = (), on: type = sy.Sym):
+    """Decorator: ``rule`` handles ``prims`` when an input is a value of type ``on``
+    (:class:`~jlora.interpret.sym.Sym`, or :class:`~jlora.interpret.sym.Probe` for its
+    own rule set); ``names`` are fallbacks for primitives this JAX does not export (older
+    names of renamed primitives)."""
+    probe = on is sy.Probe
+    table, by_name = (PROBE_RULES, PROBE_RULES_BY_NAME) if probe else (RULES, RULES_BY_NAME)
 
     def add(rule: Rule) -> Rule:
         for p in prims:
-            RULES[p] = rule
+            table[p] = rule
         for n in names:
             if n not in _EXPORTED:
-                RULES_BY_NAME[n] = rule
+                by_name[n] = rule
         return rule
 
     return add
@@ -106,7 +114,13 @@ def materialize_rule(eqn, invals, ctx: Ctx):
     return bind(eqn, materialized(invals, ctx, eqn.primitive.name))
 
 
-def rule_for(prim) -> Rule:
+def rule_for(prim, vals=()) -> Rule:
+    """The rule for ``prim`` on ``vals``: a probe's own when an input is a
+    :class:`~jlora.interpret.sym.Probe` and ``prim`` has one, else the factored rule."""
+    if any(isinstance(v, sy.Probe) for v in vals):
+        rule = PROBE_RULES.get(prim) or PROBE_RULES_BY_NAME.get(prim.name)
+        if rule is not None:
+            return rule
     return RULES.get(prim) or RULES_BY_NAME.get(prim.name, materialize_rule)
 
 
@@ -123,7 +137,7 @@ def evaluate(jaxpr, consts, args, ctx: Ctx) -> list:
         invals = [read(v) for v in eqn.invars]
         with eqn.ctx.manager:
             if has_sym(invals):
-                outs = rule_for(eqn.primitive)(eqn, invals, ctx.fold(i))
+                outs = rule_for(eqn.primitive, invals)(eqn, invals, ctx.fold(i))
             else:
                 outs = bind(eqn, invals)
         outs = outs if eqn.primitive.multiple_results else [outs]

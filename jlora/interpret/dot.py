@@ -21,7 +21,7 @@ from jlora.interpret import capture, grouped, quantized, ranked, token_gate
 from jlora.interpret import sym as sy
 from jlora.interpret.core import register
 from jlora.interpret.example_axis import Axis, Lost, Where
-from jlora.interpret.sym import Sym
+from jlora.interpret.sym import Probe, Sym
 from jlora.interpret.thin import thin
 from jlora.interpret.uses import GATHERED, GROUPED, ONEHOT, RANKED, Use
 from jlora.numerics import qview as qv
@@ -34,12 +34,7 @@ _thin_product = thin
 def dot_general(eqn, invals, ctx):
     """Factored when a side is adapted (the other side materialized if it is too); a
     quantized side alone is dequantized for this dot only."""
-    lhs, rhs = invals
-    if isinstance(lhs, (Sym, qv.QView)) and isinstance(rhs, (Sym, qv.QView)):
-        if isinstance(rhs, Sym) and not isinstance(lhs, Sym):
-            lhs = sy.materialize(lhs)
-        else:
-            rhs = sy.materialize(rhs, ctx.record, "dot of two adapted weights")
+    lhs, rhs = _one_symbolic(invals, ctx)
     if ctx.capture is not None and isinstance(lhs, Sym) != isinstance(rhs, Sym):
         return _captured(eqn, lhs, rhs, ctx)
     if isinstance(rhs, Sym):
@@ -50,6 +45,39 @@ def dot_general(eqn, invals, ctx):
     return quantized.dot(
         rhs if view_is_rhs else lhs, lhs if view_is_rhs else rhs, view_is_rhs, eqn.params
     )
+
+
+def _one_symbolic(invals, ctx):
+    """Both sides symbolic: the non-adapted (quantized) one or else the right one built."""
+    lhs, rhs = invals
+    if isinstance(lhs, (Sym, qv.QView)) and isinstance(rhs, (Sym, qv.QView)):
+        if isinstance(rhs, Sym) and not isinstance(lhs, Sym):
+            lhs = sy.materialize(lhs)
+        else:
+            rhs = sy.materialize(rhs, ctx.record, "dot of two adapted weights")
+    return lhs, rhs
+
+
+def _base_dot(w, x, w_is_rhs: bool, params):
+    """``dot_general`` of ``x`` with the weight's base (a quantized view dequantized)."""
+    if qv.is_view(w):
+        return quantized.dot(w, x, w_is_rhs, params)
+    return lax.dot_general_p.bind(*((x, w) if w_is_rhs else (w, x)), **params)
+
+
+@register(lax.dot_general_p, on=Probe)
+def _probe_dot(eqn, invals, ctx):
+    """A probed weight contracted: record its contracted, batch and free axes."""
+    lhs, rhs = _one_symbolic(invals, ctx)
+    if not isinstance(rhs, Probe) and not isinstance(lhs, Probe):
+        return dot_general(eqn, [lhs, rhs], ctx)  # the probe was the side built
+    w_is_rhs = isinstance(rhs, Probe)
+    (w, x), params = ((rhs, lhs) if w_is_rhs else (lhs, rhs)), eqn.params
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
+    wc, wb = (rc, rb) if w_is_rhs else (lc, lb)
+    free = [a for a in range(len(w.labels)) if a not in wc and a not in wb]
+    ctx.record(w.path, ("dot", *(tuple(w.labels[a][1] for a in axes) for axes in (wc, wb, free))))
+    return _base_dot(w.base, x, w_is_rhs, params)
 
 
 def _captured(eqn, lhs, rhs, ctx):
@@ -142,17 +170,9 @@ def factored(
     xc, wc, xb, wb = (lc, rc, lb, rb) if sym_is_rhs else (rc, lc, rb, lb)
 
     def bind(w, v):
-        if qv.is_view(w):
-            return quantized.dot(w, v, sym_is_rhs, params)
-        return lax.dot_general_p.bind(*((v, w) if sym_is_rhs else (w, v)), **params)
+        return _base_dot(w, v, sym_is_rhs, params)
 
     base_out = bind(sym.base, x)
-    if sym.probe:
-        free = [a for a in range(len(sym.labels)) if a not in wc and a not in wb]
-        record(
-            sym.path, ("dot", *(tuple(sym.labels[a][1] for a in axes) for axes in (wc, wb, free)))
-        )
-        return base_out
     mode = _mode(sym, wc, wb)
     if sym.g is not None and mode == "o":
         return bind(sy.materialize(sym, record, "DoRA weight contracted on its output axes"), x)

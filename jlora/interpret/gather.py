@@ -22,7 +22,7 @@ from jax import lax
 
 from jlora.interpret import sym as sy
 from jlora.interpret.core import materialized, register
-from jlora.interpret.sym import Sym
+from jlora.interpret.sym import Probe, Sym
 from jlora.interpret.uses import FACTORED
 from jlora.numerics import qview as qv
 
@@ -59,6 +59,32 @@ def _why_not(sym: Sym, axes) -> str | None:
     return None
 
 
+@register(lax.gather_p, on=Probe)
+def _probe_gather(eqn, invals, ctx):
+    """A probed weight gathered: whole slices of one axis of a 3+-D kernel picked (layers,
+    or a table's rows: the probe goes on, that axis a new stacked one), or rows looked up
+    (the indexed axes recorded; the result is plain)."""
+    operand, indices = invals
+    params = eqn.params
+    if not isinstance(operand, Probe) or isinstance(indices, (Sym, qv.QView)):
+        return gather(eqn, invals, ctx)
+    axes, dn = _indexed(operand, params), params["dimension_numbers"]
+    base = sy.on_base(operand.base, lax.gather_p, indices, **params)
+    if not axes:
+        return base
+    whole = all(ax in axes for ax in dn.start_index_map) and operand.base.ndim >= 3
+    if whole and len(axes) == 1 and tuple(dn.collapsed_slice_dims) == axes:
+        ctx.record(operand.path, ("pick", operand.labels[axes[0]][1]))
+        kept = [lab for ax, lab in enumerate(operand.labels) if ax != axes[0]]
+        labels = [
+            kept.pop(0) if pos in dn.offset_dims else operand.labels[axes[0]]
+            for pos in range(indices.ndim - 1 + operand.base.ndim - 1)
+        ]
+        return operand.replace(base=base, labels=tuple(labels))
+    ctx.record(operand.path, ("gather", tuple(operand.labels[ax][1] for ax in axes)))
+    return base
+
+
 @register(lax.gather_p)
 def gather(eqn, invals, ctx):
     operand, indices = invals
@@ -70,10 +96,6 @@ def gather(eqn, invals, ctx):
     if picked is not None:
         return picked
     base_out = sy.on_base(operand.base, lax.gather_p, indices, **params)
-    if operand.probe:
-        if axes:
-            ctx.record(operand.path, ("gather", tuple(operand.labels[ax][1] for ax in axes)))
-        return base_out
     sy.check_assumed(operand, params["dimension_numbers"].collapsed_slice_dims)  # looked up
     why = _why_not(operand, axes)
     if why is not None:
@@ -110,17 +132,6 @@ def _pick(sym: Sym, indices, params, axes, record) -> Sym | None:
     nb = indices.ndim - 1  # the index vector is the indices' last axis
     if not axes or any(ax not in axes for ax in dn.start_index_map):
         return None
-    if sym.probe:  # init: whole slices of one axis of a 3+-D kernel pick layers
-        if len(axes) != 1 or tuple(dn.collapsed_slice_dims) != axes or sym.base.ndim < 3:
-            return None  # (of a 2-D table: a lookup)
-        record(sym.path, ("pick", sym.labels[axes[0]][1]))  # a layer, or a table's rows
-        kept = [lab for ax, lab in enumerate(sym.labels) if ax != axes[0]]
-        labels = [
-            kept.pop(0) if pos in dn.offset_dims else sym.labels[axes[0]]
-            for pos in range(nb + sym.base.ndim - 1)
-        ]
-        base = sy.on_base(sym.base, lax.gather_p, indices, **params)
-        return sym.replace(base=base, labels=tuple(labels))
     fill = params.get("fill_value")
     if (
         sym.ids is not None

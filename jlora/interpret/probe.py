@@ -15,7 +15,7 @@ import jax
 from jlora.config import LoraError
 from jlora.interpret.concat import by_path
 from jlora.interpret.core import Ctx, evaluate
-from jlora.interpret.sym import Sym
+from jlora.interpret.sym import Probe
 from jlora.interpret.trace import trace
 from jlora.numerics import qview as qv
 from jlora.targets import flatten, path_str
@@ -29,8 +29,7 @@ def _records(fn, params, paths: set[str], args, kwargs) -> tuple[dict, dict]:
     for kp, leaf in flatten(params)[0]:
         p, leaf = path_str(kp), qv.wrap(leaf)
         ndims[p] = leaf.ndim
-        labels = tuple(("p", ax) for ax in range(leaf.ndim))
-        vals.append(Sym(leaf, None, None, None, labels, 0.0, 0.0, p) if p in paths else leaf)
+        vals.append(Probe.of(leaf, p) if p in paths else leaf)
     jax.eval_shape(lambda v: evaluate(closed.jaxpr, closed.consts, v, ctx), vals + dyn[len(vals) :])
     return ctx.records, ndims
 

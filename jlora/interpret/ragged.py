@@ -13,7 +13,7 @@ from jlora.interpret import sym as sy
 from jlora.interpret.core import bind, has_sym, materialized, register
 from jlora.interpret.dot import _dropout
 from jlora.interpret.grouped import ragged_low_rank
-from jlora.interpret.sym import Sym
+from jlora.interpret.sym import Probe, Sym
 from jlora.interpret.uses import FACTORED
 
 _EXPERTS = (("s", 0), ("i", 0), ("o", 0))
@@ -45,16 +45,23 @@ def _why_not(eqn, lhs, rhs) -> str | None:
     return None
 
 
+@register(names=("ragged_dot_general",), on=Probe)
+def _probe_ragged_dot(eqn, invals, ctx):
+    """A probed expert stack: its in axis contracted, its expert axis batched."""
+    lhs, rhs, sizes = invals[0], invals[1], invals[2]
+    if not isinstance(rhs, Probe) or has_sym([lhs, sizes, *invals[3:]]):
+        return ragged_dot(eqn, invals, ctx)
+    if _standard(eqn, lhs, rhs):
+        ctx.record(rhs.path, ("dot", (rhs.labels[1][1],), (rhs.labels[0][1],)))
+    return bind(eqn, [lhs, sy.value(rhs.base), sizes])
+
+
 @register(names=("ragged_dot_general",))
 def ragged_dot(eqn, invals, ctx):
     lhs, rhs, sizes = invals[0], invals[1], invals[2]
     if not isinstance(rhs, Sym) or has_sym([lhs, sizes, *invals[3:]]):
         return bind(eqn, materialized(invals, ctx, "ragged_dot of an adapted input"))
     base_out = bind(eqn, [lhs, sy.value(rhs.base), sizes])
-    if rhs.probe:
-        if _standard(eqn, lhs, rhs):
-            ctx.record(rhs.path, ("dot", (rhs.labels[1][1],), (rhs.labels[0][1],)))
-        return base_out
     if _standard(eqn, lhs, rhs):
         sy.check_assumed(rhs, (1,))
     why = _why_not(eqn, lhs, rhs)

@@ -20,7 +20,7 @@ from jax import lax
 from jlora.interpret import quantized
 from jlora.interpret import sym as sy
 from jlora.interpret.core import bind_params, has_sym, materialize_rule, register
-from jlora.interpret.sym import Label, Sym
+from jlora.interpret.sym import Label, Probe, Sym
 from jlora.numerics import qview as qv
 
 
@@ -44,10 +44,9 @@ def _layout_rule(on_sym: Callable | None):
 
 def _on_factors(sym: Sym, label: Label, op: Callable[[jax.Array, int], jax.Array]) -> dict:
     new = {"a": sym.a, "b": sym.b, "g": sym.g}
-    if not sym.probe:
-        for name, dim in sy.factor_dims(sym, label).items():
-            if new[name] is not None:
-                new[name] = op(new[name], dim)
+    for name, dim in sy.factor_dims(sym, label).items():  # (a probe has none)
+        if new[name] is not None:
+            new[name] = op(new[name], dim)
     return new
 
 
@@ -70,11 +69,8 @@ def squeeze(sym: Sym, dimensions, record) -> Sym:
     out = sym
     for d in sorted(dimensions, reverse=True):
         label = out.labels[d]
-        if out.probe:
-            record(out.path, ("index", label[1]))
         factors = _on_factors(out, label, lambda f, dim: lax.squeeze(f, (dim,)))
-        labels = out.labels[:d] + out.labels[d + 1 :]
-        labels = labels if out.probe else sy.drop_label(labels, label)
+        labels = sy.drop_label(out.labels[:d] + out.labels[d + 1 :], label)
         out = out.replace(
             base=sy.on_base(out.base, lax.squeeze_p, dimensions=(d,)), labels=labels, **factors
         )
@@ -132,10 +128,8 @@ def dynamic_slice(sym: Sym, starts, slice_sizes) -> Sym:
 
 def expand(sym: Sym, shape, broadcast_dimensions, **params) -> Sym | None:
     """``broadcast_in_dim`` that only inserts size-1 axes: new stacked axes."""
-    if (
-        math.prod(shape) != sym.base.size
-        or list(broadcast_dimensions) != sorted(broadcast_dimensions)
-        or sym.probe
+    if math.prod(shape) != sym.base.size or list(broadcast_dimensions) != sorted(
+        broadcast_dimensions
     ):
         return None
     base = sy.on_base(
@@ -167,23 +161,6 @@ def rev(sym: Sym, dimensions) -> Sym:
     return out
 
 
-def _probe_reshape(sym: Sym, groups, new_sizes, **params) -> Sym:
-    """Probe mode: each new axis labelled with the original axes it holds (a merge: all of
-    its group's, a split: the one it came from; an inserted size-1 axis: none)."""
-    labels: list = [None] * len(new_sizes)
-    for gi, gj in groups:
-        held = tuple(sy.originals(sym.labels[g]) for g in gi)
-        for g in gj:
-            labels[g] = (
-                "p",
-                () if new_sizes[g] == 1 and len(gj) > 1 else tuple(ax for t in held for ax in t),
-            )
-    base = sy.on_base(
-        sym.base, lax.reshape_p, new_sizes=tuple(new_sizes), dimensions=None, **params
-    )
-    return sym.replace(base=base, labels=tuple(labels))
-
-
 #: What ``explain`` says of a weight broadcast along new axes (a position table over the
 #: batch before an add): the use reads every value, so building it is the use's own cost.
 BROADCAST = (
@@ -198,7 +175,7 @@ def broadcast(sym: Sym, rest, params, ctx):
     if rest:
         return None
     out = expand(sym, **params)
-    if out is not None or sym.probe:
+    if out is not None:
         return out
     return lax.broadcast_in_dim_p.bind(sy.materialize(sym, ctx.record, BROADCAST), **params)
 
@@ -208,8 +185,6 @@ def reshape(sym: Sym, new_sizes, dimensions=None, **params) -> Sym | None:
     groups = sy.reshape_groups(sym.base.shape, tuple(new_sizes))
     if dimensions is not None or groups is None:
         return None
-    if sym.probe:
-        return _probe_reshape(sym, groups, new_sizes, **params)
     blocks: dict[str, list] = {"s": [], "i": [], "o": []}
     for gi, gj in groups:
         kind, first = sym.labels[gi[0]]
@@ -288,8 +263,6 @@ def _scale_rule(eqn, invals, ctx):
         return materialize_rule(eqn, invals, ctx)
     sym, c, params = lhs, rhs, bind_params(eqn)[1]
     base = sy.on_base(sym.base, eqn.primitive, c, **params)
-    if sym.probe:  # init: the axes are not known yet; a scale keeps the weight's layout
-        return sym.replace(base=base)
     side = _scale_side(sym, c)
     if side is None:
         return materialize_rule(eqn, invals, ctx)
@@ -299,6 +272,58 @@ def _scale_rule(eqn, invals, ctx):
 
 
 register(lax.mul_p, lax.div_p)(_scale_rule)
+
+
+@register(lax.mul_p, lax.div_p, on=Probe)
+def _probe_scale(eqn, invals, ctx):
+    """A probed weight scaled by a plain operand of its shape or less: its layout is kept."""
+    lhs, rhs = invals
+    if eqn.primitive is lax.mul_p and isinstance(rhs, Sym):
+        lhs, rhs = rhs, lhs
+    if not isinstance(lhs, Probe) or has_sym([rhs]) or eqn.outvars[0].aval.shape != lhs.base.shape:
+        return materialize_rule(eqn, invals, ctx)
+    return lhs.replace(base=sy.on_base(lhs.base, eqn.primitive, rhs, **bind_params(eqn)[1]))
+
+
+@register(lax.squeeze_p, on=Probe)
+def _probe_squeeze(eqn, invals, ctx):
+    """Size-1 axes of a probed weight squeezed away: each recorded as indexed (stacked)."""
+    sym = invals[0]
+    if not isinstance(sym, Probe) or has_sym(invals[1:]):
+        return materialize_rule(eqn, invals, ctx)
+    dims = tuple(eqn.params["dimensions"])
+    for d in dims:
+        ctx.record(sym.path, ("index", sym.labels[d][1]))
+    labels = tuple(lab for d, lab in enumerate(sym.labels) if d not in dims)
+    return sym.replace(base=sy.on_base(sym.base, lax.squeeze_p, dimensions=dims), labels=labels)
+
+
+#: A probed weight broadcast is built (the use reads every value): its base, recorded.
+register(lax.broadcast_in_dim_p, on=Probe)(materialize_rule)
+
+
+@register(lax.reshape_p, on=Probe)
+def _probe_reshape(eqn, invals, ctx):
+    """Each new axis labelled with the original axes it holds (a merge: all of its
+    group's, a split: the one it came from; an inserted size-1 axis: none)."""
+    sym, rest, params = invals[0], invals[1:], dict(eqn.params)
+    new_sizes = params.pop("new_sizes")
+    groups = sy.reshape_groups(sym.base.shape, tuple(new_sizes))
+    if rest or not isinstance(sym, Probe) or params.pop("dimensions") is not None or not groups:
+        return materialize_rule(eqn, invals, ctx)
+    labels: list = [None] * len(new_sizes)
+    for gi, gj in groups:
+        held = tuple(sy.originals(sym.labels[g]) for g in gi)
+        for g in gj:
+            labels[g] = (
+                "p",
+                () if new_sizes[g] == 1 and len(gj) > 1 else tuple(ax for t in held for ax in t),
+            )
+    base = sy.on_base(
+        sym.base, lax.reshape_p, new_sizes=tuple(new_sizes), dimensions=None, **params
+    )
+    return sym.replace(base=base, labels=tuple(labels))
+
 
 _ON_SYM = {
     lax.transpose_p: lambda s, rest, p, ctx: transpose(s, p["permutation"]),

@@ -118,9 +118,19 @@ def _constrained(v: sy.Sym, eqn, key: str):
     )
 
 
-@register(
-    *primitives("sharding_constraint_p", "reshard_p"), names=("sharding_constraint", "reshard")
-)
+_RESHARD = primitives("sharding_constraint_p", "reshard_p")
+
+
+@register(*_RESHARD, names=("sharding_constraint", "reshard"), on=sy.Probe)
+def _probe_reshard(eqn, invals, ctx):
+    """A probed weight constrained or resharded: its base, the layout kept."""
+    v = invals[0]
+    if not isinstance(v, sy.Probe):
+        return _reshard(eqn, invals, ctx)
+    return v.replace(base=sy.on_base(v.base, eqn.primitive, **eqn.params))
+
+
+@register(*_RESHARD, names=("sharding_constraint", "reshard"))
 def _reshard(eqn, invals, ctx):
     """An adapted weight constrained or resharded: each part to its own spec."""
     (v,) = invals[:1]
@@ -128,14 +138,11 @@ def _reshard(eqn, invals, ctx):
     out = None
     if (
         isinstance(v, sy.Sym)
-        and not v.probe
         and v.ids is None
         and len(invals) == 1
         and (eqn.primitive.name == "reshard" or not eqn.params.get("unconstrained_dims"))
     ):
         out = _constrained(v, eqn, key)
-    if isinstance(v, sy.Sym) and v.probe:
-        return v.replace(base=sy.on_base(v.base, eqn.primitive, **eqn.params))
     if out is None:
         return materialize_rule(eqn, invals, ctx)
     return out

@@ -9,9 +9,10 @@ is ``(*stack, *out)`` and the weight is ``g * (base + s * A @ B)``. Shape ops th
 factorisation update base, factors and labels together (``shape.py``);
 ``dot_general`` runs factored (``dot.py``); everything else calls :func:`materialize`.
 
-In probe mode (``a is None``) the labels are ``('p', original_axis)`` (a tuple of them
-after a reshape merged axes, :func:`originals`) and
-the rules only record how the model uses the weight (for ``jlora.init``).
+A :class:`Probe` is the other symbolic value: ``jlora.init``'s weight whose axes are not
+known yet. It has no factors, its labels are ``('p', original_axis)`` (a tuple of them
+after a reshape merged axes, :func:`originals`), and its own rules (``core.register(...,
+on=Probe)``) only record how the model uses it.
 """
 
 from __future__ import annotations
@@ -64,10 +65,6 @@ class Sym:
         """Leading factor axes before the weight's own: 1 (the adapter axis) or 0."""
         return 0 if self.ids is None else 1
 
-    @property
-    def probe(self) -> bool:
-        return self.a is None
-
     def count(self, kind: str) -> int:
         return sum(1 for k, _ in self.labels if k == kind)
 
@@ -84,14 +81,26 @@ class Sym:
         return dataclasses.replace(self, **kw)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Probe(Sym):
+    """``jlora.init``'s value for a weight whose stacked/in/out axes are being learned: the
+    base alone, labelled with its original axes; the rules registered ``on=Probe`` record
+    each use (``jlora.interpret.probe`` reads the records)."""
+
+    @classmethod
+    def of(cls, base, path: str) -> Probe:
+        labels = tuple(("p", ax) for ax in range(base.ndim))
+        return cls(base, None, None, None, labels, 0.0, 0.0, path)
+
+
 def check_assumed(sym: Sym, contracted) -> None:
     """Refuse a use that contracts out-axes of factors whose layout was assumed
     (``axes_from="assumed"``: the model keeps the weight transposed against that
     assumption, torch's ``(out, in)``, so the file's update would land transposed), or of
     a PEFT embedding adapter that PEFT applies at lookups only (``"lookup"``)."""
     if (
-        sym.axes_from not in ("assumed", "lookup")
-        or sym.probe
+        sym.axes_from not in ("assumed", "lookup")  # (a probe's are "flax")
         or not any(sym.labels[ax][0] == "o" for ax in contracted)
     ):
         return
@@ -217,7 +226,7 @@ def materialize(x, record: Callable | None = None, why: str = ""):
     if record is not None:
         record(x.path, Use("materialized", why))
     base = value(x.base)
-    if x.probe:
+    if isinstance(x, Probe):
         return base
     if x.ids is not None:
         raise LoraError(
@@ -269,7 +278,7 @@ def unit_as(sym: Sym, ax: int, kind: str) -> Sym:
     """``sym`` with its size-1 axis ``ax`` given the role ``kind`` (a size-1 axis can play
     any: a depthwise kernel's input-feature axis comes out of a reshape as "out")."""
     old = sym.labels[ax]
-    if old[0] == kind or sym.base.shape[ax] != 1 or sym.probe:
+    if old[0] == kind or sym.base.shape[ax] != 1:
         return sym
     f = {"a": sym.a, "b": sym.b, "g": sym.g}
     for name, dim in factor_dims(sym, old).items():

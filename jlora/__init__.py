@@ -4,15 +4,15 @@ Layers, bottom to top (each imports only those below it; ``tests/test_structure.
 checks): ``config``/``targets``/``nf4`` (settings, key paths, the NF4 storage) ->
 ``adapter`` (nodes) -> ``numerics`` (quantization, DoRA norms) -> ``interpret``
 (the jaxpr interpreter and its rule table) -> ``transforms`` (init, apply, merge,
-stack, check, sharding) -> ``optim`` and ``io`` (LoRA+, checkpoints, PEFT files) ->
-``memory`` and ``cli``.
+stack, check, sharding) -> ``optim``, ``io`` and ``peft`` (LoRA+, checkpoints, slots;
+PEFT files) -> ``memory`` and ``cli``.
 """
 
+from jlora import peft as peft
 from jlora.adapter import LoraNode as LoraNode
 from jlora.config import PRESETS as PRESETS
 from jlora.config import LoraConfig as LoraConfig
 from jlora.config import LoraError as LoraError
-from jlora.io import peft as peft
 from jlora.io.bitsandbytes import load_bitsandbytes as load_bitsandbytes
 from jlora.io.checkpoint import load_adapter as load_adapter
 from jlora.io.checkpoint import save_adapter as save_adapter

@@ -75,7 +75,7 @@ def load_base(path: str) -> dict:
 
 
 def _is_peft(path: str) -> bool:
-    from jlora.io.peft import CONFIG
+    from jlora.peft import CONFIG
 
     return os.path.isfile(os.path.join(path, CONFIG))
 

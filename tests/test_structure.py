@@ -24,7 +24,7 @@ LAYERS = [
     ("numerics", ("jlora.numerics",)),
     ("interpreter", ("jlora.interpret",)),
     ("transforms", ("jlora.transforms",)),
-    ("training and I/O", ("jlora.optim", "jlora.io")),
+    ("training, I/O and serving", ("jlora.optim", "jlora.io", "jlora.peft")),
     ("tools", ("jlora.memory",)),
     ("the package and its command", ("jlora", "jlora.cli")),
 ]
@@ -140,7 +140,7 @@ def test_the_bottom_layer_does_not_trace():
 
 def test_imports_are_read_from_the_source():
     graph = _graph()
-    assert "jlora.io.peft" in graph["jlora"]  # `from jlora.io import peft as peft`
+    assert "jlora.peft" in graph["jlora"]  # `from jlora import peft as peft`
     assert "jlora.interpret.probe" in graph["jlora.transforms.init"]
 
 

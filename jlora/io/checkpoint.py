@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 
 from jlora.adapter import StackedNode, adapter_nodes, arrays, from_settings, settings
 from jlora.config import LoraError
-from jlora.io.peft_config import CONFIG
+from jlora.peft.keys import CONFIG
 from jlora.targets import Adapter, Params, flatten, path_str
 from jlora.transforms.check import check, check_finite
 

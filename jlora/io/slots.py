@@ -17,9 +17,9 @@ import threading
 import jax
 import jax.numpy as jnp
 
+from jlora import peft
 from jlora.adapter import LoraNode, adapter_nodes, is_node, match
 from jlora.config import LoraError
-from jlora.io import peft
 from jlora.io.checkpoint import load_adapter
 from jlora.targets import path_str
 from jlora.transforms.multi import stack

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from jlora.config import LoraError
-from jlora.io.peft_file import PeftFile
+from jlora.peft.file import PeftFile
 from jlora.qnode import is_quantized
 
 

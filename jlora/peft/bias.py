@@ -16,13 +16,13 @@ import numpy as np
 
 from jlora.adapter import FullNode
 from jlora.config import LoraError, scaling
-from jlora.io import peft_config
-from jlora.io.peft_file import PeftFile
-from jlora.io.peft_whole import _torch_param
+from jlora.peft import config as peft_config
+from jlora.peft.file import PeftFile
+from jlora.peft.keys import BASE_LAYER, LORA_BIAS
+from jlora.peft.whole import _torch_param
 from jlora.targets import path_str
 
-_SAVED = (".base_layer.bias", ".bias")  # a trained bias: of an adapted module, of another
-LORA_BIAS = ".lora_B.bias"
+_SAVED = (BASE_LAYER + ".bias", ".bias")  # a trained bias: of an adapted module, of another
 
 
 def load(flat: list, out: list, file: PeftFile) -> list:

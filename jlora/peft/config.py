@@ -14,8 +14,7 @@ from collections import Counter
 
 from jlora.adapter import LoraNode
 from jlora.config import LoraError
-
-CONFIG = "adapter_config.json"
+from jlora.peft.keys import CONFIG
 
 #: Config fields jlora writes at their defaults (``save`` may set the first four).
 _DEFAULTS = {

@@ -14,19 +14,11 @@ import re
 import numpy as np
 
 from jlora.adapter import default_axes
-from jlora.config import LAYER_PATTERNS, LoraError
+from jlora.config import LoraError
 from jlora.interpret.probe import discover_axes
-from jlora.io import torch_conv
+from jlora.peft import torch_conv
+from jlora.peft.keys import LAYER_SEGMENTS, LINEAR
 from jlora.targets import _NOT_KERNELS, matches, path_str
-
-#: The key suffixes of a linear module's factors.
-LINEAR = (".lora_A.weight", ".lora_B.weight")
-#: The key suffixes of an embedding's factors.
-EMBEDDING = (".lora_embedding_A", ".lora_embedding_B")
-#: PEFT's weights file, and the prefix of its keys before a module's path.
-WEIGHTS, PREFIX = "adapter_model.safetensors", "base_model.model."
-#: Segments after which a stacked (scanned) layer index is inserted by default.
-LAYER_SEGMENTS = LAYER_PATTERNS
 
 
 def default_module(path: str, index: tuple[int, ...] = ()) -> str:

@@ -20,10 +20,10 @@ import numpy as np
 
 from jlora.adapter import FullNode, TokenNode
 from jlora.config import LoraError
-from jlora.io.peft_file import PeftFile
+from jlora.peft.file import PeftFile
+from jlora.peft.keys import TOKENS
 from jlora.targets import layer_index
 
-TOKENS = ".token_adapter.trainable_tokens_delta"
 #: jlora leaf name -> (torch parameter name, its ndim (None: the leaf's), transposed)
 _TORCH = {
     "kernel": ("weight", 2, True),

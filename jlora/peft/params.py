@@ -23,10 +23,11 @@ import numpy as np
 
 from jlora.adapter import LoraNode, default_axes
 from jlora.config import LoraError
-from jlora.io import peft_config
-from jlora.io.peft_file import PeftFile
+from jlora.peft import config as peft_config
+from jlora.peft.file import PeftFile
+from jlora.peft.keys import BASE_LAYER, LINEAR
 
-A, B, NEST = ".lora_A.weight", ".lora_B.weight", ".base_layer"
+A, B = LINEAR
 
 
 def targeted(p: str, config: dict, module: str) -> str | None:
@@ -119,7 +120,7 @@ def _all_stems(tensors: dict, stem: str) -> list[str]:
     for _ in range(16):
         if stem + A in tensors:
             out.append(stem)
-        stem += NEST
+        stem += BASE_LAYER
     return out
 
 
@@ -150,7 +151,7 @@ def save_tensors(nodes: dict, parameters, module_fn, prefix: str):
     for module, entries in per_module.items():
         entries.sort(key=lambda t: list(parameters).index(t[0]))  # innermost first
         for pos, (_, a, b) in enumerate(entries):
-            stem = prefix + module + NEST * (len(entries) - 1 - pos)
+            stem = prefix + module + BASE_LAYER * (len(entries) - 1 - pos)
             r = a.shape[-1]
             if a.ndim == 2:  # a 2-D parameter: plain linear LoRA
                 tensors[stem + A], tensors[stem + B] = a.T, b.T

@@ -77,6 +77,34 @@ class LoraNode:
         """The factor ``s`` in ``W0 + s * A @ B``, from ``alpha``, ``rank`` and ``rslora``."""
         return scaling(self.alpha, self.rank, self.rslora)
 
+    @classmethod
+    def of(cls, a, b, *, alpha: float, shape, axes, **settings) -> LoraNode:
+        """The node of factors ``a`` ``(*stack, in, r)`` and ``b`` ``(*stack, r, out)`` on a
+        kernel of ``shape`` whose ``axes`` are ``(stack_axes, in_axes, out_axes)``: the rank
+        read off ``a``, every setting made the plain type a node keeps. ``settings``: any
+        other field (``rslora``, ``dropout``, ``magnitude``, ``axes_from``, ``invocation``).
+        What every place that makes a node from factors calls.
+
+        Examples:
+          >>> node = jlora.LoraNode.of(jnp.zeros((4, 2)), jnp.zeros((2, 6)), alpha=4.0,
+          ...                          shape=(4, 6), axes=((), (0,), (1,)), rslora=True)
+          >>> node.rank, round(node.scale, 4), node.dropout
+          (2, 2.8284, 0.0)
+        """
+        stack_axes, in_axes, out_axes = (tuple(int(ax) for ax in g) for g in axes)
+        settings["dropout"] = float(settings.get("dropout", 0.0))
+        return cls(
+            a=a,
+            b=b,
+            rank=int(np.shape(a)[-1]),
+            alpha=float(alpha),
+            shape=tuple(int(n) for n in shape),
+            stack_axes=stack_axes,
+            in_axes=in_axes,
+            out_axes=out_axes,
+            **settings,
+        )
+
     @property
     def lora(self) -> LoraNode:
         return self

@@ -197,25 +197,22 @@ def alpha_for(config: dict, path: str, module: str, rank: int) -> float:
     return float(pattern(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
 
 
-def node(config: dict, factors: tuple, rank: int, alpha: float, kernel: tuple, origin: str):
+def node(config: dict, factors: tuple, alpha: float, kernel: tuple, origin: str):
     """The ``LoraNode`` of one adapted leaf read from a PEFT file: ``factors`` is ``(a, b,
     magnitude or None)`` in jlora's layout, ``kernel`` is ``(shape, (stack_axes, in_axes,
     out_axes))``, ``origin`` its ``axes_from``. What the file's config fixes for every
     node (the scale under its ``use_rslora``, the dropout, aLoRA's invocation tokens) is
     read here, in one place, for every loader."""
     a, b, magnitude = factors
-    shape, (stack_axes, in_axes, out_axes) = kernel
-    return LoraNode(
-        a=a,
-        b=b,
-        rank=rank,
+    shape, axes = kernel
+    return LoraNode.of(
+        a,
+        b,
         alpha=alpha,
+        shape=shape,
+        axes=axes,
         rslora=bool(config.get("use_rslora")),
-        dropout=float(config.get("lora_dropout", 0.0)),
-        shape=tuple(shape),
-        stack_axes=tuple(stack_axes),
-        in_axes=tuple(in_axes),
-        out_axes=tuple(out_axes),
+        dropout=config.get("lora_dropout", 0.0),
         magnitude=magnitude,
         axes_from=origin,
         invocation=invocation(config),

@@ -140,7 +140,7 @@ def load_node(p: str, leaf: Any, file: PeftFile, axes: Any) -> Any:
 
     factors = (cast(a), cast(b), cast(mag) if mag else None)
     kernel = (shape, (stack_axes, in_axes, out_axes))
-    node = peft_config.node(config, factors, rank, alpha, kernel, origin)
+    node = peft_config.node(config, factors, alpha, kernel, origin)
     return (
         node
         if layers is None

@@ -85,7 +85,7 @@ def load_node(p: str, leaf: Any, file: PeftFile, axes: Any) -> LoraNode | None:
         )
     )
     kernel = (shape, (stack_axes, in_axes, out_axes))
-    return peft_config.node(config, (cast(a_all), cast(b_all), None), rank, alpha, kernel, origin)
+    return peft_config.node(config, (cast(a_all), cast(b_all), None), alpha, kernel, origin)
 
 
 def _pick(p, module, param, tensors, prefix, dims, origin) -> str:

@@ -287,17 +287,14 @@ def _make_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
     (a, b), res = factor_inits.fresh(cfg.init, key, path, (stack, n_in, n_out, rank), dtype), w
     if changes_base(cfg.init):
         a, b, res = factor_inits.base_changing(cfg, w, axes, rank, scale, dtype, key)
-    node = LoraNode(
-        a=a,
-        b=b,
-        rank=rank,
-        alpha=float(alpha),
+    node = LoraNode.of(
+        a,
+        b,
+        alpha=alpha,
+        shape=w.shape,
+        axes=(stack_axes, in_axes, out_axes),
         rslora=cfg.rslora,
-        dropout=float(cfg.dropout),
-        shape=tuple(w.shape),
-        stack_axes=tuple(stack_axes),
-        in_axes=tuple(in_axes),
-        out_axes=tuple(out_axes),
+        dropout=cfg.dropout,
         invocation=cfg.alora_invocation_tokens,
     )
     if cfg.dora:  # magnitude = ||W0 + s A B|| per output feature: the model is unchanged

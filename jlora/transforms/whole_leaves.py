@@ -55,17 +55,8 @@ def lower(leaf, node, exact: bool = True):
     a = jax.nn.one_hot(ids, vocab, dtype=node.rows.dtype).T
     base = jnp.take(leaf, ids, axis=0).astype(node.rows.dtype)
     b = (node.rows - base).reshape(k, math.prod(rest))
-    return leaf, LoraNode(
-        a=a,
-        b=b,
-        rank=k,
-        alpha=float(k),
-        dropout=0.0,
-        shape=tuple(node.shape),
-        stack_axes=(),
-        in_axes=(0,),
-        out_axes=tuple(range(1, len(node.shape))),
-    )
+    axes = ((), (0,), tuple(range(1, len(node.shape))))
+    return leaf, LoraNode.of(a, b, alpha=k, shape=node.shape, axes=axes)
 
 
 def active(node) -> tuple[bool, ...] | None:

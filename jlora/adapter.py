@@ -109,6 +109,11 @@ class LoraNode:
     def lora(self) -> LoraNode:
         return self
 
+    def check(self, path: str, leaf) -> None:
+        """Raise a LoraError unless the node fits ``leaf`` (every kind has this method):
+        its shape, its factors' shapes and a dtype that keeps the weight's precision."""
+        _check_factors(self, path, leaf, ())
+
     def labels(self) -> tuple[tuple[str, int], ...]:
         """Per kernel axis: ``('s'|'i'|'o', index within that group)``."""
         return _labels(self)
@@ -202,6 +207,9 @@ class StackedNode:
     def lora(self) -> StackedNode:
         return self
 
+    def check(self, path: str, leaf) -> None:
+        _check_factors(self, path, leaf, (len(self.members),))
+
     def labels(self) -> tuple[tuple[str, int], ...]:
         return _labels(self)
 
@@ -225,6 +233,9 @@ class FullNode:
     def shape(self) -> tuple[int, ...]:
         return tuple(np.shape(self.weight))
 
+    def check(self, path: str, leaf) -> None:
+        _check_whole(path, "weight", self.weight, tuple(np.shape(leaf)), leaf)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -238,6 +249,15 @@ class TokenNode:
     rows: Any
     indices: tuple[int, ...] = dataclasses.field(metadata=_meta)
     shape: tuple[int, ...] = dataclasses.field(metadata=_meta)
+
+    def check(self, path: str, leaf) -> None:
+        shape = tuple(np.shape(leaf))
+        if not is_quantized(leaf) and (tuple(self.shape) != shape or max(self.indices) >= shape[0]):
+            raise LoraError(
+                f"token rows for {path!r} were made for a table of shape "
+                f"{tuple(self.shape)} but params has {shape}; re-create them"
+            )
+        _check_whole(path, "rows", self.rows, (len(self.indices), *shape[1:]), leaf)
 
 
 @jax.tree_util.register_dataclass
@@ -257,6 +277,9 @@ class LayersNode:
     @property
     def lora(self) -> LoraNode:
         return self.node
+
+    def check(self, path: str, leaf) -> None:
+        _check_layers(self, path, leaf)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -383,7 +406,7 @@ def match(params, adapter) -> list:
     for kp, leaf in flatten(params)[0]:
         node = nodes.pop(path_str(kp), None)
         if node is not None:
-            check_node(path_str(kp), node, leaf)
+            node.check(path_str(kp), leaf)
         out.append(node)
     if nodes:
         some = [path_str(kp) for kp, _ in flatten(params)[0][:3]]
@@ -394,7 +417,7 @@ def match(params, adapter) -> list:
     return out
 
 
-def _check_layers(path: str, node: LayersNode, leaf) -> None:
+def _check_layers(node: LayersNode, path: str, leaf) -> None:
     """The node covers distinct layers of ``leaf``'s stack, and fits those layers."""
     if not node.node.stack_axes or tuple(node.shape) != tuple(np.shape(leaf)):
         raise LoraError(
@@ -410,22 +433,18 @@ def _check_layers(path: str, node: LayersNode, leaf) -> None:
             f"sorted and below the stack's {node.length}"
         )
     dtype = leaf.compute_dtype if is_quantized(leaf) else jnp.result_type(leaf)
-    check_node(path, node.node, jax.ShapeDtypeStruct(node.node.shape, dtype))
+    node.node.check(path, jax.ShapeDtypeStruct(node.node.shape, dtype))
 
 
-def check_node(path: str, node, leaf) -> None:
-    """The node fits ``leaf``: its shape, its factors' shapes and a dtype that keeps precision."""
-    if isinstance(node, (FullNode, TokenNode)):
-        return _check_whole(path, node, leaf)
-    if isinstance(node, LayersNode):
-        return _check_layers(path, node, leaf)
+def _check_factors(node, path: str, leaf, lead: tuple[int, ...]) -> None:
+    """A low-rank node (``lead``: a stack's adapter axis) fits ``leaf``: its shape, its
+    factors' shapes and a dtype that keeps precision."""
     if tuple(node.shape) != tuple(np.shape(leaf)):
         raise LoraError(
             f"adapter for {path!r} was made for shape {tuple(node.shape)} but "
             f"params has {tuple(np.shape(leaf))}; re-create it with jlora.init "
             "for these params"
         )
-    lead = (len(node.ranks),) if isinstance(node, StackedNode) else ()
 
     def dims(axes):
         return (math.prod(node.shape[ax] for ax in axes),)
@@ -466,31 +485,21 @@ def check_node(path: str, node, leaf) -> None:
             )
 
 
-def _check_whole(path: str, node, leaf) -> None:
-    """A full leaf has the base leaf's shape; token rows fit the table and its row count."""
-    shape = tuple(np.shape(leaf))
+def _check_whole(path: str, name: str, value, want: tuple, leaf) -> None:
+    """A node that replaces a leaf's values (``value``, its field ``name``, must have shape
+    ``want``) lies on a float leaf, in at least its dtype."""
     if is_quantized(leaf):
         raise LoraError(
             f"{path!r} is {leaf.qtype.upper()}-quantized; a leaf trained in "
             "full or by token rows must stay float: leave it out of "
             "jlora.quantize's targets"
         )
-    if isinstance(node, FullNode):
-        want, have, name = shape, tuple(np.shape(node.weight)), "weight"
-    else:
-        want = (len(node.indices), *shape[1:])
-        have, name = tuple(np.shape(node.rows)), "rows"
-        if tuple(node.shape) != shape or max(node.indices) >= shape[0]:
-            raise LoraError(
-                f"token rows for {path!r} were made for a table of shape "
-                f"{tuple(node.shape)} but params has {shape}; re-create them"
-            )
+    have = tuple(np.shape(value))
     if have != want:
         raise LoraError(
             f"adapter for {path!r} has {name} of shape {have}, params need {want}; "
             "re-create it with jlora.init for these params"
         )
-    value = getattr(node, name)
     dtype = jnp.dtype(jnp.result_type(value))
     if not jnp.issubdtype(dtype, jnp.floating) or (
         jnp.finfo(dtype).nmant < jnp.finfo(jnp.result_type(leaf)).nmant

@@ -4,8 +4,8 @@ Layers, bottom to top (each imports only those below it; ``tests/test_structure.
 checks): ``config``/``targets``/``nf4`` (settings, key paths, the NF4 storage) ->
 ``adapter`` (nodes) -> ``numerics`` (quantization, DoRA norms) -> ``interpret``
 (the jaxpr interpreter and its rule table) -> ``transforms`` (init, apply, merge,
-stack, check, sharding) -> ``optim``, ``io`` and ``peft`` (LoRA+, checkpoints, slots;
-PEFT files) -> ``memory`` and ``cli``.
+check, sharding) -> ``optim``, ``io``, ``peft`` and ``serving`` (LoRA+, checkpoints;
+PEFT files; stacks and slots of many adapters) -> ``memory`` and ``cli``.
 """
 
 from jlora import peft as peft
@@ -18,7 +18,6 @@ from jlora.io.checkpoint import load_adapter as load_adapter
 from jlora.io.checkpoint import save_adapter as save_adapter
 from jlora.io.resume import restore_checkpoint as restore_checkpoint
 from jlora.io.resume import save_checkpoint as save_checkpoint
-from jlora.io.slots import Slots as Slots
 from jlora.nf4 import NF4 as NF4
 from jlora.numerics.quantize import dequantize as dequantize
 from jlora.numerics.quantize import quantize as quantize
@@ -26,6 +25,9 @@ from jlora.optim import lorafa as lorafa
 from jlora.optim import loraplus as loraplus
 from jlora.optim import riemannian as riemannian
 from jlora.qnode import Quantized as Quantized
+from jlora.serving.slots import Slots as Slots
+from jlora.serving.stacks import stack as stack
+from jlora.serving.stacks import unstack as unstack
 from jlora.targets import Adapter as Adapter
 from jlora.targets import Params as Params
 from jlora.transforms.alora import alora_mask as alora_mask
@@ -42,8 +44,6 @@ from jlora.transforms.merge import MergeResult as MergeResult
 from jlora.transforms.merge import merge as merge
 from jlora.transforms.merge import merge_with_norms as merge_with_norms
 from jlora.transforms.merge import unmerge as unmerge
-from jlora.transforms.multi import stack as stack
-from jlora.transforms.multi import unstack as unstack
 from jlora.transforms.sharding import adapter_shardings as adapter_shardings
 
 __version__ = "0.1.0"

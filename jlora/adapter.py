@@ -399,6 +399,25 @@ def adapter_nodes(adapter) -> dict[str, Any]:
     return found
 
 
+def rebuild(like, nodes: dict):
+    """``like``'s tree with each node replaced by ``nodes[path]``."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(like, is_leaf=is_node)
+    return jax.tree_util.tree_unflatten(treedef, [nodes[path_str(kp)] for kp, _ in leaves])
+
+
+def same_leaves(adapters) -> list[dict]:
+    """Each adapter's ``{path: node}``, checked to adapt the same leaves (to stack or combine)."""
+    found = [adapter_nodes(ad) for ad in adapters]
+    for i, nodes in enumerate(found[1:], 1):
+        if set(nodes) != set(found[0]):
+            diff = sorted(set(nodes) ^ set(found[0]))[:3]
+            raise LoraError(
+                f"adapters 0 and {i} adapt different leaves ({diff}); stacked or "
+                "combined adapters must target the same leaves"
+            )
+    return found
+
+
 def match(params, adapter) -> list:
     """The adapter's node (or None) for each leaf of params, matched by key path."""
     nodes = adapter_nodes(adapter)

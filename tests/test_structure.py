@@ -24,7 +24,7 @@ LAYERS = [
     ("numerics", ("jlora.numerics",)),
     ("interpreter", ("jlora.interpret",)),
     ("transforms", ("jlora.transforms",)),
-    ("training, I/O and serving", ("jlora.optim", "jlora.io", "jlora.peft")),
+    ("training, I/O and serving", ("jlora.optim", "jlora.io", "jlora.peft", "jlora.serving")),
     ("tools", ("jlora.memory",)),
     ("the package and its command", ("jlora", "jlora.cli")),
 ]

@@ -23,6 +23,7 @@ from jlora.config import LoraError
 from jlora.interpret import example_axis, grouped, token_axes
 from jlora.interpret.concat import by_path
 from jlora.interpret.core import Ctx, evaluate, materialized
+from jlora.interpret.mixed import check_ids, example_layout
 from jlora.interpret.sym import from_node
 from jlora.interpret.trace import trace
 from jlora.interpret.uses import Use
@@ -31,7 +32,6 @@ from jlora.targets import Adapter, Params, flatten, path_str
 from jlora.transforms import whole_leaves
 from jlora.transforms.alora import check_mask, ungated
 from jlora.transforms.check import check_finite
-from jlora.transforms.multi import check_ids, example_layout
 
 
 def interpret_call(fn, params, adapter, call: tuple, ctx: Ctx, adapter_ids=None, example_axes=None):

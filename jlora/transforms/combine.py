@@ -14,11 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.adapter import LoraNode
+from jlora.adapter import LoraNode, rebuild, same_leaves
 from jlora.config import LoraError
 from jlora.targets import Adapter
 from jlora.transforms import ties_dare
-from jlora.transforms.multi import rebuild, same_leaves
 
 COMBINE = ("cat", "linear", "svd", *ties_dare.METHODS)
 

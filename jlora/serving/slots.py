@@ -21,8 +21,8 @@ from jlora import peft
 from jlora.adapter import LoraNode, adapter_nodes, is_node, match
 from jlora.config import LoraError
 from jlora.io.checkpoint import load_adapter
+from jlora.serving.stacks import stack
 from jlora.targets import path_str
-from jlora.transforms.multi import stack
 
 
 def _write(tree, i, adapter):

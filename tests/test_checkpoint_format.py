@@ -109,6 +109,22 @@ def test_a_first_format_checkpoint_loads_to_the_same_nodes():
     np.testing.assert_allclose(y, np.full((2, 3), 90.57213), rtol=1e-5)
 
 
+def test_a_first_format_node_whose_scale_is_not_derivable_is_refused(tmp_path):
+    """A ``/1`` node whose stored scale is neither alpha/rank nor alpha/sqrt(rank) would load
+    with another scale: refused by name rather than computed wrong."""
+    import json
+    import shutil
+
+    copy = tmp_path / "adapter_v1"
+    shutil.copytree(os.path.join(DATA, "adapter_v1"), copy)
+    meta = copy / "0" / "meta" / "metadata"
+    saved = json.loads(meta.read_text())
+    saved["nodes"]["o_proj"]["scale"] = 0.7
+    meta.write_text(json.dumps(saved))
+    with pytest.raises(jlora.LoraError, match="'o_proj' was saved with scale 0.7"):
+        jlora.load_adapter(copy, _params())
+
+
 def test_a_stacked_adapter_gives_back_each_member_whole():
     params = {"q": jnp.ones((4, 6))}
     cfgs = [

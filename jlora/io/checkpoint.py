@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jlora.adapter import StackedNode, adapter_nodes, arrays, from_settings, settings
-from jlora.config import LoraError
+from jlora.config import LoraError, scaling
 from jlora.peft.keys import CONFIG
 from jlora.targets import Adapter, Params, flatten, path_str
 from jlora.transforms.check import check, check_finite
@@ -129,9 +129,11 @@ def _settings(node) -> dict:
     }
 
 
-def _upgrade(old: dict) -> dict:
+def _upgrade(path: str, old: dict) -> dict:
     """A ``jlora-adapter/1`` node's settings as ``/2`` writes them: rsLoRA read from the
-    stored variant, a layers node's own settings nested, the arrays' shapes worked out."""
+    stored variant, a layers node's own settings nested, the arrays' shapes worked out.
+    The stored scale must be what alpha, rank and rsLoRA give (every jlora node's was):
+    a node that is not would load with another scale, so it is refused."""
     if old["kind"] == "full":
         return old | {"shapes": {"weight": old["shape"]}}
     if old["kind"] == "tokens":
@@ -139,6 +141,13 @@ def _upgrade(old: dict) -> dict:
     skip = ("scale", "variant", "layers", "length", "dtype")
     lora = {k: v for k, v in old.items() if k not in skip}
     lora |= {"kind": "lora", "rslora": "rslora" in old["variant"]}
+    derived = scaling(old["alpha"], old["rank"], lora["rslora"])
+    if not math.isclose(old["scale"], derived, rel_tol=1e-6):
+        raise LoraError(
+            f"{path!r} was saved with scale {old['scale']} but alpha {old['alpha']} and "
+            f"rank {old['rank']} give {derived}; an adapter's scale is derived now: load it "
+            "with the jlora that saved it and save it with alpha set to the scale it needs"
+        )
     shape, rank = old["shape"], old["rank"]
     stack = [shape[ax] for ax in old["stack_axes"]]
     ins, outs = (math.prod(shape[ax] for ax in old[k]) for k in ("in_axes", "out_axes"))
@@ -240,7 +249,7 @@ def load_adapter(path, params: Params = None) -> Adapter:
             )
         saved = meta["nodes"]
         if meta["format"] != _FORMAT:
-            saved = {p: _upgrade(s) for p, s in saved.items()}
+            saved = {p: _upgrade(p, s) for p, s in saved.items()}
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         like = {
             p: {

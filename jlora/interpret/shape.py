@@ -256,12 +256,10 @@ def _scale_rule(eqn, invals, ctx):
     the scale is a scalar or varies along in axes only (folded into ``A``) or out axes
     only (folded into ``B``); DoRA's ``g`` is per out feature and commutes with it.
     Any other operand (a scale along in and out axes, another weight) materializes."""
-    lhs, rhs = invals
-    if eqn.primitive is lax.mul_p and isinstance(rhs, Sym):
-        lhs, rhs = rhs, lhs
-    if not isinstance(lhs, Sym) or has_sym([rhs]) or eqn.outvars[0].aval.shape != lhs.base.shape:
+    scaled = _scaled(eqn, invals, Sym)
+    if scaled is None:
         return materialize_rule(eqn, invals, ctx)
-    sym, c, params = lhs, rhs, bind_params(eqn)[1]
+    (sym, c), params = scaled, bind_params(eqn)[1]
     base = sy.on_base(sym.base, eqn.primitive, c, **params)
     side = _scale_side(sym, c)
     if side is None:
@@ -277,12 +275,22 @@ register(lax.mul_p, lax.div_p)(_scale_rule)
 @register(lax.mul_p, lax.div_p, on=Probe)
 def _probe_scale(eqn, invals, ctx):
     """A probed weight scaled by a plain operand of its shape or less: its layout is kept."""
+    scaled = _scaled(eqn, invals, Probe)
+    if scaled is None:
+        return materialize_rule(eqn, invals, ctx)
+    sym, c = scaled
+    return sym.replace(base=sy.on_base(sym.base, eqn.primitive, c, **bind_params(eqn)[1]))
+
+
+def _scaled(eqn, invals, kind: type[Sym]) -> tuple[Sym, Any] | None:
+    """``(weight, scale)`` of a mul/div whose weight is a ``kind`` value and whose other
+    operand is plain and no larger (the result has the weight's shape), else None."""
     lhs, rhs = invals
     if eqn.primitive is lax.mul_p and isinstance(rhs, Sym):
         lhs, rhs = rhs, lhs
-    if not isinstance(lhs, Probe) or has_sym([rhs]) or eqn.outvars[0].aval.shape != lhs.base.shape:
-        return materialize_rule(eqn, invals, ctx)
-    return lhs.replace(base=sy.on_base(lhs.base, eqn.primitive, rhs, **bind_params(eqn)[1]))
+    if not isinstance(lhs, kind) or has_sym([rhs]) or eqn.outvars[0].aval.shape != lhs.base.shape:
+        return None
+    return lhs, rhs
 
 
 @register(lax.squeeze_p, on=Probe)

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax import lax
 
-from jlora.interpret.thin import contract
+from jlora._src.interpret.thin import contract
 
 N, S, IN, R, ROUNDS = 8, 256, 1024, 16, 15
 

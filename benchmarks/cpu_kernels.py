@@ -96,7 +96,7 @@ def bitsandbytes_cpu() -> None:
     except ImportError as e:
         print(f"bitsandbytes part skipped: {e}")
         return
-    from jlora.numerics import quant
+    from jlora._src.numerics import quant
 
     torch.manual_seed(0)
     w = torch.randn(128, 96)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(__file__))
 from core import timeit_interleaved  # noqa: E402
 
-from jlora.interpret import grouped as jl_grouped  # noqa: E402
+from jlora._src.interpret import grouped as jl_grouped  # noqa: E402
 
 T, SEQ, K, R, N, OUT = 2048, 128, 512, 16, 64, 512
 

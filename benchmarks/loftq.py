@@ -31,19 +31,19 @@ from core import write_result  # noqa: E402
 import jlora  # noqa: E402
 
 RANK, ALPHA = 16, 32.0
-TARGETS = jlora.config.ALL_LINEAR
+TARGETS = jlora._src.config.ALL_LINEAR
 
 
 def _error(params, qbase, adapter) -> float:
     """``||W - W_adapted||_F`` over the adapted matrices (NF4 dequantized)."""
     merged = jlora.merge(qbase, adapter)
-    paths = jlora.adapter.adapter_nodes(adapter)
+    paths = jlora._src.adapter.adapter_nodes(adapter)
     sq = 0.0
     for (kp, w), (_, m) in zip(
         jax.tree_util.tree_flatten_with_path(params)[0],
         jax.tree_util.tree_flatten_with_path(merged)[0],
     ):
-        if jlora.targets.path_str(kp) in paths:
+        if jlora._src.targets.path_str(kp) in paths:
             sq += float(jnp.sum((w.astype(jnp.float32) - m.astype(jnp.float32)) ** 2))
     return float(np.sqrt(sq))
 

@@ -1,4 +1,4 @@
-"""XLA's ``memory_analysis()`` of one training step vs ``jlora.memory``'s estimate.
+"""XLA's ``memory_analysis()`` of one training step vs ``jlora._src.memory``'s estimate.
 
 Steps (AdamW, adapter and optimizer state donated): full fine-tuning in fp32,
 LoRA on a bf16 base, QLoRA on an NF4, int8, int4 or fp8 base (bf16 compute); LoRA r16
@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 import llama  # noqa: E402
 
 import jlora  # noqa: E402
-from jlora import memory  # noqa: E402
+from jlora._src import memory  # noqa: E402
 
 MB = 2**20
 LORA = jlora.LoraConfig(rank=16, alpha=32.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
@@ -177,7 +177,7 @@ def main():
         f"`python benchmarks/memory.py` (jax {jax.__version__}, XLA "
         f"{backend.platform.upper()} ({backend.device_kind}) "
         f"`memory_analysis()`; batch {args.batch} x seq {args.seq}, AdamW, LoRA r16 on "
-        "q,k,v,o; estimate: `jlora.memory.estimate`, checkpointing as the row says)",
+        "q,k,v,o; estimate: `jlora._src.memory.estimate`, checkpointing as the row says)",
         "",
         "| model | method | base MB | base / bf16 | arguments MB | temp MB | XLA total MB "
         "| estimate MB | estimate / XLA |",

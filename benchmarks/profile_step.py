@@ -110,7 +110,7 @@ def vjp_ab(model, params, ids, adapters: dict, frozen, repeats: int = 21) -> str
     import optax
     from core import timeit_interleaved, train_step
 
-    from jlora.interpret import dot as factored
+    from jlora._src.interpret import dot as factored
 
     x, y = ids[:, :-1], ids[:, 1:]
     loss = lambda ad, p: llama.loss_fn(jlora.apply(model.apply)(p, ad, x), y)

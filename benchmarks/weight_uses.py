@@ -101,7 +101,7 @@ def steps(case, ragged_row=False):
         "full fine-tuning": (jax.jit(jax.grad(full)), (params,)),
     }
     if ragged_row:
-        from jlora.interpret import grouped
+        from jlora._src.interpret import grouped
 
         saved, grouped.DENSE_ON = grouped.DENSE_ON, ()
         try:  # traced and compiled now, while the switch holds

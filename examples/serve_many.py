@@ -83,7 +83,7 @@ def main(argv=None):
 
 
 def stacked_ranks(stacked) -> str:
-    node = next(iter(jlora.adapter.adapter_nodes(stacked).values()))
+    node = next(iter(jlora.adapter_nodes(stacked).values()))
     return ",".join(map(str, node.ranks))
 
 

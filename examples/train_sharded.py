@@ -49,7 +49,7 @@ def train(mesh):
     model, key = llama.Llama(cfg), jax.random.key(0)
     params = jax.tree_util.tree_map_with_path(
         lambda kp, x: jax.device_put(
-            x, NamedSharding(mesh, llama.megatron_spec(jlora.targets.path_str(kp), x.ndim))
+            x, NamedSharding(mesh, llama.megatron_spec(jlora.path_str(kp), x.ndim))
         ),
         llama.init_params(cfg, key),
     )

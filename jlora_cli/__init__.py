@@ -1,7 +1,7 @@
 """The ``jlora`` command's front: parses the command line without importing JAX.
 
 ``jlora --help`` and a mistyped command answer at once; JAX and jlora are imported
-only once a command runs (:mod:`jlora.cli` holds the commands). A ``LoraError``, a
+only once a command runs (:mod:`jlora._src.cli` holds the commands). A ``LoraError``, a
 bad argument or a missing file prints one line (``jlora: error: ...``) and exits
 with status 1; set ``JLORA_TRACEBACK=1`` to see the traceback instead.
 """
@@ -43,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
         "memory",
         help="estimate training memory per method",
         description="Training memory per method: weights, gradients, "
-        "optimizer states and activations (jlora.memory.estimate).",
+        "optimizer states and activations (jlora._src.memory.estimate).",
     )
     src = mem.add_mutually_exclusive_group()
     src.add_argument(
@@ -98,7 +98,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Runs ``jlora ARGS``; returns the exit status (0, or 1 after a one-line error)."""
     args = parser().parse_args(argv)
-    from jlora import cli  # JAX loads here, once a command runs
+    from jlora._src import cli  # JAX loads here, once a command runs
 
     try:
         print(cli.COMMANDS[args.command](args))

@@ -158,7 +158,7 @@ def key():
 def form(request, monkeypatch):
     """Rows grouped by expert or adapter (``grouped.ragged_low_rank``) as this CPU runs
     them (a masked dense product) and as an accelerator does (``ragged_dot``)."""
-    from jlora.interpret import grouped
+    from jlora._src.interpret import grouped
 
     if request.param == "ragged":
         monkeypatch.setattr(grouped, "DENSE_ON", ())

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 import llama  # noqa: E402
 
 import jlora  # noqa: E402
-from jlora.interpret.control import KEEPS_VJP  # noqa: E402
+from jlora._src.interpret.control import KEEPS_VJP  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

@@ -45,7 +45,7 @@ def kind(request):
 def shard(params, m):
     return jax.tree_util.tree_map_with_path(
         lambda kp, x: jax.device_put(
-            x, NamedSharding(m, llama.megatron_spec(jlora.targets.path_str(kp), x.ndim))
+            x, NamedSharding(m, llama.megatron_spec(jlora._src.targets.path_str(kp), x.ndim))
         ),
         params,
     )

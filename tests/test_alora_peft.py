@@ -84,7 +84,7 @@ def test_peft_alora_loads_and_matches(tmp_path, scan):
     cfg = llama.config_from_hf(pm.base_model.model.config, scan_layers=scan)
     model, params = llama.Llama(cfg), llama.from_hf(_hf_base().state_dict(), cfg)
     ad = jlora.peft.load(str(tmp_path), params, module_fn=llama.hf_module)
-    nodes = jlora.adapter.adapter_nodes(ad).values()
+    nodes = jlora._src.adapter.adapter_nodes(ad).values()
     assert {n.invocation for n in nodes} == {tuple(INVOKE)}
     assert all(float(jnp.abs(n.b).max()) > 0 for n in nodes)
     ids = _ids()

@@ -175,7 +175,7 @@ def test_weight_used_in_two_layouts_is_still_factored(key):
     )
     uses = jlora.explain(fn, {"embed": emb}, adapter, ids)["embed"]
     # init took (vocab, hidden) as (in, out); x @ E.T contracts hidden: transposed
-    assert uses == ["factored", jlora.interpret.uses.TRANSPOSED]
+    assert uses == ["factored", jlora._src.interpret.uses.TRANSPOSED]
     check_against_materialized(fn, {"embed": emb}, adapter, ids)
 
 
@@ -225,9 +225,9 @@ def test_control_flow_primitives(key, fn, grad):
     params = {"w": jax.random.normal(key, (16, 16)) * 0.3}
     adapter = randomize(jlora.init(key, params, jlora.LoraConfig(rank=3, targets=("w",))), key)
     uses = set(jlora.explain(fn, params, adapter, X)["w"])
-    want = {"factored", jlora.interpret.uses.TRANSPOSED}  # w and w.T both used
+    want = {"factored", jlora._src.interpret.uses.TRANSPOSED}  # w and w.T both used
     if fn is _control_flow:  # the custom_vjp gets w materialized, so its backward runs
-        want.add(f"materialized ({jlora.interpret.control.KEEPS_VJP})")
+        want.add(f"materialized ({jlora._src.interpret.control.KEEPS_VJP})")
     assert uses == want
     check_against_materialized(fn, params, adapter, X, grad=grad)
 
@@ -285,7 +285,7 @@ def test_an_eager_call_does_not_trace_fn_again(key):
 
     np.testing.assert_allclose(outer(2.0), 2 * first, **F32)
     np.testing.assert_allclose(outer(3.0), 3 * first, **F32)
-    kept = jlora.interpret.trace._CACHE.values()
+    kept = jlora._src.interpret.trace._CACHE.values()
     assert not any(isinstance(c, jax.core.Tracer) for closed, _ in kept for c in closed.consts)
 
 

@@ -14,7 +14,7 @@ F = pytest.importorskip("bitsandbytes.functional")
 
 import jax.numpy as jnp  # noqa: E402
 
-from jlora.numerics import quant  # noqa: E402
+from jlora._src.numerics import quant  # noqa: E402
 
 SHAPES = [(128, 96), (7, 33), (3, 5), (512, 1408)]
 

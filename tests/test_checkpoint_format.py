@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora.adapter import KINDS, arrays, from_settings, settings
-from jlora.targets import path_str
+from jlora._src.adapter import KINDS, arrays, from_settings, settings
+from jlora._src.targets import path_str
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
@@ -58,7 +58,7 @@ def _every_kind():
 
 def test_settings_and_arrays_rebuild_every_node_kind():
     _, ad = _every_kind()
-    nodes = jlora.adapter.adapter_nodes(ad)
+    nodes = jlora._src.adapter.adapter_nodes(ad)
     assert {n.kind for n in nodes.values()} == {"lora", "layers", "full", "tokens"}
     for path, node in nodes.items():
         back = from_settings(settings(node), arrays(node))

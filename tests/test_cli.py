@@ -12,8 +12,8 @@ import pytest
 import jlora
 import jlora_cli
 from conftest import randomize
-from jlora import cli
-from jlora.cli import load_base, main
+from jlora._src import cli
+from jlora._src.cli import load_base, main
 
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -76,7 +76,7 @@ def test_help_does_not_import_jax():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert "usage: jlora convert" in out and out.strip().endswith("[]")
-    assert jlora_cli.MEMORY_TARGETS == jlora.memory.LINEAR[:4]  # memory's default, unimported
+    assert jlora_cli.MEMORY_TARGETS == jlora._src.memory.LINEAR[:4]  # memory's default, unimported
 
 
 def test_errors_are_one_line(tmp_path, capsys):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 import jlora
-from jlora.targets import path_str
+from jlora._src.targets import path_str
 
 
 def test_presets_follow_the_source_table():
@@ -148,7 +148,7 @@ def test_exclude_leaves_out_matching_paths(key):
     }
     for exclude in ("layers_1/", ("layers_1",)):
         cfg = jlora.LoraConfig(rank=2, targets=("q_proj", "v_proj"), exclude=exclude)
-        nodes = jlora.adapter.adapter_nodes(jlora.init(key, params, cfg))
+        nodes = jlora._src.adapter.adapter_nodes(jlora.init(key, params, cfg))
         assert sorted(nodes) == [
             f"params/layers_{i}/attn/{m}/kernel" for i in (0, 2) for m in ("q_proj", "v_proj")
         ]
@@ -169,7 +169,7 @@ def test_layers_to_transform_adapts_only_those_layers(key, layer_key):
     layers = LAYERED[layer_key](lambda i: {"q_proj": {"kernel": jnp.ones((8, 8))}})
     params = {"model": {**layers, "lm_head": {"kernel": jnp.ones((8, 8))}}}
     cfg = jlora.LoraConfig(rank=2, targets=("q_proj", "lm_head"), layers_to_transform=[1, 3])
-    nodes = jlora.adapter.adapter_nodes(jlora.init(key, params, cfg))
+    nodes = jlora._src.adapter.adapter_nodes(jlora.init(key, params, cfg))
     assert sorted(nodes) == [f"model/{layer_key.format(i)}/q_proj/kernel" for i in (1, 3)]
     only = jlora.LoraConfig(
         rank=2,
@@ -177,6 +177,6 @@ def test_layers_to_transform_adapts_only_those_layers(key, layer_key):
         layers_to_transform=2,
         layers_pattern=layer_key.split("/")[0].split("_")[0],
     )
-    assert list(jlora.adapter.adapter_nodes(jlora.init(key, params, only))) == [
+    assert list(jlora._src.adapter.adapter_nodes(jlora.init(key, params, only))) == [
         f"model/{layer_key.format(2)}/q_proj/kernel"
     ]

@@ -74,7 +74,7 @@ def _aligned(got, want):
 def _compare(ad, pm, scan, align_b_alone):
     """Each node's factors against PEFT's (up to sign) and its residual base."""
     state = {k: v.detach().numpy() for k, v in pm.state_dict().items()}
-    for path, node in jlora.adapter.adapter_nodes(ad).items():
+    for path, node in jlora._src.adapter.adapter_nodes(ad).items():
         for layer in range(2 if scan else 1):
             module = llama.hf_module(path, (layer,) if scan else ()).removeprefix("model.")
             pre = f"base_model.model.model.{module}"

@@ -22,7 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").rglob("*.md"))
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 #: Public functions that raise nothing of their own (Raises: would be empty).
-NO_RAISES = {"dequantize", "peft.default_module", "peft.torch_module"}
+NO_RAISES = {"dequantize", "path_str", "peft.default_module", "peft.torch_module"}
 
 
 def _blocks(page: pathlib.Path) -> list[str]:
@@ -47,10 +47,11 @@ def test_every_python_block_runs(page, tmp_path, monkeypatch):
 
 def _public():
     for name in jlora.__all__:
-        if name != "peft":
+        if name not in ("peft", "memory"):
             yield name, getattr(jlora, name)
-    for name in jlora.peft.__all__:
-        yield f"peft.{name}", getattr(jlora.peft, name)
+    for module in ("peft", "memory"):
+        for name in getattr(jlora, module).__all__:
+            yield f"{module}.{name}", getattr(getattr(jlora, module), name)
 
 
 def test_every_public_callable_has_a_google_docstring_with_a_runnable_example():

@@ -27,7 +27,7 @@ def _dora(adapter, key):
             magnitude=n.magnitude * (1 + noise(2, n.magnitude)),
         )
 
-    return jax.tree.map(one, adapter, is_leaf=jlora.adapter.is_node)
+    return jax.tree.map(one, adapter, is_leaf=jlora._src.adapter.is_node)
 
 
 def _setup(model, targets, key, fn=False, **kw):
@@ -119,7 +119,7 @@ def test_the_old_pair_returning_calls_still_work_with_a_deprecation_warning(key)
 
 def test_dora_magnitude_trains_with_b_in_loraplus_and_saves(key, tmp_path):
     params, ad = _setup(Scanned(), ("q_proj",), key)
-    labels = jlora.optim.labels(ad)["params"]["layers"]["q_proj"]["kernel"]
+    labels = jlora._src.optim.labels(ad)["params"]["layers"]["q_proj"]["kernel"]
     assert (labels.a, labels.b, labels.magnitude) == ("a", "b", "b")
     jlora.save_adapter(tmp_path / "dora", ad)
     back = jlora.load_adapter(tmp_path / "dora", params)

@@ -21,7 +21,7 @@ def _identity_adapter(params, key, rate=RATE, targets=("w1", "w2"), fn=()):
     eye = lambda n: dataclasses.replace(
         n, a=jnp.broadcast_to(jnp.eye(D), n.a.shape), b=jnp.broadcast_to(jnp.eye(D), n.b.shape)
     )
-    return jax.tree.map(eye, ad, is_leaf=jlora.adapter.is_node)
+    return jax.tree.map(eye, ad, is_leaf=jlora._src.adapter.is_node)
 
 
 def _two_sites(p, x):

@@ -83,7 +83,7 @@ def _two_adapters(key, params, fn, x, dora=False):
     ]
     ads = [jlora.init(key, params, c, fn, x) for c in cfgs]
     pick = lambda a, b: a if a is not None else b
-    merged = jax.tree.map(pick, *ads, is_leaf=lambda z: z is None or jlora.adapter.is_node(z))
+    merged = jax.tree.map(pick, *ads, is_leaf=lambda z: z is None or jlora._src.adapter.is_node(z))
     return randomize(merged, key)
 
 

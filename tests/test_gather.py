@@ -13,7 +13,7 @@ from flax import nnx
 
 import jlora
 from conftest import check_against_materialized, float_shapes, randomize, ref_merge
-from jlora.interpret.uses import TRANSPOSED_LEARNED
+from jlora._src.interpret.uses import TRANSPOSED_LEARNED
 
 V, D = 50, 16
 IDS = jnp.array([[1, 2, 3], [49, 0, 7]])
@@ -53,7 +53,7 @@ def test_lookups_are_factored(key, case):
     params, fn = _cases(key)[case]
     cfg = jlora.LoraConfig(rank=4, targets=("embed",))
     adapter = randomize(jlora.init(key, params, cfg, fn, IDS), key)
-    (node,) = jlora.adapter.adapter_nodes(adapter).values()
+    (node,) = jlora._src.adapter.adapter_nodes(adapter).values()
     assert (node.in_axes, node.out_axes, node.a.shape, node.b.shape) == ((0,), (1,), (V, 4), (4, D))
     assert set(sum(jlora.explain(fn, params, adapter, IDS).values(), [])) == {"factored"}
     check_against_materialized(fn, params, adapter, IDS)
@@ -104,7 +104,7 @@ def test_dora_lookups_are_factored(key, case):
     params, fn = _cases(key)[case]
     cfg = jlora.LoraConfig(rank=4, targets=("embed",), dora=True)
     adapter = randomize(jlora.init(key, params, cfg, fn, IDS), key)
-    (node,) = jlora.adapter.adapter_nodes(adapter).values()
+    (node,) = jlora._src.adapter.adapter_nodes(adapter).values()
     assert node.magnitude.shape == (D,)
     assert set(sum(jlora.explain(fn, params, adapter, IDS).values(), [])) == {"factored"}
     check_against_materialized(fn, params, adapter, IDS)
@@ -131,7 +131,7 @@ def test_layers_picked_by_gather_stay_factored(key, case, dora):
     x = jax.random.normal(key, (3, 16))
     cfg = jlora.LoraConfig(rank=4, targets=("w",), dora=dora)
     adapter = randomize(jlora.init(key, params, cfg, PICKS[case], x), key)
-    node = jlora.adapter.adapter_nodes(adapter)["w"]
+    node = jlora._src.adapter.adapter_nodes(adapter)["w"]
     assert (node.stack_axes, node.in_axes, node.out_axes) == ((0,), (1,), (2,))
     assert jlora.explain(PICKS[case], params, adapter, x) == {"w": ["factored"]}
     if "out_of_range" in case:  # base and factors filled alike: NaN or zero everywhere

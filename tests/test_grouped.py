@@ -114,7 +114,7 @@ def test_dora_and_auto_on_cpu_take_the_gather_path(key):
 def test_explain_names_the_path_of_a_mixed_batch(key):
     """``explain`` takes apply's mixed-batch arguments and says, per use, which path runs
     (gathered factors, or rows grouped by adapter)."""
-    from jlora.interpret.uses import GATHERED, GROUPED, ONEHOT, RANKED
+    from jlora._src.interpret.uses import GATHERED, GROUPED, ONEHOT, RANKED
 
     model, params, ids, ads = _setup(key, True)
     aid, st = jnp.array([2, 0, -1, 1, 0]), jlora.stack(ads)
@@ -152,7 +152,7 @@ def test_a_transposed_use_is_gathered_and_says_so(key):
     """``x @ W.T`` against the adapter's layout (A and B swap roles): the grouped path does
     not take it, so every mixed path gathers, ``explain`` says both, and each row equals
     its adapter alone (-1: the base)."""
-    from jlora.interpret.uses import GATHERED, TRANSPOSED
+    from jlora._src.interpret.uses import GATHERED, TRANSPOSED
 
     params = {"w": jax.random.normal(key, (6, 5))}
     fn = lambda p, x: jnp.tanh(x @ p["w"].T)

@@ -59,7 +59,7 @@ def test_the_adapted_model_at_init_is_the_base(init, scan):
     else:
         cfg = jlora.LoraConfig(rank=4, targets=PROJ, init=init)
         ad, base = jlora.init_with_base(key, params, cfg, model.apply, ids)
-    nodes = jlora.adapter.adapter_nodes(ad).values()
+    nodes = jlora._src.adapter.adapter_nodes(ad).values()
     if init not in ("kaiming", "gaussian", "eva"):  # these have B = 0; the others do not
         assert min(float(jnp.abs(n.b).max()) for n in nodes) > 1e-6
     want = model.apply(params, ids)

@@ -13,7 +13,7 @@ import pytest
 
 import jlora
 from conftest import BF16, F32, check_against_materialized, randomize
-from jlora.interpret.control import KEEPS_JVP, KEEPS_VJP
+from jlora._src.interpret.control import KEEPS_JVP, KEEPS_VJP
 
 X = jax.random.normal(jax.random.key(1), (5, 4))
 
@@ -156,7 +156,7 @@ def test_a_table_broadcast_before_an_add_is_built_at_its_own_size(key):
     ids = jnp.arange(80).reshape(8, 10) % 50
     adapter = randomize(jlora.init(key, params, jlora.LoraConfig(rank=2, targets=("pos",))), key)
     assert jlora.explain(fn, params, adapter, ids) == {
-        "pos": [f"materialized ({jlora.interpret.shape.BROADCAST})"]
+        "pos": [f"materialized ({jlora._src.interpret.shape.BROADCAST})"]
     }
     jaxpr = jax.make_jaxpr(jlora.apply(fn))(params, adapter, ids)
     dots = [e.outvars[0].aval.shape for e in jaxpr.eqns if e.primitive.name == "dot_general"]

@@ -41,10 +41,10 @@ def _both(key, layers=(LAYERS, LAYERS), **cfg_kw):
     for (mod, name), other in zip(WEIGHTS[1:], ads[1:]):
         ad["params"]["layers"][mod][name] = other["params"]["layers"][mod][name]
     one = jlora.init(key, unstacked, cfg(range(3)))
-    nodes = jlora.adapter.adapter_nodes(ad)
+    nodes = jlora._src.adapter.adapter_nodes(ad)
     for (mod, name), subset in zip(WEIGHTS, layers):
         node = nodes[f"params/layers/{mod}/{name}/kernel"]
-        assert isinstance(node, jlora.adapter.LayersNode) and node.layers == tuple(subset)
+        assert isinstance(node, jlora._src.adapter.LayersNode) and node.layers == tuple(subset)
         assert node.a.shape[0] == len(subset)  # the other layers hold no factors
         for i in range(3):
             leaf = one["params"][f"layers_{i}"][mod]
@@ -147,8 +147,8 @@ def test_merge_save_and_load(key, tmp_path, dora):
     np.testing.assert_allclose(w[1], w0[1], rtol=1e-6, atol=0)  # layer 1 keeps W0
     assert not np.allclose(w[0], w0[0])
     jlora.save_adapter(tmp_path / "ad", ad)
-    mine = jlora.adapter.adapter_nodes(ad)
-    back = jlora.adapter.adapter_nodes(jlora.load_adapter(tmp_path / "ad"))
+    mine = jlora._src.adapter.adapter_nodes(ad)
+    back = jlora._src.adapter.adapter_nodes(jlora.load_adapter(tmp_path / "ad"))
     assert back.keys() == mine.keys()
     for p, node in mine.items():
         assert jax.tree.structure(back[p]) == jax.tree.structure(node)  # settings too
@@ -167,8 +167,8 @@ def test_a_peft_file_onto_an_nf4_stack(key, tmp_path, dora):
     jlora.peft.save(str(tmp_path), ad)
     back = jlora.peft.load(str(tmp_path), q)
     assert isinstance(
-        jlora.adapter.adapter_nodes(back)["params/layers/self_attn/q_proj/kernel"],
-        jlora.adapter.LayersNode,
+        jlora._src.adapter.adapter_nodes(back)["params/layers/self_attn/q_proj/kernel"],
+        jlora._src.adapter.LayersNode,
     )
     ids = jax.random.randint(key, (2, 10), 0, 256)
     f = jax.jit(jlora.apply(scanned.apply))

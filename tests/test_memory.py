@@ -6,8 +6,8 @@ import llama
 import pytest
 
 import jlora
-from jlora import memory
-from jlora.cli import main
+from jlora._src import memory
+from jlora._src.cli import main
 
 
 @pytest.mark.parametrize("method", memory.METHODS)

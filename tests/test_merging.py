@@ -56,9 +56,9 @@ def _peft_model(tmp_path):
 def _dare_masks(mine, svd: bool):
     """``[(torch tensor, mask)]``: the masks jlora draws (its documented key folding)."""
     pairs = []
-    for j, path in enumerate(sorted(jlora.adapter.adapter_nodes(mine[0]))):
+    for j, path in enumerate(sorted(jlora._src.adapter.adapter_nodes(mine[0]))):
         for i, ad in enumerate(mine):
-            node = jlora.adapter.adapter_nodes(ad)[path]
+            node = jlora._src.adapter.adapter_nodes(ad)[path]
             k = jax.random.fold_in(jax.random.fold_in(KEY, j), i)
             parts = [node.scale * (node.a @ node.b)] if svd else [node.a, node.b]
             for part, t in enumerate(parts):
@@ -81,8 +81,8 @@ def _patched_random_pruning(pairs):
     return random_pruning
 
 
-CASES = [(m, "total") for m in jlora.transforms.ties_dare.METHODS] + [
-    (m, "frequency") for m in jlora.transforms.ties_dare.METHODS if "ties" in m
+CASES = [(m, "total") for m in jlora._src.transforms.ties_dare.METHODS] + [
+    (m, "frequency") for m in jlora._src.transforms.ties_dare.METHODS if "ties" in m
 ]
 
 

@@ -114,6 +114,6 @@ def test_unstack_inverts_stack_and_groups_stacked_factors_for_loraplus(key):
         assert jax.tree.structure(one) == jax.tree.structure(back)
         for x, y in zip(jax.tree.leaves(one), jax.tree.leaves(back)):
             np.testing.assert_array_equal(x, y)
-    labels = jlora.optim.labels(stacked)
+    labels = jlora._src.optim.labels(stacked)
     node = labels["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
     assert (node.a, node.b) == ("a", "b")

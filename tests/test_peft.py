@@ -75,7 +75,7 @@ def test_peft_trained_adapter_loads_into_jlora(tmp_path, variant, scan):
     model, params = _jlora_base(_hf_base(), scan)
     ad = jlora.peft.load(str(tmp_path), params, module_fn=llama.hf_module)
     ids = _ids()
-    assert any(float(jnp.abs(n.b).max()) > 0 for n in jlora.adapter.adapter_nodes(ad).values())
+    assert any(float(jnp.abs(n.b).max()) > 0 for n in jlora._src.adapter.adapter_nodes(ad).values())
     want = _torch_logits(pm, ids)
     np.testing.assert_allclose(jlora.apply(model.apply)(params, ad, jnp.asarray(ids)), want, **TOL)
     merged = jlora.merge(params, ad)  # PEFT's merge_and_unload gives the same weights
@@ -185,7 +185,7 @@ def test_a_file_missing_a_layer_adapts_the_others_of_a_scanned_stack(tmp_path, k
     file.write_bytes(safetensors.numpy.save({k: v for k, v in tensors.items() if ".1." not in k}))
     got = jlora.peft.load(str(tmp_path), stacked, module_fn=llama.hf_module)
     node = got["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
-    assert isinstance(node, jlora.adapter.LayersNode) and node.layers == (0,)
+    assert isinstance(node, jlora._src.adapter.LayersNode) and node.layers == (0,)
     one = jlora.peft.load(str(tmp_path), params, module_fn=llama.hf_module)
     ids = jnp.asarray(_ids())
     np.testing.assert_allclose(
@@ -218,7 +218,7 @@ def test_peft_layers_to_transform_both_directions(tmp_path, key):
     for scan in (False, True):
         model, params = _jlora_base(_hf_base(), scan=scan)
         ad = jlora.peft.load(str(tmp_path / "peft"), params, module_fn=llama.hf_module)
-        nodes = jlora.adapter.adapter_nodes(ad)
+        nodes = jlora._src.adapter.adapter_nodes(ad)
         assert nodes and all("layers_1" in p or n.layers == (1,) for p, n in nodes.items())
         np.testing.assert_allclose(
             jlora.apply(model.apply)(params, ad, jnp.asarray(ids)), _torch_logits(pm, ids), **TOL

@@ -99,7 +99,7 @@ def test_peft_conv_adapter_loads_into_jlora(tmp_path, layout, dora):
     x = _x()
     assert np.allclose(fn(params, x), _torch_out(Net(), x), **TOL)  # the nets agree
     ad = jlora.peft.load(str(tmp_path), params, module_fn=_module)
-    node = jlora.adapter.adapter_nodes(ad)["conv1/kernel"]
+    node = jlora._src.adapter.adapter_nodes(ad)["conv1/kernel"]
     assert node.a.shape == (3 * 3 * 3, 4) and len(node.in_axes) == 3
     assert set(sum(jlora.explain(fn, params, ad, x).values(), [])) == {"factored"}
     np.testing.assert_allclose(jax.jit(jlora.apply(fn))(params, ad, x), _torch_out(pm, x), **TOL)
@@ -161,7 +161,7 @@ def test_a_conv_trained_in_full_both_directions(tmp_path, key):
     params, fn = _jax_net("hwio")
     x = _x()
     ad = jlora.peft.load(str(tmp_path / "peft"), params, module_fn=_module)
-    assert isinstance(ad["conv2"]["kernel"], jlora.adapter.FullNode)
+    assert isinstance(ad["conv2"]["kernel"], jlora._src.adapter.FullNode)
     np.testing.assert_allclose(jlora.apply(fn)(params, ad, x), _torch_out(pm, x), **TOL)
     ad = jlora.init(
         key,

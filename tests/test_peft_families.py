@@ -235,7 +235,9 @@ def test_trained_biases_load(tmp_path, bias):
     pm.save_pretrained(tmp_path / "peft")
     fn, params = _jax(_gpt2(), tm.gpt2)
     ad = jlora.peft.load(str(tmp_path / "peft"), params, module_fn=jlora.peft.torch_module)
-    assert isinstance(ad["transformer"]["h"]["0"]["attn"]["c_attn"]["bias"], jlora.adapter.FullNode)
+    assert isinstance(
+        ad["transformer"]["h"]["0"]["attn"]["c_attn"]["bias"], jlora._src.adapter.FullNode
+    )
     np.testing.assert_allclose(jlora.apply(fn)(params, ad, IDS), _torch_logits(pm), **TOL)
     jlora.peft.save(
         str(tmp_path / "back"), ad, module_fn=jlora.peft.torch_module, fan_in_fan_out=True

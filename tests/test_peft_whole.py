@@ -54,8 +54,8 @@ def test_peft_modules_to_save_and_tokens_load_into_jlora(tmp_path, scan):
     model, params = _jlora_base(_hf_base(), scan)
     ad = jlora.peft.load(str(tmp_path), params, module_fn=llama.hf_module)
     table = ad["params"]["embed_tokens"]["embedding"]
-    assert isinstance(table, jlora.adapter.TokenNode) and table.indices == tuple(TOKENS)
-    assert isinstance(ad["params"]["lm_head"]["kernel"], jlora.adapter.FullNode)
+    assert isinstance(table, jlora._src.adapter.TokenNode) and table.indices == tuple(TOKENS)
+    assert isinstance(ad["params"]["lm_head"]["kernel"], jlora._src.adapter.FullNode)
     ids = _ids()
     np.testing.assert_allclose(
         jlora.apply(model.apply)(params, ad, jnp.asarray(ids)), _torch_logits(pm, ids), **TOL

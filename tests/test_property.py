@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import jlora
 from conftest import BF16, F32, check_against_materialized, ref_weight
-from jlora.numerics import quant
+from jlora._src.numerics import quant
 
 
 @st.composite
@@ -79,7 +79,7 @@ def test_any_dot_general_layout_matches_materialized(layout):
     else:
         fn = lambda p, x: jax.lax.dot_general(x, p["w"], ((xc, wc), (xb, wb)))
     (use,) = jlora.explain(fn, params, {"w": node}, x)["w"]
-    assert use == ("factored" if contract == "i" else jlora.interpret.uses.TRANSPOSED)
+    assert use == ("factored" if contract == "i" else jlora._src.interpret.uses.TRANSPOSED)
     check_against_materialized(
         fn, params, {"w": node}, x, tol=F32 if dtype == jnp.float32 else BF16
     )

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 import jlora
 from conftest import F32, float_shapes, randomize
-from jlora.numerics import formats, quant, scaled
-from jlora.numerics.quant import NF4_CODE
+from jlora._src.numerics import formats, quant, scaled
+from jlora._src.numerics.quant import NF4_CODE
 
 HALF_GAP = float(np.max(np.diff(NF4_CODE))) / 2  # worst NF4 rounding, relative to absmax
 
@@ -177,8 +177,8 @@ def test_scanned_step_dequantizes_one_layer_at_a_time(key, qtype):
     shapes = list(float_shapes(jax.make_jaxpr(step)(ad).jaxpr))
     stacked = [
         x.shape
-        for x in jax.tree.leaves(q, is_leaf=jlora.qnode.is_quantized)
-        if jlora.qnode.is_quantized(x)
+        for x in jax.tree.leaves(q, is_leaf=jlora._src.qnode.is_quantized)
+        if jlora._src.qnode.is_quantized(x)
     ]
     assert not [s for s, _ in shapes if np.prod(s) in {np.prod(t) for t in stacked}]
     layer = {s[1:] for s in stacked}

@@ -11,8 +11,8 @@ from scipy.stats import norm
 
 import jlora
 from conftest import F32, float_shapes, randomize
-from jlora.numerics import quant
-from jlora.numerics.quant import NF4_CODE
+from jlora._src.numerics import quant
+from jlora._src.numerics.quant import NF4_CODE
 
 HALF_GAP = float(np.max(np.diff(NF4_CODE))) / 2  # worst NF4 rounding, relative to absmax
 
@@ -110,7 +110,9 @@ def test_quantize_tree_defaults_and_errors(key):
     q = jlora.quantize(params)
     kinds = {
         p: type(l).__name__
-        for p, l in zip(jlora.targets.leaf_paths(q), jax.tree.leaves(q, is_leaf=jlora.nf4.is_nf4))
+        for p, l in zip(
+            jlora._src.targets.leaf_paths(q), jax.tree.leaves(q, is_leaf=jlora._src.nf4.is_nf4)
+        )
     }
     assert kinds["params/layers/self_attn/q_proj/kernel"] == "NF4"
     assert kinds["params/embed_tokens/embedding"] == "ArrayImpl"
@@ -160,7 +162,11 @@ def test_scanned_qlora_step_dequantizes_one_layer_at_a_time(key, dora):
         lambda a: llama.loss_fn(jlora.apply(model.apply)(q, a, ids[:, :-1]), ids[:, 1:])
     )
     shapes = list(float_shapes(jax.make_jaxpr(step)(ad).jaxpr))
-    stacked = [l.shape for l in jax.tree.leaves(q, is_leaf=jlora.nf4.is_nf4) if jlora.nf4.is_nf4(l)]
+    stacked = [
+        l.shape
+        for l in jax.tree.leaves(q, is_leaf=jlora._src.nf4.is_nf4)
+        if jlora._src.nf4.is_nf4(l)
+    ]
     sizes = {np.prod(s) for s in stacked}
     assert not [s for s, _ in shapes if np.prod(s) in sizes]
     layer = {s[1:] for s in stacked}
@@ -172,7 +178,9 @@ def test_merge_on_an_nf4_base(key):
     q = jlora.quantize(params, compute_dtype=jnp.float32)
     ad = randomize(jlora.init(key, q, jlora.LoraConfig.preset("general")), key)
     merged = jlora.merge(q, ad)
-    assert not any(jlora.nf4.is_nf4(l) for l in jax.tree.leaves(merged, is_leaf=jlora.nf4.is_nf4))
+    assert not any(
+        jlora._src.nf4.is_nf4(l) for l in jax.tree.leaves(merged, is_leaf=jlora._src.nf4.is_nf4)
+    )
     expected = jlora.merge(jlora.dequantize(q), ad)
     for m, e in zip(jax.tree.leaves(merged), jax.tree.leaves(expected)):
         np.testing.assert_allclose(m, e, **F32)
@@ -183,7 +191,7 @@ def test_merge_on_an_nf4_base(key):
         requant = jlora.merge(q, ad, requantize=True)
     path = ("params", "layers", "self_attn", "q_proj", "kernel")
     get = lambda t: t[path[0]][path[1]][path[2]][path[3]][path[4]]
-    assert jlora.nf4.is_nf4(get(requant)) and get(requant).block_size == get(q).block_size
+    assert jlora._src.nf4.is_nf4(get(requant)) and get(requant).block_size == get(q).block_size
     np.testing.assert_allclose(
         jlora.dequantize(get(requant)),
         jlora.dequantize(quant.quantize_array(get(expected), compute_dtype=jnp.float32)),

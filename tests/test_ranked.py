@@ -1,5 +1,5 @@
 """Mixed batches over a stack of several ranks: each rank class at its own rank when the
-``adapter_ids`` are known at trace time (``jlora.interpret.ranked``)."""
+``adapter_ids`` are known at trace time (``jlora._src.interpret.ranked``)."""
 
 import jax
 import jax.numpy as jnp

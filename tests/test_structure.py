@@ -19,15 +19,30 @@ PYPROJECT = pathlib.Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 #: Bottom to top; a module may import its own layer or lower ones only.
 LAYERS = [
-    ("config and targets", ("jlora.config", "jlora.targets", "jlora.qnode", "jlora.nf4")),
-    ("adapter nodes", ("jlora.adapter",)),
-    ("numerics", ("jlora.numerics",)),
-    ("interpreter", ("jlora.interpret",)),
-    ("transforms", ("jlora.transforms",)),
-    ("training, I/O and serving", ("jlora.optim", "jlora.io", "jlora.peft", "jlora.serving")),
-    ("tools", ("jlora.memory",)),
-    ("the package and its command", ("jlora", "jlora.cli")),
+    (
+        "config and targets",
+        (
+            "jlora._src.config",
+            "jlora._src.targets",
+            "jlora._src.qnode",
+            "jlora._src.nf4",
+            "jlora._src.moved",
+        ),
+    ),
+    ("adapter nodes", ("jlora._src.adapter",)),
+    ("numerics", ("jlora._src.numerics",)),
+    ("interpreter", ("jlora._src.interpret",)),
+    ("transforms", ("jlora._src.transforms",)),
+    (
+        "training, I/O and serving",
+        ("jlora._src.optim", "jlora._src.io", "jlora._src.peft", "jlora._src.serving"),
+    ),
+    ("tools", ("jlora._src.memory",)),
+    ("the public modules and the command", ("jlora", "jlora._src.cli")),
 ]
+#: The modules outside ``jlora._src``: the API, and the old paths kept with a warning.
+PUBLIC = {"jlora", "jlora.peft", "jlora.memory"}
+DEPRECATED = {"jlora.adapter", "jlora.config", "jlora.targets"}
 #: What the bottom layer may import from JAX: pytrees and dtypes, nothing that traces.
 BOTTOM_JAX = {"jax"}
 
@@ -117,9 +132,11 @@ def _upward(graph: dict[str, set[str]]) -> list[str]:
 
 
 def test_the_layer_check_sees_upward_imports():
-    assert _upward({"jlora.interpret.core": {"jlora.io.peft"}, "jlora.io.peft": set()})
-    assert _upward({"jlora.targets": {"jlora.numerics.quant"}})
-    assert not _upward({"jlora.io.peft": {"jlora.interpret.core", "jlora.config"}})
+    assert _upward(
+        {"jlora._src.interpret.core": {"jlora._src.io.peft"}, "jlora._src.io.peft": set()}
+    )
+    assert _upward({"jlora._src.targets": {"jlora._src.numerics.quant"}})
+    assert not _upward({"jlora._src.io.peft": {"jlora._src.interpret.core", "jlora._src.config"}})
 
 
 def test_every_module_is_in_a_layer_and_imports_down():
@@ -127,9 +144,35 @@ def test_every_module_is_in_a_layer_and_imports_down():
     assert not bad, "imports that go up a layer:\n" + "\n".join(bad)
 
 
+def test_the_implementation_is_private():
+    outside = {m for m in MODULES if m != "jlora._src" and not m.startswith("jlora._src.")}
+    assert outside == PUBLIC | DEPRECATED, "a module outside jlora._src is public API"
+    graph = _graph()
+    for m in DEPRECATED:  # two lines each: a forwarding __getattr__
+        assert graph[m] == {"jlora._src.moved"}, m
+    for m in PUBLIC - {"jlora"}:  # the public modules re-export, they hold no code
+        assert all(d.startswith("jlora._src.") for d in graph[m]), m
+        tree = ast.parse(MODULES[m].read_text())
+        assert not any(isinstance(n, ast.FunctionDef | ast.ClassDef) for n in tree.body), m
+    below = {m for m in MODULES if m.startswith("jlora._src.")} - {"jlora._src.cli"}
+    for m in below:  # the implementation never reaches back up to the API
+        assert not graph[m] & (PUBLIC | DEPRECATED), f"{m} imports {graph[m] & PUBLIC}"
+
+
+def test_the_old_paths_still_work_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="use jlora.path_str"):
+        assert jlora.targets.path_str is jlora.path_str
+    with pytest.warns(DeprecationWarning, match="use jlora.adapter_nodes"):
+        from jlora.adapter import adapter_nodes
+    assert adapter_nodes is jlora.adapter_nodes
+    with pytest.warns(DeprecationWarning, match="private"):
+        from jlora.config import ALL_LINEAR
+    assert "q_proj" in ALL_LINEAR
+
+
 def test_the_bottom_layer_does_not_trace():
     bottom = [m for m in MODULES if _layer(m) == 0]
-    assert {"jlora.config", "jlora.targets"} <= set(bottom)
+    assert {"jlora._src.config", "jlora._src.targets"} <= set(bottom)
     for m in bottom:
         jax_imports = {i for i, _ in _imports(m) if i.split(".")[0] == "jax"}
         assert jax_imports <= BOTTOM_JAX, f"{m} imports {jax_imports - BOTTOM_JAX}"
@@ -141,11 +184,11 @@ def test_the_bottom_layer_does_not_trace():
 def test_imports_are_read_from_the_source():
     graph = _graph()
     assert "jlora.peft" in graph["jlora"]  # `from jlora import peft as peft`
-    assert "jlora.interpret.probe" in graph["jlora.transforms.init"]
+    assert "jlora._src.interpret.probe" in graph["jlora._src.transforms.init"]
 
 
 def test_rules_are_keyed_by_primitive_objects():
-    from jlora.interpret import core
+    from jlora._src.interpret import core
 
     prims = jax.extend.core.primitives
     assert core.RULES, "no rules registered"
@@ -170,12 +213,12 @@ def test_rules_are_keyed_by_primitive_objects():
 
 
 def test_one_rule_module_per_family():
-    from jlora.interpret import core
+    from jlora._src.interpret import core
 
     homes = {p.name: inspect.getmodule(r).__name__ for p, r in core.RULES.items()}
-    assert homes["dot_general"] == "jlora.interpret.dot"
-    assert homes["transpose"] == homes["reshape"] == "jlora.interpret.shape"
-    assert homes["scan"] == homes["while"] == homes["jit"] == "jlora.interpret.control"
+    assert homes["dot_general"] == "jlora._src.interpret.dot"
+    assert homes["transpose"] == homes["reshape"] == "jlora._src.interpret.shape"
+    assert homes["scan"] == homes["while"] == homes["jit"] == "jlora._src.interpret.control"
 
 
 @pytest.mark.parametrize("name", ["apply", "explain", "init", "merge", "peft", "NF4"])
@@ -215,10 +258,10 @@ def test_the_package_says_it_is_typed_and_its_version():
 def test_the_dataflow_domains_dispatch_through_tables():
     """One walker, two domains: primitive objects key the walker's control table and each
     domain's rules, as they key the interpreter's; no chain of `is lax.x_p`."""
-    from jlora.interpret import example_axis, token_axes, walk
+    from jlora._src.interpret import example_axis, token_axes, walk
 
     for name in ("walk", "example_axis", "token_axes"):
-        source = (ROOT / "interpret" / f"{name}.py").read_text()
+        source = (ROOT / "_src" / "interpret" / f"{name}.py").read_text()
         assert "is lax." not in source and "primitive is" not in source
         assert "def analyze" not in source or "walk.Walker(" in source  # no walker of its own
     lax = jax.lax
@@ -235,14 +278,14 @@ def test_the_dataflow_domains_dispatch_through_tables():
 def test_the_evaluator_dispatches_on_the_value_type():
     """A probe (init learning axes) is its own value type with its own rules, registered
     beside the factored rule of the same primitive; no rule asks a value for a probe flag."""
-    from jlora.interpret import core, sym
+    from jlora._src.interpret import core, sym
 
     lax = jax.lax
     assert issubclass(sym.Probe, sym.Sym) and not hasattr(sym.Sym, "probe")
     for p in (lax.dot_general_p, lax.gather_p, lax.reshape_p, lax.conv_general_dilated_p):
         assert p in core.PROBE_RULES and core.PROBE_RULES[p] is not core.RULES[p]
     assert set(core.PROBE_RULES) <= set(core.RULES)  # a probe rule refines a factored one
-    for path in (ROOT / "interpret").glob("*.py"):
+    for path in (ROOT / "_src" / "interpret").glob("*.py"):
         assert ".probe\n" not in path.read_text() and ".probe " not in path.read_text(), path
 
 
@@ -252,6 +295,6 @@ def test_importing_jlora_registers_every_format():
     import subprocess
     import sys
 
-    code = "import jlora; from jlora.numerics import formats; print(sorted(formats.FORMATS))"
+    code = "import jlora; from jlora._src.numerics import formats; print(sorted(formats.FORMATS))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split("\n")[-2] == "['fp8', 'int4', 'int8', 'nf4']"

@@ -16,7 +16,7 @@ from test_faults import WATCH_AND_KILL
 
 import jlora
 from conftest import randomize, scanned
-from jlora.adapter import adapter_nodes
+from jlora._src.adapter import adapter_nodes
 
 GRAD = 0.5  # every gradient entry in the SGD checks
 
@@ -47,7 +47,7 @@ def test_loraplus_groups_follow_peft():
         "embed_tokens": {"a": jnp.ones((4, 2))},
         "bias": jnp.ones(3),
     }
-    assert jlora.optim.labels(tree) == {
+    assert jlora._src.optim.labels(tree) == {
         "q": {"a": "a", "b": "b", "magnitude": "b"},
         "embed_tokens": {"a": "embedding"},
         "bias": "b",

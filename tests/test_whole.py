@@ -14,7 +14,7 @@ import pytest
 
 import jlora
 from conftest import float_shapes, randomize
-from jlora.adapter import FullNode, TokenNode
+from jlora._src.adapter import FullNode, TokenNode
 
 CFG = llama.LlamaConfig(
     vocab_size=512, hidden_size=32, intermediate_size=64, num_heads=2, num_layers=2
@@ -83,7 +83,7 @@ def test_full_modules_train_save_and_group_with_a(key, tmp_path):
     np.testing.assert_array_equal(head.weight, params["params"]["lm_head"]["kernel"])
     adapter = randomize(adapter, key)
     _grads_match_merged(model, params, adapter, ids)
-    labels = jlora.optim.labels(adapter)
+    labels = jlora._src.optim.labels(adapter)
     assert labels["params"]["lm_head"]["kernel"].weight == "a"
     assert labels["params"]["layers"]["input_layernorm"]["weight"].weight == "a"
     tx = jlora.loraplus(optax.sgd, learning_rate=0.1)
@@ -138,4 +138,4 @@ def test_bad_inputs_name_the_field_and_path(key):
     with pytest.raises(jlora.LoraError, match="NF4"):
         jlora.init(key, quant, jlora.LoraConfig(targets=(), trainable_token_indices=[1]))
     only = init(targets=(), trainable_token_indices=[1, 2])  # tokens alone need no targets
-    assert set(jlora.adapter.adapter_nodes(only)) == {"params/embed_tokens/embedding"}
+    assert set(jlora._src.adapter.adapter_nodes(only)) == {"params/embed_tokens/embedding"}

@@ -1,0 +1,74 @@
+"""The ``ragged_dot`` rule: mixture-of-experts weights ``(experts, in, out)``, factored.
+
+``lax.ragged_dot(x, W, group_sizes)`` multiplies each run of rows of ``x`` by its
+expert's matrix. With ``W = W0 + s A B``, ``A (experts, in, r)``, ``B (experts,
+r, out)`` (the expert axis "stacked"), that is ``ragged_dot(x, W0) + s *
+ragged_dot(ragged_dot(x, A), B)``: two thin ragged products, the same groups.
+Other layouts, DoRA experts and mixed-adapter batches materialize and say why.
+"""
+
+from __future__ import annotations
+
+from jlora._src.interpret import sym as sy
+from jlora._src.interpret.core import bind, has_sym, materialized, register
+from jlora._src.interpret.dot import _dropout
+from jlora._src.interpret.grouped import ragged_low_rank
+from jlora._src.interpret.sym import Probe, Sym
+from jlora._src.interpret.uses import FACTORED
+
+_EXPERTS = (("s", 0), ("i", 0), ("o", 0))
+
+
+def _standard(eqn, lhs, rhs) -> bool:
+    """``(tokens, in) x (experts, in, out)`` grouped along the tokens, no group offset."""
+    dn = eqn.params["ragged_dot_dimension_numbers"]
+    return (
+        len(lhs.shape) == 2
+        and rhs.base.ndim == 3
+        and len(eqn.invars) == 3
+        and tuple(map(tuple, dn.dot_dimension_numbers[0])) == ((1,), (1,))
+        and tuple(map(tuple, dn.dot_dimension_numbers[1])) == ((), ())
+        and tuple(dn.lhs_ragged_dimensions) == (0,)
+        and tuple(dn.rhs_group_dimensions) == (0,)
+    )
+
+
+def _why_not(eqn, lhs, rhs) -> str | None:
+    if not _standard(eqn, lhs, rhs):
+        return "ragged_dot that is not (tokens, in) x (experts, in, out)"
+    if rhs.labels != _EXPERTS:
+        return "ragged_dot of a kernel whose adapter is not (experts, in, out)"
+    if rhs.g is not None:
+        return "ragged_dot of DoRA experts"
+    if rhs.ids is not None:
+        return "ragged_dot in a mixed-adapter batch"
+    return None
+
+
+@register(names=("ragged_dot_general",), on=Probe)
+def _probe_ragged_dot(eqn, invals, ctx):
+    """A probed expert stack: its in axis contracted, its expert axis batched."""
+    lhs, rhs, sizes = invals[0], invals[1], invals[2]
+    if not isinstance(rhs, Probe) or has_sym([lhs, sizes, *invals[3:]]):
+        return ragged_dot(eqn, invals, ctx)
+    if _standard(eqn, lhs, rhs):
+        ctx.record(rhs.path, ("dot", (rhs.labels[1][1],), (rhs.labels[0][1],)))
+    return bind(eqn, [lhs, sy.value(rhs.base), sizes])
+
+
+@register(names=("ragged_dot_general",))
+def ragged_dot(eqn, invals, ctx):
+    lhs, rhs, sizes = invals[0], invals[1], invals[2]
+    if not isinstance(rhs, Sym) or has_sym([lhs, sizes, *invals[3:]]):
+        return bind(eqn, materialized(invals, ctx, "ragged_dot of an adapted input"))
+    base_out = bind(eqn, [lhs, sy.value(rhs.base), sizes])
+    if _standard(eqn, lhs, rhs):
+        sy.check_assumed(rhs, (1,))
+    why = _why_not(eqn, lhs, rhs)
+    if why is not None:
+        return bind(eqn, [lhs, sy.materialize(rhs, ctx.record, why), sizes])
+    ctx.record(rhs.path, FACTORED)
+    prec = eqn.params.get("precision")
+    x = _dropout(lhs, rhs.dropout, ctx.key).astype(rhs.a.dtype)
+    y = ragged_low_rank(x, rhs.a, rhs.b, sizes, rhs.scale, prec)
+    return base_out + y.astype(base_out.dtype)

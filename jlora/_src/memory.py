@@ -1,0 +1,264 @@
+"""Training memory estimate for a Llama-style model: weights, gradients, Adam, activations.
+
+Each method fixes the bytes per parameter of what it keeps:
+
+============  =========================  ==================  ============================
+method        base weights               gradients           Adam moments
+============  =========================  ==================  ============================
+full-fp32     4                          4 (all)             8 (all)
+full-fp16     2                          2 (all)             4 (all, 16-bit states)
+lora          2 (bf16/fp16, frozen)      4 (adapter only)    8 (adapter only)
+qlora         4.127/8 on linear layers,  4 (adapter only)    8 (adapter only)
+              2 elsewhere
+============  =========================  ==================  ============================
+
+Adapters are fp32 (4 bytes, plus their 4-byte gradient and 8 bytes of Adam).
+Activations kept for the backward pass, per token and layer, in elements:
+``10*hidden + 4*intermediate + heads*seq`` (norm inputs and outputs, q/k/v
+before and after RoPE, attention probabilities and output, the four MLP
+intermediates), times 4 bytes for full-fp32 and 2 otherwise; the fp32 logits
+and their gradient add ``8*vocab`` bytes per token. With activation
+checkpointing only each layer's input is kept, plus one layer's activations
+while it is recomputed. Not counted: framework workspace, allocator
+fragmentation, the CUDA context. ``benchmarks/memory.py`` checks the estimate
+against XLA's ``memory_analysis()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from jlora._src.config import LoraError
+from jlora._src.numerics import formats, quant, scaled
+
+GB = 1e9
+NF4_BITS = quant.BITS  # with double quantization
+#: The modules that register the formats these tables read (imported for that).
+_REGISTERING = (quant, scaled)
+#: Bits per linear-layer parameter of each ``jlora.quantize`` format, less a scale per
+#: whole input axis (int8/fp8: ``32 / in`` bits more, which :func:`qbits` adds):
+#: derived from the format registry.
+QBITS = {qtype: fmt.bits(math.inf) for qtype, fmt in formats.FORMATS.items()}
+
+
+def qbits(qtype: str, rows: int) -> float:
+    """Bits per linear-layer parameter of ``jlora.quantize``'s format ``qtype`` for a
+    weight with ``rows`` inputs, its scales included: the format registry's own count.
+
+    Examples:
+      >>> from jlora._src.memory import qbits
+      >>> round(qbits("nf4", 4096), 3), qbits("int4", 4096), qbits("int8", 4096)
+      (4.127, 4.25, 8.0078125)
+    """
+    if qtype not in formats.FORMATS:
+        raise LoraError(f"qtype={qtype!r} is not one of {sorted(formats.FORMATS)}")
+    return formats.FORMATS[qtype].bits(rows)
+
+
+METHODS = ("full-fp32", "full-fp16", "lora", "qlora")
+LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """The sizes of a Llama-style decoder that the estimate needs.
+
+    Examples:
+      >>> from jlora.memory import Shape
+      >>> tiny = Shape(hidden=64, intermediate=172, layers=2, heads=4, vocab=256)
+      >>> tiny.linear_shapes()["q_proj"]
+      (64, 64)
+    """
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    vocab: int
+    kv_heads: int | None = None
+    tied: bool = False
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """``(in, out)`` of each linear layer in one decoder layer."""
+        h, i = self.hidden, self.intermediate
+        kv = h * (self.kv_heads or self.heads) // self.heads
+        return dict(
+            q_proj=(h, h),
+            k_proj=(h, kv),
+            v_proj=(h, kv),
+            o_proj=(h, h),
+            gate_proj=(h, i),
+            up_proj=(h, i),
+            down_proj=(i, h),
+        )
+
+    @property
+    def linear_params(self) -> int:
+        return self.layers * sum(a * b for a, b in self.linear_shapes().values())
+
+    @property
+    def params(self) -> int:
+        embed = self.vocab * self.hidden * (1 if self.tied else 2)
+        return self.linear_params + embed + (2 * self.layers + 1) * self.hidden
+
+    def lora_params(self, rank: int, targets) -> int:
+        return self.layers * sum(
+            rank * (a + b) for name, (a, b) in self.linear_shapes().items() if name in targets
+        )
+
+    @staticmethod
+    def from_config(cfg: dict) -> Shape:
+        """From a Hugging Face ``config.json`` dict (or the example LlamaConfig's field names)."""
+
+        def pick(*keys):
+            return next((cfg[k] for k in keys if cfg.get(k) is not None), None)
+
+        fields: dict[str, Any] = dict(
+            hidden=pick("hidden_size"),
+            intermediate=pick("intermediate_size"),
+            layers=pick("num_hidden_layers", "num_layers"),
+            heads=pick("num_attention_heads", "num_heads"),
+            vocab=pick("vocab_size"),
+        )
+        missing = [k for k, v in fields.items() if v is None]
+        if missing:
+            raise LoraError(
+                f"config lacks {missing}; it needs hidden_size, intermediate_size, "
+                "num_hidden_layers, num_attention_heads and vocab_size"
+            )
+        return Shape(
+            **fields,
+            kv_heads=pick("num_key_value_heads", "num_kv_heads"),
+            tied=bool(pick("tie_word_embeddings", "tie_embeddings")),
+        )
+
+    @staticmethod
+    def from_params(n: float) -> Shape:
+        """Llama proportions for ``n`` parameters: ``n ~= 12 L h^2`` with ``L = h / 128``."""
+        if n <= 0:
+            raise LoraError(f"params={n} must be positive, e.g. 7e9")
+        h = 512 * max(1, round((n * 128 / 12) ** (1 / 3) / 512))
+        return Shape(
+            hidden=h,
+            intermediate=round(h * 8 / 3 / 256) * 256,
+            layers=h // 128,
+            heads=h // 128,
+            vocab=32000,
+        )
+
+
+#: Llama-2 7B, the article's example.
+LLAMA_7B = Shape(hidden=4096, intermediate=11008, layers=32, heads=32, vocab=32000)
+
+
+def estimate(  # noqa: PLR0913 (a public signature: keyword options)
+    shape: Shape,
+    method: str,
+    *,
+    rank: int = 16,
+    targets=LINEAR[:4],
+    batch: int = 1,
+    seq: int = 512,
+    checkpointing: bool = False,
+    qtype: str = "nf4",
+) -> dict[str, float]:
+    """Bytes of each part of one training step, and their ``total``.
+
+    Args:
+      shape: the model (``Shape(...)``, ``LLAMA_7B`` or ``Shape.from_params(n)``).
+      method: one of ``METHODS``.
+      rank, targets: the adapter (lora/qlora); default r16 on q, k, v, o.
+      batch, seq: tokens per step.
+      checkpointing: keep only layer inputs for the backward pass.
+      qtype: qlora's base format (``"nf4"``, ``"int8"``, ``"int4"``, ``"fp8"``).
+
+    Returns:
+      ``{"weights", "gradients", "optimizer", "activations", "total"}`` in bytes.
+
+    Raises:
+      LoraError: an unknown ``method`` or ``qtype``.
+
+    Examples:
+      >>> from jlora.memory import LLAMA_7B, estimate
+      >>> round(estimate(LLAMA_7B, "full-fp32")["optimizer"] / 1e9, 1)  # Adam: 8 bytes/param
+      53.9
+    """
+    if method not in METHODS:
+        raise LoraError(f"method={method!r} is not one of {METHODS}")
+    bits = qbits(qtype, shape.hidden)
+    n, lin = shape.params, shape.linear_params
+    adapter = shape.lora_params(rank, targets) if method in ("lora", "qlora") else 0
+    weights = {
+        "full-fp32": 4 * n,
+        "full-fp16": 2 * n,
+        "lora": 2 * n,
+        "qlora": lin * bits / 8 + 2 * (n - lin),
+    }[method] + 4 * adapter
+    trained = n if method.startswith("full") else adapter
+    per = 2 if method == "full-fp16" else 4  # bytes per trained parameter
+    act_bytes = 4 if method == "full-fp32" else 2
+    tokens = batch * seq
+    layer = tokens * act_bytes * (10 * shape.hidden + 4 * shape.intermediate + shape.heads * seq)
+    kept = (
+        shape.layers * tokens * act_bytes * shape.hidden + layer
+        if checkpointing
+        else shape.layers * layer
+    )
+    parts = dict(
+        weights=weights,
+        gradients=per * trained,
+        optimizer=2 * per * trained,
+        activations=kept + 8 * shape.vocab * tokens,
+    )
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+#: The article's 7B table, and the settings under which the estimate reproduces it.
+ARTICLE = {
+    "full-fp32": (112, dict(checkpointing=True)),
+    "full-fp16": (56, dict(checkpointing=True)),
+    "lora": (28, dict(checkpointing=False)),
+    "qlora": (6, dict(checkpointing=True)),
+}
+ARTICLE_TOKENS = dict(batch=4, seq=512)
+
+
+def table(shape: Shape, rows, **kw) -> str:
+    """A markdown table of :func:`estimate` for each row, as ``jlora memory`` prints it.
+
+    Args:
+      shape: the model, as :func:`estimate` takes it.
+      rows: ``(label, method, settings)`` for each row; ``settings`` are keywords of
+        :func:`estimate` for that row only.
+      **kw: keywords of :func:`estimate` for every row (``batch``, ``seq``, ...).
+
+    Returns:
+      The table, one row per entry: weights, gradients, Adam, activations and total, in
+      GB, or in MB when every total is under 1 GB.
+
+    Raises:
+      LoraError: a row's method or format is unknown (from :func:`estimate`).
+
+    Examples:
+      >>> from jlora.memory import LLAMA_7B, table
+      >>> rows = [("LoRA r8", "lora", {"rank": 8}), ("QLoRA r8", "qlora", {"rank": 8})]
+      >>> print(table(LLAMA_7B, rows, seq=256).splitlines()[0])
+      | method | weights GB | gradients GB | Adam GB | activations GB | total GB |
+    """
+    results = [(label, estimate(shape, method, **{**kw, **extra})) for label, method, extra in rows]
+    unit, size = ("GB", GB) if max(e["total"] for _, e in results) >= GB else ("MB", 2**20)
+    lines = [
+        f"| method | weights {unit} | gradients {unit} | Adam {unit} | activations {unit} "
+        f"| total {unit} |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, e in results:
+        cells = " | ".join(
+            f"{e[k] / size:.2f}"
+            for k in ("weights", "gradients", "optimizer", "activations", "total")
+        )
+        lines.append(f"| {label} | {cells} |")
+    return "\n".join(lines)

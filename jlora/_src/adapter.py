@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, TypeGuard
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ import numpy as np
 
 from jlora._src.config import LoraError, scaling
 from jlora._src.qnode import is_quantized
-from jlora._src.targets import flatten, path_str
+from jlora._src.targets import Adapter, Leaf, Params, flatten, path_str
 
 _meta = dict(static=True)
 
@@ -78,7 +79,16 @@ class LoraNode:
         return scaling(self.alpha, self.rank, self.rslora)
 
     @classmethod
-    def of(cls, a, b, *, alpha: float, shape, axes, **settings) -> LoraNode:
+    def of(
+        cls,
+        a: jax.Array,
+        b: jax.Array,
+        *,
+        alpha: float,
+        shape: Sequence[int],
+        axes: tuple[Sequence[int], Sequence[int], Sequence[int]],
+        **settings: Any,
+    ) -> LoraNode:
         """The node of factors ``a`` ``(*stack, in, r)`` and ``b`` ``(*stack, r, out)`` on a
         kernel of ``shape`` whose ``axes`` are ``(stack_axes, in_axes, out_axes)``: the rank
         read off ``a``, every setting made the plain type a node keeps. ``settings``: any
@@ -109,7 +119,7 @@ class LoraNode:
     def lora(self) -> LoraNode:
         return self
 
-    def check(self, path: str, leaf) -> None:
+    def check(self, path: str, leaf: Leaf) -> None:
         """Raise a LoraError unless the node fits ``leaf`` (every kind has this method):
         its shape, its factors' shapes and a dtype that keeps the weight's precision."""
         _check_factors(self, path, leaf, ())
@@ -118,7 +128,7 @@ class LoraNode:
         """Per kernel axis: ``('s'|'i'|'o', index within that group)``."""
         return _labels(self)
 
-    def unflat(self):
+    def unflat(self) -> tuple[jax.Array, jax.Array, jax.Array | None]:
         """``a`` ``(*stack, *in, r)``, ``b`` ``(*stack, r, *out)``, magnitude ``(*stack, *out)``."""
         return _unflat(self, ())
 
@@ -152,7 +162,14 @@ class StackedNode:
     axes_from: str = dataclasses.field(default="flax", metadata=_meta)
 
     @classmethod
-    def of(cls, nodes: list[LoraNode], a, b, magnitude, axes_from: str) -> StackedNode:
+    def of(
+        cls,
+        nodes: list[LoraNode],
+        a: jax.Array,
+        b: jax.Array,
+        magnitude: jax.Array | None,
+        axes_from: str,
+    ) -> StackedNode:
         """The stack of ``nodes`` (which agree on :data:`SHARED`) with the padded arrays."""
         own = [k for k in static_fields(nodes[0]) if k not in cls.SHARED and k != "axes_from"]
         members = tuple(tuple((k, getattr(n, k)) for k in own) for n in nodes)
@@ -207,13 +224,13 @@ class StackedNode:
     def lora(self) -> StackedNode:
         return self
 
-    def check(self, path: str, leaf) -> None:
+    def check(self, path: str, leaf: Leaf) -> None:
         _check_factors(self, path, leaf, (len(self.members),))
 
     def labels(self) -> tuple[tuple[str, int], ...]:
         return _labels(self)
 
-    def unflat(self):
+    def unflat(self) -> tuple[jax.Array, jax.Array, jax.Array | None]:
         """As :meth:`LoraNode.unflat`, with the leading adapter axis ``n``."""
         return _unflat(self, (len(self.ranks),))
 
@@ -233,7 +250,7 @@ class FullNode:
     def shape(self) -> tuple[int, ...]:
         return tuple(np.shape(self.weight))
 
-    def check(self, path: str, leaf) -> None:
+    def check(self, path: str, leaf: Leaf) -> None:
         _check_whole(path, "weight", self.weight, tuple(np.shape(leaf)), leaf)
 
 
@@ -250,7 +267,7 @@ class TokenNode:
     indices: tuple[int, ...] = dataclasses.field(metadata=_meta)
     shape: tuple[int, ...] = dataclasses.field(metadata=_meta)
 
-    def check(self, path: str, leaf) -> None:
+    def check(self, path: str, leaf: Leaf) -> None:
         shape = tuple(np.shape(leaf))
         if not is_quantized(leaf) and (tuple(self.shape) != shape or max(self.indices) >= shape[0]):
             raise LoraError(
@@ -278,7 +295,7 @@ class LayersNode:
     def lora(self) -> LoraNode:
         return self.node
 
-    def check(self, path: str, leaf) -> None:
+    def check(self, path: str, leaf: Leaf) -> None:
         _check_layers(self, path, leaf)
 
     @property
@@ -287,13 +304,13 @@ class LayersNode:
         ax = self.node.stack_axes[0]
         return (*self.node.shape[:ax], self.length, *self.node.shape[ax + 1 :])
 
-    def __getattr__(self, name):  # rank, alpha, scale, axes, a, b, magnitude: the node's
+    def __getattr__(self, name: str) -> Any:  # the node's rank, alpha, scale, axes, a, b, ...
         if name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.node, name)
 
 
-def _labels(node) -> tuple[tuple[str, int], ...]:
+def _labels(node: LoraNode | StackedNode) -> tuple[tuple[str, int], ...]:
     kinds = {
         **{ax: "s" for ax in node.stack_axes},
         **{ax: "i" for ax in node.in_axes},
@@ -303,8 +320,10 @@ def _labels(node) -> tuple[tuple[str, int], ...]:
     return tuple((kinds[ax], groups[kinds[ax]].index(ax)) for ax in range(len(node.shape)))
 
 
-def _unflat(node, lead: tuple[int, ...]):
-    def dims(axes):
+def _unflat(
+    node: LoraNode | StackedNode, lead: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    def dims(axes: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(node.shape[ax] for ax in axes)
 
     stack = lead + dims(node.stack_axes)
@@ -320,28 +339,30 @@ def _unflat(node, lead: tuple[int, ...]):
 KINDS: dict[str, type] = {
     c.kind: c for c in (LoraNode, StackedNode, FullNode, TokenNode, LayersNode)
 }
+#: Any node kind.
+Node = LoraNode | StackedNode | FullNode | TokenNode | LayersNode
 
 
-def is_node(x) -> bool:
+def is_node(x: object) -> TypeGuard[Node]:
     return isinstance(x, tuple(KINDS.values()))
 
 
-def is_lora(x) -> bool:
+def is_lora(x: object) -> TypeGuard[LoraNode | StackedNode]:
     """A node with low-rank factors (plain or stacked), not a full leaf or token rows."""
     return isinstance(x, (LoraNode, StackedNode))
 
 
-def is_whole(node) -> bool:
+def is_whole(node: Node | None) -> bool:
     """A node that replaces the leaf's values (a full leaf, token rows), not a delta."""
     return is_node(node) and node.lora is None
 
 
-def static_fields(node) -> tuple[str, ...]:
+def static_fields(node: Node) -> tuple[str, ...]:
     """The names of a node's static settings (its pytree metadata), in field order."""
     return tuple(f.name for f in dataclasses.fields(node) if f.metadata.get("static"))
 
 
-def arrays(node) -> dict[str, Any]:
+def arrays(node: Node) -> dict[str, Any]:
     """A node's arrays by field name (a nested node's in place of it; None left out)."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(node):
@@ -353,7 +374,7 @@ def arrays(node) -> dict[str, Any]:
     return out
 
 
-def settings(node) -> dict[str, Any]:
+def settings(node: Node) -> dict[str, Any]:
     """A node's static settings as JSON (tuples as lists), with its ``kind``; a nested
     node's under its field's name. :func:`from_settings` inverts it."""
     out: dict[str, Any] = {"kind": node.kind}
@@ -366,7 +387,7 @@ def settings(node) -> dict[str, Any]:
     return out
 
 
-def from_settings(saved: dict[str, Any], values: dict[str, Any]):
+def from_settings(saved: dict[str, Any], values: dict[str, Any]) -> Node:
     """The node :func:`settings` described, with its :func:`arrays` ``values``. A setting
     the file lacks takes its default (files written before that setting existed)."""
     cls = KINDS[saved["kind"]]
@@ -382,11 +403,11 @@ def from_settings(saved: dict[str, Any], values: dict[str, Any]):
     return cls(**kwargs)
 
 
-def _tuples(value: list):
+def _tuples(value: list) -> tuple:
     return tuple(_tuples(v) if isinstance(v, list) else v for v in value)
 
 
-def adapter_nodes(adapter) -> dict[str, Any]:
+def adapter_nodes(adapter: Adapter) -> dict[str, Any]:
     """``{path: node}`` for every node of an adapter tree, of any container types.
 
     The paths are :func:`jlora.path_str`'s, the ones :func:`jlora.explain` and the errors
@@ -421,13 +442,13 @@ def adapter_nodes(adapter) -> dict[str, Any]:
     return found
 
 
-def rebuild(like, nodes: dict):
+def rebuild(like: Adapter, nodes: Mapping[str, Node | None]) -> Adapter:
     """``like``'s tree with each node replaced by ``nodes[path]``."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(like, is_leaf=is_node)
     return jax.tree_util.tree_unflatten(treedef, [nodes[path_str(kp)] for kp, _ in leaves])
 
 
-def same_leaves(adapters) -> list[dict]:
+def same_leaves(adapters: Sequence[Adapter]) -> list[dict]:
     """Each adapter's ``{path: node}``, checked to adapt the same leaves (to stack or combine)."""
     found = [adapter_nodes(ad) for ad in adapters]
     for i, nodes in enumerate(found[1:], 1):
@@ -440,7 +461,7 @@ def same_leaves(adapters) -> list[dict]:
     return found
 
 
-def match(params, adapter) -> list:
+def match(params: Params, adapter: Adapter) -> list:
     """The adapter's node (or None) for each leaf of params, matched by key path."""
     nodes = adapter_nodes(adapter)
     out = []
@@ -458,7 +479,7 @@ def match(params, adapter) -> list:
     return out
 
 
-def _check_layers(node: LayersNode, path: str, leaf) -> None:
+def _check_layers(node: LayersNode, path: str, leaf: Leaf) -> None:
     """The node covers distinct layers of ``leaf``'s stack, and fits those layers."""
     if not node.node.stack_axes or tuple(node.shape) != tuple(np.shape(leaf)):
         raise LoraError(
@@ -477,7 +498,9 @@ def _check_layers(node: LayersNode, path: str, leaf) -> None:
     node.node.check(path, jax.ShapeDtypeStruct(node.node.shape, dtype))
 
 
-def _check_factors(node, path: str, leaf, lead: tuple[int, ...]) -> None:
+def _check_factors(
+    node: LoraNode | StackedNode, path: str, leaf: Leaf, lead: tuple[int, ...]
+) -> None:
     """A low-rank node (``lead``: a stack's adapter axis) fits ``leaf``: its shape, its
     factors' shapes and a dtype that keeps precision."""
     if tuple(node.shape) != tuple(np.shape(leaf)):
@@ -487,7 +510,7 @@ def _check_factors(node, path: str, leaf, lead: tuple[int, ...]) -> None:
             "for these params"
         )
 
-    def dims(axes):
+    def dims(axes: tuple[int, ...]) -> tuple[int, ...]:
         return (math.prod(node.shape[ax] for ax in axes),)
 
     stack = lead + tuple(node.shape[ax] for ax in node.stack_axes)
@@ -526,7 +549,7 @@ def _check_factors(node, path: str, leaf, lead: tuple[int, ...]) -> None:
             )
 
 
-def _check_whole(path: str, name: str, value, want: tuple, leaf) -> None:
+def _check_whole(path: str, name: str, value: jax.Array, want: tuple, leaf: Leaf) -> None:
     """A node that replaces a leaf's values (``value``, its field ``name``, must have shape
     ``want``) lies on a float leaf, in at least its dtype."""
     if is_quantized(leaf):

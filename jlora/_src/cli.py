@@ -10,6 +10,7 @@ torch model's ``model.safetensors``; adapters are jlora adapter directories
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import json
@@ -17,17 +18,21 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from jlora._src import memory
+from jlora._src.adapter import FullNode, LayersNode, LoraNode, TokenNode
 from jlora._src.config import LoraError
+from jlora._src.targets import Adapter, Params
 
 #: The errors a command reports in one line: a user's mistake, a missing file.
 EXPECTED = (ValueError, TypeError, OSError)
 
 
-def _memory(args) -> str:
+def _memory(args: argparse.Namespace) -> str:
     if args.config:
         with open(args.config) as f:
             shape = memory.Shape.from_config(json.load(f))
@@ -80,7 +85,7 @@ def _is_peft(path: str) -> bool:
     return os.path.isfile(os.path.join(path, CONFIG))
 
 
-def _load_adapter(path: str, params=None):
+def _load_adapter(path: str, params: Params = None) -> Adapter:
     import jlora
 
     if _is_peft(path):
@@ -97,7 +102,7 @@ def _dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def _inspect(args) -> str:
+def _inspect(args: argparse.Namespace) -> str:
     import jax
 
     from jlora._src.adapter import adapter_nodes
@@ -120,9 +125,8 @@ def _inspect(args) -> str:
     return "\n".join(lines)
 
 
-def _row(n) -> str:
-    """rank | alpha | scale | variant, for any node kind."""
-    from jlora._src.adapter import FullNode, LayersNode, TokenNode
+def _row(n: LoraNode | LayersNode | FullNode | TokenNode) -> str:
+    """rank | alpha | scale | variant, for each kind a saved adapter holds (not a stack)."""
 
     if isinstance(n, FullNode):
         return "- | - | - | trained in full (modules_to_save)"
@@ -135,7 +139,7 @@ def _row(n) -> str:
     return f"{n.rank} | {n.alpha:g} | {n.scale:.4g} | {variant}"
 
 
-def _merge(args) -> str:
+def _merge(args: argparse.Namespace) -> str:
     import jax
 
     import jlora
@@ -148,16 +152,16 @@ def _merge(args) -> str:
     return f"merged {args.adapter} into {args.base}: wrote {args.out}"
 
 
-def _convert(args) -> str:
+def _convert(args: argparse.Namespace) -> str:
     import jlora
 
-    kw = {"module_fn": import_spec(args.module_fn)} if args.module_fn else {}
+    kw: dict[str, Any] = {"module_fn": import_spec(args.module_fn)} if args.module_fn else {}
     if args.prefix is not None:
         kw["prefix"] = args.prefix
     torch_files = torch_base_files(args.base) if args.base else None
     npz = load_base(args.base) if args.base and not torch_files else None
     if _is_peft(args.src):
-        params = npz
+        params: Params = npz
         if torch_files:  # read in torch's layout: each Linear weight is (out, in)
             params = torch_tree(torch_files)
             kw["axes"] = torch_linear_axes(params)
@@ -169,7 +173,7 @@ def _convert(args) -> str:
     return f"{args.src} (jlora) -> {args.dst} (PEFT): {len(modules)} modules, {shown}"
 
 
-def _peft_adapter(path: str, params, kw: dict):
+def _peft_adapter(path: str, params: Params, kw: dict) -> Adapter:
     import jlora
 
     if params is None:
@@ -180,7 +184,7 @@ def _peft_adapter(path: str, params, kw: dict):
     return jlora.peft.load(path, params, **kw)
 
 
-def _save_peft(dst: str, adapter, kw: dict, torch_files) -> list[str]:
+def _save_peft(dst: str, adapter: Adapter, kw: dict, torch_files: list[str] | None) -> list[str]:
     """Writes ``adapter`` to ``dst`` as PEFT, after checking its modules against the base.
 
     Returns:
@@ -296,7 +300,7 @@ def torch_linear_axes(params: dict) -> dict:
     }
 
 
-def import_spec(spec: str):
+def import_spec(spec: str) -> Callable:
     """The function an import spec names: ``package.module:function`` or ``file.py:function``.
 
     The current directory is importable, as with ``python -m``; a file's own directory
@@ -328,7 +332,7 @@ def import_spec(spec: str):
 COMMANDS = {"memory": _memory, "inspect": _inspect, "merge": _merge, "convert": _convert}
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """``jlora ARGS`` (the console script is :func:`jlora_cli.main`, which this calls)."""
     from jlora_cli import main as run
 

@@ -180,14 +180,14 @@ class LoraConfig:
     trainable_token_indices: Mapping[str, tuple[int, ...]] | tuple[int, ...] | None = None
     alora_invocation_tokens: tuple[int, ...] | None = None
 
-    def __new__(cls, *args, **kwargs):
+    def __new__(cls, *args: Any, **kwargs: Any) -> LoraConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = [k for k in kwargs if k not in known]
         if unknown:
             raise TypeError(_unknown_fields(unknown, known))
         return super().__new__(cls)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("targets", "exclude", "modules_to_save"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
@@ -240,7 +240,7 @@ class LoraConfig:
         return scaling(alpha, rank, self.rslora)
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> LoraConfig:
+    def preset(cls, name: str, **overrides: Any) -> LoraConfig:
         """A row of the source article's hyper-parameter table, with overrides.
 
         Names: ``quick`` (r8/a16 q,v), ``general`` (r16/a32 q,k,v,o),
@@ -291,7 +291,7 @@ def _check_spec(name: str, spec: Any) -> None:
         )
 
 
-def _check_init(init, gamma, corda) -> None:
+def _check_init(init: str, gamma: float, corda: str) -> None:
     if corda not in ("ipm", "kpm"):
         raise LoraError(f"corda_method={corda!r} must be 'ipm' or 'kpm' (PEFT's CorDA)")
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
@@ -303,7 +303,7 @@ def _check_init(init, gamma, corda) -> None:
         )
 
 
-def _check_invocation(cfg) -> None:
+def _check_invocation(cfg: LoraConfig) -> None:
     t = cfg.alora_invocation_tokens
     if t is None:
         return
@@ -326,12 +326,12 @@ def _check_invocation(cfg) -> None:
         )
 
 
-def _check_rank(name, r):
+def _check_rank(name: str, r: object) -> None:
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise LoraError(f"{name}={r!r} must be a positive integer (e.g. 8 or 16)")
 
 
-def _check_alpha(name, a):
+def _check_alpha(name: str, a: object) -> None:
     if isinstance(a, bool) or not isinstance(a, (int, float)) or not a > 0 or not math.isfinite(a):
         raise LoraError(
             f"{name}={a!r} must be a positive finite number (alpha = 2*rank is a good start)"
@@ -347,7 +347,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _check_layers(cfg) -> None:
+def _check_layers(cfg: LoraConfig) -> None:
     """Normalise ``layers_to_transform`` (an int or a list) and ``layers_pattern``."""
     layers, pattern = cfg.layers_to_transform, cfg.layers_pattern
     if isinstance(layers, int) and not isinstance(layers, bool):
@@ -378,7 +378,7 @@ def _check_layers(cfg) -> None:
     object.__setattr__(cfg, "layers_pattern", None if pattern is None else tuple(pattern))
 
 
-def _check_tokens(cfg) -> None:
+def _check_tokens(cfg: LoraConfig) -> None:
     """Normalise ``trainable_token_indices`` to ``{name: (i, ...)}`` (``""``: the list form)."""
     spec = cfg.trainable_token_indices
     if spec is None:

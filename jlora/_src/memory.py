@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from jlora._src.config import LoraError
@@ -103,7 +104,7 @@ class Shape:
         embed = self.vocab * self.hidden * (1 if self.tied else 2)
         return self.linear_params + embed + (2 * self.layers + 1) * self.hidden
 
-    def lora_params(self, rank: int, targets) -> int:
+    def lora_params(self, rank: int, targets: Sequence[str]) -> int:
         return self.layers * sum(
             rank * (a + b) for name, (a, b) in self.linear_shapes().items() if name in targets
         )
@@ -112,7 +113,7 @@ class Shape:
     def from_config(cfg: dict) -> Shape:
         """From a Hugging Face ``config.json`` dict (or the example LlamaConfig's field names)."""
 
-        def pick(*keys):
+        def pick(*keys: str) -> Any:
             return next((cfg[k] for k in keys if cfg.get(k) is not None), None)
 
         fields: dict[str, Any] = dict(
@@ -158,7 +159,7 @@ def estimate(  # noqa: PLR0913 (a public signature: keyword options)
     method: str,
     *,
     rank: int = 16,
-    targets=LINEAR[:4],
+    targets: Sequence[str] = LINEAR[:4],
     batch: int = 1,
     seq: int = 512,
     checkpointing: bool = False,
@@ -226,7 +227,7 @@ ARTICLE = {
 ARTICLE_TOKENS = dict(batch=4, seq=512)
 
 
-def table(shape: Shape, rows, **kw) -> str:
+def table(shape: Shape, rows: Sequence[tuple[str, str, dict]], **kw: Any) -> str:
     """A markdown table of :func:`estimate` for each row, as ``jlora memory`` prints it.
 
     Args:

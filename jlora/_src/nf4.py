@@ -7,7 +7,7 @@ key-path helpers treat it as one leaf, the interpreter as a lazily dequantized v
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, TypeGuard
 
 import jax
 
@@ -50,5 +50,5 @@ class NF4(Quantized):
     qtype = "nf4"
 
 
-def is_nf4(x) -> bool:
+def is_nf4(x: object) -> TypeGuard[NF4]:
     return isinstance(x, NF4)

@@ -7,19 +7,21 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.tree_util import KeyPath
 
-from jlora._src.adapter import is_lora
-from jlora._src.targets import path_str
+from jlora._src.adapter import LoraNode, StackedNode, is_lora
+from jlora._src.targets import Adapter, Params, path_str
 
 #: Labels of the LoRA+ parameter groups (PEFT's ``create_loraplus_optimizer``).
 A, B, EMBEDDING = "a", "b", "embedding"
 
 
-def labels(adapter, embedding_pattern: str = r"embed"):
+def labels(adapter: Adapter, embedding_pattern: str = r"embed") -> Adapter:
     """The LoRA+ group of every trainable leaf, as a tree like ``adapter``.
 
     PEFT's grouping: ``b`` factors, DoRA magnitudes (also when stacked) and
@@ -30,7 +32,7 @@ def labels(adapter, embedding_pattern: str = r"embed"):
     LoRA+'s rule for B factors, not a choice made for them.
     """
 
-    def label(kp, leaf):
+    def label(kp: KeyPath, leaf: jax.Array) -> str:
         path = path_str(kp)
         if path.split("/")[-1] in ("weight", "rows"):  # FullNode / TokenNode: A's rate
             return A
@@ -41,7 +43,7 @@ def labels(adapter, embedding_pattern: str = r"embed"):
     return jax.tree_util.tree_map_with_path(label, adapter)
 
 
-def _times(learning_rate, ratio: float):
+def _times(learning_rate: float | optax.Schedule, ratio: float) -> float | optax.Schedule:
     if callable(learning_rate):
         return lambda step: ratio * learning_rate(step)
     return ratio * learning_rate
@@ -49,11 +51,11 @@ def _times(learning_rate, ratio: float):
 
 def loraplus(
     make_tx: Callable[..., optax.GradientTransformation],
-    learning_rate,
+    learning_rate: float | optax.Schedule,
     ratio: float = 16.0,
-    embedding_lr=1e-6,
+    embedding_lr: float | optax.Schedule = 1e-6,
     embedding_pattern: str = r"embed",
-    **tx_kwargs,
+    **tx_kwargs: Any,
 ) -> optax.GradientTransformation:
     """LoRA+: the same optimizer with ``ratio x`` the learning rate on B.
 
@@ -91,13 +93,13 @@ def loraplus(
     return optax.multi_transform(transforms, lambda tree: labels(tree, embedding_pattern))
 
 
-def _gram(f, axis_r_last: bool):
+def _gram(f: jax.Array, axis_r_last: bool) -> jax.Array:
     """``f^T f`` (``a (.., in, r)``: rank last) or ``f f^T`` (``b (.., r, out)``), float32."""
     f = f.astype(jnp.float32)
     return jnp.swapaxes(f, -1, -2) @ f if axis_r_last else f @ jnp.swapaxes(f, -1, -2)
 
 
-def _damped_solve(gram, g, delta: float, left: bool):
+def _damped_solve(gram: jax.Array, g: jax.Array, delta: float, left: bool) -> jax.Array:
     """``(gram + delta I)^-1 g`` (``left``) or ``g (gram + delta I)^-1``, in g's dtype."""
     m = gram + delta * jnp.broadcast_to(jnp.eye(gram.shape[-1], dtype=gram.dtype), gram.shape)
     g32 = g.astype(jnp.float32)
@@ -109,10 +111,12 @@ def _damped_solve(gram, g, delta: float, left: bool):
     return out.astype(g.dtype)
 
 
-def _preconditioner(name: str, fn) -> optax.GradientTransformationExtraArgs:
+def _preconditioner(name: str, fn: Callable) -> optax.GradientTransformationExtraArgs:
     """Rewrite each LoRA node's gradients with ``fn(update_node, param_node)``."""
 
-    def update(updates, state, params=None, **extra):
+    def update(
+        updates: Adapter, state: optax.OptState, params: Params = None, **extra: Any
+    ) -> tuple[Adapter, optax.OptState]:
         if params is None:
             raise ValueError(
                 f"{name} preconditions with the current factors: call "
@@ -128,16 +132,16 @@ def _preconditioner(name: str, fn) -> optax.GradientTransformationExtraArgs:
     return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
 
-def _scales(node):
+def _scales(node: LoraNode | StackedNode) -> jax.Array:
     s = jnp.asarray(node.scale, jnp.float32)
     return s.reshape((-1,) + (1,) * (node.b.ndim - 1)) if s.ndim else s
 
 
 def lorafa(
     make_tx: Callable[..., optax.GradientTransformation],
-    learning_rate,
+    learning_rate: float | optax.Schedule,
     delta: float = 1e-8,
-    **tx_kwargs,
+    **tx_kwargs: Any,
 ) -> optax.GradientTransformation:
     """LoRA-FA (PEFT's ``create_lorafa_optimizer``): A frozen at its init, B trained on
     its gradient projected as full fine-tuning's would be, ``(A^T A + delta I)^-1 g_B / s^2``
@@ -168,11 +172,11 @@ def lorafa(
       (0.0, (2, 3))
     """
 
-    def project(u, p):
+    def project(u: LoraNode, p: LoraNode) -> LoraNode:
         b = _damped_solve(_gram(p.a, True), u.b, delta, left=True) / _scales(p) ** 2
         return dataclasses.replace(u, b=b.astype(u.b.dtype))
 
-    def frozen(tree):
+    def frozen(tree: Any) -> Any:
         return jax.tree_util.tree_map_with_path(
             lambda kp, _: "frozen" if path_str(kp).split("/")[-1] == "a" else "train", tree
         )
@@ -187,9 +191,9 @@ def lorafa(
 
 def riemannian(
     make_tx: Callable[..., optax.GradientTransformation],
-    learning_rate,
+    learning_rate: float | optax.Schedule,
     delta: float = 1e-2,
-    **tx_kwargs,
+    **tx_kwargs: Any,
 ) -> optax.GradientTransformation:
     """Riemannian preconditioned LoRA (PEFT's ``create_riemannian_optimizer``): A's
     gradient times ``(B B^T + delta I)^-1``, B's by ``(A^T A + delta I)^-1``, then
@@ -220,7 +224,7 @@ def riemannian(
       -10.0
     """
 
-    def precondition(u, p):
+    def precondition(u: LoraNode, p: LoraNode) -> LoraNode:
         a = _damped_solve(_gram(p.b, False), u.a, delta, left=False)
         b = _damped_solve(_gram(p.a, True), u.b, delta, left=True)
         return dataclasses.replace(u, a=a, b=b)

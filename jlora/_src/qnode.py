@@ -9,7 +9,7 @@ interpreter as a lazily dequantized view.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypeGuard
 
 import jax
 
@@ -45,7 +45,7 @@ class Quantized:
         return math.prod(self.shape)
 
     @property
-    def sharding(self):
+    def sharding(self) -> jax.sharding.NamedSharding | None:
         """The weight's ``NamedSharding`` when its codes lie on a mesh (else None): what
         ``adapter_shardings`` and ``init`` lay the adapter out after."""
         first = jax.tree.leaves(self)[0]
@@ -70,5 +70,5 @@ class Quantized:
         return sum(int(p.size) * p.dtype.itemsize for p in jax.tree.leaves(self))
 
 
-def is_quantized(x) -> bool:
+def is_quantized(x: object) -> TypeGuard[Quantized]:
     return isinstance(x, Quantized)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from jax.tree_util import KeyPath
 
 from jlora._src.config import LAYER_PATTERNS, LoraConfig, LoraError
 from jlora._src.qnode import is_quantized
@@ -19,6 +20,8 @@ Params = Any
 #: An adapter: a pytree of the same structure as its base, with a ``LoraNode`` (or a stacked,
 #: layer-subset or whole-leaf node) at each adapted leaf and ``None`` elsewhere.
 Adapter = Any
+#: One leaf of a base: an array, or a quantized weight (a ``Quantized`` node).
+Leaf = Any
 
 _SHOW = 6  # how many example paths an error message lists
 #: Leaf names a module-name target skips: they are added or scaled, never contracted.
@@ -27,7 +30,7 @@ _NOT_KERNELS = ("bias", "scale")
 _VOCAB_LAST = ("kernel", "w")
 
 
-def _segment(k) -> str:
+def _segment(k: Any) -> str:
     tu = jax.tree_util
     if isinstance(k, tu.DictKey):
         return str(k.key)
@@ -40,7 +43,7 @@ def _segment(k) -> str:
     return str(k)
 
 
-def path_str(path) -> str:
+def path_str(path: KeyPath) -> str:
     """The ``/``-joined path of a JAX key path: ``params/layers_0/attn/q_proj/kernel``.
 
     These are the paths a ``LoraConfig``'s regex targets match, :func:`jlora.explain`
@@ -65,13 +68,13 @@ def path_str(path) -> str:
     return "/".join(_segment(k) for k in keys)
 
 
-def flatten(tree):
+def flatten(tree: Any) -> tuple[list[tuple[KeyPath, Leaf]], jax.tree_util.PyTreeDef]:
     """``([(key_path, leaf), ...], treedef)``, a quantized node
     (:class:`~jlora._src.qnode.Quantized`) as one leaf."""
     return jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)
 
 
-def leaf_paths(tree) -> list[str]:
+def leaf_paths(tree: Any) -> list[str]:
     """Path strings of every leaf, in ``jax.tree.leaves`` order."""
     return [path_str(p) for p, _ in flatten(tree)[0]]
 
@@ -84,12 +87,12 @@ def matches(pattern: str | tuple[str, ...], path: str) -> bool:
     return any(name in segments for name in pattern)
 
 
-def _examples(paths) -> str:
+def _examples(paths: Sequence[str]) -> str:
     shown = ", ".join(repr(p) for p in paths[:_SHOW])
     return shown + (f", ... ({len(paths)} in all)" if len(paths) > _SHOW else "")
 
 
-def select(params, cfg: LoraConfig) -> dict[str, tuple[int, float]]:
+def select(params: Params, cfg: LoraConfig) -> dict[str, tuple[int, float]]:
     """Map each targeted path to its ``(rank, alpha)``.
 
     Raises:
@@ -155,7 +158,7 @@ def _adaptable(cfg: LoraConfig, path: str, leaf: Any) -> bool:
     return True
 
 
-def _check_names(field: str, names, paths: list[str]) -> None:
+def _check_names(field: str, names: Sequence[str], paths: list[str]) -> None:
     """Every literal module name in a tuple spec names a segment of some path (a regex
     spec is left alone): ``("q_porj", "v_proj")`` must not quietly adapt only ``v_proj``."""
     if isinstance(names, str):
@@ -175,7 +178,7 @@ def _check_names(field: str, names, paths: list[str]) -> None:
     )
 
 
-def layer_index(path: str, patterns=LAYER_PATTERNS) -> int | str | None:
+def layer_index(path: str, patterns: Sequence[str] = LAYER_PATTERNS) -> int | str | None:
     """The layer index in ``path`` (``layers_3`` or ``layers/3``), ``"stack"`` when a layer
     segment has no index (a scanned stack), None when the path has no layer segment."""
     segs = path.split("/")
@@ -197,19 +200,19 @@ def _in_layers(cfg: LoraConfig, path: str) -> bool:
     return idx == "stack" or idx in cfg.layers_to_transform  # a stack: init picks its layers
 
 
-def _pattern_value(pattern: Mapping[str, Any], path: str, default):
+def _pattern_value(pattern: Mapping[str, Any], path: str, default: Any) -> Any:
     for key, value in pattern.items():
         if re.search(key, path):
             return value
     return default
 
 
-def _float(leaf) -> bool:
+def _float(leaf: Leaf) -> bool:
     dtype = getattr(leaf, "dtype", None)
     return dtype is not None and jax.dtypes.issubdtype(dtype, np.floating)
 
 
-def select_whole(params, cfg: LoraConfig) -> dict[str, tuple[int, ...] | None]:
+def select_whole(params: Params, cfg: LoraConfig) -> dict[str, tuple[int, ...] | None]:
     """The leaves ``cfg`` trains beside the factors: ``{path: None}`` for each leaf of
     ``modules_to_save`` (trained in full), ``{path: indices}`` for each table of
     ``trainable_token_indices``.

@@ -12,12 +12,17 @@ set per layer, leading like the stack axis.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
 from jlora._src.config import LoraError
+
+if TYPE_CHECKING:
+    from jlora._src.interpret.sym import Sym
 from jlora._src.interpret.grouped import in_rows
 
 #: Statistics per adapted path: ``(count, sum, gram, top)``.
@@ -37,7 +42,15 @@ class Capture:
         return Capture(self.mask)
 
 
-def add(cap: Capture, sym, x, xc, wc, xb, wb) -> None:
+def add(
+    cap: Capture,
+    sym: Sym,
+    x: jax.Array,
+    xc: Sequence[int],
+    wc: Sequence[int],
+    xb: Sequence[int],
+    wb: Sequence[int],
+) -> None:
     """Add the rows of ``x`` that meet ``sym`` (contracting ``xc`` with its ``wc``)."""
     if (
         xb
@@ -81,7 +94,7 @@ def flat(inner: Capture | None, keys: list) -> list:
     return [v for k in keys for v in inner.stats[k]]
 
 
-def merge(cap: Capture | None, keys: list, extra) -> None:
+def merge(cap: Capture | None, keys: list, extra: Sequence[jax.Array]) -> None:
     """Add a loop's stacked statistics (``flat``'s outputs after the loop) to ``cap``."""
     if cap is None:  # not in capture mode: no statistics (and no keys)
         return
@@ -89,7 +102,7 @@ def merge(cap: Capture | None, keys: list, extra) -> None:
         _accumulate(cap, k, tuple(extra[STATS * i : STATS * (i + 1)]))
 
 
-def _accumulate(cap: Capture, path: str, new) -> None:
+def _accumulate(cap: Capture, path: str, new: tuple) -> None:
     old = cap.stats.get(path)
     cap.stats[path] = (
         new

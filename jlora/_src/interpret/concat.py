@@ -10,11 +10,16 @@ concatenation and mixed-adapter batches materialize.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
+import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.extend.core import JaxprEqn
 
 from jlora._src.interpret import sym as sy
-from jlora._src.interpret.core import materialize_rule, register
+from jlora._src.interpret.core import Ctx, materialize_rule, register
 from jlora._src.interpret.sym import Probe, Sym
 from jlora._src.numerics import qview as qv
 
@@ -22,13 +27,13 @@ from jlora._src.numerics import qview as qv
 FUSED = " + "
 
 
-def _pad(f, axis: int, before: int, after: int):
+def _pad(f: jax.Array, axis: int, before: int, after: int) -> jax.Array:
     widths = [(0, 0)] * f.ndim
     widths[axis] = (before, after)
     return jnp.pad(f, widths)
 
 
-def by_path(records: dict, paths) -> dict[str, list]:
+def by_path(records: dict, paths: Iterable[str]) -> dict[str, list]:
     """The records of each path, a fused kernel's (keys joined by :data:`FUSED`) counted
     for each of its pieces."""
     uses: dict[str, list] = {p: [] for p in paths}
@@ -39,7 +44,7 @@ def by_path(records: dict, paths) -> dict[str, list]:
     return uses
 
 
-def _fused(pieces, dim: int) -> Sym | None:
+def _fused(pieces: list, dim: int) -> Sym | None:
     syms = [p for p in pieces if isinstance(p, Sym)]
     first = syms[0]
     if any(s.labels != first.labels or type(s) is not type(first) for s in syms) or any(
@@ -58,7 +63,7 @@ def _fused(pieces, dim: int) -> Sym | None:
     return first.replace(base=base, a=a, b=b, scale=1.0, path=paths)
 
 
-def _blocks(pieces, dim: int, kind: str, j: int):
+def _blocks(pieces: list, dim: int, kind: str, j: int) -> tuple[jax.Array, jax.Array]:
     """The fused factors: along an out axis the ``A``s side by side and the scaled ``B``s
     block-diagonal, along an in axis the other way round (zeros for plain pieces)."""
     syms = [p for p in pieces if isinstance(p, Sym)]
@@ -70,7 +75,7 @@ def _blocks(pieces, dim: int, kind: str, j: int):
     for p, r in zip(pieces, ranks, strict=True):
         size = (p.base if isinstance(p, Sym) else p).shape[dim]
 
-        def pad(f, ax, at=at, r=r):
+        def pad(f: jax.Array, ax: int, at: int = at, r: int = r) -> jax.Array:
             return _pad(f.astype(dtype), ax, at, total - at - r)
 
         if kind == "o":  # A's concatenated along the rank, B block-diagonal
@@ -112,7 +117,7 @@ def _ins(sym: Sym, j: int, size: int) -> tuple:
 
 
 @register(lax.concatenate_p, on=Probe)
-def _probe_concatenate(eqn, invals, ctx):
+def _probe_concatenate(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
     """Probed weights fused (``jnp.concatenate([wq, wk, wv], 1)``): one probe of all their
     paths, used as the fused weight is, so each learns its axes from that use."""
     syms = [p for p in invals if isinstance(p, Sym)]
@@ -127,6 +132,6 @@ def _probe_concatenate(eqn, invals, ctx):
 
 
 @register(lax.concatenate_p)
-def concatenate(eqn, invals, ctx):
+def concatenate(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
     out = _fused(invals, eqn.params["dimension"])
     return materialize_rule(eqn, invals, ctx) if out is None else out

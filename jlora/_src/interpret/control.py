@@ -15,14 +15,17 @@ per step. Carries and outputs leave a body materialized.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.extend.core import ClosedJaxpr, Jaxpr, JaxprEqn
 
 from jlora._src.interpret import capture
 from jlora._src.interpret import sym as sy
-from jlora._src.interpret.core import bind, evaluate, materialized, register
+from jlora._src.interpret.core import Ctx, Rule, bind, evaluate, materialized, register
 from jlora._src.interpret.walk import CALLS, primitives
 from jlora._src.numerics import qview as qv
 
@@ -37,8 +40,8 @@ _CUSTOM = {
 }
 
 
-def _inline(field: str):
-    def rule(eqn, invals, ctx):
+def _inline(field: str) -> Rule:
+    def rule(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
         sub = eqn.params[field]  # a ClosedJaxpr, or an open Jaxpr (call_p)
         consts = getattr(sub, "consts", ())
         return evaluate(getattr(sub, "jaxpr", sub), consts, invals, ctx)
@@ -46,16 +49,16 @@ def _inline(field: str):
     return rule
 
 
-def _inspecting(invals, ctx) -> bool:
+def _inspecting(invals: list, ctx: Ctx) -> bool:
     """Whether this evaluation takes no derivative: ``init``'s probe or EVA's capture."""
     return ctx.capture is not None or any(isinstance(v, sy.Probe) for v in invals)
 
 
-def _custom(field: str, why: str):
+def _custom(field: str, why: str) -> Rule:
     """A custom-derivative call bound as it is, its symbolic inputs materialized (``why``)."""
     inline = _inline(field)
 
-    def rule(eqn, invals, ctx):
+    def rule(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
         if _inspecting(invals, ctx):
             return inline(eqn, invals, ctx)
         return bind(eqn, materialized(invals, ctx, why))
@@ -72,7 +75,7 @@ for _name, _field in _CALL_NAMES.items():
 
 
 @register(names=("call_hi_primitive",))
-def _hi_call(eqn, invals, ctx):
+def _hi_call(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
     """JAX's opt-in "hi" primitives (``jax_remat3``, ``jax_custom_vjp3``): a remat's primal
     computation (``expand``) traced to a jaxpr and interpreted under its policy; a custom_vjp
     bound with its inputs materialized, as ``custom_vjp_call`` is."""
@@ -87,19 +90,21 @@ def _hi_call(eqn, invals, ctx):
 
 
 @register(*primitives("remat_p"), names=("remat2", "checkpoint"))
-def _remat(eqn, invals, ctx):
+def _remat(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
     p = eqn.params
     return _checkpointed(
         p["jaxpr"], (), invals, ctx, prevent_cse=p["prevent_cse"], policy=p["policy"]
     )
 
 
-def _checkpointed(jaxpr, consts, invals, ctx, **remat_params) -> list:
+def _checkpointed(
+    jaxpr: Jaxpr, consts: Sequence, invals: list, ctx: Ctx, **remat_params: Any
+) -> list:
     """The interpreted jaxpr inside ``jax.checkpoint`` (the dropout key goes in as an input;
     capture statistics come out after the outputs)."""
     keys: list = []
 
-    def body(key, *vals):
+    def body(key: jax.Array | None, *vals: Any) -> list:
         inner = None if ctx.capture is None else ctx.capture.fresh()
         outs = evaluate(jaxpr, consts, vals, dataclasses.replace(ctx, key=key, capture=inner))
         return materialized(outs, ctx, "remat") + capture.flat(inner, keys)
@@ -110,7 +115,7 @@ def _checkpointed(jaxpr, consts, invals, ctx, **remat_params) -> list:
     return outs[:n]
 
 
-def _scan_slice(v, ctx):
+def _scan_slice(v: Any, ctx: Ctx) -> tuple[Any, Callable[[Any, jax.Array], Any]]:
     """Split a scanned-over value into ``xs`` (arrays with the scan axis first) and
     ``rebuild(x, i)``, its value at step ``i``. A quantized base is not sliced by the
     scan: step ``i`` reads (and later dequantizes) just its own layer."""
@@ -134,14 +139,14 @@ def _scan_slice(v, ctx):
     labels = sy.drop_label(v.labels[1:], (kind, j))
     if v.lead:  # a stack of adapters: each step slices its layer (no transposed copy)
 
-        def at(f, i):
+        def at(f: jax.Array | None, i: jax.Array) -> jax.Array | None:
             return None if f is None else lax.dynamic_index_in_dim(f, i, j + v.lead, keepdims=False)
 
         return (base_xs,), lambda x, i: v.replace(
             base=take(x[0], i), a=at(v.a, i), b=at(v.b, i), g=at(v.g, i), labels=labels, active=None
         )
 
-    def first(f):
+    def first(f: jax.Array | None) -> jax.Array | None:
         return None if f is None else jnp.moveaxis(f, j, 0)
 
     xs = (base_xs, first(v.a), first(v.b), first(v.g))
@@ -150,7 +155,7 @@ def _scan_slice(v, ctx):
     )
 
 
-def _layer_mask(invals) -> tuple[bool, ...] | None:
+def _layer_mask(invals: list) -> tuple[bool, ...] | None:
     """The adapted layers when every scanned-over weight adapts the same subset of its
     stack (``LayersNode``s sliced along that axis), else None (all layers run LoRA)."""
     masks = {
@@ -162,7 +167,7 @@ def _layer_mask(invals) -> tuple[bool, ...] | None:
 
 
 @register(lax.scan_p)
-def _scan(eqn, invals, ctx):
+def _scan(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
     p = eqn.params
     nc, ncarry = p["num_consts"], p["num_carry"]
     consts, carry = invals[:nc], materialized(invals[nc : nc + ncarry], ctx, "scan carry")
@@ -174,13 +179,13 @@ def _scan(eqn, invals, ctx):
 
     mask = None if ctx.capture is not None else _layer_mask(invals[nc + ncarry :])
 
-    def body(c, x):
+    def body(c: list, x: tuple) -> tuple[list, tuple[list, list]]:
         x_vals, step = x
         sub = ctx if ctx.key is None else ctx.fold(step)
         inner = None if ctx.capture is None else ctx.capture.fresh()
         xs_now = [rebuild(xv, step) for (_, rebuild), xv in zip(split, x_vals, strict=True)]
 
-        def run(xs_now):
+        def run(xs_now: list) -> list:
             return materialized(
                 evaluate(
                     closed.jaxpr,
@@ -206,19 +211,19 @@ def _scan(eqn, invals, ctx):
     return list(carry) + list(ys)
 
 
-def _no_capture(ctx):
+def _no_capture(ctx: Ctx) -> Ctx:
     """Inputs inside a ``cond``/``while`` body are not captured (their weights get no
     statistics, and init_eva says so)."""
     return ctx if ctx.capture is None else dataclasses.replace(ctx, capture=None)
 
 
 @register(lax.cond_p)
-def _cond(eqn, invals, ctx):
+def _cond(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
     index, ops = invals[0], invals[1:]
 
     ctx = _no_capture(ctx)
 
-    def branch(closed, k):
+    def branch(closed: ClosedJaxpr, k: int) -> Callable[..., list]:
         return lambda *vals: materialized(
             evaluate(closed.jaxpr, closed.consts, vals, ctx.fold(k)), ctx, "cond output"
         )
@@ -229,17 +234,17 @@ def _cond(eqn, invals, ctx):
 
 
 @register(lax.while_p)
-def _while(eqn, invals, ctx):
+def _while(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
     p, ctx = eqn.params, _no_capture(ctx)
     nc, nb = p["cond_nconsts"], p["body_nconsts"]
     cconsts, bconsts = invals[:nc], invals[nc : nc + nb]
     init = materialized(invals[nc + nb :], ctx, "while carry")
     cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
 
-    def cond_fun(state):
+    def cond_fun(state: tuple) -> jax.Array:
         return evaluate(cj.jaxpr, cj.consts, list(cconsts) + list(state[0]), ctx)[0]
 
-    def body_fun(state):
+    def body_fun(state: tuple) -> tuple:
         carry, step = state
         sub = ctx.fold(step)
         outs = evaluate(bj.jaxpr, bj.consts, list(bconsts) + list(carry), sub)

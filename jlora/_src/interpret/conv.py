@@ -16,18 +16,22 @@ materialize and say why.
 
 from __future__ import annotations
 
+from typing import Any
+
+import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.extend.core import JaxprEqn
 
 from jlora._src.interpret import sym as sy
-from jlora._src.interpret.core import bind, has_sym, materialized, register
+from jlora._src.interpret.core import Ctx, bind, has_sym, materialized, register
 from jlora._src.interpret.dot import _dropout
 from jlora._src.interpret.sym import Probe, Sym
 from jlora._src.interpret.thin import thin
 from jlora._src.interpret.uses import FACTORED
 
 
-def _why_not(eqn, w: Sym) -> str | None:
+def _why_not(eqn: JaxprEqn, w: Sym) -> str | None:
     p, rhs = eqn.params, eqn.params["dimension_numbers"].rhs_spec
     if p["batch_group_count"] != 1:
         return "convolution with batch_group_count"
@@ -44,7 +48,7 @@ def _why_not(eqn, w: Sym) -> str | None:
 
 
 @register(lax.conv_general_dilated_p, on=Probe)
-def _probe_conv(eqn, invals, ctx):
+def _probe_conv(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
     """A probed kernel convolved: its input-feature and spatial axes are contracted."""
     x, w = invals
     if not isinstance(w, Probe) or has_sym([x]):
@@ -55,7 +59,7 @@ def _probe_conv(eqn, invals, ctx):
 
 
 @register(lax.conv_general_dilated_p)
-def conv(eqn, invals, ctx):
+def conv(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
     x, w = invals
     if not isinstance(w, Sym) or has_sym([x]):
         return bind(eqn, materialized(invals, ctx, "convolution of an adapted input"))
@@ -86,7 +90,7 @@ def conv(eqn, invals, ctx):
     return base_out + (g - 1) * bind(eqn, [x_d, sy.value(w.base)]) + g * y
 
 
-def _times_b(w: Sym, t, feat: int, groups: int, precision):
+def _times_b(w: Sym, t: jax.Array, feat: int, groups: int, precision: Any) -> jax.Array:
     """``s t B`` over the feature axis; with groups, output feature ``o`` of group ``k``
     takes ``t``'s block ``k`` (``(..., G, r) x (r, G, out/G)``)."""
     if groups == 1:

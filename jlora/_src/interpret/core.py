@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
 from jax.extend import core as jcore
+from jax.extend.core import Jaxpr, JaxprEqn, Primitive
 from jax.extend.core import primitives as jprims
 
 from jlora._src.interpret import sym as sy
@@ -41,7 +42,9 @@ PROBE_RULES_BY_NAME: dict[str, Rule] = {}
 _EXPORTED = {p.name for p in vars(jprims).values() if isinstance(p, jcore.Primitive)}
 
 
-def register(*prims: jcore.Primitive, names: tuple[str, ...] = (), on: type = sy.Sym):
+def register(
+    *prims: jcore.Primitive, names: tuple[str, ...] = (), on: type = sy.Sym
+) -> Callable[[Rule], Rule]:
     """Decorator: ``rule`` handles ``prims`` when an input is a value of type ``on``
     (:class:`~jlora._src.interpret.sym.Sym`, or :class:`~jlora._src.interpret.sym.Probe` for its
     own rule set); ``names`` are fallbacks for primitives this JAX does not export (older
@@ -78,43 +81,43 @@ class Ctx:
     mask: Any = None
     tokens: Any = None  # a walk.Sites
 
-    def record(self, path: str, what) -> None:
+    def record(self, path: str, what: Any) -> None:
         self.records[path].append(what)
 
-    def fold(self, i) -> Ctx:
+    def fold(self, i: int | jax.Array) -> Ctx:
         key = None if self.key is None else jax.random.fold_in(self.key, i)
         return dataclasses.replace(self, key=key)
 
 
-def has_sym(vals) -> bool:
+def has_sym(vals: Iterable) -> bool:
     """Whether any value is symbolic: an adapted weight or a quantized one."""
     return any(isinstance(v, (sy.Sym, qv.QView)) for v in vals)
 
 
-def bind_params(eqn) -> tuple[list, dict]:
+def bind_params(eqn: JaxprEqn) -> tuple[list, dict]:
     """``(subfuns, params)`` to bind ``eqn``'s primitive with: JAX before 0.9.2 returned
     both from ``get_bind_params``, later versions the params alone."""
     got = eqn.primitive.get_bind_params(eqn.params)
     return (list(got[0]), got[1]) if isinstance(got, tuple) else ([], got)
 
 
-def bind(eqn, vals):
+def bind(eqn: JaxprEqn, vals: Sequence) -> Any:
     """The equation's primitive applied to ``vals`` as JAX would."""
     subfuns, params = bind_params(eqn)
     return eqn.primitive.bind(*subfuns, *vals, **params)
 
 
-def materialized(vals, ctx: Ctx, why: str) -> list:
+def materialized(vals: Iterable, ctx: Ctx, why: str) -> list:
     """``vals`` with every symbolic value made a plain array (recorded as ``why``)."""
     return [sy.materialize(v, ctx.record, why) for v in vals]
 
 
-def materialize_rule(eqn, invals, ctx: Ctx):
+def materialize_rule(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
     """The default: build the weight for this use only (correct, slower) and say so."""
     return bind(eqn, materialized(invals, ctx, eqn.primitive.name))
 
 
-def rule_for(prim, vals=()) -> Rule:
+def rule_for(prim: Primitive, vals: Sequence = ()) -> Rule:
     """The rule for ``prim`` on ``vals``: a probe's own when an input is a
     :class:`~jlora._src.interpret.sym.Probe` and ``prim`` has one, else the factored rule."""
     if any(isinstance(v, sy.Probe) for v in vals):
@@ -124,11 +127,11 @@ def rule_for(prim, vals=()) -> Rule:
     return RULES.get(prim) or RULES_BY_NAME.get(prim.name, materialize_rule)
 
 
-def evaluate(jaxpr, consts, args, ctx: Ctx) -> list:
+def evaluate(jaxpr: Jaxpr, consts: Sequence, args: Sequence, ctx: Ctx) -> list:
     """The outputs of ``jaxpr`` on ``args``, symbolic values carried through its rules."""
     env: dict = {}
 
-    def read(v):
+    def read(v: Any) -> Any:
         return v.val if isinstance(v, jcore.Literal) else env[v]
 
     env.update(zip(jaxpr.constvars, consts, strict=True))

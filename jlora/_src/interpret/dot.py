@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import string
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.extend.core import JaxprEqn
 
 from jlora._src.config import LoraError
 from jlora._src.interpret import capture, grouped, quantized, ranked, token_gate
 from jlora._src.interpret import sym as sy
-from jlora._src.interpret.core import register
+from jlora._src.interpret.core import Ctx, register
 from jlora._src.interpret.example_axis import Axis, Lost, Where
 from jlora._src.interpret.sym import Probe, Sym
 from jlora._src.interpret.thin import thin
@@ -31,7 +34,7 @@ _thin_product = thin
 
 
 @register(lax.dot_general_p)
-def dot_general(eqn, invals, ctx):
+def dot_general(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
     """Factored when a side is adapted (the other side materialized if it is too); a
     quantized side alone is dequantized for this dot only."""
     lhs, rhs = _one_symbolic(invals, ctx)
@@ -47,7 +50,7 @@ def dot_general(eqn, invals, ctx):
     )
 
 
-def _one_symbolic(invals, ctx):
+def _one_symbolic(invals: list, ctx: Ctx) -> tuple[Any, Any]:
     """Both sides symbolic: the non-adapted (quantized) one or else the right one built."""
     lhs, rhs = invals
     if isinstance(lhs, (Sym, qv.QView)) and isinstance(rhs, (Sym, qv.QView)):
@@ -58,7 +61,7 @@ def _one_symbolic(invals, ctx):
     return lhs, rhs
 
 
-def _base_dot(w, x, w_is_rhs: bool, params):
+def _base_dot(w: Any, x: jax.Array, w_is_rhs: bool, params: dict) -> jax.Array:
     """``dot_general`` of ``x`` with the weight's base (a quantized view dequantized)."""
     if qv.is_view(w):
         return quantized.dot(w, x, w_is_rhs, params)
@@ -66,7 +69,7 @@ def _base_dot(w, x, w_is_rhs: bool, params):
 
 
 @register(lax.dot_general_p, on=Probe)
-def _probe_dot(eqn, invals, ctx):
+def _probe_dot(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
     """A probed weight contracted: record its contracted, batch and free axes."""
     lhs, rhs = _one_symbolic(invals, ctx)
     if not isinstance(rhs, Probe) and not isinstance(lhs, Probe):
@@ -80,7 +83,7 @@ def _probe_dot(eqn, invals, ctx):
     return _base_dot(w.base, x, w_is_rhs, params)
 
 
-def _captured(eqn, lhs, rhs, ctx):
+def _captured(eqn: JaxprEqn, lhs: Any, rhs: Any, ctx: Ctx) -> jax.Array:
     """Capture mode: the base product, and the adapted weight's input rows recorded."""
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     if isinstance(rhs, Sym):
@@ -88,16 +91,16 @@ def _captured(eqn, lhs, rhs, ctx):
     else:
         capture.add(ctx.capture, lhs, rhs, rc, lc, rb, lb)
 
-    def base(v):
+    def base(v: Any) -> Any:
         return sy.value(v.base) if isinstance(v, Sym) else v
 
     return lax.dot_general_p.bind(base(lhs), base(rhs), **eqn.params)
 
 
-def _fit_error(sym: Sym, contracted, batch) -> LoraError:
+def _fit_error(sym: Sym, contracted: Sequence[int], batch: Sequence[int]) -> LoraError:
     kinds = {"s": "stacked", "i": "in", "o": "out"}
 
-    def desc(axes):
+    def desc(axes: Sequence[int]) -> list[str]:
         return [f"axis {ax} ({kinds[sym.labels[ax][0]]})" for ax in axes]
 
     return LoraError(
@@ -113,7 +116,7 @@ def _fit_error(sym: Sym, contracted, batch) -> LoraError:
     )
 
 
-def _mode(sym: Sym, wc, wb) -> str:
+def _mode(sym: Sym, wc: Sequence[int], wb: Sequence[int]) -> str:
     """``'i'`` when the model contracts all in-axes, ``'o'`` for all out-axes (x @ W.T).
 
     Factors read from a file under an assumed layout (``axes_from="assumed"``) must not be
@@ -143,7 +146,7 @@ class Rows:
     gate: tuple | None = None
 
 
-def _rows(ctx, eqn, side: int) -> Rows | None:
+def _rows(ctx: Ctx, eqn: JaxprEqn, side: int) -> Rows | None:
     """How operand ``side`` of this dot relates to the batch (None: a plain call)."""
     if ctx.examples is None and ctx.mask is None:
         return None
@@ -156,7 +159,13 @@ def _rows(ctx, eqn, side: int) -> Rows | None:
 
 
 def factored(
-    x, sym: Sym, sym_is_rhs: bool, params: dict, key, record, rows: Rows | None = None
+    x: jax.Array,
+    sym: Sym,
+    sym_is_rhs: bool,
+    params: dict,
+    key: jax.Array | None,
+    record: Callable[[str, Any], None],
+    rows: Rows | None = None,
 ) -> jax.Array:
     """``dot_general`` of an array with a symbolic weight, computed factored.
 
@@ -169,7 +178,7 @@ def factored(
     (lc, rc), (lb, rb) = params["dimension_numbers"]
     xc, wc, xb, wb = (lc, rc, lb, rb) if sym_is_rhs else (rc, lc, rb, lb)
 
-    def bind(w, v):
+    def bind(w: Any, v: jax.Array) -> jax.Array:
         return _base_dot(w, v, sym_is_rhs, params)
 
     base_out = bind(sym.base, x)
@@ -197,7 +206,9 @@ def factored(
     return (base_out + (g - 1) * bind(sym.base, x_d) + g * y).astype(base_out.dtype)
 
 
-def _specs(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, ex_axis: int) -> dict[str, str]:
+def _specs(
+    x: jax.Array, sym: Sym, mode: str, sym_is_rhs: bool, dims: tuple, ex_axis: int
+) -> dict[str, str]:
     """Einsum letters of x, the two factors in the order used, the rank-r intermediate
     ``t``, the dot's output, DoRA's ``g`` and (mixed batches) the example axis."""
     xc, wc, xb, wb = dims
@@ -229,7 +240,9 @@ def _specs(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, ex_axis: int) -> dict
     )
 
 
-def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec, rows: Rows):
+def _low_rank(
+    x: jax.Array, sym: Sym, mode: str, sym_is_rhs: bool, dims: tuple, prec: Any, rows: Rows
+) -> tuple[jax.Array, jax.Array | None, str]:
     """``s * (x A) B`` laid out like the dot's output, DoRA's ``g`` broadcast to it, and
     which mixed-batch path served it (``""`` outside mixed batches).
 
@@ -246,15 +259,15 @@ def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec, rows: Rows):
         y = grouped.low_rank(x, sym, sym_is_rhs, dims, (ex_axis, ids), prec, path == "onehot")
         return _out_of_range(y, ids, sym, sp), None, GROUPED if path == "grouped" else ONEHOT
     if sym.ranked is not None and path in ("", "gather"):  # concrete ids: each class at its rank
-        y = ranked.low_rank(x, sym, mode, sp, ex_axis, prec)
-        if y is not None:
-            return y, None, RANKED
+        picked = ranked.low_rank(x, sym, mode, sp, ex_axis, prec)
+        if picked is not None:
+            return picked, None, RANKED
     first, second = (sym.a, sym.b) if mode == "i" else (sym.b, sym.a)
     g = sym.g
     if sym.ids is not None:  # gather each example's factors (and g)
         assert ids is not None
 
-        def pick(f):
+        def pick(f: jax.Array) -> jax.Array:
             return jnp.take(f, jnp.maximum(ids, 0), axis=0, mode="clip")
 
         first, second, g = pick(first), pick(second), None if g is None else pick(g)
@@ -271,15 +284,19 @@ def _low_rank(x, sym: Sym, mode: str, sym_is_rhs: bool, dims, prec, rows: Rows):
     return y, g, "" if sym.ids is None else GATHERED
 
 
-def _out_of_range(y, ids, sym: Sym, sp: dict):
+def _out_of_range(y: jax.Array, ids: jax.Array | None, sym: Sym, sp: dict) -> jax.Array:
     """NaN in the rows whose adapter id is outside ``-1 .. n-1``: traced ids cannot be
     checked on the host (``check_ids`` checks concrete ones), and no row may silently get
     another adapter's output (``take``'s clipping) or the base's."""
+    if ids is None:  # (not a mixed batch: no ids to check)
+        return y
     bad = (ids < -1) | (ids >= sym.a.shape[0])
     return jnp.where(sy.broadcast(bad, sp["ex"], sp["out"]), jnp.array(jnp.nan, y.dtype), y)
 
 
-def _example_ids(sym: Sym, x, xc, xb, where):
+def _example_ids(
+    sym: Sym, x: jax.Array, xc: Sequence[int], xb: Sequence[int], where: Axis | Lost | None
+) -> tuple[int, jax.Array]:
     """``(axis, ids)``: x's example axis and the adapter id of each of its rows."""
     n = sym.ids.shape[0]
     if (
@@ -309,7 +326,7 @@ def _example_ids(sym: Sym, x, xc, xb, where):
     )
 
 
-def _dropout(x, rate: float, key):
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     if key is None or rate == 0.0:
         return x
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)

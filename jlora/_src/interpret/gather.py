@@ -18,16 +18,21 @@ materialize the weight for that use and say why.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import jax
 from jax import lax
+from jax.extend.core import JaxprEqn
 
 from jlora._src.interpret import sym as sy
-from jlora._src.interpret.core import materialized, register
+from jlora._src.interpret.core import Ctx, materialized, register
 from jlora._src.interpret.sym import Probe, Sym
 from jlora._src.interpret.uses import FACTORED
 from jlora._src.numerics import qview as qv
 
 
-def _indexed(sym: Sym, params) -> tuple | None:
+def _indexed(sym: Sym, params: dict) -> tuple | None:
     """The operand axes a gather indexes (collapsed or sliced short), or None when it is
     not a lookup of whole slices along the others (operand batching dims, e.g.)."""
     dn, sizes = params["dimension_numbers"], params["slice_sizes"]
@@ -39,7 +44,7 @@ def _indexed(sym: Sym, params) -> tuple | None:
     )
 
 
-def _why_not(sym: Sym, axes) -> str | None:
+def _why_not(sym: Sym, axes: tuple | None) -> str | None:
     if not axes:
         return "gather that is not a row lookup"
     if sym.ids is not None:
@@ -60,7 +65,7 @@ def _why_not(sym: Sym, axes) -> str | None:
 
 
 @register(lax.gather_p, on=Probe)
-def _probe_gather(eqn, invals, ctx):
+def _probe_gather(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
     """A probed weight gathered: whole slices of one axis of a 3+-D kernel picked (layers,
     or a table's rows: the probe goes on, that axis a new stacked one), or rows looked up
     (the indexed axes recorded; the result is plain)."""
@@ -86,7 +91,7 @@ def _probe_gather(eqn, invals, ctx):
 
 
 @register(lax.gather_p)
-def gather(eqn, invals, ctx):
+def gather(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
     operand, indices = invals
     params = eqn.params
     if not isinstance(operand, Sym) or isinstance(indices, (Sym, qv.QView)):
@@ -109,7 +114,7 @@ def gather(eqn, invals, ctx):
     return (g * (base_out + y)).astype(base_out.dtype)
 
 
-def _low_rank_rows(sym: Sym, indices, params):
+def _low_rank_rows(sym: Sym, indices: jax.Array, params: dict) -> tuple[jax.Array, int]:
     """``s A[ids] B`` laid out like the lookup's output, and where its out axis lands."""
     out_ax = next(ax for ax, (k, _) in enumerate(sym.labels) if k == "o")
     a = sy.a_as_base(sym)
@@ -122,7 +127,13 @@ def _low_rank_rows(sym: Sym, indices, params):
     return sy.times_b(sym, rows, at), at
 
 
-def _pick(sym: Sym, indices, params, axes, record) -> Sym | None:
+def _pick(
+    sym: Sym,
+    indices: jax.Array,
+    params: dict,
+    axes: tuple | None,
+    record: Callable[[str, Any], None],
+) -> Sym | None:
     """Whole slices along stacked axes (``jnp.take(w, i, axis=0)`` of a layer stack): the
     weight stays symbolic, its factors (and DoRA's ``g``) gathered alike; the indices'
     batch axes become new stacked axes. None when the gather is not such a pick, or when
@@ -146,7 +157,7 @@ def _pick(sym: Sym, indices, params, axes, record) -> Sym | None:
         return None
     stack = {sym.labels[ax][1]: ax for ax in range(sym.base.ndim) if sym.labels[ax][0] == "s"}
 
-    def factor(f):
+    def factor(f: jax.Array | None) -> jax.Array | None:
         return None if f is None else _gather_factor(f, stack, indices, params)
 
     return sym.replace(
@@ -158,7 +169,7 @@ def _pick(sym: Sym, indices, params, axes, record) -> Sym | None:
     )
 
 
-def _gather_factor(f, stack: dict, indices, params):
+def _gather_factor(f: jax.Array, stack: dict, indices: jax.Array, params: dict) -> jax.Array:
     """The same pick on a factor whose leading axes are the weight's stacked ones (in
     order): the indices' batch axes first, then the factor's kept axes in order."""
     dn, sizes = params["dimension_numbers"], params["slice_sizes"]
@@ -176,7 +187,7 @@ def _gather_factor(f, stack: dict, indices, params):
     )
 
 
-def _picked_labels(sym: Sym, dn, nb: int) -> tuple:
+def _picked_labels(sym: Sym, dn: Any, nb: int) -> tuple:
     """The output's labels: the indices' batch axes stacked first (0..nb-1), the kept
     stacked axes after them in order, in and out axes as they were."""
     kept = [ax for ax in range(sym.base.ndim) if ax not in dn.collapsed_slice_dims]

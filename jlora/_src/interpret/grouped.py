@@ -19,6 +19,8 @@ dense products (:func:`ragged_low_rank`), still many times the gather there
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +34,9 @@ MODES = ("auto", "gather", "grouped", "onehot")
 DENSE_ON = ("cpu",)
 
 
-def ragged_low_rank(x, a, b, sizes, scale: float, prec):
+def ragged_low_rank(
+    x: jax.Array, a: jax.Array, b: jax.Array, sizes: jax.Array, scale: float | jax.Array, prec: Any
+) -> jax.Array:
     """``scale * ragged_dot(ragged_dot(x, a, sizes), b, sizes)``: rows ``x (T, K)`` in runs
     of ``sizes`` (rows past them get zeros), each run its group's ``a (n, K, r)`` and
     ``b (n, r, N)``.
@@ -52,7 +56,14 @@ def ragged_low_rank(x, a, b, sizes, scale: float, prec):
     return onehot_low_rank(x, a, b, group, scale, prec)
 
 
-def onehot_low_rank(x, a, b, row_ids, scale: float, prec):
+def onehot_low_rank(
+    x: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    row_ids: jax.Array,
+    scale: float | jax.Array,
+    prec: Any,
+) -> jax.Array:
     """The one-hot contraction (sglang-jax's ``einsum("td,tX,Xld->tl")``): every row
     ``x (T, K)`` against every adapter's ``a (n, K, r)``, each row keeping its own
     adapter's ``r`` columns (a one-hot of ``row_ids``; id -1 keeps none), times all ``b``
@@ -62,7 +73,7 @@ def onehot_low_rank(x, a, b, row_ids, scale: float, prec):
     return thin("tgr,grn->tn", prec, t, b)
 
 
-def applies(sym: Sym, mode: str, dims) -> bool:
+def applies(sym: Sym, mode: str, dims: tuple) -> bool:
     """Whether the grouped path can run this use (contracting in-axes, no batch or
     stacked axes, no DoRA)."""
     _, _, xb, wb = dims
@@ -76,7 +87,7 @@ def applies(sym: Sym, mode: str, dims) -> bool:
     )
 
 
-def chosen(choice: str, x, sym: Sym, ex_axis: int) -> str:
+def chosen(choice: str, x: jax.Array, sym: Sym, ex_axis: int) -> str:
     """``choice`` resolved for this use: ``"gather"``, ``"grouped"`` or ``"onehot"``."""
     if choice != "auto":
         return choice
@@ -85,7 +96,9 @@ def chosen(choice: str, x, sym: Sym, ex_axis: int) -> str:
     return "grouped" if decode else "gather"
 
 
-def in_rows(x, sym: Sym, xc, wc, first=None):
+def in_rows(
+    x: jax.Array, sym: Sym, xc: Sequence[int], wc: Sequence[int], first: int | None = None
+) -> tuple[jax.Array, list[int]]:
     """``(rows, free)``: ``x`` as ``(rows, K)``, its contracted axes last in ``A``'s in-axis
     order, the others (``first`` leading) flattened into rows in the order ``free``."""
     order = sorted(range(len(wc)), key=lambda k: sym.labels[wc[k]][1])
@@ -97,7 +110,15 @@ def in_rows(x, sym: Sym, xc, wc, first=None):
     return jnp.transpose(x, free + xc).reshape(-1, k), free
 
 
-def low_rank(x, sym: Sym, sym_is_rhs: bool, dims, examples: tuple, prec, onehot: bool = False):
+def low_rank(
+    x: jax.Array,
+    sym: Sym,
+    sym_is_rhs: bool,
+    dims: tuple,
+    examples: tuple,
+    prec: Any,
+    onehot: bool = False,
+) -> jax.Array:
     """``(x A) B`` per row's adapter, laid out like the dot's output (rows of id -1 zero):
     rows sorted by adapter (``ragged_low_rank``) or, ``onehot``, in place
     (``onehot_low_rank``).
@@ -119,7 +140,14 @@ def low_rank(x, sym: Sym, sym_is_rhs: bool, dims, examples: tuple, prec, onehot:
     return _lay_out(y, x, sym, sym_is_rhs, wc, (ex_axis, free, rest))
 
 
-def _sorted(rows, a, b, row_ids, scale: float, prec):
+def _sorted(
+    rows: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    row_ids: jax.Array,
+    scale: float | jax.Array,
+    prec: Any,
+) -> jax.Array:
     """Rows sorted by adapter, the two products per group, the rows put back."""
     used = row_ids >= 0
     order = jnp.argsort(jnp.maximum(row_ids, 0), stable=True)
@@ -129,7 +157,9 @@ def _sorted(rows, a, b, row_ids, scale: float, prec):
     return jnp.where(used[:, None], y_sorted[back], jnp.zeros((), y_sorted.dtype))
 
 
-def _lay_out(y, x, sym: Sym, sym_is_rhs: bool, wc, x_axes: tuple):
+def _lay_out(
+    y: jax.Array, x: jax.Array, sym: Sym, sym_is_rhs: bool, wc: Sequence[int], x_axes: tuple
+) -> jax.Array:
     """``y (rows, out)`` laid out like the dot's output; ``x_axes`` is ``(ex_axis, free,
     rest)``: x's example axis, its free axes, and those of them after the example axis."""
     ex_axis, free, rest = x_axes

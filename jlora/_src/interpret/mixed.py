@@ -5,9 +5,12 @@ carries the examples (``example_layout``), which the example-axis analysis
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from jlora._src.adapter import StackedNode
 from jlora._src.config import LoraError
@@ -16,7 +19,7 @@ from jlora._src.interpret.trace import is_array
 from jlora._src.targets import path_str
 
 
-def check_ids(nodes: list, adapter_ids):
+def check_ids(nodes: list, adapter_ids: ArrayLike | None) -> jax.Array | None:
     """``adapter_ids`` as an int32 array when the adapter is stacked (validated when concrete)."""
     stacked = [n for n in nodes if isinstance(n, StackedNode)]
     if not stacked:
@@ -45,7 +48,9 @@ def check_ids(nodes: list, adapter_ids):
     return ids.astype(jnp.int32)
 
 
-def example_layout(args, kwargs, n: int, example_axes=None) -> list:
+def example_layout(
+    args: tuple, kwargs: dict, n: int, example_axes: int | Sequence[int | None] | None = None
+) -> list:
     """Where each array argument carries the examples, as ``examples.analyze`` reads it.
 
     ``example_axes`` works as ``jax.vmap``'s ``in_axes`` over ``args``: an int, None

@@ -10,6 +10,8 @@ layers if the result is contracted, else a table's rows) and compute the base al
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 
 from jlora._src.config import LoraError
@@ -18,10 +20,12 @@ from jlora._src.interpret.core import Ctx, evaluate
 from jlora._src.interpret.sym import Probe
 from jlora._src.interpret.trace import trace
 from jlora._src.numerics import qview as qv
-from jlora._src.targets import flatten, path_str
+from jlora._src.targets import Params, flatten, path_str
 
 
-def _records(fn, params, paths: set[str], args, kwargs) -> tuple[dict, dict]:
+def _records(
+    fn: Callable, params: Params, paths: set[str], args: tuple, kwargs: dict
+) -> tuple[dict, dict]:
     """The use records of each path in ``paths``, and each leaf's rank."""
     ctx = Ctx()
     closed, _, dyn = trace(fn, params, args, kwargs)
@@ -34,7 +38,9 @@ def _records(fn, params, paths: set[str], args, kwargs) -> tuple[dict, dict]:
     return ctx.records, ndims
 
 
-def discover_axes(fn, params, paths: set[str], args, kwargs) -> dict[str, tuple]:
+def discover_axes(
+    fn: Callable, params: Params, paths: set[str], args: tuple, kwargs: dict
+) -> dict[str, tuple]:
     """Learn ``(stack_axes, in_axes, out_axes)`` per path from how ``fn`` contracts it.
 
     Contracted axes are "in", axes indexed, scanned over or batched in the
@@ -70,7 +76,7 @@ def discover_axes(fn, params, paths: set[str], args, kwargs) -> dict[str, tuple]
     return found
 
 
-def _axes(x) -> tuple[int, ...]:
+def _axes(x: int | tuple) -> tuple[int, ...]:
     """Original axes from recorded labels: ints, or tuples of them (merged by a reshape),
     each once (the parts of an axis split by a reshape all hold that one axis)."""
     items = x if isinstance(x, tuple) else (x,)

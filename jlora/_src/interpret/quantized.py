@@ -9,10 +9,13 @@ so the backward pass dequantizes again instead of keeping the weight.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.extend.core import Primitive
 
 from jlora._src.numerics.qview import QView
 
@@ -31,7 +34,7 @@ DEFER = frozenset(
 )
 
 
-def _narrow(view: QView, prim, operands, params: dict) -> QView | None:
+def _narrow(view: QView, prim: Primitive, operands: Sequence, params: dict) -> QView | None:
     """A slice or dynamic slice of the leading axis only, as a narrower region (or None)."""
     if view.ops:
         return None
@@ -51,7 +54,7 @@ def _narrow(view: QView, prim, operands, params: dict) -> QView | None:
     return None
 
 
-def op(view: QView, prim, operands, params: dict):
+def op(view: QView, prim: Primitive, operands: Sequence, params: dict) -> Any:
     """``prim`` applied to the view: a narrower view, a deferred op, or a plain array."""
     narrow = _narrow(view, prim, operands, params)
     if narrow is not None:
@@ -63,10 +66,10 @@ def op(view: QView, prim, operands, params: dict):
     return prim.bind(view.value(), *operands, **params)
 
 
-def dot(view: QView, x, view_is_rhs: bool, params: dict):
+def dot(view: QView, x: jax.Array, view_is_rhs: bool, params: dict) -> jax.Array:
     """``dot_general`` with the dequantized view, rematerialized in the backward pass."""
 
-    def f(view, x):
+    def f(view: QView, x: jax.Array) -> jax.Array:
         w = view.value()
         return lax.dot_general_p.bind(*((x, w) if view_is_rhs else (w, x)), **params)
 

@@ -9,8 +9,12 @@ Other layouts, DoRA experts and mixed-adapter batches materialize and say why.
 
 from __future__ import annotations
 
+from typing import Any
+
+from jax.extend.core import JaxprEqn
+
 from jlora._src.interpret import sym as sy
-from jlora._src.interpret.core import bind, has_sym, materialized, register
+from jlora._src.interpret.core import Ctx, bind, has_sym, materialized, register
 from jlora._src.interpret.dot import _dropout
 from jlora._src.interpret.grouped import ragged_low_rank
 from jlora._src.interpret.sym import Probe, Sym
@@ -19,7 +23,7 @@ from jlora._src.interpret.uses import FACTORED
 _EXPERTS = (("s", 0), ("i", 0), ("o", 0))
 
 
-def _standard(eqn, lhs, rhs) -> bool:
+def _standard(eqn: JaxprEqn, lhs: Any, rhs: Any) -> bool:
     """``(tokens, in) x (experts, in, out)`` grouped along the tokens, no group offset."""
     dn = eqn.params["ragged_dot_dimension_numbers"]
     return (
@@ -33,7 +37,7 @@ def _standard(eqn, lhs, rhs) -> bool:
     )
 
 
-def _why_not(eqn, lhs, rhs) -> str | None:
+def _why_not(eqn: JaxprEqn, lhs: Any, rhs: Any) -> str | None:
     if not _standard(eqn, lhs, rhs):
         return "ragged_dot that is not (tokens, in) x (experts, in, out)"
     if rhs.labels != _EXPERTS:
@@ -46,7 +50,7 @@ def _why_not(eqn, lhs, rhs) -> str | None:
 
 
 @register(names=("ragged_dot_general",), on=Probe)
-def _probe_ragged_dot(eqn, invals, ctx):
+def _probe_ragged_dot(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
     """A probed expert stack: its in axis contracted, its expert axis batched."""
     lhs, rhs, sizes = invals[0], invals[1], invals[2]
     if not isinstance(rhs, Probe) or has_sym([lhs, sizes, *invals[3:]]):
@@ -57,7 +61,7 @@ def _probe_ragged_dot(eqn, invals, ctx):
 
 
 @register(names=("ragged_dot_general",))
-def ragged_dot(eqn, invals, ctx):
+def ragged_dot(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
     lhs, rhs, sizes = invals[0], invals[1], invals[2]
     if not isinstance(rhs, Sym) or has_sym([lhs, sizes, *invals[3:]]):
         return bind(eqn, materialized(invals, ctx, "ragged_dot of an adapted input"))

@@ -10,16 +10,23 @@ the base alone (id -1) compute nothing.
 
 from __future__ import annotations
 
+from typing import Any
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jlora._src.interpret.sym import Sym
 from jlora._src.interpret.thin import thin
 
 
-def low_rank(x, sym, mode: str, sp: dict, ex_axis: int, prec):
+def low_rank(
+    x: jax.Array, sym: Sym, mode: str, sp: dict, ex_axis: int, prec: Any
+) -> jax.Array | None:
     """``s (x A) B`` laid out as ``sp['out']`` (:func:`jlora._src.interpret.dot._specs`), or
     None when no row uses an adapter (the caller's gather path then gives zeros)."""
+    assert sym.ranked is not None  # (the caller's check: a stack of several ranks)
     ids, ranks = sym.ranked
     per_row = np.repeat(np.asarray(ids), x.shape[ex_axis] // len(ids))
     first, second = (sym.a, sym.b) if mode == "i" else (sym.b, sym.a)

@@ -10,25 +10,28 @@ of a stacked kernel stays factored. On a quantized view they narrow or defer
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.extend.core import JaxprEqn
+from jax.typing import DTypeLike
 
 from jlora._src.interpret import quantized
 from jlora._src.interpret import sym as sy
-from jlora._src.interpret.core import bind_params, has_sym, materialize_rule, register
+from jlora._src.interpret.core import Ctx, Rule, bind_params, has_sym, materialize_rule, register
 from jlora._src.interpret.sym import Label, Probe, Sym
+from jlora._src.interpret.walk import aval_shape
 from jlora._src.numerics import qview as qv
 
 
-def _layout_rule(on_sym: Callable | None):
+def _layout_rule(on_sym: Callable | None) -> Rule:
     """The rule of one layout primitive: ``on_sym(sym, operands, params, ctx)`` for an
     adapted weight (None: not expressible), deferral for a quantized one."""
 
-    def rule(eqn, invals, ctx):
+    def rule(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
         x, rest = invals[0], invals[1:]
         if not has_sym(rest):
             if isinstance(x, Sym) and on_sym is not None:
@@ -50,14 +53,14 @@ def _on_factors(sym: Sym, label: Label, op: Callable[[jax.Array, int], jax.Array
     return new
 
 
-def transpose(sym: Sym, permutation) -> Sym:
+def transpose(sym: Sym, permutation: Sequence[int]) -> Sym:
     return sym.replace(
         base=sy.on_base(sym.base, lax.transpose_p, permutation=permutation),
         labels=tuple(sym.labels[p] for p in permutation),
     )
 
 
-def convert(sym: Sym, new_dtype, **params) -> Sym | None:
+def convert(sym: Sym, new_dtype: DTypeLike, **params: Any) -> Sym | None:
     if not jnp.issubdtype(new_dtype, jnp.inexact):
         return None
     return sym.replace(
@@ -65,7 +68,7 @@ def convert(sym: Sym, new_dtype, **params) -> Sym | None:
     )
 
 
-def squeeze(sym: Sym, dimensions, record) -> Sym:
+def squeeze(sym: Sym, dimensions: Sequence[int], record: Callable[[str, Any], None]) -> Sym:
     out = sym
     for d in sorted(dimensions, reverse=True):
         label = out.labels[d]
@@ -77,7 +80,12 @@ def squeeze(sym: Sym, dimensions, record) -> Sym:
     return out
 
 
-def slice_(sym: Sym, start_indices, limit_indices, strides) -> Sym:
+def slice_(
+    sym: Sym,
+    start_indices: Sequence[int],
+    limit_indices: Sequence[int],
+    strides: Sequence[int] | None,
+) -> Sym:
     out = sym.replace(
         base=sy.on_base(
             sym.base,
@@ -110,7 +118,7 @@ def _dynamic_slicer(start: Any, size: int) -> Callable[[jax.Array, int], jax.Arr
     return lambda f, d: lax.dynamic_slice_in_dim(f, start, size, axis=d)
 
 
-def dynamic_slice(sym: Sym, starts, slice_sizes) -> Sym:
+def dynamic_slice(sym: Sym, starts: Sequence, slice_sizes: Sequence[int]) -> Sym:
     out = sym.replace(
         base=sy.on_base(sym.base, lax.dynamic_slice_p, *starts, slice_sizes=tuple(slice_sizes))
     )
@@ -126,7 +134,9 @@ def dynamic_slice(sym: Sym, starts, slice_sizes) -> Sym:
     return out
 
 
-def expand(sym: Sym, shape, broadcast_dimensions, **params) -> Sym | None:
+def expand(
+    sym: Sym, shape: Sequence[int], broadcast_dimensions: Sequence[int], **params: Any
+) -> Sym | None:
     """``broadcast_in_dim`` that only inserts size-1 axes: new stacked axes."""
     if math.prod(shape) != sym.base.size or list(broadcast_dimensions) != sorted(
         broadcast_dimensions
@@ -152,7 +162,7 @@ def expand(sym: Sym, shape, broadcast_dimensions, **params) -> Sym | None:
     return sym.replace(base=base, a=a, b=b, g=g, labels=tuple(labels))
 
 
-def rev(sym: Sym, dimensions) -> Sym:
+def rev(sym: Sym, dimensions: Sequence[int]) -> Sym:
     """Axes reversed (``jnp.flip``; ``conv_transpose`` flips its kernel): the factors'
     matching axes reversed too."""
     out = sym.replace(base=sy.on_base(sym.base, lax.rev_p, dimensions=tuple(dimensions)))
@@ -169,7 +179,7 @@ BROADCAST = (
 )
 
 
-def broadcast(sym: Sym, rest, params, ctx):
+def broadcast(sym: Sym, rest: list, params: dict, ctx: Ctx) -> Any:
     """Size-1 new axes stay symbolic (:func:`expand`); new axes of any size: the weight
     (already narrowed by any slice before) built, then broadcast."""
     if rest:
@@ -180,7 +190,9 @@ def broadcast(sym: Sym, rest, params, ctx):
     return lax.broadcast_in_dim_p.bind(sy.materialize(sym, ctx.record, BROADCAST), **params)
 
 
-def reshape(sym: Sym, new_sizes, dimensions=None, **params) -> Sym | None:
+def reshape(
+    sym: Sym, new_sizes: Sequence[int], dimensions: Sequence[int] | None = None, **params: Any
+) -> Sym | None:
     """Merges/splits of adjacent axes of one kind that are adjacent in the factors too."""
     groups = sy.reshape_groups(sym.base.shape, tuple(new_sizes))
     if dimensions is not None or groups is None:
@@ -211,7 +223,7 @@ def reshape(sym: Sym, new_sizes, dimensions=None, **params) -> Sym | None:
 
 
 @register(lax.split_p)
-def _split(eqn, invals, ctx):
+def _split(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
     """A fused kernel split along any axis (``jnp.split(qkv, 3, axis=1)``): each piece a
     slice of the weight, its factors sliced along the same axis."""
     x = invals[0]
@@ -226,7 +238,7 @@ def _split(eqn, invals, ctx):
     return outs
 
 
-def _scale_side(sym: Sym, c) -> str | None:
+def _scale_side(sym: Sym, c: Any) -> str | None:
     """Which factor a scale ``c`` (0-d, or the weight's rank with size-1 axes) folds
     into: ``'b'`` when it varies along out (and stacked) axes only, ``'a'`` when along in
     (and stacked) axes only; None when it varies along both (not low-rank)."""
@@ -238,7 +250,7 @@ def _scale_side(sym: Sym, c) -> str | None:
     return "b" if kinds <= {"s", "o"} else "a" if kinds <= {"s", "i"} else None
 
 
-def _as_factor(sym: Sym, c, side: str):
+def _as_factor(sym: Sym, c: Any, side: str) -> Any:
     """The scale laid out to broadcast against factor ``side`` (size 1 at the rank axis)."""
     if jnp.ndim(c) == 0:
         return c
@@ -251,7 +263,7 @@ def _as_factor(sym: Sym, c, side: str):
     return c.reshape((1,) * sym.lead + c.shape)
 
 
-def _scale_rule(eqn, invals, ctx):
+def _scale_rule(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
     """A kernel scaled before use (``x @ (w * scale)``, ``w / scale``) stays factored when
     the scale is a scalar or varies along in axes only (folded into ``A``) or out axes
     only (folded into ``B``); DoRA's ``g`` is per out feature and commutes with it.
@@ -273,7 +285,7 @@ register(lax.mul_p, lax.div_p)(_scale_rule)
 
 
 @register(lax.mul_p, lax.div_p, on=Probe)
-def _probe_scale(eqn, invals, ctx):
+def _probe_scale(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
     """A probed weight scaled by a plain operand of its shape or less: its layout is kept."""
     scaled = _scaled(eqn, invals, Probe)
     if scaled is None:
@@ -282,19 +294,19 @@ def _probe_scale(eqn, invals, ctx):
     return sym.replace(base=sy.on_base(sym.base, eqn.primitive, c, **bind_params(eqn)[1]))
 
 
-def _scaled(eqn, invals, kind: type[Sym]) -> tuple[Sym, Any] | None:
+def _scaled(eqn: JaxprEqn, invals: list, kind: type[Sym]) -> tuple[Sym, Any] | None:
     """``(weight, scale)`` of a mul/div whose weight is a ``kind`` value and whose other
     operand is plain and no larger (the result has the weight's shape), else None."""
     lhs, rhs = invals
     if eqn.primitive is lax.mul_p and isinstance(rhs, Sym):
         lhs, rhs = rhs, lhs
-    if not isinstance(lhs, kind) or has_sym([rhs]) or eqn.outvars[0].aval.shape != lhs.base.shape:
+    if not isinstance(lhs, kind) or has_sym([rhs]) or aval_shape(eqn.outvars[0]) != lhs.base.shape:
         return None
     return lhs, rhs
 
 
 @register(lax.squeeze_p, on=Probe)
-def _probe_squeeze(eqn, invals, ctx):
+def _probe_squeeze(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
     """Size-1 axes of a probed weight squeezed away: each recorded as indexed (stacked)."""
     sym = invals[0]
     if not isinstance(sym, Probe) or has_sym(invals[1:]):
@@ -311,7 +323,7 @@ register(lax.broadcast_in_dim_p, on=Probe)(materialize_rule)
 
 
 @register(lax.reshape_p, on=Probe)
-def _probe_reshape(eqn, invals, ctx):
+def _probe_reshape(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
     """Each new axis labelled with the original axes it holds (a merge: all of its
     group's, a split: the one it came from; an inserted size-1 axis: none)."""
     sym, rest, params = invals[0], invals[1:], dict(eqn.params)

@@ -11,13 +11,16 @@ right total. ``pvary`` (JAX's varying-axes cast) applies to every part.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from jax import lax
+from jax.extend.core import JaxprEqn
 from jax.sharding import PartitionSpec
 
 from jlora._src.interpret import sym as sy
-from jlora._src.interpret.core import evaluate, materialize_rule, materialized, register
+from jlora._src.interpret.core import Ctx, evaluate, materialize_rule, materialized, register
 from jlora._src.interpret.walk import primitives
 from jlora._src.numerics import qview as qv
 
@@ -48,7 +51,7 @@ def _part_specs(sym: sy.Sym, spec: tuple) -> list:
     return out
 
 
-def _split(v, spec):
+def _split(v: Any, spec: Any) -> tuple[list, list, Callable[[list], Any]]:
     """(parts, specs, rebuild) for one input of the shard_map."""
     if qv.is_view(v):
         v = v.value()
@@ -66,19 +69,20 @@ def _split(v, spec):
 
 
 @register(names=("shard_map",))
-def _shard_map(eqn, invals, ctx):
+def _shard_map(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
     p = eqn.params
     manual = p.get("newly_manual_axes", p.get("manual_axes"))
-    if manual is None or any(isinstance(v, sy.Sym) and v.ids is not None for v in invals):
-        why = "shard_map" if manual is None else "shard_map with a mixed-adapter batch"
-        invals = materialized(invals, ctx, why)
+    if manual is None:  # a shard_map whose manual axes this JAX does not name: bound whole
+        return materialize_rule(eqn, invals, ctx)
+    if any(isinstance(v, sy.Sym) and v.ids is not None for v in invals):
+        invals = materialized(invals, ctx, "shard_map with a mixed-adapter batch")
     splits = [_split(v, s) for v, s in zip(invals, p["in_specs"], strict=True)]
     flat = [x for parts, _, _ in splits for x in parts]
     specs = tuple(s for _, ss, _ in splits for s in ss)
     sizes = [len(parts) for parts, _, _ in splits]
     axes = tuple(sorted(manual))
 
-    def body(key, *flat):
+    def body(key: jax.Array | None, *flat: Any) -> tuple:
         vals, at = [], 0
         for (_, _, rebuild), n in zip(splits, sizes, strict=True):
             vals.append(rebuild(list(flat[at : at + n])))
@@ -99,14 +103,14 @@ def _shard_map(eqn, invals, ctx):
     return list(mapped(ctx.key, *flat))
 
 
-def _constrained(v: sy.Sym, eqn, key: str):
+def _constrained(v: sy.Sym, eqn: JaxprEqn, key: str) -> sy.Sym | None:
     """``v`` with the eqn's constraint on its base and the matching one on each factor."""
     target = eqn.params[key]
     if not isinstance(target, jax.sharding.NamedSharding):
         return None
     parts = dict(zip(_FIELDS, _part_specs(v, tuple(target.spec)), strict=True))
 
-    def bind(x, spec):
+    def bind(x: jax.Array, spec: PartitionSpec) -> jax.Array:
         return eqn.primitive.bind(
             x, **{**eqn.params, key: jax.sharding.NamedSharding(target.mesh, spec)}
         )
@@ -122,7 +126,7 @@ _RESHARD = primitives("sharding_constraint_p", "reshard_p")
 
 
 @register(*_RESHARD, names=("sharding_constraint", "reshard"), on=sy.Probe)
-def _probe_reshard(eqn, invals, ctx):
+def _probe_reshard(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
     """A probed weight constrained or resharded: its base, the layout kept."""
     v = invals[0]
     if not isinstance(v, sy.Probe):
@@ -131,7 +135,7 @@ def _probe_reshard(eqn, invals, ctx):
 
 
 @register(*_RESHARD, names=("sharding_constraint", "reshard"))
-def _reshard(eqn, invals, ctx):
+def _reshard(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
     """An adapted weight constrained or resharded: each part to its own spec."""
     (v,) = invals[:1]
     key = "sharding" if eqn.primitive.name == "sharding_constraint" else "dst_sharding"
@@ -149,13 +153,13 @@ def _reshard(eqn, invals, ctx):
 
 
 @register(names=("pvary",))
-def _pvary(eqn, invals, ctx):
+def _pvary(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
     """Each part of an adapted weight cast to vary over the axes it does not yet."""
     (v,) = invals
     if qv.is_view(v):
         v = v.value()
 
-    def cast(x):
+    def cast(x: jax.Array) -> jax.Array:
         have: frozenset = getattr(jax.typeof(x), "vma", frozenset())
         axes = tuple(a for a in eqn.params["axes"] if a not in have)
         return x if not axes else eqn.primitive.bind(x, **{**eqn.params, "axes": axes})

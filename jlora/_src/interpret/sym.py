@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.extend.core import Primitive
 
+from jlora._src.adapter import LoraNode, StackedNode
 from jlora._src.config import LoraError
 from jlora._src.interpret import quantized
 from jlora._src.interpret.thin import thin
@@ -68,8 +70,8 @@ class Sym:
     def count(self, kind: str) -> int:
         return sum(1 for k, _ in self.labels if k == kind)
 
-    def replace(self, **kw) -> Sym:
-        def stacked(labels):
+    def replace(self, **kw: Any) -> Sym:
+        def stacked(labels: Sequence[Label]) -> list[Label]:
             return sorted(lab for lab in labels if lab[0] == "s")
 
         if (
@@ -89,12 +91,12 @@ class Probe(Sym):
     each use (``jlora._src.interpret.probe`` reads the records)."""
 
     @classmethod
-    def of(cls, base, path: str) -> Probe:
+    def of(cls, base: Any, path: str) -> Probe:
         labels = tuple(("p", ax) for ax in range(base.ndim))
         return cls(base, None, None, None, labels, 0.0, 0.0, path)
 
 
-def check_assumed(sym: Sym, contracted) -> None:
+def check_assumed(sym: Sym, contracted: Sequence[int]) -> None:
     """Refuse a use that contracts out-axes of factors whose layout was assumed
     (``axes_from="assumed"``: the model keeps the weight transposed against that
     assumption, torch's ``(out, in)``, so the file's update would land transposed), or of
@@ -122,7 +124,7 @@ def check_assumed(sym: Sym, contracted) -> None:
     )
 
 
-def node_norm(leaf, node) -> jax.Array:
+def node_norm(leaf: Any, node: LoraNode | StackedNode) -> jax.Array:
     """DoRA's ``||W0 + s A B||`` per output feature, ``(*stack, *out)`` (``(n, ...)`` for a
     stacked node).
 
@@ -130,7 +132,7 @@ def node_norm(leaf, node) -> jax.Array:
     no tangent work is traced (and no per-layer weight kept for it)."""
     a, b = (lax.stop_gradient(x) for x in node.unflat()[:2])
 
-    def norm(a, b, s):
+    def norm(a: jax.Array, b: jax.Array, s: float | jax.Array) -> jax.Array:
         return dora_norm(leaf, a, b, s, node.stack_axes, node.in_axes, node.out_axes)
 
     if isinstance(node.scale, float):
@@ -138,7 +140,15 @@ def node_norm(leaf, node) -> jax.Array:
     return jax.vmap(norm)(a, b, jnp.asarray(node.scale, jnp.float32))
 
 
-def from_node(leaf, node, path: str, norm=None, ids=None, active=None, rows=None) -> Sym | Any:
+def from_node(
+    leaf: Any,
+    node: LoraNode | StackedNode | None,
+    path: str,
+    norm: jax.Array | None = None,
+    ids: jax.Array | None = None,
+    active: tuple[bool, ...] | None = None,
+    rows: tuple | None = None,
+) -> Sym | Any:
     """The symbolic weight for a base leaf and its adapter node (the leaf if none).
 
     ``norm`` overrides DoRA's norm (unmerge: the base is then the merged weight).
@@ -156,7 +166,7 @@ def from_node(leaf, node, path: str, norm=None, ids=None, active=None, rows=None
         if active is not None:  # layers without factors: exactly W0
             mask = jnp.asarray(active).reshape((-1,) + (1,) * (g.ndim - 1))
             g = jnp.where(mask, g, jnp.ones((), g.dtype))
-    scale = node.scale
+    scale: Any = node.scale  # (a stack's: one per adapter)
     if ids is not None and len(set(scale)) == 1:  # one scaling for all: the thin t takes it
         scale = scale[0]
     elif ids is not None:
@@ -169,7 +179,7 @@ def from_node(leaf, node, path: str, norm=None, ids=None, active=None, rows=None
     )
 
 
-def on_base(base, prim, *operands, **params):
+def on_base(base: Any, prim: Primitive, *operands: Any, **params: Any) -> Any:
     """``prim`` on the base weight: bound, or deferred/narrowed when it is quantized."""
     if qv.is_view(base):
         return quantized.op(base, prim, operands, params)
@@ -183,7 +193,7 @@ def a_as_base(sym: Sym) -> jax.Array:
     return jnp.transpose(sym.a, [j if k != "o" else sym.count("i") for k, j in sym.labels])
 
 
-def times_b(sym: Sym, t, axis: int, precision=None) -> jax.Array:
+def times_b(sym: Sym, t: jax.Array, axis: int, precision: Any = None) -> jax.Array:
     """``s * t B`` contracting ``t``'s rank axis ``axis``; ``B``'s out axis takes its place."""
     if sym.scale != 1.0:  # scale the thin intermediate, not the full-size output
         t = t * jnp.asarray(sym.scale, t.dtype)
@@ -193,7 +203,7 @@ def times_b(sym: Sym, t, axis: int, precision=None) -> jax.Array:
     return thin(f"{ls[:axis]}{r}{ls[axis + 1 :]},{r}{o}->{out}", precision, t, sym.b)
 
 
-def value(base):
+def value(base: Any) -> Any:
     return base.value() if qv.is_view(base) else base
 
 
@@ -202,7 +212,7 @@ def letters(sym: Sym) -> dict[Label, str]:
 
 
 def factor_specs(sym: Sym, letter: dict[Label, str], r: str) -> tuple[str, str]:
-    def ls(kind):
+    def ls(kind: str) -> str:
         return "".join(letter[(kind, i)] for i in range(sym.count(kind)))
 
     return ls("s") + ls("i") + r, ls("s") + r + ls("o")
@@ -217,7 +227,7 @@ def delta(sym: Sym) -> jax.Array:
     return jnp.einsum(f"{sa},{sb}->{out}", sym.a, sym.b)
 
 
-def materialize(x, record: Callable | None = None, why: str = ""):
+def materialize(x: Any, record: Callable | None = None, why: str = "") -> Any:
     """``base + s * A @ B`` as a plain array (leaves non-Sym values alone)."""
     if qv.is_view(x):
         return x.value()
@@ -250,15 +260,15 @@ def dematerialize(x: Sym) -> jax.Array:
     return w - (x.scale * delta(x)).astype(w.dtype)
 
 
-def _labels_spec(labels, letter) -> str:
+def _labels_spec(labels: Sequence[Label], letter: dict) -> str:
     return "".join(letter[lab] for lab in labels)
 
 
-def g_spec(sym: Sym, letter) -> str:
+def g_spec(sym: Sym, letter: dict) -> str:
     return "".join(letter[(k, i)] for k in "so" for i in range(sym.count(k)))
 
 
-def broadcast(arr, spec: str, out: str):
+def broadcast(arr: jax.Array, spec: str, out: str) -> jax.Array:
     """``arr`` (letters ``spec``, all in ``out``) transposed and expanded to ``out``'s rank."""
     order = [c for c in out if c in spec]
     arr = jnp.transpose(arr, [spec.index(c) for c in order])
@@ -292,20 +302,22 @@ def unit_as(sym: Sym, ax: int, kind: str) -> Sym:
     return moved.replace(**f)
 
 
-def originals(label) -> tuple[int, ...]:
+def originals(label: Label) -> tuple[int, ...]:
     """Probe mode: the original axes an axis holds (``("p", ax)``; after a reshape merged
     axes, ``("p", (ax, ...))``; an inserted size-1 axis holds none)."""
     held = label[1]
     return held if isinstance(held, tuple) else (held,)
 
 
-def drop_label(labels, removed: Label):
+def drop_label(labels: Sequence[Label], removed: Label) -> tuple[Label, ...]:
     """``labels`` after the axis ``removed`` is gone: later axes of its kind move down."""
     kind, idx = removed
     return tuple((k, i - (k == kind and i > idx)) for k, i in labels)
 
 
-def reshape_groups(old, new):
+def reshape_groups(
+    old: tuple[int, ...], new: tuple[int, ...]
+) -> list[tuple[list[int], list[int]]] | None:
     """Pair runs of old and new axes with equal products, or None."""
     groups, i, j = [], 0, 0
     while i < len(old) and j < len(new):

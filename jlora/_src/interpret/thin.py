@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import string
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jlora._src.numerics import mesh
 
 
-def contract(spec: str, x, y, precision=None, out_spec=None) -> jax.Array:
+def contract(
+    spec: str, x: jax.Array, y: jax.Array, precision: Any = None, out_spec: tuple | None = None
+) -> jax.Array:
     """``jnp.einsum(spec, x, y)`` for two operands whose letters each appear once per
     operand and none only in one operand but not the output: one ``dot_general``
     and at most one transpose (no path search, no nested ``jit``). Under an explicit
@@ -62,17 +65,17 @@ def contract(spec: str, x, y, precision=None, out_spec=None) -> jax.Array:
 thin_p = jcore.Primitive("jlora_thin")
 
 
-def thin(spec: str, precision, t, f) -> jax.Array:
+def thin(spec: str, precision: Any, t: jax.Array, f: jax.Array) -> jax.Array:
     """``contract(spec, t, f, precision)``, differentiated by the rules below."""
     both = mesh.vma(t) | mesh.vma(f)  # inside shard_map: both vary alike, as JAX's ops need
     return thin_p.bind(mesh.vary(t, both), mesh.vary(f, both), spec=spec, precision=precision)
 
 
-def _impl(t, f, *, spec, precision):
+def _impl(t: jax.Array, f: jax.Array, *, spec: str, precision: Any) -> jax.Array:
     return contract(spec, t, f, precision)
 
 
-def _abstract(t, f, *, spec, precision):
+def _abstract(t: Any, f: Any, *, spec: str, precision: Any) -> Any:
     """The output aval: its sharding from the operands' (``mesh.contraction_spec``), its
     varying manual axes (inside ``shard_map``) theirs, as ``dot_general``'s would be."""
     ins, out = spec.split("->")
@@ -89,18 +92,18 @@ def _abstract(t, f, *, spec, precision):
     )
 
 
-def _dtype(x, like):
+def _dtype(x: Any, like: Any) -> Any:
     aval = getattr(x, "aval", None)
     return like.dtype if aval is None else aval.dtype
 
 
-def _transpose_t(ct, t, f, *, spec, precision):
+def _transpose_t(ct: jax.Array, t: Any, f: jax.Array, *, spec: str, precision: Any) -> jax.Array:
     """The cotangent of ``t``: ``dy`` times the factor, as JAX's rule would."""
     (ts, fs), out = spec.split("->")[0].split(","), spec.split("->")[1]
     return contract(f"{out},{fs}->{ts}", ct, f, precision, mesh.spec(t)).astype(_dtype(t, ct))
 
 
-def _transpose_f(ct, t, f, *, spec, precision):
+def _transpose_f(ct: jax.Array, t: jax.Array, f: Any, *, spec: str, precision: Any) -> jax.Array:
     """The cotangent of the factor, computed with its rank axis major.
 
     For the first product ``x A`` that is ``(dt^T x)^T``: XLA's CPU backend runs
@@ -128,7 +131,7 @@ def _transpose_f(ct, t, f, *, spec, precision):
     return lax.transpose(z, [order.index(c) for c in fs]).astype(dtype)
 
 
-def _batch(args, dims, *, spec, precision):
+def _batch(args: tuple, dims: tuple, *, spec: str, precision: Any) -> tuple[jax.Array, int]:
     """``vmap``: the mapped axis is one more letter, batch where both operands carry it."""
     (ts, fs), out = spec.split("->")[0].split(","), spec.split("->")[1]
     z = next(c for c in string.ascii_letters if c not in spec)

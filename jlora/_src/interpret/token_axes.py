@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from jax import lax
+from jax.extend.core import JaxprEqn
 
 from jlora._src.config import LoraError
 from jlora._src.interpret import walk
@@ -53,7 +54,7 @@ class At:
 NONE: frozenset = frozenset()
 
 
-def _lost(ats, why: str) -> frozenset:
+def _lost(ats: Iterable[At], why: str) -> frozenset:
     return frozenset(At(c, None, None, None, why) for c in {a.comp for a in ats})
 
 
@@ -61,7 +62,7 @@ def _blurred(a: At, why: str) -> At:
     return At(a.comp, a.axis, None, None, why) if a.axis is not None else a
 
 
-def _map(ats, fn) -> frozenset:
+def _map(ats: frozenset, fn: Callable) -> frozenset:
     """Each exact placement through ``fn(at) -> At | None (dropped)``; lost ones kept."""
     out = set()
     for a in ats:
@@ -71,11 +72,11 @@ def _map(ats, fn) -> frozenset:
     return frozenset(out)
 
 
-def _reshape(a: At, old, new) -> At:
+def _reshape(a: At, old: Sequence[int], new: Sequence[int]) -> At:
     """A placement through a reshape: the coordinate as a function of the merged group's
     flat index ``f`` is ``(f // p) % q``; find the new axis that carries that."""
     groups = reshape_groups(tuple(old), tuple(new))
-    if groups is None or a.inner is None:
+    if groups is None or a.inner is None or a.axis is None:
         return _blurred(a, "reshape")
     gi, gj = next((gi, gj) for gi, gj in groups if a.axis in gi)
     k = gi.index(a.axis)
@@ -85,17 +86,15 @@ def _reshape(a: At, old, new) -> At:
     if a.outer is not None and q and (old[a.axis] // a.inner) % q:
         return _blurred(a, "reshape")
     lead = all(old[g] == 1 for g in gi[:k])
-    p, q = (
-        a.inner * math.prod(old[g] for g in gi[k + 1 :]),
-        (None if lead and a.outer is None else q),
-    )
+    p = a.inner * math.prod(old[g] for g in gi[k + 1 :])
+    outer = None if lead and a.outer is None else q
     for n, j in enumerate(gj):
         after = math.prod(new[h] for h in gj[n + 1 :])
         if p % after == 0:
             inner = p // after
             first = all(new[h] == 1 for h in gj[:n])
-            if first or (q is not None and new[j] % (inner * q) == 0):
-                return At(a.comp, j, inner, q)
+            if first or (outer is not None and new[j] % (inner * outer) == 0):
+                return At(a.comp, j, inner, outer)
     return _blurred(a, "reshape that splits the tokens over two axes")
 
 
@@ -103,7 +102,7 @@ def _reshape(a: At, old, new) -> At:
 RULES: dict = {}
 
 
-def _elementwise(eqn, ins):
+def _elementwise(eqn: JaxprEqn, ins: list) -> list:
     return [frozenset().union(*ins)] * len(eqn.outvars)
 
 
@@ -124,10 +123,10 @@ def _keeps(eqn: Any, ins: list) -> list:
     return [frozenset().union(*(_map(x, kept) for x in ins[: _ARRAYS.get(eqn.primitive, 1)]))]
 
 
-def _along(param: str, drop: bool):
+def _along(param: str, drop: bool) -> Callable[[JaxprEqn, list], list]:
     """Ops along one axis: a placement there is dropped (reductions) or blurred."""
 
-    def rule(eqn, ins):
+    def rule(eqn: JaxprEqn, ins: list) -> list:
         axis = eqn.params[param]
         f = (
             (lambda a: None if a.axis == axis else a)
@@ -139,7 +138,7 @@ def _along(param: str, drop: bool):
     return rule
 
 
-def _reduce(eqn, ins):
+def _reduce(eqn: JaxprEqn, ins: list) -> list:
     axes = eqn.params["axes"]
     return [
         _map(
@@ -153,7 +152,7 @@ def _reduce(eqn, ins):
     ]
 
 
-def _squeeze(eqn, ins):
+def _squeeze(eqn: JaxprEqn, ins: list) -> list:
     dims = eqn.params["dimensions"]
     return [
         _map(
@@ -167,11 +166,11 @@ def _squeeze(eqn, ins):
     ]
 
 
-def _broadcast(eqn, ins):
+def _broadcast(eqn: JaxprEqn, ins: list) -> list:
     dims, shape, old = (
         eqn.params["broadcast_dimensions"],
         eqn.params["shape"],
-        eqn.invars[0].aval.shape,
+        walk.aval_shape(eqn.invars[0]),
     )
     return [
         _map(
@@ -198,13 +197,13 @@ def _dot(eqn: Any, ins: list) -> list:
     return [out]
 
 
-def _gather(eqn, ins):
+def _gather(eqn: Any, ins: list) -> list:
     """An embedding lookup: rows follow the indices' placements."""
     operand, indices = ins
     dn = eqn.params["dimension_numbers"]
-    n_out = len(eqn.outvars[0].aval.shape)
+    n_out = len(walk.aval_shape(eqn.outvars[0]))
     batch_out = [d for d in range(n_out) if d not in dn.offset_dims]
-    last = len(eqn.invars[1].aval.shape) - 1
+    last = len(walk.aval_shape(eqn.invars[1])) - 1
     if operand or getattr(dn, "operand_batching_dims", ()):
         return [_lost(operand | indices, "gather from an array that carries the tokens")]
     return [
@@ -219,14 +218,14 @@ def _gather(eqn, ins):
     ]
 
 
-def _concat(eqn, ins):
+def _concat(eqn: JaxprEqn, ins: list) -> list:
     dim = eqn.params["dimension"]
     return [
         _map(frozenset().union(*ins), lambda a: _blurred(a, "concatenate") if a.axis == dim else a)
     ]
 
 
-def _transpose(eqn, ins):
+def _transpose(eqn: JaxprEqn, ins: list) -> list:
     perm = list(eqn.params["permutation"])
     return [_map(ins[0], lambda a: dataclasses.replace(a, axis=perm.index(a.axis)))]
 
@@ -238,7 +237,10 @@ RULES.update(dict.fromkeys(walk.REDUCE, _reduce))
 RULES.update(
     {
         lax.reshape_p: lambda eqn, ins: [
-            _map(ins[0], lambda a: _reshape(a, eqn.invars[0].aval.shape, eqn.params["new_sizes"]))
+            _map(
+                ins[0],
+                lambda a: _reshape(a, walk.aval_shape(eqn.invars[0]), eqn.params["new_sizes"]),
+            )
         ],
         lax.transpose_p: _transpose,
         lax.broadcast_in_dim_p: _broadcast,
@@ -297,7 +299,7 @@ def analyze(jaxpr: Any, in_annots: Sequence[frozenset], expanded: walk.Expanded)
     return walker.sites
 
 
-def layout(args, kwargs, mask_shape) -> list:
+def layout(args: tuple, kwargs: dict, mask_shape: tuple[int, ...]) -> list:
     """Argument annotations (in the traced jaxpr's order): an array whose leading axes
     have the mask's shape carries component ``c`` along axis ``c``; any other argument
     is the same for every token."""

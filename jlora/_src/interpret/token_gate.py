@@ -6,12 +6,18 @@ that becomes an index into the mask, or a ``LoraError`` where it cannot be told.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import jax
 import jax.numpy as jnp
 
 from jlora._src.config import LoraError
+from jlora._src.interpret.token_axes import At
 
 
-def gate(x, ats, mask, free, path: str):
+def gate(
+    x: jax.Array, ats: frozenset[At], mask: jax.Array, free: Sequence[int], path: str
+) -> jax.Array:
     """``x`` with each row multiplied by its entry of ``mask`` (``free``: x's axes the
     adapted dot neither contracts nor batches); a row whose entry cannot be told is a
     ``LoraError``. A mask axis of size 1 (one request, one decoded token) needs no
@@ -25,6 +31,7 @@ def gate(x, ats, mask, free, path: str):
         a = found[0] if len(found) == 1 else None
         ok = (
             a is not None
+            and a.axis is not None
             and a.axis in free
             and a.inner is not None
             and x.shape[a.axis] % a.inner == 0
@@ -42,7 +49,7 @@ def gate(x, ats, mask, free, path: str):
     return x * g.astype(x.dtype)
 
 
-def _why_not(path, x, c, found, size) -> str:
+def _why_not(path: str, x: jax.Array, c: int, found: list[At], size: int) -> str:
     if not found:
         why = "its rows do not depend on that axis of the mask at all"
     elif len(found) > 1:

@@ -11,23 +11,26 @@ is not kept.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import ClosedJaxpr
+from jax.tree_util import PyTreeDef
 
 from jlora._src.numerics import mesh
 from jlora._src.numerics import qview as qv
-from jlora._src.qnode import is_quantized
-from jlora._src.targets import flatten, path_str
+from jlora._src.qnode import Quantized, is_quantized
+from jlora._src.targets import Params, flatten, path_str
 
 
-def is_array(x) -> bool:
+def is_array(x: jax.Array) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic)) or is_quantized(x)
 
 
-def _spec(x) -> jax.ShapeDtypeStruct:
+def _spec(x: jax.Array | Quantized) -> jax.ShapeDtypeStruct:
     """What ``fn`` is traced with: a quantized leaf looks like its dequantized weight; an
     explicitly sharded array keeps its sharding."""
     if is_quantized(x):
@@ -39,7 +42,7 @@ CACHE_SIZE = 16
 _CACHE: collections.OrderedDict = collections.OrderedDict()
 
 
-def _key(fn, tree, flat, dyn, specs):
+def _key(fn: Callable, tree: PyTreeDef, flat: list, dyn: list[int], specs: list) -> tuple | None:
     """The cache key, or None when something in it cannot be hashed."""
     dynset = set(dyn)
     static = tuple(x for i, x in enumerate(flat) if i not in dynset)
@@ -59,13 +62,15 @@ def _key(fn, tree, flat, dyn, specs):
     return key
 
 
-def _traced(fn, tree, flat, dyn, specs):
+def _traced(
+    fn: Callable, tree: PyTreeDef, flat: list, dyn: list[int], specs: list
+) -> tuple[ClosedJaxpr, PyTreeDef]:
     key = _key(fn, tree, flat, dyn, specs)
     if key is not None and key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
 
-    def flat_fn(*vals):
+    def flat_fn(*vals: Any) -> Any:
         full = list(flat)
         for i, v in zip(dyn, vals, strict=True):
             full[i] = v
@@ -81,7 +86,9 @@ def _traced(fn, tree, flat, dyn, specs):
     return out
 
 
-def trace(fn, params, args, kwargs):
+def trace(
+    fn: Callable, params: Params, args: tuple, kwargs: dict
+) -> tuple[ClosedJaxpr, PyTreeDef, list]:
     """The jaxpr of ``fn(params, *args, **kwargs)`` over its array leaves (the others are
     static), the output tree, and those array leaves in order (params' leaves first)."""
     flat, tree = jax.tree_util.tree_flatten((params, args, kwargs), is_leaf=is_quantized)

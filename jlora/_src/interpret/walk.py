@@ -76,6 +76,11 @@ REDUCE = _lax("""
 CUMULATIVE = _lax("cumsum_p cumprod_p cummax_p cummin_p cumlogsumexp_p")
 
 
+def aval_shape(v: Any) -> tuple[int, ...]:
+    """The shape of a jaxpr variable or literal (its abstract value's)."""
+    return tuple(v.aval.shape)
+
+
 def _slice_keeps(eqn: Any, ax: int) -> bool:
     p = eqn.params
     step = 1 if p["strides"] is None else p["strides"][ax]
@@ -247,7 +252,9 @@ class Walker(Generic[V]):
         why = f"cond branches that put the {self.domain.what} on different axes"
         return [self.domain.join(o, why) for o in zip(*outs, strict=True)]
 
-    def _fixed_point(self, body: Callable[[list, Sites], list], carry: list, sites: Sites):
+    def _fixed_point(
+        self, body: Callable[[list, Sites], list], carry: list, sites: Sites
+    ) -> tuple[list, list]:
         """Carry values that a loop body keeps, and the body's outputs from one last pass
         with them: only that pass records its dots, so a carry that starts
         analysis-independent (zeros) and then takes a value is fine."""

@@ -18,10 +18,12 @@ from __future__ import annotations
 import json
 import os
 import re
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
+from jax.typing import ArrayLike, DTypeLike
 
 from jlora._src.config import LoraError
 from jlora._src.nf4 import NF4
@@ -36,7 +38,9 @@ _MODULE = re.compile(
 )
 
 
-def load_bitsandbytes(source, *, compute_dtype=None) -> Params:
+def load_bitsandbytes(
+    source: str | os.PathLike | dict, *, compute_dtype: DTypeLike | None = None
+) -> Params:
     """Read a bitsandbytes 4-bit (NF4) checkpoint into a params tree with NF4 leaves.
 
     Args:
@@ -84,7 +88,7 @@ def _prefix(module: str | None) -> str:
     return "" if module is None else module + "."
 
 
-def _read(source) -> dict:
+def _read(source: str | os.PathLike | dict) -> dict:
     if isinstance(source, dict):
         return {k: np.asarray(v) for k, v in source.items()}
     paths = (
@@ -103,7 +107,7 @@ def _read(source) -> dict:
     return tensors
 
 
-def _take(tensors: dict, used: set, key: str):
+def _take(tensors: dict, used: set, key: str) -> np.ndarray:
     if key not in tensors:
         raise LoraError(
             f"bitsandbytes checkpoint: {key!r} is missing; a 4-bit weight needs "
@@ -135,7 +139,7 @@ def _state(module: str, tensors: dict, used: set) -> dict:
     return state
 
 
-def _same(key: str, got, want: np.ndarray, what: str) -> None:
+def _same(key: str, got: ArrayLike, want: np.ndarray, what: str) -> None:
     got = np.asarray(got, np.float32).reshape(-1)
     if got.shape != want.shape or not np.allclose(got, want, rtol=0, atol=1e-6):
         raise LoraError(
@@ -144,7 +148,7 @@ def _same(key: str, got, want: np.ndarray, what: str) -> None:
         )
 
 
-def _nf4(module: str, tensors: dict, used: set, compute_dtype) -> NF4:
+def _nf4(module: str, tensors: dict, used: set, compute_dtype: DTypeLike | None) -> NF4:
     key = module + "weight"
     state = _state(module, tensors, used)
     shape, block = tuple(int(n) for n in state["shape"]), int(state["blocksize"])
@@ -193,7 +197,7 @@ def _nf4(module: str, tensors: dict, used: set, compute_dtype) -> NF4:
     )
 
 
-def _put(tree: dict, key: str, value) -> None:
+def _put(tree: dict, key: str, value: Any) -> None:
     *parents, leaf = key.split(".")
     for p in parents:
         tree = tree.setdefault(p, {})

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jlora._src.adapter import StackedNode, adapter_nodes, arrays, from_settings, settings
+from jlora._src.adapter import Node, StackedNode, adapter_nodes, arrays, from_settings, settings
 from jlora._src.config import LoraError, scaling
 from jlora._src.peft.keys import CONFIG
 from jlora._src.targets import Adapter, Params, flatten, path_str
@@ -32,7 +33,9 @@ _FORMAT = "jlora-adapter/2"
 _READS = ("jlora-adapter/1", _FORMAT)
 
 
-def _manager(directory, max_to_keep: int | None = None, write: bool = True):
+def _manager(
+    directory: str | os.PathLike, max_to_keep: int | None = None, write: bool = True
+) -> ocp.CheckpointManager:
     # Only a writer removes unfinished saves: orbax does so in a background thread it
     # does not join on close, so a reader would delete another process's save in
     # progress and race the next writer's own clean-up.
@@ -49,7 +52,7 @@ def _manager(directory, max_to_keep: int | None = None, write: bool = True):
 
 
 @contextlib.contextmanager
-def _quiet():
+def _quiet() -> Iterator[None]:
     """absl (orbax's logger) held to errors while jlora opens a checkpoint."""
     log = logging.getLogger("absl")
     level = log.level
@@ -60,7 +63,7 @@ def _quiet():
         log.setLevel(level)
 
 
-def _latest(manager, directory, writer: str) -> int:
+def _latest(manager: ocp.CheckpointManager, directory: str | os.PathLike, writer: str) -> int:
     step = manager.latest_step()
     if step is None:
         raise LoraError(
@@ -70,7 +73,7 @@ def _latest(manager, directory, writer: str) -> int:
 
 
 @contextlib.contextmanager
-def _reading(directory, what: str):
+def _reading(directory: str | os.PathLike, what: str) -> Iterator[None]:
     """Turn a failure inside orbax's restore into a LoraError that names the directory."""
     try:
         yield
@@ -85,7 +88,7 @@ def _reading(directory, what: str):
 
 
 @contextlib.contextmanager
-def _writing(directory):
+def _writing(directory: str | os.PathLike) -> Iterator[None]:
     """A failed save (full disk, no permission) says the previous checkpoint is intact."""
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise LoraError(
@@ -114,7 +117,7 @@ def _nest(flat: dict[str, Any]) -> dict:
     return out
 
 
-def _settings(node) -> dict:
+def _settings(node: Node) -> dict:
     """A node's settings, with its arrays' shapes and dtype (what restoring needs)."""
     if isinstance(node, StackedNode):
         raise LoraError(
@@ -160,7 +163,7 @@ def _upgrade(path: str, old: dict) -> dict:
     return top | {"shapes": shapes, "dtype": old["dtype"]}
 
 
-def save_adapter(path, adapter: Adapter) -> None:
+def save_adapter(path: str | os.PathLike, adapter: Adapter) -> None:
     """Write an adapter and its settings to the directory ``path`` (atomically replaced).
 
     The settings (each node's rank, alpha, rsLoRA, dropout, axes, targeted paths)
@@ -208,7 +211,7 @@ def save_adapter(path, adapter: Adapter) -> None:
         m.wait_until_finished()
 
 
-def load_adapter(path, params: Params = None) -> Adapter:
+def load_adapter(path: str | os.PathLike, params: Params = None) -> Adapter:
     """Read an adapter saved by :func:`save_adapter`.
 
     Args:
@@ -281,7 +284,7 @@ def load_adapter(path, params: Params = None) -> Adapter:
     return adapter
 
 
-def _mirror(nodes: dict, params, path):
+def _mirror(nodes: dict, params: Params, path: str | os.PathLike) -> Adapter:
     flat, treedef = flatten(params)
     missing = set(nodes) - {path_str(kp) for kp, _ in flat}
     if missing:

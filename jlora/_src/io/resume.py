@@ -7,6 +7,7 @@ adapters (``jlora._src.io.checkpoint``): complete or absent, never half written.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -17,7 +18,12 @@ from jlora._src.io.checkpoint import _latest, _manager, _quiet, _reading, _writi
 
 
 def save_checkpoint(
-    directory, step: int, state, *, data_position=None, max_to_keep: int | None = 3
+    directory: str | os.PathLike,
+    step: int,
+    state: Any,
+    *,
+    data_position: Any = None,
+    max_to_keep: int | None = 3,
 ) -> None:
     """Save a training state (any pytree: adapter, optimizer state, ...) as ``step``.
 
@@ -63,7 +69,7 @@ def save_checkpoint(
         m.wait_until_finished()
 
 
-def _leaves(tree) -> list:
+def _leaves(tree: Any) -> list:
     """``[path, shape, dtype]`` of each leaf: what ``restore_checkpoint`` compares ``like``
     with before orbax reads anything."""
     return [
@@ -72,7 +78,7 @@ def _leaves(tree) -> list:
     ]
 
 
-def _check_like(saved: list, like, directory, step: int) -> None:
+def _check_like(saved: list, like: Any, directory: str | os.PathLike, step: int) -> None:
     """The first leaf where ``like`` differs from the saved state, as a LoraError."""
     mine = _leaves(like)
     for i, (a, b) in enumerate(
@@ -82,7 +88,7 @@ def _check_like(saved: list, like, directory, step: int) -> None:
             continue
         if a is None or b is None or a[0] != b[0]:
 
-            def show(x):
+            def show(x: tuple | None) -> Any:
                 return "nothing" if x is None else x[0]
 
             what = f"the checkpoint has {show(a)} where like has {show(b)}"
@@ -96,7 +102,9 @@ def _check_like(saved: list, like, directory, step: int) -> None:
         )
 
 
-def restore_checkpoint(directory, like, step: int | None = None):
+def restore_checkpoint(
+    directory: str | os.PathLike, like: Any, step: int | None = None
+) -> tuple[Any, dict]:
     """Restore ``(state, meta)`` saved by :func:`save_checkpoint` (latest step by default).
 
     Args:

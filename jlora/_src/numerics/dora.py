@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import string
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +16,18 @@ from jax import lax
 
 from jlora._src.numerics import mesh
 from jlora._src.numerics import qview as qv
+from jlora._src.targets import Leaf
 
 
-def dora_norm(w, a_u, b_u, scale: float, stack_axes, in_axes, out_axes) -> jax.Array:
+def dora_norm(
+    w: Leaf,
+    a_u: jax.Array,
+    b_u: jax.Array,
+    scale: float | jax.Array,
+    stack_axes: Sequence[int],
+    in_axes: Sequence[int],
+    out_axes: Sequence[int],
+) -> jax.Array:
     """Column norm of ``W0 + s * A @ B`` over ``in_axes``, shaped ``(*stack, *out)``.
 
     Args:
@@ -31,10 +41,10 @@ def dora_norm(w, a_u, b_u, scale: float, stack_axes, in_axes, out_axes) -> jax.A
     if qv.is_view(w):
         if stack_axes and stack_axes[0] == 0 and not w.ops:  # one layer at a time
 
-            def less(axes):
+            def less(axes: Sequence[int]) -> tuple[int, ...]:
                 return tuple(ax - 1 for ax in axes)
 
-            def layer(i, a, b):
+            def layer(i: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
                 return dora_norm(
                     w.index(i), a, b, scale, less(stack_axes[1:]), less(in_axes), less(out_axes)
                 )

@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+if TYPE_CHECKING:  # (what an explicit mesh's sharding holds)
+    from jax.sharding import AbstractMesh
 
 from jlora._src.config import LoraError
 from jlora._src.numerics import mesh
+from jlora._src.qnode import Quantized
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,24 +54,29 @@ def register(qtype: str, fmt: Format) -> None:
     FORMATS[qtype] = fmt
 
 
-def of(node) -> Format:
+def of(node: Quantized) -> Format:
     return FORMATS[node.qtype]
 
 
-def dequantize_region(node, start, region: tuple):
+def dequantize_region(node: Quantized, start: int | jax.Array | None, region: tuple) -> jax.Array:
     """Elements of ``region`` (see the module docstring) in the node's compute dtype."""
     return of(node).dequantize(node, start, tuple(region))
 
 
-def _index(start, shape: tuple, k: int) -> list:
+def _index(start: int | jax.Array, shape: tuple, k: int) -> list:
     """The indices of axes ``0..k`` of the flat offset ``start``."""
     strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
     return [(start // strides[i]) % shape[i] for i in range(k + 1)]
 
 
 def slab_region(
-    node, start, region: tuple, fields: tuple[str, ...], unit: int, decode: Callable[..., Any]
-):
+    node: Quantized,
+    start: int | jax.Array | None,
+    region: tuple,
+    fields: tuple[str, ...],
+    unit: int,
+    decode: Callable[..., Any],
+) -> jax.Array:
     """A region of a node whose ``fields`` share the weight's leading axes ``shape[:unit]``.
 
     ``decode(node, arrays, lead, start)`` turns ``fields`` cut to leading shape ``lead``
@@ -82,7 +91,7 @@ def slab_region(
     start = 0 if start is None else start
     idx = _index(start, shape, k)
 
-    def sliced(a, upto: int, size: int | None):
+    def sliced(a: jax.Array, upto: int, size: int | None) -> jax.Array:
         """``a`` at the indices of axes ``< upto`` (dropped) and, given ``size``, rows
         ``idx[upto] ..`` of axis ``upto``."""
         n = upto + (size is not None)
@@ -103,12 +112,12 @@ def slab_region(
     return lax.dynamic_slice(whole, lo, sizes).reshape(region)
 
 
-def _mesh_size(mesh, part) -> int:
+def _mesh_size(mesh: Mesh | AbstractMesh, part: str | Sequence[str] | None) -> int:
     parts = () if part is None else (part,) if isinstance(part, str) else tuple(part)
     return math.prod(mesh.shape[p] for p in parts)
 
 
-def sharding_of(w) -> NamedSharding | None:
+def sharding_of(w: jax.Array) -> NamedSharding | None:
     """``w``'s ``NamedSharding`` when it splits some axis (explicit or Auto mesh)."""
     sharding = getattr(w, "sharding", None)
     if not isinstance(sharding, NamedSharding):
@@ -140,7 +149,7 @@ def lay_out(arrays: dict, sharding: NamedSharding, specs: dict) -> dict:
     return out
 
 
-def replicated(w):
+def replicated(w: Any) -> jax.Array:  # (an array with a NamedSharding)
     """``w`` whole on every device of its mesh (to quantize it in one piece)."""
     whole = NamedSharding(w.sharding.mesh, PartitionSpec())
     if mesh.explicit(w.sharding):
@@ -148,13 +157,15 @@ def replicated(w):
     return jax.device_put(w, whole)
 
 
-def divides(mesh, part, n: int, block: int) -> bool:
+def divides(
+    mesh: Mesh | AbstractMesh, part: str | Sequence[str] | None, n: int, block: int
+) -> bool:
     """Whether splitting an axis of ``n`` elements by ``part`` keeps whole ``block``s."""
     k = _mesh_size(mesh, part)
     return n % k == 0 and (n // k) % block == 0
 
 
-def check_finite(w, path: str) -> None:
+def check_finite(w: jax.Array, path: str) -> None:
     """Refuse a weight with inf or nan (its scales would be non-finite)."""
     try:
         bad = not bool(jnp.isfinite(w).all())

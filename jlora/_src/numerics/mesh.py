@@ -10,12 +10,16 @@ rank-r product). Under Auto axes or no mesh they return None and nothing changes
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.typing import ArrayLike, DTypeLike
 
 
-def _aval(x):
+def _aval(x: Any) -> Any:
     if isinstance(x, jax.core.ShapedArray):
         return x
     aval = getattr(x, "aval", None)  # a transpose's undefined primal or a jaxpr var
@@ -25,30 +29,32 @@ def _aval(x):
         return None
 
 
-def _sharding(x):
+def _sharding(x: Any) -> Any:
     return getattr(_aval(x), "sharding", None)
 
 
-def explicit(sharding) -> bool:
+def explicit(sharding: Any) -> bool:
     mesh = getattr(sharding, "mesh", None)
     return isinstance(sharding, NamedSharding) and AxisType.Explicit in tuple(
         getattr(mesh, "axis_types", ()) or ()
     )
 
 
-def raw_spec(x) -> tuple:
+def raw_spec(x: Any) -> tuple:
     """``x``'s partition spec, one entry per axis (all None when it has none)."""
     sharding = _sharding(x)
     parts = tuple(getattr(sharding, "spec", None) or ())
     return parts + (None,) * (len(_aval(x).shape) - len(parts))
 
 
-def spec(x) -> tuple | None:
+def spec(x: Any) -> tuple | None:
     """``x``'s partition spec, one entry per axis, when its mesh has explicit axes."""
     return raw_spec(x) if explicit(_sharding(x)) else None
 
 
-def struct(x, shape=None, dtype=None) -> jax.ShapeDtypeStruct:
+def struct(
+    x: Any, shape: Sequence[int] | None = None, dtype: DTypeLike | None = None
+) -> jax.ShapeDtypeStruct:
     """A ``ShapeDtypeStruct`` like ``x`` that keeps an explicit sharding (what ``fn`` is
     traced with, so sharding-aware code inside it sees the arguments' layouts)."""
     sharding = _sharding(x)
@@ -59,11 +65,11 @@ def struct(x, shape=None, dtype=None) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-def _used(part) -> tuple:
+def _used(part: str | Sequence[str] | None) -> tuple:
     return () if part is None else (part,) if isinstance(part, str) else tuple(part)
 
 
-def contraction_spec(ins, out: str, specs) -> tuple | None:
+def contraction_spec(ins: Sequence[str], out: str, specs: Sequence[tuple | None]) -> tuple | None:
     """The output spec of ``einsum(",".join(ins) + "->" + out)`` given the operands'
     specs (None: not explicitly sharded): each output letter takes the first operand's
     entry that shards it; a mesh axis already used by an earlier output axis is dropped
@@ -84,17 +90,17 @@ def contraction_spec(ins, out: str, specs) -> tuple | None:
     return tuple(parts)
 
 
-def einsum(subscripts: str, *ops) -> jax.Array:
+def einsum(subscripts: str, *ops: jax.Array) -> jax.Array:
     """``jnp.einsum`` that, under explicit axes, names its output sharding."""
     ins, out = subscripts.split("->")
     specs = [spec(x) for x in ops]
     like = next((x for x, sp in zip(ops, specs, strict=True) if sp is not None), None)
     sharding = None if like is None else named(like, contraction_spec(ins.split(","), out, specs))
-    extra = {} if sharding is None else dict(out_sharding=sharding)
+    extra: dict[str, Any] = {} if sharding is None else dict(out_sharding=sharding)
     return jnp.einsum(subscripts, *ops, **extra)
 
 
-def named(like, parts: tuple | None):
+def named(like: Any, parts: tuple | None) -> NamedSharding | None:
     """A ``NamedSharding`` on ``like``'s mesh with spec ``parts`` (None: no sharding)."""
     sharding = _sharding(like)
     if parts is None or not explicit(sharding):
@@ -102,14 +108,14 @@ def named(like, parts: tuple | None):
     return NamedSharding(sharding.mesh, PartitionSpec(*parts))
 
 
-def vma(x) -> frozenset:
+def vma(x: Any) -> frozenset:
     """The manual mesh axes ``x`` varies over inside a ``shard_map`` (empty outside)."""
     aval = _aval(x)
     vma = getattr(aval, "vma", None)  # JAX < 0.10; later: the manual axis type's "varying"
     return frozenset(vma if vma is not None else getattr(getattr(aval, "mat", None), "varying", ()))
 
 
-def vary(x, axes) -> jax.Array:
+def vary(x: jax.Array, axes: Iterable[str]) -> jax.Array:
     """``x`` cast to vary over ``axes`` too (JAX inserts this cast for its own ops)."""
     axes = tuple(sorted(set(axes) - vma(x)))
     if not axes:
@@ -118,12 +124,12 @@ def vary(x, axes) -> jax.Array:
     return pcast(x, axes, to="varying") if pcast is not None else jax.lax.pvary(x, axes)  # type: ignore[attr-defined]
 
 
-def lookup(table, idx):
+def lookup(table: ArrayLike, idx: jax.Array) -> jax.Array:
     """``table[idx]`` for a small table; under an explicit mesh the result takes ``idx``'s
     sharding (each device looks up its own shard's codes)."""
-    table = jnp.asarray(table)
+    values = jnp.asarray(table)
     sharding = _sharding(idx)
     if not explicit(sharding):
-        return table[idx]
-    table = jax.sharding.reshard(table, NamedSharding(sharding.mesh, PartitionSpec()))
-    return table.at[idx].get(out_sharding=sharding)
+        return values[idx]
+    values = jax.sharding.reshard(values, NamedSharding(sharding.mesh, PartitionSpec()))
+    return values.at[idx].get(out_sharding=sharding)

@@ -21,10 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import NamedSharding
+from jax.typing import DTypeLike
 
 from jlora._src.config import LoraError
 from jlora._src.nf4 import NF4
 from jlora._src.numerics import formats, mesh
+from jlora._src.qnode import Quantized
 
 #: bitsandbytes' NF4 code values: ``create_normal_map(offset=0.9677083, use_extra_value=True)``.
 NF4_CODE = np.array(
@@ -88,13 +91,13 @@ def dynamic_map(max_exponent_bits: int = 7, total_bits: int = 8) -> np.ndarray:
 DYNAMIC_CODE = dynamic_map()
 
 
-def _bucket(scaled, code: np.ndarray):
+def _bucket(scaled: jax.Array, code: np.ndarray) -> jax.Array:
     """Index of the nearest code value, ties to the lower one (``torch.bucketize``)."""
     bounds = (code[:-1] + code[1:]) / np.float32(2.0)
     return jnp.searchsorted(jnp.asarray(bounds), scaled, side="left").astype(jnp.uint8)
 
 
-def _blockwise(flat, block: int, code: np.ndarray):
+def _blockwise(flat: jax.Array, block: int, code: np.ndarray) -> tuple[jax.Array, jax.Array]:
     """Per-block absmax and code indices of a 1-D float32 array (last block may be short)."""
     n = flat.shape[0]
     full = n - n % block
@@ -112,7 +115,7 @@ def _blockwise(flat, block: int, code: np.ndarray):
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "double_quant", "compute_dtype"))
-def _quantize(w, block_size: int, double_quant: bool, compute_dtype):
+def _quantize(w: jax.Array, block_size: int, double_quant: bool, compute_dtype: DTypeLike) -> NF4:
     flat = w.reshape(-1).astype(jnp.float32)
     absmax, q = _blockwise(flat, block_size, NF4_CODE)
     if q.shape[0] % 2:
@@ -135,11 +138,11 @@ def _quantize(w, block_size: int, double_quant: bool, compute_dtype):
 
 
 def quantize_array(
-    w,
+    w: jax.Array,
     *,
     block_size: int = 64,
     double_quant: bool = True,
-    compute_dtype=jnp.bfloat16,
+    compute_dtype: DTypeLike = jnp.bfloat16,
     path: str = "weight",
 ) -> NF4:
     """One floating-point array to :class:`NF4` (see the module docstring)."""
@@ -161,7 +164,7 @@ def quantize_array(
     return _lay_out(node, sharding)
 
 
-def _lay_out(node: NF4, sharding) -> NF4:
+def _lay_out(node: NF4, sharding: NamedSharding) -> NF4:
     """Under a mesh: ``packed`` and ``absmax`` keep the weight's leading axes (the same
     bytes), split as the weight is where each shard holds whole blocks. bitsandbytes'
     blocks run along the flattened weight, so a weight whose rows are not whole blocks
@@ -185,7 +188,7 @@ def _lay_out(node: NF4, sharding) -> NF4:
     return dataclasses.replace(node, **parts, spec=whole)
 
 
-def _scales(node: NF4, blocks):
+def _scales(node: NF4, blocks: jax.Array) -> jax.Array:
     """float32 absmax of the given block indices."""
     if node.absmax2 is None:
         return node.absmax[blocks]
@@ -195,11 +198,11 @@ def _scales(node: NF4, blocks):
     )
 
 
-def _codes(packed):
+def _codes(packed: jax.Array) -> jax.Array:
     return jnp.stack([packed >> 4, packed & 15], axis=-1).reshape(-1)
 
 
-def dequantize_range(node: NF4, start, size: int, aligned: bool):
+def dequantize_range(node: NF4, start: int | jax.Array, size: int, aligned: bool) -> jax.Array:
     """Elements ``start .. start+size`` of the flattened weight, in ``node.compute_dtype``.
 
     ``start`` may be traced; ``aligned`` says it is a multiple of the block size (then a
@@ -222,7 +225,7 @@ def dequantize_range(node: NF4, start, size: int, aligned: bool):
     return (code[nib] * _scales(node, idx // bs)).astype(node.compute_dtype)
 
 
-def _decode_rows(node: NF4, arrays: dict, lead: tuple, start):
+def _decode_rows(node: NF4, arrays: dict, lead: tuple, start: int | jax.Array) -> jax.Array:
     """Rows of a weight stored with its leading axes (under a mesh)."""
     packed, absmax = arrays["packed"], arrays["absmax"]
     last, bs = node.shape[-1], node.block_size
@@ -240,7 +243,7 @@ def _decode_rows(node: NF4, arrays: dict, lead: tuple, start):
     return blocked.reshape((*lead, last)).astype(node.compute_dtype)
 
 
-def dequantize(node: NF4, start, region: tuple):
+def dequantize(node: NF4, start: int | jax.Array | None, region: tuple) -> jax.Array:
     """The region of ``node`` (see :mod:`jlora._src.numerics.formats`)."""
     if node.packed.ndim > 1:
         return formats.slab_region(
@@ -254,7 +257,7 @@ def dequantize(node: NF4, start, region: tuple):
     return dequantize_range(node, start, math.prod(region), aligned).reshape(region)
 
 
-def dequantize_array(node):
+def dequantize_array(node: Quantized) -> jax.Array:
     """The whole weight of any quantized node, ``node.shape`` in ``node.compute_dtype``."""
     return formats.dequantize_region(node, None, tuple(node.shape))
 

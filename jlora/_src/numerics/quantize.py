@@ -7,10 +7,11 @@ import re
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from jlora._src.config import LoraError
 from jlora._src.numerics import formats, quant, scaled
-from jlora._src.qnode import is_quantized
+from jlora._src.qnode import Quantized, is_quantized
 from jlora._src.targets import _NOT_KERNELS, Params, flatten, matches, path_str
 
 #: The modules that register the formats (NF4; int8, int4, fp8): imported for that, so
@@ -18,7 +19,7 @@ from jlora._src.targets import _NOT_KERNELS, Params, flatten, matches, path_str
 FORMAT_MODULES = (quant, scaled)
 
 
-def _default_targets(path: str, leaf) -> bool:
+def _default_targets(path: str, leaf: jax.Array) -> bool:
     return (
         leaf.ndim >= 2
         and path.split("/")[-1] not in _NOT_KERNELS
@@ -42,13 +43,13 @@ def _options(qtype: str, given: dict) -> dict:
 
 def quantize(
     params: Params,
-    targets=None,
+    targets: str | tuple[str, ...] | None = None,
     *,
     qtype: str = "nf4",
     block_size: int | None = None,
     double_quant: bool | None = None,
     group_size: int | None = None,
-    compute_dtype=jnp.bfloat16,
+    compute_dtype: DTypeLike = jnp.bfloat16,
 ) -> Params:
     """Quantize the selected leaves of ``params``; the others are returned as they are.
 
@@ -128,7 +129,7 @@ def quantize(
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def requantize(node, w, path: str = "weight"):
+def requantize(node: Quantized, w: jax.Array, path: str = "weight") -> Quantized:
     """``w`` quantized with ``node``'s format and settings."""
     fmt = formats.of(node)
     return fmt.quantize(w, path=path, compute_dtype=node.compute_dtype, **fmt.settings(node))
@@ -152,7 +153,7 @@ def dequantize(tree: Params) -> Params:
       ((2, 32), dtype('float32'), True)
     """
 
-    def whole(x):
+    def whole(x: Quantized) -> jax.Array:
         return formats.dequantize_region(x, None, tuple(x.shape))
 
     if is_quantized(tree):

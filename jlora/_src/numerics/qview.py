@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, TypeGuard
 
 import jax
+import numpy as np
 from jax.sharding import PartitionSpec
 
 from jlora._src.numerics import mesh
 from jlora._src.numerics.formats import dequantize_region
 from jlora._src.qnode import Quantized, is_quantized
+from jlora._src.targets import Leaf
 
 
 @jax.tree_util.register_dataclass
@@ -40,7 +42,7 @@ class QView:
         return tuple(self.aval.shape)
 
     @property
-    def dtype(self):
+    def dtype(self) -> np.dtype:
         return self.aval.dtype
 
     @property
@@ -51,7 +53,7 @@ class QView:
     def size(self) -> int:
         return math.prod(self.aval.shape)
 
-    def value(self):
+    def value(self) -> jax.Array:
         """The dequantized region with the deferred ops applied."""
         x = dequantize_region(self.node, self.start, self.region)
         spec = _region_spec(self.node, self.region)
@@ -61,7 +63,7 @@ class QView:
             x = prim.bind(x, **dict(params))
         return x
 
-    def index(self, lo, size: int | None = None) -> QView:
+    def index(self, lo: int | jax.Array, size: int | None = None) -> QView:
         """Rows ``lo .. lo+size`` of the leading axis, or row ``lo`` without that axis
         (``size=None``). No ops may be pending."""
         stride = math.prod(self.region[1:])
@@ -88,10 +90,10 @@ def _aval(node: Quantized, region: tuple) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(region, node.compute_dtype, sharding=sharding)
 
 
-def is_view(x) -> bool:
+def is_view(x: object) -> TypeGuard[QView]:
     return isinstance(x, QView)
 
 
-def wrap(leaf):
+def wrap(leaf: Leaf) -> Any:
     """A params leaf as the interpreter carries it: a quantized leaf as a lazy view."""
     return QView.of(leaf) if is_quantized(leaf) else leaf

@@ -21,6 +21,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import NamedSharding
+from jax.typing import DTypeLike
 
 from jlora._src.config import LoraError
 from jlora._src.numerics import formats
@@ -59,7 +61,7 @@ class Scaled(Quantized):
     spec: Any = dataclasses.field(default=None, metadata=dict(static=True))
 
 
-def _unpack(packed, rows: int):
+def _unpack(packed: jax.Array, rows: int) -> jax.Array:
     """int4 codes ``(..., rows, out)`` (signed, as int8) from their bytes."""
     both = jnp.stack([packed >> 4, packed & 15], axis=-2)  # (..., rows/2, 2, out)
     codes = both.reshape((*packed.shape[:-2], 2 * packed.shape[-2], packed.shape[-1]))
@@ -68,7 +70,7 @@ def _unpack(packed, rows: int):
     return codes.astype(jnp.int8) - 8
 
 
-def _pack(codes):
+def _pack(codes: jax.Array) -> jax.Array:
     if codes.shape[-2] % 2:
         pad = [(0, 0)] * (codes.ndim - 2) + [(0, 1), (0, 0)]
         codes = jnp.pad(codes, pad)
@@ -77,7 +79,7 @@ def _pack(codes):
 
 
 @functools.partial(jax.jit, static_argnames=("qtype", "group"))
-def _quantize(w, qtype: str, group: int):
+def _quantize(w: jax.Array, qtype: str, group: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     shape, qmax = w.shape, QMAX[qtype]
     grouped = w.astype(jnp.float32).reshape((*shape[:-2], shape[-2] // group, group, shape[-1]))
     absmax = jnp.abs(grouped).max(axis=-2)
@@ -93,7 +95,7 @@ def _quantize(w, qtype: str, group: int):
     return (_pack(codes) if qtype == "int4" else codes), scales, underflow
 
 
-def _group(qtype: str, shape: tuple, group_size, path: str) -> int:
+def _group(qtype: str, shape: tuple, group_size: int | None, path: str) -> int:
     if len(shape) < 2:
         raise LoraError(
             f"cannot quantize {path!r} to {qtype}: it has shape {shape}; the "
@@ -111,7 +113,12 @@ def _group(qtype: str, shape: tuple, group_size, path: str) -> int:
 
 
 def quantize_array(
-    w, *, qtype: str, group_size=None, compute_dtype=jnp.bfloat16, path: str = "weight"
+    w: jax.Array,
+    *,
+    qtype: str,
+    group_size: int | None = None,
+    compute_dtype: DTypeLike = jnp.bfloat16,
+    path: str = "weight",
 ) -> Scaled:
     """One floating-point array ``(..., in, out)`` to a :class:`Scaled` node."""
     group = _group(qtype, tuple(w.shape), group_size, path)
@@ -131,7 +138,7 @@ def quantize_array(
     return node if sharding is None else _lay_out(node, sharding)
 
 
-def _lay_out(node: Scaled, sharding) -> Scaled:
+def _lay_out(node: Scaled, sharding: NamedSharding) -> Scaled:
     """Codes and scales split as the weight is, the input axis only where shards hold
     whole groups or there is one group (and, for int4, whole bytes)."""
     spec = formats.full_spec(sharding, node.ndim)
@@ -145,7 +152,7 @@ def _lay_out(node: Scaled, sharding) -> Scaled:
     return dataclasses.replace(node, **parts, spec=formats.full_spec(sharding, node.ndim))
 
 
-def _decode(node: Scaled, arrays: dict, lead: tuple, start=0):
+def _decode(node: Scaled, arrays: dict, lead: tuple, start: int | jax.Array = 0) -> jax.Array:
     rows, cols = node.shape[-2:]
     codes = arrays["codes"]
     if node.qtype == "int4":
@@ -160,7 +167,7 @@ def _decode(node: Scaled, arrays: dict, lead: tuple, start=0):
     return grouped.reshape((*lead, rows, cols)).astype(node.compute_dtype)
 
 
-def dequantize(node: Scaled, start, region: tuple):
+def dequantize(node: Scaled, start: int | jax.Array | None, region: tuple) -> jax.Array:
     return formats.slab_region(node, start, region, ("codes", "scales"), node.ndim - 2, _decode)
 
 

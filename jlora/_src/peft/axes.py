@@ -10,6 +10,7 @@ recorded as assumed (``jlora._src.adapter.AXES_FROM``).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import numpy as np
 
@@ -18,7 +19,10 @@ from jlora._src.config import LoraError
 from jlora._src.interpret.probe import discover_axes
 from jlora._src.peft import torch_conv
 from jlora._src.peft.keys import LAYER_SEGMENTS, LINEAR
-from jlora._src.targets import _NOT_KERNELS, matches, path_str
+from jlora._src.targets import _NOT_KERNELS, Params, matches, path_str
+
+#: ``module_fn(path, index)``: the torch module name of a jlora key path and stack index.
+ModuleFn = Callable[[str, tuple], str]
 
 
 def default_module(path: str, index: tuple[int, ...] = ()) -> str:
@@ -78,7 +82,7 @@ def torch_module(path: str, index: tuple[int, ...] = ()) -> str:
     return ".".join(segs)
 
 
-def candidates(flat, config) -> set[str]:
+def candidates(flat: list, config: dict) -> set[str]:
     """The leaves a PEFT file may adapt: kernels of the modules ``target_modules`` names,
     and the parameters ``target_parameters`` names (by their own name)."""
     names = config.get("target_modules")
@@ -97,7 +101,9 @@ def candidates(flat, config) -> set[str]:
     return out
 
 
-def learn(fn, params, flat, config, args, kwargs) -> dict:
+def learn(
+    fn: Callable | None, params: Params, flat: list, config: dict, args: tuple, kwargs: dict
+) -> dict:
     """Each candidate's ``(stack_axes, in_axes, out_axes)`` as ``fn`` uses it ({} if no fn)."""
     if fn is None:
         return {}
@@ -109,7 +115,7 @@ def learn(fn, params, flat, config, args, kwargs) -> dict:
     return discover_axes(fn, params, candidates(flat, config), args, kwargs)
 
 
-def mapping(flat, config, module_fn, prefix: str, learned: dict) -> str:
+def mapping(flat: list, config: dict, module_fn: ModuleFn, prefix: str, learned: dict) -> str:
     """A few ``jlora path -> PEFT key stem`` pairs as the loader mapped them."""
     shown = []
     for p in sorted(candidates(flat, config))[:3]:
@@ -122,7 +128,9 @@ def mapping(flat, config, module_fn, prefix: str, learned: dict) -> str:
     return ", ".join(shown) or "no candidate kernel (check target_modules)"
 
 
-def file_axes(p: str, shape, tensors: dict, module_fn, prefix: str) -> tuple:
+def file_axes(
+    p: str, shape: tuple[int, ...], tensors: dict, module_fn: ModuleFn, prefix: str
+) -> tuple:
     """``(axes, origin)``: for a kernel the file adapts as a convolution (a 3+-D
     ``lora_A``), its layout read from the shapes (``torch_conv.conv_axes``), else
     Flax's convention, assumed."""
@@ -140,7 +148,15 @@ def file_axes(p: str, shape, tensors: dict, module_fn, prefix: str) -> tuple:
     return torch_conv.conv_axes(p, shape, la.shape, lb.shape), "file"
 
 
-def misfit(p, m, shape, la, lb, want, origin) -> LoraError:
+def misfit(
+    p: str,
+    m: str,
+    shape: tuple[int, ...],
+    la: tuple[int, ...],
+    lb: tuple[int, ...],
+    want: tuple[int, int, int],
+    origin: str,
+) -> LoraError:
     rank, n_in, n_out = want
     msg = (
         f"{p!r}: {m} has lora_A {la} and lora_B {lb}, but the kernel {shape} needs "

@@ -67,7 +67,7 @@ def tied_heads(file: PeftFile, embedding: tuple[str, str]) -> None:
         head = key[: -len(".lora_A.weight")]
         for t in tables:
 
-            def same(x, y):
+            def same(x: Any, y: Any) -> bool:  # (None for a tensor the file lacks)
                 return np.shape(x) == np.shape(y) and np.array_equal(x, y)
 
             if same(tensors[key], tensors[t + part_b].T) and same(

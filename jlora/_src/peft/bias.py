@@ -17,6 +17,7 @@ import numpy as np
 from jlora._src.adapter import FullNode
 from jlora._src.config import LoraError, scaling
 from jlora._src.peft import config as peft_config
+from jlora._src.peft.axes import ModuleFn
 from jlora._src.peft.file import PeftFile
 from jlora._src.peft.keys import BASE_LAYER, LORA_BIAS
 from jlora._src.peft.whole import _torch_param
@@ -82,7 +83,7 @@ def trained(nodes: dict) -> dict:
     }
 
 
-def save_tensors(biases: dict, adapted: set, module_fn, prefix: str) -> tuple[dict, str]:
+def save_tensors(biases: dict, adapted: set, module_fn: ModuleFn, prefix: str) -> tuple[dict, str]:
     """``(tensors, bias field)``: each trained bias as PEFT saves it, ``base_layer.bias``
     under an adapted module, ``.bias`` under another; ``"lora_only"`` when all are of
     adapted modules, else ``"all"`` (PEFT then loads the biases the file holds and

@@ -11,6 +11,7 @@ import json
 import os
 import re
 from collections import Counter
+from typing import Any
 
 from jlora._src.adapter import LoraNode
 from jlora._src.config import LoraError
@@ -105,7 +106,9 @@ def _not_understood(config: dict) -> list[str]:
     return bad
 
 
-def config_of(modules: dict, base_model_name_or_path, parameters: dict | None = None) -> dict:
+def config_of(
+    modules: dict, base_model_name_or_path: str | None, parameters: dict | None = None
+) -> dict:
     """The config of ``modules`` (``{module: node}``) and target ``parameters``
     (``{module.param: node}``), which share its rank, alpha and variant fields."""
     both = {**modules, **(parameters or {})}
@@ -182,7 +185,7 @@ def invocation(config: dict) -> tuple[int, ...] | None:
     return tuple(tokens)
 
 
-def pattern(patterns: dict, module: str, default):
+def pattern(patterns: dict, module: str, default: Any) -> Any:
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", module):
             return value
@@ -197,7 +200,7 @@ def alpha_for(config: dict, path: str, module: str, rank: int) -> float:
     return float(pattern(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
 
 
-def node(config: dict, factors: tuple, alpha: float, kernel: tuple, origin: str):
+def node(config: dict, factors: tuple, alpha: float, kernel: tuple, origin: str) -> LoraNode:
     """The ``LoraNode`` of one adapted leaf read from a PEFT file: ``factors`` is ``(a, b,
     magnitude or None)`` in jlora's layout, ``kernel`` is ``(shape, (stack_axes, in_axes,
     out_axes))``, ``origin`` its ``axes_from``. What the file's config fixes for every

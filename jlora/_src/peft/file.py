@@ -10,10 +10,10 @@ the end (a module name the mapping missed), so nothing in a file is dropped sile
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 from jlora._src.config import LoraError
+from jlora._src.peft.axes import ModuleFn
 
 
 @dataclasses.dataclass
@@ -25,7 +25,7 @@ class PeftFile:
 
     tensors: dict
     config: dict
-    module_fn: Callable[[str, tuple], str]
+    module_fn: ModuleFn
     prefix: str
     dtype: Any = None
     unused: set = dataclasses.field(default_factory=set)

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 import safetensors
 import safetensors.numpy
+from jax.typing import DTypeLike
 
 from jlora._src.adapter import adapter_nodes, is_whole
 from jlora._src.config import LoraError
@@ -25,7 +28,7 @@ from jlora._src.peft import config as peft_config
 from jlora._src.peft import linear
 from jlora._src.peft import params as peft_params
 from jlora._src.peft import whole as peft_whole
-from jlora._src.peft.axes import default_module
+from jlora._src.peft.axes import ModuleFn, default_module
 from jlora._src.peft.file import PeftFile
 from jlora._src.peft.keys import CONFIG, EMBEDDING, PREFIX, WEIGHTS
 from jlora._src.targets import Adapter, Params, flatten, path_str
@@ -36,14 +39,14 @@ from jlora._src.transforms.combine import combine_adapters
 def load(
     path: str,
     params: Params,
-    fn=None,
-    *args,
-    module_fn=default_module,
+    fn: Callable | None = None,
+    *args: Any,
+    module_fn: ModuleFn = default_module,
     prefix: str = PREFIX,
-    axes=None,
-    dtype=None,
-    **kwargs,
-):
+    axes: dict[str, tuple] | None = None,
+    dtype: DTypeLike | None = None,
+    **kwargs: Any,
+) -> Adapter:
     """A PEFT adapter directory as a jlora adapter for ``params`` (``init``'s structure).
 
     PEFT's factors are made for torch's layout (``lora_A`` ``(r, in)`` for a weight that
@@ -142,12 +145,12 @@ def save(  # noqa: PLR0913 (a public signature: keyword options)
     path: str,
     adapter: Adapter,
     *,
-    module_fn=default_module,
+    module_fn: ModuleFn = default_module,
     prefix: str = PREFIX,
     base_model_name_or_path: str | None = None,
     embeddings: str = r"embed",
     convs: str | None = r"(?i)conv",
-    initial=None,
+    initial: Adapter = None,
     fan_in_fan_out: bool = False,
     parameters: tuple[str, ...] = (),
 ) -> None:

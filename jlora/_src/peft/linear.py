@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -25,16 +27,24 @@ from jlora._src.peft import axes as peft_axes
 from jlora._src.peft import base as peft_base
 from jlora._src.peft import config as peft_config
 from jlora._src.peft import torch_conv
+from jlora._src.peft.axes import ModuleFn
 from jlora._src.peft.file import PeftFile
 from jlora._src.peft.keys import EMBEDDING, LINEAR
 from jlora._src.targets import _NOT_KERNELS, matches
 
 
-def _stack_shape(node) -> tuple[int, ...]:
+def _stack_shape(node: LoraNode) -> tuple[int, ...]:
     return tuple(node.shape[ax] for ax in node.stack_axes)
 
 
-def save_tensors(nodes: dict, parameters, module_fn, prefix: str, embeddings: str, convs):
+def save_tensors(
+    nodes: dict,
+    parameters: Sequence[str],
+    module_fn: ModuleFn,
+    prefix: str,
+    embeddings: str,
+    convs: str | None,
+) -> tuple[dict, dict]:
     """``(tensors, {module: node})`` for the LoRA nodes of modules (one module per stack
     index; a conv in PEFT's conv layout, a table under the embedding keys)."""
     tensors: dict = {}
@@ -115,7 +125,7 @@ def load_node(p: str, leaf: Any, file: PeftFile, axes: Any) -> Any:
     layers, modules, shape, stack = _some_layers(present, modules, shape, stack, stack_axes)
     first = modules[next(iter(modules))]
 
-    def get(m, part):
+    def get(m: str, part: str) -> np.ndarray:
         return file.take(prefix + m + part)
 
     rank = get(first, part_a).shape[0]
@@ -135,7 +145,7 @@ def load_node(p: str, leaf: Any, file: PeftFile, axes: Any) -> Any:
     )
     alpha = peft_config.alpha_for(config, p, first, rank)
 
-    def cast(xs):
+    def cast(xs: list[np.ndarray]) -> jax.Array:
         return jnp.asarray(np.stack(xs).reshape(stack + xs[0].shape), file.dtype)
 
     factors = (cast(a), cast(b), cast(mag) if mag else None)
@@ -148,7 +158,15 @@ def load_node(p: str, leaf: Any, file: PeftFile, axes: Any) -> Any:
     )
 
 
-def _factors(p, kernel, modules, get, parts, rank, origin):
+def _factors(
+    p: str,
+    kernel: tuple[tuple[int, ...], tuple[tuple[int, ...], tuple[int, ...]]],
+    modules: dict,
+    get: Callable[[str, str], np.ndarray],
+    parts: tuple[str, str],
+    rank: int,
+    origin: str,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Each module's ``(a (in, r), b (r, out))``, checked against the kernel's ``(shape,
     (in_axes, out_axes))`` (a conv's read in PEFT's conv layout)."""
     shape, axes = kernel
@@ -166,7 +184,13 @@ def _factors(p, kernel, modules, get, parts, rank, origin):
     return a, b
 
 
-def _some_layers(present, modules, shape, stack, stack_axes):
+def _some_layers(
+    present: list[tuple],
+    modules: dict,
+    shape: tuple[int, ...],
+    stack: tuple[int, ...],
+    stack_axes: tuple[int, ...],
+) -> tuple[tuple[int, ...] | None, dict, tuple[int, ...], tuple[int, ...]]:
     """``(layers, modules, shape, stack)`` narrowed to the layers the file has (PEFT's
     ``layers_to_transform`` on a scanned stack); ``layers`` None when it has all."""
     if len(present) == len(modules):
@@ -180,7 +204,9 @@ def _some_layers(present, modules, shape, stack, stack_axes):
     )
 
 
-def _factor_keys(p: str, modules: dict, tensors: dict, prefix: str):
+def _factor_keys(
+    p: str, modules: dict, tensors: dict, prefix: str
+) -> tuple[tuple[str, str], list[tuple]] | None:
     """The key suffixes of the factors (``LINEAR`` or ``EMBEDDING``) of ``p``'s modules and
     the stack indices the file adapts (all, or some layers of a one-axis stack), or None
     when it adapts none of them."""
@@ -194,4 +220,4 @@ def _factor_keys(p: str, modules: dict, tensors: dict, prefix: str):
     if missing and len(next(iter(modules))) != 1:
         raise LoraError(f"{p!r}: the PEFT file adapts some of its layers but not {missing[:3]}")
     present = [idx for idx in modules if parts[idx] is not None]
-    return next(parts[idx] for idx in present), present
+    return next(ks for ks in parts.values() if ks is not None), present

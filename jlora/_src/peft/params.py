@@ -16,14 +16,17 @@ modules).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jlora._src.adapter import LoraNode, default_axes
 from jlora._src.config import LoraError
 from jlora._src.peft import config as peft_config
+from jlora._src.peft.axes import ModuleFn
 from jlora._src.peft.file import PeftFile
 from jlora._src.peft.keys import BASE_LAYER, LINEAR
 
@@ -39,7 +42,7 @@ def targeted(p: str, config: dict, module: str) -> str | None:
     return param if any(key == n or key.endswith("." + n) for n in names) else None
 
 
-def _fits(la, lb, e: int, n_in: int, n_out: int, rank: int) -> bool:
+def _fits(la: np.ndarray, lb: np.ndarray, e: int, n_in: int, n_out: int, rank: int) -> bool:
     return la.shape == (rank * e, n_in) and lb.shape == (n_out, rank * e)
 
 
@@ -76,7 +79,7 @@ def load_node(p: str, leaf: Any, file: PeftFile, axes: Any) -> LoraNode | None:
         b_all.append(lb.reshape(n_out, rank, e).transpose(2, 1, 0))  # (E, r, out)
     stack = tuple(shape[ax] for ax in stack_axes)
 
-    def cast(xs):
+    def cast(xs: list[np.ndarray]) -> jax.Array:
         return jnp.asarray(np.stack(xs).reshape(stack + xs[0].shape[-2:]), file.dtype)
 
     alpha = float(
@@ -88,7 +91,15 @@ def load_node(p: str, leaf: Any, file: PeftFile, axes: Any) -> LoraNode | None:
     return peft_config.node(config, (cast(a_all), cast(b_all), None), alpha, kernel, origin)
 
 
-def _pick(p, module, param, tensors, prefix, dims, origin) -> str:
+def _pick(
+    p: str,
+    module: str,
+    param: str,
+    tensors: dict,
+    prefix: str,
+    dims: tuple[int, int, int, int],
+    origin: str,
+) -> str:
     """The wrapper stem of ``module`` whose factors fit ``param``'s leaf (by shape: the
     nesting order is the torch module's parameter order, which params do not carry)."""
     e, n_in, n_out, rank = dims
@@ -124,7 +135,9 @@ def _all_stems(tensors: dict, stem: str) -> list[str]:
     return out
 
 
-def save_tensors(nodes: dict, parameters, module_fn, prefix: str):
+def save_tensors(
+    nodes: dict, parameters: Sequence[str], module_fn: ModuleFn, prefix: str
+) -> tuple[dict, dict, list[str]]:
     """``(tensors, {module: node}, target_parameters)`` for the nodes of leaves named in
     ``parameters`` (torch parameter names, in their module's parameter order)."""
     tensors: dict = {}

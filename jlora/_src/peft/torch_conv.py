@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from jlora._src.adapter import LoraNode
 from jlora._src.config import LoraError
 
 
-def torch_order(path: str, shape, in_axes, out_axes) -> list[int]:
+def torch_order(
+    path: str, shape: tuple[int, ...], in_axes: tuple[int, ...], out_axes: tuple[int, ...]
+) -> list[int]:
     """The kernel's in axes in torch's order: the input-feature axis, then the spatial ones."""
     n = len(shape)
     if tuple(out_axes) == (n - 1,) and n - 2 in in_axes:
@@ -33,7 +36,9 @@ def torch_order(path: str, shape, in_axes, out_axes) -> list[int]:
     return [feat] + [ax for ax in in_axes if ax != feat]
 
 
-def to_torch(path: str, node, a, b, mag):
+def to_torch(
+    path: str, node: LoraNode, a: np.ndarray, b: np.ndarray, mag: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """One module's ``(lora_A, lora_B, magnitude)`` in PEFT's conv layout from jlora's
     ``a (in, r)``, ``b (r, out)``, ``mag (out,)`` of a node with several in axes."""
     order = torch_order(path, node.shape, node.in_axes, node.out_axes)
@@ -45,7 +50,14 @@ def to_torch(path: str, node, a, b, mag):
     return la, lb, None if mag is None else mag.reshape(1, -1, *ones)
 
 
-def as_linear(path: str, shape, in_axes, out_axes, la, lb):
+def as_linear(
+    path: str,
+    shape: tuple[int, ...],
+    in_axes: tuple[int, ...],
+    out_axes: tuple[int, ...],
+    la: np.ndarray,
+    lb: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
     """PEFT's ``(lora_A, lora_B)`` as a linear module's ``(r, in)``, ``(out, r)``: a conv's
     ``(r, in, *k)``, ``(out, r, 1, ...)`` reordered to the kernel's in axes; others as
     they are."""
@@ -55,7 +67,13 @@ def as_linear(path: str, shape, in_axes, out_axes, la, lb):
     return la, lb.reshape(lb.shape[:2]) if lb.size == lb.shape[0] * lb.shape[1] else lb
 
 
-def from_torch(path: str, shape, in_axes, out_axes, la):
+def from_torch(
+    path: str,
+    shape: tuple[int, ...],
+    in_axes: tuple[int, ...],
+    out_axes: tuple[int, ...],
+    la: np.ndarray,
+) -> np.ndarray:
     """jlora's ``a (in, r)`` from PEFT's conv ``lora_A (r, in, *k)``."""
     order = torch_order(path, shape, in_axes, out_axes)
     want = tuple(shape[ax] for ax in order)
@@ -69,7 +87,9 @@ def from_torch(path: str, shape, in_axes, out_axes, la):
     return a.reshape(-1, la.shape[0])
 
 
-def conv_axes(path: str, shape, la_shape, lb_shape) -> tuple:
+def conv_axes(
+    path: str, shape: tuple[int, ...], la_shape: tuple[int, ...], lb_shape: tuple[int, ...]
+) -> tuple:
     """``(stack, in, out)`` axes of a kernel PEFT adapts as a convolution, from the
     shapes: ``(*k, in, out)`` or ``(out, in, *k)``; an ambiguous or unfitting shape is
     an error asking for ``axes=``."""

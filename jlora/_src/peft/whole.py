@@ -20,6 +20,7 @@ import numpy as np
 
 from jlora._src.adapter import FullNode, TokenNode
 from jlora._src.config import LoraError
+from jlora._src.peft.axes import ModuleFn
 from jlora._src.peft.file import PeftFile
 from jlora._src.peft.keys import TOKENS
 from jlora._src.targets import layer_index
@@ -34,7 +35,7 @@ _TORCH = {
 }
 
 
-def _torch_param(p: str, ndim: int, conv: bool = False):
+def _torch_param(p: str, ndim: int, conv: bool = False) -> tuple[str, int, tuple | None]:
     """``(torch name, number of leading stacked axes, order)`` of a full leaf: one stacked
     axis under a layer-list segment without an index (a scanned stack); ``order`` is the
     permutation of one layer's axes into torch's (None: as is). ``conv``: a ``kernel`` of
@@ -60,7 +61,9 @@ def _torch_param(p: str, ndim: int, conv: bool = False):
     return torch_name, n_stack, (1, 0) if transposed else None
 
 
-def save_tensors(nodes: dict, module_fn, prefix: str, convs: str | None):
+def save_tensors(
+    nodes: dict, module_fn: ModuleFn, prefix: str, convs: str | None
+) -> tuple[dict, dict]:
     """The file's tensors and config fields for the FullNodes and TokenNodes of ``nodes``."""
     tensors, full, tokens = {}, set(), {}
     for p, node in nodes.items():
@@ -134,7 +137,7 @@ def load_node(p: str, leaf: Any, file: PeftFile) -> Any:
     return FullNode(weight=jnp.asarray(np.stack(parts).reshape(shape), dtype))
 
 
-def _ids(spec, module: str, p: str) -> tuple[int, ...]:
+def _ids(spec: list | dict, module: str, p: str) -> tuple[int, ...]:
     if isinstance(spec, list):
         return tuple(int(i) for i in spec)
     for name, ids in spec.items():

@@ -13,19 +13,22 @@ import collections
 import dataclasses
 import os
 import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jlora._src.adapter import LoraNode, adapter_nodes, is_node, match
+from jlora._src.adapter import LoraNode, Node, adapter_nodes, is_node, match
 from jlora._src.config import LoraError
 from jlora._src.io.checkpoint import load_adapter
 from jlora._src.peft import files as peft_files
+from jlora._src.peft.axes import ModuleFn
 from jlora._src.serving.stacks import stack
-from jlora._src.targets import path_str
+from jlora._src.targets import Adapter, Params, path_str
 
 
-def _write(tree, i, adapter):
+def _write(tree: Any, i: int | jax.Array, adapter: Adapter) -> Any:
     """``tree`` with slot ``i`` holding ``adapter`` (in the slot layout)."""
     leaves = [
         s.at[i].set(x.astype(s.dtype))
@@ -34,7 +37,7 @@ def _write(tree, i, adapter):
     return jax.tree.unflatten(jax.tree.structure(tree), leaves)
 
 
-def _fit(path: str, node, like: LoraNode, rank: int) -> LoraNode:
+def _fit(path: str, node: Node, like: LoraNode, rank: int) -> LoraNode:
     """``node`` in the slot layout of ``like``: rank ``rank``, its scale folded into B."""
     if not isinstance(node, LoraNode):
         raise LoraError(f"{path!r}: slots hold LoRA nodes only, not {type(node).__name__}")
@@ -116,23 +119,23 @@ class Slots:
 
     def __init__(  # noqa: PLR0913 (a public signature: keyword options)
         self,
-        params,
-        template,
+        params: Params,
+        template: Adapter,
         n: int,
         *,
         rank: int | None = None,
         sources: dict | None = None,
-        fn=None,
+        fn: Callable | None = None,
         example_args: tuple = (),
-        module_fn=None,
+        module_fn: ModuleFn | None = None,
         prefix: str | None = None,
-    ):
+    ) -> None:
         if n < 1:
             raise LoraError(f"n={n}: slots need at least one slot")
         nodes = adapter_nodes(template)
         self.rank = rank or max(getattr(nd, "rank", 0) for nd in nodes.values())
         self.params, self.fn, self.example_args = params, fn, tuple(example_args)
-        self._naming = {
+        self._naming: dict[str, Any] = {
             k: v for k, v in (("module_fn", module_fn), ("prefix", prefix)) if v is not None
         }  # peft.load's own defaults otherwise
         self._template = template
@@ -147,11 +150,11 @@ class Slots:
         self._traces = 0
         self._write = jax.jit(self._counted_write)
 
-    def _counted_write(self, tree, i, adapter):
+    def _counted_write(self, tree: Any, i: int | jax.Array, adapter: Adapter) -> Any:
         self._traces += 1  # Python runs only when jax traces, not on cached calls
         return _write(tree, i, adapter)
 
-    def _fit_all(self, adapter):
+    def _fit_all(self, adapter: Adapter) -> Adapter:
         nodes = adapter_nodes(adapter)
         if set(nodes) != set(self._like):
             missing = sorted(set(self._like) - set(nodes))
@@ -166,7 +169,7 @@ class Slots:
         flat, treedef = jax.tree_util.tree_flatten_with_path(self._template, is_leaf=is_node)
         return jax.tree_util.tree_unflatten(treedef, [fitted[path_str(kp)] for kp, _ in flat])
 
-    def _read(self, source):
+    def _read(self, source: Adapter | str | os.PathLike) -> Adapter:
         if not isinstance(source, (str, os.PathLike)):
             return source
         if os.path.isfile(os.path.join(source, "adapter_config.json")):
@@ -175,7 +178,7 @@ class Slots:
             )
         return load_adapter(source, self.params)
 
-    def _free_slot(self, keep) -> tuple[int, str | None]:
+    def _free_slot(self, keep: Iterable[str]) -> tuple[int, str | None]:
         """``(slot, name evicted from it)``: a free slot (no name), or the least recently
         used one that is not pinned or in ``keep``; nothing changes until the write."""
         used = set(self._lru.values())
@@ -189,7 +192,9 @@ class Slots:
             f"all {self.n} slots are pinned or used by this batch; unpin one or make more slots"
         )
 
-    def load(self, name: str, source, *, keep=()) -> int:
+    def load(
+        self, name: str, source: Adapter | str | os.PathLike, *, keep: Iterable[str] = ()
+    ) -> int:
         """Put adapter ``name`` in a slot (replacing an older copy of it) and remember
         ``source`` to reload it after an eviction.
 
@@ -218,7 +223,7 @@ class Slots:
             self._sources[name] = source
             return slot
 
-    def batch(self, names):
+    def batch(self, names: Sequence[str | None]) -> tuple[Adapter, jax.Array]:
         """``(tree, ids)`` for a batch whose row ``i`` uses adapter ``names[i]`` (None:
         the base alone), loading evicted adapters from their sources; the tree and ids
         come from the same moment.
@@ -246,7 +251,7 @@ class Slots:
             ids = jnp.array([-1 if n is None else self._lru[n] for n in names], jnp.int32)
             return self.tree, ids
 
-    def ids(self, names):
+    def ids(self, names: Sequence[str | None]) -> jax.Array:
         """The ``adapter_ids`` of a batch (see :meth:`batch`); ``slots.tree`` holds them."""
         return self.batch(names)[1]
 

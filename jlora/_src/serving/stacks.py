@@ -5,6 +5,9 @@ back (``combine_adapters``, which merges adapters into one, is in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import jax
 import jax.numpy as jnp
 
 from jlora._src.adapter import LoraNode, StackedNode, adapter_nodes, rebuild, same_leaves
@@ -12,7 +15,7 @@ from jlora._src.config import LoraError
 from jlora._src.targets import Adapter
 
 
-def stack(adapters) -> Adapter:
+def stack(adapters: Sequence[Adapter]) -> Adapter:
     """One adapter tree holding ``n`` adapters, for ``apply(..., adapter_ids=ids)``.
 
     The adapters must target the same leaves with the same axes and dropout (ranks,
@@ -63,7 +66,7 @@ def _stack_nodes(path: str, nodes: list) -> StackedNode:
             )
     rank = max(n.rank for n in nodes)
 
-    def pad(x, axis, r):
+    def pad(x: jax.Array, axis: int, r: int) -> jax.Array:
         return jnp.pad(x, [(0, rank - r if d == axis else 0) for d in range(x.ndim)])
 
     a = jnp.stack([pad(n.a, n.a.ndim - 1, n.rank) for n in nodes])
@@ -72,7 +75,7 @@ def _stack_nodes(path: str, nodes: list) -> StackedNode:
     return StackedNode.of(nodes, a, b, mag, _origin(nodes))
 
 
-def _origin(nodes) -> str:
+def _origin(nodes: Sequence[LoraNode]) -> str:
     """The stack's ``axes_from``: ``"assumed"`` if any adapter's axes were (``apply`` then
     refuses a swapped-role use for all), else the first's."""
     origins = [n.axes_from for n in nodes]

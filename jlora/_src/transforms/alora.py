@@ -15,13 +15,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from jlora._src.adapter import StackedNode, adapter_nodes, is_node, is_whole
 from jlora._src.config import LoraError
 from jlora._src.interpret.uses import Use
+from jlora._src.targets import Adapter
 
 
-def alora_mask(input_ids, invocation_tokens: Any, adapter_ids=None) -> jax.Array:
+def alora_mask(
+    input_ids: ArrayLike, invocation_tokens: Any, adapter_ids: ArrayLike | None = None
+) -> jax.Array:
     """PEFT's aLoRA activation: True from the start of the last occurrence of the
     invocation sequence on; a row without one is all False (the base alone).
 
@@ -74,7 +78,7 @@ def alora_mask(input_ids, invocation_tokens: Any, adapter_ids=None) -> jax.Array
     return mask[0] if ids.ndim == 1 else mask
 
 
-def _is_tokens(t) -> bool:
+def _is_tokens(t: object) -> bool:
     return (
         isinstance(t, (Sequence, np.ndarray, jax.Array))
         and all(isinstance(v, (int, np.integer)) or (hasattr(v, "ndim") and v.ndim == 0) for v in t)
@@ -82,7 +86,7 @@ def _is_tokens(t) -> bool:
     )
 
 
-def _tokens(t, name: str) -> tuple[int, ...]:
+def _tokens(t: Any, name: str) -> tuple[int, ...]:
     try:
         out = tuple(int(v) for v in np.asarray(t).reshape(-1)) if len(t) else ()
     except (TypeError, ValueError):
@@ -94,7 +98,7 @@ def _tokens(t, name: str) -> tuple[int, ...]:
     return out
 
 
-def _activated(rows, toks: tuple[int, ...]) -> jax.Array:
+def _activated(rows: jax.Array, toks: tuple[int, ...]) -> jax.Array:
     """``(batch, seq)``: positions at or after the last full occurrence of ``toks``."""
     n, length = rows.shape[1], len(toks)
     if length > n:
@@ -106,7 +110,7 @@ def _activated(rows, toks: tuple[int, ...]) -> jax.Array:
     return (jnp.arange(n)[None] >= start) & (start >= 0)
 
 
-def _from_adapter(rows, adapter, adapter_ids) -> jax.Array:
+def _from_adapter(rows: jax.Array, adapter: Adapter, adapter_ids: ArrayLike | None) -> jax.Array:
     nodes = list(adapter_nodes(adapter).values())
     stacked = [n for n in nodes if isinstance(n, StackedNode)]
     if stacked:
@@ -135,7 +139,7 @@ def _from_adapter(rows, adapter, adapter_ids) -> jax.Array:
     return _activated(rows, only)
 
 
-def check_mask(nodes: list, mask) -> None:
+def check_mask(nodes: list, mask: ArrayLike | None) -> None:
     """``apply``'s ``lora_mask``: required by an activated LoRA, and gating LoRA nodes only."""
     active = [
         n

@@ -12,11 +12,13 @@ import dataclasses
 import functools
 import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from jlora._src.adapter import FullNode, adapter_nodes, match
 from jlora._src.config import LoraError
@@ -34,7 +36,15 @@ from jlora._src.transforms.alora import check_mask, ungated
 from jlora._src.transforms.check import check_finite
 
 
-def interpret_call(fn, params, adapter, call: tuple, ctx: Ctx, adapter_ids=None, example_axes=None):
+def interpret_call(
+    fn: Callable,
+    params: Params,
+    adapter: Adapter,
+    call: tuple,
+    ctx: Ctx,
+    adapter_ids: ArrayLike | None = None,
+    example_axes: int | Sequence[int | None] | None = None,
+) -> Any:
     """``fn(params, *args, **kwargs)`` (``call`` is ``(args, kwargs)``) interpreted with
     ``adapter``'s factors; ``ctx`` collects the use records."""
     args, kwargs = call
@@ -149,16 +159,16 @@ def apply(fn: Callable, *, safe: bool = False, mixed: str = "auto") -> Callable:
 
     @functools.wraps(fn)
     def wrapped(
-        params,
-        adapter,
-        *args,
-        lora_rng=None,
-        adapter_ids=None,
-        example_axes=None,
-        lora_mask=None,
-        deterministic=None,
-        **kwargs,
-    ):
+        params: Params,
+        adapter: Adapter,
+        *args: Any,
+        lora_rng: jax.Array | None = None,
+        adapter_ids: ArrayLike | None = None,
+        example_axes: int | Sequence[int | None] | None = None,
+        lora_mask: ArrayLike | None = None,
+        deterministic: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
         if safe:
             fix = (
                 "find where it came from (jax.config.update('jax_debug_nans', True)); "
@@ -209,7 +219,7 @@ def _names_deterministic(fn: Callable) -> bool:
     )
 
 
-def _check_flag(deterministic) -> None:
+def _check_flag(deterministic: object) -> None:
     if not isinstance(deterministic, (bool, np.bool_)):
         raise TypeError(
             f"deterministic={deterministic!r} must be a Python bool (under "
@@ -217,7 +227,7 @@ def _check_flag(deterministic) -> None:
         )
 
 
-def _check_no_dropout(adapter) -> None:
+def _check_no_dropout(adapter: Adapter) -> None:
     """Dropout with no ``lora_rng`` and no ``deterministic``: which one was meant?"""
     if adapter is None:
         return
@@ -231,7 +241,7 @@ def _check_no_dropout(adapter) -> None:
             )
 
 
-def _warn_transposed(records) -> None:
+def _warn_transposed(records: dict) -> None:
     """A weight used transposed by factors whose axes were never learned (init without fn):
     right for a tied table's ``x @ E.T``, a swapped LoRA for a torch-layout ``(out, in)``
     weight (Equinox, torch ports)."""
@@ -250,7 +260,7 @@ def _warn_transposed(records) -> None:
         )
 
 
-def _as_mask(mask):
+def _as_mask(mask: ArrayLike | None) -> ArrayLike | None:
     return mask if mask is None or not hasattr(mask, "dtype") else jnp.asarray(mask)
 
 
@@ -258,12 +268,12 @@ def explain(
     fn: Callable,
     params: Params,
     adapter: Adapter,
-    *args,
-    adapter_ids=None,
-    example_axes=None,
+    *args: Any,
+    adapter_ids: ArrayLike | None = None,
+    example_axes: int | Sequence[int | None] | None = None,
     mixed: str = "auto",
-    lora_mask=None,
-    **kwargs,
+    lora_mask: ArrayLike | None = None,
+    **kwargs: Any,
 ) -> dict[str, list[str]]:
     """How each adapted leaf is used by ``fn``: ``'factored'`` or ``'materialized (why)'``.
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +52,7 @@ def check(params: Params, adapter: Adapter, *, finite: bool = True) -> int:
     return sum(leaf.size for n in nodes if n is not None for leaf in jax.tree.leaves(n))
 
 
-def _named(tree, what: str):
+def _named(tree: Any, what: str) -> Iterator[tuple[str, jax.Array]]:
     """``(description, array)`` for each array of a tree; adapter factors as ``'path'.b``."""
     for kp, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]:
         if is_node(leaf):
@@ -62,7 +64,7 @@ def _named(tree, what: str):
             yield f"{what} {path_str(kp)!r}", leaf
 
 
-def check_finite(tree, what: str, fix: str) -> None:
+def check_finite(tree: Any, what: str, fix: str) -> None:
     """Raise if a float array of ``tree`` holds NaN/Inf; under a trace, raise at run time."""
     for where, leaf in _named(tree, what):
         if not jnp.issubdtype(leaf.dtype, jnp.inexact):
@@ -74,7 +76,7 @@ def check_finite(tree, what: str, fix: str) -> None:
             _raise(where, jnp.size(leaf), fix, bad)
 
 
-def _raise(where: str, size: int, fix: str, bad) -> None:
+def _raise(where: str, size: int, fix: str, bad: jax.Array) -> None:
     if int(bad):
         raise LoraError(
             f"{where} has non-finite values ({int(bad)} of {size} are NaN or Inf); {fix}"

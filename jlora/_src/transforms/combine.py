@@ -9,12 +9,13 @@ methods (TIES, DARE, magnitude pruning, and their ``_svd`` forms) beside it in
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._src.adapter import LoraNode, rebuild, same_leaves
+from jlora._src.adapter import LoraNode, Node, rebuild, same_leaves
 from jlora._src.config import LoraError
 from jlora._src.targets import Adapter
 from jlora._src.transforms import ties_dare
@@ -23,13 +24,13 @@ COMBINE = ("cat", "linear", "svd", *ties_dare.METHODS)
 
 
 def combine_adapters(
-    adapters,
-    weights,
+    adapters: Sequence[Adapter],
+    weights: Sequence[float],
     method: str = "cat",
     rank: int | None = None,
     density: float | None = None,
     majority_sign_method: str = "total",
-    key=None,
+    key: jax.Array | None = None,
 ) -> Adapter:
     """One adapter whose delta is ``sum_i weights[i] * s_i * A_i @ B_i`` per leaf.
 
@@ -97,10 +98,10 @@ def combine_adapters(
     return rebuild(adapters[0], combined)
 
 
-def _checked(path: str, parts):
+def _checked(path: str, parts: list[tuple[float, Node]]) -> list[tuple[float, LoraNode]]:
     """``parts`` if all are plain LoRA/rsLoRA nodes of one layout."""
-    first = parts[0][1]
-    for _, n in parts:
+    checked = []
+    for w, n in parts:
         if not isinstance(n, LoraNode) or n.magnitude is not None:
             raise LoraError(
                 f"{path!r}: only plain LoRA/rsLoRA adapters combine (a DoRA "
@@ -108,6 +109,9 @@ def _checked(path: str, parts):
                 "some layers of a stack does not add as low-rank factors; merge "
                 "such adapters instead)"
             )
+        checked.append((w, n))
+    first = checked[0][1]
+    for _, n in checked:
         if (n.shape, n.stack_axes, n.in_axes, n.out_axes) != (
             first.shape,
             first.stack_axes,
@@ -115,29 +119,30 @@ def _checked(path: str, parts):
             first.out_axes,
         ):
             raise LoraError(f"{path!r}: the adapters were made for different axes or shapes")
-    return parts
+    return checked
 
 
-def _combine(path: str, parts, method: str, rank: int | None) -> LoraNode:
-    first = _checked(path, parts)[0][1]
+def _combine(path: str, parts: list[tuple[float, Node]], method: str, rank: int | None) -> LoraNode:
+    plain = _checked(path, parts)
+    first = plain[0][1]
     if method == "cat":
-        a_parts = [n.a for _, n in parts]
-        b_parts = [(w * n.scale) * n.b for w, n in parts]
+        a_parts = [n.a for _, n in plain]
+        b_parts = [(w * n.scale) * n.b for w, n in plain]
     else:
 
-        def root(w, n):
+        def root(w: float, n: LoraNode) -> np.ndarray:
             return np.sqrt(abs(w) * n.scale)
 
-        a_parts = [np.sign(w) * root(w, n) * n.a for w, n in parts]
-        b_parts = [root(w, n) * n.b for w, n in parts]
+        a_parts = [np.sign(w) * root(w, n) * n.a for w, n in plain]
+        b_parts = [root(w, n) * n.b for w, n in plain]
     a, b = jnp.concatenate(a_parts, axis=-1), jnp.concatenate(b_parts, axis=-2)
     if method == "svd":
-        a, b = _truncate(a, b, rank or max(n.rank for _, n in parts))
+        a, b = _truncate(a, b, rank or max(n.rank for _, n in plain))
     r = a.shape[-1]
     return dataclasses.replace(first, a=a, b=b, rank=r, alpha=float(r), rslora=False)
 
 
-def _truncate(a, b, rank: int):
+def _truncate(a: jax.Array, b: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
     """Factors of the best rank-``rank`` approximation of ``a @ b`` (batched over stacks)."""
     dtype = a.dtype
     qa, ra = jnp.linalg.qr(a.astype(jnp.float32))

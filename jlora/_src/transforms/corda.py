@@ -15,22 +15,26 @@ divides each batch's, the same with batches of one sequence, as PEFT's hook assu
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora._src.adapter import LoraNode
 from jlora._src.config import LoraError
 from jlora._src.interpret.capture import Capture
 from jlora._src.interpret.core import Ctx
+from jlora._src.targets import Adapter, Leaf, Params
 from jlora._src.transforms import factor_inits
 from jlora._src.transforms.apply import interpret_call
 
 
-def covariances(fn, params, adapter, batches) -> dict:
+def covariances(fn: Callable, params: Params, adapter: Adapter, batches: list) -> dict:
     """Per adapted path: ``C`` ``(*stack, in, in)`` in float64."""
 
-    def stats(params, adapter, *args):
+    def stats(params: Params, adapter: Adapter, *args: Any) -> dict:
         ctx = Ctx(capture=Capture())
         interpret_call(fn, params, adapter, (args, {}), ctx)
         return ctx.capture.stats
@@ -45,7 +49,9 @@ def covariances(fn, params, adapter, batches) -> dict:
     return {p: c / len(batches) for p, c in total.items()}
 
 
-def factors(node, leaf, cov, method: str, path: str):
+def factors(
+    node: LoraNode, leaf: Leaf, cov: np.ndarray | None, method: str, path: str
+) -> tuple[LoraNode, jax.Array]:
     """The node's CorDA factors and the base ``W0 - s A B``, each stacked matrix alone."""
     if cov is None:
         raise LoraError(
@@ -54,22 +60,24 @@ def factors(node, leaf, cov, method: str, path: str):
             "out of the targets"
         )
     axes = (node.stack_axes, node.in_axes, node.out_axes)
-    w, back = factor_inits._matrices(leaf, axes)
-    w = np.asarray(w, np.float64)
+    mat, back = factor_inits._matrices(leaf, axes)
+    w = np.asarray(mat, np.float64)
     mats = w.reshape(-1, *w.shape[-2:])
     covs = np.asarray(cov).reshape(-1, *cov.shape[-2:])
     r = node.rank
     out = [_one(m, c, r, node.scale, method) for m, c in zip(mats, covs, strict=True)]
     a = np.stack([o[0] for o in out]).reshape((*w.shape[:-1], r))
     b = np.stack([o[1] for o in out]).reshape((*w.shape[:-2], r, w.shape[-1]))
-    base = back(np.asarray(w - node.scale * a @ b, np.float32))
+    base = back(jnp.asarray(w - node.scale * a @ b, jnp.float32))
     return (
         dataclasses.replace(node, a=jnp.asarray(a, node.a.dtype), b=jnp.asarray(b, node.b.dtype)),
         base.astype(leaf.dtype),
     )
 
 
-def _one(w, cov, r: int, scale: float, method: str):
+def _one(
+    w: np.ndarray, cov: np.ndarray, r: int, scale: float, method: str
+) -> tuple[np.ndarray, np.ndarray]:
     damp, eye = 0.01, np.eye(cov.shape[0])
     while True:  # PEFT's: more damping until the inverse is good to 0.05
         fix = cov + eye * np.mean(np.diag(cov)) * damp

@@ -11,13 +11,16 @@ becomes ``W0 - s A B`` so the model starts unchanged. CorDA: :mod:`jlora._src.tr
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jlora._src.adapter import LayersNode, LoraNode, match
 from jlora._src.config import INITS, LoraConfig, LoraError, changes_base, needs_data
-from jlora._src.targets import Adapter, Params, flatten, path_str
+from jlora._src.targets import Adapter, Leaf, Params, flatten, path_str
 from jlora._src.transforms import corda, factor_inits
 from jlora._src.transforms.eva import eva_adapter
 from jlora._src.transforms.init import InitResult, init_with_base
@@ -27,7 +30,13 @@ DATA_INITS = tuple(name for name, spec in INITS.items() if spec.needs_data)
 
 
 def init_from_data(
-    key, params: Params, cfg: LoraConfig, fn, batches, loss=None, **eva_kwargs
+    key: jax.Array,
+    params: Params,
+    cfg: LoraConfig,
+    fn: Callable,
+    batches: list,
+    loss: Callable[[Any], jax.Array] | None = None,
+    **eva_kwargs: Any,
 ) -> InitResult:
     """An adapter (and base) initialised from data: ``cfg.init`` ``"lora_ga"``, ``"corda"``
     or ``"eva"``.
@@ -94,6 +103,7 @@ def init_from_data(
             lambda p, node, leaf: corda.factors(node, leaf, covs.get(p), cfg.corda_method, p),
             cfg.init,
         )
+    assert loss is not None  # (lora_ga without a loss was refused above)
     return _each_node(
         params,
         adapter,
@@ -105,13 +115,13 @@ def init_from_data(
 
 
 def init_eva(  # noqa: PLR0913 (a public signature: keyword options)
-    key,
+    key: jax.Array,
     params: Params,
     cfg: LoraConfig,
-    fn,
-    batches,
+    fn: Callable,
+    batches: list,
     *,
-    masks=None,
+    masks: Sequence[ArrayLike] | None = None,
     rho: float = 2.0,
     whiten: bool = False,
     adjust_scaling: bool = True,
@@ -163,11 +173,18 @@ def init_eva(  # noqa: PLR0913 (a public signature: keyword options)
             "change the base: use init='eva' (or init_from_data for that init)"
         )
     eva_cfg = dataclasses.replace(cfg, init="eva")
-    options = dict(masks=masks, rho=rho, whiten=whiten, adjust_scaling=adjust_scaling)
+    options: dict[str, Any] = dict(
+        masks=masks, rho=rho, whiten=whiten, adjust_scaling=adjust_scaling
+    )
     return init_from_data(key, params, eva_cfg, fn, batches, **options).adapter
 
 
-def _each_node(params, adapter, make, init: str) -> InitResult:
+def _each_node(
+    params: Params,
+    adapter: Adapter,
+    make: Callable[[str, LoraNode, Leaf], tuple[LoraNode, jax.Array]],
+    init: str,
+) -> InitResult:
     """Each LoRA node and its base leaf through ``make(path, node, leaf)``."""
     flat, treedef = flatten(params)
     nodes, leaves = [], []
@@ -187,13 +204,15 @@ def _each_node(params, adapter, make, init: str) -> InitResult:
     )
 
 
-def _mean_grad(params, path: str, fn, batches, loss):
+def _mean_grad(
+    params: Params, path: str, fn: Callable, batches: list, loss: Callable[[Any], jax.Array]
+) -> jax.Array:
     """The gradient of ``loss(fn(params, *batch))`` with respect to one leaf, averaged."""
     flat, treedef = flatten(params)
     i = [path_str(kp) for kp, _ in flat].index(path)
     leaves = [leaf for _, leaf in flat]
 
-    def of_leaf(w, *args):
+    def of_leaf(w: jax.Array, *args: Any) -> jax.Array:
         out = loss(
             fn(jax.tree_util.tree_unflatten(treedef, [*leaves[:i], w, *leaves[i + 1 :]]), *args)
         )
@@ -211,7 +230,9 @@ def _mean_grad(params, path: str, fn, batches, loss):
     return total / len(batches)
 
 
-def _factors(node: LoraNode, leaf, grad, gamma: float):
+def _factors(
+    node: LoraNode, leaf: Leaf, grad: jax.Array, gamma: float
+) -> tuple[LoraNode, jax.Array]:
     """``A``, ``B`` from the gradient's SVD (PEFT's ArB2r and stable scale), and the base
     ``W0 - s A B``, each stacked matrix on its own."""
     axes = (node.stack_axes, node.in_axes, node.out_axes)

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from jlora._src.adapter import LayersNode, LoraNode, match
 from jlora._src.config import LoraConfig, LoraError
@@ -29,13 +32,13 @@ from jlora._src.transforms.init import init
 
 
 def eva_adapter(  # noqa: PLR0913 (EVA's options, as init_eva takes them)
-    key,
+    key: jax.Array,
     params: Params,
     cfg: LoraConfig,
-    fn,
+    fn: Callable,
     batches: list[tuple],
     *,
-    masks=None,
+    masks: Sequence[ArrayLike] | None = None,
     rho: float = 2.0,
     whiten: bool = False,
     adjust_scaling: bool = True,
@@ -47,11 +50,11 @@ def eva_adapter(  # noqa: PLR0913 (EVA's options, as init_eva takes them)
     """
     if not rho >= 1.0:
         raise LoraError(f"init_eva(rho={rho!r}): rho must be >= 1 (PEFT's EvaConfig)")
-    masks = [None] * len(batches) if masks is None else list(masks)
-    if len(masks) != len(batches):
-        raise LoraError(f"init_eva: {len(masks)} masks for {len(batches)} batches")
+    rows: list[ArrayLike | None] = [None] * len(batches) if masks is None else list(masks)
+    if len(rows) != len(batches):
+        raise LoraError(f"init_eva: {len(rows)} masks for {len(batches)} batches")
     adapter = init(key, params, cfg, fn, *batches[0])
-    stats = _collect(fn, params, adapter, batches, masks)
+    stats = _collect(fn, params, adapter, batches, rows)
     flat, treedef = flatten(params)
     paths = [path_str(kp) for kp, _ in flat]
     nodes = dict(zip(paths, match(params, adapter), strict=True))
@@ -80,10 +83,10 @@ def eva_adapter(  # noqa: PLR0913 (EVA's options, as init_eva takes them)
     )
 
 
-def _collect(fn, params, adapter, batches, masks) -> dict:
+def _collect(fn: Callable, params: Params, adapter: Adapter, batches: list, masks: list) -> dict:
     """Per adapted path: ``(count, sum, gram)`` over all batches, in float64."""
 
-    def stats(params, adapter, mask, *args):
+    def stats(params: Params, adapter: Adapter, mask: ArrayLike | None, *args: Any) -> dict:
         ctx = Ctx(capture=Capture(mask))
         interpret_call(fn, params, adapter, (args, {}), ctx)
         return ctx.capture.stats
@@ -100,7 +103,7 @@ def _collect(fn, params, adapter, batches, masks) -> dict:
     return total
 
 
-def _pca(stat, max_k: int, path: str):
+def _pca(stat: tuple, max_k: int, path: str) -> list[np.ndarray]:
     """Per layer: ``(ratios (k,), components (K, k), singular values (k,))``, stacked."""
     count, total, gram = stat[:3]
     stack = count.shape
@@ -141,7 +144,9 @@ def _distribute(pcas: dict, budget: dict) -> dict:
     }
 
 
-def _node(node, pca, ranks, path: str, whiten: bool, adjust: bool):
+def _node(
+    node: LoraNode, pca: list[np.ndarray], ranks: np.ndarray, path: str, whiten: bool, adjust: bool
+) -> LoraNode | None:
     if len(set(ranks.tolist())) > 1:
         raise LoraError(
             f"init_eva gives the layers of {path!r} different ranks "

@@ -10,15 +10,27 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
-from jlora._src.config import LoraError, niter
+from jlora._src.config import LoraConfig, LoraError, niter
 from jlora._src.numerics.quant import dequantize_array, quantize_array
+from jlora._src.qnode import Quantized
+from jlora._src.targets import Leaf
 
 
-def base_changing(cfg, w, axes, rank: int, scale: float, dtype, key=None):
+def base_changing(
+    cfg: LoraConfig,
+    w: Leaf,
+    axes: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]],
+    rank: int,
+    scale: float,
+    dtype: DTypeLike,
+    key: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, Leaf]:
     """``(a, b, base)`` for ``cfg.init``: the factors and the base to train on."""
     if cfg.init == "loftq":
         return _loftq(w, axes, rank, scale, dtype, cfg.loftq_iter)
@@ -31,27 +43,35 @@ def base_changing(cfg, w, axes, rank: int, scale: float, dtype, key=None):
     return _moved(w, axes, rank, scale, dtype, factors)
 
 
-def fresh(init: str, key, path: str, sizes: tuple[tuple, int, int, int], dtype):
+def fresh(
+    init: str, key: jax.Array, path: str, sizes: tuple[tuple, int, int, int], dtype: DTypeLike
+) -> tuple[jax.Array, jax.Array]:
     """``(a, b)`` of an init that leaves the base alone (B = 0 but for ``orthogonal``);
     every other init starts from kaiming's (a base-changing one then overwrites them, a
     data one computes its own where data reached). ``sizes``: ``(stack, in, out, rank)``."""
     return _FRESH.get(init, _kaiming)(key, path, *sizes, dtype)
 
 
-def _kaiming(key, path: str, stack, n_in: int, n_out: int, rank: int, dtype):
+def _kaiming(
+    key: jax.Array, path: str, stack: tuple, n_in: int, n_out: int, rank: int, dtype: DTypeLike
+) -> tuple[jax.Array, jax.Array]:
     """torch's ``kaiming_uniform_(a=sqrt(5))`` on ``(r, in)``: bound ``1/sqrt(in)``; B = 0."""
     bound = 1.0 / math.sqrt(n_in)
     a = jax.random.uniform(key, (*stack, n_in, rank), dtype, -bound, bound)
     return a, jnp.zeros((*stack, rank, n_out), dtype)
 
 
-def _gaussian(key, path: str, stack, n_in: int, n_out: int, rank: int, dtype):
+def _gaussian(
+    key: jax.Array, path: str, stack: tuple, n_in: int, n_out: int, rank: int, dtype: DTypeLike
+) -> tuple[jax.Array, jax.Array]:
     """A ~ N(0, 1/r^2); B = 0."""
     a = (jax.random.normal(key, (*stack, n_in, rank), jnp.float32) / rank).astype(dtype)
     return a, jnp.zeros((*stack, rank, n_out), dtype)
 
 
-def orthogonal(key, path: str, stack, n_in: int, n_out: int, rank: int, dtype):
+def orthogonal(
+    key: jax.Array, path: str, stack: tuple, n_in: int, n_out: int, rank: int, dtype: DTypeLike
+) -> tuple[jax.Array, jax.Array]:
     """PEFT's ``orthogonal_init``: ``Q`` of a random ``r x r`` matrix's QR; ``A = G1 Q[0::2]
     / 10``, ``B = Q[1::2]^T G2 / 10`` (``G`` Gaussian), so ``A B = G1 Q[0::2] Q[1::2]^T G2 /
     100 = 0``: the model starts unchanged, each factor full rank."""
@@ -70,12 +90,14 @@ def orthogonal(key, path: str, stack, n_in: int, n_out: int, rank: int, dtype):
     return a.astype(dtype), b.astype(dtype)
 
 
-def _pissa(mat, rank: int, scale: float):
+def _pissa(mat: jax.Array, rank: int, scale: float) -> tuple[jax.Array, jax.Array]:
     """PiSSA: the top-``rank`` singular directions, split evenly between A and B."""
     return _top(mat, rank, scale)
 
 
-def _pissa_niter(mat, rank: int, scale: float, niter: int, key):
+def _pissa_niter(
+    mat: jax.Array, rank: int, scale: float, niter: int, key: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """PiSSA by randomized SVD (PEFT's ``pissa_niter_K``, torch's ``svd_lowrank``: Halko
     et al.): a random ``rank``-column range of ``mat``, refined by ``niter`` subspace
     iterations, then the SVD of ``mat`` projected onto it."""
@@ -90,7 +112,7 @@ def _pissa_niter(mat, rank: int, scale: float, niter: int, key):
     return (q @ u[..., :, :rank]) * root[..., None, :], root[..., :, None] * vh[..., :rank, :]
 
 
-def _olora(mat, rank: int, scale: float):
+def _olora(mat: jax.Array, rank: int, scale: float) -> tuple[jax.Array, jax.Array]:
     """OLoRA (PEFT's ``olora_init``): QR of the torch-layout weight ``(out, in) = Q R``;
     PEFT's ``lora_B = Q[:, :r]``, ``lora_A = R[:r]``, so ``a = R[:r].T``, ``b = Q[:, :r].T``."""
     q, r = jnp.linalg.qr(jnp.swapaxes(mat, -1, -2))
@@ -100,7 +122,14 @@ def _olora(mat, rank: int, scale: float):
 _FACTORS = {"pissa": _pissa, "olora": _olora}
 
 
-def _moved(w, axes, rank: int, scale: float, dtype, factors):
+def _moved(
+    w: jax.Array,
+    axes: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]],
+    rank: int,
+    scale: float,
+    dtype: DTypeLike,
+    factors: Callable[..., tuple[jax.Array, jax.Array]],
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Factors ``(a, b)`` from the weight (``factors(mat, rank, scale)`` on each stacked
     ``(in, out)`` matrix, in float32), and the residual base ``W0 - s A B``."""
     mat, back = _matrices(w, axes)
@@ -108,35 +137,45 @@ def _moved(w, axes, rank: int, scale: float, dtype, factors):
     return a.astype(dtype), b.astype(dtype), back(mat - scale * a @ b).astype(w.dtype)
 
 
-def _matrices(w, axes):
+def _matrices(
+    w: jax.Array, axes: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
     """``w`` as float32 ``(*stack, in, out)`` matrices, and the map back to ``w``'s layout."""
     order = [ax for group in axes for ax in group]
     wt = jnp.transpose(w, order).astype(jnp.float32)
     n_in = math.prod(w.shape[ax] for ax in axes[1])
 
-    def back(m):
+    def back(m: jax.Array) -> jax.Array:
         return jnp.transpose(m.reshape(wt.shape), [order.index(ax) for ax in range(w.ndim)])
 
     return wt.reshape((*wt.shape[: len(axes[0])], n_in, -1)), back
 
 
-def _top(res, rank: int, scale: float):
+def _top(res: jax.Array, rank: int, scale: float) -> tuple[jax.Array, jax.Array]:
     """The best rank-``rank`` ``s A B`` of ``res``, the singular values split evenly."""
     u, s, vh = jnp.linalg.svd(res, full_matrices=False)
     root = jnp.sqrt(s[..., :rank] / scale)
     return u[..., :, :rank] * root[..., None, :], root[..., :, None] * vh[..., :rank, :]
 
 
-def _loftq(w, axes, rank: int, scale: float, dtype, iters: int):
+def _loftq(
+    w: jax.Array,
+    axes: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]],
+    rank: int,
+    scale: float,
+    dtype: DTypeLike,
+    iters: int,
+) -> tuple[jax.Array, jax.Array, Quantized]:
     """LoftQ (PEFT's ``loftq_init``, 4 bits): ``iters`` rounds of ``Q = NF4(W - s A B)``,
     ``s A B = SVD_r(W - dequant(Q))``; the base is ``Q`` (jlora's NF4, bitsandbytes'
     format, double quantization), so ``dequant(Q) + s A B`` is closer to ``W`` than
     ``dequant(NF4(W))``. Unlike PEFT's, ``s`` is divided out of the factors, so the
     model starts at that approximation for any alpha."""
     mat, back = _matrices(w, axes)
-    a = b = None  # (set by the first round)
+    a: jax.Array | None = None  # (set by the first round)
+    b: jax.Array | None = None
     for _ in range(iters):
-        target = mat if a is None else mat - scale * a @ b
+        target = mat if a is None or b is None else mat - scale * a @ b
         q = quantize_array(back(target).astype(w.dtype), compute_dtype=w.dtype)
         deq, _ = _matrices(dequantize_array(q), axes)
         a, b = _top(mat - deq, rank, scale)

@@ -6,18 +6,30 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.typing import DTypeLike
 
-from jlora._src.adapter import LayersNode, LoraNode, default_axes
+from jlora._src.adapter import LayersNode, LoraNode, Node, default_axes
 from jlora._src.config import LAYER_PATTERNS, LoraConfig, LoraError, changes_base, needs_data
 from jlora._src.interpret.probe import discover_axes
 from jlora._src.numerics.dora import dora_norm
 from jlora._src.numerics.quant import dequantize_array
 from jlora._src.qnode import is_quantized
-from jlora._src.targets import Adapter, Params, flatten, layer_index, path_str, select, select_whole
+from jlora._src.targets import (
+    Adapter,
+    Leaf,
+    Params,
+    flatten,
+    layer_index,
+    path_str,
+    select,
+    select_whole,
+)
 from jlora._src.transforms import factor_inits, whole_leaves
 from jlora._src.transforms.sharding import place
 
@@ -34,7 +46,14 @@ class InitResult(NamedTuple):
     base: Params
 
 
-def init(key, params: Params, cfg: LoraConfig, fn=None, *args, **kwargs) -> Adapter:
+def init(
+    key: jax.Array,
+    params: Params,
+    cfg: LoraConfig,
+    fn: Callable | None = None,
+    *args: Any,
+    **kwargs: Any,
+) -> Adapter:
     """Create an adapter for ``params``: a tree mirroring it, ``None`` where not adapted.
 
     Args:
@@ -73,7 +92,14 @@ def init(key, params: Params, cfg: LoraConfig, fn=None, *args, **kwargs) -> Adap
     return init_with_base(key, params, cfg, fn, *args, **kwargs).adapter
 
 
-def init_with_base(key, params: Params, cfg: LoraConfig, fn=None, *args, **kwargs) -> InitResult:
+def init_with_base(
+    key: jax.Array,
+    params: Params,
+    cfg: LoraConfig,
+    fn: Callable | None = None,
+    *args: Any,
+    **kwargs: Any,
+) -> InitResult:
     """:func:`init`, also returning the base to train and serve the adapter with.
 
     PiSSA and OLoRA move the top of each target's spectrum (or its QR part) into the
@@ -119,7 +145,8 @@ def init_with_base(key, params: Params, cfg: LoraConfig, fn=None, *args, **kwarg
     if fn is not None:
         learned = discover_axes(fn, params, set(chosen), args, kwargs)
     flat, treedef = flatten(params)
-    nodes, residual = [], []
+    nodes: list[Node | None] = []
+    residual = []
     for i, (kp, leaf) in enumerate(flat):
         path = path_str(kp)
         if path in whole:
@@ -146,7 +173,7 @@ def init_with_base(key, params: Params, cfg: LoraConfig, fn=None, *args, **kwarg
     return InitResult(adapter, params)
 
 
-def _is_key(x) -> bool:
+def _is_key(x: Any) -> bool:
     """A ``jax.random.key`` or a legacy ``PRNGKey`` (uint32 of shape ``(2,)``)."""
     dtype = getattr(x, "dtype", None)
     if dtype is None:
@@ -156,7 +183,7 @@ def _is_key(x) -> bool:
     )
 
 
-def _check_key(key, params, cfg) -> None:
+def _check_key(key: jax.Array, params: Params, cfg: LoraConfig) -> None:
     if _is_key(key):
         return
     if _is_key(params) or isinstance(key, LoraConfig):
@@ -171,7 +198,7 @@ def _check_key(key, params, cfg) -> None:
     )
 
 
-def _scan_stacked(path: str, leaf, flat) -> bool:
+def _scan_stacked(path: str, leaf: Leaf, flat: list) -> bool:
     """Whether ``leaf`` looks like one kernel of a Flax ``nn.scan`` stack: some ancestor
     module above its own holds two or more leaves, all of them at least 2-D with the same
     leading size (the layer axis that ``variable_axes={"params": 0}`` puts first)."""
@@ -184,7 +211,7 @@ def _scan_stacked(path: str, leaf, flat) -> bool:
     return False
 
 
-def _check_unambiguous(path: str, leaf, flat, traced: bool) -> None:
+def _check_unambiguous(path: str, leaf: Leaf, flat: list, traced: bool) -> None:
     """Without ``fn``, only 2-D kernels and Flax scan stacks of them have a known layout."""
     if leaf.ndim == 2 or (leaf.ndim == 3 and _scan_stacked(path, leaf, flat)):
         return
@@ -201,7 +228,7 @@ def _check_unambiguous(path: str, leaf, flat, traced: bool) -> None:
     )
 
 
-def _with_origin(node, origin: str):
+def _with_origin(node: LoraNode | LayersNode, origin: str) -> LoraNode | LayersNode:
     if isinstance(node, LayersNode):
         return dataclasses.replace(node, node=dataclasses.replace(node.node, axes_from=origin))
     return dataclasses.replace(node, axes_from=origin)
@@ -214,7 +241,15 @@ def _some_layers(cfg: LoraConfig, path: str) -> bool:
     )
 
 
-def _make_layers_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
+def _make_layers_node(
+    key: jax.Array,
+    w: Leaf,
+    path: str,
+    cfg: LoraConfig,
+    rank: int,
+    alpha: float,
+    axes: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]],
+) -> tuple[LayersNode, Leaf]:
     """A node on ``cfg.layers_to_transform`` of a scanned stack (its first stacked axis)."""
     layers = tuple(sorted(set(cfg.layers_to_transform or ())))
     if not axes[0] or is_quantized(w) or cfg.init == "loftq":
@@ -237,7 +272,7 @@ def _make_layers_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, ax
     return LayersNode(node=node, layers=layers, length=length), w
 
 
-def factor_dtype(dtype, base_dtype) -> jnp.dtype:
+def factor_dtype(dtype: DTypeLike | None, base_dtype: DTypeLike) -> np.dtype:
     """The factors' dtype: ``dtype``; for None, float32 on a base of lower precision (bf16,
     f16, fp8: PEFT's ``autocast_adapter_dtype``), else the base's; ``"base"``: the base's."""
     if isinstance(dtype, str) and dtype == "base":
@@ -249,10 +284,18 @@ def factor_dtype(dtype, base_dtype) -> jnp.dtype:
     return jnp.dtype(jnp.float32) if low else base
 
 
-def _make_node(key, w, path, cfg: LoraConfig, rank: int, alpha: float, axes):
+def _make_node(
+    key: jax.Array,
+    w: Leaf,
+    path: str,
+    cfg: LoraConfig,
+    rank: int,
+    alpha: float,
+    axes: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]],
+) -> tuple[LoraNode, Leaf]:
     stack_axes, in_axes, out_axes = axes
 
-    def size(group):
+    def size(group: tuple[int, ...]) -> int:
         return math.prod(w.shape[ax] for ax in group)
 
     n_in, n_out = size(in_axes), size(out_axes)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._src.adapter import is_whole, match
+from jlora._src.adapter import is_lora, is_whole, match
 from jlora._src.config import LoraError
 from jlora._src.interpret import sym as sy
 from jlora._src.numerics.quantize import dequantize
@@ -118,7 +118,7 @@ def merge_with_norms(params: Params, adapter: Adapter, *, requantize: bool = Fal
     return _merge(params, adapter, requantize, True)
 
 
-def _merge(params, adapter, requantize: bool, want_norms: bool) -> MergeResult:
+def _merge(params: Params, adapter: Adapter, requantize: bool, want_norms: bool) -> MergeResult:
     flat, treedef = flatten(params)
     out, changed, norms, rounded = [], [], {}, ""
     for (kp, leaf), node in zip(flat, match(params, adapter), strict=True):
@@ -137,6 +137,7 @@ def _merge(params, adapter, requantize: bool, want_norms: bool) -> MergeResult:
             changed.append((path, out[-1]))
             continue
         node = whole_leaves.lower(leaf, node)[1]  # some layers of a stack: the others zero
+        assert is_lora(node)  # (the whole-leaf kinds were merged above)
         out.append(sy.materialize(sy.from_node(wrap(leaf), node, path)))
         changed.append((path, out[-1]))
         if want_norms and node.magnitude is not None:

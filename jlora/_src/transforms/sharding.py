@@ -10,17 +10,25 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jlora._src.adapter import FullNode, LayersNode, StackedNode, TokenNode, adapter_nodes, is_node
-from jlora._src.targets import Adapter, Params, flatten, path_str
+from jlora._src.adapter import (
+    FullNode,
+    LayersNode,
+    Node,
+    StackedNode,
+    TokenNode,
+    adapter_nodes,
+    is_node,
+)
+from jlora._src.targets import Adapter, Leaf, Params, flatten, path_str
 
 
-def _axis_spec(spec, axes):
+def _axis_spec(spec: tuple, axes: tuple[int, ...]) -> Any:
     """The sharding of ``axes`` flattened into one: the major axis's, if the rest are whole."""
     parts = [spec[ax] for ax in axes]
     return parts[0] if all(p is None for p in parts[1:]) else None
 
 
-def node_sharding(leaf, node):
+def node_sharding(leaf: Leaf, node: Node) -> Any:
     """The node with a ``NamedSharding`` in place of each array (None: leaf not sharded)."""
     sharding = getattr(leaf, "sharding", None)
     if not isinstance(sharding, NamedSharding):
@@ -40,10 +48,10 @@ def node_sharding(leaf, node):
     stack = ((None,) if isinstance(node, StackedNode) else ()) + stack
     ins, outs = _axis_spec(spec, node.in_axes), _axis_spec(spec, node.out_axes)
 
-    def named(*s):
+    def named(*s: Any) -> NamedSharding:
         return NamedSharding(sharding.mesh, PartitionSpec(*s))
 
-    fields = dict(
+    fields: dict[str, Any] = dict(
         a=named(*stack, ins, None),
         b=named(*stack, None, outs),
         magnitude=None if node.magnitude is None else named(*stack, outs),
@@ -86,7 +94,7 @@ def adapter_shardings(params: Params, adapter: Adapter) -> Any:
     return jax.tree_util.tree_unflatten(treedef, [shardings[path_str(kp)] for kp, _ in flat])
 
 
-def place(params, adapter):
+def place(params: Params, adapter: Adapter) -> Adapter:
     """``adapter`` placed after its base's shardings (unchanged when the base is not sharded)."""
     shardings = adapter_shardings(params, adapter)
     nodes = jax.tree.leaves(shardings, is_leaf=lambda x: x is None or is_node(x))

@@ -36,7 +36,9 @@ METHODS = BASE + tuple(m + "_svd" for m in BASE)
 SIGNS = ("total", "frequency")
 
 
-def check(method: str, density, majority_sign_method: str, key) -> None:
+def check(
+    method: str, density: float | None, majority_sign_method: str, key: jax.Array | None
+) -> None:
     """The method's arguments, each a LoraError naming the fix."""
     if density is None or not 0.0 < float(density) <= 1.0:
         raise LoraError(
@@ -49,7 +51,15 @@ def check(method: str, density, majority_sign_method: str, key) -> None:
         raise LoraError(f"method={method!r} prunes at random: pass key=jax.random.key(...)")
 
 
-def combine(path: str, parts, method: str, rank, density: float | None, sign: str, key) -> LoraNode:
+def combine(
+    path: str,
+    parts: list[tuple[float, LoraNode]],
+    method: str,
+    rank: int | None,
+    density: float | None,
+    sign: str,
+    key: jax.Array | None,
+) -> LoraNode:
     """One node from ``parts`` (``[(weight, node)]``) by ``method`` (see the module doc)."""
     first = parts[0][1]
     base = method.removesuffix("_svd")
@@ -93,9 +103,18 @@ def combine(path: str, parts, method: str, rank, density: float | None, sign: st
     )
 
 
-def _merge(method: str, tensors, weights, density, sign, keys, part):
+def _merge(
+    method: str,
+    tensors: list[jax.Array],
+    weights: list[float],
+    density: float | None,
+    sign: str,
+    keys: list,
+    part: int,
+) -> jax.Array:
     """PEFT's ``magnitude_prune``/``ties``/``dare_linear``/``dare_ties`` of ``tensors``
     (``(*stack, m, n)`` each; pruning per stacked matrix)."""
+    assert density is not None  # (check refuses these methods without one)
     if method in ("ties", "magnitude_prune"):
         pruned = [_top_k(t, density) for t in tensors]
     else:
@@ -118,7 +137,7 @@ def _merge(method: str, tensors, weights, density, sign, keys, part):
     return (weighted * agree).sum(0) / jnp.maximum(agree.sum(0), 1).astype(weighted.dtype)
 
 
-def _top_k(t, density: float):
+def _top_k(t: jax.Array, density: float) -> jax.Array:
     """``t`` with all but its ``int(density * m n)`` largest-magnitude entries zeroed, per
     matrix of its last two axes."""
     flat = t.reshape((*t.shape[:-2], -1))

@@ -18,14 +18,15 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jlora._src.adapter import FullNode, LayersNode, LoraNode, TokenNode
+from jlora._src.adapter import FullNode, LayersNode, LoraNode, Node, StackedNode, TokenNode
 from jlora._src.config import LoraError
 from jlora._src.interpret import sym as sy
 from jlora._src.numerics import qview as qv
 from jlora._src.qnode import is_quantized
+from jlora._src.targets import Leaf
 
 
-def make(path: str, leaf, indices):
+def make(path: str, leaf: Leaf, indices: tuple[int, ...] | None) -> FullNode | TokenNode:
     """The node for a leaf that ``select_whole`` chose (``indices`` None: trained in full)."""
     if is_quantized(leaf):
         raise LoraError(
@@ -39,7 +40,7 @@ def make(path: str, leaf, indices):
     return TokenNode(rows=rows, indices=tuple(indices), shape=tuple(leaf.shape))
 
 
-def lower(leaf, node, exact: bool = True):
+def lower(leaf: Leaf, node: Node, exact: bool = True) -> tuple[Leaf, LoraNode | StackedNode | None]:
     """``(leaf, node)`` as the interpreter takes them: a full leaf in place of the base,
     token rows as a rank-``k`` LoRA node with a constant one-hot ``A``. ``exact=False``
     (``apply``, whose ``from_node`` sets ``g = 1`` on the layers ``active`` leaves out):
@@ -59,19 +60,19 @@ def lower(leaf, node, exact: bool = True):
     return leaf, LoraNode.of(a, b, alpha=k, shape=node.shape, axes=axes)
 
 
-def active(node) -> tuple[bool, ...] | None:
+def active(node: Node | None) -> tuple[bool, ...] | None:
     """For a ``LayersNode``: whether each layer of the stack is adapted."""
     if not isinstance(node, LayersNode):
         return None
     return tuple(i in node.layers for i in range(node.length))
 
 
-def _padded(leaf, node: LayersNode, exact: bool = True) -> LoraNode:
+def _padded(leaf: Leaf, node: LayersNode, exact: bool = True) -> LoraNode:
     """The node on every layer: zero factors on the others (and, with DoRA, the base's own
     norm as their magnitude, so those layers stay ``W0``; ones when not ``exact``)."""
     inner, ids = node.node, jnp.asarray(node.layers)
 
-    def pad(f):
+    def pad(f: jax.Array) -> jax.Array:
         return jnp.zeros((node.length, *f.shape[1:]), f.dtype).at[ids].set(f)
 
     full = dataclasses.replace(
@@ -85,7 +86,7 @@ def _padded(leaf, node: LayersNode, exact: bool = True) -> LoraNode:
     return dataclasses.replace(full, magnitude=other.astype(m.dtype).at[ids].set(m))
 
 
-def merged(leaf, node):
+def merged(leaf: jax.Array, node: FullNode | TokenNode) -> jax.Array:
     """The leaf with the node written in: exactly the trained values."""
     if isinstance(node, FullNode):
         return node.weight

@@ -11,6 +11,7 @@ from jlora import config as config
 from jlora import memory as memory
 from jlora import peft as peft
 from jlora import targets as targets
+from jlora._src.adapter import Adapter as Adapter
 from jlora._src.adapter import LoraNode as LoraNode
 from jlora._src.adapter import adapter_nodes as adapter_nodes
 from jlora._src.config import PRESETS as PRESETS
@@ -31,7 +32,6 @@ from jlora._src.qnode import Quantized as Quantized
 from jlora._src.serving.slots import Slots as Slots
 from jlora._src.serving.stacks import stack as stack
 from jlora._src.serving.stacks import unstack as unstack
-from jlora._src.targets import Adapter as Adapter
 from jlora._src.targets import Params as Params
 from jlora._src.targets import path_str as path_str
 from jlora._src.transforms.alora import alora_mask as alora_mask

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, TypeGuard
+from typing import Any, ClassVar, TypeAlias, TypeGuard
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +16,7 @@ import numpy as np
 
 from jlora._src.config import LoraError, scaling
 from jlora._src.qnode import is_quantized
-from jlora._src.targets import Adapter, Leaf, Params, flatten, path_str
+from jlora._src.targets import Leaf, Params, flatten, path_str
 
 _meta = dict(static=True)
 
@@ -341,6 +341,11 @@ KINDS: dict[str, type] = {
 }
 #: Any node kind.
 Node = LoraNode | StackedNode | FullNode | TokenNode | LayersNode
+#: An adapter: a pytree of the same structure as its base, with a node at each adapted leaf
+#: and ``None`` elsewhere. JAX takes any registered pytree node (an Equinox module, a
+#: dataclass), so the alias ends in ``object``: code that holds one goes through the tree
+#: utilities, never indexes it.
+Adapter: TypeAlias = Node | Mapping[Any, "Adapter"] | Sequence["Adapter"] | object | None
 
 
 def is_node(x: object) -> TypeGuard[Node]:

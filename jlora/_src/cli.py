@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from jlora._src import memory
-from jlora._src.adapter import FullNode, LayersNode, LoraNode, TokenNode
+from jlora._src.adapter import Adapter, FullNode, LayersNode, LoraNode, TokenNode
 from jlora._src.config import LoraError
-from jlora._src.targets import Adapter, Params
+from jlora._src.targets import Params
 
 #: The errors a command reports in one line: a user's mistake, a missing file.
 EXPECTED = (ValueError, TypeError, OSError)

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import optax
 from jax.tree_util import KeyPath
 
-from jlora._src.adapter import LoraNode, StackedNode, is_lora
-from jlora._src.targets import Adapter, Params, path_str
+from jlora._src.adapter import Adapter, LoraNode, StackedNode, is_lora
+from jlora._src.targets import Params, path_str
 
 #: Labels of the LoRA+ parameter groups (PEFT's ``create_loraplus_optimizer``).
 A, B, EMBEDDING = "a", "b", "embedding"

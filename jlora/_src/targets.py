@@ -5,21 +5,19 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import jax
 import numpy as np
-from jax.tree_util import KeyPath
 
 from jlora._src.config import LAYER_PATTERNS, LoraConfig, LoraError
-from jlora._src.qnode import is_quantized
+from jlora._src.qnode import Quantized, is_quantized
 
 #: A model's parameter pytree: any pytree of arrays (nested dicts from Flax or Haiku, an
 #: Equinox module's array part, a penzai tree); quantized leaves allowed. Never modified.
-Params = Any
-#: An adapter: a pytree of the same structure as its base, with a ``LoraNode`` (or a stacked,
-#: layer-subset or whole-leaf node) at each adapted leaf and ``None`` elsewhere.
-Adapter = Any
+#: JAX takes any registered pytree node, so the alias ends in ``object``: code that holds
+#: one goes through the tree utilities, never indexes it.
+Params: TypeAlias = jax.Array | Quantized | Mapping[Any, "Params"] | Sequence["Params"] | object
 #: One leaf of a base: an array, or a quantized weight (a ``Quantized`` node).
 Leaf = Any
 
@@ -43,7 +41,7 @@ def _segment(k: Any) -> str:
     return str(k)
 
 
-def path_str(path: KeyPath) -> str:
+def path_str(path: jax.tree_util.KeyPath) -> str:
     """The ``/``-joined path of a JAX key path: ``params/layers_0/attn/q_proj/kernel``.
 
     These are the paths a ``LoraConfig``'s regex targets match, :func:`jlora.explain`
@@ -68,7 +66,7 @@ def path_str(path: KeyPath) -> str:
     return "/".join(_segment(k) for k in keys)
 
 
-def flatten(tree: Any) -> tuple[list[tuple[KeyPath, Leaf]], jax.tree_util.PyTreeDef]:
+def flatten(tree: Any) -> tuple[list[tuple[jax.tree_util.KeyPath, Leaf]], jax.tree_util.PyTreeDef]:
     """``([(key_path, leaf), ...], treedef)``, a quantized node
     (:class:`~jlora._src.qnode.Quantized`) as one leaf."""
     return jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)

@@ -20,10 +20,18 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jlora._src.adapter import Node, StackedNode, adapter_nodes, arrays, from_settings, settings
+from jlora._src.adapter import (
+    Adapter,
+    Node,
+    StackedNode,
+    adapter_nodes,
+    arrays,
+    from_settings,
+    settings,
+)
 from jlora._src.config import LoraError, scaling
 from jlora._src.peft.keys import CONFIG
-from jlora._src.targets import Adapter, Params, flatten, path_str
+from jlora._src.targets import Params, flatten, path_str
 from jlora._src.transforms.check import check, check_finite
 
 #: What a checkpoint's meta says it is: ``/2`` stores each node's :func:`~adapter.settings`

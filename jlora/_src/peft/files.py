@@ -18,7 +18,7 @@ import safetensors
 import safetensors.numpy
 from jax.typing import DTypeLike
 
-from jlora._src.adapter import adapter_nodes, is_whole
+from jlora._src.adapter import Adapter, adapter_nodes, is_whole
 from jlora._src.config import LoraError
 from jlora._src.io import atomic
 from jlora._src.peft import axes as peft_axes
@@ -31,7 +31,7 @@ from jlora._src.peft import whole as peft_whole
 from jlora._src.peft.axes import ModuleFn, default_module
 from jlora._src.peft.file import PeftFile
 from jlora._src.peft.keys import CONFIG, EMBEDDING, PREFIX, WEIGHTS
-from jlora._src.targets import Adapter, Params, flatten, path_str
+from jlora._src.targets import Params, flatten, path_str
 from jlora._src.transforms.check import check, check_finite
 from jlora._src.transforms.combine import combine_adapters
 

@@ -19,13 +19,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora._src.adapter import LoraNode, Node, adapter_nodes, is_node, match
+from jlora._src.adapter import Adapter, LoraNode, Node, adapter_nodes, is_node, match
 from jlora._src.config import LoraError
 from jlora._src.io.checkpoint import load_adapter
 from jlora._src.peft import files as peft_files
 from jlora._src.peft.axes import ModuleFn
 from jlora._src.serving.stacks import stack
-from jlora._src.targets import Adapter, Params, path_str
+from jlora._src.targets import Params, path_str
 
 
 def _write(tree: Any, i: int | jax.Array, adapter: Adapter) -> Any:

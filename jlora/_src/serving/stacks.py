@@ -10,9 +10,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from jlora._src.adapter import LoraNode, StackedNode, adapter_nodes, rebuild, same_leaves
+from jlora._src.adapter import Adapter, LoraNode, StackedNode, adapter_nodes, rebuild, same_leaves
 from jlora._src.config import LoraError
-from jlora._src.targets import Adapter
 
 
 def stack(adapters: Sequence[Adapter]) -> Adapter:

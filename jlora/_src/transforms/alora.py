@@ -17,10 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jlora._src.adapter import StackedNode, adapter_nodes, is_node, is_whole
+from jlora._src.adapter import Adapter, StackedNode, adapter_nodes, is_node, is_whole
 from jlora._src.config import LoraError
 from jlora._src.interpret.uses import Use
-from jlora._src.targets import Adapter
 
 
 def alora_mask(

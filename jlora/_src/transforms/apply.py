@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jlora._src.adapter import FullNode, adapter_nodes, match
+from jlora._src.adapter import Adapter, FullNode, adapter_nodes, match
 from jlora._src.config import LoraError
 from jlora._src.interpret import example_axis, grouped, token_axes
 from jlora._src.interpret.concat import by_path
@@ -30,7 +30,7 @@ from jlora._src.interpret.sym import from_node
 from jlora._src.interpret.trace import trace
 from jlora._src.interpret.uses import Use
 from jlora._src.numerics import qview as qv
-from jlora._src.targets import Adapter, Params, flatten, path_str
+from jlora._src.targets import Params, flatten, path_str
 from jlora._src.transforms import whole_leaves
 from jlora._src.transforms.alora import check_mask, ungated
 from jlora._src.transforms.check import check_finite

@@ -10,9 +10,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora._src.adapter import is_node, match
+from jlora._src.adapter import Adapter, is_node, match
 from jlora._src.config import LoraError
-from jlora._src.targets import Adapter, Params, path_str
+from jlora._src.targets import Params, path_str
 
 _NAN_FIX = (
     "find where it came from with jax.config.update('jax_debug_nans', True) or "

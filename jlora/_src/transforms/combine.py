@@ -15,9 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._src.adapter import LoraNode, Node, rebuild, same_leaves
+from jlora._src.adapter import Adapter, LoraNode, Node, rebuild, same_leaves
 from jlora._src.config import LoraError
-from jlora._src.targets import Adapter
 from jlora._src.transforms import ties_dare
 
 COMBINE = ("cat", "linear", "svd", *ties_dare.METHODS)

@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._src.adapter import LoraNode
+from jlora._src.adapter import Adapter, LoraNode
 from jlora._src.config import LoraError
 from jlora._src.interpret.capture import Capture
 from jlora._src.interpret.core import Ctx
-from jlora._src.targets import Adapter, Leaf, Params
+from jlora._src.targets import Leaf, Params
 from jlora._src.transforms import factor_inits
 from jlora._src.transforms.apply import interpret_call
 

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jlora._src.adapter import LayersNode, LoraNode, match
+from jlora._src.adapter import Adapter, LayersNode, LoraNode, match
 from jlora._src.config import INITS, LoraConfig, LoraError, changes_base, needs_data
-from jlora._src.targets import Adapter, Leaf, Params, flatten, path_str
+from jlora._src.targets import Leaf, Params, flatten, path_str
 from jlora._src.transforms import corda, factor_inits
 from jlora._src.transforms.eva import eva_adapter
 from jlora._src.transforms.init import InitResult, init_with_base

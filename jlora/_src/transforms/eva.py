@@ -22,11 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jlora._src.adapter import LayersNode, LoraNode, match
+from jlora._src.adapter import Adapter, LayersNode, LoraNode, match
 from jlora._src.config import LoraConfig, LoraError
 from jlora._src.interpret.capture import Capture
 from jlora._src.interpret.core import Ctx
-from jlora._src.targets import Adapter, Params, flatten, path_str
+from jlora._src.targets import Params, flatten, path_str
 from jlora._src.transforms.apply import interpret_call
 from jlora._src.transforms.init import init
 

@@ -14,14 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
-from jlora._src.adapter import LayersNode, LoraNode, Node, default_axes
+from jlora._src.adapter import Adapter, LayersNode, LoraNode, Node, default_axes
 from jlora._src.config import LAYER_PATTERNS, LoraConfig, LoraError, changes_base, needs_data
 from jlora._src.interpret.probe import discover_axes
 from jlora._src.numerics.dora import dora_norm
 from jlora._src.numerics.quant import dequantize_array
 from jlora._src.qnode import is_quantized
 from jlora._src.targets import (
-    Adapter,
     Leaf,
     Params,
     flatten,

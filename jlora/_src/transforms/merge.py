@@ -9,14 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._src.adapter import is_lora, is_whole, match
+from jlora._src.adapter import Adapter, is_lora, is_whole, match
 from jlora._src.config import LoraError
 from jlora._src.interpret import sym as sy
 from jlora._src.numerics.quantize import dequantize
 from jlora._src.numerics.quantize import requantize as requantize_like
 from jlora._src.numerics.qview import wrap
 from jlora._src.qnode import is_quantized
-from jlora._src.targets import Adapter, Params, flatten, path_str
+from jlora._src.targets import Leaf, Params, flatten, path_str
 from jlora._src.transforms import whole_leaves
 
 
@@ -120,7 +120,8 @@ def merge_with_norms(params: Params, adapter: Adapter, *, requantize: bool = Fal
 
 def _merge(params: Params, adapter: Adapter, requantize: bool, want_norms: bool) -> MergeResult:
     flat, treedef = flatten(params)
-    out, changed, norms, rounded = [], [], {}, ""
+    out: list[Leaf] = []
+    changed, norms, rounded = [], {}, ""
     for (kp, leaf), node in zip(flat, match(params, adapter), strict=True):
         if getattr(getattr(node, "node", node), "invocation", None):
             raise LoraError(

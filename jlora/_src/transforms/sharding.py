@@ -11,6 +11,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora._src.adapter import (
+    Adapter,
     FullNode,
     LayersNode,
     Node,
@@ -19,7 +20,7 @@ from jlora._src.adapter import (
     adapter_nodes,
     is_node,
 )
-from jlora._src.targets import Adapter, Leaf, Params, flatten, path_str
+from jlora._src.targets import Leaf, Params, flatten, path_str
 
 
 def _axis_spec(spec: tuple, axes: tuple[int, ...]) -> Any:

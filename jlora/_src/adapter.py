@@ -8,11 +8,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, TypeAlias, TypeGuard
+from typing import Any, ClassVar, TypeAlias, TypeGuard, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora._src.config import LoraError, scaling
 from jlora._src.qnode import is_quantized
@@ -124,6 +125,12 @@ class LoraNode:
         its shape, its factors' shapes and a dtype that keeps the weight's precision."""
         _check_factors(self, path, leaf, ())
 
+    def placed(self, sharding: NamedSharding) -> LoraNode:
+        """The node with a ``NamedSharding`` in place of each array, laid out after the
+        base leaf's ``sharding`` (every kind has this method): ``a`` follows the kernel's
+        in axes, ``b`` and the magnitude its out axes, the rank axis is replicated."""
+        return _placed_factors(self, sharding, ())
+
     def labels(self) -> tuple[tuple[str, int], ...]:
         """Per kernel axis: ``('s'|'i'|'o', index within that group)``."""
         return _labels(self)
@@ -227,6 +234,9 @@ class StackedNode:
     def check(self, path: str, leaf: Leaf) -> None:
         _check_factors(self, path, leaf, (len(self.members),))
 
+    def placed(self, sharding: NamedSharding) -> StackedNode:
+        return _placed_factors(self, sharding, (None,))  # the adapter axis: replicated
+
     def labels(self) -> tuple[tuple[str, int], ...]:
         return _labels(self)
 
@@ -253,6 +263,9 @@ class FullNode:
     def check(self, path: str, leaf: Leaf) -> None:
         _check_whole(path, "weight", self.weight, tuple(np.shape(leaf)), leaf)
 
+    def placed(self, sharding: NamedSharding) -> FullNode:
+        return FullNode(weight=sharding)  # the trained copy lies where the base leaf does
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -276,6 +289,12 @@ class TokenNode:
             )
         _check_whole(path, "rows", self.rows, (len(self.indices), *shape[1:]), leaf)
 
+    def placed(self, sharding: NamedSharding) -> TokenNode:
+        """A few rows: whole along the token axis, the rest as the table."""
+        spec = tuple(sharding.spec) + (None,) * (len(self.shape) - len(sharding.spec))
+        rows = NamedSharding(sharding.mesh, PartitionSpec(None, *spec[1:]))
+        return dataclasses.replace(self, rows=rows)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -297,6 +316,13 @@ class LayersNode:
 
     def check(self, path: str, leaf: Leaf) -> None:
         _check_layers(self, path, leaf)
+
+    def placed(self, sharding: NamedSharding) -> LayersNode:
+        """Its few layers are whole along the stack axis."""
+        whole = list(sharding.spec) + [None] * (len(self.shape) - len(sharding.spec))
+        whole[self.node.stack_axes[0]] = None
+        layers = NamedSharding(sharding.mesh, PartitionSpec(*whole))
+        return dataclasses.replace(self, node=self.node.placed(layers))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -339,6 +365,8 @@ def _unflat(
 KINDS: dict[str, type] = {
     c.kind: c for c in (LoraNode, StackedNode, FullNode, TokenNode, LayersNode)
 }
+#: A low-rank node kind (what ``_placed_factors`` keeps the type of).
+N = TypeVar("N", "LoraNode", "StackedNode")
 #: Any node kind.
 Node = LoraNode | StackedNode | FullNode | TokenNode | LayersNode
 #: An adapter: a pytree of the same structure as its base, with a node at each adapted leaf
@@ -501,6 +529,29 @@ def _check_layers(node: LayersNode, path: str, leaf: Leaf) -> None:
         )
     dtype = leaf.compute_dtype if is_quantized(leaf) else jnp.result_type(leaf)
     node.node.check(path, jax.ShapeDtypeStruct(node.node.shape, dtype))
+
+
+def _placed_factors(node: N, sharding: NamedSharding, lead: tuple[None, ...]) -> N:
+    """A low-rank node's arrays as shardings (``lead``: a stack's adapter axis)."""
+    spec = tuple(sharding.spec) + (None,) * (len(node.shape) - len(sharding.spec))
+    stack = lead + tuple(spec[ax] for ax in node.stack_axes)
+    ins, outs = _axis_spec(spec, node.in_axes), _axis_spec(spec, node.out_axes)
+
+    def named(*s: Any) -> NamedSharding:
+        return NamedSharding(sharding.mesh, PartitionSpec(*s))
+
+    fields: dict[str, Any] = dict(
+        a=named(*stack, ins, None),
+        b=named(*stack, None, outs),
+        magnitude=None if node.magnitude is None else named(*stack, outs),
+    )
+    return dataclasses.replace(node, **fields)
+
+
+def _axis_spec(spec: tuple, axes: tuple[int, ...]) -> Any:
+    """The sharding of ``axes`` flattened into one: the major axis's, if the rest are whole."""
+    parts = [spec[ax] for ax in axes]
+    return parts[0] if all(p is None for p in parts[1:]) else None
 
 
 def _check_factors(

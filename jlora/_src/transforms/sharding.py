@@ -3,61 +3,27 @@
 
 from __future__ import annotations
 
-import dataclasses
-import types
 from typing import Any
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from jlora._src.adapter import (
     Adapter,
-    FullNode,
-    LayersNode,
     Node,
-    StackedNode,
-    TokenNode,
     adapter_nodes,
     is_node,
 )
 from jlora._src.targets import Leaf, Params, flatten, path_str
 
 
-def _axis_spec(spec: tuple, axes: tuple[int, ...]) -> Any:
-    """The sharding of ``axes`` flattened into one: the major axis's, if the rest are whole."""
-    parts = [spec[ax] for ax in axes]
-    return parts[0] if all(p is None for p in parts[1:]) else None
-
-
 def node_sharding(leaf: Leaf, node: Node) -> Any:
-    """The node with a ``NamedSharding`` in place of each array (None: leaf not sharded)."""
+    """The node with a ``NamedSharding`` in place of each array (None: leaf not sharded);
+    each kind lays itself out (``placed``)."""
     sharding = getattr(leaf, "sharding", None)
     if not isinstance(sharding, NamedSharding):
         return None
-    if isinstance(node, FullNode):  # the trained copy lies where the base leaf does
-        return FullNode(weight=sharding)
-    if isinstance(node, LayersNode):  # its few layers: whole along the stack axis
-        whole = list(sharding.spec) + [None] * (len(node.shape) - len(sharding.spec))
-        whole[node.node.stack_axes[0]] = None
-        sub = types.SimpleNamespace(sharding=NamedSharding(sharding.mesh, PartitionSpec(*whole)))
-        return dataclasses.replace(node, node=node_sharding(sub, node.node))
-    spec = tuple(sharding.spec) + (None,) * (len(node.shape) - len(sharding.spec))
-    if isinstance(node, TokenNode):  # a few rows: whole along the token axis
-        rows = NamedSharding(sharding.mesh, PartitionSpec(None, *spec[1:]))
-        return dataclasses.replace(node, rows=rows)
-    stack = tuple(spec[ax] for ax in node.stack_axes)
-    stack = ((None,) if isinstance(node, StackedNode) else ()) + stack
-    ins, outs = _axis_spec(spec, node.in_axes), _axis_spec(spec, node.out_axes)
-
-    def named(*s: Any) -> NamedSharding:
-        return NamedSharding(sharding.mesh, PartitionSpec(*s))
-
-    fields: dict[str, Any] = dict(
-        a=named(*stack, ins, None),
-        b=named(*stack, None, outs),
-        magnitude=None if node.magnitude is None else named(*stack, outs),
-    )
-    return dataclasses.replace(node, **fields)
+    return node.placed(sharding)
 
 
 def adapter_shardings(params: Params, adapter: Adapter) -> Any:

@@ -1,4 +1,5 @@
-"""Quantized bases in every format (nf4, int8, int4, fp8) through one mechanism: sizes,
+"""Quantized bases in every format (nf4, int8, int4, fp8, and the block-scaled mxfp4,
+nvfp4, mxfp8, fp8_block) through one mechanism: sizes,
 closed-form error bounds, LoRA on each base against LoRA on its dequantized copy, regions,
 merge, checkpoints and bad input."""
 
@@ -13,14 +14,19 @@ from hypothesis import strategies as st
 
 import jlora
 from conftest import F32, float_shapes, randomize
-from jlora._src.numerics import formats, quant, scaled
+from jlora._src.numerics import formats, microscaled, quant, scaled
 from jlora._src.numerics.quant import NF4_CODE
 
 HALF_GAP = float(np.max(np.diff(NF4_CODE))) / 2  # worst NF4 rounding, relative to absmax
 
-QTYPES = ["nf4", "int8", "int4", "fp8"]
-#: Bytes per parameter the issue asks for on a 256 x 512 weight (nf4: bitsandbytes' 4.127 bits).
+BLOCK_SCALED = ["mxfp4", "nvfp4", "mxfp8", "fp8_block"]
+QTYPES = ["nf4", "int8", "int4", "fp8", *BLOCK_SCALED]
+#: The formats with settings of their own (int4's group size: smaller than the test models')
+LINEAR = ["int8", "int4", "fp8", *BLOCK_SCALED]
+#: Bytes per parameter the issues ask for on a 256 x 512 weight (nf4: bitsandbytes' 4.127
+#: bits; issue 43: 0.54 / 0.58 / 1.04 / 1.01 for the block-scaled formats).
 MAX_BYTES = {"nf4": 0.52, "int8": 1.03, "int4": 0.56, "fp8": 1.03}
+MAX_BYTES |= {"mxfp4": 0.54, "nvfp4": 0.58, "mxfp8": 1.04, "fp8_block": 1.01}
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
@@ -90,6 +96,72 @@ def test_dequantization_error_within_half_a_step(qtype, stack, groups, group, co
     np.testing.assert_allclose(node.scales, absmax / scaled.QMAX[qtype], rtol=1e-6)
 
 
+def _block_scaled_reference(qtype, w):
+    """numpy and ml_dtypes, in float64: the block scales each format's definition gives
+    (the module docstring of ``jlora._src.numerics.microscaled``), the codes as
+    ml_dtypes rounds ``w / s`` (nearest, ties to even, saturating) and the element bound."""
+    lay = microscaled.LAYOUTS[qtype]
+    (r, c), (rows, cols) = lay.block, w.shape[-2:]
+    largest = microscaled.LARGEST[lay.element]
+    pad = [(0, 0)] * (w.ndim - 2) + [(0, -rows % r), (0, -cols % c)]
+    blocks = np.pad(np.abs(w.astype(np.float64)), pad)
+    blocks = blocks.reshape(w.shape[:-2] + (blocks.shape[-2] // r, r, blocks.shape[-1] // c, c))
+    amax = blocks.max(axis=(-3, -1))
+    if lay.scale == "e8m0":  # the smallest power of two that maps amax within range
+        s = np.where(amax > 0, 2.0 ** np.ceil(np.log2(np.maximum(amax, 1e-300) / largest)), 1.0)
+    elif lay.scale == "e4m3":
+        top = amax.max(axis=(-2, -1), keepdims=True)
+        tensor = np.where(top > 0, top / (448.0 * 6.0), 1.0).astype(np.float32)
+        code = (amax.astype(np.float32) / np.float32(6.0) / tensor).astype(np.float32)
+        s = code.astype(ml_dtypes.float8_e4m3fn).astype(np.float64) * tensor
+    else:
+        s = amax.astype(np.float32) / np.float32(448.0)
+    s = np.repeat(np.repeat(s, r, axis=-2), c, axis=-1)[..., :rows, :cols]
+    y = np.where(s > 0, w / np.where(s > 0, s, 1.0), 0.0)
+    fmt = ml_dtypes.float4_e2m1fn if lay.element == "e2m1" else ml_dtypes.float8_e4m3fn
+    values = np.clip(y, -largest, largest).astype(fmt).astype(np.float64)
+    a = np.abs(y)
+    if lay.element == "e2m1":
+        half = np.where(a < 2, 0.25, np.where(a < 4, 0.5, 1.0))
+    else:
+        half = _fp8_half_step(a)
+    bound = s * np.where(a <= largest, half, a - largest)
+    return s, values, bound
+
+
+@settings(
+    max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(
+    qtype=st.sampled_from(BLOCK_SCALED),
+    stack=st.sampled_from([(), (2,)]),
+    rows=st.integers(1, 300),
+    cols=st.integers(1, 140),
+    tail=st.sampled_from([1.0, 2.0, 30.0]),
+    spread=st.sampled_from([1e-3, 1.0, 1e4]),
+    seed=st.integers(0, 2**16),
+)
+def test_block_scaled_formats_are_their_closed_form(qtype, stack, rows, cols, tail, spread, seed):
+    """Student-t weights times a per-row spread (blocks of very different magnitudes), any
+    shape (partial blocks included): the dequantized weight is the closed-form scale times
+    the element ml_dtypes rounds to, and within half an element step of the weight; a
+    nonzero block whose scale would be zero is refused."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_t(tail, stack + (rows, cols)) * spread ** rng.uniform(-1, 1, (rows, 1))
+    w = w.astype(np.float32)
+    s, values, bound = _block_scaled_reference(qtype, w)
+    if ((s == 0) & (w != 0)).any():  # nvfp4: a block far below the largest; E4M3 gives 0
+        with pytest.raises(jlora.LoraError, match="'w' to nvfp4: a nonzero block's scale"):
+            jlora.quantize({"w": w}, qtype=qtype)
+        return
+    node = jlora.quantize({"w": w}, qtype=qtype, compute_dtype=jnp.float32)["w"]
+    back = np.asarray(jlora.dequantize(node), np.float64)
+    np.testing.assert_allclose(back, (s * values).astype(np.float32), rtol=1e-6, atol=0)
+    err = np.abs(back - w)  # (and float32 steps: s and s * element are rounded to float32)
+    bound = bound * (1 + 1e-6) + np.abs(w) * 2.0**-22 + 1e-30
+    assert (err <= bound).all(), float((err - bound).max())
+
+
 def test_codes_are_the_closed_form():
     w = np.array([[1.0, -2.0], [0.5, 0.3], [-0.25, 2.0], [0.0, -1.0]], np.float32)
     i8 = jlora.quantize({"w": w}, qtype="int8")["w"]
@@ -148,7 +220,7 @@ def _model(key, **kw):
     return llama.Llama(cfg), llama.init_params(cfg, key), ids
 
 
-@pytest.mark.parametrize("qtype", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("qtype", LINEAR)
 @pytest.mark.parametrize("scan", [True, False])
 def test_lora_on_each_base_equals_lora_on_its_dequantized_copy(key, qtype, scan):
     model, params, ids = _model(key, scan_layers=scan)
@@ -166,9 +238,11 @@ def test_lora_on_each_base_equals_lora_on_its_dequantized_copy(key, qtype, scan)
     assert jlora.check(q, ad) == jlora.check(deq, ad)
 
 
-@pytest.mark.parametrize("qtype", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("qtype", LINEAR)
 def test_scanned_step_dequantizes_one_layer_at_a_time(key, qtype):
-    model, params, ids = _model(key, num_layers=3)
+    # 4 layers: with 3, one layer's MLP kernel padded to whole 128 x 128 blocks (fp8_block
+    # dequantizes through 128 x 384) holds as many elements as the stacked 3 x 128 x 128
+    model, params, ids = _model(key, num_layers=4)
     q = jlora.quantize(params, qtype=qtype, group_size=32 if qtype == "int4" else None)
     ad = randomize(jlora.init(key, q, jlora.LoraConfig.preset("complex")), key)
     step = jax.grad(
@@ -180,12 +254,14 @@ def test_scanned_step_dequantizes_one_layer_at_a_time(key, qtype):
         for x in jax.tree.leaves(q, is_leaf=jlora._src.qnode.is_quantized)
         if jlora._src.qnode.is_quantized(x)
     ]
-    assert not [s for s, _ in shapes if np.prod(s) in {np.prod(t) for t in stacked}]
+    padded = lambda t: (*t[:-2], *(-(-n // 128) * 128 for n in t[-2:]))  # whole blocks
+    whole = {np.prod(t) for t in stacked} | {np.prod(padded(t)) for t in stacked}
+    assert not [s for s, _ in shapes if np.prod(s) in whole]
     layer = {s[1:] for s in stacked}
     assert {s for s, loop in shapes if s in layer and loop} == layer
 
 
-@pytest.mark.parametrize("qtype", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("qtype", LINEAR)
 def test_merge_requantize_and_checkpoint(key, qtype, tmp_path):
     model, params, ids = _model(key)
     q = jlora.quantize(
@@ -202,13 +278,12 @@ def test_merge_requantize_and_checkpoint(key, qtype, tmp_path):
     got, want = requant, merged
     for k in path:
         got, want = got[k], want[k]
-    assert (
-        got.qtype == qtype
-        and got.group_size == q["params"]["layers"]["self_attn"]["q_proj"]["kernel"].group_size
-    )
-    again = jlora.quantize(
-        {"w": want}, qtype=qtype, compute_dtype=jnp.float32, group_size=got.group_size
-    )["w"]
+    settings_of = formats.of(got).settings  # the options that made the node (group size)
+    assert got.qtype == qtype
+    assert settings_of(got) == settings_of(q["params"]["layers"]["self_attn"]["q_proj"]["kernel"])
+    again = jlora.quantize({"w": want}, qtype=qtype, compute_dtype=jnp.float32, **settings_of(got))[
+        "w"
+    ]
     np.testing.assert_array_equal(jlora.dequantize(got), jlora.dequantize(again))
     jlora.save_checkpoint(tmp_path, 1, {"base": q})
     back, _ = jlora.restore_checkpoint(tmp_path, {"base": q})
@@ -284,4 +359,7 @@ def test_each_format_keeps_the_step_temporaries_of_int8():
         temps[qtype] = (
             jax.jit(step).lower(ad, q, ids).compile().memory_analysis().temp_size_in_bytes
         )
-    assert max(temps.values()) <= 1.01 * temps["int8"], temps
+    # the E2M1 formats unpack two values a byte and keep 3.9% more here (8.71 MB against
+    # int8's 8.38 MB when measured; a whole stack widened, the fault this test is for,
+    # is +27% or more)
+    assert all(temps[q] <= (1.05 if "fp4" in q else 1.01) * temps["int8"] for q in temps), temps

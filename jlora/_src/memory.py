@@ -32,12 +32,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from jlora._src.config import LoraError
-from jlora._src.numerics import formats, quant, scaled
+from jlora._src.numerics import formats, microscaled, quant, scaled
 
 GB = 1e9
 NF4_BITS = quant.BITS  # with double quantization
 #: The modules that register the formats these tables read (imported for that).
-_REGISTERING = (quant, scaled)
+_REGISTERING = (quant, scaled, microscaled)
 #: Bits per linear-layer parameter of each ``jlora.quantize`` format, less a scale per
 #: whole input axis (int8/fp8: ``32 / in`` bits more, which :func:`qbits` adds):
 #: derived from the format registry.

@@ -10,13 +10,13 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from jlora._src.config import LoraError
-from jlora._src.numerics import formats, quant, scaled
+from jlora._src.numerics import formats, microscaled, quant, scaled
 from jlora._src.qnode import Quantized, is_quantized
 from jlora._src.targets import _NOT_KERNELS, Params, flatten, matches, path_str
 
 #: The modules that register the formats (NF4; int8, int4, fp8): imported for that, so
 #: that ``quantize`` knows them whatever else was imported first.
-FORMAT_MODULES = (quant, scaled)
+FORMAT_MODULES = (quant, scaled, microscaled)
 
 
 def _default_targets(path: str, leaf: jax.Array) -> bool:

@@ -1,7 +1,8 @@
 """XLA's ``memory_analysis()`` of one training step vs ``jlora._src.memory``'s estimate.
 
 Steps (AdamW, adapter and optimizer state donated): full fine-tuning in fp32,
-LoRA on a bf16 base, QLoRA on an NF4, int8, int4 or fp8 base (bf16 compute); LoRA r16
+LoRA on a bf16 base, QLoRA on a base in each registered format (NF4, int8, int4,
+fp8, mxfp4, nvfp4, mxfp8, fp8_block; bf16 compute); LoRA r16
 on q,k,v,o. Then the bytes each of 8 virtual devices stores of a sharded quantized kernel.
 Everything is abstract (``jax.eval_shape``), so even 7B shapes compile here
 without allocating. Run from the repo root: ``python benchmarks/memory.py``
@@ -24,6 +25,9 @@ import llama  # noqa: E402
 
 import jlora  # noqa: E402
 from jlora._src import memory  # noqa: E402
+
+#: Every registered format, smallest first (nf4, int4, mxfp4, nvfp4, fp8, int8, ...).
+QTYPES = memory.QTYPES
 
 MB = 2**20
 LORA = jlora.LoraConfig(rank=16, alpha=32.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
@@ -56,14 +60,9 @@ def measure(cfg: llama.LlamaConfig, batch: int, seq: int) -> dict:
     ids = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
     tx = optax.adamw(1e-4)
     out = {}
-    for method, dtype in (
-        ("full-fp32", jnp.float32),
-        ("lora", jnp.bfloat16),
-        ("qlora", jnp.bfloat16),
-        ("qlora-int8", jnp.bfloat16),
-        ("qlora-int4", jnp.bfloat16),
-        ("qlora-fp8", jnp.bfloat16),
-    ):
+    methods = [("full-fp32", jnp.float32), ("lora", jnp.bfloat16), ("qlora", jnp.bfloat16)]
+    methods += [(f"qlora-{q}", jnp.bfloat16) for q in QTYPES if q != "nf4"]
+    for method, dtype in methods:
         model = llama.Llama(dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype))
         params = jax.eval_shape(lambda: llama.init_params(model.config, key))
         loss = lambda p, ad, x: llama.loss_fn(
@@ -143,7 +142,7 @@ def _per_device() -> str:
         f"| bf16 (no quantization) | 2.000 | {w.nbytes / MB:.1f} "
         f"| {w.addressable_shards[0].data.nbytes / MB:.1f} | 0.250 |",
     ]
-    for qtype in ("nf4", "int8", "int4", "fp8"):
+    for qtype in QTYPES:
         node = jlora.quantize({"w": w}, qtype=qtype)["w"]
         dev: dict = {}
         for a in jax.tree.leaves(node):

@@ -142,7 +142,9 @@ def test_factored_path_keeps_the_base_sharding(key, kind):
     )
 
 
-@pytest.mark.parametrize("qtype", ["nf4", "int8", "int4", "fp8"])
+@pytest.mark.parametrize(
+    "qtype", ["nf4", "int8", "int4", "fp8", "mxfp4", "nvfp4", "mxfp8", "fp8_block"]
+)
 def test_quantized_codes_are_split_like_the_weight(key, qtype, kind):
     """Each device stores its shard's codes and scales (the weight split 4 ways along its
     out axis), and a use yields the weight in its own spec."""
@@ -163,7 +165,11 @@ def test_quantized_codes_are_split_like_the_weight(key, qtype, kind):
     assert got.sharding.is_equivalent_to(w.sharding, 2)
 
 
-@pytest.mark.parametrize("variant", ["qlora", "qlora-int8", "qlora-int4", "qlora-fp8"])
+@pytest.mark.parametrize(
+    "variant",
+    ["qlora", "qlora-int8", "qlora-int4", "qlora-fp8", "qlora-mxfp4", "qlora-nvfp4"]
+    + ["qlora-mxfp8", "qlora-fp8_block"],
+)
 def test_quantized_step_gathers_no_weight(key, variant, kind):
     params, adapter, ids = setup(key, mesh(kind=kind))
     q = quantize(params, variant)

@@ -70,3 +70,25 @@ def test_cli_reads_a_config_file(capsys):
     cfg = llama.LlamaConfig.named("bench")
     lora = memory.estimate(memory.Shape.from_config(vars(cfg)), "lora", batch=4, seq=256)
     assert f"| lora | {lora['weights'] / 2**20:.2f} |" in out and "total MB" in out
+
+
+@pytest.mark.parametrize("qtype", memory.QTYPES)
+def test_a_qlora_row_per_format_matches_xla(qtype, capsys):
+    """Each registered format is a ``jlora memory`` row whose saving over the bf16 base is
+    what XLA's argument bytes of a forward pass over the base quantized to it save (the
+    example's bench model, abstract shapes: nothing allocated), to 1%."""
+    cfg = llama.LlamaConfig.named("bench")
+    cfg = llama.LlamaConfig(**{**vars(cfg), "dtype": jnp.bfloat16, "param_dtype": jnp.bfloat16})
+    model = llama.Llama(cfg)
+    params = jax.eval_shape(lambda: llama.init_params(cfg, jax.random.key(0)))
+    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    fwd = jax.jit(lambda p, x: jlora.apply(model.apply)(p, {}, x))
+    xla = lambda p: fwd.lower(p, ids).compile().memory_analysis().argument_size_in_bytes
+    saved = xla(params) - xla(jax.eval_shape(lambda p: jlora.quantize(p, qtype=qtype), params))
+    shape = memory.Shape.from_config(vars(cfg))
+    est = memory.estimate(shape, "lora")["weights"]
+    est -= memory.estimate(shape, "qlora", qtype=qtype)["weights"]
+    assert abs(est / saved - 1) < 0.01, (est, saved)
+    assert main(["memory", "--params", "7e9"]) == 0
+    label = "qlora" if qtype == "nf4" else f"qlora {qtype}"
+    assert f"| {label} | " in capsys.readouterr().out

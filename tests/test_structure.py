@@ -297,4 +297,5 @@ def test_importing_jlora_registers_every_format():
 
     code = "import jlora; from jlora._src.numerics import formats; print(sorted(formats.FORMATS))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split("\n")[-2] == "['fp8', 'int4', 'int8', 'nf4']"
+    known = "['fp8', 'fp8_block', 'int4', 'int8', 'mxfp4', 'mxfp8', 'nf4', 'nvfp4']"
+    assert out.stdout.split("\n")[-2] == known

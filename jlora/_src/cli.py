@@ -39,6 +39,7 @@ def _memory(args: argparse.Namespace) -> str:
     else:
         shape = memory.Shape.from_params(args.params)
     what = f"{shape.params / 1e9:.2f}B parameters ({shape})"
+    rows: list[tuple[str, str, dict]]
     if args.article:
         rows = [
             (f"{m} (article: ~{ref} GB{', checkpointed' if kw['checkpointing'] else ''})", m, kw)
@@ -50,6 +51,7 @@ def _memory(args: argparse.Namespace) -> str:
             + memory.table(shape, rows, **memory.ARTICLE_TOKENS)
         )
     rows = [(m, m, {}) for m in memory.METHODS]
+    rows += [(f"qlora {q}", "qlora", {"qtype": q}) for q in memory.QTYPES if q != "nf4"]
     settings = dict(
         rank=args.rank,
         targets=tuple(args.targets),

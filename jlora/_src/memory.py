@@ -42,6 +42,8 @@ _REGISTERING = (quant, scaled, microscaled)
 #: whole input axis (int8/fp8: ``32 / in`` bits more, which :func:`qbits` adds):
 #: derived from the format registry.
 QBITS = {qtype: fmt.bits(math.inf) for qtype, fmt in formats.FORMATS.items()}
+#: The formats a ``qlora`` row may take (``estimate``'s ``qtype``), smallest first.
+QTYPES = tuple(sorted(QBITS, key=lambda q: (QBITS[q], q)))
 
 
 def qbits(qtype: str, rows: int) -> float:
@@ -173,7 +175,8 @@ def estimate(  # noqa: PLR0913 (a public signature: keyword options)
       rank, targets: the adapter (lora/qlora); default r16 on q, k, v, o.
       batch, seq: tokens per step.
       checkpointing: keep only layer inputs for the backward pass.
-      qtype: qlora's base format (``"nf4"``, ``"int8"``, ``"int4"``, ``"fp8"``).
+      qtype: qlora's base format, one of ``QTYPES`` (``"nf4"``, ``"int8"``, ``"int4"``,
+        ``"fp8"``, ``"mxfp4"``, ``"nvfp4"``, ``"mxfp8"``, ``"fp8_block"``).
 
     Returns:
       ``{"weights", "gradients", "optimizer", "activations", "total"}`` in bytes.

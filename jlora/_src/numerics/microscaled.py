@@ -166,8 +166,9 @@ def _per_block(
     (..., R/r, C/c)``, the last blocks partial): broadcast over the rows of a block, as
     int4's groups are (no per-element copy of ``s``), repeated over its columns."""
     (r, c), (rows, cols) = block, x.shape[-2:]
-    if c > 1:
-        s = jnp.repeat(s, c, axis=-1)[..., :cols]
+    if c > 1:  # (a broadcast and a merge of axes: a mesh's split of C/c carries over)
+        s = jnp.broadcast_to(s[..., None], (*s.shape, c)).reshape((*s.shape[:-1], -1))
+        s = s[..., :cols]
     if rows % r:
         x = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, -rows % r), (0, 0)])
     grouped = x.reshape((*x.shape[:-2], x.shape[-2] // r, r, cols))

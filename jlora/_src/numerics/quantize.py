@@ -62,8 +62,12 @@ def quantize(
       qtype: the format: ``"nf4"`` (bitsandbytes' NF4, :class:`jlora.NF4`), ``"int8"``
         (symmetric, one scale per output feature), ``"int4"`` (symmetric, one scale
         per group of the input axis and output feature, two codes per byte) or
-        ``"fp8"`` (``float8_e4m3fn``, one scale per output feature). The scaled
-        formats read the input axis as the second to last (Flax's ``(..., in, out)``).
+        ``"fp8"`` (``float8_e4m3fn``, one scale per output feature); or a block-scaled
+        float format as models ship them: ``"mxfp4"`` (E2M1, an E8M0 scale per 32
+        inputs), ``"nvfp4"`` (E2M1, an E4M3 scale per 16 inputs and a float32 per
+        matrix), ``"mxfp8"`` (E4M3, an E8M0 scale per 32 inputs) or ``"fp8_block"``
+        (E4M3, a float32 scale per 128 x 128 block). All but NF4 read the input axis
+        as the second to last (Flax's ``(..., in, out)``).
       block_size: NF4 only: elements per absmax block (64).
       double_quant: NF4 only: quantize the absmaxes too (default True: about 4.127
         bits per parameter instead of 4.5).
@@ -91,6 +95,9 @@ def quantize(
       >>> q8 = jlora.quantize({"w": jnp.ones((256, 512))}, qtype="int8")["w"]
       >>> q8.qtype, round(q8.nbytes / q8.size, 3)
       ('int8', 1.016)
+      >>> fp4 = jlora.quantize({"w": jnp.ones((256, 512))}, qtype="mxfp4")["w"]
+      >>> type(fp4).__name__, fp4.codes.shape, round(fp4.nbytes / fp4.size, 3)
+      ('Microscaled', (128, 512), 0.531)
     """
     options = _options(
         qtype, dict(block_size=block_size, double_quant=double_quant, group_size=group_size)

@@ -22,6 +22,7 @@ from jlora._src.io.checkpoint import load_adapter as load_adapter
 from jlora._src.io.checkpoint import save_adapter as save_adapter
 from jlora._src.io.resume import restore_checkpoint as restore_checkpoint
 from jlora._src.io.resume import save_checkpoint as save_checkpoint
+from jlora._src.io.shipped import load_quantized as load_quantized
 from jlora._src.nf4 import NF4 as NF4
 from jlora._src.numerics.quantize import dequantize as dequantize
 from jlora._src.numerics.quantize import quantize as quantize
@@ -78,6 +79,7 @@ __all__ = [
     "init_with_base",
     "load_adapter",
     "load_bitsandbytes",
+    "load_quantized",
     "lorafa",
     "loraplus",
     "memory",

@@ -18,14 +18,15 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 from jax.typing import ArrayLike, DTypeLike
 
 from jlora._src.config import LoraError
+from jlora._src.io.tensors import Tensors
 from jlora._src.nf4 import NF4
 from jlora._src.numerics.quant import DQ_BLOCK, DYNAMIC_CODE, NF4_CODE
 from jlora._src.targets import Params
@@ -72,15 +73,27 @@ def load_bitsandbytes(
       >>> bool((jlora.dequantize(leaf) == jlora.dequantize(q)).all()), leaf.shape
       (True, (2, 64))
     """
-    tensors = _read(source)
+    return tree(Tensors(source), [nf4_leaves], compute_dtype)
+
+
+def nf4_leaves(tensors: Mapping, used: set, compute_dtype: DTypeLike | None) -> dict:
+    """``{weight key: NF4}`` for each bitsandbytes 4-bit weight; their keys go in ``used``."""
     modules = {_prefix(m.group(1)) for m in map(_MODULE.fullmatch, tensors) if m is not None}
+    return {m + "weight": _nf4(m, tensors, used, compute_dtype) for m in sorted(modules)}
+
+
+def tree(tensors: Mapping, finders: list, compute_dtype: DTypeLike | None) -> dict:
+    """A nested dict by module path of what each finder makes of its keys (``finder(tensors,
+    used, compute_dtype) -> {key: leaf}``) and, as arrays, of the keys none used: one
+    tensor read at a time."""
     out: dict = {}
     used: set = set()
-    for module in sorted(modules):
-        _put(out, module + "weight", _nf4(module, tensors, used, compute_dtype))
-    for key, value in tensors.items():
+    for find in finders:
+        for key, leaf in find(tensors, used, compute_dtype).items():
+            _put(out, key, leaf)
+    for key in tensors:
         if key not in used:
-            _put(out, key, jnp.asarray(value))
+            _put(out, key, jnp.asarray(tensors[key]))
     return out
 
 
@@ -88,26 +101,7 @@ def _prefix(module: str | None) -> str:
     return "" if module is None else module + "."
 
 
-def _read(source: str | os.PathLike | dict) -> dict:
-    if isinstance(source, dict):
-        return {k: np.asarray(v) for k, v in source.items()}
-    paths = (
-        [os.path.join(source, f) for f in sorted(os.listdir(source)) if f.endswith(".safetensors")]
-        if os.path.isdir(source)
-        else [source]
-    )
-    if not paths:
-        raise LoraError(f"no .safetensors file in {os.fspath(source)!r}")
-    tensors: dict = {}
-    for p in paths:
-        try:
-            tensors.update(safetensors.numpy.load_file(p))
-        except Exception as e:  # a truncated or foreign file: say which
-            raise LoraError(f"cannot read {p!r} as safetensors ({e})") from None
-    return tensors
-
-
-def _take(tensors: dict, used: set, key: str) -> np.ndarray:
+def _take(tensors: Mapping, used: set, key: str) -> np.ndarray:
     if key not in tensors:
         raise LoraError(
             f"bitsandbytes checkpoint: {key!r} is missing; a 4-bit weight needs "
@@ -117,7 +111,7 @@ def _take(tensors: dict, used: set, key: str) -> np.ndarray:
     return tensors[key]
 
 
-def _state(module: str, tensors: dict, used: set) -> dict:
+def _state(module: str, tensors: Mapping, used: set) -> dict:
     keys = [k for k in tensors if k.startswith(module + _STATE)]
     if not keys:
         raise LoraError(f"bitsandbytes checkpoint: {module + _STATE + 'nf4'!r} is missing")
@@ -148,7 +142,7 @@ def _same(key: str, got: ArrayLike, want: np.ndarray, what: str) -> None:
         )
 
 
-def _nf4(module: str, tensors: dict, used: set, compute_dtype: DTypeLike | None) -> NF4:
+def _nf4(module: str, tensors: Mapping, used: set, compute_dtype: DTypeLike | None) -> NF4:
     key = module + "weight"
     state = _state(module, tensors, used)
     shape, block = tuple(int(n) for n in state["shape"]), int(state["blocksize"])

@@ -1,0 +1,169 @@
+"""Quantized checkpoints as models ship them (gpt-oss MXFP4, block FP8, bitsandbytes NF4)
+read by ``jlora.load_quantized`` with their bytes kept: each dequantizes to what
+transformers' own reference dequantization gives, bit for bit. The files are written
+with torch and safetensors in the layouts those functions read."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jlora
+
+torch = pytest.importorskip("torch")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+mxfp4 = pytest.importorskip("transformers.integrations.mxfp4")
+finegrained_fp8 = pytest.importorskip("transformers.integrations.finegrained_fp8")
+
+
+def _gpt_oss_experts(seed, experts=3, out=64, groups=4):
+    """Random MXFP4 expert tensors in gpt-oss's layout: every code and scale exponent
+    (around 127, as trained weights have) equally likely."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (experts, out, groups, 16), generator=g, dtype=torch.uint8)
+    scales = torch.randint(118, 132, (experts, out, groups), generator=g, dtype=torch.uint8)
+    return blocks, scales
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpt_oss_mxfp4_equals_transformers_bit_for_bit(tmp_path, dtype):
+    blocks, scales = _gpt_oss_experts(0)
+    path = tmp_path / "model.safetensors"
+    key = "model.layers.0.mlp.experts.gate_up_proj"
+    safetensors_torch.save_file(
+        {key + "_blocks": blocks, key + "_scales": scales, "model.norm.weight": torch.ones(8)},
+        str(path),
+    )
+    jdtype = jnp.float32 if dtype == torch.float32 else jnp.bfloat16
+    tree = jlora.load_quantized(path, compute_dtype=jdtype)
+    leaf = tree["model"]["layers"]["0"]["mlp"]["experts"]["gate_up_proj"]
+    assert leaf.qtype == "mxfp4" and leaf.shape == (3, 128, 64)
+    assert leaf.nbytes == blocks.numel() + scales.numel()  # the stored bytes, nothing more
+    want = mxfp4.convert_moe_packed_tensors(blocks, scales, dtype=dtype).float().numpy()
+    got = np.asarray(jlora.dequantize(leaf), np.float32)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    np.testing.assert_array_equal(tree["model"]["norm"]["weight"], np.ones(8))
+
+
+def _block_fp8(seed, out=300, inp=200):
+    """A float32 weight quantized as DeepSeek-V3 does (absmax / 448 per 128 x 128 block,
+    partial blocks at the edges), in torch's ``(out, in)`` layout."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g) * torch.logspace(-2, 1, out)[:, None]
+    rows, cols = -(-out // 128), -(-inp // 128)
+    pad = torch.nn.functional.pad(w, (0, cols * 128 - inp, 0, rows * 128 - out))
+    amax = pad.abs().reshape(rows, 128, cols, 128).amax(dim=(1, 3))
+    scale = amax / 448.0
+    full = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[:out, :inp]
+    return (w / full).to(torch.float8_e4m3fn), scale
+
+
+def test_block_fp8_equals_transformers_bit_for_bit(tmp_path):
+    weight, scale = _block_fp8(1)
+    path = tmp_path / "model.safetensors"
+    safetensors_torch.save_file(
+        {"layers.0.q_proj.weight": weight, "layers.0.q_proj.weight_scale_inv": scale}, str(path)
+    )
+    leaf = jlora.load_quantized(path, compute_dtype=jnp.float32)["layers"]["0"]["q_proj"]["weight"]
+    assert leaf.qtype == "fp8_block" and leaf.shape == (300, 200)
+    assert leaf.nbytes == weight.numel() + 4 * scale.numel()
+    want = finegrained_fp8._dequantize_fp8_weight(weight, scale, [128, 128], torch.float32)
+    got = np.asarray(jlora.dequantize(leaf))
+    np.testing.assert_array_equal(got.view(np.uint32), want.numpy().view(np.uint32))
+
+
+def test_lora_on_a_loaded_base_equals_lora_on_its_dequantized_copy(key, tmp_path):
+    """Both layouts in one checkpoint (the directory form), used as a model would: the
+    MXFP4 experts as ``x @ W[e]``, the FP8 projection as ``x @ W.T``."""
+    blocks, scales = _gpt_oss_experts(2, experts=2, out=32, groups=2)
+    weight, scale = _block_fp8(3, out=48, inp=32)
+    safetensors_torch.save_file(
+        {"experts_blocks": blocks, "experts_scales": scales},
+        str(tmp_path / "model-00001.safetensors"),
+    )
+    safetensors_torch.save_file(
+        {"proj.weight": weight, "proj.weight_scale_inv": scale},
+        str(tmp_path / "model-00002.safetensors"),
+    )
+    base = jlora.load_quantized(tmp_path, compute_dtype=jnp.float32)
+
+    def fn(p, x):
+        h = jnp.einsum("bi,eio->beo", x, p["experts"]).sum(1)  # (b, 32)
+        return h @ p["proj"]["weight"].T
+
+    x = jax.random.normal(key, (4, 64))
+    ad = jlora.init(key, base, jlora.LoraConfig(rank=4, targets=("experts", "proj")), fn, x)
+    ad = jax.tree.map(lambda v: v + 0.01, ad)
+    deq = jlora.dequantize(base)
+    f = jax.jit(jlora.apply(fn))
+    np.testing.assert_allclose(f(base, ad, x), f(deq, ad, x), rtol=1e-5, atol=1e-5)
+    grads = [jax.grad(lambda a, p=p: f(p, a, x).sum())(ad) for p in (base, deq)]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert set(sum(jlora.explain(fn, base, ad, x).values(), [])) == {"factored"}
+
+
+def test_bitsandbytes_files_load_through_load_quantized_too():
+    w = np.linspace(-1, 1, 128, dtype=np.float32).reshape(2, 64)
+    q = jlora.quantize({"w": w}, double_quant=False, compute_dtype=jnp.float32)["w"]
+    state = {
+        "fc.weight": np.asarray(q.packed)[:, None],
+        "fc.weight.absmax": np.asarray(q.absmax),
+        "fc.weight.quant_map": np.asarray(jlora._src.numerics.quant.NF4_CODE),
+        "fc.weight.quant_state.bitsandbytes__nf4": np.frombuffer(
+            json.dumps(
+                {"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [2, 64]}
+            ).encode(),
+            np.uint8,
+        ),
+    }
+    for load in (jlora.load_quantized, jlora.load_bitsandbytes):
+        leaf = load(state)["fc"]["weight"]
+        np.testing.assert_array_equal(jlora.dequantize(leaf), jlora.dequantize(q))
+
+
+def test_each_check_names_the_key():
+    blocks, scales = (t.numpy() for t in _gpt_oss_experts(4, experts=1, out=8, groups=1))
+    weight, scale = _block_fp8(5, out=16, inp=16)
+    weight = weight.view(torch.uint8).numpy().view(jnp.float8_e4m3fn)
+    scale = scale.numpy()
+    cases = [
+        ({"e_blocks": blocks}, "'e_blocks' needs 'e_scales'"),
+        ({"e_blocks": blocks, "e_scales": scales[..., :0]}, "gpt-oss MXFP4: 'e_blocks'"),
+        ({"e_blocks": blocks[..., :8], "e_scales": scales}, "gpt-oss MXFP4: 'e_blocks'"),
+        ({"p.weight_scale_inv": scale}, "'p.weight_scale_inv' needs 'p.weight'"),
+        ({"p.weight": weight, "p.weight_scale_inv": np.ones((2, 2), np.float32)}, "'p.weight'"),
+        (
+            {"p.weight": weight.astype(np.float32), "p.weight_scale_inv": scale},
+            "block FP8: 'p.weight' float32",
+        ),
+        ({"p.weight": weight}, "'p.weight' looks quantized"),
+        ({"p.weight": weight.astype(np.float32), "p.weight_scale": scale}, "'p.weight_scale'"),
+    ]
+    for state, match in cases:
+        with pytest.raises(jlora.LoraError, match=match):
+            jlora.load_quantized(state)
+
+
+def test_a_file_is_read_one_tensor_at_a_time(tmp_path, monkeypatch):
+    """The reader maps each tensor's bytes when it is used: loading a file whose tensors
+    are each read through ``numpy.memmap`` (counted here) never reads one twice."""
+    from jlora._src.io import tensors as reader
+
+    weight, scale = _block_fp8(6, out=128, inp=128)
+    path = tmp_path / "model.safetensors"
+    safetensors_torch.save_file(
+        {"a.weight": weight, "a.weight_scale_inv": scale, "b": torch.ones(4)}, str(path)
+    )
+    opened = []
+    real = reader.np.memmap
+
+    def counting(*args, **kw):
+        opened.append(kw.get("offset"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(reader.np, "memmap", counting)
+    jlora.load_quantized(path)
+    assert len(opened) == len(set(opened)) == 3

@@ -221,9 +221,10 @@ def _model(key, **kw):
 
 
 @pytest.mark.parametrize("qtype", LINEAR)
-@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("scan", [True, False, "remat"])
 def test_lora_on_each_base_equals_lora_on_its_dequantized_copy(key, qtype, scan):
-    model, params, ids = _model(key, scan_layers=scan)
+    """Scanned layers, unrolled ones, and scanned under ``jax.checkpoint`` (remat)."""
+    model, params, ids = _model(key, scan_layers=bool(scan), remat=scan == "remat")
     q = jlora.quantize(
         params, qtype=qtype, group_size=16 if qtype == "int4" else None, compute_dtype=jnp.float32
     )

@@ -3,7 +3,8 @@
 Writes a block-FP8 checkpoint (``--tensors`` weights of ``--size`` x ``--size``
 float8_e4m3fn with their ``weight_scale_inv``) and an NF4 bitsandbytes one of the same
 weights, then loads each in a fresh process and reports the peak RSS over the RSS after
-``import jax, jlora`` (``VmHWM``, reset then through ``/proc/self/clear_refs``), three processes each, medians:
+``import jax, jlora`` (``VmHWM``, reset then through ``/proc/self/clear_refs``), three
+processes each, medians:
 
 - ``jlora.load_quantized`` / ``jlora.load_bitsandbytes``: each tensor memory-mapped and
   made a device array one at a time;

@@ -220,10 +220,15 @@ def _model(key, **kw):
     return llama.Llama(cfg), llama.init_params(cfg, key), ids
 
 
-@pytest.mark.parametrize("qtype", LINEAR)
-@pytest.mark.parametrize("scan", [True, False, "remat"])
+@pytest.mark.parametrize(
+    "qtype, scan",
+    [(q, scan) for q in ("int8", "int4", "fp8") for scan in (True, False)]
+    + [(q, scan) for q in BLOCK_SCALED for scan in (True, "remat")],
+)
 def test_lora_on_each_base_equals_lora_on_its_dequantized_copy(key, qtype, scan):
-    """Scanned layers, unrolled ones, and scanned under ``jax.checkpoint`` (remat)."""
+    """Scanned layers, unrolled ones, and scanned under ``jax.checkpoint`` (remat). The
+    block-scaled formats run scanned and remat; the whole-matrix regions an unrolled model
+    reads are checked for every format in ``test_a_region_equals_the_same_cut_of_the_whole``."""
     model, params, ids = _model(key, scan_layers=bool(scan), remat=scan == "remat")
     q = jlora.quantize(
         params, qtype=qtype, group_size=16 if qtype == "int4" else None, compute_dtype=jnp.float32

@@ -37,8 +37,15 @@ ADAPTERS = {
 ROWS = 6  # every batch is padded to this many rows (None: the base alone)
 
 
-def server():
-    return jax.jit(lambda tree, x, ids: jlora.apply(fn)(PARAMS, tree, x, adapter_ids=ids))
+def server(traces=None):
+    """The jitted serving step; ``traces`` (a list) gets an entry each time it traces."""
+
+    def serve(tree, x, ids):
+        if traces is not None:
+            traces.append(1)
+        return jlora.apply(fn)(PARAMS, tree, x, adapter_ids=ids)
+
+    return jax.jit(serve)
 
 
 SERVE = server()
@@ -58,7 +65,9 @@ def check_rows(slots, names, serve=SERVE):
 
 
 def test_rows_equal_their_adapter_alone_and_nothing_traces_again():
-    slots, serve = jlora.Slots(PARAMS, ADAPTERS["a"], 2, rank=8, sources=ADAPTERS), server()
+    traces: list = []
+    slots = jlora.Slots(PARAMS, ADAPTERS["a"], 2, rank=8, sources=ADAPTERS)
+    serve = server(traces)
     for names in (
         ["a", "b", None, "a"],
         ["c", "a", "c"],
@@ -67,7 +76,9 @@ def test_rows_equal_their_adapter_alone_and_nothing_traces_again():
         ["b", "c", "b", "c", "b", "c"],
     ):
         check_rows(slots, names, serve)
-    assert serve._cache_size() == 1  # one compile, however many loads and evictions...
+    # one trace, however many loads and evictions (counted in Python: the jit's own cache
+    # size can drop to 0 when JAX evicts it in a long run, as it did once in the suite)
+    assert len(traces) == 1
     assert slots.traces == 1  # ...and one trace of the slot write
 
 

@@ -52,8 +52,13 @@ def ragged_low_rank(
         t = lax.ragged_dot(x, a, sizes, precision=prec)
         t = t if scale == 1.0 else t * jnp.asarray(scale, t.dtype)
         return lax.ragged_dot(t, b, sizes, precision=prec)
-    group = jnp.searchsorted(jnp.cumsum(sizes), jnp.arange(x.shape[0]), side="right")
-    return onehot_low_rank(x, a, b, group, scale, prec)
+    return onehot_low_rank(x, a, b, row_groups(sizes, x.shape[0]), scale, prec)
+
+
+def row_groups(sizes: jax.Array, rows: int) -> jax.Array:
+    """The group of each of ``rows`` rows laid out in runs of ``sizes`` (``len(sizes)``
+    for rows past them)."""
+    return jnp.searchsorted(jnp.cumsum(sizes), jnp.arange(rows), side="right")
 
 
 def onehot_low_rank(

@@ -3,20 +3,24 @@
 ``lax.ragged_dot(x, W, group_sizes)`` multiplies each run of rows of ``x`` by its
 expert's matrix. With ``W = W0 + s A B``, ``A (experts, in, r)``, ``B (experts,
 r, out)`` (the expert axis "stacked"), that is ``ragged_dot(x, W0) + s *
-ragged_dot(ragged_dot(x, A), B)``: two thin ragged products, the same groups.
-Other layouts, DoRA experts and mixed-adapter batches materialize and say why.
+ragged_dot(ragged_dot(x, A), B)``: two thin ragged products, the same groups. DoRA
+experts rescale each row's output by its own expert's ``g = m / ||W0 + s A B||``
+(``(experts, out)``, picked per row by its group), PEFT's formula as in the dot rule.
+Other layouts and mixed-adapter batches materialize and say why.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 from jax.extend.core import JaxprEqn
 
 from jlora._src.interpret import sym as sy
 from jlora._src.interpret.core import Ctx, bind, has_sym, materialized, register
 from jlora._src.interpret.dot import _dropout
-from jlora._src.interpret.grouped import ragged_low_rank
+from jlora._src.interpret.grouped import ragged_low_rank, row_groups
 from jlora._src.interpret.sym import Probe, Sym
 from jlora._src.interpret.uses import FACTORED
 
@@ -42,8 +46,6 @@ def _why_not(eqn: JaxprEqn, lhs: Any, rhs: Any) -> str | None:
         return "ragged_dot that is not (tokens, in) x (experts, in, out)"
     if rhs.labels != _EXPERTS:
         return "ragged_dot of a kernel whose adapter is not (experts, in, out)"
-    if rhs.g is not None:
-        return "ragged_dot of DoRA experts"
     if rhs.ids is not None:
         return "ragged_dot in a mixed-adapter batch"
     return None
@@ -73,6 +75,18 @@ def ragged_dot(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
         return bind(eqn, [lhs, sy.materialize(rhs, ctx.record, why), sizes])
     ctx.record(rhs.path, FACTORED)
     prec = eqn.params.get("precision")
-    x = _dropout(lhs, rhs.dropout, ctx.key).astype(rhs.a.dtype)
-    y = ragged_low_rank(x, rhs.a, rhs.b, sizes, rhs.scale, prec)
-    return base_out + y.astype(base_out.dtype)
+    x = _dropout(lhs, rhs.dropout, ctx.key)
+    y = ragged_low_rank(x.astype(rhs.a.dtype), rhs.a, rhs.b, sizes, rhs.scale, prec)
+    if rhs.g is None:
+        return base_out + y.astype(base_out.dtype)
+    g = _row_g(rhs.g, sizes, lhs.shape[0])
+    if x is lhs:
+        return (g * (base_out + y)).astype(base_out.dtype)
+    dropped = bind(eqn, [x, sy.value(rhs.base), sizes])
+    return (base_out + (g - 1) * dropped + g * y).astype(base_out.dtype)
+
+
+def _row_g(g: jax.Array, sizes: jax.Array, rows: int) -> jax.Array:
+    """DoRA's ``g (experts, out)`` for each of the ``rows`` rows, by its group (rows past
+    the groups get the last expert's: ``ragged_dot`` gives them zeros anyway)."""
+    return jnp.take(g, row_groups(sizes, rows), axis=0, mode="clip")

@@ -167,3 +167,101 @@ def test_a_file_is_read_one_tensor_at_a_time(tmp_path, monkeypatch):
     monkeypatch.setattr(reader.np, "memmap", counting)
     jlora.load_quantized(path)
     assert len(opened) == len(set(opened)) == 3
+
+
+GPT_OSS = dict(
+    vocab_size=64,
+    hidden_size=64,
+    intermediate_size=64,
+    head_dim=16,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    sliding_window=4,
+    max_position_embeddings=64,
+    rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
+    attn_implementation="eager",
+)
+EXPERTS = ("gate_up_proj", "down_proj")
+
+
+def _to_mxfp4(w):
+    """gpt-oss's ``*_blocks``, ``*_scales`` for experts ``w (E, in, out)``, float64 numpy
+    throughout: per 32 inputs of an output row the smallest power-of-two scale that keeps
+    the block within E2M1's +-6, each element rounded to nearest-even E2M1 (ml_dtypes), two
+    codes a byte, the even element in the low nibble (what ``convert_moe_packed_tensors``
+    reads)."""
+    import ml_dtypes
+
+    rows = np.swapaxes(np.asarray(w, np.float64), 1, 2)  # (E, out, in)
+    blocks = rows.reshape(*rows.shape[:2], -1, 32)
+    amax = np.abs(blocks).max(-1, keepdims=True)
+    exp = np.ceil(np.log2(np.maximum(amax, 1e-30) / 6.0)).clip(-127, 127)
+    codes = (blocks / 2.0**exp).astype(ml_dtypes.float4_e2m1fn).view(np.uint8) & 0x0F
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return torch.from_numpy(packed.astype(np.uint8)), torch.from_numpy(
+        (exp[..., 0] + 127).astype(np.uint8)
+    )
+
+
+def test_gpt_oss_on_its_mxfp4_experts_gives_peft_logits(tmp_path):
+    """A tiny ``GptOssForCausalLM`` from a config, its experts stored as gpt-oss ships them
+    (MXFP4 ``*_blocks``/``*_scales``) and the model run on their dequantized values
+    (transformers' own ``convert_moe_packed_tensors``). A PEFT adapter on its attention
+    (``target_modules``) and experts (``target_parameters``), trained 5 Adam steps in
+    torch, loads onto the MXFP4 base from ``load_quantized``: jlora's logits (the JAX port
+    in ``tests/torch_models.py``, experts by ``ragged_dot``) equal PEFT's to 1e-4, every
+    use factored, the experts kept as their stored bytes."""
+    import peft
+    import torch_models as tm
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GptOssConfig(**GPT_OSS)
+    model = transformers.GptOssForCausalLM(config).eval()
+    state, stored = dict(model.state_dict()), {}
+    with torch.no_grad():
+        for name in [k for k in state if k.endswith(EXPERTS)]:
+            blocks, scales = _to_mxfp4(state.pop(name))
+            stored |= {name + "_blocks": blocks, name + "_scales": scales}
+            deq = mxfp4.convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+            model.get_parameter(name).copy_(deq)
+    safetensors_torch.save_file(
+        {k: v.contiguous() for k, v in (state | stored).items()}, str(tmp_path / "model.safetensors")
+    )
+    ids = torch.tensor(np.random.default_rng(1).integers(0, 64, (2, 9)))
+    with torch.no_grad():
+        base_logits = model(ids).logits.numpy()
+    pm = peft.get_peft_model(
+        model,
+        peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            target_parameters=[f"mlp.experts.{n}" for n in EXPERTS],
+        ),
+    )
+    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(5):
+        pm(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    pm.eval().save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        want = pm(ids).logits.numpy()
+    assert np.abs(want - base_logits).max() > 1e-2  # the adapter moves the logits
+
+    base = jlora.load_quantized(tmp_path, compute_dtype=jnp.float32)
+    experts = base["model"]["layers"]["0"]["mlp"]["experts"]
+    assert experts["gate_up_proj"].qtype == "mxfp4"
+    assert experts["gate_up_proj"].shape == (4, 64, 128)
+    fn = lambda p, ids: tm.gpt_oss(p, ids, config)
+    deq = jax.jit(fn)(jlora.dequantize(base), ids.numpy())
+    np.testing.assert_allclose(deq, base_logits, rtol=1e-4, atol=1e-4)  # the port is right
+    ad = jlora.peft.load(str(tmp_path / "peft"), base, fn, ids.numpy())
+    got = jax.jit(jlora.apply(fn))(base, ad, ids.numpy())
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    uses = jlora.explain(fn, base, ad, ids.numpy())
+    assert len(uses) == 2 * (4 + 2) and set(sum(uses.values(), [])) == {"factored"}

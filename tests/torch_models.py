@@ -1,7 +1,8 @@
-"""Plain-JAX ports of transformers' Llama, Mixtral (fused MoE experts) and GPT-2 that read
-a torch state dict as it is: weights stay in torch's layout (``nn.Linear`` ``(out, in)``
-used as ``x @ W.T``; GPT-2's ``Conv1D`` ``(in, out)`` used as ``x @ W``; experts
-``(E, out, in)`` through ``lax.ragged_dot``), as a port of a torch model keeps them.
+"""Plain-JAX ports of transformers' Llama, Mixtral (fused MoE experts), gpt-oss and GPT-2
+that read a torch state dict as it is: weights stay in torch's layout (``nn.Linear``
+``(out, in)`` used as ``x @ W.T``; GPT-2's ``Conv1D`` ``(in, out)`` used as ``x @ W``;
+Mixtral's experts ``(E, out, in)`` and gpt-oss's ``(E, in, out)`` through
+``lax.ragged_dot``), as a port of a torch model keeps them.
 
 The params tree nests the state dict's dotted names, so ``jlora.peft.default_module``
 maps each leaf to its torch module. fp32 throughout; only the tests use these.
@@ -49,12 +50,21 @@ def _rope(x, theta):
     return x * np.cos(emb) + half * np.sin(emb)
 
 
-def _attend(q, k, v):
-    """Causal softmax attention, (b, s, h, d) each (k, v already repeated)."""
+def _attend(q, k, v, window=None, sinks=None):
+    """Causal softmax attention, (b, s, h, d) each (k, v already repeated); ``window``:
+    each query sees the last ``window`` positions; ``sinks (h,)``: gpt-oss's per-head
+    logit that joins the softmax and is dropped after it."""
     s = q.shape[1]
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
-    logits = jnp.where(np.tril(np.ones((1, 1, s, s), bool)), logits, -1e30)
-    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, -1), v)
+    seen = np.tril(np.ones((s, s), bool))
+    if window is not None:
+        seen &= np.subtract.outer(np.arange(s), np.arange(s)) < window
+    logits = jnp.where(seen[None, None], logits, -1e30)
+    if sinks is None:
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, -1), v)
+    sink = jnp.broadcast_to(sinks[None, :, None, None], (*logits.shape[:3], 1))
+    probs = jax.nn.softmax(jnp.concatenate([logits, sink], -1), -1)[..., :-1]
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
 def _llama_attn(p, x, c):
@@ -117,6 +127,55 @@ def llama(params, ids, c):
     x = _rms(x, m["norm"]["weight"], c.rms_norm_eps)
     head = params["lm_head"]["weight"] if "lm_head" in params else m["embed_tokens"]["weight"]
     return x @ head.T
+
+
+def _gpt_oss_attn(p, x, c, window):
+    b, s, _ = x.shape
+    lin = lambda name: x @ p[name]["weight"].T + _lead(p[name]["bias"], x)
+    q, k, v = (lin(n).reshape(b, s, -1, c.head_dim) for n in ("q_proj", "k_proj", "v_proj"))
+    theta = c.rope_parameters["rope_theta"]
+    q, k = _rope(q, theta), _rope(k, theta)
+    rep = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, rep, 2), jnp.repeat(v, rep, 2)
+    a = _attend(q, k, v, window, p["sinks"]).reshape(b, s, -1)
+    return a @ p["o_proj"]["weight"].T + _lead(p["o_proj"]["bias"], a)
+
+
+def _gpt_oss_moe(p, x, c):
+    """gpt-oss's MoE: router with a bias, softmax over the top-k logits, experts ``(E, in,
+    out)`` with biases by ragged_dot, the clamped SwiGLU over interleaved gate/up columns."""
+    b, s, d = x.shape
+    x = x.reshape(-1, d)
+    logits = x @ p["router"]["weight"].T + _lead(p["router"]["bias"], x)
+    top, idx = jax.lax.top_k(logits, c.num_experts_per_tok)
+    weights = jax.nn.softmax(top, -1)
+    e = idx.reshape(-1)
+    order = jnp.argsort(e)
+    token, expert = order // c.num_experts_per_tok, e[order]
+    sizes = jnp.bincount(e, length=c.num_local_experts).astype(jnp.int32)
+    ex = p["experts"]
+    h = jax.lax.ragged_dot(x[token], ex["gate_up_proj"], sizes) + ex["gate_up_proj_bias"][expert]
+    gate = jnp.minimum(h[:, ::2], c.swiglu_limit)
+    up = jnp.clip(h[:, 1::2], -c.swiglu_limit, c.swiglu_limit)
+    glu = gate * jax.nn.sigmoid(gate * c.swiglu_alpha)
+    y = jax.lax.ragged_dot((up + 1) * glu, ex["down_proj"], sizes) + ex["down_proj_bias"][expert]
+    y = y * weights.reshape(-1)[order][:, None]
+    return jnp.zeros_like(x).at[token].add(y).reshape(b, s, d)
+
+
+def gpt_oss(params, ids, c):
+    """Logits of a transformers ``GptOssForCausalLM`` with default RoPE (config ``c``),
+    eager attention: sliding-window layers as ``c.layer_types`` says, attention sinks."""
+    m = params["model"]
+    x = m["embed_tokens"]["weight"][ids]
+    for i in range(c.num_hidden_layers):
+        layer = m["layers"][str(i)]
+        window = c.sliding_window if c.layer_types[i] == "sliding_attention" else None
+        h = _rms(x, layer["input_layernorm"]["weight"], c.rms_norm_eps)
+        x = x + _gpt_oss_attn(layer["self_attn"], h, c, window)
+        h = _rms(x, layer["post_attention_layernorm"]["weight"], c.rms_norm_eps)
+        x = x + _gpt_oss_moe(layer["mlp"], h, c)
+    return _rms(x, m["norm"]["weight"], c.rms_norm_eps) @ params["lm_head"]["weight"].T
 
 
 def _ln(x, p, eps=1e-5):

@@ -16,7 +16,7 @@ def _env(devices: int) -> dict:
     return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
 
 
-@pytest.mark.parametrize("cases, count", [("sharded_cases.py", 51), ("explicit_cases.py", 12)])
+@pytest.mark.parametrize("cases, count", [("sharded_cases.py", 51), ("explicit_cases.py", 15)])
 def test_sharded_cases_on_8_devices(cases, count):
     """Auto and explicit meshes (``sharded_cases``), sharding-aware models (``explicit_cases``)."""
     proc = subprocess.run(

@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora._src.interpret.sym import Sym
 from jlora._src.interpret.thin import thin
@@ -35,7 +36,13 @@ DENSE_ON = ("cpu",)
 
 
 def ragged_low_rank(
-    x: jax.Array, a: jax.Array, b: jax.Array, sizes: jax.Array, scale: float | jax.Array, prec: Any
+    x: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    sizes: jax.Array,
+    scale: float | jax.Array,
+    prec: Any,
+    out_sharding: Any = None,
 ) -> jax.Array:
     """``scale * ragged_dot(ragged_dot(x, a, sizes), b, sizes)``: rows ``x (T, K)`` in runs
     of ``sizes`` (rows past them get zeros), each run its group's ``a (n, K, r)`` and
@@ -46,13 +53,26 @@ def ragged_low_rank(
     rank-``r`` intermediate is masked instead: ``x`` times all ``a`` side by side, each
     row keeping its group's ``r`` columns, times all ``b`` stacked. The same FLOPs
     without the replicated input (``benchmarks/grouped_cpu.py``); both products are
-    :func:`jlora._src.interpret.thin.thin`. Elsewhere ``ragged_dot`` runs per group.
+    :func:`jlora._src.interpret.thin.thin`. Elsewhere ``ragged_dot`` runs per group;
+    ``out_sharding``: the model's own product's (an explicit mesh needs it named), which
+    the rank-``r`` intermediate takes along its rows.
     """
     if jax.default_backend() not in DENSE_ON:
-        t = lax.ragged_dot(x, a, sizes, precision=prec)
+        rows = _rows_only(out_sharding)
+        t = lax.ragged_dot(x, a, sizes, precision=prec, out_sharding=rows)
         t = t if scale == 1.0 else t * jnp.asarray(scale, t.dtype)
-        return lax.ragged_dot(t, b, sizes, precision=prec)
+        return lax.ragged_dot(t, b, sizes, precision=prec, out_sharding=out_sharding)
     return onehot_low_rank(x, a, b, row_groups(sizes, x.shape[0]), scale, prec)
+
+
+def _rows_only(sharding: Any) -> Any:
+    """``sharding`` (a ``PartitionSpec`` or ``NamedSharding`` of ``(rows, out)``, or None)
+    with its column axis whole."""
+    if sharding is None:
+        return None
+    spec = getattr(sharding, "spec", sharding)
+    rows = PartitionSpec(spec[0] if len(spec) else None, None)
+    return rows if isinstance(sharding, PartitionSpec) else NamedSharding(sharding.mesh, rows)
 
 
 def row_groups(sizes: jax.Array, rows: int) -> jax.Array:

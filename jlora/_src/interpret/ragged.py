@@ -23,6 +23,7 @@ from jlora._src.interpret.dot import _dropout
 from jlora._src.interpret.grouped import ragged_low_rank, row_groups
 from jlora._src.interpret.sym import Probe, Sym
 from jlora._src.interpret.uses import FACTORED
+from jlora._src.numerics import mesh
 
 _EXPERTS = (("s", 0), ("i", 0), ("o", 0))
 
@@ -76,7 +77,8 @@ def ragged_dot(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
     ctx.record(rhs.path, FACTORED)
     prec = eqn.params.get("precision")
     x = _dropout(lhs, rhs.dropout, ctx.key)
-    y = ragged_low_rank(x.astype(rhs.a.dtype), rhs.a, rhs.b, sizes, rhs.scale, prec)
+    out_sharding = eqn.params.get("out_sharding")
+    y = ragged_low_rank(x.astype(rhs.a.dtype), rhs.a, rhs.b, sizes, rhs.scale, prec, out_sharding)
     if rhs.g is None:
         return base_out + y.astype(base_out.dtype)
     g = _row_g(rhs.g, sizes, lhs.shape[0])
@@ -89,4 +91,4 @@ def ragged_dot(eqn: JaxprEqn, invals: list, ctx: Ctx) -> Any:
 def _row_g(g: jax.Array, sizes: jax.Array, rows: int) -> jax.Array:
     """DoRA's ``g (experts, out)`` for each of the ``rows`` rows, by its group (rows past
     the groups get the last expert's: ``ragged_dot`` gives them zeros anyway)."""
-    return jnp.take(g, row_groups(sizes, rows), axis=0, mode="clip")
+    return jnp.take(mesh.replicated(g), row_groups(sizes, rows), axis=0, mode="clip")

@@ -131,5 +131,15 @@ def lookup(table: ArrayLike, idx: jax.Array) -> jax.Array:
     sharding = _sharding(idx)
     if not explicit(sharding):
         return values[idx]
-    values = jax.sharding.reshard(values, NamedSharding(sharding.mesh, PartitionSpec()))
-    return values.at[idx].get(out_sharding=sharding)
+    return replicated(values, sharding.mesh).at[idx].get(out_sharding=sharding)
+
+
+def replicated(x: jax.Array, mesh: Any = None) -> jax.Array:
+    """``x`` whole on every device of its (or ``mesh``'s) explicit axes, for a gather
+    from a small table; unchanged under Auto axes or no mesh."""
+    sharding = _sharding(x)
+    if mesh is None and explicit(sharding):
+        mesh = sharding.mesh
+    if mesh is None:
+        return x
+    return jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec()))

@@ -228,9 +228,8 @@ def test_gpt_oss_on_its_mxfp4_experts_gives_peft_logits(tmp_path):
             stored |= {name + "_blocks": blocks, name + "_scales": scales}
             deq = mxfp4.convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
             model.get_parameter(name).copy_(deq)
-    safetensors_torch.save_file(
-        {k: v.contiguous() for k, v in (state | stored).items()}, str(tmp_path / "model.safetensors")
-    )
+    tensors = {k: v.contiguous() for k, v in (state | stored).items()}
+    safetensors_torch.save_file(tensors, str(tmp_path / "model.safetensors"))
     ids = torch.tensor(np.random.default_rng(1).integers(0, 64, (2, 9)))
     with torch.no_grad():
         base_logits = model(ids).logits.numpy()

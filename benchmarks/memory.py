@@ -3,7 +3,9 @@
 Steps (AdamW, adapter and optimizer state donated): full fine-tuning in fp32,
 LoRA on a bf16 base, QLoRA on a base in each registered format (NF4, int8, int4,
 fp8, mxfp4, nvfp4, mxfp8, fp8_block; bf16 compute); LoRA r16
-on q,k,v,o. Then the bytes each of 8 virtual devices stores of a sharded quantized kernel.
+on q,k,v,o. Then gpt-oss-20b (a mixture of experts): the estimate per format, its base
+bytes checked against ``jlora.quantize`` of an abstract tree of that shape. Then the bytes
+each of 8 virtual devices stores of a sharded quantized kernel.
 Everything is abstract (``jax.eval_shape``), so even 7B shapes compile here
 without allocating. Run from the repo root: ``python benchmarks/memory.py``
 (writes ``benchmarks/results/memory.md``).
@@ -110,6 +112,69 @@ def measure(cfg: llama.LlamaConfig, batch: int, seq: int) -> dict:
     return out
 
 
+#: gpt-oss-20b's config.json (its sizes; transformers' GptOssConfig defaults are 120b's).
+GPT_OSS_20B = memory.Shape(
+    hidden=2880,
+    intermediate=2880,
+    layers=24,
+    heads=64,
+    vocab=201088,
+    kv_heads=8,
+    head_dim=64,
+    experts=32,
+    experts_per_tok=4,
+)
+
+
+def moe_rows(shape: memory.Shape, batch: int, seq: int) -> str:
+    """A mixture of experts at full size: the estimate per method and format, and its base
+    bytes against those of ``jlora.quantize`` of an abstract tree of that shape (attention
+    ``(in, out)``, each MLP's experts stacked ``(experts, in, out)``, bf16; embeddings, head
+    and router stay bf16). No XLA step: the repository's only MoE model is the test port,
+    and XLA's CPU lowers ``ragged_dot`` densely across experts, which no accelerator does."""
+    bf16 = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.bfloat16)
+    layer = {
+        name: bf16(*((shape.copies(name),) if shape.copies(name) > 1 else ()), a, b)
+        for name, (a, b) in shape.linear_shapes().items()
+    }
+    layer["router"] = bf16(shape.hidden, shape.experts)
+    tree = {
+        "embed": bf16(shape.vocab, shape.hidden),
+        "lm_head": bf16(shape.vocab, shape.hidden),
+        "layers": [layer] * shape.layers,
+    }
+    size = lambda t: sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(t))
+    lines = [
+        "| method | base MB (quantize) | base MB (estimate) | total MB (estimate) |",
+        "|---|---|---|---|",
+    ]
+    rows = [(m, m, None) for m in memory.METHODS[:3]] + [
+        ("qlora" if q == "nf4" else f"qlora-{q}", "qlora", q) for q in QTYPES
+    ]
+    for label, method, qtype in rows:
+        base, group = tree, None
+        if qtype is not None:
+            targets = memory.LINEAR
+            group = math.gcd(128, shape.hidden, shape.intermediate) if qtype == "int4" else None
+            base = jax.eval_shape(
+                lambda t, q=qtype, g=group: jlora.quantize(
+                    t, qtype=q, targets=targets, group_size=g
+                ),
+                tree,
+            )
+        est = memory.estimate(shape, method, batch=batch, seq=seq, qtype=qtype or "nf4")
+        trained = method in ("lora", "qlora")
+        adapter = 4 * shape.lora_params(16, memory.LINEAR[:4]) if trained else 0
+        scale = 2 if method == "full-fp32" else 1  # (fp32 weights: twice the bf16 tree)
+        if group is not None and qtype == "int4":
+            label += f" (group {group}: the estimate assumes 128, which does not divide it)"
+        lines.append(
+            f"| {label} | {scale * size(base) / MB:.0f} | {(est['weights'] - adapter) / MB:.0f} "
+            f"| {est['total'] / MB:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def per_device() -> str:
     """Bytes each device stores of a quantized 7B MLP kernel split 4 ways along its out
     axis, on 8 virtual CPU devices (a child process: the device count is fixed at start)."""
@@ -211,7 +276,15 @@ def main():
                 row += " | |"
             lines.append(row)
         print("\n".join(lines[-len(res) :]), flush=True)
-    lines += ["", per_device()]
+    lines += [
+        "",
+        f"gpt-oss-20b ({GPT_OSS_20B.params / 1e9:.2f}B parameters, 32 experts, top-4; "
+        f"batch {args.batch} x seq {args.seq}, LoRA r16 on q,k,v,o): `moe_rows`",
+        "",
+        moe_rows(GPT_OSS_20B, args.batch, args.seq),
+        "",
+        per_device(),
+    ]
     table = "\n".join(lines)
     print(table)
     with open(args.out, "w") as f:

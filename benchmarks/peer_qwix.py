@@ -5,7 +5,18 @@ import jax.numpy as jnp
 import llama
 import optax
 import qwix
-from peers import ALPHA, LR, RANK, TARGETS, base_params, batch, config, timed
+from peers import (
+    ALPHA,
+    LR,
+    QFORMATS,
+    RANK,
+    TARGETS,
+    base_params,
+    batch,
+    config,
+    timed,
+    xla_mb,
+)
 
 
 def _is_lora(path) -> bool:
@@ -76,13 +87,17 @@ def run(repeats: int) -> dict:
         lora_step=stepper("lora", lora_step, frozen),
         full_step=stepper("full", full_step),
     )
-    for qtype, tile in (("int8", None), ("int4", 128)):  # QLoRA: quantized frozen kernels
-        calls[f"qlora_{qtype}_step"] = _qlora_step(model, rule, qtype, tile, full_tree, x, y)
-    return timed(calls, repeats)
+    mb = {}
+    for qtype in QFORMATS:  # QLoRA: quantized frozen kernels, tiles as in jlora's formats
+        tile = {"int4": 128, "mxfp4": 32, "mxfp8": 32, "nvfp4": 16}.get(qtype)
+        row = f"qlora_{qtype}_step"
+        calls[row], mb[row] = _qlora_step(model, rule, qtype, tile, full_tree, x, y)
+    return dict(times=timed(calls, repeats), xla_mb=mb)
 
 
 def _qlora_step(model, rule, qtype, tile, full_tree, x, y):
-    """qwix's LoRA with ``weight_qtype``: the same rule, the base kernels quantized."""
+    """qwix's LoRA with ``weight_qtype``: the same rule, the base kernels quantized; the
+    step and XLA's MB for it."""
     import dataclasses
 
     qrule = dataclasses.replace(rule, weight_qtype=qtype, tile_size=tile)
@@ -113,4 +128,4 @@ def _qlora_step(model, rule, qtype, tile, full_tree, x, y):
     def go():
         state[:] = jax.block_until_ready(step(*state, frozen))
 
-    return go
+    return go, xla_mb(step, *state, frozen)

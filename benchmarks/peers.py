@@ -42,10 +42,12 @@ ROWS = (
     "all_linear_step",
     "dora_step",
     "qlora_step",
-    "qlora_int8_step",
-    "qlora_int4_step",
+    *(f"qlora_{q}_step" for q in ("int8", "int4", "mxfp4", "nvfp4", "mxfp8")),
     "mixed_4_forward",
 )
+#: The QLoRA base formats both jlora and qwix have (qwix's ``weight_qtype``; int4 with a
+#: tile of 128, the block-scaled formats with their own blocks of 32 or 16).
+QFORMATS = ("int8", "int4", "mxfp4", "nvfp4", "mxfp8")
 RANK, ALPHA, TARGETS = 16, 32.0, ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_LINEAR = TARGETS + ("gate_proj", "up_proj", "down_proj")
 BATCH, SEQ, LR = 4, 256, 2e-4
@@ -124,7 +126,7 @@ def run_jax(impl: str, repeats: int) -> dict:
         nf4 = jlora.quantize(params, compute_dtype=jnp.float32)
         qa = make(nf4)
         rows["qlora_step"] = (step, (qa, optax_init(qa), nf4))
-        for qtype in ("int8", "int4"):  # qwix's weight_qtype, tile (group) 128 for int4
+        for qtype in QFORMATS:  # qwix's weight_qtype, tile (group) 128 for int4
             qp = jlora.quantize(params, qtype=qtype, compute_dtype=jnp.float32)
             qa = make(qp)
             rows[f"qlora_{qtype}_step"] = (step, (qa, optax_init(qa), qp))
@@ -136,7 +138,15 @@ def run_jax(impl: str, repeats: int) -> dict:
         for k, (f, a) in rows.items()
         if k in ROWS
     }
-    return timed(calls, repeats)
+    mb = {k: xla_mb(f, *a) for k, (f, a) in rows.items() if k.startswith("qlora_")}
+    return dict(times=timed(calls, repeats), xla_mb=mb)
+
+
+def xla_mb(f, *args) -> float:
+    """MB XLA's ``memory_analysis()`` gives a jitted call: its arguments and temporaries
+    (the peak a step needs beyond the code, deterministic)."""
+    m = f.lower(*args).compile().memory_analysis()
+    return (m.argument_size_in_bytes + m.temp_size_in_bytes) / 2**20
 
 
 def optax_init(tree):
@@ -151,7 +161,7 @@ def peak_rss_mb() -> float:
 
 def child(impl: str, repeats: int) -> None:
     if impl in ("jlora", "merge_on_the_fly"):
-        times = run_jax(impl, repeats)
+        return print(json.dumps(dict(run_jax(impl, repeats), rss_mb=peak_rss_mb())))
     elif impl == "peft":
         from peer_torch import run
 
@@ -167,7 +177,7 @@ def child(impl: str, repeats: int) -> None:
     else:
         from peer_qwix import run
 
-        times = run(repeats)
+        return print(json.dumps(dict(run(repeats), rss_mb=peak_rss_mb())))
     print(json.dumps(dict(times=times, rss_mb=peak_rss_mb())))
 
 
@@ -230,7 +240,7 @@ def _merge(old, new):
     if not isinstance(old, dict):
         return old
     times = {k: old["times"][k] + new["times"][k] for k in old["times"]}
-    return dict(times=times, rss_mb=max(old["rss_mb"], new["rss_mb"]))
+    return dict(new, times=times, rss_mb=max(old["rss_mb"], new["rss_mb"]))
 
 
 def table(results: dict, repeats: int) -> str:
@@ -271,6 +281,13 @@ def table(results: dict, repeats: int) -> str:
             + " |"
         )
     lines.append("| peak RSS MB | " + " | ".join(f"{ok[k]['rss_mb']:.0f}" for k in ok) + " |")
+    for q in ("nf4", *QFORMATS):  # XLA's bytes of each QLoRA step, where a peer has it
+        row = "qlora_step" if q == "nf4" else f"qlora_{q}_step"
+        if any(row in ok[k].get("xla_mb", {}) for k in ok):
+            cells = [
+                f"{ok[k]['xla_mb'][row]:.0f}" if row in ok[k].get("xla_mb", {}) else "-" for k in ok
+            ]
+            lines.append(f"| {row} XLA MB | " + " | ".join(cells) + " |")
     failed = [f"{k}: {v}" for k, v in results.items() if not isinstance(v, dict)]
     note = (
         f"\n\nmedians (min-max) of {repeats} timed calls per row and implementation, "

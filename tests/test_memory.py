@@ -92,3 +92,37 @@ def test_a_qlora_row_per_format_matches_xla(qtype, capsys):
     assert main(["memory", "--params", "7e9"]) == 0
     label = "qlora" if qtype == "nf4" else f"qlora {qtype}"
     assert f"| {label} | " in capsys.readouterr().out
+
+
+#: gpt-oss-20b's config.json where it differs from transformers' default (gpt-oss-120b).
+GPT_OSS_20B = dict(num_hidden_layers=24, num_local_experts=32)
+
+
+@pytest.mark.parametrize("family", ["GptOss", "Mixtral"])
+def test_a_mixture_of_experts_counts_like_transformers(family):
+    """A MoE config's ``Shape`` counts what transformers builds from it (biases and
+    attention sinks aside: gpt-oss's, 0.03% of its 20B), and the published sizes of
+    gpt-oss-20b (20.91B) and gpt-oss-120b (116.83B, transformers' default config)."""
+    transformers = pytest.importorskip("transformers")
+    config = getattr(transformers, family + "Config")(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        head_dim=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+    model = getattr(transformers, family + "ForCausalLM")(config)
+    count = sum(
+        p.numel() for n, p in model.named_parameters() if not n.endswith(("bias", "sinks"))
+    )
+    shape = memory.Shape.from_config(config.to_dict())
+    assert (shape.experts, shape.experts_per_tok, shape.head_dim) == (4, 2, 16)
+    assert shape.params == count
+    if family == "GptOss":
+        for published, sizes in ((20.91e9, GPT_OSS_20B), (116.83e9, {})):
+            big = memory.Shape.from_config(transformers.GptOssConfig(**sizes).to_dict())
+            assert abs(big.params / published - 1) < 0.005

@@ -1,5 +1,9 @@
 """Training memory estimate for a Llama-style model: weights, gradients, Adam, activations.
 
+A mixture of experts (Mixtral, gpt-oss: ``experts`` MLPs a layer, each token through
+``experts_per_tok`` of them) counts each expert's MLP weights and adapter, and each
+token's MLP activations once per expert it visits.
+
 Each method fixes the bytes per parameter of what it keeps:
 
 ============  =========================  ==================  ============================
@@ -82,34 +86,54 @@ class Shape:
     vocab: int
     kv_heads: int | None = None
     tied: bool = False
+    #: Width of one attention head (``hidden / heads`` when None).
+    head_dim: int | None = None
+    #: Expert MLPs per layer (0: one dense MLP); ``intermediate`` is then one expert's.
+    experts: int = 0
+    #: Experts each token visits.
+    experts_per_tok: int = 0
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """``(in, out)`` of each linear layer in one decoder layer."""
+        """``(in, out)`` of each linear layer in one decoder layer (of one expert's, for
+        the MLP of a mixture of experts)."""
         h, i = self.hidden, self.intermediate
-        kv = h * (self.kv_heads or self.heads) // self.heads
+        hd = self.head_dim or h // self.heads
+        q, kv = self.heads * hd, (self.kv_heads or self.heads) * hd
         return dict(
-            q_proj=(h, h),
+            q_proj=(h, q),
             k_proj=(h, kv),
             v_proj=(h, kv),
-            o_proj=(h, h),
+            o_proj=(q, h),
             gate_proj=(h, i),
             up_proj=(h, i),
             down_proj=(i, h),
         )
 
+    def copies(self, name: str) -> int:
+        """How many of linear layer ``name`` one decoder layer has (its experts)."""
+        return max(1, self.experts) if name in LINEAR[4:] else 1
+
     @property
     def linear_params(self) -> int:
-        return self.layers * sum(a * b for a, b in self.linear_shapes().values())
+        shapes = self.linear_shapes().items()
+        return self.layers * sum(self.copies(n) * a * b for n, (a, b) in shapes)
 
     @property
     def params(self) -> int:
         embed = self.vocab * self.hidden * (1 if self.tied else 2)
-        return self.linear_params + embed + (2 * self.layers + 1) * self.hidden
+        router = self.layers * self.hidden * self.experts
+        return self.linear_params + embed + router + (2 * self.layers + 1) * self.hidden
 
     def lora_params(self, rank: int, targets: Sequence[str]) -> int:
+        shapes = self.linear_shapes().items()
         return self.layers * sum(
-            rank * (a + b) for name, (a, b) in self.linear_shapes().items() if name in targets
+            self.copies(n) * rank * (a + b) for n, (a, b) in shapes if n in targets
         )
+
+    @property
+    def mlp_visits(self) -> int:
+        """MLPs each token goes through in a layer."""
+        return self.experts_per_tok if self.experts else 1
 
     @staticmethod
     def from_config(cfg: dict) -> Shape:
@@ -131,10 +155,14 @@ class Shape:
                 f"config lacks {missing}; it needs hidden_size, intermediate_size, "
                 "num_hidden_layers, num_attention_heads and vocab_size"
             )
+        experts = pick("num_local_experts", "num_experts") or 0
         return Shape(
             **fields,
             kv_heads=pick("num_key_value_heads", "num_kv_heads"),
             tied=bool(pick("tie_word_embeddings", "tie_embeddings")),
+            head_dim=pick("head_dim"),
+            experts=experts,
+            experts_per_tok=(pick("num_experts_per_tok") or 1) if experts else 0,
         )
 
     @staticmethod
@@ -204,7 +232,8 @@ def estimate(  # noqa: PLR0913 (a public signature: keyword options)
     per = 2 if method == "full-fp16" else 4  # bytes per trained parameter
     act_bytes = 4 if method == "full-fp32" else 2
     tokens = batch * seq
-    layer = tokens * act_bytes * (10 * shape.hidden + 4 * shape.intermediate + shape.heads * seq)
+    mlp = 4 * shape.intermediate * shape.mlp_visits + shape.experts  # (+ router logits)
+    layer = tokens * act_bytes * (10 * shape.hidden + mlp + shape.heads * seq)
     kept = (
         shape.layers * tokens * act_bytes * shape.hidden + layer
         if checkpointing

@@ -116,9 +116,7 @@ def test_a_mixture_of_experts_counts_like_transformers(family):
         num_experts_per_tok=2,
     )
     model = getattr(transformers, family + "ForCausalLM")(config)
-    count = sum(
-        p.numel() for n, p in model.named_parameters() if not n.endswith(("bias", "sinks"))
-    )
+    count = sum(p.numel() for n, p in model.named_parameters() if not n.endswith(("bias", "sinks")))
     shape = memory.Shape.from_config(config.to_dict())
     assert (shape.experts, shape.experts_per_tok, shape.head_dim) == (4, 2, 16)
     assert shape.params == count

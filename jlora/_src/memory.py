@@ -77,6 +77,14 @@ class Shape:
       >>> tiny = Shape(hidden=64, intermediate=172, layers=2, heads=4, vocab=256)
       >>> tiny.linear_shapes()["q_proj"]
       (64, 64)
+
+      A mixture of experts: 8 expert MLPs a layer, each token through 2 of them (or
+      ``Shape.from_config`` of a Mixtral or gpt-oss ``config.json``).
+
+      >>> moe = Shape(hidden=64, intermediate=128, layers=2, heads=4, vocab=256,
+      ...             experts=8, experts_per_tok=2)
+      >>> moe.copies("up_proj"), moe.linear_params == 2 * (4 * 64 * 64 + 8 * 3 * 64 * 128)
+      (8, True)
     """
 
     hidden: int

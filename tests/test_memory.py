@@ -120,6 +120,10 @@ def test_a_mixture_of_experts_counts_like_transformers(family):
     shape = memory.Shape.from_config(config.to_dict())
     assert (shape.experts, shape.experts_per_tok, shape.head_dim) == (4, 2, 16)
     assert shape.params == count
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        memory.Shape.from_config({**config.to_dict(), "num_experts_per_tok": None})
+    moe_width = {**config.to_dict(), "intermediate_size": 4096, "moe_intermediate_size": 48}
+    assert memory.Shape.from_config(moe_width).params == count  # (Qwen-MoE's expert key)
     if family == "GptOss":
         for published, sizes in ((20.91e9, GPT_OSS_20B), (116.83e9, {})):
             big = memory.Shape.from_config(transformers.GptOssConfig(**sizes).to_dict())

@@ -163,14 +163,22 @@ class Shape:
                 f"config lacks {missing}; it needs hidden_size, intermediate_size, "
                 "num_hidden_layers, num_attention_heads and vocab_size"
             )
-        experts = pick("num_local_experts", "num_experts") or 0
+        experts = pick("num_local_experts", "num_experts", "n_routed_experts") or 0
+        per_tok = pick("num_experts_per_tok")
+        if experts and per_tok is None:
+            raise LoraError(
+                f"config has {experts} experts but no num_experts_per_tok; add how many "
+                "experts each token visits (num_experts_per_tok)"
+            )
+        if experts and pick("moe_intermediate_size") is not None:  # Qwen-MoE, DeepSeek
+            fields["intermediate"] = pick("moe_intermediate_size")  # (one expert's width)
         return Shape(
             **fields,
             kv_heads=pick("num_key_value_heads", "num_kv_heads"),
             tied=bool(pick("tie_word_embeddings", "tie_embeddings")),
             head_dim=pick("head_dim"),
             experts=experts,
-            experts_per_tok=(pick("num_experts_per_tok") or 1) if experts else 0,
+            experts_per_tok=per_tok if experts else 0,
         )
 
     @staticmethod

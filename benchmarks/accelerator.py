@@ -36,6 +36,9 @@ def runs(quick: bool, out: str) -> dict:
                 "16",
                 "--remat",
                 "only",
+                "--qtypes",  # one format of each kind: the table's code is the same for all
+                "nf4",
+                "mxfp4",
                 "--out",
                 os.path.join(out, "memory.md"),
             ],

@@ -56,14 +56,15 @@ def _base_bytes(params) -> int:
     return sum(math.prod(l.shape) * l.dtype.itemsize for l in jax.tree.leaves(params))
 
 
-def measure(cfg: llama.LlamaConfig, batch: int, seq: int) -> dict:
-    """``{method: (base argument bytes, all argument bytes, temp bytes)}``."""
+def measure(cfg: llama.LlamaConfig, batch: int, seq: int, qtypes=QTYPES) -> dict:
+    """``{method: (base argument bytes, all argument bytes, temp bytes)}``, QLoRA on each of
+    ``qtypes``."""
     key = jax.random.key(0)
     ids = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
     tx = optax.adamw(1e-4)
     out = {}
-    methods = [("full-fp32", jnp.float32), ("lora", jnp.bfloat16), ("qlora", jnp.bfloat16)]
-    methods += [(f"qlora-{q}", jnp.bfloat16) for q in QTYPES if q != "nf4"]
+    methods = [("full-fp32", jnp.float32), ("lora", jnp.bfloat16)]
+    methods += [("qlora" if q == "nf4" else f"qlora-{q}", jnp.bfloat16) for q in qtypes]
     for method, dtype in methods:
         model = llama.Llama(dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype))
         params = jax.eval_shape(lambda: llama.init_params(model.config, key))
@@ -126,7 +127,7 @@ GPT_OSS_20B = memory.Shape(
 )
 
 
-def moe_rows(shape: memory.Shape, batch: int, seq: int) -> str:
+def moe_rows(shape: memory.Shape, batch: int, seq: int, qtypes=QTYPES) -> str:
     """A mixture of experts at full size: the estimate per method and format, and its base
     bytes against those of ``jlora.quantize`` of an abstract tree of that shape (attention
     ``(in, out)``, each MLP's experts stacked ``(experts, in, out)``, bf16; embeddings, head
@@ -149,7 +150,7 @@ def moe_rows(shape: memory.Shape, batch: int, seq: int) -> str:
         "|---|---|---|---|",
     ]
     rows = [(m, m, None) for m in memory.METHODS[:3]] + [
-        ("qlora" if q == "nf4" else f"qlora-{q}", "qlora", q) for q in QTYPES
+        ("qlora" if q == "nf4" else f"qlora-{q}", "qlora", q) for q in qtypes
     ]
     for label, method, qtype in rows:
         base, group = tree, None
@@ -175,21 +176,19 @@ def moe_rows(shape: memory.Shape, batch: int, seq: int) -> str:
     return "\n".join(lines)
 
 
-def per_device() -> str:
+def per_device(qtypes=QTYPES) -> str:
     """Bytes each device stores of a quantized 7B MLP kernel split 4 ways along its out
     axis, on 8 virtual CPU devices (a child process: the device count is fixed at start)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    code = (
-        "import sys; sys.path.insert(0, {!r}); import memory; print(memory._per_device())".format(
-            os.path.dirname(os.path.abspath(__file__))
-        )
-    )
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = f"import sys; sys.path.insert(0, {here!r}); import memory; "
+    code += f"print(memory._per_device({list(qtypes)!r}))"
     return subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     ).stdout.strip()
 
 
-def _per_device() -> str:
+def _per_device(qtypes=QTYPES) -> str:
     from jax.sharding import NamedSharding, PartitionSpec
 
     m = jax.make_mesh((2, 4), ("data", "model"))
@@ -207,7 +206,7 @@ def _per_device() -> str:
         f"| bf16 (no quantization) | 2.000 | {w.nbytes / MB:.1f} "
         f"| {w.addressable_shards[0].data.nbytes / MB:.1f} | 0.250 |",
     ]
-    for qtype in QTYPES:
+    for qtype in qtypes:
         node = jlora.quantize({"w": w}, qtype=qtype)["w"]
         dev: dict = {}
         for a in jax.tree.leaves(node):
@@ -226,6 +225,9 @@ def main():
     parser.add_argument("--sizes", nargs="+", default=["bench", "llama-7b"])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument(
+        "--qtypes", nargs="+", choices=QTYPES, default=QTYPES, help="QLoRA rows' base formats"
+    )
     parser.add_argument(
         "--remat",
         choices=("off", "also", "only"),
@@ -252,7 +254,7 @@ def main():
     ]
     for name, remat in sizes:
         cfg = dataclasses.replace(SIZES[name], remat=remat)
-        res = measure(cfg, args.batch, args.seq)
+        res = measure(cfg, args.batch, args.seq, args.qtypes)
         name = name + (" (remat)" if remat else "")
         shape = memory.Shape.from_config(vars(cfg))
         for method, (base, arg, temp) in res.items():
@@ -281,9 +283,9 @@ def main():
         f"gpt-oss-20b ({GPT_OSS_20B.params / 1e9:.2f}B parameters, 32 experts, top-4; "
         f"batch {args.batch} x seq {args.seq}, LoRA r16 on q,k,v,o): `moe_rows`",
         "",
-        moe_rows(GPT_OSS_20B, args.batch, args.seq),
+        moe_rows(GPT_OSS_20B, args.batch, args.seq, args.qtypes),
         "",
-        per_device(),
+        per_device(args.qtypes),
     ]
     table = "\n".join(lines)
     print(table)

@@ -18,8 +18,11 @@ import os
 import sys
 import time
 
-if "jax" not in sys.modules:  # 8 CPU devices, unless the caller set XLA_FLAGS already
-    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# 8 CPU devices, unless the caller set a device count (other XLA flags are kept)
+if "jax" not in sys.modules and "device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = " ".join(
+        [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
+    ).strip()
 
 import jax  # noqa: E402
 import optax  # noqa: E402

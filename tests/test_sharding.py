@@ -13,7 +13,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _env(devices: int) -> dict:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    """This process's environment with ``devices`` CPU devices (its other XLA flags kept)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    return {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}"}
 
 
 @pytest.mark.parametrize("cases, count", [("sharded_cases.py", 51), ("explicit_cases.py", 15)])

@@ -2,6 +2,7 @@
 same factors and gradients (the ``interop`` extra)."""
 
 import dataclasses
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -62,7 +63,12 @@ def test_lorafa_steps_equal_peft(rslora, monkeypatch):
     steps), so it runs in float32 here, as jlora's does."""
     monkeypatch.setattr(peft.optimizers.lorafa, "is_bf16_available", lambda: False)
     model, (a_t, b_t), _, ad, grads = _pair(rslora)
-    opt = create_lorafa_optimizer(model, r=R, lora_alpha=8, lr=1e-2)
+    # PEFT 0.22 reads r, lora_alpha and use_rslora from the model's LoraConfig and deprecates
+    # passing them (an error from PEFT 1.2); earlier versions need r and lora_alpha
+    if "r" in inspect.signature(create_lorafa_optimizer).parameters:
+        opt = create_lorafa_optimizer(model, r=R, lora_alpha=8, lr=1e-2)
+    else:
+        opt = create_lorafa_optimizer(model, lr=1e-2)
     opt.param_groups[0]["eps"] = 1e-12
     tx = jlora.lorafa(optax.adamw, 1e-2, eps=1e-12, weight_decay=0.0)
     state, node = tx.init(ad), ad

@@ -39,7 +39,6 @@ from jlora._src.config import LoraError
 from jlora._src.numerics import formats, microscaled, quant, scaled
 
 GB = 1e9
-NF4_BITS = quant.BITS  # with double quantization
 #: The modules that register the formats these tables read (imported for that).
 _REGISTERING = (quant, scaled, microscaled)
 #: Bits per linear-layer parameter of each ``jlora.quantize`` format, less a scale per

@@ -29,7 +29,6 @@ from jlora._src.numerics import formats
 from jlora._src.qnode import Quantized
 
 QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}
-CODE_DTYPE = {"int8": jnp.int8, "int4": jnp.uint8, "fp8": jnp.uint8}
 DEFAULT_GROUP = {"int8": None, "int4": 128, "fp8": None}  # None: the whole input axis
 
 
